@@ -1,0 +1,81 @@
+"""Cycle-consistency rewards on known pairs: identical text scores ~1, unrelated text scores low."""
+
+from __future__ import annotations
+
+import pytest
+
+from cyclej import rewards
+
+SOURCES = [
+    "The food was cold and the waiter ignored us for an hour.",
+    "I loved the pasta. The staff were friendly and quick!",
+    "Parking is a nightmare on weekends.",
+]
+UNRELATED = [
+    "Quarterly revenue grew by four percent in the northern region.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "The violin concerto premiered in Vienna in 1806.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> rewards.SentenceTransformer:
+    return rewards.load_embedder("minilm")
+
+
+def test_identical_text_scores_one_on_every_cycle_term(minilm: rewards.SentenceTransformer) -> None:
+    got = rewards.cycle_rewards(minilm, SOURCES, SOURCES)
+    assert set(got) == {"embedding", "rouge", "bleu"}
+    for name, values in got.items():
+        assert len(values) == len(SOURCES)
+        assert all(v == pytest.approx(1.0, abs=1e-4) for v in values), (name, values)
+
+
+def test_unrelated_text_scores_low(minilm: rewards.SentenceTransformer) -> None:
+    got = rewards.cycle_rewards(minilm, SOURCES, UNRELATED)
+    assert max(got["embedding"]) < 0.3, got["embedding"]
+    assert max(got["rouge"]) < 0.2, got["rouge"]
+    assert max(got["bleu"]) < 0.1, got["bleu"]
+
+
+def test_partial_overlap_scores_between(minilm: rewards.SentenceTransformer) -> None:
+    src = ["The food was cold and the waiter ignored us for an hour."]
+    near = ["The food was cold and the waiter ignored us."]
+    got = rewards.cycle_rewards(minilm, src, near)
+    for name in ("embedding", "rouge", "bleu"):
+        assert 0.3 < got[name][0] < 0.999, (name, got[name])
+    # Word overlap ranks a near copy above unrelated text on every term.
+    far = rewards.cycle_rewards(minilm, src, UNRELATED[:1])
+    assert all(got[k][0] > far[k][0] for k in got)
+
+
+def test_rouge_uses_sentences_and_empty_output_scores_zero() -> None:
+    two = ["It was great. We will come back!"]
+    assert rewards.rouge_l(two, two) == [pytest.approx(1.0)]
+    assert rewards.rouge_l(two, [""]) == [0.0]
+    assert rewards.bleu(two, [""]) == [0.0]
+    # Sentence order matters little to summary-level ROUGE-L, a lot to BLEU.
+    swapped = ["We will come back! It was great."]
+    assert rewards.rouge_l(two, swapped)[0] > 0.9
+    assert rewards.bleu(two, swapped)[0] < rewards.rouge_l(two, swapped)[0]
+
+
+def test_tiny_bert_embedder_gets_mean_pooling() -> None:
+    tiny = rewards.load_embedder("tiny-bert")
+    assert tiny.get_embedding_dimension() == 32
+    sims = rewards.embedding_similarity(tiny, ["a cat", "a dog"], ["a cat", "stock prices fell sharply"])
+    assert sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert sims[1] < 0.999
+
+
+def test_combine_and_summarize() -> None:
+    parts = {"rouge": [1.0, 0.0], "bleu": [0.5, 0.5]}
+    total = rewards.combine(parts, {"rouge": 2.0, "bleu": 1.0, "unused": 3.0})
+    assert total == [2.5, 0.5]
+    stats = rewards.summarize(parts, total)
+    assert stats["reward/rouge/mean"] == 0.5 and stats["reward/rouge/std"] == 0.5
+    assert stats["reward/total/mean"] == 1.5 and stats["reward/total/std"] == 1.0
+    with pytest.raises(ValueError, match="no weight"):
+        rewards.combine({"typo": [1.0]}, {"rouge": 1.0})
+    with pytest.raises(ValueError, match="back-translations"):
+        rewards.bleu(["a"], [])
