@@ -234,6 +234,18 @@ class EvalConfig(StrictModel):
     backend: Literal["transformers", "vllm"] = "transformers"
 
 
+class OrchestrationConfig(StrictModel):
+    """How Prefect runs the stages. Not part of any fingerprint: it changes where work runs, not results."""
+
+    retries: int = Field(1, ge=0, description="task retries (a retry resumes from the last checkpoint)")
+    retry_delay_seconds: float = Field(5.0, ge=0)
+    max_concurrent_stages: int = Field(
+        1, ge=1, description="in-process stages at once; >1 only makes sense when stages run on separate devices"
+    )
+    dispatch: bool = Field(False, description="run each stage as its own deployment run (run_deployment)")
+    deployment_prefix: str = Field("cyclej-", description="stage deployments are '<prefix><stage>/<stage>'")
+
+
 class PipelineConfig(StrictModel):
     """CYCLE_J: the whole pipeline. Each stage section only changes that stage's fingerprint
     (and the fingerprints of the stages after it)."""
@@ -251,6 +263,7 @@ class PipelineConfig(StrictModel):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
     def _distinct_domains(self) -> PipelineConfig:

@@ -1,0 +1,190 @@
+"""The `cyclej` command. Exit codes: 0 done, 1 a stage failed (name and resume point printed), 2 bad input
+(one line naming the file or field, no traceback)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cyclej.config import STAGES, PipelineConfig, load_config
+from cyclej.errors import BadInput, CyclejError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CYCLE_J: train one LM that rewrites domain A as B and back, from unpaired text.")
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="pipeline config (YAML)", show_default=False)]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo or gptj")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: --set rl.steps=10")]
+StorageOpt = Annotated[str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")]
+
+
+def _config(config: Path | None, preset: str | None, sets: list[str] | None, storage: str | None) -> PipelineConfig:
+    return load_config(config, preset, sets or [], storage)
+
+
+def _check_inputs(cfg: PipelineConfig) -> str:
+    """Config, corpora and storage: everything that can be checked before any GPU is rented."""
+    from cyclej.faults import parse
+    from cyclej.store import ArtifactStore
+
+    parse(os.environ.get("CYCLEJ_FAULT", ""))
+    summary = _check_corpora(cfg)
+    store = ArtifactStore.from_config(cfg.storage)
+    store.check()
+    return f"{summary}; storage {store.root_uri} writable"
+
+
+def _check_corpora(cfg: PipelineConfig) -> str:
+    """Read both domains' files (missing, empty, binary, non-UTF-8 are refused by the reader) and refuse
+    the same file for both domains. The data stage does the full cleaning and counting."""
+    from cyclej.corpus import read_corpus
+
+    seen: dict[str, str] = {}
+    counts = []
+    for key in ("a", "b"):
+        dom = getattr(cfg, f"domain_{key}")
+        files = read_corpus(dom.train, dom.text_field, cfg.data.max_bad_utf8_fraction, f"domain_{key}.train")
+        if dom.dev:
+            files += read_corpus(dom.dev, dom.text_field, cfg.data.max_bad_utf8_fraction, f"domain_{key}.dev")
+        for f in files:
+            other = seen.get(f.sha256)
+            if other is not None and other != f"domain_{key}":
+                raise BadInput(f"domain_a and domain_b: {f.path} holds the same text in both domains; "
+                               "give each domain its own text")
+            seen[f.sha256] = f"domain_{key}"
+        counts.append(f"{dom.name} {sum(len(f.lines) for f in files)} lines in {len(files)} file(s)")
+    return "; ".join(counts)
+
+
+@app.command()
+def validate(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
+    """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason."""
+    cfg = _config(config, preset, set_, storage)
+    typer.echo(f"ok: {cfg.name}: {_check_inputs(cfg)}")
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
+) -> None:
+    """Run the whole pipeline as a Prefect flow run; finished stages come back cached."""
+    cfg = _config(config, preset, set_, storage)
+    if until is not None and until not in STAGES:
+        raise BadInput(f"--until {until}: unknown stage (one of {', '.join(STAGES)})")
+    typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
+    from flows.pipeline import cyclej_pipeline
+
+    refs = cyclej_pipeline(config=cfg, until=until)
+    for name, ref in refs.items():
+        typer.echo(f"{name:13s} {ref['fingerprint']}  {ref['uri']}", err=True)
+    if "eval" in refs:
+        from cyclej.store import ArtifactRef, ArtifactStore
+
+        store = ArtifactStore.from_config(cfg.storage)
+        typer.echo(store.read_text(ArtifactRef(**refs["eval"]), "report.md"))
+
+
+@app.command()
+def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
+    """Each stage: fingerprint, complete / partial (last checkpoint) / missing, artifact URI."""
+    from cyclej.stages import fingerprints
+    from cyclej.store import ArtifactStore
+
+    cfg = _config(config, preset, set_, storage)
+    store = ArtifactStore.from_config(cfg.storage)
+    store.check()
+    for name, fp in fingerprints(cfg).items():
+        if store.exists(name, fp):
+            state = "complete"
+        else:
+            ckpts = store.list_checkpoints(name, fp)
+            state = f"partial ({ckpts[-1]})" if ckpts else "missing"
+        typer.echo(f"{name:13s} {fp}  {state:24s} {store.uri(name, fp)}")
+
+
+@app.command()
+def translate(
+    model: Annotated[str, typer.Option("--model", help="model directory or artifact URI (s3://… too)")],
+    to: Annotated[str, typer.Option("--to", help="target domain: a or b")],
+    file: Annotated[str, typer.Argument(help="input lines; - for stdin")] = "-",
+    batch_size: Annotated[int, typer.Option(help="lines per generation batch")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="longest output in tokens")] = 64,
+) -> None:
+    """Rewrite lines into domain a or b, one output line per input line."""
+    from cyclej.translate import local_model_dir, translate_lines
+
+    if to not in ("a", "b"):
+        raise BadInput(f"--to {to}: must be a or b")
+    if file == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        p = Path(file)
+        if not p.is_file():
+            raise BadInput(f"{file}: no such file")
+        lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = translate_lines(str(local_model_dir(model)), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    for line in out:
+        typer.echo(line)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option("--model", help="model directory or artifact URI")],
+    config: ConfigArg = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """The evaluation report for any model directory (beside the copy-the-input baseline)."""
+    from cyclej.evaluate import evaluate_model_dir
+    from cyclej.store import ArtifactStore
+    from cyclej.translate import local_model_dir
+
+    cfg = _config(config, preset, set_, storage)
+    store = ArtifactStore.from_config(cfg.storage)
+    store.check()
+    report = evaluate_model_dir(local_model_dir(model), cfg, store)
+    typer.echo(report.markdown)
+
+
+@app.command()
+def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Per-stage GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
+    from cyclej.plan import format_plan
+    from cyclej.plan import plan as make_plan
+
+    cfg = _config(config, preset, set_, None)
+    typer.echo(format_plan(make_plan(cfg)))
+
+
+def main() -> None:
+    """Entry point: map CYCLE_J errors to exit codes with a one-line message."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except CyclejError as exc:
+        typer.echo(f"cyclej: error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.UsageError):
+            typer.echo(f"cyclej: error: {exc.format_message()}", err=True)
+            raise SystemExit(2) from None
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

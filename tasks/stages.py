@@ -1,0 +1,196 @@
+"""Prefect tasks: one thin wrapper around `cyclej.stages.run_stage`, configured per stage.
+
+Why the wrapper is this thin: every stage already resumes from the artifact store, so the Prefect layer
+only adds what Prefect is for — a cache key equal to the stage fingerprint (so finished stages show as
+`Cached` and do no work), results persisted as JSON `ArtifactRef`s on the same storage, retries, and the
+UI artifacts (link, metrics table, progress, resume point on failure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.logging import get_run_logger
+from prefect.transactions import IsolationLevel
+
+from cyclej.config import PipelineConfig
+from cyclej.progress import Progress
+from cyclej.stages import SPECS, run_stage, stage_fingerprint
+from cyclej.store import ArtifactRef, ArtifactStore
+
+RESULTS_DIR = "_prefect/results"
+LOCKS_DIR = "_prefect/locks"
+
+
+def store_for(cfg: PipelineConfig) -> ArtifactStore:
+    store = ArtifactStore.from_config(cfg.storage)
+    store.check()  # unreachable storage is an error, never a silent cache miss
+    return store
+
+
+def refs_from(inputs: dict[str, dict[str, Any]]) -> dict[str, ArtifactRef]:
+    return {k: ArtifactRef(**v) for k, v in inputs.items()}
+
+
+def stage_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+    """The cache key *is* the stage fingerprint. A Prefect record whose artifact has vanished from the
+    store is deleted here, so Prefect misses and the stage runs again instead of returning a dead ref."""
+    cfg: PipelineConfig = params["cfg"]
+    name: str = params["name"]
+    fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in params["inputs"].items()})
+    key = f"{name}-{fp}"
+    store = store_for(cfg)
+    if not store.exists(name, fp):
+        store.remove(f"{RESULTS_DIR}/{key}")
+    return key
+
+
+def result_storage_for(cfg: PipelineConfig) -> LocalFileSystem | RemoteFileSystem:
+    """A saved Prefect filesystem block for task results beside the artifacts (blocks must be saved
+    before a task can reference them). Credentials stay in the AWS_* environment, never in the block."""
+    root = cfg.storage.root
+    slug = "cyclej-results-" + hashlib.sha256(f"{root}|{cfg.storage.endpoint_url}".encode()).hexdigest()[:12]
+    if root.startswith("s3://"):
+        settings: dict[str, Any] = {}
+        endpoint = cfg.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            settings["client_kwargs"] = {"endpoint_url": endpoint}
+        if cfg.storage.key is not None and cfg.storage.secret is not None:
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", cfg.storage.key.get_secret_value())
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", cfg.storage.secret.get_secret_value())
+        block: LocalFileSystem | RemoteFileSystem = RemoteFileSystem(
+            basepath=f"{root.rstrip('/')}/{RESULTS_DIR}", settings=settings
+        )
+    else:
+        local_root = Path(root.removeprefix("file://")).expanduser().resolve()
+        block = LocalFileSystem(basepath=str(local_root / RESULTS_DIR))
+    block.save(slug, overwrite=True)
+    return block
+
+
+def cache_policy_for(cfg: PipelineConfig) -> CachePolicy:
+    """Fingerprint key; on a local store, two runs of the same config at once are serialized by Prefect's
+    file lock manager (the second waits, then finds the first's record and is `Cached`)."""
+    policy = CachePolicy.from_cache_key_fn(stage_cache_key)
+    root = cfg.storage.root
+    if not root.startswith("s3://"):
+        locks = Path(root.removeprefix("file://")).expanduser().resolve() / LOCKS_DIR
+        policy = policy.configure(
+            lock_manager=FileSystemLockManager(lock_files_directory=locks),
+            isolation_level=IsolationLevel.SERIALIZABLE,
+        )
+    return policy
+
+
+def _progress_listener() -> Any:
+    """Mirror the stage's progress bar into a Prefect progress artifact (throttled by `Progress`)."""
+    artifact_ids: dict[str, Any] = {}
+
+    def listener(stage: str, desc: str, done: int, total: int, metrics: dict[str, Any]) -> None:
+        pct = 100.0 * done / max(total, 1)
+        key = f"{stage}:{desc}"
+        try:
+            if key not in artifact_ids:
+                artifact_ids[key] = create_progress_artifact(
+                    progress=pct, key=f"{stage.replace('_', '-')}-progress", description=f"{stage}: {desc}"
+                )
+            else:
+                update_progress_artifact(artifact_ids[key], progress=pct)
+        except Exception:  # noqa: BLE001 - the UI is best-effort; never fail a stage over it
+            pass
+
+    return listener
+
+
+def _post_artifacts(ref: ArtifactRef) -> None:
+    key = ref.stage.replace("_", "-")
+    create_link_artifact(key=f"{key}-uri", link=ref.uri, link_text=f"{ref.stage}/{ref.fingerprint}",
+                         description=f"Artifact of stage `{ref.stage}`")
+    scalars = {k: v for k, v in ref.metrics.items() if isinstance(v, int | float | str | bool)}
+    if scalars:
+        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                         for k, v in scalars.items())
+        create_markdown_artifact(key=f"{key}-metrics", markdown=f"### {ref.stage}\n\n| metric | value |\n|---|---|\n{rows}\n",
+                                 description=f"Metrics of stage `{ref.stage}`")
+    for name, table in ref.metrics.items():
+        if isinstance(table, list) and table and all(isinstance(r, dict) for r in table):
+            create_table_artifact(key=f"{key}-{name.replace('_', '-')}", table=table,
+                                  description=f"{ref.stage}: {name}")
+
+
+def record_resume_point(tsk: Any, task_run: Any, state: Any) -> None:
+    """on_failure hook: say in the UI where a retry will resume (the newest complete checkpoint)."""
+    params = task_run.parameters if hasattr(task_run, "parameters") else {}
+    try:
+        cfg = PipelineConfig.model_validate(params["cfg"]) if isinstance(params.get("cfg"), dict) else params["cfg"]
+        name = params["name"]
+        fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in params["inputs"].items()})
+        ckpts = store_for(cfg).list_checkpoints(name, fp)
+    except Exception:  # noqa: BLE001 - parameters may be unavailable; the failure itself is what matters
+        return
+    point = ckpts[-1] if ckpts else "the beginning (no checkpoint yet)"
+    create_markdown_artifact(
+        key=f"{name.replace('_', '-')}-resume-point",
+        markdown=f"### `{name}` failed\n\nRetry resumes from **{point}**.\n\nCheckpoints: {', '.join(ckpts) or 'none'}",
+    )
+
+
+@task(name="stage", persist_result=True, result_serializer="json", on_failure=[record_resume_point])
+def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run (or resume) one stage; return its ArtifactRef as a plain JSON dict."""
+    logger = get_run_logger()
+    store = store_for(cfg)
+    progress = Progress(listeners=[_progress_listener()])
+    ref = run_stage(name, cfg, refs_from(inputs), store, progress)
+    logger.info("stage %s → %s", name, ref.uri)
+    _post_artifacts(ref)
+    return json.loads(ref.to_json())
+
+
+def configured_stage_task(name: str, cfg: PipelineConfig) -> Any:
+    """`stage_task` with this config's cache policy, result storage, retries and a readable run name."""
+    orch = cfg.orchestration
+    return stage_task.with_options(
+        name=f"{name}",
+        task_run_name=f"{name}",
+        cache_policy=cache_policy_for(cfg),
+        result_storage=result_storage_for(cfg),
+        retries=orch.retries,
+        retry_delay_seconds=orch.retry_delay_seconds,
+        tags=[f"cyclej-{name}"],
+    )
+
+
+@task(name="paraphrase-shard")
+def paraphrase_shard_task(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], shard: int) -> int:
+    """One shard of the paraphrase stage; mapped so several workers can share the stage."""
+    from cyclej.stages.paraphrase import run_paraphrase_shard
+
+    run_paraphrase_shard(cfg, refs_from(inputs), store_for(cfg), shard, Progress().for_stage("paraphrase"))
+    return shard
+
+
+__all__ = [
+    "SPECS",
+    "configured_stage_task",
+    "paraphrase_shard_task",
+    "result_storage_for",
+    "stage_task",
+    "store_for",
+]
