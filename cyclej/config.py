@@ -209,6 +209,8 @@ class RLConfig(StrictModel):
     discriminator_lr: float = Field(2e-5, gt=0)
     replay_buffer_size: int = Field(1024, gt=0)
     discriminator_batch: int = Field(32, gt=0)
+    discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")
+    discriminator_trust_remote_code: bool = Field(True, description="NeoBERT ships its model code with the weights")
     backend: Literal["transformers", "vllm"] = "vllm"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every_steps: int = Field(10, gt=0)
