@@ -1,0 +1,243 @@
+"""A Prefect worker type `runpod`: one RunPod GPU pod per flow run.
+
+    prefect work-pool create cyclej-gpu --type runpod
+    RUNPOD_API_KEY=... prefect worker start --pool cyclej-gpu --type runpod
+
+For each flow run the worker starts a pod with the `runpod` SDK (image, GPU type/count, cloud type,
+network volume, container disk, env), whose command is `prefect flow-run execute <flow-run-id>`: the pod
+talks to the Prefect API itself (PREFECT_API_URL/KEY are copied from the worker's settings into the pod's
+env), so it must be reachable from RunPod (Prefect Cloud, or a server with a public address).
+
+A pod reports no exit code, so the worker watches the *flow run* through the Prefect API and terminates
+the pod when the run reaches a final state (Completed, Failed, Crashed, Cancelled). A run cancelled while
+running is stopped by `prefect flow-run execute` inside the pod (it observes its own cancellation); the
+worker then sees `Cancelled` and terminates the pod, or terminates it itself when the run stays
+`Cancelling` longer than `cancel_grace_seconds`. A run cancelled before it started is handled by
+Prefect's own worker hook, `kill_infrastructure` below. A pod that vanishes (spot interruption, manual
+termination) or never starts the run (bad image, no capacity) ends the run as Crashed.
+
+Registered through the `prefect.collections` entry point in pyproject.toml, so `--type runpod` finds it.
+The `runpod` SDK is imported only when a pod is started: Prefect imports this module whenever it loads
+its collections, and the SDK's import is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import anyio.abc
+from prefect.exceptions import InfrastructureNotFound
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+from pydantic import Field
+
+if TYPE_CHECKING:
+    from logging import LoggerAdapter
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import FlowRun
+
+DEFAULT_IMAGE = "ghcr.io/cyclej/cyclej-gpu:latest"
+CloudType = Literal["ALL", "SECURE", "COMMUNITY"]
+# Pod states in which the container can no longer run the flow.
+POD_GONE_STATES = ("EXITED", "TERMINATED")
+
+
+class RunpodJobConfiguration(BaseJobConfiguration):
+    """What the worker needs to start one pod; filled from the work pool's base job template and the
+    deployment's / flow run's job variables."""
+
+    image: str = Field(DEFAULT_IMAGE, description="container image (built from infra/Dockerfile)")
+    gpu_type_id: str = Field("NVIDIA A40", description="RunPod GPU type id, e.g. 'NVIDIA A100 80GB PCIe'")
+    gpu_count: int = Field(1, ge=1)
+    cloud_type: CloudType = "SECURE"
+    network_volume_id: str | None = Field(None, description="mounted at volume_mount_path; pins the data center")
+    data_center_id: str | None = None
+    container_disk_gb: int = Field(50, ge=1)
+    volume_in_gb: int = Field(0, ge=0, description="pod-local volume (0 when a network volume is used)")
+    volume_mount_path: str = "/runpod-volume"
+    poll_interval_seconds: float = Field(10.0, gt=0, description="how often the flow run's state is read")
+    start_timeout_seconds: float = Field(
+        1800.0, gt=0, description="a run not started by then (image pull, capacity) is Crashed and its pod terminated"
+    )
+    cancel_grace_seconds: float = Field(
+        60.0, ge=0, description="a run still Cancelling after this long gets its pod terminated by the worker"
+    )
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: Any = None,
+        flow: Any = None,
+        work_pool: Any = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        configured = self.command is not None
+        super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id)
+        # The default `prefect flow-run execute` reads PREFECT__FLOW_RUN_ID; the explicit id makes the
+        # pod's start command in RunPod's console say which run it serves.
+        if not configured:
+            self.command = f"{self._base_flow_run_command()} {flow_run.id}"
+
+
+class RunpodVariables(BaseVariables):
+    """The job variables a deployment may set (shown in the work pool's form in the UI)."""
+
+    image: str = Field(DEFAULT_IMAGE, description="container image (built from infra/Dockerfile)")
+    gpu_type_id: str = Field("NVIDIA A40", description="RunPod GPU type id; `cyclej plan` suggests one per stage")
+    gpu_count: int = Field(1, ge=1)
+    cloud_type: CloudType = Field("SECURE", description="SECURE, COMMUNITY or ALL")
+    network_volume_id: str | None = Field(None, description="RunPod network volume id (artifacts, HF cache)")
+    data_center_id: str | None = Field(None, description="defaults to the network volume's data center")
+    container_disk_gb: int = Field(50, ge=1)
+    volume_in_gb: int = Field(0, ge=0)
+    volume_mount_path: str = "/runpod-volume"
+    poll_interval_seconds: float = Field(10.0, gt=0)
+    start_timeout_seconds: float = Field(1800.0, gt=0)
+    cancel_grace_seconds: float = Field(60.0, ge=0)
+
+
+class RunpodWorkerResult(BaseWorkerResult):
+    """identifier: the pod id; status_code 0 when the flow run reached a final state by itself."""
+
+
+# The SDK reads its API key from a module global; one lock keeps concurrent runs of one worker from
+# racing on it (every run of a worker uses the same key anyway).
+_sdk_lock = threading.Lock()
+
+
+def _runpod_sdk() -> Any:
+    import runpod
+
+    key = os.environ.get("RUNPOD_API_KEY") or runpod.api_key
+    if not key:
+        raise RuntimeError("RUNPOD_API_KEY is not set in the worker's environment (or `runpod config`)")
+    runpod.api_key = key
+    return runpod
+
+
+def _graphql_str(value: str) -> str:
+    """The SDK pastes strings into its GraphQL text unescaped; GraphQL string escapes are JSON's, so a
+    value with quotes, backslashes or newlines (a JSON env var, a multi-line command) stays one string."""
+    return json.dumps(value)[1:-1]
+
+
+def create_pod(cfg: RunpodJobConfiguration) -> str:
+    """Start the pod for one flow run; returns its id."""
+    env = {k: _graphql_str(v) for k, v in cfg.env.items() if v is not None}
+    with _sdk_lock:
+        runpod = _runpod_sdk()
+        pod = runpod.create_pod(
+            name=_graphql_str(cfg.name or "cyclej-flow-run"),
+            image_name=cfg.image,
+            gpu_type_id=cfg.gpu_type_id,
+            gpu_count=cfg.gpu_count,
+            cloud_type=cfg.cloud_type,
+            network_volume_id=cfg.network_volume_id,
+            data_center_id=cfg.data_center_id,
+            container_disk_in_gb=cfg.container_disk_gb,
+            volume_in_gb=cfg.volume_in_gb,
+            volume_mount_path=cfg.volume_mount_path,
+            docker_args=_graphql_str(cfg.command or ""),
+            env=env,
+            support_public_ip=False,
+            start_ssh=False,
+        )
+    return str(pod["id"])
+
+
+def pod_status(pod_id: str) -> str | None:
+    """The pod's desiredStatus (RUNNING, EXITED, TERMINATED…), None when RunPod no longer knows it."""
+    with _sdk_lock:
+        pod = _runpod_sdk().get_pod(pod_id)
+    return None if not pod else str(pod.get("desiredStatus") or "UNKNOWN")
+
+
+def terminate_pod(pod_id: str) -> None:
+    with _sdk_lock:
+        _runpod_sdk().terminate_pod(pod_id)
+
+
+class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWorkerResult]):
+    type = "runpod"
+    job_configuration = RunpodJobConfiguration
+    job_configuration_variables = RunpodVariables
+    _description = "Run each flow run in its own RunPod GPU pod, terminated when the run ends."
+    _display_name = "RunPod"
+    _documentation_url = "https://docs.runpod.io/pods/overview"
+    _logo_url = "https://www.runpod.io/favicon.ico"
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: RunpodJobConfiguration,
+        task_status: anyio.abc.TaskStatus[str] | None = None,
+    ) -> RunpodWorkerResult:
+        logger = self.get_flow_run_logger(flow_run)
+        pod_id = await anyio.to_thread.run_sync(create_pod, configuration)
+        logger.info(
+            f"Started RunPod pod {pod_id} ({configuration.gpu_count}× {configuration.gpu_type_id}, "
+            f"{configuration.cloud_type}, image {configuration.image})"
+        )
+        if task_status is not None:
+            task_status.started(pod_id)  # becomes the run's infrastructure_pid
+        status_code = 1
+        try:
+            status_code = await self._watch(flow_run, pod_id, configuration, logger)
+        finally:
+            # Shielded: a worker shutting down must still not leave a paid GPU running.
+            with anyio.CancelScope(shield=True):
+                await self._terminate(pod_id, logger)
+        return RunpodWorkerResult(identifier=pod_id, status_code=status_code)
+
+    async def _watch(
+        self, flow_run: FlowRun, pod_id: str, cfg: RunpodJobConfiguration, logger: LoggerAdapter[Any]
+    ) -> int:
+        """Poll the flow run until it is final. 0: the run ended by itself (or was cancelled);
+        non-zero: the pod died or never started the run, and the worker marks the run Crashed."""
+        submitted = time.monotonic()
+        cancelling_since: float | None = None
+        while True:
+            run = await self.client.read_flow_run(flow_run.id)
+            state = run.state
+            if state is not None and state.is_final():
+                logger.info(f"Flow run reached {state.name}; terminating pod {pod_id}")
+                return 0
+            if state is not None and state.is_cancelling():
+                cancelling_since = cancelling_since or time.monotonic()
+                if time.monotonic() - cancelling_since > cfg.cancel_grace_seconds:
+                    logger.warning(f"Flow run still Cancelling after {cfg.cancel_grace_seconds:.0f} s; terminating pod")
+                    await self._terminate(pod_id, logger)
+                    await self._mark_flow_run_as_cancelled(
+                        run, state_updates={"message": f"Cancelled: RunPod pod {pod_id} terminated by the worker."}
+                    )
+                    return 0
+            elif run.start_time is None and time.monotonic() - submitted > cfg.start_timeout_seconds:
+                logger.error(f"Pod {pod_id} did not start the flow run within {cfg.start_timeout_seconds:.0f} s")
+                return 2
+            status = await anyio.to_thread.run_sync(pod_status, pod_id)
+            if status is None or status in POD_GONE_STATES:
+                logger.error(f"Pod {pod_id} is {status or 'gone'} while the flow run is {state and state.name}")
+                return 3
+            await anyio.sleep(cfg.poll_interval_seconds)
+
+    async def _terminate(self, pod_id: str, logger: LoggerAdapter[Any]) -> None:
+        try:
+            await anyio.to_thread.run_sync(terminate_pod, pod_id)
+            logger.info(f"Terminated pod {pod_id}")
+        except Exception as exc:  # noqa: BLE001 - the message names the pod so a person can terminate it
+            logger.error(f"Could not terminate pod {pod_id}: {exc}; terminate it in the RunPod console")
+
+    async def kill_infrastructure(
+        self, infrastructure_pid: str, configuration: RunpodJobConfiguration, grace_seconds: int = 30
+    ) -> None:
+        """Prefect's hook for a run cancelled before it started: terminate its pod."""
+        status = await anyio.to_thread.run_sync(pod_status, infrastructure_pid)
+        if status is None:
+            raise InfrastructureNotFound(f"RunPod pod {infrastructure_pid} not found")
+        await anyio.to_thread.run_sync(terminate_pod, infrastructure_pid)
