@@ -1,0 +1,226 @@
+"""Rewrite lines into domain a or b with any stage's model: `{D_src}{line}{D_tgt}` → greedy completion.
+
+A model is a local HF directory, an artifact directory (its `model/` is used), an `s3://…` artifact URI
+(fetched through the artifact store) or a built-in spec. Its marker tokens are read from `cyclej.json`
+beside the weights, else from the tokenizer's extra special tokens (the markers are the last two added).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cyclej.errors import BadInput
+from cyclej.modeling import load_model
+
+Domain = Literal["a", "b"]
+MODEL_INFO = "cyclej.json"
+
+
+# ---- where a model is ---------------------------------------------------------------------------------
+def local_model_dir(
+    uri: str, storage_options: dict[str, Any] | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """A local directory with the model's weights, for a local path, a `file://` / `s3://` artifact URI
+    (`<root>/<stage>/<fingerprint>[/model]`, fetched and checked through the artifact store) or a
+    built-in model spec."""
+    from cyclej.config import StorageConfig
+    from cyclej.models import resolve_model
+    from cyclej.store import ArtifactStore
+
+    text = uri.rstrip("/")
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    if "://" in text:
+        artifact = text.removesuffix("/model")
+        parts = artifact.rsplit("/", 2)
+        if len(parts) != 3 or "://" not in parts[0]:
+            raise BadInput(f"model {uri}: expected an artifact URI like s3://bucket/prefix/<stage>/<fingerprint>")
+        root, stage, fp = parts
+        if storage_options is None:
+            # Endpoint and credentials from the AWS_* variables, exactly as the pipeline's store does.
+            store = ArtifactStore.from_config(
+                StorageConfig(root=root, cache_dir=str(cache_dir) if cache_dir else None)
+            )
+        else:
+            store = ArtifactStore(root, storage_options, cache_dir)
+        try:
+            local = store.fetch((stage, fp))
+        except FileNotFoundError:
+            raise BadInput(f"model {uri}: no committed artifact there (check the URI)") from None
+        return _model_subdir(local, uri)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return _model_subdir(p, uri)
+    # A built-in name or a hub id (resolved only where the hub is reachable).
+    return Path(resolve_model(text))
+
+
+def _model_subdir(p: Path, uri: str) -> Path:
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if (p / "config.json").is_file():
+        return p
+    raise BadInput(f"model {uri}: neither it nor its model/ folder has a config.json (not a model directory)")
+
+
+# ---- marker tokens ------------------------------------------------------------------------------------
+def write_model_info(model_dir: str | Path, markers: list[str] | tuple[str, str], domains: list[str]) -> None:
+    """`cyclej.json` beside the weights: the marker tokens [A, B] and the domain names."""
+    info = {"markers": list(markers), "domains": list(domains)}
+    (Path(model_dir) / MODEL_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def read_model_info(model_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(model_dir) / MODEL_INFO
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def model_markers(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, str]:
+    """The [A, B] marker tokens of a model directory."""
+    info = read_model_info(model_dir)
+    if info and len(info.get("markers", [])) == 2:
+        return info["markers"][0], info["markers"][1]
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    extra = list(getattr(tokenizer, "extra_special_tokens", None) or [])
+    extra = extra or list(getattr(tokenizer, "additional_special_tokens", None) or [])
+    if len(extra) < 2:
+        raise BadInput(
+            f"model {model_dir}: cannot tell its domain marker tokens (no {MODEL_INFO} and fewer than two "
+            "added special tokens); pass the markers explicitly"
+        )
+    # The pipeline adds A then B after whatever special tokens the base model already had.
+    return extra[-2], extra[-1]
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def load_for_translation(
+    model_dir: str | Path, markers: tuple[str, str] | list[str] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
+    if markers is None:
+        markers = model_markers(model_dir)
+    model, tokenizer = load_model(str(model_dir), markers=list(markers))
+    model.eval()
+    return model, tokenizer, (markers[0], markers[1])
+
+
+# ---- translating ----------------------------------------------------------------------------------------
+class ModelTranslator:
+    """A translation system over one in-memory model: `system(lines, to) -> lines`.
+
+    Built either from a model or from a loader called on first use (so an evaluation holds one model in
+    memory at a time); `release()` drops the model.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        markers: tuple[str, str] | list[str] | None = None,
+        loader: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]] | None = None,
+        batch_size: int = 16,
+        max_new_tokens: int = 64,
+    ) -> None:
+        if model is None and loader is None:
+            raise ValueError("give a model (with tokenizer and markers) or a loader")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.markers = tuple(markers) if markers is not None else None
+        self.loader = loader
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    def _ensure_loaded(self) -> None:
+        if self.model is None:
+            assert self.loader is not None
+            self.model, self.tokenizer, self.markers = self.loader()
+
+    def release(self) -> None:
+        if self.loader is not None:
+            self.model = self.tokenizer = None
+
+    def __call__(self, lines: list[str], to: Domain) -> list[str]:
+        self._ensure_loaded()
+        assert self.model is not None and self.tokenizer is not None and self.markers is not None
+        return translate_with_model(
+            self.model, self.tokenizer, lines, to, self.markers, self.batch_size, self.max_new_tokens
+        )
+
+
+def translate_with_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    lines: list[str],
+    to: Domain,
+    markers: tuple[str, str] | list[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Greedy `{D_src}{line}{D_tgt}` completions, batched; exactly one output line per input line."""
+    if to not in ("a", "b"):
+        raise BadInput(f"--to {to}: choose a or b")
+    marker_ids = tokenizer.convert_tokens_to_ids(list(markers))
+    src_id, tgt_id = (marker_ids[0], marker_ids[1]) if to == "b" else (marker_ids[1], marker_ids[0])
+    prompts = [_rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
+    completions = _greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return [_one_line(tokenizer.decode(c, skip_special_tokens=True)) for c in completions]
+
+
+# TEMPORARY until cyclej.formats / cyclej.generate land.
+def _rl_prompt(tokenizer: PreTrainedTokenizerBase, src_id: int, text: str, tgt_id: int) -> list[int]:
+    return [src_id, *tokenizer(text, add_special_tokens=False).input_ids, tgt_id]
+
+
+@torch.no_grad()
+def _greedy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], max_new_tokens: int,
+    batch_size: int,
+) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad, eos_token_id=eos,
+        )
+        for row, i in enumerate(idx):
+            toks = gen[row, width:].tolist()
+            if eos in toks:
+                toks = toks[: toks.index(eos)]
+            out[i] = toks
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def translate_lines(
+    model_dir_or_spec: str,
+    lines: list[str],
+    to: Domain,
+    markers: tuple[str, str] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Rewrite `lines` into domain `to` with the model at `model_dir_or_spec` (see `local_model_dir`)."""
+    model_dir = local_model_dir(model_dir_or_spec, storage_options)
+    model, tokenizer, marks = load_for_translation(model_dir, markers)
+    return translate_with_model(model, tokenizer, lines, to, marks, batch_size, max_new_tokens)

@@ -1,0 +1,105 @@
+"""cyclej.translate: one output line per input line, greedy and deterministic, models found by URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cyclej.config import StorageConfig
+from cyclej.errors import BadInput
+from cyclej.modeling import load_model, save_model
+from cyclej.store import ArtifactStore
+from cyclej.translate import (
+    ModelTranslator,
+    local_model_dir,
+    model_markers,
+    read_model_info,
+    translate_lines,
+    write_model_info,
+)
+
+MARKERS = ("<|A|>", "<|B|>")
+LINES = [
+    "the food was cold and the waiter was rude .",
+    "great place , friendly staff !",
+    "",
+    "line with\ttabs   and  spaces",
+    "i would never come back here .",
+]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny GPT-J with the two markers added, saved as a plain HF directory (as every stage does)."""
+    model, tok = load_model("tiny-gptj", markers=list(MARKERS))
+    return save_model(model, tok, tmp_path / "model")
+
+
+def test_one_line_per_input_and_deterministic(tiny_model_dir: Path) -> None:
+    first = translate_lines(str(tiny_model_dir), LINES, to="b", max_new_tokens=12, batch_size=2)
+    again = translate_lines(str(tiny_model_dir), LINES, to="b", max_new_tokens=12, batch_size=4)
+    assert len(first) == len(LINES)
+    assert first == again  # greedy: batch size and order do not change the result
+    assert all("\n" not in out and "\r" not in out for out in first)
+    # The random tiny model writes something for a real sentence (it is not silently returning nothing).
+    assert any(out for out in first)
+    other = translate_lines(str(tiny_model_dir), LINES, to="a", max_new_tokens=12)
+    assert len(other) == len(LINES)
+
+
+def test_direction_sets_the_markers(tiny_model_dir: Path) -> None:
+    """to=b prompts {A}{line}{B}: the same as calling the model on those ids ourselves."""
+    import torch
+
+    model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
+    a_id, b_id = tok.convert_tokens_to_ids(list(MARKERS))
+    line = LINES[0]
+    ids = torch.tensor([[a_id, *tok(line, add_special_tokens=False).input_ids, b_id]])
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = gen[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id)]
+    expected = " ".join(tok.decode(new, skip_special_tokens=True).split())
+    translator = ModelTranslator(model, tok, MARKERS, max_new_tokens=8)
+    assert translator([line], "b") == [expected]
+
+
+def test_markers_from_tokenizer_and_from_cyclej_json(tiny_model_dir: Path) -> None:
+    assert read_model_info(tiny_model_dir) is None
+    assert model_markers(tiny_model_dir) == MARKERS  # the last two added special tokens
+    write_model_info(tiny_model_dir, ["<|B|>", "<|A|>"], ["pos", "neg"])
+    assert model_markers(tiny_model_dir) == ("<|B|>", "<|A|>")
+    assert read_model_info(tiny_model_dir) == {"markers": ["<|B|>", "<|A|>"], "domains": ["pos", "neg"]}
+
+
+def test_model_without_markers_is_refused(tmp_path: Path) -> None:
+    from cyclej.models import resolve_model
+
+    with pytest.raises(BadInput, match="marker"):
+        model_markers(resolve_model("tiny-gptj"))
+
+
+def test_local_model_dir_finds_model_subfolder_and_fetches_from_s3(
+    tiny_model_dir: Path, tmp_path: Path, s3_bucket: str
+) -> None:
+    artifact = tiny_model_dir.parent
+    assert local_model_dir(str(artifact)) == tiny_model_dir
+    assert local_model_dir(str(tiny_model_dir)) == tiny_model_dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BadInput, match="config.json"):
+        local_model_dir(str(empty))
+
+    # An artifact on a real S3 endpoint (moto), found through the AWS_* variables like the pipeline's store.
+    store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
+    ref = store.commit("rl", "f00d", artifact)
+    fetched = local_model_dir(ref.uri, cache_dir=tmp_path / "cache2")
+    assert fetched.name == "model" and (fetched / "config.json").is_file()
+    assert translate_lines(ref.uri + "/model", LINES[:2], to="a", max_new_tokens=6) == translate_lines(
+        str(tiny_model_dir), LINES[:2], to="a", max_new_tokens=6
+    )
+    with pytest.raises(BadInput, match="no committed artifact"):
+        local_model_dir(f"{s3_bucket}/runs/rl/beef", cache_dir=tmp_path / "cache3")
