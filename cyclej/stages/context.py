@@ -1,0 +1,184 @@
+"""The `context` stage (INTERMEDIATE-1): the base model with both domain markers and a longer context.
+
+1. Load `models.base` and add the two domain markers as special tokens (cyclej.modeling).
+2. Measure perplexity on held-out text at the old length (the untouched base, the reference).
+3. Extend the context `context.factor` times by linear position interpolation.
+4. Measure perplexity at the new length: `ppl_before` (interpolated, not yet trained).
+5. LoRA-train on long sequences: the train lines of both domains, shuffled together, each followed by
+   EOS, laid end to end and cut into rows of `context.seq_len` tokens. Every token of a row attends to
+   everything before it, across line boundaries: learning to use distant positions is the point.
+6. Merge the adapter into the weights, measure `ppl_after` at the new length and at the old length.
+7. Save `model/` (plain HF directory, cyclej.modeling.save_model) and `metrics.json`; commit.
+
+Held-out rows are built the same way from both domains' dev lines; the old-length rows cut the very
+same tokens into shorter rows, so every perplexity here scores the same tokens with more or less
+context. Checkpoints and resume are the trainer's (cyclej.train), under this stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cyclej.config import PipelineConfig
+from cyclej.errors import BadInput
+from cyclej.formats import Example, encode_text, eos_id
+from cyclej.modeling import extend_context, load_model, save_model
+from cyclej.progress import Progress
+from cyclej.stages import stage_fingerprint
+from cyclej.stages.data import read_lines
+from cyclej.store import ArtifactRef, ArtifactStore
+
+STAGE = "context"
+
+
+def run_context(
+    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
+) -> ArtifactRef:
+    ccfg = cfg.context
+    fp = stage_fingerprint(STAGE, cfg, {"data": inputs["data"].fingerprint})
+    work = store.workdir(STAGE, fp)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    model, tokenizer = load_model(cfg.models.base, markers=[cfg.domain_a.marker, cfg.domain_b.marker])
+    old_len = int(model.config.max_position_embeddings)
+    new_len = int(math.ceil(old_len * ccfg.factor))
+    seq_len = ccfg.seq_len
+    if seq_len > new_len:
+        raise BadInput(
+            f"context.seq_len: {seq_len} tokens exceed the extended context ({old_len} × {ccfg.factor} = "
+            f"{new_len}); lower context.seq_len or raise context.factor"
+        )
+
+    data_ref = inputs["data"]
+    train_lines = read_lines(store, data_ref, "a", "train") + read_lines(store, data_ref, "b", "train")
+    dev_lines = read_lines(store, data_ref, "a", "dev") + read_lines(store, data_ref, "b", "dev")
+    train_rows = long_rows(tokenizer, train_lines, seq_len, seed=ccfg.seed)
+    dev_stream = token_stream(tokenizer, dev_lines, seed=ccfg.seed + 1)
+    eval_rows = [dev_stream[i : i + seq_len] for i in range(0, len(dev_stream) - seq_len + 1, seq_len)]
+    eval_rows = eval_rows[: ccfg.eval_sequences]
+    if not train_rows or not eval_rows:
+        which = "train" if not train_rows else "dev"
+        raise BadInput(
+            f"context: the {which} lines of both domains hold fewer tokens than one row of context.seq_len="
+            f"{seq_len}; lower context.seq_len or add text"
+        )
+    # The same held-out tokens, cut at the old length.
+    eval_tokens = [t for row in eval_rows for t in row]
+    old_rows = [eval_tokens[i : i + old_len] for i in range(0, len(eval_tokens) - old_len + 1, old_len)]
+
+    model.to(device)
+    batch = ccfg.micro_batch_size
+    with progress.bar("perplexity before", total=2, unit="eval") as bar:
+        ppl_base_old_len = perplexity(model, old_rows, batch, ccfg.precision)
+        bar.update(1, ppl=ppl_base_old_len)
+        extend_context(model, ccfg.factor)
+        ppl_before = perplexity(model, eval_rows, batch, ccfg.precision)
+        bar.update(1, ppl=ppl_before)
+
+    train_examples = [Example(row, list(row)) for row in train_rows]
+    dev_examples = [Example(row, list(row)) for row in eval_rows]
+    model, train_metrics = _train(cfg, model, tokenizer, train_examples, dev_examples, store, fp, progress)
+
+    ppl_after = perplexity(model, eval_rows, batch, ccfg.precision)
+    ppl_after_old_len = perplexity(model, old_rows, batch, ccfg.precision)
+
+    save_model(model.to("cpu"), tokenizer, work / "model")
+    metrics: dict[str, Any] = {
+        "factor": ccfg.factor,
+        "old_context": old_len,
+        "new_context": int(model.config.max_position_embeddings),
+        "seq_len": seq_len,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "eval_tokens": len(eval_tokens),
+        "ppl_base_old_len": ppl_base_old_len,
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "ppl_after_old_len": ppl_after_old_len,
+        "train": train_metrics,
+    }
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    summary = {k: metrics[k] for k in ("ppl_before", "ppl_after", "ppl_base_old_len", "ppl_after_old_len")}
+    return store.commit(STAGE, fp, work, metrics={**summary, "new_context": metrics["new_context"]})
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def token_stream(tokenizer: PreTrainedTokenizerBase, lines: list[str], seed: int) -> list[int]:
+    """The lines in a seeded random order, each tokenized on its own and followed by EOS, end to end."""
+    order = list(lines)
+    random.Random(seed).shuffle(order)
+    eos = eos_id(tokenizer)
+    stream: list[int] = []
+    for line in order:
+        stream.extend(encode_text(tokenizer, line))
+        stream.append(eos)
+    return stream
+
+
+def long_rows(tokenizer: PreTrainedTokenizerBase, lines: list[str], seq_len: int, seed: int) -> list[list[int]]:
+    """The stream cut into full rows of `seq_len` tokens (the short tail is dropped)."""
+    stream = token_stream(tokenizer, lines, seed)
+    return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, precision: str = "fp32") -> float:
+    """exp(mean next-token loss) over every predicted token of the rows (all rows the same length)."""
+    if not rows:
+        raise ValueError("perplexity needs at least one row")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    total_nll = 0.0
+    total_tokens = 0
+    for start in range(0, len(rows), batch_size):
+        ids = torch.tensor(rows[start : start + batch_size], dtype=torch.long, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=ids).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+# ---- training ---------------------------------------------------------------------------------------
+def _train(
+    cfg: PipelineConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_examples: list[Example],
+    dev_examples: list[Example],
+    store: ArtifactStore,
+    fp: str,
+    progress: Progress,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """LoRA (or full) training with the shared trainer; returns the merged model and the run's metrics."""
+    from cyclej import train as trainer
+
+    result = trainer.train(
+        model=model,
+        tokenizer=tokenizer,
+        train_examples=train_examples,
+        dev_examples=dev_examples,
+        tcfg=cfg.context,
+        store=store,
+        stage=STAGE,
+        fp=fp,
+        progress=progress,
+        marker_ids=[tokenizer.convert_tokens_to_ids(m) for m in (cfg.domain_a.marker, cfg.domain_b.marker)],
+    )
+    trained = result.model
+    if hasattr(trained, "merge_and_unload"):
+        trained = trained.merge_and_unload()
+    return trained, dict(result.metrics)
