@@ -233,6 +233,11 @@ class EvalConfig(StrictModel):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
     fluency_model: str | None = Field(None, description="LM for perplexity; default: the base model")
+    references: bool = Field(
+        False,
+        description="the dev files of the two domains are line-aligned translations of each other "
+        "(e.g. shakespeare dev.original/dev.modern): report reference BLEU against them",
+    )
     backend: Literal["transformers", "vllm"] = "transformers"
 
 
