@@ -1,0 +1,289 @@
+"""Stage `paraphrase`: an instruct model paraphrases every training text of both domains (the 2A data).
+
+Inputs: the `data` artifact. The train lines of domain a, then of domain b (each capped at
+`paraphrase.max_texts_per_domain`), are cut into numbered shards of `paraphrase.shard_size` texts.
+Each finished shard is saved as checkpoint `shard-NNNNN` (shard.jsonl + stats.json) under the stage's
+fingerprint, so a restarted stage generates only the missing shards, and several workers can share the
+stage (the Prefect layer maps `run_paraphrase_shard` over `range(plan_shards(...))`).
+
+Output artifact: `pairs.jsonl` ({"domain", "text", "paraphrase", "scores"} per kept pair), `stats.json`
+(counts, rejection reasons, tokens/s, which shards this run generated) and `samples.json` (20 pairs).
+The stage fails when the share of texts left without a paraphrase exceeds `paraphrase.max_rejection_rate`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cyclej.config import PipelineConfig
+from cyclej.errors import StageFailed
+from cyclej.faults import maybe_fault
+from cyclej.generate import GenerationBackend, SamplingSettings, load_causal_lm, make_backend
+from cyclej.paraphrase import (
+    REASONS,
+    Embed,
+    PromptBuilder,
+    RejectionStats,
+    check_rejection_rate,
+    judge_candidates,
+    load_embedder,
+)
+from cyclej.progress import Progress
+from cyclej.stages import stage_fingerprint
+from cyclej.stages.data import read_lines
+from cyclej.store import ArtifactRef, ArtifactStore
+
+STAGE = "paraphrase"
+N_SAMPLES = 20
+REJECTED_EXAMPLES_PER_REASON = 3
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _fingerprint(cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
+    return stage_fingerprint(STAGE, cfg, {k: v.fingerprint for k, v in inputs.items()})
+
+
+def input_texts(
+    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore
+) -> list[tuple[str, str]]:
+    """(domain, text) for every text to paraphrase, in a fixed order: domain a's train lines, then b's."""
+    cap = cfg.paraphrase.max_texts_per_domain
+    items: list[tuple[str, str]] = []
+    for domain in ("a", "b"):
+        lines = read_lines(store, inputs["data"], domain, "train")  # type: ignore[arg-type]
+        items.extend((domain, line) for line in lines[:cap])
+    return items
+
+
+def plan_shards(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore) -> int:
+    """How many shards the stage has (shard i holds texts [i·shard_size, (i+1)·shard_size))."""
+    n = len(input_texts(cfg, inputs, store))
+    return -(-n // cfg.paraphrase.shard_size)
+
+
+# ---- the paraphraser and embedder, loaded once per process ---------------------------------------
+
+
+@dataclass
+class _Paraphraser:
+    backend: GenerationBackend
+    prompts: PromptBuilder
+    tokenizer: Any
+
+
+_PARAPHRASERS: dict[tuple[Any, ...], _Paraphraser] = {}
+_EMBEDDERS: dict[str, Embed] = {}
+
+
+def _paraphraser(cfg: PipelineConfig) -> _Paraphraser:
+    """Loading a 7B model takes minutes: every shard a process runs shares one."""
+    pc = cfg.paraphrase
+    key = (
+        cfg.models.paraphraser,
+        pc.backend,
+        pc.batch_size,
+        pc.vllm.model_dump_json(),
+        pc.instruction,
+        pc.system_prompt,
+    )
+    if key not in _PARAPHRASERS:
+        if pc.backend == "vllm":
+            from transformers import AutoTokenizer
+
+            from cyclej.models import resolve_model
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.paraphraser))
+            backend = make_backend(
+                "vllm",
+                cfg.models.paraphraser,
+                tensor_parallel_size=pc.vllm.tensor_parallel_size,
+                max_model_len=pc.vllm.max_model_len,
+                gpu_memory_utilization=pc.vllm.gpu_memory_utilization,
+                seed=pc.seed,
+            )
+        else:
+            model, tokenizer = load_causal_lm(cfg.models.paraphraser)
+            backend = make_backend("transformers", model, tokenizer, batch_size=pc.batch_size)
+        _PARAPHRASERS.clear()  # one paraphraser in memory at a time
+        _PARAPHRASERS[key] = _Paraphraser(
+            backend, PromptBuilder(tokenizer, pc.instruction, pc.system_prompt), tokenizer
+        )
+    return _PARAPHRASERS[key]
+
+
+def _embedder(cfg: PipelineConfig) -> Embed | None:
+    if not cfg.paraphrase.use_embedder:
+        return None
+    spec = cfg.models.embedder
+    if spec not in _EMBEDDERS:
+        _EMBEDDERS[spec] = load_embedder(spec)
+    return _EMBEDDERS[spec]
+
+
+# ---- one shard ------------------------------------------------------------------------------------
+
+
+def run_paraphrase_shard(
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: ArtifactStore,
+    shard_index: int,
+    progress: Progress,
+) -> None:
+    """Generate, clean and filter one shard and save it as a checkpoint (nothing to do if it is saved)."""
+    fp = _fingerprint(cfg, inputs)
+    name = shard_name(shard_index)
+    if name in store.list_checkpoints(STAGE, fp):
+        return
+    pc = cfg.paraphrase
+    items = input_texts(cfg, inputs, store)
+    shard = items[shard_index * pc.shard_size : (shard_index + 1) * pc.shard_size]
+    if not shard:
+        raise ValueError(f"paraphrase: shard {shard_index} is out of range ({len(items)} texts)")
+    maybe_fault(STAGE, shard_index)
+
+    para = _paraphraser(cfg)
+    settings = SamplingSettings(
+        max_new_tokens=pc.max_new_tokens,
+        temperature=pc.temperature,
+        top_p=pc.top_p,
+        n=pc.n_candidates,
+        # Per shard, so a shard's samples do not depend on which shards ran before it in this process.
+        seed=pc.seed * 1_000_003 + shard_index,
+    )
+    sources = [text for _, text in shard]
+    started = time.perf_counter()
+    completions = para.backend.generate([para.prompts.ids(t) for t in sources], settings)
+    seconds = time.perf_counter() - started
+    generated_tokens = sum(len(c) for per_text in completions for c in per_text)
+    raw = [[para.tokenizer.decode(c, skip_special_tokens=True) for c in per_text] for per_text in completions]
+    judged = judge_candidates(sources, raw, pc, _embedder(cfg))
+
+    counts = RejectionStats()
+    counts.add(judged, pc.n_candidates)
+    out = store.checkpoint_workdir(STAGE, fp, name)
+    with open(out / "shard.jsonl", "w", encoding="utf-8") as f:
+        for (domain, _), j, cands in zip(shard, judged, raw, strict=True):
+            record = {
+                "domain": domain,
+                "text": j.text,
+                "paraphrase": j.paraphrase,
+                "scores": j.scores,
+                "rejected": [list(r) for r in j.rejected],
+                "raw": cands,
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    shard_stats = {
+        **counts.as_dict(),
+        "shard": shard_index,
+        "generated_tokens": generated_tokens,
+        "generation_seconds": round(seconds, 3),
+    }
+    (out / "stats.json").write_text(json.dumps(shard_stats, indent=1), encoding="utf-8")
+    store.save_checkpoint(STAGE, fp, name, out)
+    with progress.bar(f"shard {shard_index}", total=len(shard), unit="text") as bar:
+        bar.update(
+            len(shard),
+            kept=counts.kept,
+            rejected=counts.rejected,
+            tok_per_s=generated_tokens / max(seconds, 1e-9),
+        )
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+
+def _read_shard(store: ArtifactStore, fp: str, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    d = store.load_checkpoint(STAGE, fp, shard_name(index))
+    records = [json.loads(line) for line in (d / "shard.jsonl").read_text(encoding="utf-8").splitlines()]
+    return records, json.loads((d / "stats.json").read_text(encoding="utf-8"))
+
+
+def _samples(pairs: list[dict[str, Any]], k: int = N_SAMPLES) -> list[dict[str, Any]]:
+    """k pairs spread evenly over the dataset, half from each domain when both have enough."""
+    by_domain = {d: [p for p in pairs if p["domain"] == d] for d in ("a", "b")}
+    n_b = min(len(by_domain["b"]), k - min(len(by_domain["a"]), k // 2))
+    n_a = min(len(by_domain["a"]), k - n_b)
+    out = []
+    for rows, n in ((by_domain["a"], n_a), (by_domain["b"], n_b)):
+        out.extend(rows[i * len(rows) // n] for i in range(n))
+    return out
+
+
+def run_paraphrase(
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: ArtifactStore,
+    progress: Progress,
+) -> ArtifactRef:
+    """Generate the missing shards, assemble the pairs dataset and commit it (or fail on too many rejects)."""
+    fp = _fingerprint(cfg, inputs)
+    n_shards = plan_shards(cfg, inputs, store)
+    done = set(store.list_checkpoints(STAGE, fp))
+    todo = [i for i in range(n_shards) if shard_name(i) not in done]
+    with progress.bar("shards", total=n_shards, initial=n_shards - len(todo), unit="shard") as bar:
+        for i in todo:
+            run_paraphrase_shard(cfg, inputs, store, i, progress)
+            bar.update(1)
+
+    pairs: list[dict[str, Any]] = []
+    counts = RejectionStats()
+    tokens, seconds = 0, 0.0
+    rejected_examples: dict[str, list[dict[str, str]]] = {r: [] for r in REASONS}
+    for i in range(n_shards):
+        records, shard_stats = _read_shard(store, fp, i)
+        tokens += shard_stats["generated_tokens"]
+        seconds += shard_stats["generation_seconds"]
+        counts.texts += shard_stats["texts"]
+        counts.kept += shard_stats["kept"]
+        counts.candidates += shard_stats["candidates"]
+        counts.reasons.update(shard_stats["rejection_reasons"])
+        for rec in records:
+            if rec["paraphrase"] is not None:
+                pairs.append({k: rec[k] for k in ("domain", "text", "paraphrase", "scores")})
+            for reason, cand in rec["rejected"]:
+                if len(rejected_examples[reason]) < REJECTED_EXAMPLES_PER_REASON:
+                    rejected_examples[reason].append({"text": rec["text"], "output": cand})
+
+    tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+    stats = {
+        **counts.as_dict(),
+        "pairs": len(pairs),
+        "pairs_per_domain": {d: sum(p["domain"] == d for p in pairs) for d in ("a", "b")},
+        "generated_tokens": tokens,
+        "generation_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens_per_second, 2),
+        "shards": n_shards,
+        "shards_generated": todo,
+        "shards_reused": [i for i in range(n_shards) if i not in todo],
+        "paraphraser": cfg.models.paraphraser,
+        "backend": cfg.paraphrase.backend,
+        "rejected_examples": {r: ex for r, ex in rejected_examples.items() if ex},
+    }
+    work: Path = store.workdir(STAGE, fp)
+    # Written before the checks: on failure the local stats.json shows what went wrong (never committed).
+    (work / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False), encoding="utf-8")
+    check_rejection_rate(counts, cfg.paraphrase.max_rejection_rate, STAGE)
+    if not pairs:
+        raise StageFailed(STAGE, f"no paraphrase survived the filters ({counts.texts} texts)")
+    with open(work / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for p in pairs:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    (work / "samples.json").write_text(
+        json.dumps(_samples(pairs), indent=1, ensure_ascii=False), encoding="utf-8"
+    )
+    metrics = {
+        "pairs": len(pairs),
+        "rejection_rate": stats["rejection_rate"],
+        "rejection_reasons": stats["rejection_reasons"],
+        "tokens_per_second": stats["tokens_per_second"],
+        "shards_generated": len(todo),
+    }
+    return store.commit(STAGE, fp, work, metrics)
