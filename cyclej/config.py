@@ -211,6 +211,9 @@ class RLConfig(StrictModel):
     discriminator_batch: int = Field(32, gt=0)
     discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")
     discriminator_trust_remote_code: bool = Field(True, description="NeoBERT ships its model code with the weights")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM's share of the GPU in RL (the policy and its optimizer need the rest)"
+    )
     backend: Literal["transformers", "vllm"] = "vllm"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every_steps: int = Field(10, gt=0)
