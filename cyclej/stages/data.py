@@ -156,7 +156,7 @@ def _read_domain(key: DomainKey, cfg: PipelineConfig) -> _Domain:
     dev = read_corpus(dcfg.dev, dcfg.text_field, limit, f"domain_{key}.dev") if dcfg.dev else []
     d = _Domain(key, dcfg, train, dev)
     d.stats["files"] = {"train": [str(f.path) for f in train], "dev": [str(f.path) for f in dev]}
-    d.stats["train"] = {"bad_utf8": sum(f.bad_utf8_lines for f in train)}
+    d.stats["train"] = {"bad_utf8": sum(f.bad_utf8_lines for f in train), "to_dev": 0, "capped": 0}
     d.stats["dev"] = {"source": "files", "bad_utf8": sum(f.bad_utf8_lines for f in dev)} if dev else {}
     return d
 
