@@ -1,0 +1,627 @@
+"""The trainer: one plain PyTorch loop shared by the `context`, `para_train` and `domain_train` stages.
+
+Read it top to bottom like nanoGPT's train.py:
+
+1. make the model trainable: LoRA on every attention and MLP projection (peft, "all-linear") plus the
+   marker tokens' embedding rows (`MarkerRows`), or every weight when `cfg.lora` is None;
+2. turn the examples into training sequences: packed into `seq_len` blocks (formats.pack/collate) or,
+   without packing, truncated and padded per micro-batch;
+3. resume from the newest complete checkpoint in the store, if there is one;
+4. for each optimizer step: the step's sequences come from a seeded permutation per epoch (so the data
+   position is just the step index), split into micro-batches whose summed token losses are divided by
+   the number of target tokens of the whole step (the micro-batch size does not change the math);
+   a CUDA out-of-memory error halves the micro-batch and retries the step from the state it started
+   with; clip, AdamW, warm-up + cosine LR; log a JSONL line; checkpoint every N steps / M minutes.
+
+Exactness: everything that decides the next update (trainable weights, AdamW moments, the scheduler,
+the python/numpy/torch RNGs, the step and the micro-batch) is in the checkpoint, and nothing else draws
+random numbers, so on CPU a run resumed at any step ends bit-identical to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from cyclej.config import TrainConfig
+from cyclej.errors import StageFailed
+from cyclej.faults import maybe_fault
+from cyclej.progress import Progress
+from cyclej.store import ArtifactStore
+
+log = logging.getLogger("cyclej")
+
+IGNORE_INDEX = -100
+CHECKPOINT_PREFIX = "step-"
+MARKER_ROWS_FILE = "marker_rows.safetensors"
+
+
+class TokenExample(Protocol):
+    """What the trainer reads from a `formats.Example` (and from a packed sequence)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+# ---- marker rows --------------------------------------------------------------------------------------
+
+
+class MarkerRows(nn.Module):
+    """Trainable copies of the marker tokens' rows of the input embedding (and of an untied lm_head),
+    spliced into the frozen matrices' outputs by forward hooks.
+
+    Not peft's `trainable_token_indices`: on an untied lm_head it computes `F.linear` without the bias
+    (GPT-J's lm_head has one) and it copies the whole embedding matrix at every forward; here only the
+    marker positions / logit columns are touched. With tied embeddings (Llama, SmolLM2) the one set of
+    rows serves both sides, as the tied matrix does.
+    """
+
+    def __init__(self, model: nn.Module, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        embed = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=embed.weight.device)
+        self.register_buffer("token_ids", ids, persistent=False)
+        # slot[token] = index of that token's row here, or -1: one gather finds the marker positions.
+        slot = torch.full((embed.weight.shape[0],), -1, dtype=torch.long, device=ids.device)
+        slot[ids] = torch.arange(len(ids), device=ids.device)
+        self.register_buffer("slot", slot, persistent=False)
+        # fp32 master copies whatever the model's dtype (like peft's adapter weights).
+        self.input_rows = nn.Parameter(embed.weight.detach()[ids].clone().float())
+        self.tied = head is None or head.weight is embed.weight
+        self.output_rows = None if self.tied else nn.Parameter(head.weight.detach()[ids].clone().float())
+        self._embed, self._head = embed, head
+        self._handles = [embed.register_forward_hook(self._embed_hook)]
+        if head is not None:
+            self._handles.append(head.register_forward_hook(self._head_hook))
+
+    def _embed_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        slot = self.slot[args[0]]
+        rows = self.input_rows.to(output.dtype)[slot.clamp(min=0)]
+        return torch.where((slot >= 0).unsqueeze(-1), rows, output)
+
+    def _head_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        hidden = args[0]
+        rows = self.input_rows if self.output_rows is None else self.output_rows
+        bias = module.bias[self.token_ids] if getattr(module, "bias", None) is not None else None
+        marker_logits = F.linear(hidden, rows.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+        return output.index_copy(output.dim() - 1, self.token_ids, marker_logits.to(output.dtype))
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors of `marker_rows.safetensors` (interfaces: token_ids, input/output_embeddings)."""
+        out = {"token_ids": self.token_ids.detach().cpu(), "input_embeddings": self.input_rows.detach().cpu()}
+        if self.output_rows is not None:
+            out["output_embeddings"] = self.output_rows.detach().cpu()
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def write_into_weights(self) -> None:
+        """Copy the trained rows into the model's matrices and remove the hooks (for merging/saving)."""
+        self._embed.weight[self.token_ids] = self.input_rows.to(self._embed.weight.dtype)
+        if self.output_rows is not None:
+            self._head.weight[self.token_ids] = self.output_rows.to(self._head.weight.dtype)
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def save_marker_rows(rows: MarkerRows, path: Path) -> None:
+    save_file(rows.state(), str(path))
+
+
+# ---- result ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """The trained model (peft-wrapped with LoRA; marker rows live in `marker_rows` until merged)."""
+
+    model: nn.Module
+    marker_rows: MarkerRows | None
+    trainable_state: dict[str, Tensor]
+    metrics: dict[str, Any]
+
+    def save_adapter(self, out_dir: Path) -> None:
+        """`adapter/` (peft save_pretrained) and `marker_rows.safetensors` into `out_dir` (interfaces)."""
+        if self.marker_rows is None or not hasattr(self.model, "peft_config"):
+            raise ValueError("save_adapter needs a LoRA run (cfg.lora set)")
+        # The vocabulary is the base's (markers were added by the context stage): no embedding copy.
+        self.model.save_pretrained(str(out_dir / "adapter"), save_embedding_layers=False)
+        save_marker_rows(self.marker_rows, out_dir / MARKER_ROWS_FILE)
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model: LoRA merged into the weights, marker rows written into the
+        embedding matrices. The result of this call replaces `model` (peft wrapper removed)."""
+        model = self.model.merge_and_unload() if hasattr(self.model, "peft_config") else self.model
+        if self.marker_rows is not None:
+            self.marker_rows.write_into_weights()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+# ---- the schedule and the data order --------------------------------------------------------------------
+
+
+def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
+    """LR multiplier for optimizer step `step` (1-based): linear warm-up, then cosine down to 0."""
+    warmup = round(warmup_ratio * max_steps)
+    if step <= warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Indices of the sequences of optimizer step `step` (0-based): positions step·B … step·B+B−1 of
+    the concatenation of one seeded permutation per epoch. No loader state beyond the step index."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(int(_epoch_permutation(seed, epoch, n)[i]))
+    return out
+
+
+# ---- batches and the loss -------------------------------------------------------------------------------
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """Packed sequences need per-example position ids (and the block-diagonal mask collate builds)."""
+    return "position_ids" in inspect.signature(_backbone(model).forward).parameters
+
+
+def pad_collate(batch: Sequence[TokenExample], pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Right-pad a micro-batch to its longest sequence (labels −100 and attention 0 on padding)."""
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, s in enumerate(batch):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class _Truncated:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def count_targets(seq: TokenExample) -> int:
+    """Tokens the loss is taken on (a label at position 0 has nothing before it to predict it)."""
+    return sum(1 for label in seq.labels[1:] if label != IGNORE_INDEX)
+
+
+def prepare_sequences(examples: Sequence[TokenExample], seq_len: int, packing: bool) -> list[Any]:
+    """Training sequences: packed blocks of `seq_len` tokens, or examples cut to `seq_len`."""
+    if packing:
+        from cyclej import formats
+
+        seqs: list[Any] = list(formats.pack(list(examples), seq_len))
+    else:
+        seqs = [_Truncated(list(e.input_ids[:seq_len]), list(e.labels[:seq_len])) for e in examples]
+    return [s for s in seqs if count_targets(s) > 0]
+
+
+def _collate(seqs: Sequence[Any], packing: bool, pad_token_id: int) -> dict[str, Tensor]:
+    if packing:
+        from cyclej import formats
+
+        return formats.collate(list(seqs))
+    return pad_collate(seqs, pad_token_id)
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The transformer body (GPTJModel, LlamaModel, …) under a peft wrapper or not."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    return inner.base_model
+
+
+def target_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """Summed cross-entropy over target tokens, and their count.
+
+    The LM head runs only on the positions that have a target: prompts and padding never get
+    vocabulary-sized logits (the bulk of the memory on short targets)."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = _backbone(model)(**inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    logits = inner.get_output_embeddings()(hidden[:, :-1][selected])
+    return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), int(selected.sum())
+
+
+def _real_tokens(batch: dict[str, Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return int(batch["input_ids"].numel())
+    return int(mask.sum())
+
+
+def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+# ---- RNG and checkpoint state ------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _LoopState:
+    """What the loop carries between steps besides weights and optimizer (state.json)."""
+
+    step: int = 0
+    micro_batch_size: int = 1
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    last_loss: float | None = None
+    dev_loss_before: float | None = None
+    dev_loss_last: float | None = None
+    oom_events: int = 0
+    resumed_from: list[str] = field(default_factory=list)
+
+
+class _Trainer:
+    """The loop's state in one place; `run()` is the whole algorithm."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        examples: Sequence[TokenExample],
+        dev_examples: Sequence[TokenExample],
+        cfg: TrainConfig,
+        store: ArtifactStore,
+        stage: str,
+        fingerprint: str,
+        marker_token_ids: Sequence[int],
+        progress: Progress,
+        metrics_path: Path | None,
+        pad_token_id: int,
+    ) -> None:
+        self.cfg, self.store, self.stage, self.fp = cfg, store, stage, fingerprint
+        self.progress, self.metrics_path, self.pad_token_id = progress, metrics_path, pad_token_id
+        self.device = next(model.parameters()).device
+        self.model, self.marker_rows = _make_trainable(model, cfg, marker_token_ids)
+        self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
+        self.params = list(self.named_trainable.values())
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda done: lr_factor(done + 1, cfg.max_steps, cfg.warmup_ratio)
+        )
+        self.packing = cfg.packing and supports_packing(self.model)
+        self.sequences = prepare_sequences(examples, cfg.seq_len, self.packing)
+        if not self.sequences:
+            raise StageFailed(stage, "no training sequence has a target token (empty or all-prompt examples)")
+        n_dev = cfg.eval_batches * cfg.micro_batch_size
+        self.dev_sequences = prepare_sequences(dev_examples, cfg.seq_len, self.packing)[:n_dev]
+        self.state = _LoopState(micro_batch_size=cfg.micro_batch_size)
+        self.last_checkpoint: str | None = None
+
+    # ---- logging ----
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints ----
+    def save_checkpoint(self) -> None:
+        name = f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        d = self.store.checkpoint_workdir(self.stage, self.fp, name)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.named_trainable.items()},
+                  str(d / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
+        torch.save(_rng_state(), d / "rng.pt")
+        (d / "state.json").write_text(json.dumps(self.state.__dict__))
+        if self.metrics_path is not None and self.metrics_path.is_file():
+            shutil.copyfile(self.metrics_path, d / "metrics.jsonl")
+        self.store.save_checkpoint(self.stage, self.fp, name, d, keep=self.cfg.keep_checkpoints)
+        self.last_checkpoint = name
+
+    def resume(self) -> None:
+        found = self.store.latest_checkpoint(self.stage, self.fp, prefix=CHECKPOINT_PREFIX)
+        if found is None:
+            return
+        name, d = found
+        saved = load_file(str(d / "trainable.safetensors"))
+        with torch.no_grad():
+            for key, param in self.named_trainable.items():
+                param.copy_(saved[key])
+        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(d / "scheduler.pt"))
+        _set_rng_state(torch.load(d / "rng.pt"))
+        self.state = _LoopState(**json.loads((d / "state.json").read_text()))
+        if self.metrics_path is not None:
+            if (d / "metrics.jsonl").is_file():
+                shutil.copyfile(d / "metrics.jsonl", self.metrics_path)
+            else:
+                self.metrics_path.unlink(missing_ok=True)
+        self.state.resumed_from.append(name)
+        self.last_checkpoint = name
+        log.info("%s: resuming from checkpoint %s (step %d, micro-batch %d)",
+                 self.stage, name, self.state.step, self.state.micro_batch_size)
+        self._log({"event": "resume", "step": self.state.step, "checkpoint": name,
+                   "micro_batch": self.state.micro_batch_size})
+
+    # ---- evaluation ----
+    @torch.no_grad()
+    def dev_loss(self) -> float | None:
+        if not self.dev_sequences:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for chunk in _chunks(self.dev_sequences, self.state.micro_batch_size):
+            batch = _to(_collate(chunk, self.packing, self.pad_token_id), self.device)
+            with _autocast(self.cfg.precision, self.device):
+                loss_sum, n = target_loss_sum(self.model, batch)
+            total, count = total + float(loss_sum), count + n
+        self.model.train()
+        return total / max(1, count)
+
+    # ---- one optimizer step ----
+    def train_step(self, batch_seqs: list[Any], step_no: int) -> dict[str, float]:
+        """Forward/backward over micro-batches, then clip and update. Raises OutOfMemoryError with
+        `self.updating` telling whether the weights may already have been touched."""
+        targets = sum(count_targets(s) for s in batch_seqs)
+        loss_total, tokens = 0.0, 0
+        self.updating = False
+        for chunk in _chunks(batch_seqs, self.state.micro_batch_size):
+            batch = _to(_collate(chunk, self.packing, self.pad_token_id), self.device)
+            with _autocast(self.cfg.precision, self.device):
+                loss_sum, _ = target_loss_sum(self.model, batch)
+            # Normalised by the step's target tokens: the gradient is the same for any micro-batch split.
+            (loss_sum / targets).backward()
+            loss_total += float(loss_sum.detach())
+            tokens += _real_tokens(batch)
+        maybe_fault(self.stage, step_no)
+        self.updating = True
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updating = False
+        return {"loss": loss_total / targets, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        """The state a step starts from, to retry it after an OOM in the update itself. Only for LoRA
+        (a few MB); a full fine-tune would double its memory for it."""
+        rng = _rng_state()
+        if self.marker_rows is None and not hasattr(self.model, "peft_config"):
+            return {"rng": rng}
+        return {
+            "rng": rng,
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _restore(self, snap: dict[str, Any], step_no: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.updating:
+            if "params" not in snap:
+                raise StageFailed(
+                    self.stage,
+                    f"out of memory inside the optimizer update of step {step_no} (full fine-tuning keeps no "
+                    "in-memory copy to retry from); rerun to resume, or lower the micro-batch/seq_len",
+                    self.last_checkpoint,
+                )
+            with torch.no_grad():
+                for p, saved in zip(self.params, snap["params"], strict=True):
+                    p.copy_(saved)
+            self.optimizer.load_state_dict(snap["optimizer"])
+            self.scheduler.load_state_dict(snap["scheduler"])
+        _set_rng_state(snap["rng"])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _halve_micro_batch(self, step_no: int, exc: BaseException) -> None:
+        old = self.state.micro_batch_size
+        if old <= 1:
+            raise StageFailed(
+                self.stage,
+                f"out of memory at micro-batch 1 (step {step_no}, seq_len {self.cfg.seq_len}, precision "
+                f"{self.cfg.precision}): lower {self.stage}.seq_len, or set {self.stage}.precision: bf16, "
+                "or use a GPU with more memory",
+                self.last_checkpoint,
+            ) from exc
+        self.state.micro_batch_size = old // 2
+        self.state.oom_events += 1
+        accumulation = math.ceil(self.cfg.batch_size / self.state.micro_batch_size)
+        log.warning("%s: out of memory at step %d; micro-batch %d → %d, accumulation %d (effective batch %d)",
+                    self.stage, step_no, old, self.state.micro_batch_size, accumulation, self.cfg.batch_size)
+        self._log({"event": "oom", "step": step_no, "micro_batch": self.state.micro_batch_size,
+                   "previous_micro_batch": old, "accumulation": accumulation,
+                   "effective_batch": self.cfg.batch_size})
+
+    # ---- the loop ----
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.resume()
+        if self.state.step == 0 and not self.state.resumed_from:
+            self.state.dev_loss_before = self.dev_loss()
+            self.state.dev_loss_last = self.state.dev_loss_before
+            self._log({"event": "eval", "step": 0, "dev_loss": self.state.dev_loss_before})
+        self.model.train()
+        last_save = time.monotonic()
+        with self.progress.bar("train", total=cfg.max_steps, initial=self.state.step) as bar:
+            while self.state.step < cfg.max_steps:
+                step_no = self.state.step + 1
+                batch_seqs = [self.sequences[i] for i in
+                              step_indices(self.state.step, cfg.batch_size, len(self.sequences), cfg.seed)]
+                snapshot = self._snapshot()
+                started = time.perf_counter()
+                while True:
+                    try:
+                        stats = self.train_step(batch_seqs, step_no)
+                        break
+                    except torch.OutOfMemoryError as exc:
+                        self._restore(snapshot, step_no)
+                        self._halve_micro_batch(step_no, exc)
+                seconds = time.perf_counter() - started
+                self.state.step = step_no
+                self.state.tokens_seen += int(stats["tokens"])
+                self.state.train_seconds += seconds
+                self.state.last_loss = stats["loss"]
+                record = {
+                    "event": "train", "step": step_no, "loss": stats["loss"], "lr": stats["lr"],
+                    "grad_norm": stats["grad_norm"], "tokens": int(stats["tokens"]),
+                    "tokens_per_s": stats["tokens"] / max(seconds, 1e-9),
+                    "micro_batch": self.state.micro_batch_size,
+                    "accumulation": math.ceil(cfg.batch_size / self.state.micro_batch_size),
+                }
+                if step_no % cfg.eval_every_steps == 0 or step_no == cfg.max_steps:
+                    self.state.dev_loss_last = self.dev_loss()
+                    record["dev_loss"] = self.state.dev_loss_last
+                self._log(record)
+                bar.update(1, loss=stats["loss"], lr=stats["lr"], mb=self.state.micro_batch_size)
+                due = time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60
+                if step_no % cfg.checkpoint_every_steps == 0 or due or step_no == cfg.max_steps:
+                    self.save_checkpoint()
+                    last_save = time.monotonic()
+        return TrainResult(
+            model=self.model,
+            marker_rows=self.marker_rows,
+            trainable_state={k: v.detach().clone() for k, v in self.named_trainable.items()},
+            metrics=self.metrics(),
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "steps": s.step,
+            "final_train_loss": s.last_loss,
+            "dev_loss_before": s.dev_loss_before,
+            "dev_loss_after": s.dev_loss_last,
+            "tokens_seen": s.tokens_seen,
+            "tokens_per_s": s.tokens_seen / s.train_seconds if s.train_seconds else None,
+            "micro_batch_size": s.micro_batch_size,
+            "effective_batch": self.cfg.batch_size,
+            "oom_events": s.oom_events,
+            "resumed_from": list(s.resumed_from),
+            "packing": self.packing,
+            "train_sequences": len(self.sequences),
+            "trainable_parameters": sum(p.numel() for p in self.params),
+        }
+
+
+def _make_trainable(model: nn.Module, cfg: TrainConfig, marker_token_ids: Sequence[int]
+                    ) -> tuple[nn.Module, MarkerRows | None]:
+    """LoRA + marker rows, or every weight (full fine-tuning) when `cfg.lora` is None."""
+    if cfg.lora is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, None
+    from peft import LoraConfig, get_peft_model
+
+    # LoRA's A matrices are drawn from the torch RNG: seed it so every run starts from the same adapter.
+    torch.manual_seed(cfg.seed)
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    rows = MarkerRows(model, marker_token_ids) if cfg.lora.train_marker_rows and marker_token_ids else None
+    return get_peft_model(model, lora), rows
+
+
+def _trainable_parameters(model: nn.Module, rows: MarkerRows | None) -> dict[str, nn.Parameter]:
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if rows is not None:
+        named["marker_rows.input_embeddings"] = rows.input_rows
+        if rows.output_rows is not None:
+            named["marker_rows.output_embeddings"] = rows.output_rows
+    return named
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(
+    model: nn.Module,
+    examples: Sequence[TokenExample],
+    cfg: TrainConfig,
+    *,
+    store: ArtifactStore,
+    stage: str,
+    fingerprint: str,
+    marker_token_ids: Sequence[int] = (),
+    dev_examples: Sequence[TokenExample] = (),
+    progress: Progress | None = None,
+    metrics_path: Path | None = None,
+    pad_token_id: int = 0,
+) -> TrainResult:
+    """Train `model` (already on its device) on `examples`; resume from / checkpoint to
+    `store` under `<stage>/<fingerprint>/checkpoints/step-NNNNNNNN`.
+
+    `metrics_path`: the JSONL log (one "train" record per step, "eval", "resume" and "oom" events).
+    Returns the trained model (peft-wrapped with LoRA), the marker rows, the final trainable tensors
+    and summary metrics (final train loss, dev loss before/after, steps, tokens/s, …).
+    """
+    trainer = _Trainer(
+        model, examples, dev_examples, cfg, store, stage, fingerprint, marker_token_ids,
+        progress or Progress(stage, show_bar=False), metrics_path, pad_token_id,
+    )
+    return trainer.run()
