@@ -120,6 +120,8 @@ class ArtifactStore:
                 opts["secret"] = storage.secret.get_secret_value()
             # Fresh listings every time: another worker may have committed an artifact meanwhile.
             opts["use_listings_cache"] = False
+            # Fail in seconds, not minutes, when the endpoint is down; botocore still retries throttling.
+            opts["config_kwargs"] = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
         return cls(storage.root, opts, storage.cache_dir)
 
     # ---- paths --------------------------------------------------------------------------------

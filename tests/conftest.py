@@ -29,3 +29,72 @@ def cyclej_cache(monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Path:
     """CYCLEJ_CACHE points at the session cache, never at the user's home."""
     monkeypatch.setenv("CYCLEJ_CACHE", str(model_cache))
     return model_cache
+
+
+# ---- a real S3 endpoint on loopback (moto server), spoken to through s3fs ------------------------
+S3_KEY, S3_SECRET = "testing-key", "testing-secret"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> str:
+    """AWS_* variables pointing at the moto server (credentials moto accepts)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    return s3_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_env: str) -> str:
+    """A fresh bucket; returns its s3:// URI."""
+    import uuid
+
+    import s3fs
+
+    name = f"cyclej-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env}, use_listings_cache=False)
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+# ---- real Prefect: the test harness (a temporary local server + SQLite) for the whole session ------
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    import os
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_run_states(flow_run_id: object) -> dict[str, str]:
+    """name → state name ('Completed', 'Cached', 'Failed', …) of the task runs of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs if r.state is not None}
