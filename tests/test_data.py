@@ -280,3 +280,17 @@ def test_dev_file_with_nothing_new(tmp_path: Path) -> None:
 def test_read_corpus_names_the_config_entry(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match=r"^domain_b\.dev: .*gone\.txt: no such file"):
         read_corpus([str(tmp_path / "gone.txt")], "text", 0.01, "domain_b.dev")
+
+
+def test_run_data_on_s3_and_read_back_from_another_machine(tmp_path: Path, s3_bucket: str) -> None:
+    """The artifact lands in a real S3 endpoint (moto on loopback); a store with an empty cache reads it."""
+    a = _write(tmp_path / "a.txt", _lines("bad", 20))
+    b = _write(tmp_path / "b.txt", _lines("good", 20))
+    cfg = _config(tmp_path, [str(a)], [str(b)], storage={"root": f"{s3_bucket}/runs", "cache_dir": str(tmp_path / "c1")})
+    store, ref = _run(cfg)
+    assert ref.uri.startswith("s3://")
+    other = ArtifactStore.from_config(cfg.storage.model_copy(update={"cache_dir": str(tmp_path / "c2")}))
+    assert other.exists("data", ref.fingerprint)
+    lines = read_lines(other, ref, "b", "train") + read_lines(other, ref, "b", "dev")
+    assert sorted(lines) == sorted(_lines("good", 20))
+    assert json.loads(other.read_text(ref, "stats.json"))["b"]["train"]["to_dev"] == 2
