@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej.errors import BadInput
+from cyclej.formats import rl_prompt
 from cyclej.modeling import load_model
 
 Domain = Literal["a", "b"]
@@ -171,16 +172,12 @@ def translate_with_model(
         raise BadInput(f"--to {to}: choose a or b")
     marker_ids = tokenizer.convert_tokens_to_ids(list(markers))
     src_id, tgt_id = (marker_ids[0], marker_ids[1]) if to == "b" else (marker_ids[1], marker_ids[0])
-    prompts = [_rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
+    prompts = [rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
     completions = _greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
     return [_one_line(tokenizer.decode(c, skip_special_tokens=True)) for c in completions]
 
 
-# TEMPORARY until cyclej.formats / cyclej.generate land.
-def _rl_prompt(tokenizer: PreTrainedTokenizerBase, src_id: int, text: str, tgt_id: int) -> list[int]:
-    return [src_id, *tokenizer(text, add_special_tokens=False).input_ids, tgt_id]
-
-
+# TEMPORARY until cyclej.generate lands.
 @torch.no_grad()
 def _greedy(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], max_new_tokens: int,

@@ -55,7 +55,7 @@ def test_direction_sets_the_markers(tiny_model_dir: Path) -> None:
     model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
     a_id, b_id = tok.convert_tokens_to_ids(list(MARKERS))
     line = LINES[0]
-    ids = torch.tensor([[a_id, *tok(line, add_special_tokens=False).input_ids, b_id]])
+    ids = torch.tensor([[a_id, *tok(line, add_special_tokens=False, split_special_tokens=True).input_ids, b_id]])
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

@@ -1,0 +1,180 @@
+"""Stage `eval`: what each stage adds, measured on the dev sets of both domains.
+
+Rows: the copy-the-input baseline, INTERMEDIATE-2A (the context model with the paraphrase adapter and its
+trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL model). Metrics and the J
+definition: cyclej.evaluate. The artifact holds report.md, report.csv, examples.jsonl, the PNG plots,
+metrics.json (the table as a list of dicts, for the UI) and model_card.md; the card is also written as
+README.md (with cyclej.json) into the final model's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cyclej.config import PipelineConfig
+from cyclej.corpus import read_corpus
+from cyclej.errors import BadInput
+from cyclej.evaluate import (
+    SYSTEM_2A,
+    SYSTEM_3,
+    SYSTEM_COPY,
+    SYSTEM_RL,
+    EvalReport,
+    System,
+    copy_system,
+    evaluate,
+    read_jsonl,
+)
+from cyclej.model_card import write_model_card
+from cyclej.modeling import load_model
+from cyclej.progress import Progress
+from cyclej.stages.data import read_lines
+from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.translate import ModelTranslator, local_model_dir
+
+MARKER_ROWS = "marker_rows.safetensors"
+
+
+# ---- INTERMEDIATE-2A on the fly ------------------------------------------------------------------------
+def load_adapter_model(
+    base_dir: str | Path, adapter_artifact: str | Path, markers: tuple[str, str]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
+    """The base (INTERMEDIATE-1) with a `para_train`/`domain_train` artifact applied: its final marker rows
+    written into the embeddings, then its LoRA merged into the weights (peft `merge_and_unload`)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    artifact = Path(adapter_artifact)
+    adapter_dir = artifact / "adapter" if (artifact / "adapter").is_dir() else artifact
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise BadInput(f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)")
+    model, tokenizer = load_model(str(base_dir), markers=list(markers))
+    rows_file = next((p for p in (artifact / MARKER_ROWS, adapter_dir / MARKER_ROWS) if p.is_file()), None)
+    if rows_file is not None:
+        rows = load_file(str(rows_file))
+        ids = rows["token_ids"].long()
+        with torch.no_grad():
+            inp = model.get_input_embeddings().weight
+            inp[ids] = rows["input_embeddings"].to(inp.dtype)
+            out = model.get_output_embeddings()
+            if "output_embeddings" in rows and out is not None and out.weight.data_ptr() != inp.data_ptr():
+                out.weight[ids] = rows["output_embeddings"].to(out.weight.dtype)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    return model, tokenizer, markers
+
+
+def pipeline_systems(
+    context_model: Path, para_artifact: Path, merge_model: Path, rl_model: Path, cfg: PipelineConfig
+) -> dict[str, System | str | Path]:
+    """The four rows, each model loaded only when its turn comes."""
+    markers = (cfg.domain_a.marker, cfg.domain_b.marker)
+    return {
+        SYSTEM_COPY: copy_system,
+        SYSTEM_2A: ModelTranslator(
+            loader=lambda: load_adapter_model(context_model, para_artifact, markers),
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        ),
+        SYSTEM_3: merge_model,
+        SYSTEM_RL: rl_model,
+    }
+
+
+# ---- dev sets ------------------------------------------------------------------------------------------
+def eval_dev_sets(
+    cfg: PipelineConfig, store: ArtifactStore, data: ArtifactRef
+) -> tuple[list[str], list[str], dict[Literal["a", "b"], list[str]] | None]:
+    """The cleaned dev sets of the data artifact; with `eval.references`, the users' dev files read as
+    line-aligned pairs instead (pairs with an empty side dropped), each side the other's reference."""
+    if not cfg.eval.references:
+        return read_lines(store, data, "a", "dev"), read_lines(store, data, "b", "dev"), None
+    if not cfg.domain_a.dev or not cfg.domain_b.dev:
+        raise BadInput("eval.references: set domain_a.dev and domain_b.dev to the line-aligned dev files")
+    sides = []
+    for key, dom in (("domain_a", cfg.domain_a), ("domain_b", cfg.domain_b)):
+        files = read_corpus(dom.dev, dom.text_field, cfg.data.max_bad_utf8_fraction, f"{key}.dev")
+        sides.append([" ".join(line.split()) for f in files for line in f.lines])
+    if len(sides[0]) != len(sides[1]):
+        raise BadInput(
+            f"eval.references: domain_a.dev has {len(sides[0])} lines and domain_b.dev {len(sides[1])}; "
+            "line-aligned dev files must have the same number of lines (or set eval.references: false)"
+        )
+    pairs = [(x, y) for x, y in zip(sides[0], sides[1], strict=True) if x and y]
+    dev_a, dev_b = [x for x, _ in pairs], [y for _, y in pairs]
+    return dev_a, dev_b, {"a": dev_b, "b": dev_a}
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+def run_eval(
+    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
+) -> ArtifactRef:
+    from cyclej.stages import stage_fingerprint
+
+    fp = stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in inputs.items()})
+    out = store.workdir("eval", fp)
+    data = inputs["data"]
+    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
+    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
+    rl_artifact = store.fetch(inputs["rl"])
+    systems = pipeline_systems(
+        store.fetch(inputs["context"]) / "model",
+        store.fetch(inputs["para_train"]),
+        store.fetch(inputs["merge"]) / "model",
+        rl_artifact / "model",
+        cfg,
+    )
+    report = evaluate(
+        systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress,
+        rl_log=read_jsonl(rl_artifact / "metrics.jsonl"),
+    )
+    report.write(out)
+    stats = json.loads((store.fetch(data) / "stats.json").read_text(encoding="utf-8"))
+    card = _model_card(report, cfg, stats, rl_artifact / "model", store, inputs["rl"])
+    shutil.copyfile(card, out / "model_card.md")
+    return store.commit("eval", fp, out, metrics=summary_metrics(report))
+
+
+def summary_metrics(report: EvalReport) -> dict[str, Any]:
+    """The few numbers the ArtifactRef carries (the full table is in metrics.json)."""
+    out: dict[str, Any] = {"judge_dev_accuracy": round(report.judge_dev_accuracy, 4)}
+    for row in report.rows:
+        out[f"J/{row['system']}"] = round(row["J"], 4)
+    return out
+
+
+def _model_card(
+    report: EvalReport, cfg: PipelineConfig, stats: dict[str, Any], model_dir: Path, store: ArtifactStore,
+    rl_ref: ArtifactRef,
+) -> Path:
+    """README.md + cyclej.json into the final model's folder. For a local store that folder is the rl
+    artifact itself; for a remote one they are also uploaded beside its weights (extra files, outside the
+    manifest: the weights and their checksums are untouched)."""
+    extra = f"\nJudge dev accuracy: {report.judge_dev_accuracy:.4f}. {report.j_definition}\n"
+    card = write_model_card(model_dir, cfg, report.table_markdown(), stats, extra_md=extra)
+    if not store.is_local:
+        for name in ("README.md", "cyclej.json"):
+            store.fs.put_file(str(model_dir / name), f"{rl_ref.uri}/model/{name}")
+    return card
+
+
+# ---- `cyclej eval --model URI CONFIG` --------------------------------------------------------------------
+def evaluate_model_dir(
+    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
+) -> EvalReport:
+    """The report for any model directory (or artifact URI) on the config's data: the copy baseline and
+    that model. The `data` stage comes from the store's cache (or runs)."""
+    from cyclej.stages import run_stage
+
+    data = run_stage("data", cfg, {}, store, progress)
+    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
+    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
+    local = local_model_dir(str(model_dir), store.storage_options if not store.is_local else None)
+    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, Path(str(model_dir)).name: local}
+    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)

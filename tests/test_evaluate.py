@@ -1,0 +1,251 @@
+"""Evaluation: the style judge, the metrics on hand-made systems, J, and the eval stage's report files
+on tiny models built here (context model, a real PEFT adapter with marker rows, merge and RL models)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cyclej.config import PipelineConfig, load_config
+from cyclej.evaluate import (
+    FLUENCY_PERCENTILE,
+    SYSTEM_2A,
+    SYSTEM_3,
+    SYSTEM_COPY,
+    SYSTEM_RL,
+    EvalReport,
+    copy_system,
+    evaluate,
+    fluency_threshold,
+    j_score,
+    sentence_perplexity,
+)
+from cyclej.judge import StyleJudge, train_judge
+from cyclej.modeling import load_model, save_model
+from cyclej.progress import Progress
+from cyclej.stages.eval import load_adapter_model, run_eval
+from cyclej.store import ArtifactRef, ArtifactStore
+
+SAMPLE = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
+MARKERS = ("<|A|>", "<|B|>")
+
+
+def _lines(name: str) -> list[str]:
+    return [x.strip() for x in (SAMPLE / name).read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def yelp() -> dict[str, list[str]]:
+    return {"train_a": _lines("train.0"), "train_b": _lines("train.1"), "dev_a": _lines("dev.0"),
+            "dev_b": _lines("dev.1")}
+
+
+@pytest.fixture(scope="module")
+def judge(yelp: dict[str, list[str]]) -> StyleJudge:
+    return train_judge(yelp["train_a"], yelp["train_b"], yelp["dev_a"], yelp["dev_b"])
+
+
+def _tiny_cfg(tmp_path: Path, max_examples: int = 16) -> PipelineConfig:
+    cfg = load_config(preset="tiny", storage=str(tmp_path / "store"))
+    cfg.eval.max_examples = max_examples
+    cfg.eval.max_new_tokens = 8
+    return cfg
+
+
+def test_judge_is_well_above_chance_on_yelp(judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
+    print(f"style judge dev accuracy on the Yelp sample: {judge.dev_accuracy:.4f} "
+          f"(negative {judge.dev_accuracy_a:.4f}, positive {judge.dev_accuracy_b:.4f})")
+    assert judge.dev_accuracy > 0.75
+    assert judge.dev_accuracy_a > 0.75 and judge.dev_accuracy_b > 0.75
+    assert judge.predict(["the food was amazing and the staff were wonderful !"]) == ["b"]
+    assert judge.predict(["the food was cold and the staff were rude ."]) == ["a"]
+    pooled = (sum(judge.accuracy(yelp["dev_a"], "a")) + sum(judge.accuracy(yelp["dev_b"], "b"))) / (
+        len(yelp["dev_a"]) + len(yelp["dev_b"]))
+    assert judge.dev_accuracy == pytest.approx(pooled)
+
+
+def test_j_definition_pinned() -> None:
+    # acc × max(0, sim) × fluent, averaged over sentences: only the first sentence counts fully.
+    acc = [1.0, 1.0, 0.0, 1.0, 1.0]
+    sim = [0.5, -0.2, 0.9, 1.0, 0.8]
+    fluent = [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert j_score(acc, sim, fluent) == pytest.approx((0.5 + 0.0 + 0.0 + 0.0 + 0.8) / 5)
+    assert j_score([], [], []) == 0.0
+    # The threshold: the 90th percentile of real sentences' perplexities (empty sentences ignored).
+    nlls = [(math.log(p) * 3, 3) for p in range(1, 11)] + [(0.0, 0)]
+    assert [round(sentence_perplexity(x), 6) for x in nlls[:3]] == [1.0, 2.0, 3.0]
+    assert sentence_perplexity((0.0, 0)) == math.inf
+    assert fluency_threshold(nlls) == pytest.approx(float(np.percentile(range(1, 11), FLUENCY_PERCENTILE)))
+
+
+def test_copy_and_oracle_systems(tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
+    cfg = _tiny_cfg(tmp_path, max_examples=32)
+    dev_a, dev_b = yelp["dev_a"], yelp["dev_b"]
+    index = {line: i for i, line in enumerate(dev_a)} | {line: i for i, line in enumerate(dev_b)}
+
+    def oracle(lines: list[str], to: str) -> list[str]:
+        """Returns a real sentence of the target domain's dev set (the one with the same index)."""
+        target = dev_b if to == "b" else dev_a
+        return [target[index[x]] for x in lines]
+
+    report = evaluate({"copy": copy_system, "oracle": oracle}, dev_a, dev_b, yelp["train_a"], yelp["train_b"],
+                      cfg, judge=judge)
+    copy, orc = report.rows
+    n = cfg.eval.max_examples
+    assert copy["n"] == orc["n"] == 2 * n
+    assert copy["self_bleu"] == pytest.approx(100.0)
+    assert copy["cycle_bleu"] == pytest.approx(100.0)
+    assert copy["similarity"] == pytest.approx(1.0, abs=1e-4)
+    # A copy is in the target style exactly where the judge is wrong about the source.
+    judge_errors = 2 * n - sum(judge.accuracy(dev_a[:n], "a")) - sum(judge.accuracy(dev_b[:n], "b"))
+    assert copy["style_acc"] == pytest.approx(judge_errors / (2 * n))
+    assert copy["style_acc"] < 0.25
+    # Real dev text at or below the 90th-percentile threshold: about 90 % of the copies are "fluent".
+    assert 0.85 <= copy["fluent"] <= 0.95
+    assert orc["style_acc"] > 0.8
+    # Back to the source by index (a few dev sentences occur in both domains, so not always exactly).
+    assert orc["self_bleu"] < 20 and orc["cycle_bleu"] > 90
+    assert orc["J"] > copy["J"]
+    assert copy["ref_bleu"] is None
+    by_dir = {(r["system"], r["direction"]): r for r in report.direction_rows}
+    assert set(by_dir) == {(s, d) for s in ("copy", "oracle") for d in ("a->b", "b->a")}
+
+    # J in the table is the definition applied to the per-sentence scores in examples.jsonl.
+    report.write(tmp_path / "out")
+    examples = [json.loads(x) for x in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 2 * n
+    for name, row in (("copy", copy), ("oracle", orc)):
+        per = [ex["systems"][name] for ex in examples]
+        j = np.mean([float(p["style_ok"]) * max(0.0, p["similarity"])
+                     * float(p["perplexity"] is not None and p["perplexity"] <= report.fluency_threshold)
+                     for p in per])
+        assert row["J"] == pytest.approx(j, abs=2e-4)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert f"Judge dev accuracy: {judge.dev_accuracy:.4f}" in text and "J = mean over" in text
+
+
+def test_reference_bleu_with_aligned_dev(tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
+    cfg = _tiny_cfg(tmp_path, max_examples=8)
+    dev_a, dev_b = yelp["dev_a"][:8], yelp["dev_b"][:8]
+    perfect = {**dict(zip(dev_a, dev_b, strict=True)), **dict(zip(dev_b, dev_a, strict=True))}
+    report = evaluate({"perfect": lambda xs, to: [perfect[x] for x in xs]}, dev_a, dev_b, yelp["train_a"],
+                      yelp["train_b"], cfg, references={"a": dev_b, "b": dev_a}, judge=judge)
+    assert report.rows[0]["ref_bleu"] == pytest.approx(100.0)
+
+
+# ---- the eval stage on hand-built tiny artifacts ----------------------------------------------------------
+def _perturbed_copy(src: Path, out: Path, seed: int) -> Path:
+    model, tok = load_model(str(src), markers=list(MARKERS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return save_model(model, tok, out)
+
+
+def _para_artifact(context_model: Path, out: Path) -> Path:
+    """A real PEFT LoRA adapter (random, non-zero B) + the marker rows file, as para_train writes them."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    model, tok = load_model(str(context_model), markers=list(MARKERS))
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out / "adapter")
+    ids = torch.tensor(tok.convert_tokens_to_ids(list(MARKERS)), dtype=torch.int64)
+    d = model.get_input_embeddings().weight.shape[1]
+    save_file({"token_ids": ids, "input_embeddings": torch.randn(2, d), "output_embeddings": torch.randn(2, d)},
+              str(out / "marker_rows.safetensors"))
+    (out / "metrics.json").write_text("{}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hand-built")
+    model, tok = load_model("tiny-gptj", markers=list(MARKERS))
+    context = save_model(model, tok, root / "context" / "model")
+    para = _para_artifact(context, root / "para_train")
+    merge = _perturbed_copy(context, root / "merge" / "model", seed=2).parent
+    rl = _perturbed_copy(context, root / "rl" / "model", seed=3).parent
+    with open(rl / "metrics.jsonl", "w") as f:
+        for step in range(1, 6):
+            f.write(json.dumps({"step": step, "reward/mean": 0.1 * step, "reward/cycle": 0.05 * step,
+                                "loss": 1.0 / step}) + "\n")
+    return {"context": context.parent, "para_train": para, "merge": merge, "rl": rl}
+
+
+def test_adapter_model_applies_marker_rows_and_lora(artifacts: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    base, tok = load_model(str(artifacts["context"] / "model"), markers=list(MARKERS))
+    with_adapter, tok2, _ = load_adapter_model(artifacts["context"] / "model", artifacts["para_train"], MARKERS)
+    rows = load_file(str(artifacts["para_train"] / "marker_rows.safetensors"))
+    ids = rows["token_ids"]
+    assert torch.equal(with_adapter.get_input_embeddings().weight[ids], rows["input_embeddings"])
+    assert torch.equal(with_adapter.get_output_embeddings().weight[ids], rows["output_embeddings"])
+    x = torch.tensor([tok("good food .").input_ids])
+    with torch.no_grad():
+        assert not torch.allclose(base(x).logits, with_adapter(x).logits)
+    assert not any("lora" in n for n, _ in with_adapter.named_parameters())  # merged, plain model
+
+
+def test_run_eval_writes_the_report_with_four_rows(
+    tmp_path: Path, artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cyclej.stages import run_stage, stage_fingerprint
+
+    cfg = _tiny_cfg(tmp_path, max_examples=6)
+    store = ArtifactStore(cfg.storage.root)
+    refs: dict[str, ArtifactRef] = {"data": run_stage("data", cfg, {}, store, Progress(show_bar=False))}
+    for stage, path in artifacts.items():
+        refs[stage] = store.commit(stage, f"hand-{stage}", path)
+
+    ref = run_eval(cfg, refs, store, Progress(show_bar=False))
+    assert ref.fingerprint == stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in refs.items()})
+    out = store.fetch(ref)
+    for name in ("report.md", "report.csv", "examples.jsonl", "metrics.json", "model_card.md",
+                 "metrics_by_stage.png", "rl_rewards.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    systems = [SYSTEM_COPY, SYSTEM_2A, SYSTEM_3, SYSTEM_RL]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["system"] for r in metrics["table"]] == systems
+    assert len(metrics["per_direction"]) == 8
+    assert all(set(r) >= {"style_acc", "self_bleu", "similarity", "perplexity", "fluent", "cycle_bleu", "J"}
+               for r in metrics["table"])
+    assert 0.0 <= metrics["judge_dev_accuracy"] <= 1.0
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["system"] for r in rows if r["direction"] == "overall"] == systems
+    md = (out / "report.md").read_text()
+    assert all(f"| {s} |" in md for s in systems) and "Judge dev accuracy" in md
+    examples = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 12
+    assert set(examples[0]["systems"]) == set(systems)
+    assert all({"translation", "back_translation"} <= set(v) for v in examples[0]["systems"].values())
+    # The copy row is exact; the models' rows are real translations, not copies.
+    assert metrics["table"][0]["self_bleu"] == pytest.approx(100.0)
+    assert metrics["table"][3]["self_bleu"] < 100.0
+    assert ref.metrics["judge_dev_accuracy"] == pytest.approx(metrics["judge_dev_accuracy"], abs=1e-4)
+    # The model card sits in the final model's folder too.
+    card = (store.fetch(refs["rl"]) / "model" / "README.md").read_text()
+    assert "AutoModelForCausalLM" in card and "vllm" in card.lower() and "<|A|>" in card and SYSTEM_RL in card
+    assert "rl:" in card and "negative" in card
+
+
+def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    from cyclej.stages.eval import evaluate_model_dir
+
+    cfg = _tiny_cfg(tmp_path, max_examples=4)
+    store = ArtifactStore(cfg.storage.root)
+    report = evaluate_model_dir(artifacts["rl"], cfg, store)
+    assert isinstance(report, EvalReport)
+    assert [r["system"] for r in report.rows] == [SYSTEM_COPY, "rl"]
+    assert report.rows[0]["self_bleu"] == pytest.approx(100.0)
