@@ -16,7 +16,9 @@ from cyclej.formats import (
     bucket,
     collate,
     domain_example,
+    domain_examples,
     encode_text,
+    encode_texts,
     pack,
     para_examples,
     rl_prompt,
@@ -70,6 +72,13 @@ def test_domain_example_layout(tokenizer) -> None:  # type: ignore[no-untyped-de
     ex = domain_example(tokenizer, DB, TEXT)
     assert ex.input_ids == [DB, 262, 337, 296, 579, 349, EOS]
     assert ex.labels == [X, 262, 337, 296, 579, 349, EOS]
+
+
+def test_domain_examples_batch_equals_one_by_one(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    texts = [TEXT, PARA, "a <|B|> c", ""]
+    assert domain_examples(tokenizer, DA, texts) == [domain_example(tokenizer, DA, t) for t in texts]
+    assert encode_texts(tokenizer, [TEXT, PARA]) == [TEXT_IDS, PARA_IDS]
+    assert encode_texts(tokenizer, []) == []
 
 
 def test_rl_prompt_layout(tokenizer) -> None:  # type: ignore[no-untyped-def]
