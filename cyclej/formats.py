@@ -223,15 +223,20 @@ def block_causal_mask(
 def collate(
     batch: Sequence[PackedSequence],
     pad_id: int = 0,
-    four_d_mask: bool = True,
+    four_d_mask: bool | None = True,
     mask_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """Right-padded tensors for a model's forward: input_ids, labels (IGNORE_INDEX on padding),
     position_ids, attention_mask. The mask is the 4D block-diagonal causal mask ([B, 1, L, L] in
     `mask_dtype`: use the model's dtype) or, with `four_d_mask=False`, the usual 2D padding mask
-    ([B, L], 1 on tokens), which cannot separate packed examples and so refuses rows holding several."""
+    ([B, L], 1 on tokens), which cannot separate packed examples and so refuses rows holding several.
+    `four_d_mask=None` picks: 4D only when some row packs several examples. The 2D mask means the same
+    attention for one example per row and lets SDPA/flash kernels take their causal fast path instead
+    of materializing an L×L mask (long context rows)."""
     if not batch:
         raise ValueError("collate needs at least one sequence")
+    if four_d_mask is None:
+        four_d_mask = any(len(row.lengths) > 1 for row in batch)
     length = max(len(row) for row in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)

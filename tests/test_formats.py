@@ -146,6 +146,10 @@ def test_collate_pads_and_continues_positions() -> None:
     assert two_d["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     with pytest.raises(ValueError, match="2D attention mask"):
         collate(rows, four_d_mask=False)
+    # auto: 4D only when a row really packs several examples
+    assert collate(rows, four_d_mask=None)["attention_mask"].shape == (2, 1, 5, 5)
+    auto = collate([single(_ex(1, 2, 3)), single(_ex(4, 5))], four_d_mask=None)
+    assert auto["attention_mask"].tolist() == two_d["attention_mask"].tolist()
 
 
 def test_bucket_groups_similar_lengths_within_budget() -> None:
@@ -205,6 +209,14 @@ def test_packed_logits_equal_logits_alone(name: str) -> None:
                 start += n
     assert leaked > 1e-3  # without the mask the check above would have failed
     assert supports_packing(model)
+    # One example per row (padded), with the automatic 2D mask: each row's logits are its logits alone.
+    singles = collate([single(e) for e in exs], four_d_mask=None)
+    assert singles["attention_mask"].dim() == 2
+    with torch.no_grad():
+        out = model(**{k: v for k, v in singles.items() if k != "labels"}).logits
+        for r, e in enumerate(exs):
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            torch.testing.assert_close(out[r, : len(e)], alone, atol=1e-5, rtol=0)
 
 
 def test_mamba_cannot_pack_and_gets_buckets() -> None:
