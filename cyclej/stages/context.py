@@ -8,7 +8,8 @@
    EOS, laid end to end and cut into rows of `context.seq_len` tokens. Every token of a row attends to
    everything before it, across line boundaries: learning to use distant positions is the point.
 6. Merge the adapter into the weights, measure `ppl_after` at the new length and at the old length.
-7. Save `model/` (plain HF directory, cyclej.modeling.save_model) and `metrics.json`; commit.
+7. Save `model/` (plain HF directory, cyclej.modeling.save_model, with `cyclej.json` naming the
+   markers and domains), `metrics.json` and the trainer's per-step `metrics.jsonl`; commit.
 
 Held-out rows are built the same way from both domains' dev lines; the old-length rows cut the very
 same tokens into shorter rows, so every perplexity here scores the same tokens with more or less
@@ -18,8 +19,10 @@ context. Checkpoints and resume are the trainer's (cyclej.train), under this sta
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,13 +31,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
-from cyclej.modeling import extend_context, load_model, save_model
+from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
 from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.translate import write_model_info
 
 STAGE = "context"
+log = logging.getLogger("cyclej")
 
 
 def run_context(
@@ -45,7 +50,13 @@ def run_context(
     work = store.workdir(STAGE, fp)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    model, tokenizer = load_model(cfg.models.base, markers=[cfg.domain_a.marker, cfg.domain_b.marker])
+    # On a GPU the frozen base sits in bf16 (LoRA's adapter weights stay fp32); on a CPU it stays fp32 and
+    # `precision: bf16` means autocast, as in the trainer.
+    use_bf16_weights = device.type == "cuda" and ccfg.precision in ("auto", "bf16")
+    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    model, tokenizer = load_model(
+        cfg.models.base, markers=markers, dtype=torch.bfloat16 if use_bf16_weights else torch.float32
+    )
     old_len = int(model.config.max_position_embeddings)
     new_len = int(math.ceil(old_len * ccfg.factor))
     seq_len = ccfg.seq_len
@@ -61,6 +72,11 @@ def run_context(
     train_rows = long_rows(tokenizer, train_lines, seq_len, seed=ccfg.seed)
     dev_stream = token_stream(tokenizer, dev_lines, seed=ccfg.seed + 1)
     eval_rows = [dev_stream[i : i + seq_len] for i in range(0, len(dev_stream) - seq_len + 1, seq_len)]
+    if len(eval_rows) < ccfg.eval_sequences:
+        log.warning(
+            "context: the dev lines hold %d rows of %d tokens, fewer than context.eval_sequences=%d; "
+            "perplexity uses %d", len(eval_rows), seq_len, ccfg.eval_sequences, len(eval_rows),
+        )
     eval_rows = eval_rows[: ccfg.eval_sequences]
     if not train_rows or not eval_rows:
         which = "train" if not train_rows else "dev"
@@ -68,9 +84,12 @@ def run_context(
             f"context: the {which} lines of both domains hold fewer tokens than one row of context.seq_len="
             f"{seq_len}; lower context.seq_len or add text"
         )
-    # The same held-out tokens, cut at the old length.
+    # The same held-out tokens, cut at the old length (or left whole when the rows are not longer).
     eval_tokens = [t for row in eval_rows for t in row]
-    old_rows = [eval_tokens[i : i + old_len] for i in range(0, len(eval_tokens) - old_len + 1, old_len)]
+    old_eval_len = min(old_len, seq_len)
+    old_rows = [
+        eval_tokens[i : i + old_eval_len] for i in range(0, len(eval_tokens) - old_eval_len + 1, old_eval_len)
+    ]
 
     model.to(device)
     batch = ccfg.micro_batch_size
@@ -83,15 +102,20 @@ def run_context(
 
     train_examples = [Example(row, list(row)) for row in train_rows]
     dev_examples = [Example(row, list(row)) for row in eval_rows]
-    model, train_metrics = _train(cfg, model, tokenizer, train_examples, dev_examples, store, fp, progress)
+    model, train_metrics = _train(
+        cfg, model, tokenizer, train_examples, dev_examples, store, fp, progress, work / "metrics.jsonl"
+    )
 
     ppl_after = perplexity(model, eval_rows, batch, ccfg.precision)
     ppl_after_old_len = perplexity(model, old_rows, batch, ccfg.precision)
 
     save_model(model.to("cpu"), tokenizer, work / "model")
+    # Marker tokens and domain names beside the weights, so `cyclej translate --model` needs no config.
+    write_model_info(work / "model", markers, [cfg.domain_a.name, cfg.domain_b.name])
     metrics: dict[str, Any] = {
         "factor": ccfg.factor,
         "old_context": old_len,
+        "old_eval_len": old_eval_len,
         "new_context": int(model.config.max_position_embeddings),
         "seq_len": seq_len,
         "train_rows": len(train_rows),
@@ -152,7 +176,7 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
     return math.exp(total_nll / total_tokens)
 
 
-# ---- training ---------------------------------------------------------------------------------------
+# ---- training ----------------------------------------------------------------------------------------
 def _train(
     cfg: PipelineConfig,
     model: PreTrainedModel,
@@ -162,23 +186,26 @@ def _train(
     store: ArtifactStore,
     fp: str,
     progress: Progress,
+    metrics_path: Path,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """LoRA (or full) training with the shared trainer; returns the merged model and the run's metrics."""
-    from cyclej import train as trainer
+    from cyclej.train import train
 
-    result = trainer.train(
-        model=model,
-        tokenizer=tokenizer,
+    # Every row is already one full `seq_len` block of the stream: packing has nothing to add, and its
+    # 4D block mask would cost seq_len² memory per row and rule out the fused causal attention kernels.
+    tcfg = cfg.context.model_copy(update={"packing": False})
+    result = train(
+        model,
         train_examples=train_examples,
-        dev_examples=dev_examples,
-        tcfg=cfg.context,
+        tcfg=tcfg,
         store=store,
         stage=STAGE,
         fp=fp,
+        tokenizer=tokenizer,
+        dev_examples=dev_examples,
+        marker_ids=marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker]),
         progress=progress,
-        marker_ids=[tokenizer.convert_tokens_to_ids(m) for m in (cfg.domain_a.marker, cfg.domain_b.marker)],
+        metrics_path=metrics_path,
     )
-    trained = result.model
-    if hasattr(trained, "merge_and_unload"):
-        trained = trained.merge_and_unload()
-    return trained, dict(result.metrics)
+    # LoRA merged into the weights and the trained marker rows written into the embeddings.
+    return result.merged_model(), dict(result.metrics)
