@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from cyclej import formats
 from cyclej.config import TrainConfig
 from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
@@ -49,7 +49,7 @@ from cyclej.store import ArtifactStore
 
 log = logging.getLogger("cyclej")
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = formats.IGNORE_INDEX
 CHECKPOINT_PREFIX = "step-"
 MARKER_ROWS_FILE = "marker_rows.safetensors"
 
@@ -191,53 +191,21 @@ def step_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 # ---- batches and the loss -------------------------------------------------------------------------------
 
 
-def supports_packing(model: nn.Module) -> bool:
-    """Packed sequences need per-example position ids (and the block-diagonal mask collate builds)."""
-    return "position_ids" in inspect.signature(_backbone(model).forward).parameters
+def count_targets(seq: Any) -> int:
+    """Tokens the loss is taken on in one row (formats puts IGNORE_INDEX on each example's first token)."""
+    return sum(1 for label in seq.labels if label != IGNORE_INDEX)
 
 
-def pad_collate(batch: Sequence[TokenExample], pad_token_id: int = 0) -> dict[str, Tensor]:
-    """Right-pad a micro-batch to its longest sequence (labels −100 and attention 0 on padding)."""
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, s in enumerate(batch):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-@dataclass
-class _Truncated:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def count_targets(seq: TokenExample) -> int:
-    """Tokens the loss is taken on (a label at position 0 has nothing before it to predict it)."""
-    return sum(1 for label in seq.labels[1:] if label != IGNORE_INDEX)
-
-
-def prepare_sequences(examples: Sequence[TokenExample], seq_len: int, packing: bool) -> list[Any]:
-    """Training sequences: packed blocks of `seq_len` tokens, or examples cut to `seq_len`."""
+def prepare_sequences(examples: Sequence[TokenExample], seq_len: int, packing: bool, seed: int) -> list[Any]:
+    """Training rows: examples shuffled once with the seed (so a packed row mixes both domains) and
+    packed into rows of at most `seq_len` tokens, or one example per row cut to `seq_len`."""
     if packing:
-        from cyclej import formats
-
-        seqs: list[Any] = list(formats.pack(list(examples), seq_len))
+        order = list(examples)
+        random.Random(seed).shuffle(order)
+        rows: list[Any] = formats.pack(order, seq_len)
     else:
-        seqs = [_Truncated(list(e.input_ids[:seq_len]), list(e.labels[:seq_len])) for e in examples]
-    return [s for s in seqs if count_targets(s) > 0]
-
-
-def _collate(seqs: Sequence[Any], packing: bool, pad_token_id: int) -> dict[str, Tensor]:
-    if packing:
-        from cyclej import formats
-
-        return formats.collate(list(seqs))
-    return pad_collate(seqs, pad_token_id)
+        rows = [formats.single(e, seq_len) for e in examples if len(e.input_ids)]
+    return [r for r in rows if count_targets(r) > 0]
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -259,13 +227,6 @@ def target_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor,
     selected = targets != IGNORE_INDEX
     logits = inner.get_output_embeddings()(hidden[:, :-1][selected])
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), int(selected.sum())
-
-
-def _real_tokens(batch: dict[str, Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    if mask is None or mask.dim() != 2:
-        return int(batch["input_ids"].numel())
-    return int(mask.sum())
 
 
 def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
@@ -332,6 +293,9 @@ class _Trainer:
         self.cfg, self.store, self.stage, self.fp = cfg, store, stage, fingerprint
         self.progress, self.metrics_path, self.pad_token_id = progress, metrics_path, pad_token_id
         self.device = next(model.parameters()).device
+        # Asked of the plain model (a real forward check), before peft wraps it.
+        self.packing = cfg.packing and formats.supports_packing(model)
+        self.mask_dtype = next(model.parameters()).dtype
         self.model, self.marker_rows = _make_trainable(model, cfg, marker_token_ids)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
         self.params = list(self.named_trainable.values())
@@ -341,12 +305,12 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda done: lr_factor(done + 1, cfg.max_steps, cfg.warmup_ratio)
         )
-        self.packing = cfg.packing and supports_packing(self.model)
-        self.sequences = prepare_sequences(examples, cfg.seq_len, self.packing)
+        self.sequences = prepare_sequences(examples, cfg.seq_len, self.packing, cfg.seed)
         if not self.sequences:
-            raise StageFailed(stage, "no training sequence has a target token (empty or all-prompt examples)")
+            raise StageFailed(stage, "no training example has a target token (empty or all-prompt examples)")
+        # A fixed dev slice, independent of OOM changes to the micro-batch.
         n_dev = cfg.eval_batches * cfg.micro_batch_size
-        self.dev_sequences = prepare_sequences(dev_examples, cfg.seq_len, self.packing)[:n_dev]
+        self.dev_sequences = prepare_sequences(dev_examples, cfg.seq_len, self.packing, cfg.seed)[:n_dev]
         self.state = _LoopState(micro_batch_size=cfg.micro_batch_size)
         self.last_checkpoint: str | None = None
 
@@ -374,6 +338,9 @@ class _Trainer:
     def resume(self) -> None:
         found = self.store.latest_checkpoint(self.stage, self.fp, prefix=CHECKPOINT_PREFIX)
         if found is None:
+            # A fresh start: lines of a run that died before its first checkpoint are not ours.
+            if self.metrics_path is not None:
+                self.metrics_path.unlink(missing_ok=True)
             return
         name, d = found
         saved = load_file(str(d / "trainable.safetensors"))
@@ -396,6 +363,12 @@ class _Trainer:
         self._log({"event": "resume", "step": self.state.step, "checkpoint": name,
                    "micro_batch": self.state.micro_batch_size})
 
+    def _batch(self, rows: Sequence[Any]) -> dict[str, Tensor]:
+        """Packed rows get formats' block-diagonal 4D mask; unpacked ones a 2D padding mask."""
+        batch = formats.collate(rows, pad_id=self.pad_token_id, four_d_mask=self.packing,
+                                mask_dtype=self.mask_dtype)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     # ---- evaluation ----
     @torch.no_grad()
     def dev_loss(self) -> float | None:
@@ -404,7 +377,7 @@ class _Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for chunk in _chunks(self.dev_sequences, self.state.micro_batch_size):
-            batch = _to(_collate(chunk, self.packing, self.pad_token_id), self.device)
+            batch = self._batch(chunk)
             with _autocast(self.cfg.precision, self.device):
                 loss_sum, n = target_loss_sum(self.model, batch)
             total, count = total + float(loss_sum), count + n
@@ -419,13 +392,13 @@ class _Trainer:
         loss_total, tokens = 0.0, 0
         self.updating = False
         for chunk in _chunks(batch_seqs, self.state.micro_batch_size):
-            batch = _to(_collate(chunk, self.packing, self.pad_token_id), self.device)
+            batch = self._batch(chunk)
             with _autocast(self.cfg.precision, self.device):
                 loss_sum, _ = target_loss_sum(self.model, batch)
             # Normalised by the step's target tokens: the gradient is the same for any micro-batch split.
             (loss_sum / targets).backward()
             loss_total += float(loss_sum.detach())
-            tokens += _real_tokens(batch)
+            tokens += sum(len(row.input_ids) for row in chunk)
         maybe_fault(self.stage, step_no)
         self.updating = True
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -595,33 +568,69 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def train(
     model: nn.Module,
-    examples: Sequence[TokenExample],
-    cfg: TrainConfig,
     *,
+    train_examples: Sequence[TokenExample],
+    tcfg: TrainConfig,
     store: ArtifactStore,
     stage: str,
-    fingerprint: str,
-    marker_token_ids: Sequence[int] = (),
+    fp: str,
+    tokenizer: Any = None,
     dev_examples: Sequence[TokenExample] = (),
+    marker_ids: Sequence[int] = (),
     progress: Progress | None = None,
     metrics_path: Path | None = None,
-    pad_token_id: int = 0,
 ) -> TrainResult:
-    """Train `model` (already on its device) on `examples`; resume from / checkpoint to
-    `store` under `<stage>/<fingerprint>/checkpoints/step-NNNNNNNN`.
+    """Train `model` (already on its device) on `train_examples` with the knobs of `tcfg`; resume from
+    and checkpoint to `store` under `<stage>/<fp>/checkpoints/step-NNNNNNNN`.
 
-    `metrics_path`: the JSONL log (one "train" record per step, "eval", "resume" and "oom" events).
-    Returns the trained model (peft-wrapped with LoRA), the marker rows, the final trainable tensors
-    and summary metrics (final train loss, dev loss before/after, steps, tokens/s, …).
+    `marker_ids`: the domain markers' token ids, whose embedding rows train with LoRA.
+    `metrics_path`: the JSONL log (a "train" record per step; "eval", "resume" and "oom" events);
+    default `metrics.jsonl` in the stage's work directory, so it is committed with the artifact.
+    Returns the trained model (peft-wrapped with LoRA: use `result.merged_model()` for a plain one or
+    `result.save_adapter(dir)`), the final trainable tensors and summary metrics.
     """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None) or 0
+    if metrics_path is None:
+        metrics_path = store.workdir(stage, fp) / "metrics.jsonl"
     trainer = _Trainer(
-        model, examples, dev_examples, cfg, store, stage, fingerprint, marker_token_ids,
-        progress or Progress(stage, show_bar=False), metrics_path, pad_token_id,
+        model, train_examples, dev_examples, tcfg, store, stage, fp, marker_ids,
+        progress or Progress(stage, show_bar=False), metrics_path, int(pad),
     )
     return trainer.run()
+
+
+# ---- what the LoRA stages share -------------------------------------------------------------------------
+
+
+def base_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype to load a frozen base in: bf16 on a GPU unless fp32 is asked for (the LoRA weights
+    stay fp32 either way), fp32 on a CPU (bf16 there is autocast only)."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def interleave(*lists: Sequence[Any]) -> list[Any]:
+    """a0, b0, a1, b1, …: a dev slice cut from the front holds both domains."""
+    out: list[Any] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
+
+
+def commit_adapter(
+    result: TrainResult, store: ArtifactStore, stage: str, fp: str, work: Path, extra: dict[str, Any]
+) -> Any:
+    """Write `adapter/`, `marker_rows.safetensors` and `metrics.json` into `work`, commit it, then drop
+    the checkpoints (the committed artifact supersedes them)."""
+    result.save_adapter(work)
+    metrics = {**result.metrics, **extra}
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps")}
+    ref = store.commit(stage, fp, work, metrics=summary)
+    store.delete_checkpoints(stage, fp)
+    return ref

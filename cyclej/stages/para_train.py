@@ -1,0 +1,111 @@
+"""Stage `para_train` (INTERMEDIATE-2A): LoRA on INTERMEDIATE-1 to paraphrase across the markers,
+max p(para | "{Dsrc}{text}{Dtgt}") + p(text | "{Dtgt}{para}{Dsrc}") for the pairs of both domains.
+
+Input artifacts: `context` (its `model/`) and `paraphrase` (`pairs.jsonl`). A seeded slice of the pairs
+is held out for the dev loss. Output: `adapter/` (PEFT), `marker_rows.safetensors`, `metrics.json`,
+`metrics.jsonl` — never a full model copy. Checkpoints and resume are the trainer's (cyclej.train),
+under this stage's fingerprint; they are deleted once the artifact commits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cyclej.config import PipelineConfig
+from cyclej.errors import BadInput
+from cyclej.formats import Example, para_examples
+from cyclej.modeling import load_model, marker_token_ids
+from cyclej.progress import Progress
+from cyclej.stages import stage_fingerprint
+from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.train import base_dtype, commit_adapter, interleave, train
+
+STAGE = "para_train"
+MAX_DEV_FRACTION = 0.1
+
+
+def run_para_train(
+    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
+) -> ArtifactRef:
+    tcfg = cfg.para_train
+    if tcfg.lora is None:
+        raise BadInput(f"{STAGE}.lora: null (full fine-tuning) is not supported here; the merge stage "
+                       f"combines LoRA adapters, so set {STAGE}.lora (e.g. rank 8)")
+    fp = stage_fingerprint(STAGE, cfg, {k: ref.fingerprint for k, ref in inputs.items()})
+    work = store.workdir(STAGE, fp)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    base_dir = store.fetch(inputs["context"]) / "model"
+    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
+    marker_a, marker_b = marker_token_ids(tokenizer, markers)
+    # (source marker, target marker) by the domain the original text is in.
+    direction = {"a": (marker_a, marker_b), "b": (marker_b, marker_a)}
+
+    pairs = read_pairs(store.fetch(inputs["paraphrase"]) / "pairs.jsonl")
+    train_pairs, dev_pairs = split_dev(pairs, tcfg.eval_batches * tcfg.micro_batch_size, tcfg.seed)
+
+    def examples(selected: list[dict[str, Any]]) -> list[Example]:
+        return [ex for p in selected for ex in para_examples(tokenizer, *direction[p["domain"]], p["text"],
+                                                             p["paraphrase"])]
+
+    train_examples = examples(train_pairs)
+    dev_examples = examples(dev_pairs)
+
+    result = train(
+        model.to(device),
+        train_examples=train_examples,
+        dev_examples=dev_examples,
+        tcfg=tcfg,
+        store=store,
+        stage=STAGE,
+        fp=fp,
+        tokenizer=tokenizer,
+        marker_ids=[marker_a, marker_b],
+        progress=progress,
+        metrics_path=work / "metrics.jsonl",
+    )
+    return commit_adapter(result, store, STAGE, fp, work, {
+        "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs), "train_examples": len(train_examples),
+    })
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """The paraphrase artifact's pairs; BadInput naming the line of a malformed one."""
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except ValueError:
+            raise BadInput(f"{path}:{n}: not a JSON object; re-run the paraphrase stage") from None
+        if (not isinstance(pair, dict) or pair.get("domain") not in ("a", "b")
+                or not isinstance(pair.get("text"), str) or not isinstance(pair.get("paraphrase"), str)):
+            raise BadInput(f"{path}:{n}: needs domain 'a'|'b', text and paraphrase strings; "
+                           "re-run the paraphrase stage")
+        pairs.append(pair)
+    if not pairs:
+        raise BadInput(f"{path}: no pairs; the paraphrase stage kept nothing to train on")
+    return pairs
+
+
+def split_dev(pairs: list[dict[str, Any]], n_dev_examples: int, seed: int
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hold out a seeded slice of each domain's pairs (two examples each, at most 10 % of the pairs),
+    interleaved so the dev slice holds both domains. Returns (train pairs, dev pairs)."""
+    per_domain = max(1, n_dev_examples // 4)
+    train_pairs: list[dict[str, Any]] = []
+    dev_by_domain = []
+    for domain in ("a", "b"):
+        mine = [p for p in pairs if p["domain"] == domain]
+        random.Random(f"{seed}-{domain}").shuffle(mine)
+        k = min(per_domain, int(len(mine) * MAX_DEV_FRACTION))
+        dev_by_domain.append(mine[:k])
+        train_pairs.extend(mine[k:])
+    return train_pairs, interleave(*dev_by_domain)
