@@ -132,6 +132,13 @@ def create_pod(cfg: RunpodJobConfiguration) -> str:
     env = {k: _graphql_str(v) for k, v in cfg.env.items() if v is not None}
     with _sdk_lock:
         runpod = _runpod_sdk()
+        try:
+            runpod.get_gpu(cfg.gpu_type_id, cfg.gpu_count)
+        except ValueError:
+            raise ValueError(
+                f"RunPod has no GPU type {cfg.gpu_type_id!r} (job variable gpu_type_id); "
+                "ids look like 'NVIDIA A40' — list them with runpod.get_gpus()"
+            ) from None
         pod = runpod.create_pod(
             name=_graphql_str(cfg.name or "cyclej-flow-run"),
             image_name=cfg.image,

@@ -7,14 +7,17 @@ directory; `env` is what every child process (CLI, worker, "pod") needs to talk 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -83,3 +86,19 @@ def prefect_server(home: Path, timeout: float = 90.0) -> Iterator[dict[str, str]
             proc.kill()
             proc.wait()
         log.close()
+
+
+_shared_env: dict[str, str] | None = None
+
+
+def shared_prefect_server() -> dict[str, str]:
+    """One server per test process, started on first use and stopped at exit: starting one costs
+    20-50 s on a loaded 2-core machine, so test files share it (each uses its own pool names)."""
+    global _shared_env
+    if _shared_env is None:
+        root = Path(tempfile.mkdtemp(prefix="cyclej-prefect-"))
+        atexit.register(shutil.rmtree, root, True)
+        stack = ExitStack()
+        _shared_env = stack.enter_context(prefect_server(root / "home"))
+        atexit.register(stack.close)  # runs before the rmtree (atexit is last-in, first-out)
+    return dict(_shared_env)

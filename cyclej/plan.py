@@ -1,0 +1,508 @@
+"""`cyclej plan CONFIG`: per stage, the GPU memory it needs, the smallest RunPod GPU type that fits and
+what that costs per hour. Nothing is downloaded: hub models come from a table of known shapes below,
+local and built-in models from their config.json and safetensors headers (shapes only).
+
+Memory model (bytes; GiB = 2**30 in the output, which is how "80GB" cards are counted):
+
+- weights: parameters × 2 (bf16: `precision` bf16, or auto on a GPU) or × 4 (fp32).
+- LoRA stages (context, para_train, domain_train with `lora` set): only the adapters train. Adapter
+  parameters = rank × (in + out) for every attention and MLP projection of every layer; they are kept
+  in fp32 (× 4), their gradients × 4, AdamW's two moments × 8. Full fine-tuning (`lora: null`):
+  gradients in the weight dtype, AdamW moments in fp32 (× 8).
+- RL (full weights): bf16 weights (2) + bf16 gradients (2) + fp32 AdamW moments (8) = 12 bytes per
+  parameter: ≈ 72 GB for GPT-J-6B before activations. A reference policy (kl_coef > 0) adds bf16 weights;
+  the discriminator trains in fp32 (16 bytes per parameter), the embedder only runs (4).
+- activations, per transformer layer, without activation recomputation (Korthikanti et al. 2022,
+  "Reducing Activation Recomputation in Large Transformer Models", eq. 2, at 2-byte activations):
+      34 · s · b · h · (k / 2)  +  6 · a · s² · b   (the second term only for eager attention)
+  s = tokens per sequence, b = sequences per micro-batch, h = hidden size, a = attention heads, k =
+  activation bytes (2 bf16, 4 fp32). GPT-J's attention is eager and keeps its softmax in fp32 (the s²
+  term); SDPA/flash models (Llama, Mistral, Qwen, BERT-likes) keep no s² matrix. Plus the logits:
+  s · b · vocab · (k + 8) (the logits, their fp32 copy for the loss, its gradient).
+- generation (paraphrase, RL rollouts, eval): KV cache = 2 · layers · kv_heads · head_dim · 2 bytes per
+  token, for every sequence of a batch at prompt + new tokens. With vLLM the model, its KV cache and a
+  1 GiB workspace must fit in `gpu_memory_utilization` of the card; colocated with RL training it is
+  a second copy of the bf16 weights (the "vLLM share").
+- a card fits when need + 1 GiB (CUDA context, allocator) ≤ 95 % of its memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from cyclej.config import STAGES, PipelineConfig, TrainConfig
+from cyclej.errors import BadInput
+
+GiB = 2**30
+CUDA_CONTEXT = 1 * GiB
+USABLE_FRACTION = 0.95
+VLLM_WORKSPACE = 1 * GiB
+COMMON_MAX_GB = 80  # the largest cards most RunPod regions rent; above it, RL states its options
+PROMPT_OVERHEAD_TOKENS = 64  # instruction + chat template around a paraphrase prompt
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know about a transformer."""
+
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool = False  # Llama-style gate/up/down projections
+    eager_attention: bool = False  # attention scores materialized (GPT-J: in fp32)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def lora_params(self, rank: int) -> int:
+        """Adapters on every attention and MLP projection ("all-linear")."""
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        attn = [(h, h), (h, kv), (h, kv), (h, h)]
+        mlp = [(h, i), (h, i), (i, h)] if self.gated_mlp else [(h, i), (i, h)]
+        return self.layers * sum(rank * (a + b) for a, b in attn + mlp)
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+
+_GPTJ = ModelShape(6_053_381_344, 28, 4096, 16, 16, 16384, 50400, eager_attention=True)
+_MISTRAL = ModelShape(7_241_732_096, 32, 4096, 32, 8, 14336, 32000, gated_mlp=True)
+_QWEN = ModelShape(7_615_616_512, 28, 3584, 28, 4, 18944, 152064, gated_mlp=True)
+_NEOBERT = ModelShape(250_000_000, 28, 768, 12, 12, 3072, 30522, gated_mlp=True)
+_MINILM = ModelShape(22_713_216, 6, 384, 12, 12, 1536, 30522)
+_SMOLLM2 = ModelShape(134_515_008, 30, 576, 9, 3, 1536, 49152, gated_mlp=True)
+
+# Published shapes of the hub models the recipe names (nothing is downloaded to plan).
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "EleutherAI/gpt-j-6b": _GPTJ,
+    "EleutherAI/gpt-j-6B": _GPTJ,
+    "mistralai/Mistral-7B-Instruct-v0.1": _MISTRAL,
+    "mistralai/Mistral-7B-v0.1": _MISTRAL,
+    "Qwen/Qwen2.5-7B-Instruct": _QWEN,
+    "Qwen/Qwen2.5-7B": _QWEN,
+    "chandar-lab/NeoBERT": _NEOBERT,
+    "sentence-transformers/all-MiniLM-L6-v2": _MINILM,
+    "minilm": _MINILM,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
+    "smollm2": _SMOLLM2,  # known, so planning never triggers the GGUF conversion
+}
+
+
+def model_shape(spec: str) -> ModelShape:
+    """The shape of a model spec: the table for hub ids, config.json (+ safetensors headers for the exact
+    parameter count) for local and built-in models."""
+    if spec in KNOWN_MODELS:
+        return KNOWN_MODELS[spec]
+    from cyclej.models import resolve_model
+
+    path = Path(resolve_model(spec))
+    if not (path / "config.json").is_file():
+        raise BadInput(
+            f"model {spec}: unknown to `cyclej plan` (no local config.json and not one of "
+            f"{', '.join(sorted(KNOWN_MODELS))}); give a local model directory"
+        )
+    return shape_from_config(json.loads((path / "config.json").read_text()), _safetensors_params(path))
+
+
+def shape_from_config(cfg: dict, params: int | None = None) -> ModelShape:
+    def get(*keys: str, default: int | None = None) -> int:
+        for k in keys:
+            if cfg.get(k) is not None:
+                return int(cfg[k])
+        if default is None:
+            raise BadInput(f"config.json: none of {', '.join(keys)} is set")
+        return default
+
+    layers = get("num_hidden_layers", "n_layer")
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    kv_heads = get("num_key_value_heads", default=heads)
+    intermediate = get("intermediate_size", "n_inner", default=4 * hidden)
+    vocab = get("vocab_size")
+    model_type = str(cfg.get("model_type", ""))
+    gated = model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "neobert")
+    if params is None:  # embeddings (+ an untied head) + attention + MLP per layer
+        head_dim = hidden // heads
+        attn = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+        mlp = (3 if gated else 2) * hidden * intermediate
+        emb = vocab * hidden * (1 if cfg.get("tie_word_embeddings", True) else 2)
+        params = emb + layers * (attn + mlp)
+    return ModelShape(params, layers, hidden, heads, kv_heads, intermediate, vocab, gated, model_type == "gptj")
+
+
+def _safetensors_params(path: Path) -> int | None:
+    """Exact parameter count from the safetensors headers (8-byte length + JSON; no tensor is read)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+# ---- GPU price table ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuType:
+    id: str
+    memory_gb: float
+    hourly_usd: float
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    date: str
+    source: str
+    gpus: tuple[GpuType, ...]
+
+
+def load_prices(path: str | Path | None = None) -> PriceTable:
+    src = Path(path) if path else Path(str(resources.files("cyclej") / "assets" / "gpu_prices.yaml"))
+    try:
+        data = yaml.safe_load(src.read_text(encoding="utf-8"))
+        gpus = tuple(GpuType(str(g["id"]), float(g["memory_gb"]), float(g["hourly_usd"])) for g in data["gpus"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise BadInput(f"{src}: not a GPU price table ({type(exc).__name__}: {exc}); see cyclej/assets/gpu_prices.yaml") from None
+    if not gpus:
+        raise BadInput(f"{src}: the price table lists no GPUs")
+    return PriceTable(str(data.get("date", "?")), str(data.get("source", "?")), gpus)
+
+
+def fits(need_bytes: float, gpu: GpuType) -> bool:
+    return need_bytes + CUDA_CONTEXT <= USABLE_FRACTION * gpu.memory_gb * GiB
+
+
+def smallest_fitting(need_bytes: float, prices: PriceTable, max_gb: float = math.inf) -> GpuType | None:
+    """The smallest card (the cheapest of equal memory) of at most `max_gb` that holds `need_bytes`."""
+    ok = [g for g in prices.gpus if g.memory_gb <= max_gb and fits(need_bytes, g)]
+    return min(ok, key=lambda g: (g.memory_gb, g.hourly_usd)) if ok else None
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+@dataclass
+class Alternative:
+    """Another way to run a stage that does not fit a common GPU as configured."""
+
+    name: str
+    memory: dict[str, float]  # bytes per GPU by part
+    gpu_count: int = 1
+    note: str = ""
+    gpu: GpuType | None = None
+
+    @property
+    def need_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def hourly_usd(self) -> float | None:
+        return None if self.gpu is None else self.gpu.hourly_usd * self.gpu_count
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    model: str | None  # the spec whose shape sizes the stage
+    device: Literal["gpu", "cpu"]
+    params: int = 0
+    trainable_params: int = 0
+    memory: dict[str, float] = field(default_factory=dict)  # bytes per GPU by part
+    gpu: GpuType | None = None
+    gpu_count: int = 1
+    micro_batch: int | None = None  # training stages: the micro-batch the estimate is for
+    alternatives: list[Alternative] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def hourly_usd(self) -> float | None:
+        return None if self.gpu is None else self.gpu.hourly_usd * self.gpu_count
+
+    def job_variables(self) -> dict[str, str | int]:
+        """What a `runpod` deployment of this stage should set (deployments/prefect.yaml)."""
+        return {} if self.gpu is None else {"gpu_type_id": self.gpu.id, "gpu_count": self.gpu_count}
+
+
+def _bf16(precision: str) -> bool:
+    return precision in ("bf16", "auto")  # auto means bf16 on a GPU, which is what is being planned
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int, lm_head: bool = True) -> float:
+    """Stored activations of one micro-batch (see the module docstring)."""
+    s, b = seq_len, micro_batch
+    per_layer = 34 * s * b * shape.hidden * act_bytes / 2
+    if shape.eager_attention:
+        per_layer += 6 * shape.heads * s * s * b
+    logits = s * b * shape.vocab * (act_bytes + 8) if lm_head else 0
+    return shape.layers * per_layer + logits
+
+
+def _train_memory(shape: ModelShape, tcfg: TrainConfig, micro_batch: int) -> tuple[dict[str, float], int]:
+    w = 2 if _bf16(tcfg.precision) else 4
+    if tcfg.lora is not None:
+        trainable = shape.lora_params(tcfg.lora.rank)
+        mem = {"weights": shape.params * w + trainable * 4, "gradients": trainable * 4, "optimizer": trainable * 8}
+    else:
+        trainable = shape.params
+        mem = {"weights": shape.params * w, "gradients": shape.params * w, "optimizer": shape.params * 8}
+    mem["activations"] = activation_bytes(shape, micro_batch, tcfg.seq_len, w)
+    return mem, trainable
+
+
+def _halvings(n: int) -> list[int]:
+    """n, n/2, …, 1: the micro-batches the trainers fall back to on out-of-memory."""
+    out = [n]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable) -> StagePlan:
+    """The configured micro-batch on a common card if it fits; else the largest halved micro-batch that
+    does (the effective batch is unchanged); else the largest card of the table at micro-batch 1."""
+    shape = model_shape(spec)
+    plan = StagePlan(stage, spec, "gpu", params=shape.params)
+    for limit in (COMMON_MAX_GB, math.inf):
+        for mb in _halvings(tcfg.micro_batch_size):
+            mem, plan.trainable_params = _train_memory(shape, tcfg, mb)
+            gpu = smallest_fitting(sum(mem.values()), prices, limit)
+            if gpu is not None:
+                break
+        if gpu is not None:
+            break
+    plan.memory, plan.gpu, plan.micro_batch = mem, gpu, mb
+    kind = f"LoRA r={tcfg.lora.rank}" if tcfg.lora is not None else "full fine-tuning"
+    plan.notes.append(f"{kind}, {tcfg.precision}, micro-batch {mb} × {tcfg.seq_len} tokens")
+    if mb != tcfg.micro_batch_size:
+        plan.notes.append(
+            f"micro-batch {tcfg.micro_batch_size} fits no {COMMON_MAX_GB} GB card; the trainer halves it on "
+            f"out-of-memory (accumulation doubles, the effective batch stays {tcfg.batch_size}): set "
+            f"{stage}.micro_batch_size: {mb} to skip those retries"
+        )
+    if gpu is None:
+        plan.notes.append(
+            f"even micro-batch 1 needs {_gib(plan.total_bytes)} GiB: shorten {stage}.seq_len"
+            + (" (GPT-J's eager attention keeps an s² fp32 matrix per head and layer)" if shape.eager_attention else "")
+        )
+    return plan
+
+
+def _generation_share(shape: ModelShape, sequences: int, tokens: int, vllm: bool) -> dict[str, float]:
+    mem = {"weights": shape.params * 2.0, "kv_cache": float(sequences * tokens * shape.kv_bytes_per_token())}
+    if vllm:
+        mem["workspace"] = float(VLLM_WORKSPACE)
+    return mem
+
+
+def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
+    p = cfg.paraphrase
+    shape = model_shape(cfg.models.paraphraser)
+    tokens = cfg.data.max_tokens + PROMPT_OVERHEAD_TOKENS + p.max_new_tokens
+    gen = _generation_share(shape, p.batch_size * p.n_candidates, tokens, p.backend == "vllm")
+    plan = StagePlan("paraphrase", cfg.models.paraphraser, "gpu", params=shape.params)
+    if p.backend == "vllm":
+        plan.memory = {"vllm": sum(gen.values())}
+        # vLLM takes gpu_memory_utilization of the card whatever it needs: size the card by that.
+        need = sum(gen.values()) / p.vllm.gpu_memory_utilization
+        plan.notes.append(
+            f"vLLM: weights + KV cache of {p.batch_size * p.n_candidates} sequences × {tokens} tokens must fit in "
+            f"gpu_memory_utilization {p.vllm.gpu_memory_utilization} of the card"
+        )
+    else:
+        plan.memory = gen
+        need = sum(gen.values())
+    if p.use_embedder:
+        plan.memory["embedder"] = model_shape(cfg.models.embedder).params * 4.0
+        need += plan.memory["embedder"]
+    plan.gpu = smallest_fitting(need, prices)
+    return plan
+
+
+RL_MODES: tuple[tuple[str, str], ...] = (
+    ("as configured (AdamW, fp32 moments)", ""),
+    ("8-bit AdamW (bitsandbytes AdamW8bit: moments 2 bytes/param)", "optimizer states 4× smaller"),
+    ("CPU offload of the AdamW moments (DeepSpeed ZeRO-Offload style)", "the moments live in the pod's RAM"),
+    ("two GPUs, gradients and AdamW moments sharded (FSDP / ZeRO-2)", ""),
+)
+
+
+def _rl_memory(cfg: PipelineConfig, groups: int, mode: int) -> dict[str, float]:
+    """Bytes per GPU of the RL stage with `groups` prompt groups per forward/backward chunk."""
+    r = cfg.rl
+    shape = model_shape(cfg.models.base)
+    w = 2 if _bf16(r.precision) else 4
+    seq = cfg.data.max_tokens + 3 + r.max_new_tokens
+    mem = {"weights": shape.params * float(w), "gradients": shape.params * float(w), "optimizer": shape.params * 8.0}
+    if mode == 1:
+        mem["optimizer"] = shape.params * 2.0
+    elif mode == 2:
+        del mem["optimizer"]
+    elif mode == 3:
+        mem["gradients"] /= 2
+        mem["optimizer"] /= 2
+    mem["activations"] = activation_bytes(shape, groups * r.rollouts, seq, w)
+    if r.kl_coef > 0:
+        mem["reference"] = shape.params * float(w)
+    disc = model_shape(cfg.models.discriminator)
+    mem["discriminator"] = disc.params * 16 + activation_bytes(disc, r.discriminator_batch, cfg.data.max_tokens, 4, lm_head=False)
+    mem["embedder"] = model_shape(cfg.models.embedder).params * 4.0
+    # Rollouts: x → y and y → x̂ for every prompt of the step, `rollouts` samples each.
+    gen_seqs = r.prompts_per_step * r.rollouts
+    if r.backend == "vllm":
+        mem["vllm"] = sum(_generation_share(shape, gen_seqs, seq, True).values())
+    else:
+        mem["kv_cache"] = float(gen_seqs * seq * shape.kv_bytes_per_token())
+    return mem
+
+
+def _plan_rl(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
+    """As configured on a common card if it fits, halving the groups per chunk as the trainer does on
+    out-of-memory. Otherwise every way out (8-bit AdamW, CPU offload, two GPUs, or a bigger card as
+    configured) is priced, and the cheapest is the plan."""
+    r = cfg.rl
+    shape = model_shape(cfg.models.base)
+    w = 2 if _bf16(r.precision) else 4
+    plan = StagePlan("rl", cfg.models.base, "gpu", params=shape.params, trainable_params=shape.params)
+    full = shape.params * (2 * w + 8)
+    plan.notes.append(
+        f"full weights: {w}-byte weights and gradients + fp32 AdamW moments = {_gib(full)} GiB "
+        f"({full / 1e9:.1f} GB) before activations"
+    )
+    for groups in _halvings(r.rollout_micro_batch):
+        mem = _rl_memory(cfg, groups, 0)
+        gpu = smallest_fitting(sum(mem.values()), prices, COMMON_MAX_GB)
+        if gpu is not None:
+            plan.memory, plan.gpu, plan.micro_batch = mem, gpu, groups
+            plan.notes.append(f"{groups} group(s) × {r.rollouts} rollouts per forward/backward chunk")
+            return plan
+    configured = _rl_memory(cfg, r.rollout_micro_batch, 0)
+    chosen: Alternative | None = None
+    for groups in _halvings(r.rollout_micro_batch):
+        alts = []
+        for mode, (name, note) in enumerate(RL_MODES):
+            alt = Alternative(name, _rl_memory(cfg, groups, mode), gpu_count=2 if mode == 3 else 1, note=note)
+            if mode == 2:
+                alt.note += f" (≥ {_gib(shape.params * 8.0 * 1.25)} GiB)"
+            alt.gpu = smallest_fitting(alt.need_bytes, prices)
+            alts.append(alt)
+        fitting = [a for a in alts if a.gpu is not None]
+        if fitting:
+            chosen = min(fitting, key=lambda a: (a.hourly_usd or math.inf, a.need_bytes))
+            break
+    plan.alternatives = alts
+    plan.micro_batch = groups
+    plan.notes.append(
+        f"as configured ({r.rollout_micro_batch} group(s) × {r.rollouts} rollouts per chunk) it needs "
+        f"{_gib(sum(configured.values()))} GiB: no {COMMON_MAX_GB} GB card fits, even at 1 group per chunk"
+    )
+    if chosen is None:
+        plan.memory = configured
+        plan.notes.append("nothing in the price table fits: lower rl.max_new_tokens or rl.rollouts")
+        return plan
+    plan.memory, plan.gpu, plan.gpu_count = chosen.memory, chosen.gpu, chosen.gpu_count
+    plan.notes.append(
+        f"plan: {chosen.name}, {groups} group(s) per chunk, on {chosen.gpu_count}× "
+        f"{chosen.gpu.id if chosen.gpu else '?'} — the cheapest option below (options other than 'as configured' "
+        "need that optimizer set-up in the RL trainer)"
+    )
+    return plan
+
+
+def _plan_eval(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
+    e = cfg.eval
+    shape = model_shape(cfg.models.base)
+    tokens = cfg.data.max_tokens + 3 + e.max_new_tokens
+    gen = _generation_share(shape, e.batch_size, tokens, e.backend == "vllm")
+    plan = StagePlan("eval", cfg.models.base, "gpu", params=shape.params)
+    plan.memory = {"vllm": sum(gen.values())} if e.backend == "vllm" else dict(gen)
+    fluency = e.fluency_model or cfg.models.base
+    plan.memory["fluency_model"] = model_shape(fluency).params * 2.0
+    plan.memory["discriminator"] = model_shape(cfg.models.discriminator).params * 4.0
+    plan.memory["embedder"] = model_shape(cfg.models.embedder).params * 4.0
+    plan.gpu = smallest_fitting(plan.total_bytes, prices)
+    plan.notes.append(f"translation of {e.batch_size} sequences × {tokens} tokens at a time, then fluency perplexity")
+    return plan
+
+
+def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePlan]:
+    """One StagePlan per stage, in pipeline order."""
+    prices = prices or load_prices()
+    merge_shape = model_shape(cfg.models.base)
+    plans = {
+        "data": StagePlan("data", None, "cpu", notes=["cleaning and tokenizing: CPU only (the process pool)"]),
+        "context": _plan_training("context", cfg.models.base, cfg.context, prices),
+        "paraphrase": _plan_paraphrase(cfg, prices),
+        "para_train": _plan_training("para_train", cfg.models.base, cfg.para_train, prices),
+        "domain_train": _plan_training("domain_train", cfg.models.base, cfg.domain_train, prices),
+        "merge": StagePlan(
+            "merge", cfg.models.base, "cpu", params=merge_shape.params,
+            memory={"ram": merge_shape.params * 4.0 * 2},
+            notes=[f"no training: fp32 base + merged copy in RAM ≈ {_gib(merge_shape.params * 8.0)} GiB; CPU is enough"],
+        ),
+        "rl": _plan_rl(cfg, prices),
+        "eval": _plan_eval(cfg, prices),
+    }
+    return [plans[s] for s in STAGES]
+
+
+# ---- output ------------------------------------------------------------------------------------------
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f}" if n >= 0.05 * GiB else f"{n / GiB:.2f}"
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_plan(plans: list[StagePlan], prices: PriceTable | None = None) -> str:
+    prices = prices or load_prices()
+    rows = [("stage", "model", "params", "trainable", "GiB/GPU", "GPU", "$/hour")]
+    for p in plans:
+        if p.device == "cpu":
+            gpu, cost = "CPU (no GPU)", "-"
+        elif p.gpu is None:
+            gpu, cost = "none fits (see below)", "-"
+        else:
+            gpu, cost = f"{p.gpu_count}× {p.gpu.id}", f"{p.hourly_usd:.2f}"
+        rows.append((
+            p.stage, p.model or "-", _count(p.params) if p.params else "-",
+            _count(p.trainable_params) if p.trainable_params else "-",
+            _gib(p.total_bytes) if p.memory else "-", gpu, cost,
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    for p in plans:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in p.memory.items())
+        lines.append(f"{p.stage}: " + "; ".join(filter(None, [parts and f"GiB: {parts}", *p.notes])))
+        for a in p.alternatives:
+            where = f"{a.gpu_count}× {a.gpu.id} at ${a.hourly_usd:.2f}/h" if a.gpu else "no card fits"
+            extra = f" ({a.note})" if a.note else ""
+            lines.append(f"    option: {a.name}: {_gib(a.need_bytes)} GiB per GPU → {where}{extra}")
+    total = sum(p.hourly_usd or 0.0 for p in plans)
+    lines.append("")
+    lines.append(f"all GPU stages one after another: ${total:.2f} per hour of each; prices {prices.date}, "
+                 f"{prices.source}")
+    return "\n".join(lines)
