@@ -97,9 +97,12 @@ def _locate(spec: str) -> tuple[str, str | None]:
 def add_markers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, markers: list[str]) -> list[int]:
     """Add the missing markers as special tokens (once) and grow the embeddings; returns their ids."""
     missing = [m for m in markers if m not in tokenizer.get_vocab()]
+    # A spelling that is in the vocabulary but not an added token could still be split by the
+    # tokenizer's merges: register it as special too (it keeps its id, nothing grows).
+    unregistered = [m for m in markers if m not in tokenizer.get_added_vocab()]
     old_len = len(tokenizer)
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    if unregistered:
+        tokenizer.add_special_tokens({"extra_special_tokens": unregistered}, replace_extra_special_tokens=False)
     ids = marker_token_ids(tokenizer, markers)
     new_ids = [i for m, i in zip(markers, ids, strict=True) if m in missing]
 

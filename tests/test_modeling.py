@@ -64,6 +64,16 @@ def test_markers_added_once_and_keep_ids_after_save(spec: str, tmp_path: Path) -
     assert plain_tok.convert_tokens_to_ids(MARKERS) == ids
 
 
+def test_marker_already_in_the_vocabulary_keeps_its_id_and_row() -> None:
+    base, base_tok = load_model("tiny-gptj")
+    existing = base_tok.convert_ids_to_tokens(500)
+    model, tok = load_model("tiny-gptj", markers=[existing, "<|B|>"])
+    assert marker_token_ids(tok, [existing, "<|B|>"]) == [500, len(base_tok)]
+    assert len(tok) == len(base_tok) + 1
+    assert existing in tok.get_added_vocab()  # now special: never split or merged
+    assert torch.equal(model.get_input_embeddings().weight[500], base.get_input_embeddings().weight[500])
+
+
 def test_marker_ids_without_markers_is_a_clear_error() -> None:
     _, tok = load_model("tiny-gptj")
     with pytest.raises(BadInput, match="markers"):
