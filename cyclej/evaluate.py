@@ -316,14 +316,18 @@ def _row(system: str, runs: list[_Run]) -> dict[str, Any]:
 
 
 def as_system(
-    system: System | str | Path, markers: tuple[str, str], batch_size: int, max_new_tokens: int
+    system: System | str | Path,
+    markers: tuple[str, str],
+    batch_size: int,
+    max_new_tokens: int,
+    backend: Literal["transformers", "vllm"] = "transformers",
 ) -> System:
     """A callable as is; a model directory (or artifact URI) becomes a lazily loaded ModelTranslator."""
     if callable(system):
         return system
     path = str(system)
     return ModelTranslator(
-        loader=lambda: load_for_translation(local_model_dir(path), markers),
+        loader=lambda: load_for_translation(local_model_dir(path), markers, backend),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )
@@ -357,7 +361,7 @@ def evaluate(
     runs: list[_Run] = []
     with progress.bar("translate", total=4 * len(systems), unit="pass") as bar:
         for name, spec in systems.items():
-            system = as_system(spec, markers, ev.batch_size, ev.max_new_tokens)
+            system = as_system(spec, markers, ev.batch_size, ev.max_new_tokens, ev.backend)
             for source_domain, target in (("a", "b"), ("b", "a")):
                 sources = src[source_domain]
                 outputs = _checked(system(sources, target), sources, name)  # type: ignore[arg-type]

@@ -17,7 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej.errors import BadInput
 from cyclej.formats import rl_prompt
-from cyclej.modeling import load_model
+from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, make_backend
+from cyclej.modeling import load_model, marker_token_ids
 
 Domain = Literal["a", "b"]
 MODEL_INFO = "cyclej.json"
@@ -105,57 +106,102 @@ def model_markers(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase | No
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
+Backend = Literal["transformers", "vllm"]
+# What a translator runs on: an in-memory model (wrapped in a TransformersBackend) or any generation backend.
+Loaded = tuple[PreTrainedModel | GenerationBackend, PreTrainedTokenizerBase, tuple[str, str]]
+
+
 def load_for_translation(
-    model_dir: str | Path, markers: tuple[str, str] | list[str] | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
+    model_dir: str | Path,
+    markers: tuple[str, str] | list[str] | None = None,
+    backend: Backend = "transformers",
+) -> Loaded:
+    """The model at `model_dir` ready to translate: through `cyclej.modeling.load_model` (markers added
+    if missing, GPT-J position interpolation re-applied) or, with backend vllm, a vLLM engine on the folder."""
     if markers is None:
         markers = model_markers(model_dir)
-    model, tokenizer = load_model(str(model_dir), markers=list(markers))
+    pair = (markers[0], markers[1])
+    if backend == "vllm":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        marker_token_ids(tokenizer, list(pair))  # vLLM cannot add tokens: they must be in the folder already
+        return make_backend("vllm", str(model_dir)), tokenizer, pair
+    model, tokenizer = load_model(str(model_dir), markers=list(pair))
+    if torch.cuda.is_available():
+        model.to("cuda")
     model.eval()
-    return model, tokenizer, (markers[0], markers[1])
+    return model, tokenizer, pair
 
 
 # ---- translating ----------------------------------------------------------------------------------------
 class ModelTranslator:
-    """A translation system over one in-memory model: `system(lines, to) -> lines`.
+    """A translation system over one model: `system(lines, to) -> lines`.
 
-    Built either from a model or from a loader called on first use (so an evaluation holds one model in
-    memory at a time); `release()` drops the model.
+    Built either from a model (or a generation backend) or from a loader called on first use, so an
+    evaluation holds one model in memory at a time; `release()` drops what the loader loaded.
     """
 
     def __init__(
         self,
-        model: PreTrainedModel | None = None,
+        model: PreTrainedModel | GenerationBackend | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         markers: tuple[str, str] | list[str] | None = None,
-        loader: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]] | None = None,
+        loader: Callable[[], Loaded] | None = None,
         batch_size: int = 16,
         max_new_tokens: int = 64,
     ) -> None:
         if model is None and loader is None:
             raise ValueError("give a model (with tokenizer and markers) or a loader")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.markers = tuple(markers) if markers is not None else None
         self.loader = loader
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.backend: GenerationBackend | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.markers: tuple[str, str] | None = None
+        if model is not None:
+            assert tokenizer is not None and markers is not None, "a model needs its tokenizer and markers"
+            self._set(model, tokenizer, (markers[0], markers[1]))
 
-    def _ensure_loaded(self) -> None:
-        if self.model is None:
-            assert self.loader is not None
-            self.model, self.tokenizer, self.markers = self.loader()
+    def _set(
+        self, model: PreTrainedModel | GenerationBackend, tokenizer: PreTrainedTokenizerBase, markers: tuple[str, str]
+    ) -> None:
+        self.backend = (
+            TransformersBackend(model, tokenizer, batch_size=self.batch_size)
+            if isinstance(model, torch.nn.Module) else model
+        )
+        self.tokenizer, self.markers = tokenizer, markers
 
     def release(self) -> None:
         if self.loader is not None:
-            self.model = self.tokenizer = None
+            self.backend = self.tokenizer = self.markers = None
 
     def __call__(self, lines: list[str], to: Domain) -> list[str]:
-        self._ensure_loaded()
-        assert self.model is not None and self.tokenizer is not None and self.markers is not None
-        return translate_with_model(
-            self.model, self.tokenizer, lines, to, self.markers, self.batch_size, self.max_new_tokens
-        )
+        if self.backend is None:
+            assert self.loader is not None
+            self._set(*self.loader())
+        assert self.backend is not None and self.tokenizer is not None and self.markers is not None
+        return translate_with_backend(self.backend, self.tokenizer, lines, to, self.markers, self.max_new_tokens)
+
+
+def translate_with_backend(
+    backend: GenerationBackend,
+    tokenizer: PreTrainedTokenizerBase,
+    lines: list[str],
+    to: Domain,
+    markers: tuple[str, str] | list[str],
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Greedy `{D_src}{line}{D_tgt}` completions, batched by the backend; one output line per input line."""
+    if to not in ("a", "b"):
+        raise BadInput(f"--to {to}: choose a or b")
+    if not lines:
+        return []
+    a_id, b_id = marker_token_ids(tokenizer, list(markers))
+    src_id, tgt_id = (a_id, b_id) if to == "b" else (b_id, a_id)
+    prompts = [rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
+    completions = backend.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0))
+    return [_one_line(tokenizer.decode(c[0] if c else [], skip_special_tokens=True)) for c in completions]
 
 
 def translate_with_model(
@@ -167,41 +213,9 @@ def translate_with_model(
     batch_size: int = 16,
     max_new_tokens: int = 64,
 ) -> list[str]:
-    """Greedy `{D_src}{line}{D_tgt}` completions, batched; exactly one output line per input line."""
-    if to not in ("a", "b"):
-        raise BadInput(f"--to {to}: choose a or b")
-    marker_ids = tokenizer.convert_tokens_to_ids(list(markers))
-    src_id, tgt_id = (marker_ids[0], marker_ids[1]) if to == "b" else (marker_ids[1], marker_ids[0])
-    prompts = [rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
-    completions = _greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return [_one_line(tokenizer.decode(c, skip_special_tokens=True)) for c in completions]
-
-
-# TEMPORARY until cyclej.generate lands.
-@torch.no_grad()
-def _greedy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], max_new_tokens: int,
-    batch_size: int,
-) -> list[list[int]]:
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    out: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=eos,
-        )
-        for row, i in enumerate(idx):
-            toks = gen[row, width:].tolist()
-            if eos in toks:
-                toks = toks[: toks.index(eos)]
-            out[i] = toks
-    return out
+    """`translate_with_backend` on an in-memory model."""
+    backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
+    return translate_with_backend(backend, tokenizer, lines, to, markers, max_new_tokens)
 
 
 def _one_line(text: str) -> str:
@@ -216,8 +230,13 @@ def translate_lines(
     batch_size: int = 16,
     max_new_tokens: int = 64,
     storage_options: dict[str, Any] | None = None,
+    backend: Backend = "transformers",
 ) -> list[str]:
     """Rewrite `lines` into domain `to` with the model at `model_dir_or_spec` (see `local_model_dir`)."""
     model_dir = local_model_dir(model_dir_or_spec, storage_options)
-    model, tokenizer, marks = load_for_translation(model_dir, markers)
-    return translate_with_model(model, tokenizer, lines, to, marks, batch_size, max_new_tokens)
+    translator = ModelTranslator(
+        loader=lambda: load_for_translation(model_dir, markers, backend),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    return translator(lines, to)

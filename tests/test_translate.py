@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from cyclej.config import StorageConfig
 from cyclej.errors import BadInput
@@ -27,6 +29,16 @@ LINES = [
     "line with\ttabs   and  spaces",
     "i would never come back here .",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the threads' spin
+    waits make each tiny matmul many times slower; restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
