@@ -1,0 +1,415 @@
+"""The exact, streaming linear merge of LoRA adapters into their base (INTERMEDIATE-3).
+
+    merged = base + Σ_i w_i · Δ_i          Δ_i = scaling_i · (B_i @ A_i)   for every LoRA'd linear
+    merged_row = base_row + Σ_i w_i · (row_i − base_row)                   for every trained marker row
+
+With two adapters and w_a + w_b = 1 this is exactly the weighted average of the two full fine-tuned models
+(base + Δ_a and base + Δ_b). PEFT's `add_weighted_adapter(..., "linear")` is not used on purpose: it mixes the
+A and B factors separately, and (Σ w B)(Σ w A) ≠ Σ w (B A).
+
+Streaming: the base's safetensors shards are walked one at a time and each output shard is written tensor by
+tensor with the input's exact header (same names, dtypes, shapes, byte offsets), so peak memory is a few
+copies of the largest changed tensor plus the adapters, never a whole model. Deltas are computed in fp32 and
+cast to the stored dtype once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cyclej.errors import BadInput
+from cyclej.progress import Progress
+
+ADAPTER_DIR = "adapter"
+MARKER_ROWS = "marker_rows.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_COPY_CHUNK = 16 << 20
+
+# LoRA options whose merge is not `base + scaling · B @ A`; refused rather than merged wrongly.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets",
+}
+# Adapter-file keys that carry nothing the merge needs: marker_rows.safetensors holds the final marker rows
+# (PEFT's trainable-token deltas and resized-embedding copies describe the same rows).
+_IGNORED_KEY = re.compile(r"(\.token_adapter\.trainable_tokens_\w+$)|((embed_tokens|wte|lm_head|embed_out)\.weight$)")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One LoRA'd linear of one adapter: Δ = scaling · B @ A (transposed for Conv1D-style fan_in_fan_out)."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scaling: float
+    fan_in_fan_out: bool
+
+    def delta(self) -> torch.Tensor:
+        d = self.b.float() @ self.a.float()
+        if self.fan_in_fan_out:
+            d = d.T
+        return d * self.scaling
+
+
+@dataclass
+class Adapter:
+    """A trained stage's output: LoRA factors by module name, plus the final values of its marker rows."""
+
+    source: str
+    factors: dict[str, LoraFactors]  # module name in the base model, e.g. "transformer.h.0.attn.q_proj"
+    marker_ids: torch.Tensor | None = None  # int64 [n]
+    input_rows: torch.Tensor | None = None  # [n, d]: final rows of the input embedding
+    output_rows: torch.Tensor | None = None  # [n, d]: final rows of lm_head (untied models only)
+    ignored_keys: list[str] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        tensors = [t for f in self.factors.values() for t in (f.a, f.b)]
+        tensors += [t for t in (self.marker_ids, self.input_rows, self.output_rows) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class MergeStats:
+    shards: int
+    tensors: int
+    tensors_changed: int
+    lora_modules: int
+    marker_rows: int
+    weights: list[float]
+    seconds: float
+    largest_shard_bytes: int
+    adapter_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def merge_weights(weight: float, weight_a: float | None = None, weight_b: float | None = None) -> tuple[float, float]:
+    """(w_a, w_b): the task-arithmetic pair when given, otherwise (w, 1 − w)."""
+    if weight_a is not None and weight_b is not None:
+        return float(weight_a), float(weight_b)
+    return float(weight), 1.0 - float(weight)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    VmHWM from /proc (Linux) rather than getrusage's ru_maxrss: a child started by fork+exec inherits its
+    parent's ru_maxrss, so a merge measured in a subprocess of a big process would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ---- reading adapters ---------------------------------------------------------------------------------
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): a key matches a module
+    name that ends with it after a dot."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_adapter(stage_dir: str | Path) -> Adapter:
+    """Read a `para_train`/`domain_train` artifact: `adapter/` (PEFT save_pretrained) + `marker_rows.safetensors`.
+
+    A stage directory without `marker_rows.safetensors` (marker rows not trained) contributes no row changes.
+    """
+    stage_dir = Path(stage_dir)
+    adapter_dir = stage_dir / ADAPTER_DIR
+    config_path = adapter_dir / "adapter_config.json"
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise BadInput(f"{p}: missing; a LoRA stage must save its adapter with PEFT save_pretrained")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise BadInput(f"{config_path}: not valid JSON ({exc})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise BadInput(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA merges exactly")
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise BadInput(f"{config_path}: {option} is set; the merge does not support {what}")
+    if config.get("bias", "none") != "none":
+        raise BadInput(f"{config_path}: bias={config['bias']!r}; the merge supports bias='none' only")
+    if config.get("modules_to_save"):
+        raise BadInput(f"{config_path}: modules_to_save {config['modules_to_save']} is not supported by the merge")
+
+    state = load_file(str(weights_path))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    ignored: list[str] = []
+    for key, tensor in state.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            if _IGNORED_KEY.search(key):
+                ignored.append(key)
+                continue
+            raise BadInput(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights can be merged)")
+        module = m["module"].removeprefix(PEFT_PREFIX)
+        pairs.setdefault(module, {})[m["which"]] = tensor
+
+    r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    factors: dict[str, LoraFactors] = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise BadInput(f"{weights_path}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        r = int(_pattern_value(rank_pattern, module, r_default))
+        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise BadInput(
+                f"{weights_path}: {module} has rank {ab['A'].shape[0]} but adapter_config.json says r={r}"
+            )
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        factors[module] = LoraFactors(ab["A"], ab["B"], scaling, bool(config.get("fan_in_fan_out")))
+    if not factors:
+        raise BadInput(f"{weights_path}: no LoRA weights found")
+
+    adapter = Adapter(source=str(stage_dir), factors=factors, ignored_keys=ignored)
+    rows_path = stage_dir / MARKER_ROWS
+    if rows_path.is_file():
+        rows = load_file(str(rows_path))
+        if "token_ids" not in rows or "input_embeddings" not in rows:
+            raise BadInput(f"{rows_path}: needs tensors 'token_ids' and 'input_embeddings'")
+        ids = rows["token_ids"].to(torch.int64)
+        n = ids.numel()
+        for name in ("input_embeddings", "output_embeddings"):
+            if name in rows and (rows[name].ndim != 2 or rows[name].shape[0] != n):
+                raise BadInput(f"{rows_path}: {name} has shape {tuple(rows[name].shape)}, expected [{n}, d]")
+        adapter.marker_ids = ids
+        adapter.input_rows = rows["input_embeddings"]
+        adapter.output_rows = rows.get("output_embeddings")
+    return adapter
+
+
+# ---- the base checkpoint --------------------------------------------------------------------------------
+def base_shards(base_dir: Path) -> dict[str, list[str]]:
+    """Shard file name → tensor names, from the index (or the single model.safetensors)."""
+    index = base_dir / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        return shards
+    single = base_dir / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {SINGLE_FILE: list(f.keys())}
+    raise BadInput(f"{base_dir}: no {SINGLE_FILE} or {INDEX_FILE}; the base must be saved as safetensors")
+
+
+# (input embedding, lm_head) checkpoint names of the common causal-LM layouts: GPT-J/GPT-2, Llama-family,
+# GPT-NeoX. Anything else is asked of the architecture itself.
+_KNOWN_EMBEDDINGS = (
+    ("transformer.wte.weight", "lm_head.weight"),
+    ("model.embed_tokens.weight", "lm_head.weight"),
+    ("gpt_neox.embed_in.weight", "embed_out.weight"),
+)
+
+
+def embedding_keys(base_dir: Path, stored: set[str]) -> tuple[str, str | None]:
+    """Checkpoint names of the input embedding and of lm_head (None when tied, i.e. not stored)."""
+    for inp, out in _KNOWN_EMBEDDINGS:
+        if inp in stored:
+            return inp, (out if out in stored else None)
+    # Unknown layout: build the architecture on the meta device (no memory) and ask it.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {id(m): n for n, m in model.named_modules()}
+    inp = names[id(model.get_input_embeddings())] + ".weight"
+    out_module = model.get_output_embeddings()
+    out = names[id(out_module)] + ".weight" if out_module is not None else None
+    if inp not in stored:
+        raise BadInput(f"{base_dir}: the input embedding {inp} is not in the checkpoint")
+    return inp, (out if out in stored else None)
+
+
+def _read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The raw safetensors prefix (8-byte length + JSON header) and the parsed header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+    return struct.pack("<Q", n) + raw, json.loads(raw)
+
+
+# ---- the merge ------------------------------------------------------------------------------------------
+def _row_plan(
+    adapters: Sequence[tuple[Adapter, float]], attr: str
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
+    """All marker ids touched by any adapter, and per adapter (positions into those ids, its rows, weight)."""
+    parts = [(a.marker_ids, getattr(a, attr), w) for a, w in adapters if getattr(a, attr) is not None]
+    if not parts:
+        return None
+    ids = torch.unique(torch.cat([p[0] for p in parts]))
+    plan = [(torch.searchsorted(ids, pid), rows, w) for pid, rows, w in parts]
+    return ids, plan
+
+
+def _mix_rows(
+    tensor: torch.Tensor,
+    base_rows: torch.Tensor,
+    plan: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]],
+    key: str,
+) -> torch.Tensor:
+    """Marker rows = base_row + Σ w·(row − base_row), from the base's rows (fp32), cast once."""
+    ids, per_adapter = plan
+    mixed = base_rows.clone()
+    for pos, rows, w in per_adapter:
+        if rows.shape[1] != tensor.shape[1]:
+            raise BadInput(f"marker rows have width {rows.shape[1]} but {key} has {tensor.shape[1]}")
+        mixed[pos] += w * (rows.float() - base_rows[pos])
+    tensor[ids] = mixed.to(tensor.dtype)
+    return tensor
+
+
+def merge_lora_adapters(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    adapters: Sequence[tuple[Adapter, float]],
+    progress: Progress | None = None,
+) -> MergeStats:
+    """Write base + Σ w·Δ (and the mixed marker rows) to `out_dir` as a plain HF directory, shard by shard.
+
+    `out_dir` gets the same shard files and index as the base, and every other file of the base directory
+    (config.json with its position-interpolation key, tokenizer, generation config) copied unchanged.
+    """
+    started = time.monotonic()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if not (base_dir / "config.json").is_file():
+        raise BadInput(f"{base_dir}: no config.json (not a Hugging Face model folder)")
+    shards = base_shards(base_dir)
+    stored = {k for keys in shards.values() for k in keys}
+    inp_key, out_key = embedding_keys(base_dir, stored)
+
+    # module name → base key; every LoRA'd module must exist in the base, or the adapter is not for it.
+    updates: dict[str, list[tuple[LoraFactors, float]]] = {}
+    for adapter, w in adapters:
+        for module, factors in adapter.factors.items():
+            key = f"{module}.weight"
+            if key not in stored:
+                raise BadInput(f"{adapter.source}: LoRA module {module} has no weight {key} in the base {base_dir}")
+            updates.setdefault(key, []).append((factors, w))
+    row_updates: dict[str, Any] = {}
+    notes = [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA adapter tensors" for a, _ in adapters if a.ignored_keys]
+    if (plan := _row_plan(adapters, "input_rows")) is not None:
+        row_updates[inp_key] = plan
+    if (plan := _row_plan(adapters, "output_rows")) is not None:
+        if out_key is None:
+            notes.append("lm_head is tied to the input embedding: output marker rows follow the input rows")
+        else:
+            row_updates[out_key] = plan
+    if out_key is not None and inp_key in row_updates and out_key not in row_updates:
+        notes.append("lm_head is not tied but no adapter has output marker rows: lm_head rows unchanged")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in base_dir.iterdir():  # config, tokenizer, generation config, index: unchanged
+        if item.is_file() and not item.name.endswith(".safetensors"):
+            shutil.copy2(item, out_dir / item.name)
+
+    changed, largest = 0, 0
+    bar = (progress or Progress(show_bar=False)).bar("merge shards", total=len(shards), unit="shard")
+    for shard_name in sorted(shards):
+        src, dst = base_dir / shard_name, out_dir / shard_name
+        largest = max(largest, src.stat().st_size)
+        prefix, header = _read_header(src)
+        entries = sorted(
+            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+        )
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fout.write(prefix)  # identical header: same names, dtypes, shapes and byte offsets
+            for key, info in entries:
+                begin, end = info["data_offsets"]
+                if key in updates or key in row_updates:
+                    merged = _merge_tensor(src, key, updates.get(key, []), row_updates.get(key))
+                    data = merged.contiguous().view(torch.uint8).numpy()
+                    if data.nbytes != end - begin:
+                        raise RuntimeError(f"{key}: merged tensor has {data.nbytes} bytes, expected {end - begin}")
+                    fout.write(memoryview(data))
+                    changed += 1
+                    del merged, data
+                else:
+                    fin.seek(len(prefix) + begin)
+                    remaining = end - begin
+                    while remaining:
+                        chunk = fin.read(min(_COPY_CHUNK, remaining))
+                        fout.write(chunk)
+                        remaining -= len(chunk)
+        bar.update(1)
+    bar.close()
+    n_rows = sum(len(p[0]) for p in row_updates.values())
+    return MergeStats(
+        shards=len(shards),
+        tensors=len(stored),
+        tensors_changed=changed,
+        lora_modules=len(updates),
+        marker_rows=n_rows,
+        weights=[w for _, w in adapters],
+        seconds=round(time.monotonic() - started, 3),
+        largest_shard_bytes=largest,
+        adapter_bytes=sum(a.nbytes() for a, _ in adapters),
+        notes=notes,
+    )
+
+
+def _merge_tensor(
+    shard: Path,
+    key: str,
+    lora: list[tuple[LoraFactors, float]],
+    rows: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]] | None,
+) -> torch.Tensor:
+    # A fresh handle per tensor: safe_open memory-maps the file, and every page read through one open handle
+    # stays resident (counted in RSS) until it closes. Reopening keeps only this tensor's pages mapped.
+    with safe_open(str(shard), framework="pt") as f:
+        tensor = f.get_tensor(key)  # a private copy: safe to update in place
+    dtype = tensor.dtype
+    if rows is not None and (int(rows[0].max()) >= tensor.shape[0] or int(rows[0].min()) < 0):
+        raise BadInput(f"marker_rows token ids {rows[0].tolist()} fall outside {key} ({tensor.shape[0]} rows)")
+    base_rows = tensor[rows[0]].float() if rows is not None else None
+    if lora:
+        acc = tensor.float()
+        for factors, w in lora:
+            d = factors.delta()
+            if d.shape != acc.shape:
+                raise BadInput(f"LoRA delta for {key} has shape {tuple(d.shape)}, the base has {tuple(acc.shape)}")
+            acc.add_(d, alpha=w)
+            del d
+        tensor = acc.to(dtype)
+        del acc
+    if rows is not None and base_rows is not None:
+        tensor = _mix_rows(tensor, base_rows, rows, key)
+    return tensor
