@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cyclej.config import PipelineConfig, load_config
 from cyclej.errors import BadInput
+from cyclej.faults import InjectedError
 from cyclej.modeling import PI_KEY, load_model, marker_token_ids, position_interpolation_factor
 from cyclej.progress import Progress
 from cyclej.stages import run_all, run_stage
@@ -77,10 +80,22 @@ def test_context_refuses_rows_longer_than_the_extended_context(tiny_store: str) 
         run_stage("context", cfg, {"data": _DATA["data"]}, store, QUIET)
 
 
-def test_context_stage_on_the_tiny_preset(tiny_store: str) -> None:
-    # A larger LR than the recipe's so that 4 steps on a random model visibly lower the perplexity.
-    cfg, store = _tiny(tiny_store, "context.lr=3e-3")
-    ref = run_stage("context", cfg, {"data": _DATA["data"]}, store, QUIET)
+# A larger LR than the recipe's so that 4 steps on a random model visibly lower the perplexity.
+STAGE_OVERRIDES = ("context.lr=3e-3",)
+
+
+@pytest.fixture
+def context_ref(tiny_store: str) -> ArtifactRef:
+    """The tiny preset's context stage, run once for this file without interruption."""
+    if "context" not in _DATA:
+        cfg, store = _tiny(tiny_store, *STAGE_OVERRIDES)
+        _DATA["context"] = run_stage("context", cfg, {"data": _DATA["data"]}, store, QUIET)
+    return _DATA["context"]
+
+
+def test_context_stage_on_the_tiny_preset(tiny_store: str, context_ref: ArtifactRef) -> None:
+    cfg, store = _tiny(tiny_store, *STAGE_OVERRIDES)
+    ref = context_ref
     out = store.fetch(ref)
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("ppl_base_old_len", "ppl_before", "ppl_after", "ppl_after_old_len"):
@@ -115,3 +130,32 @@ def test_context_stage_on_the_tiny_preset(tiny_store: str) -> None:
     # A second run of the same config comes back from the store without training.
     again = run_stage("context", cfg, {"data": _DATA["data"]}, store, QUIET)
     assert again.fingerprint == ref.fingerprint and again.manifest_sha256 == ref.manifest_sha256
+
+
+def test_context_stage_resumes_after_a_failure_to_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_store: str, context_ref: ArtifactRef
+) -> None:
+    """An error at optimizer step 3 (after the step-2 checkpoint), then a re-run: the trainer resumes
+    from step 2 and INTERMEDIATE-1 is bit-identical to the uninterrupted run's."""
+    cfg, store = _tiny(str(tmp_path / "store"), *STAGE_OVERRIDES)
+    data_ref = run_all(cfg, store, QUIET, until="data")["data"]
+    assert data_ref.fingerprint == _DATA["data"].fingerprint
+    monkeypatch.setenv("CYCLEJ_FAULT", "context:3:error")
+    with pytest.raises(InjectedError):
+        run_stage("context", cfg, {"data": data_ref}, store, QUIET)
+    assert store.ref("context", context_ref.fingerprint) is None
+    assert store.list_checkpoints("context", context_ref.fingerprint) == ["step-00000002"]
+
+    ref = run_stage("context", cfg, {"data": data_ref}, store, QUIET)
+    assert ref.fingerprint == context_ref.fingerprint
+    resumed = json.loads((store.fetch(ref) / "metrics.json").read_text())
+    assert resumed["train"]["resumed_from"] == ["step-00000002"]
+    straight = json.loads((store_of(tiny_store).fetch(context_ref) / "metrics.json").read_text())
+    assert resumed["ppl_after"] == straight["ppl_after"]
+    a = load_file(str(store.fetch(ref) / "model" / "model.safetensors"))
+    b = load_file(str(store_of(tiny_store).fetch(context_ref) / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def store_of(root: str) -> ArtifactStore:
+    return _tiny(root)[1]
