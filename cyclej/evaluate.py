@@ -34,6 +34,7 @@ import torch
 from cyclej.config import PipelineConfig
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.progress import Progress
+from cyclej.store import ArtifactStore
 from cyclej.translate import ModelTranslator, load_for_translation, local_model_dir
 
 Domain = Literal["a", "b"]
@@ -89,6 +90,10 @@ class EvalReport:
         for r in rows:
             lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
         return "\n".join(lines)
+
+    @property
+    def markdown(self) -> str:
+        return self.to_markdown()
 
     def to_markdown(self) -> str:
         a, b = self.domains
@@ -406,6 +411,29 @@ def evaluate(
         examples=_examples(runs, list(systems)),
         rl_log=list(rl_log or []),
     )
+
+
+def evaluate_model_dir(
+    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
+) -> EvalReport:
+    """`cyclej eval --model URI CONFIG`: the report for any model directory (or artifact URI) on the
+    config's data, beside the copy-the-input baseline. The `data` stage comes from the store (or runs)."""
+    from cyclej.stages import run_stage
+    from cyclej.stages.data import read_lines
+    from cyclej.stages.eval import eval_dev_sets
+
+    data = run_stage("data", cfg, {}, store, progress)
+    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
+    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
+    local = local_model_dir(str(model_dir), None if store.is_local else store.storage_options)
+    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, model_label(local): local}
+    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
+
+
+def model_label(model_dir: Path) -> str:
+    """A row name for a model folder: `<stage>/<fingerprint>` for an artifact's model/, else the folder name."""
+    p = Path(model_dir)
+    return f"{p.parent.parent.name}/{p.parent.name}" if p.name == "model" else p.name
 
 
 def _checked(outputs: list[str], inputs: list[str], name: str) -> list[str]:

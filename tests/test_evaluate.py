@@ -252,11 +252,13 @@ def test_run_eval_writes_the_report_with_four_rows(
 
 
 def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
-    from cyclej.stages.eval import evaluate_model_dir
+    from cyclej.evaluate import evaluate_model_dir
 
     cfg = _tiny_cfg(tmp_path, max_examples=4)
     store = ArtifactStore(cfg.storage.root)
     report = evaluate_model_dir(artifacts["rl"], cfg, store)
     assert isinstance(report, EvalReport)
-    assert [r["system"] for r in report.rows] == [SYSTEM_COPY, "rl"]
+    label = f"{artifacts['rl'].parent.name}/rl"  # <stage>/<fingerprint> for an artifact's model/
+    assert [r["system"] for r in report.rows] == [SYSTEM_COPY, label]
+    assert f"| {label} |" in report.markdown
     assert report.rows[0]["self_bleu"] == pytest.approx(100.0)

@@ -36,7 +36,7 @@ from cyclej.modeling import load_model
 from cyclej.progress import Progress
 from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.translate import ModelTranslator, local_model_dir
+from cyclej.translate import ModelTranslator
 
 MARKER_ROWS = "marker_rows.safetensors"
 
@@ -162,19 +162,3 @@ def _model_card(
         for name in ("README.md", "cyclej.json"):
             store.fs.put_file(str(model_dir / name), f"{rl_ref.uri}/model/{name}")
     return card
-
-
-# ---- `cyclej eval --model URI CONFIG` --------------------------------------------------------------------
-def evaluate_model_dir(
-    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
-) -> EvalReport:
-    """The report for any model directory (or artifact URI) on the config's data: the copy baseline and
-    that model. The `data` stage comes from the store's cache (or runs)."""
-    from cyclej.stages import run_stage
-
-    data = run_stage("data", cfg, {}, store, progress)
-    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
-    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
-    local = local_model_dir(str(model_dir), store.storage_options if not store.is_local else None)
-    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, Path(str(model_dir)).name: local}
-    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
