@@ -1,0 +1,174 @@
+"""The online discriminator: is this text real text of domain A, real text of domain B, or generated?
+
+One encoder with a 3-class head — real A (0), real B (1), generated (2) — rather than one binary head
+per target domain. Why: the reward for a translation into B is p(real B | y). With three classes,
+a "translation" that merely copies the A source is recognised as real *A* text and scores low, so the
+policy cannot collect reward by not translating; a per-domain head "real B vs generated-into-B" never
+sees real A text and has no reason to reject a copy. One head also shares all of the encoder between
+both directions and needs one forward pass per batch.
+
+Trained online during RL with its own AdamW: real lines of both domains versus the policy's
+translations from a replay buffer (the last `buffer_size` generated texts, both directions). The RL
+loop asks for rewards *before* updating the discriminator on the same batch. Text is re-tokenized with
+the discriminator's own tokenizer (the policy's token ids mean nothing to it).
+
+Its whole state (weights, optimizer, replay buffer, sampling generator) round-trips through
+`state_dict`/`load_state_dict`, so an RL run resumes bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cyclej.errors import BadInput
+from cyclej.models import resolve_model
+
+REAL_A, REAL_B, GENERATED = 0, 1, 2
+LABELS = {REAL_A: "real_a", REAL_B: "real_b", GENERATED: "generated"}
+DomainKey = Literal["a", "b"]
+
+
+class Discriminator:
+    """Encoder + 3-class head, its optimizer, the replay buffer of generated text and the real pools."""
+
+    def __init__(
+        self,
+        spec: str,
+        real_a: Sequence[str],
+        real_b: Sequence[str],
+        *,
+        lr: float = 2e-5,
+        batch_size: int = 32,
+        buffer_size: int = 1024,
+        max_tokens: int = 128,
+        trust_remote_code: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not real_a or not real_b:
+            raise BadInput("discriminator: needs real text of both domains (the data artifact's train lines)")
+        self.real = {REAL_A: list(real_a), REAL_B: list(real_b)}
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        path = resolve_model(spec)
+        # The new head is initialised from the global RNG; a private seeded stream makes it the same on
+        # every run without touching the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    path,
+                    num_labels=3,
+                    id2label=LABELS,
+                    label2id={v: k for k, v in LABELS.items()},
+                    ignore_mismatched_sizes=True,
+                    trust_remote_code=trust_remote_code,
+                    dtype=torch.float32,
+                )
+            except (OSError, ValueError) as exc:
+                raise BadInput(
+                    f"models.discriminator {spec}: cannot load as a sequence classifier "
+                    f"({str(exc).splitlines()[0][:160]})"
+                ) from None
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        self.replay: deque[str] = deque(maxlen=buffer_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.updates = 0
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """[n, 3] class probabilities (real A, real B, generated), dropout off."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            chunks = [
+                self.model(**self._encode(texts[i : i + batch_size])).logits.float().softmax(-1).cpu()
+                for i in range(0, len(texts), batch_size)
+            ]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(chunks) if chunks else torch.zeros(0, 3)
+
+    def reward(self, texts: Sequence[str], target_domains: Sequence[DomainKey]) -> list[float]:
+        """p(real text of the target domain | text), per text."""
+        if len(texts) != len(target_domains):
+            raise ValueError(f"{len(texts)} texts but {len(target_domains)} target domains")
+        probs = self.probabilities(texts)
+        cols = torch.tensor([REAL_A if d == "a" else REAL_B for d in target_domains], dtype=torch.long)
+        return probs.gather(1, cols[:, None]).squeeze(1).tolist() if len(texts) else []
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _sample(self, pool: Sequence[str], k: int) -> list[str]:
+        idx = torch.randint(len(pool), (k,), generator=self.generator).tolist()
+        return [pool[i] for i in idx]
+
+    def update(self, generated: Sequence[str]) -> dict[str, float]:
+        """Add `generated` to the replay buffer, then one optimizer step on a balanced batch:
+        a third real A, a third real B, a third replayed generated text."""
+        self.replay.extend(generated)
+        per_class = max(1, self.batch_size // 3)
+        texts: list[str] = []
+        labels: list[int] = []
+        for label, pool in ((REAL_A, self.real[REAL_A]), (REAL_B, self.real[REAL_B]), (GENERATED, self.replay)):
+            if not pool:
+                continue
+            texts += self._sample(list(pool) if label == GENERATED else pool, per_class)
+            labels += [label] * per_class
+        # Dropout draws from a stream seeded by our own generator: the result depends on our state only.
+        dropout_seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        self.model.train()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(dropout_seed)
+            logits = self.model(**self._encode(texts)).logits.float()
+        target = torch.tensor(labels, device=logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.model.eval()
+        self.updates += 1
+        accuracy = (logits.detach().argmax(-1) == target).float().mean()
+        return {"disc/loss": float(loss.detach()), "disc/accuracy": float(accuracy), "disc/replay": len(self.replay)}
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "replay": list(self.replay),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.replay.clear()
+        self.replay.extend(state["replay"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """A plain HF sequence-classification directory (usable later as a domain classifier)."""
+        out = Path(out_dir)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out

@@ -1,0 +1,507 @@
+"""The RL loop that turns INTERMEDIATE-3 into CYCLE-J: group policy gradient on cycle consistency and
+an online discriminator. One file, plain PyTorch, read top to bottom.
+
+One step (`RLTrainer.step`):
+
+1. Pick `prompts_per_step` source texts, half from domain A (to be written as B), half from B (as A),
+   from a generator seeded by (seed, step) — so a resumed run picks the same ones.
+2. Prompt `{DX} src {DY}`; sample `rollouts` translations y per prompt (one *group*) through the
+   generation backend, on the live policy (transformers) or on an engine the weights are pushed to
+   after each update (vLLM).
+3. Back-translate each y greedily: `{DY} y {DX}` → x̂.
+4. Rewards (`reward_fn`, pluggable): by default the cycle terms of cyclej.rewards on (x, x̂) and the
+   discriminator's p(real target-domain text | y), computed *before* the discriminator's update on
+   this batch; weighted by `rl.rewards` into the total.
+5. Advantages normalized within each group (`group_advantages`): (r − mean) / std of the group, or
+   leave-one-out r − mean of the others.
+6. Token-level policy-gradient loss on the completion tokens only (`policy_gradient_loss`):
+   −Σ A·log π(y_t) / (number of completion tokens in the step), plus an optional KL penalty to the
+   frozen INTERMEDIATE-3 (k3 estimator; off by default). One update per batch of fresh samples, so the
+   PPO ratio is 1 and its clipped objective reduces to exactly this gradient. The batch is processed
+   in micro-batches of whole groups with gradient accumulation; the normalizer is the whole step's
+   token count, so the gradient does not depend on the micro-batch size.
+7. Clip the gradient norm to `rl.max_grad_norm`, AdamW step, warm-up + cosine LR.
+8. Update the discriminator on real text of both domains vs the replay buffer of generated text.
+
+Out of memory anywhere in the step (`torch.OutOfMemoryError`, also injected by `maybe_fault("rl",
+step)`): the gradients are dropped, the rollout micro-batch halves (still whole groups) and the step
+runs again from its pre-step state — nothing is updated before the optimizer step, and the step's
+samples are seeded by (seed, step), so the retry sees the same prompts.
+
+The trainer's whole state — policy, optimizer, scheduler, discriminator and its optimizer, replay
+buffer, RNG states, step, micro-batch and the logs so far — is saved by `save_state` and restored by
+`load_state`; a resumed run is bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cyclej import rewards as R
+from cyclej.config import RLConfig
+from cyclej.discriminator import Discriminator
+from cyclej.errors import BadInput, StageFailed
+from cyclej.faults import maybe_fault
+from cyclej.formats import encode_text, eos_id
+from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend
+
+DomainKey = Literal["a", "b"]
+OTHER: dict[DomainKey, DomainKey] = {"a": "b", "b": "a"}
+
+
+# ---- rollouts and rewards -----------------------------------------------------------------------------
+@dataclass
+class Rollouts:
+    """One step's rollouts, flat and group by group: rollout j of prompt i is at index i·G + j."""
+
+    group_size: int
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)  # the trained tokens (EOS when it stopped)
+    sources: list[str] = field(default_factory=list)
+    source_domains: list[DomainKey] = field(default_factory=list)
+    target_domains: list[DomainKey] = field(default_factory=list)
+    translations: list[str] = field(default_factory=list)
+    back_translations: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+# reward_fn(rollouts) -> {reward name: one value per rollout}; names must have a weight.
+RewardFn = Callable[[Rollouts], dict[str, list[float]]]
+
+
+class CycleDiscriminatorReward:
+    """The recipe's rewards: cycle consistency of (x, x̂) and the discriminator's p(real target | y).
+
+    Only rewards with a non-zero weight are computed (and logged)."""
+
+    def __init__(
+        self,
+        weights: Mapping[str, float],
+        embedder: R.SentenceTransformer | None,
+        discriminator: Discriminator | None,
+    ) -> None:
+        self.cycle_names = [n for n in ("embedding", "rouge", "bleu") if weights.get(n, 0.0) > 0]
+        self.use_discriminator = weights.get("discriminator", 0.0) > 0
+        if "embedding" in self.cycle_names and embedder is None:
+            raise ValueError("the embedding reward has a weight but no embedder was given")
+        if self.use_discriminator and discriminator is None:
+            raise ValueError("the discriminator reward has a weight but no discriminator was given")
+        self.embedder = embedder
+        self.discriminator = discriminator
+
+    @property
+    def needs_back_translation(self) -> bool:
+        return bool(self.cycle_names)
+
+    def __call__(self, rollouts: Rollouts) -> dict[str, list[float]]:
+        out = R.cycle_rewards(self.embedder, rollouts.sources, rollouts.back_translations, self.cycle_names)
+        if self.use_discriminator:
+            assert self.discriminator is not None
+            out["discriminator"] = self.discriminator.reward(rollouts.translations, rollouts.target_domains)
+        if not out:
+            raise BadInput("rl.rewards: every reward weight is 0; give at least one reward a positive weight")
+        return out
+
+
+# ---- the pure parts: advantages, batch layout, loss --------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor | Sequence[float], group_size: int, mode: Literal["group", "loo"] = "group",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Advantages normalized within each group of `group_size` consecutive rollouts.
+
+    `group`: (r − mean) / (std + eps), population std of the group (a group whose rewards are all
+    equal gets 0: nothing to learn from it). `loo`: r − mean of the *other* rollouts of the group
+    (RLOO's baseline), unscaled.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if r.ndim != 1 or r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+    if group_size < 2:
+        raise ValueError("groups need at least 2 rollouts")
+    g = r.view(-1, group_size)
+    mean = g.mean(dim=1, keepdim=True)
+    if mode == "group":
+        adv = (g - mean) / (g.std(dim=1, unbiased=False, keepdim=True) + eps)
+    elif mode == "loo":
+        adv = (g - mean) * group_size / (group_size - 1)  # = r_i − mean_{j≠i} r_j
+    else:
+        raise ValueError(f"unknown advantage mode {mode!r} (group or loo)")
+    return adv.reshape(-1).float()
+
+
+def build_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded rows `prompt + completion`: (input_ids, attention_mask, completion_mask), each [B, T].
+
+    `completion_mask[b, t]` is 1 exactly where token t of row b is a completion token: the tokens the
+    loss trains. Right padding keeps every row at positions 0.. without position ids.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        n = len(p) + len(c)
+        input_ids[row, :n] = torch.tensor([*p, *c], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        completion_mask[row, len(p) : n] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t | tokens < t) for t = 1..T−1: [B, T−1], computed in fp32."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    n_tokens: int,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level policy-gradient loss, summed over this micro-batch's completion tokens and divided by
+    `n_tokens`, the completion tokens of the whole step (so micro-batches add up to the step's mean).
+
+    `logprobs` [B, T−1] are from `token_logprobs`; `completion_mask` [B, T] from `build_batch` (shifted
+    here: position t of the logprobs predicts token t+1). Optional KL to the reference, the k3
+    estimator exp(ref − lp) − (ref − lp) − 1 per token.
+    """
+    mask = completion_mask[:, 1:].to(logprobs.dtype)
+    pg = -(advantages.to(logprobs.dtype)[:, None] * logprobs * mask).sum() / n_tokens
+    stats = {"pg_loss": float(pg.detach())}
+    loss = pg
+    if ref_logprobs is not None and kl_coef > 0:
+        delta = ref_logprobs.detach() - logprobs
+        kl = ((torch.exp(delta) - delta - 1) * mask).sum() / n_tokens
+        loss = loss + kl_coef * kl
+        stats["kl"] = float(kl.detach())
+    return loss, stats
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine decay to 0 at `total_steps` (factor of the peak LR)."""
+
+    def f(done: int) -> float:  # `done` = optimizer steps taken so far
+        if done < warmup_steps:
+            return (done + 1) / warmup_steps
+        progress = (done - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """True when the forward passes run in bf16 (autocast)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------
+class RLTrainer:
+    """Holds everything one RL run changes; `step()` runs one RL step, `save_state`/`load_state` resume."""
+
+    def __init__(
+        self,
+        cfg: RLConfig,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        marker_ids: Mapping[DomainKey, int],
+        sources: Mapping[DomainKey, Sequence[str]],
+        reward_fn: RewardFn,
+        weights: Mapping[str, float],
+        *,
+        discriminator: Discriminator | None = None,
+        backend: GenerationBackend | None = None,
+        reference: PreTrainedModel | None = None,
+        back_translate: bool = True,
+        log_dir: Path | None = None,
+    ) -> None:
+        for d in ("a", "b"):
+            if not sources.get(d):
+                raise BadInput(f"rl: no source texts for domain {d} (the data artifact's {d}/train.txt is empty)")
+        if cfg.kl_coef > 0 and reference is None:
+            raise ValueError("rl.kl_coef > 0 needs the reference policy")
+        self.cfg = cfg
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.marker_ids = dict(marker_ids)
+        self.sources = {d: list(sources[d]) for d in ("a", "b")}
+        self.reward_fn = reward_fn
+        self.weights = dict(weights)
+        self.discriminator = discriminator
+        self.reference = reference
+        self.back_translate = back_translate
+        self.device = next(policy.parameters()).device
+        self.autocast_bf16 = resolve_precision(cfg.precision, self.device)
+        self.eos = eos_id(tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
+        self.micro_batch = cfg.rollout_micro_batch  # groups per chunk; halves on OOM
+        # Dropout off: the log-probs we train must be those of the policy that sampled.
+        self.policy.eval()
+        self.owns_backend = backend is None
+        self.backend: GenerationBackend = backend or self._transformers_backend()
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0
+        )
+        warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.steps, warmup))
+        self.step_done = 0
+        self.log_dir = log_dir
+        self.metrics_log: list[dict[str, Any]] = []
+        self.samples_log: list[dict[str, Any]] = []
+
+    def _transformers_backend(self) -> TransformersBackend:
+        # Generation batch = the rollout micro-batch in rows, so an OOM halves both.
+        return TransformersBackend(self.policy, self.tokenizer, batch_size=self.micro_batch * self.cfg.rollouts)
+
+    # ---- 1-3: prompts, rollouts, back-translations ---------------------------------------------------
+    def pick_sources(self, step: int) -> list[tuple[DomainKey, str]]:
+        """Half the prompts from each domain, without replacement within a domain, seeded by (seed, step)."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        half = self.cfg.prompts_per_step // 2
+        picked: list[tuple[DomainKey, str]] = []
+        for d in ("a", "b"):
+            pool = self.sources[d]
+            idx = rng.sample(range(len(pool)), half) if len(pool) >= half else [rng.randrange(len(pool)) for _ in range(half)]
+            picked += [(d, pool[i]) for i in idx]
+        return picked
+
+    def rollout(self, step: int) -> Rollouts:
+        cfg, G = self.cfg, self.cfg.rollouts
+        picked = self.pick_sources(step)
+        prompts = [
+            [self.marker_ids[d], *encode_text(self.tokenizer, text), self.marker_ids[OTHER[d]]] for d, text in picked
+        ]
+        settings = SamplingSettings(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
+            seed=(cfg.seed * 1_000_003 + step) * 1009,
+        )
+        groups = self.backend.generate(prompts, settings)
+        ro = Rollouts(group_size=G)
+        for (d, text), prompt, completions in zip(picked, prompts, groups, strict=True):
+            for c in completions:
+                ro.prompt_ids.append(prompt)
+                # The backend strips EOS; a completion shorter than the limit stopped on it, and the
+                # policy must learn to stop, so EOS is trained too.
+                ro.completion_ids.append([*c, self.eos] if len(c) < cfg.max_new_tokens else list(c))
+                ro.sources.append(text)
+                ro.source_domains.append(d)
+                ro.target_domains.append(OTHER[d])
+                ro.translations.append(self.tokenizer.decode(c, skip_special_tokens=True).strip())
+        if self.back_translate:
+            back_prompts = [
+                [self.marker_ids[t], *self._strip_eos(c), self.marker_ids[s]]
+                for c, s, t in zip(ro.completion_ids, ro.source_domains, ro.target_domains, strict=True)
+            ]
+            greedy = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1)
+            back = self.backend.generate(back_prompts, greedy)
+            ro.back_translations = [self.tokenizer.decode(b[0], skip_special_tokens=True).strip() for b in back]
+        else:
+            ro.back_translations = [""] * len(ro)
+        return ro
+
+    def _strip_eos(self, completion: list[int]) -> list[int]:
+        return completion[:-1] if completion and completion[-1] == self.eos else completion
+
+    # ---- 6: the policy-gradient pass -----------------------------------------------------------------
+    def accumulate_gradients(self, ro: Rollouts, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        """Forward/backward in chunks of `micro_batch` whole groups; returns the step's loss terms."""
+        G = ro.group_size
+        rows_per_chunk = self.micro_batch * G
+        n_tokens = sum(len(c) for c in ro.completion_ids)
+        totals: dict[str, float] = {}
+        for start in range(0, len(ro), rows_per_chunk):
+            if start == 0:
+                maybe_fault("rl", step)  # an injected OOM lands where a real one would
+            sl = slice(start, start + rows_per_chunk)
+            input_ids, attn, comp = build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)
+            input_ids, attn, comp = input_ids.to(self.device), attn.to(self.device), comp.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                logits = self.policy(input_ids=input_ids, attention_mask=attn).logits
+            logprobs = token_logprobs(logits, input_ids)
+            del logits
+            ref_logprobs = None
+            if self.reference is not None and self.cfg.kl_coef > 0:
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                    ref_logprobs = token_logprobs(self.reference(input_ids=input_ids, attention_mask=attn).logits, input_ids)
+            loss, stats = policy_gradient_loss(
+                logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
+            )
+            loss.backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return totals
+
+    # ---- one whole step --------------------------------------------------------------------------------
+    def step(self) -> dict[str, Any]:
+        """Run RL step `step_done + 1`; OOM halves the micro-batch and retries from the pre-step state."""
+        step = self.step_done + 1
+        rng_before = _rng_state()
+        while True:
+            try:
+                return self._step(step)
+            except torch.OutOfMemoryError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self.micro_batch == 1:
+                    raise StageFailed(
+                        "rl", f"out of memory at step {step} with one group of {self.cfg.rollouts} rollouts per "
+                        f"micro-batch ({_first_line(exc)}); lower rl.rollouts or rl.max_new_tokens, or use a larger GPU",
+                        f"step {self.step_done}",
+                    ) from None
+                self.micro_batch //= 2
+                if self.owns_backend:
+                    self.backend = self._transformers_backend()
+                _set_rng_state(rng_before)
+
+    def _step(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ro = self.rollout(step)
+        t_rollout = time.perf_counter() - t0
+        parts = self.reward_fn(ro)  # the discriminator has not yet seen this batch
+        total = R.combine(parts, self.weights)
+        advantages = group_advantages(total, ro.group_size, self.cfg.advantage)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_terms = self.accumulate_gradients(ro, advantages, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        push = getattr(self.backend, "load_weights", None)
+        if push is not None:  # an engine holding its own copy of the weights (vLLM)
+            push(self.policy.state_dict())
+
+        disc_metrics = self.discriminator.update(ro.translations) if self.discriminator is not None else {}
+        self.step_done = step
+        metrics: dict[str, Any] = {
+            "step": step,
+            "lr": lr,
+            **loss_terms,
+            "grad_norm": float(grad_norm),
+            **R.summarize(parts, total),
+            "completion_tokens/mean": sum(len(c) for c in ro.completion_ids) / len(ro),
+            "rollout_micro_batch": self.micro_batch,
+            **disc_metrics,
+            "seconds/rollout": t_rollout,
+            "seconds/step": time.perf_counter() - t0,
+        }
+        self.metrics_log.append(metrics)
+        if step % self.cfg.sample_every_steps == 0 or step == self.cfg.steps:
+            self.samples_log.extend(sample_rows(step, ro, parts, total))
+        self._write_logs()
+        return metrics
+
+    def _write_logs(self) -> None:
+        if self.log_dir is None:
+            return
+        _write_jsonl(self.log_dir / "metrics.jsonl", self.metrics_log)
+        _write_jsonl(self.log_dir / "samples.jsonl", self.samples_log)
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def save_state(self, out: Path) -> None:
+        """Everything a resume needs, in `out` (a checkpoint directory)."""
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.policy.state_dict(), out / "policy.pt")
+        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
+        if self.discriminator is not None:
+            torch.save(self.discriminator.state_dict(), out / "discriminator.pt")
+        torch.save(_rng_state(), out / "rng.pt")
+        _write_jsonl(out / "metrics.jsonl", self.metrics_log)
+        _write_jsonl(out / "samples.jsonl", self.samples_log)
+        state = {"step": self.step_done, "rollout_micro_batch": self.micro_batch}
+        (out / "state.json").write_text(json.dumps(state), encoding="utf-8")
+
+    def load_state(self, src: Path) -> None:
+        state = json.loads((src / "state.json").read_text(encoding="utf-8"))
+        self.policy.load_state_dict(_load(src / "policy.pt", self.device))
+        self.optimizer.load_state_dict(_load(src / "optimizer.pt", self.device))
+        self.scheduler.load_state_dict(_load(src / "scheduler.pt", "cpu"))
+        if self.discriminator is not None:
+            if not (src / "discriminator.pt").is_file():
+                raise BadInput(f"{src}: the checkpoint has no discriminator state but this run trains one")
+            self.discriminator.load_state_dict(_load(src / "discriminator.pt", self.discriminator.device))
+        _set_rng_state(_load(src / "rng.pt", "cpu"))
+        self.metrics_log = _read_jsonl(src / "metrics.jsonl")
+        self.samples_log = _read_jsonl(src / "samples.jsonl")
+        self.step_done = int(state["step"])
+        if int(state["rollout_micro_batch"]) != self.micro_batch:
+            self.micro_batch = int(state["rollout_micro_batch"])
+            if self.owns_backend:
+                self.backend = self._transformers_backend()
+        self._write_logs()
+
+
+def sample_rows(step: int, ro: Rollouts, parts: Mapping[str, Sequence[float]], total: Sequence[float]) -> list[dict[str, Any]]:
+    """The first rollout of every group: source, translation, back-translation and each reward."""
+    rows = []
+    for i in range(0, len(ro), ro.group_size):
+        rows.append({
+            "step": step,
+            "direction": f"{ro.source_domains[i]}->{ro.target_domains[i]}",
+            "source": ro.sources[i],
+            "translation": ro.translations[i],
+            "back_translation": ro.back_translations[i],
+            **{f"reward/{k}": float(v[i]) for k, v in parts.items()},
+            "reward/total": float(total[i]),
+        })
+    return rows
+
+
+# ---- small helpers ------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load(path: Path, device: str | torch.device) -> Any:
+    # Our own checkpoints (checksummed by the store); weights_only keeps unpickling to plain data.
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else type(exc).__name__

@@ -1,0 +1,150 @@
+"""The `rl` stage (CYCLE-J): reinforcement learning from INTERMEDIATE-3 on cycle consistency and an
+online discriminator (the loop itself is cyclej.rl).
+
+1. Load the policy from the `merge` artifact's `model/` (cyclej.modeling.load_model: markers kept,
+   position interpolation re-applied), full weights; optionally a frozen copy as the KL reference.
+2. Source texts and the discriminator's real text: the `data` artifact's train lines of both domains.
+3. Rewards with a positive weight in `rl.rewards`: the embedder (`models.embedder`) for the cosine
+   term, ROUGE-L and BLEU, and the discriminator (`models.discriminator`, 3-class head).
+4. Resume from the newest complete checkpoint `step-%08d` under this stage's fingerprint; run the
+   remaining steps, checkpointing every `rl.checkpoint_every_steps` steps or
+   `rl.checkpoint_every_minutes` minutes.
+5. Write `model/` (plain HF directory), `discriminator/` (HF sequence classifier), `metrics.jsonl`
+   (one line per step), `samples.jsonl` (source, translation, back-translation and each reward, every
+   `rl.sample_every_steps` steps) and `metrics.json`; commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cyclej.config import PipelineConfig
+from cyclej.discriminator import Discriminator
+from cyclej.generate import GenerationBackend
+from cyclej.modeling import load_model, marker_token_ids, save_model
+from cyclej.progress import Progress
+from cyclej.rewards import load_embedder
+from cyclej.rl import CycleDiscriminatorReward, RLTrainer, resolve_precision
+from cyclej.stages import stage_fingerprint
+from cyclej.stages.data import read_lines
+from cyclej.store import ArtifactRef, ArtifactStore
+
+STAGE = "rl"
+CKPT_PREFIX = "step-"
+log = logging.getLogger("cyclej.rl")
+
+
+def run_rl(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress) -> ArtifactRef:
+    rcfg = cfg.rl
+    fp = stage_fingerprint(STAGE, cfg, {k: v.fingerprint for k, v in inputs.items()})
+    done = store.ref(STAGE, fp)
+    if done is not None:
+        return done
+    work = store.workdir(STAGE, fp)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW); on a CPU the
+    # weights stay fp32 and bf16 only autocasts the forward.
+    dtype = torch.bfloat16 if device.type == "cuda" and resolve_precision(rcfg.precision, device) else torch.float32
+
+    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    merged_dir = store.fetch(inputs["merge"]) / "model"
+    policy, tokenizer = load_model(str(merged_dir), markers=markers, dtype=dtype)
+    policy.to(device)
+    reference = None
+    if rcfg.kl_coef > 0:
+        reference, _ = load_model(str(merged_dir), markers=markers, dtype=dtype)
+        reference.to(device).eval().requires_grad_(False)
+    id_a, id_b = marker_token_ids(tokenizer, markers)
+
+    data = inputs["data"]
+    sources = {d: read_lines(store, data, d, "train") for d in ("a", "b")}
+    weights = rcfg.rewards.model_dump()
+    embedder = load_embedder(cfg.models.embedder, device) if weights["embedding"] > 0 else None
+    discriminator = None
+    if weights["discriminator"] > 0:
+        discriminator = Discriminator(
+            cfg.models.discriminator, sources["a"], sources["b"],
+            lr=rcfg.discriminator_lr, batch_size=rcfg.discriminator_batch, buffer_size=rcfg.replay_buffer_size,
+            max_tokens=rcfg.discriminator_max_tokens, trust_remote_code=rcfg.discriminator_trust_remote_code,
+            seed=rcfg.seed, device=device,
+        )
+    reward_fn = CycleDiscriminatorReward(weights, embedder, discriminator)
+    trainer = RLTrainer(
+        rcfg, policy, tokenizer, {"a": id_a, "b": id_b}, sources, reward_fn, weights,
+        discriminator=discriminator, backend=_backend(cfg, merged_dir), reference=reference,
+        back_translate=reward_fn.needs_back_translation, log_dir=work,
+    )
+
+    latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
+    if latest is not None:
+        name, path = latest
+        trainer.load_state(path)
+        log.info("rl: resumed from checkpoint %s (step %d)", name, trainer.step_done)
+        _push_weights(trainer)
+
+    last_save = time.monotonic()
+    with progress.bar("RL steps", total=rcfg.steps, initial=trainer.step_done) as bar:
+        while trainer.step_done < rcfg.steps:
+            m = trainer.step()
+            bar.update(1, reward=m["reward/total/mean"], loss=m.get("pg_loss", 0.0))
+            due = trainer.step_done % rcfg.checkpoint_every_steps == 0
+            late = time.monotonic() - last_save >= rcfg.checkpoint_every_minutes * 60
+            if (due or late) and trainer.step_done < rcfg.steps:
+                name = f"{CKPT_PREFIX}{trainer.step_done:08d}"
+                ckpt = store.checkpoint_workdir(STAGE, fp, name)
+                trainer.save_state(ckpt)
+                store.save_checkpoint(STAGE, fp, name, ckpt, keep=rcfg.keep_checkpoints)
+                last_save = time.monotonic()
+
+    save_model(policy.to("cpu"), tokenizer, work / "model")
+    if discriminator is not None:
+        discriminator.model.to("cpu")
+        discriminator.save_pretrained(work / "discriminator")
+    metrics = summarize_run(trainer.metrics_log)
+    metrics["rollout_micro_batch"] = trainer.micro_batch
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    ref = store.commit(STAGE, fp, work, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    store.delete_checkpoints(STAGE, fp)
+    return ref
+
+
+def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
+    """None: the trainer samples from the live policy with transformers. vLLM only where CUDA is."""
+    if cfg.rl.backend != "vllm":
+        return None
+    if not torch.cuda.is_available():
+        log.warning("rl.backend is vllm but there is no GPU here; sampling with transformers instead")
+        return None
+    from cyclej.generate import VllmBackend
+
+    v = cfg.paraphrase.vllm
+    # The policy, its optimizer and the discriminator share the GPU with the engine.
+    return VllmBackend(
+        str(model_dir), v.tensor_parallel_size, v.max_model_len, cfg.rl.vllm_gpu_memory_utilization, cfg.rl.seed
+    )
+
+
+def _push_weights(trainer: RLTrainer) -> None:
+    push = getattr(trainer.backend, "load_weights", None)
+    if push is not None:
+        push(trainer.policy.state_dict())
+
+
+def summarize_run(rows: list[dict[str, Any]], window: int = 10) -> dict[str, Any]:
+    """Rewards of the first and last `window` steps (means), steps run and mean seconds per step."""
+    if not rows:
+        return {"steps": 0}
+    first, last = rows[:window], rows[-window:]
+    out: dict[str, Any] = {"steps": rows[-1]["step"]}
+    for key in sorted(k for k in rows[0] if k.startswith("reward/") and k.endswith("/mean")):
+        name = key.split("/")[1]
+        out[f"reward_{name}_first"] = sum(r[key] for r in first) / len(first)
+        out[f"reward_{name}_last"] = sum(r[key] for r in last) / len(last)
+    out["seconds_per_step"] = sum(r["seconds/step"] for r in rows) / len(rows)
+    return out

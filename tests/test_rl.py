@@ -1,0 +1,310 @@
+"""The RL loop: advantages, loss mask, a policy that learns, the `rl` stage end to end, OOM and kill/resume.
+
+Tiny random models (tiny-gptj policy, tiny-bert embedder and discriminator) on the shipped Yelp sample.
+The `data` artifact comes from the real data stage; the `merge` artifact is built by hand (tiny GPT-J
+with the markers, saved as `model/` and committed) until the merge stage lands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cyclej.config import PipelineConfig, RLConfig, load_config
+from cyclej.errors import StageFailed
+from cyclej.modeling import load_model, marker_token_ids, save_model
+from cyclej.progress import Progress
+from cyclej.rl import (
+    RLTrainer,
+    Rollouts,
+    build_batch,
+    group_advantages,
+    lr_lambda,
+    policy_gradient_loss,
+    token_logprobs,
+)
+from cyclej.stages import run_stage
+from cyclej.stages.rl import run_rl
+from cyclej.store import ArtifactRef, ArtifactStore
+
+MARKERS = ["<|A|>", "<|B|>"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine tiny matmuls are ~20× faster without thread
+    contention, and a subprocess run (OMP_NUM_THREADS=1) reduces in the same order as this one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- pure functions ------------------------------------------------------------------------------------
+def test_group_advantages_normalize_within_each_group() -> None:
+    rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0]
+    adv = group_advantages(rewards, group_size=4, mode="group")
+    # group 1: mean 2.5, population std sqrt(1.25); group 2: all equal → nothing to learn.
+    s = 1.25**0.5
+    assert torch.allclose(adv[:4], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / s, atol=1e-5)
+    assert torch.equal(adv[4:], torch.zeros(4))
+    # Shifting or scaling one group does not change its advantages nor the other group's.
+    shifted = group_advantages([11.0, 12.0, 13.0, 14.0, 0.0, 0.0, 0.0, 1.0], 4)
+    assert torch.allclose(shifted[:4], adv[:4], atol=1e-5)
+    assert shifted[7] > 0 > shifted[4]
+
+    loo = group_advantages(rewards, group_size=4, mode="loo")
+    # r_i − mean of the other three: 1 − (2+3+4)/3 = −2, …
+    assert torch.allclose(loo[:4], torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0]), atol=1e-5)
+    assert torch.equal(loo[4:], torch.zeros(4))
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(rewards, group_size=3)
+
+
+def test_completion_mask_covers_exactly_the_completion_tokens() -> None:
+    input_ids, attn, comp = build_batch([[7, 8, 9], [7]], [[1, 2], [3, 4, 5]], pad_id=0)
+    assert input_ids.tolist() == [[7, 8, 9, 1, 2], [7, 3, 4, 5, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert comp.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+
+
+def test_loss_is_advantage_weighted_logprob_of_completion_tokens_only() -> None:
+    torch.manual_seed(0)
+    input_ids, _, comp = build_batch([[5, 6, 7], [5, 6]], [[1, 2], [3]], pad_id=0)
+    logits = torch.randn(2, input_ids.shape[1], 10, requires_grad=True)
+    logprobs = token_logprobs(logits, input_ids)
+    advantages = torch.tensor([2.0, -1.0])
+    loss, stats = policy_gradient_loss(logprobs, comp, advantages, n_tokens=3)
+
+    lp = torch.log_softmax(logits.detach(), -1)
+    # Row 0 completion tokens 1, 2 sit at positions 3, 4 (predicted from 2, 3); row 1's token 3 at 2.
+    expected = -(2.0 * (lp[0, 2, 1] + lp[0, 3, 2]) - 1.0 * lp[1, 1, 3]) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["pg_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+    loss.backward()
+    grad_rows = logits.grad.abs().sum(-1)  # [2, T]
+    # Only positions that predict a completion token get a gradient: prompt and padding get none.
+    assert (grad_rows[0, [2, 3]] > 0).all() and grad_rows[0, [0, 1, 4]].sum() == 0
+    assert grad_rows[1, 1] > 0 and grad_rows[1, [0, 2, 3, 4]].sum() == 0
+
+
+def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it() -> None:
+    input_ids, _, comp = build_batch([[5, 6]], [[1, 2]], pad_id=0)
+    logits = torch.randn(1, 4, 10)
+    lp = token_logprobs(logits, input_ids)
+    _, at_ref = policy_gradient_loss(lp, comp, torch.zeros(1), 2, ref_logprobs=lp, kl_coef=0.1)
+    _, away = policy_gradient_loss(lp, comp, torch.zeros(1), 2, ref_logprobs=lp - 0.5, kl_coef=0.1)
+    assert at_ref["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert away["kl"] > 0.05
+
+
+def test_lr_warms_up_then_decays_to_zero() -> None:
+    f = lr_lambda(total_steps=10, warmup_steps=2)
+    values = [f(i) for i in range(10)]
+    assert values[0] == 0.5 and values[1] == 1.0
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
+    assert f(10) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- a policy that learns --------------------------------------------------------------------------------
+SOURCES = {
+    "a": ["the food was cold", "terrible service", "never again", "the soup was bland"],
+    "b": ["great food", "lovely staff", "best pasta in town", "we will come back"],
+}
+
+
+def tiny_policy() -> tuple[torch.nn.Module, object, dict[str, int]]:
+    policy, tok = load_model("tiny-gptj", markers=MARKERS)
+    ida, idb = marker_token_ids(tok, MARKERS)
+    return policy, tok, {"a": ida, "b": idb}
+
+
+def test_policy_learns_a_token_frequency_reward() -> None:
+    """Reward = share of completion tokens with an id in a fixed set (≈ 0.29 for the random model)."""
+    policy, tok, markers = tiny_policy()
+    target = set(range(3, 300))
+
+    def target_share(ro: Rollouts) -> dict[str, list[float]]:
+        return {"target": [sum(t in target for t in c) / max(1, len(c)) for c in ro.completion_ids]}
+
+    cfg = RLConfig(
+        steps=24, prompts_per_step=2, rollouts=8, rollout_micro_batch=1, lr=1e-2, max_grad_norm=1.0,
+        warmup_ratio=0.0, max_new_tokens=6, backend="transformers", precision="fp32",
+    )
+    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, target_share, {"target": 1.0}, back_translate=False)
+    means = [trainer.step()["reward/target/mean"] for _ in range(cfg.steps)]
+    first, last = sum(means[:6]) / 6, sum(means[-6:]) / 6
+    assert last > first + 0.12, means
+
+
+def test_oom_at_one_group_per_micro_batch_fails_with_the_resume_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy, tok, markers = tiny_policy()
+    cfg = RLConfig(steps=3, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3,
+                   backend="transformers", precision="fp32")
+
+    def const(ro: Rollouts) -> dict[str, list[float]]:
+        return {"c": [float(i % 2) for i in range(len(ro))]}
+
+    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, const, {"c": 1.0}, back_translate=False)
+    monkeypatch.setenv("CYCLEJ_FAULT", "rl:1:oom,rl:3:oom")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    trainer.step()  # OOM → 2 groups per chunk becomes 1, the step runs again and succeeds
+    assert trainer.micro_batch == 1 and trainer.step_done == 1
+    assert trainer.metrics_log[-1]["rollout_micro_batch"] == 1
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    trainer.step()  # with one group per micro-batch there is nothing left to halve
+    with pytest.raises(StageFailed, match=r"out of memory at step 3 .*resumes from step 2"):
+        trainer.step()
+    assert trainer.step_done == 2
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+def tiny_config(root: Path) -> PipelineConfig:
+    cfg = load_config(preset="tiny", storage=str(root))
+    # Four steps, a checkpoint every two (the preset's rl section), a short completion.
+    cfg.rl.max_new_tokens = 8
+    return cfg
+
+
+def build_inputs(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, ArtifactRef]:
+    """The real `data` stage, and a hand-made `merge` artifact: tiny GPT-J with the markers."""
+    data = run_stage("data", cfg, {}, store, Progress(show_bar=False))
+    fp = "handmademerge001"
+    work = store.workdir("merge", fp)
+    policy, tok = load_model(cfg.models.base, markers=MARKERS)
+    save_model(policy, tok, work / "model")
+    (work / "metrics.json").write_text("{}", encoding="utf-8")
+    merge = store.commit("merge", fp, work)
+    return {"merge": merge, "data": data}
+
+
+def run_in_subprocess(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], fault: str, cache: Path) -> int:
+    script = textwrap.dedent(
+        f"""
+        import json, yaml
+        from cyclej.config import PipelineConfig
+        from cyclej.progress import Progress
+        from cyclej.stages.rl import run_rl
+        from cyclej.store import ArtifactRef, ArtifactStore
+        cfg = PipelineConfig.model_validate(yaml.safe_load({cfg.to_yaml()!r}))
+        refs = {{k: ArtifactRef.from_json(v) for k, v in json.loads({json.dumps({k: v.to_json() for k, v in inputs.items()})!r}).items()}}
+        run_rl(cfg, refs, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False))
+        """
+    )
+    env = {**os.environ, "CYCLEJ_FAULT": fault, "CYCLEJ_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, timeout=300).returncode
+
+
+def weights(artifact: Path) -> dict[str, torch.Tensor]:
+    return {
+        **{f"policy.{k}": v for k, v in load_file(artifact / "model" / "model.safetensors").items()},
+        **{f"disc.{k}": v for k, v in load_file(artifact / "discriminator" / "model.safetensors").items()},
+    }
+
+
+def deterministic_lines(path: Path) -> list[dict[str, object]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("seconds/")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> tuple[PipelineConfig, Path]:
+    """One uninterrupted tiny run, shared by the stage tests."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CYCLEJ_CACHE", str(model_cache))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.delenv("CYCLEJ_FAULT", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config(tmp_path_factory.mktemp("rl-straight"))
+        store = ArtifactStore.from_config(cfg.storage)
+        ref = run_rl(cfg, build_inputs(cfg, store), store, Progress(show_bar=False))
+        return cfg, store.fetch(ref)
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+
+
+def test_rl_stage_writes_cycle_j_logs_and_samples(uninterrupted: tuple[PipelineConfig, Path]) -> None:
+    cfg, art = uninterrupted
+    policy, tok = load_model(str(art / "model"))
+    assert marker_token_ids(tok, MARKERS)  # the markers are in the shipped tokenizer
+    assert (art / "discriminator" / "config.json").is_file()
+    assert not list(art.glob("checkpoints/*"))  # deleted once CYCLE-J is committed
+
+    rows = deterministic_lines(art / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for name in ("embedding", "rouge", "bleu", "discriminator", "total"):
+            assert f"reward/{name}/mean" in r and f"reward/{name}/std" in r
+        assert 0.0 <= r["reward/discriminator/mean"] <= 1.0
+        assert "disc/loss" in r and r["grad_norm"] > 0
+    # Rewards of the first step: the discriminator had not been trained yet (uniform over 3 classes).
+    assert rows[0]["reward/discriminator/mean"] == pytest.approx(1 / 3, abs=0.05)
+
+    samples = [json.loads(line) for line in (art / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted({s["step"] for s in samples}) == [2, 4]
+    assert len(samples) == 2 * cfg.rl.prompts_per_step
+    assert {s["direction"] for s in samples} == {"a->b", "b->a"}
+    assert {"source", "translation", "back_translation", "reward/bleu", "reward/total"} <= set(samples[0])
+
+    metrics = json.loads((art / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["steps"] == 4 and "reward_total_last" in metrics
+
+
+def test_kill_and_resume_is_bit_identical(
+    uninterrupted: tuple[PipelineConfig, Path], tmp_path: Path, model_cache: Path
+) -> None:
+    straight_cfg, straight = uninterrupted
+    cfg = tiny_config(tmp_path / "store")
+    store = ArtifactStore.from_config(cfg.storage)
+    inputs = build_inputs(cfg, store)
+
+    code = run_in_subprocess(cfg, inputs, "rl:3:kill", model_cache)
+    assert code == -9  # SIGKILL at step 3, after the step-2 checkpoint
+    from cyclej.stages import stage_fingerprint
+
+    fp = stage_fingerprint("rl", cfg, {k: v.fingerprint for k, v in inputs.items()})
+    assert store.list_checkpoints("rl", fp) == ["step-00000002"]
+    assert not store.exists("rl", fp)
+
+    steps_seen: list[int] = []
+    listener = Progress(show_bar=False, min_interval=0.0, listeners=[lambda *a: steps_seen.append(a[2])])
+    ref = run_rl(cfg, inputs, store, listener)
+    assert steps_seen == [3, 4]  # resumed after step 2, did not start over
+    resumed = store.fetch(ref)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert deterministic_lines(resumed / "metrics.jsonl") == deterministic_lines(straight / "metrics.jsonl")
+    assert (resumed / "samples.jsonl").read_text() == (straight / "samples.jsonl").read_text()
+
+
+def test_injected_oom_halves_the_rollout_micro_batch_and_finishes(
+    uninterrupted: tuple[PipelineConfig, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, straight = uninterrupted
+    cfg = tiny_config(tmp_path / "store")
+    store = ArtifactStore.from_config(cfg.storage)
+    inputs = build_inputs(cfg, store)
+    monkeypatch.setenv("CYCLEJ_FAULT", "rl:4:oom")
+    ref = run_rl(cfg, inputs, store, Progress(show_bar=False))
+    rows = deterministic_lines(store.fetch(ref) / "metrics.jsonl")
+    assert [r["rollout_micro_batch"] for r in rows] == [2, 2, 2, 1]
+    assert json.loads((store.fetch(ref) / "metrics.json").read_text())["rollout_micro_batch"] == 1
+    # Steps before the OOM are the uninterrupted run's, to the bit.
+    assert rows[:3] == deterministic_lines(straight / "metrics.jsonl")[:3]
