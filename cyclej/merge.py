@@ -413,3 +413,90 @@ def _merge_tensor(
     if rows is not None and base_rows is not None:
         tensor = _mix_rows(tensor, base_rows, rows, key)
     return tensor
+
+
+# ---- the weight sweep -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepRow:
+    weight: float  # w: INTERMEDIATE-3 = base + w·Δ2A + (1 − w)·Δ2B
+    para_loss: float  # mean target-token loss on 2A-style examples
+    domain_loss: float  # … on 2B-style examples
+    score: float  # the mean of the two: the sweep keeps the lowest
+
+
+@torch.no_grad()
+def dev_loss(model: torch.nn.Module, examples: Sequence[Any], batch_size: int = 8) -> float:
+    """Mean cross-entropy per target token, one example per row (right-padded, 2D mask)."""
+    from cyclej import formats
+    from cyclej.train import target_loss_sum
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    rows = sorted((formats.single(e) for e in examples), key=len)  # similar lengths share a batch
+    for start in range(0, len(rows), batch_size):
+        batch = formats.collate(rows[start:start + batch_size], four_d_mask=False)
+        loss_sum, n = target_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        total, count = total + float(loss_sum), count + n
+    if count == 0:
+        raise BadInput("merge sweep: the dev examples have no target tokens")
+    return total / count
+
+
+def sweep_weights(
+    base_dir: str | Path,
+    adapter_a: Adapter,
+    adapter_b: Adapter,
+    weights: Sequence[float],
+    para_style: Sequence[Any],
+    domain_style: Sequence[Any],
+    work_dir: str | Path,
+    progress: Progress | None = None,
+) -> tuple[list[SweepRow], Path, MergeStats]:
+    """Merge at each w into `work_dir/w=<w>`, score it on both example sets, keep the best directory.
+
+    Only the best candidate so far stays on disk. Returns the table (in `weights` order), the best
+    directory and its merge stats.
+    """
+    from cyclej.modeling import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    work_dir = Path(work_dir)
+    rows: list[SweepRow] = []
+    best: tuple[float, Path, MergeStats] | None = None
+    bar = (progress or Progress(show_bar=False)).bar("merge sweep", total=len(weights), unit="w")
+    for w in weights:
+        candidate = work_dir / f"w={w:g}"
+        shutil.rmtree(candidate, ignore_errors=True)
+        stats = merge_lora_adapters(base_dir, candidate, [(adapter_a, w), (adapter_b, 1.0 - w)])
+        model, _ = load_model(str(candidate), dtype=dtype)  # load_model re-applies GPT-J's interpolation
+        model.to(device)
+        para, domain = dev_loss(model, para_style), dev_loss(model, domain_style)
+        del model
+        row = SweepRow(w, para, domain, (para + domain) / 2)
+        rows.append(row)
+        if best is None or row.score < best[0]:
+            if best is not None:
+                shutil.rmtree(best[1], ignore_errors=True)
+            best = (row.score, candidate, stats)
+        else:
+            shutil.rmtree(candidate, ignore_errors=True)
+        bar.update(1, w=w, score=row.score)
+    bar.close()
+    if best is None:
+        raise BadInput("merge.sweep: no weights to try")
+    return rows, best[1], best[2]
+
+
+def sweep_markdown(rows: Sequence[SweepRow], best: float) -> str:
+    lines = [
+        "| w (2A) | 1 − w (2B) | 2A-style loss | 2B-style loss | score | |",
+        "|---:|---:|---:|---:|---:|:---|",
+    ]
+    for r in rows:
+        mark = "**best**" if r.weight == best else ""
+        lines.append(
+            f"| {r.weight:g} | {1 - r.weight:g} | {r.para_loss:.4f} | {r.domain_loss:.4f} | {r.score:.4f} | {mark} |"
+        )
+    return "\n".join(lines) + "\n"

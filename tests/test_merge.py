@@ -22,9 +22,13 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from cyclej.config import load_config
 from cyclej.errors import BadInput
 from cyclej.merge import load_adapter, merge_lora_adapters, merge_weights
 from cyclej.models import resolve_model, tiny_tokenizer_dir
+from cyclej.progress import Progress
+from cyclej.stages import run_stage
+from cyclej.store import ArtifactRef, ArtifactStore
 
 MARKERS = ["<|A|>", "<|B|>"]
 PI_KEY = "cyclej_position_interpolation"
@@ -290,3 +294,68 @@ def test_peak_rss_stays_within_one_shard_plus_adapters(tmp_path: Path) -> None:
     merged = load_file(next(p for p in out.glob("*.safetensors") if "00001" in p.name))
     original = load_file(next(p for p in shards if "00001" in p.name))
     assert any(not torch.equal(merged[k], original[k]) for k in original)
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+def committed_inputs(tmp_path: Path, store: ArtifactStore) -> dict[str, ArtifactRef]:
+    """context / para_train / domain_train / data artifacts as the upstream stages commit them."""
+    ctx = tmp_path / "ctx"
+    make_base("tiny-gptj", ctx / "model")
+    make_adapter(ctx / "model", tmp_path / "pt", seed=1)
+    make_adapter(ctx / "model", tmp_path / "dt", seed=2)
+    data = tmp_path / "data"
+    for domain, words in (("a", "bad awful slow cold"), ("b", "good great fast warm")):
+        (data / domain).mkdir(parents=True)
+        lines = [f"the food was {w} and the staff {v}" for w in words.split() for v in ("smiled", "left")]
+        (data / domain / "dev.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (data / domain / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {
+        "context": store.commit("context", "c0", ctx),
+        "para_train": store.commit("para_train", "p0", tmp_path / "pt"),
+        "domain_train": store.commit("domain_train", "d0", tmp_path / "dt"),
+        "data": store.commit("data", "x0", data),
+    }
+
+
+def test_merge_stage_sweep_keeps_the_best_weight(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    inputs = committed_inputs(tmp_path, store)
+    cfg = load_config(preset="tiny", overrides=["merge.sweep=[0.0, 0.5, 1.0]", "merge.sweep_examples=6"])
+    ref = run_stage("merge", cfg, inputs, store, Progress(show_bar=False))
+    out = store.fetch(ref)
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["sweep"]
+    assert [r["weight"] for r in rows] == [0.0, 0.5, 1.0]
+    assert metrics["sweep_examples"] == {"para_style": 12, "domain_style": 6}  # 3 + 3 texts, 2A both ways
+    scores = [r["score"] for r in rows]
+    assert len(set(scores)) == 3, "each weight gives another model, so another loss"
+    best = rows[scores.index(min(scores))]["weight"]
+    assert metrics["weight_a"] == best and metrics["weight_b"] == pytest.approx(1 - best)
+    assert ref.metrics["sweep"] == rows  # the Prefect layer posts this list as a table
+    assert "**best**" in (out / "sweep.md").read_text() and metrics["sweep_markdown"].count("\n") == 5
+    assert not (out / "sweep").exists()
+
+    # The kept model is the merge at the best weight, byte for byte.
+    direct = tmp_path / "direct"
+    merge_lora_adapters(store.fetch(inputs["context"]) / "model", direct,
+                        [(load_adapter(store.fetch(inputs["para_train"])), best),
+                         (load_adapter(store.fetch(inputs["domain_train"])), 1 - best)])
+    for shard in direct.glob("*.safetensors"):
+        assert shard.read_bytes() == (out / "model" / shard.name).read_bytes()
+    assert json.loads((out / "model" / "config.json").read_text())[PI_KEY] == 2.0
+    # Cached: a second call returns the committed artifact.
+    assert run_stage("merge", cfg, inputs, store).manifest_sha256 == ref.manifest_sha256
+
+
+def test_merge_stage_task_arithmetic(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    inputs = committed_inputs(tmp_path, store)
+    cfg = load_config(preset="tiny", overrides=["merge.weight_a=1.0", "merge.weight_b=0.5"])
+    ref = run_stage("merge", cfg, inputs, store, Progress(show_bar=False))
+    assert (ref.metrics["weight_a"], ref.metrics["weight_b"]) == (1.0, 0.5)
+    out = store.fetch(ref) / "model"
+    assert_exact_merge(store.fetch(inputs["context"]) / "model", out,
+                       [store.fetch(inputs["para_train"]), store.fetch(inputs["domain_train"])], [1.0, 0.5])
+    # A sweep and explicit task-arithmetic weights contradict each other: refused when the config loads.
+    with pytest.raises(BadInput, match="merge: .*unset weight_a"):
+        load_config(preset="tiny", overrides=["merge.weight_a=1.0", "merge.weight_b=0.5", "merge.sweep=[0.5]"])

@@ -1,0 +1,107 @@
+"""Stage `merge` (INTERMEDIATE-3): the exact linear merge of 2A (`para_train`) and 2B (`domain_train`).
+
+    INTERMEDIATE-3 = INTERMEDIATE-1 + w_a·Δ2A + w_b·Δ2B        (w_a, w_b) = (w, 1 − w), or merge.weight_a/_b
+
+No training. Input artifacts: `context` (its `model/`, the base), `para_train` and `domain_train` (`adapter/`
++ `marker_rows.safetensors`), `data` (dev lines, for the sweep). Output: `model/` (plain HF directory, the
+base's shards, tokenizer and config with its position interpolation) + `metrics.json` (+ `sweep.md`).
+
+Sweep (merge.sweep non-empty): each w is merged and scored on `merge.sweep_examples` dev examples of each
+style, built from the data artifact's dev lines (half from each domain):
+- 2B style: the domain-LM examples, exactly as domain_train trains them: `{DX}` → text EOS;
+- 2A style: the paraphrase pairs are not an input of this stage (and the paraphraser's output is not dev
+  data), so the 2A format is scored with each dev text standing in for its own paraphrase, both directions:
+  `{DX} text {DY}` → text EOS and `{DY} text {DX}` → text EOS. A paraphrase keeps the meaning, so this is
+  the content-preservation half of 2A (and exactly the RL prompt `{DX} src {DY}`).
+The score is the mean of the two token-averaged losses; the lowest wins. The table goes to the artifact
+reference's metrics (rows: the Prefect layer posts them as a table artifact), metrics.json and `sweep.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from cyclej.config import PipelineConfig
+from cyclej.formats import Example, domain_examples, para_examples
+from cyclej.merge import load_adapter, merge_lora_adapters, merge_weights, sweep_markdown, sweep_weights
+from cyclej.modeling import marker_token_ids
+from cyclej.progress import Progress
+from cyclej.stages import stage_fingerprint
+from cyclej.stages.data import read_lines
+from cyclej.store import ArtifactRef, ArtifactStore
+
+STAGE = "merge"
+
+
+def sweep_examples(
+    cfg: PipelineConfig, store: ArtifactStore, data: ArtifactRef, tokenizer: Any
+) -> tuple[list[Example], list[Example]]:
+    """(2A-style, 2B-style) examples from the first dev lines of both domains (see the module docstring)."""
+    marker_a, marker_b = marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker])
+    n_a = (cfg.merge.sweep_examples + 1) // 2
+    n_b = cfg.merge.sweep_examples - n_a
+    texts = {"a": read_lines(store, data, "a", "dev")[:n_a], "b": read_lines(store, data, "b", "dev")[:n_b]}
+    para_style: list[Example] = []
+    for domain, (src, tgt) in (("a", (marker_a, marker_b)), ("b", (marker_b, marker_a))):
+        for text in texts[domain]:
+            para_style += para_examples(tokenizer, src, tgt, text, text)
+    domain_style = domain_examples(tokenizer, marker_a, texts["a"]) + domain_examples(tokenizer, marker_b, texts["b"])
+    return para_style, domain_style
+
+
+def run_merge(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress) -> ArtifactRef:
+    mcfg = cfg.merge
+    fp = stage_fingerprint(STAGE, cfg, {k: ref.fingerprint for k, ref in inputs.items()})
+    work = store.workdir(STAGE, fp)
+    model_dir, sweep_dir = work / "model", work / "sweep"
+    # A merge has no checkpoints: an interrupted one starts over (it is a pass over the shards).
+    for stale in (model_dir, sweep_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    base_dir = store.fetch(inputs["context"]) / "model"
+    adapter_a = load_adapter(store.fetch(inputs["para_train"]))
+    adapter_b = load_adapter(store.fetch(inputs["domain_train"]))
+
+    metrics: dict[str, Any] = {}
+    if mcfg.sweep:
+        from transformers import AutoTokenizer
+
+        para_style, domain_style = sweep_examples(cfg, store, inputs["data"], AutoTokenizer.from_pretrained(base_dir))
+        rows, best_dir, stats = sweep_weights(
+            base_dir, adapter_a, adapter_b, mcfg.sweep, para_style, domain_style, sweep_dir, progress
+        )
+        os.replace(best_dir, model_dir)
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        best = min(rows, key=lambda r: r.score)
+        table = sweep_markdown(rows, best.weight)
+        (work / "sweep.md").write_text(table, encoding="utf-8")
+        metrics["sweep"] = [r.__dict__ for r in rows]
+        metrics["sweep_markdown"] = table
+        metrics["sweep_examples"] = {"para_style": len(para_style), "domain_style": len(domain_style)}
+        weight_a, weight_b = best.weight, 1.0 - best.weight
+    else:
+        weight_a, weight_b = merge_weights(mcfg.weight, mcfg.weight_a, mcfg.weight_b)
+        stats = merge_lora_adapters(base_dir, model_dir, [(adapter_a, weight_a), (adapter_b, weight_b)], progress)
+
+    metrics.update({
+        "weight_a": weight_a,
+        "weight_b": weight_b,
+        "shards": stats.shards,
+        "tensors": stats.tensors,
+        "tensors_changed": stats.tensors_changed,
+        "lora_modules": stats.lora_modules,
+        "marker_rows": stats.marker_rows,
+        "merge_seconds": stats.seconds,
+        "largest_shard_mb": round(stats.largest_shard_bytes / 2**20, 2),
+        "adapters_mb": round(stats.adapter_bytes / 2**20, 2),
+        "notes": stats.notes,
+    })
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    summary = {k: metrics[k] for k in ("weight_a", "weight_b", "tensors_changed", "merge_seconds")}
+    if mcfg.sweep:
+        # A list of row dicts: the Prefect layer posts it as a table artifact in the UI.
+        summary["sweep"] = metrics["sweep"]
+    return store.commit(STAGE, fp, work, metrics=summary)
