@@ -180,6 +180,8 @@ class MergeConfig(StrictModel):
             raise ValueError("set both weight_a and weight_b, or neither")
         if any(not 0 <= w <= 1 for w in self.sweep):
             raise ValueError("sweep weights must be in [0, 1]")
+        if self.sweep and self.weight_a is not None:
+            raise ValueError("sweep tries w with weights (w, 1 − w); unset weight_a/weight_b or the sweep")
         return self
 
 
