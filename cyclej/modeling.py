@@ -18,9 +18,14 @@ p / factor, so every position the model sees lies in the range it was trained on
   the factor as `cyclej_position_interpolation` in config.json; `load_model` re-applies it on every
   load. Plain `AutoModelForCausalLM.from_pretrained` does NOT: it loads the weights fine, but with
   un-interpolated positions (GPTJConfig has no knob for it), so use `load_model` for GPT-J.
+  (Checked: GPTJConfig has no rope-scaling field, `create_sinusoidal_positions` hard-codes integer
+  positions and base 10000, and a table shipped in the safetensors is dropped on load as an
+  UNEXPECTED key, since the buffer is non-persistent. Only custom `trust_remote_code` modelling code
+  could change that; we do not ship code with models.)
   We also write `rope_parameters` (linear, same factor) into the GPT-J config: transformers' GPT-J
-  ignores it, but vLLM's GPT-J passes `config.rope_parameters` to its rotary embedding, so vLLM serves
-  the extended model with the right positions.
+  ignores it, but vLLM's GPT-J passes `config.rope_parameters` to its rotary embedding (read in vLLM's
+  source, not run here), so vLLM serves the extended model with interpolated positions. vLLM also
+  multiplies its derived maximum length by the factor, so pass `max_model_len` (the new length).
 """
 
 from __future__ import annotations
