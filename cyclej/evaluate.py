@@ -514,7 +514,8 @@ def write_plots(report: EvalReport, out_dir: Path) -> list[Path]:
 
 
 def _reward_curves(log: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
-    """Every numeric column whose name mentions 'reward', against 'step' (or the record index)."""
+    """Every numeric column whose name mentions 'reward', against 'step' (or the record index). When the
+    log has per-reward means (`reward/<name>/mean`, as cyclej.rl writes), only those are drawn."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for i, rec in enumerate(log):
         step = rec.get("step", i + 1)
@@ -523,7 +524,8 @@ def _reward_curves(log: list[dict[str, Any]]) -> dict[str, tuple[list[float], li
                 xs, ys = curves.setdefault(key, ([], []))
                 xs.append(float(step))
                 ys.append(float(val))
-    return curves
+    means = {k.removesuffix("/mean"): v for k, v in curves.items() if k.endswith("/mean")}
+    return means or curves
 
 
 def _flatten(rec: dict[str, Any], prefix: str = "") -> dict[str, Any]:

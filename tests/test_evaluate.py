@@ -188,8 +188,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rl = _perturbed_copy(context, root / "rl" / "model", seed=3).parent
     with open(rl / "metrics.jsonl", "w") as f:
         for step in range(1, 6):
-            f.write(json.dumps({"step": step, "reward/mean": 0.1 * step, "reward/cycle": 0.05 * step,
-                                "loss": 1.0 / step}) + "\n")
+            f.write(json.dumps({"step": step, "reward/total/mean": 0.1 * step, "reward/total/std": 0.01,
+                                "reward/embedding/mean": 0.05 * step, "pg_loss": 1.0 / step}) + "\n")
     return {"context": context.parent, "para_train": para, "merge": merge, "rl": rl}
 
 
@@ -262,3 +262,14 @@ def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     assert [r["system"] for r in report.rows] == [SYSTEM_COPY, label]
     assert f"| {label} |" in report.markdown
     assert report.rows[0]["self_bleu"] == pytest.approx(100.0)
+
+
+def test_reward_curves_keep_the_means() -> None:
+    from cyclej.evaluate import _reward_curves
+
+    log = [{"step": s, "reward/total/mean": 0.1 * s, "reward/total/std": 0.2, "reward/bleu/mean": s,
+            "pg_loss": 1.0} for s in (1, 2, 3)]
+    curves = _reward_curves(log)
+    assert set(curves) == {"reward/total", "reward/bleu"}
+    assert curves["reward/total"] == ([1.0, 2.0, 3.0], [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)])
+    assert set(_reward_curves([{"reward": 1.0}, {"reward": 2.0}])) == {"reward"}
