@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,15 @@ MARKERS = ["<|A|>", "<|B|>"]
 PI_KEY = "cyclej_position_interpolation"
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one thread is several times faster than contending for two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- fixtures: a sharded base with markers, and trained-looking adapters --------------------------------
 def save_base(model: torch.nn.Module, tok: object, out: Path, max_shard_size: str) -> Path:
     """An INTERMEDIATE-1 look-alike: marker tokens added, the PI factor recorded, several shards."""
@@ -52,16 +63,21 @@ def make_base(spec: str, out: Path) -> Path:
     return save_base(model, tok, out, "60KB")
 
 
-def make_adapter(base_dir: Path, stage_dir: Path, seed: int, r: int = 8, **lora_kwargs: object) -> None:
-    """What para_train / domain_train commit: adapter/ (PEFT) + marker_rows.safetensors (final rows)."""
+def make_adapter(
+    base_dir: Path, stage_dir: Path, seed: int, r: int = 8, model: torch.nn.Module | None = None, **lora_kwargs: object
+) -> None:
+    """What para_train / domain_train commit: adapter/ (PEFT) + marker_rows.safetensors (final rows).
+    `model`: the base already in memory (it is given back unchanged)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(base_dir)
     # init_lora_weights=False: A and B both random (PEFT's default B = 0 would make every delta zero).
     cfg = LoraConfig(r=r, lora_alpha=math.sqrt(8), target_modules="all-linear", init_lora_weights=False,
                      **lora_kwargs)  # type: ignore[arg-type]
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(stage_dir / "adapter")
+    model = peft_model.unload()
     ids = torch.tensor(tok.convert_tokens_to_ids(MARKERS), dtype=torch.int64)
     d = model.get_input_embeddings().weight.shape[1]
     rows = {"token_ids": ids, "input_embeddings": torch.randn(len(ids), d)}
@@ -269,18 +285,18 @@ def test_peak_rss_stays_within_one_shard_plus_adapters(tmp_path: Path) -> None:
         for p in model.parameters():
             p.normal_(0, 0.02)
     base = save_base(model, tok, tmp_path / "base", "40MB")
-    del model
     shards = list(base.glob("*.safetensors"))
     assert len(shards) >= 4
     total = sum(p.stat().st_size for p in shards)
     assert total > 100e6
-    make_adapter(base, tmp_path / "sa", seed=1)
-    make_adapter(base, tmp_path / "sb", seed=2)
+    make_adapter(base, tmp_path / "sa", seed=1, model=model)
+    make_adapter(base, tmp_path / "sb", seed=2, model=model)
+    del model
 
     out = tmp_path / "merged"
     proc = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(base), str(tmp_path / "sa"), str(tmp_path / "sb"), str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
