@@ -28,7 +28,7 @@ from cyclej.evaluate import (
     sentence_perplexity,
 )
 from cyclej.judge import StyleJudge, train_judge
-from cyclej.modeling import load_model, save_model
+from cyclej.modeling import extend_context, load_model, save_model
 from cyclej.progress import Progress
 from cyclej.stages.eval import load_adapter_model, run_eval
 from cyclej.store import ArtifactRef, ArtifactStore
@@ -182,6 +182,7 @@ def _para_artifact(context_model: Path, out: Path) -> Path:
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hand-built")
     model, tok = load_model("tiny-gptj", markers=list(MARKERS))
+    extend_context(model, 2.0)  # INTERMEDIATE-1 is context-extended: the PI factor travels to every model
     context = save_model(model, tok, root / "context" / "model")
     para = _para_artifact(context, root / "para_train")
     merge = _perturbed_copy(context, root / "merge" / "model", seed=2).parent
@@ -273,3 +274,30 @@ def test_reward_curves_keep_the_means() -> None:
     assert set(curves) == {"reward/total", "reward/bleu"}
     assert curves["reward/total"] == ([1.0, 2.0, 3.0], [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)])
     assert set(_reward_curves([{"reward": 1.0}, {"reward": 2.0}])) == {"reward"}
+
+
+def test_model_card_written_beside_the_weights_and_uploaded_to_s3(
+    tmp_path: Path, artifacts: dict[str, Path], s3_bucket: str
+) -> None:
+    from cyclej.config import StorageConfig
+    from cyclej.stages.eval import _model_card
+    from cyclej.translate import read_model_info
+
+    cfg = _tiny_cfg(tmp_path)
+    row = {"system": SYSTEM_RL, "n": 4, "style_acc": 0.5, "self_bleu": 12.0, "similarity": 0.7, "ref_bleu": None,
+           "perplexity": 40.0, "fluent": 0.75, "cycle_bleu": 30.0, "J": 0.25}
+    report = EvalReport([row], [], 0.95, 0.96, 0.94, 55.0, "tiny-gptj", "tiny-bert", ("negative", "positive"))
+    store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
+    rl_ref = store.commit("rl", "cafe", artifacts["rl"])
+    local = store.fetch(rl_ref) / "model"
+    card = _model_card(report, cfg, {"a": {"train": {"kept": 400}, "dev": {"kept": 32}}}, local, store, rl_ref)
+    text = card.read_text()
+    assert card == local / "README.md"
+    for needle in ("AutoModelForCausalLM", "from vllm import LLM", "LLM(model=", "<|A|>the text to rewrite<|B|>",
+                   "| CYCLE-J | 4 | 0.5000 |", "Judge dev accuracy: 0.9500", "| negative | `<|A|>` | 400 | 32 |",
+                   "name: tiny", "position interpolation"):
+        assert needle in text, needle
+    assert read_model_info(local) == {"markers": ["<|A|>", "<|B|>"], "domains": ["negative", "positive"]}
+    # On S3 the card sits beside the weights; the artifact's manifest (and its checksums) is unchanged.
+    assert store.fs.cat_file(f"{rl_ref.uri}/model/README.md").decode() == text
+    assert store.ref("rl", "cafe") == rl_ref
