@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ import fsspec
 from cyclej.errors import CorruptArtifact, StorageError
 
 MANIFEST = "MANIFEST.json"
+LEASE = "LEASE.json"
 CHECKPOINTS = "checkpoints"
 _CHUNK = 1 << 20
 
@@ -76,7 +78,7 @@ def _scan(local_dir: Path, exclude_top: tuple[str, ...] = ()) -> dict[str, dict[
         if not p.is_file():
             continue
         rel = p.relative_to(local_dir).as_posix()
-        if rel == MANIFEST or rel.split("/", 1)[0] in exclude_top:
+        if rel in (MANIFEST, LEASE) or rel.split("/", 1)[0] in exclude_top:
             continue
         files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return files
@@ -139,7 +141,8 @@ class ArtifactStore:
     # ---- reachability ---------------------------------------------------------------------------
     def check(self) -> None:
         """Raise StorageError unless the root can be listed and written (credentials included)."""
-        probe = self._path(".cyclej-probe")
+        # unique per caller: concurrent first uses of one store must not delete each other's probe
+        probe = self._path(f".cyclej-probe-{os.getpid()}-{threading.get_ident()}")
         try:
             if self.is_local:
                 self.fs.makedirs(self.root, exist_ok=True)
@@ -233,7 +236,7 @@ class ArtifactStore:
         if self.is_local:
             # Atomic on a local disk: a crash never leaves a half-written manifest.
             Path(remote).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{remote}.tmp{os.getpid()}")
+            tmp = Path(f"{remote}.tmp{os.getpid()}.{threading.get_ident()}")
             tmp.write_bytes(data)
             os.replace(tmp, remote)
         else:
@@ -280,7 +283,71 @@ class ArtifactStore:
                 raise CorruptArtifact(f"{label}/{rel}: checksum mismatch (the file is corrupt)")
 
     def read_text(self, ref: ArtifactRef, rel: str) -> str:
-        return (self.fetch(ref) / rel).read_text(encoding="utf-8")
+        return self.read_file(ref, rel).decode("utf-8")
+
+    def read_file(self, ref: ArtifactRef, rel: str) -> bytes:
+        """One file of a committed artifact, checked against the manifest, without fetching the rest
+        (a model directory is not downloaded to read its metrics)."""
+        dir_path = self._path(ref.stage, ref.fingerprint)
+        got = self._read_manifest(dir_path)
+        if got is None:
+            raise FileNotFoundError(f"no committed artifact at {ref.stage}/{ref.fingerprint}")
+        meta = got[0]["files"].get(rel)
+        if meta is None:
+            raise FileNotFoundError(f"{ref.stage}/{ref.fingerprint}/{rel}: not in the artifact")
+        data = self._call(f"read {rel}", self.fs.cat_file, f"{dir_path}/{rel}")
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CorruptArtifact(f"{ref.stage}/{ref.fingerprint}/{rel}: checksum mismatch (the file is corrupt)")
+        return data
+
+    # ---- leases: one writer per artifact, across processes and machines -------------------------
+    @contextmanager
+    def lease(self, stage: str, fp: str, ttl: float = 120.0, poll: float = 2.0) -> Iterator[bool]:
+        """Hold the right to compute `<stage>/<fp>`. Yields True when this process holds it, False when
+        the artifact was committed by someone else while we waited (the caller should just read it).
+
+        A lease is a small JSON file renewed every ttl/3 s by a background thread; one that has not been
+        renewed for `ttl` s belongs to a dead process and is taken over. Object stores have no atomic
+        create, so the writer re-reads its lease after a pause and backs off if another won the race.
+        """
+        import uuid
+
+        rel = f"{stage}/{fp}/{LEASE}"
+        me = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        while True:
+            if self.exists(stage, fp):
+                yield False
+                return
+            held = self.get_json(rel)
+            if held is None or held.get("owner") == me or held.get("expires", 0) < time.time():
+                self.put_json(rel, {"owner": me, "expires": time.time() + ttl})
+                time.sleep(min(poll, 0.5))
+                held = self.get_json(rel)
+                if held is not None and held.get("owner") == me:
+                    if not self.exists(stage, fp):
+                        break
+                    # the previous holder committed, then released, while we were looking
+                    self.remove(rel)
+                    yield False
+                    return
+            time.sleep(poll)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(ttl / 3):
+                try:
+                    self.put_json(rel, {"owner": me, "expires": time.time() + ttl})
+                except Exception:  # noqa: BLE001 - a missed renewal only risks a takeover after ttl
+                    pass
+
+        renewer = threading.Thread(target=renew, daemon=True, name=f"lease-{stage}")
+        renewer.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            renewer.join(timeout=5)
+            self.remove(rel)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, stage: str, fp: str, name: str, local_dir: Path, keep: int | None = None) -> None:

@@ -187,3 +187,51 @@ def test_fingerprint_depends_on_every_part() -> None:
     assert base != fingerprint("merge", 1, {"weight": 0.6}, {"context": "a", "para_train": "b"})
     assert base != fingerprint("merge", 1, {"weight": 0.5}, {"context": "a", "para_train": "c"})
     assert base != fingerprint("rl", 1, {"weight": 0.5}, {"context": "a", "para_train": "b"})
+
+
+def test_lease_lets_one_writer_compute_and_the_other_reuse(store: ArtifactStore) -> None:
+    """Two runs of the same stage at once: one computes, the other waits and reads its artifact."""
+    import threading
+
+    computed: list[str] = []
+    results: dict[str, str] = {}
+
+    def worker(who: str) -> None:
+        with store.lease("data", "samefp", ttl=30, poll=0.2) as mine:
+            if mine:
+                computed.append(who)
+                time.sleep(1.0)  # the work
+                work = _write(store, "data", "samefp", {"out.txt": who.encode()})
+                results[who] = store.commit("data", "samefp", work).manifest_sha256
+                return
+        ref = store.ref("data", "samefp")
+        assert ref is not None
+        results[who] = ref.manifest_sha256
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(computed) == 1
+    assert results["first"] == results["second"]  # the same commit, read by both
+    assert store.get_json("data/samefp/LEASE.json") is None  # released
+    assert "LEASE.json" not in json.loads(store.fs.cat_file(_raw_path(store, "data", "samefp", "MANIFEST.json")))["files"]
+
+
+def test_expired_lease_is_taken_over(store: ArtifactStore) -> None:
+    store.put_json("merge/deadfp/LEASE.json", {"owner": "a-dead-pod", "expires": time.time() - 1})
+    with store.lease("merge", "deadfp", poll=0.1) as mine:
+        assert mine
+        assert store.get_json("merge/deadfp/LEASE.json")["owner"] != "a-dead-pod"
+
+
+def test_read_file_checks_one_file_without_fetching(store: ArtifactStore) -> None:
+    work = _write(store, "eval", "e1", {"report.md": b"# table", "model/big.bin": b"0" * 1000})
+    ref = store.commit("eval", "e1", work)
+    assert store.read_text(ref, "report.md") == "# table"
+    store.fs.pipe_file(_raw_path(store, "eval", "e1", "report.md"), b"# tampered")
+    with pytest.raises(CorruptArtifact):
+        store.read_file(ref, "report.md")
+    with pytest.raises(FileNotFoundError):
+        store.read_file(ref, "nope.md")

@@ -161,7 +161,13 @@ def run_stage(
     if done is not None:
         return done
     progress = (progress or Progress()).for_stage(name)
-    ref = stage_function(name)(cfg, {k: inputs[k] for k in SPECS[name].inputs}, store, progress)
+    # Two runs of the same config at once: the second waits here and reuses the first's artifact.
+    with store.lease(name, fp) as mine:
+        if not mine:
+            ref = store.ref(name, fp)
+            assert ref is not None
+            return ref
+        ref = stage_function(name)(cfg, {k: inputs[k] for k in SPECS[name].inputs}, store, progress)
     assert ref.fingerprint == fp, f"stage {name} wrote {ref.fingerprint}, expected {fp}"
     return ref
 
