@@ -87,6 +87,10 @@ outputs = llm.generate(["{a.marker}the text to rewrite{b.marker}"], params)
 print(outputs[0].outputs[0].text)
 ```
 
+The markers are special tokens of the tokenizer in this folder, so vLLM maps them to their ids. Training
+prompts carry no BOS token; if your tokenizer adds one, pass token ids instead:
+`llm.generate({{"prompt_token_ids": tok(prompt, add_special_tokens=False)["input_ids"]}}, params)`.
+
 ## Evaluation
 
 {metrics_table_md.strip()}
