@@ -118,7 +118,24 @@ def _progress_listener() -> Any:
     return listener
 
 
-def _post_artifacts(ref: ArtifactRef) -> None:
+# Files some stages write for people: shown as tables in the UI (at most this many rows).
+SAMPLE_FILES = ("samples.json", "samples.jsonl", "examples.jsonl")
+MAX_TABLE_ROWS = 50
+
+
+def _sample_rows(store: ArtifactStore, ref: ArtifactRef, rel: str) -> list[dict[str, Any]]:
+    try:
+        raw = store.read_file(ref, rel).decode("utf-8")
+    except FileNotFoundError:
+        return []
+    rows = json.loads(raw) if rel.endswith(".json") else [json.loads(x) for x in raw.splitlines() if x.strip()]
+    rows = [r for r in rows if isinstance(r, dict)][-MAX_TABLE_ROWS:]
+    # table cells must be scalars
+    return [{k: (v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)) for k, v in r.items()}
+            for r in rows]
+
+
+def _post_artifacts(ref: ArtifactRef, store: ArtifactStore) -> None:
     key = ref.stage.replace("_", "-")
     create_link_artifact(key=f"{key}-uri", link=ref.uri, link_text=f"{ref.stage}/{ref.fingerprint}",
                          description=f"Artifact of stage `{ref.stage}`")
@@ -132,6 +149,11 @@ def _post_artifacts(ref: ArtifactRef) -> None:
         if isinstance(table, list) and table and all(isinstance(r, dict) for r in table):
             create_table_artifact(key=f"{key}-{name.replace('_', '-')}", table=table,
                                   description=f"{ref.stage}: {name}")
+    for rel in SAMPLE_FILES:
+        rows = _sample_rows(store, ref, rel)
+        if rows:
+            create_table_artifact(key=f"{key}-{rel.split('.')[0]}", table=rows,
+                                  description=f"{ref.stage}: {rel} (last {len(rows)} rows)")
 
 
 def record_resume_point(tsk: Any, task_run: Any, state: Any) -> None:
@@ -159,7 +181,7 @@ def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]
     progress = Progress(listeners=[_progress_listener()])
     ref = run_stage(name, cfg, refs_from(inputs), store, progress)
     logger.info("stage %s → %s", name, ref.uri)
-    _post_artifacts(ref)
+    _post_artifacts(ref, store)
     return json.loads(ref.to_json())
 
 
