@@ -35,6 +35,7 @@ buffer, RNG states, step, micro-batch and the logs so far — is saved by `save_
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -144,30 +145,50 @@ def group_advantages(
 
 def build_batch(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded rows `prompt + completion`: (input_ids, attention_mask, completion_mask), each [B, T].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows `prompt | completion` with the prompts left-padded to one width P and the completions
+    right-padded to one width C, so every completion starts at column P (as in generation).
 
-    `completion_mask[b, t]` is 1 exactly where token t of row b is a completion token: the tokens the
-    loss trains. Right padding keeps every row at positions 0.. without position ids.
+    Returns (input_ids [B, P+C], attention_mask [B, P+C], position_ids [B, P+C], completion_mask [B, C]);
+    `completion_mask[b, j]` is 1 exactly where column P+j of row b is a completion token: the tokens
+    the loss trains. The logits needed are only those of columns P−1 .. P+C−2 (`logits_to_keep=C+1`,
+    last column dropped), which skips the LM head on the prompts.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), P + C), dtype=torch.long)
+    completion_mask = torch.zeros((len(prompts), C), dtype=torch.long)
     for row, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        n = len(p) + len(c)
-        input_ids[row, :n] = torch.tensor([*p, *c], dtype=torch.long)
-        attention_mask[row, :n] = 1
-        completion_mask[row, len(p) : n] = 1
-    return input_ids, attention_mask, completion_mask
+        input_ids[row, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        input_ids[row, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[row, P - len(p) : P + len(c)] = 1
+        completion_mask[row, : len(c)] = 1
+    # Each row's first real token is position 0, whatever its left padding.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, completion_mask
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t | tokens < t) for t = 1..T−1: [B, T−1], computed in fp32."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+def completion_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    completion_width: int,
+) -> torch.Tensor:
+    """[B, C, V]: the logits that predict the C completion columns (the LM head skips the prompts when
+    the model takes `logits_to_keep`)."""
+    kwargs: dict[str, Any] = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = completion_width + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs).logits
+    return logits[:, -(completion_width + 1) : -1]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[b, t]) under logits[b, t] (already aligned: [B, C, V] and [B, C]), in fp32."""
+    logits = logits.float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -182,11 +203,10 @@ def policy_gradient_loss(
     """Token-level policy-gradient loss, summed over this micro-batch's completion tokens and divided by
     `n_tokens`, the completion tokens of the whole step (so micro-batches add up to the step's mean).
 
-    `logprobs` [B, T−1] are from `token_logprobs`; `completion_mask` [B, T] from `build_batch` (shifted
-    here: position t of the logprobs predicts token t+1). Optional KL to the reference, the k3
-    estimator exp(ref − lp) − (ref − lp) − 1 per token.
+    `logprobs` and `completion_mask` are [B, C] (from `token_logprobs` and `build_batch`), `advantages`
+    [B]. Optional KL to the reference, the k3 estimator exp(ref − lp) − (ref − lp) − 1 per token.
     """
-    mask = completion_mask[:, 1:].to(logprobs.dtype)
+    mask = completion_mask.to(logprobs.dtype)
     pg = -(advantages.to(logprobs.dtype)[:, None] * logprobs * mask).sum() / n_tokens
     stats = {"pg_loss": float(pg.detach())}
     loss = pg
@@ -333,16 +353,21 @@ class RLTrainer:
             if start == 0:
                 maybe_fault("rl", step)  # an injected OOM lands where a real one would
             sl = slice(start, start + rows_per_chunk)
-            input_ids, attn, comp = build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)
-            input_ids, attn, comp = input_ids.to(self.device), attn.to(self.device), comp.to(self.device)
+            batch = [t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)]
+            input_ids, attn, pos, comp = batch
+            width = comp.shape[1]
+            targets = input_ids[:, -width:]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-                logits = self.policy(input_ids=input_ids, attention_mask=attn).logits
-            logprobs = token_logprobs(logits, input_ids)
+                logits = completion_logits(self.policy, input_ids, attn, pos, width)
+            logprobs = token_logprobs(logits, targets)
             del logits
             ref_logprobs = None
             if self.reference is not None and self.cfg.kl_coef > 0:
-                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-                    ref_logprobs = token_logprobs(self.reference(input_ids=input_ids, attention_mask=attn).logits, input_ids)
+                with torch.no_grad(), torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16
+                ):
+                    ref_logits = completion_logits(self.reference, input_ids, attn, pos, width)
+                    ref_logprobs = token_logprobs(ref_logits, targets)
             loss, stats = policy_gradient_loss(
                 logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
             )

@@ -27,6 +27,7 @@ from cyclej.rl import (
     RLTrainer,
     Rollouts,
     build_batch,
+    completion_logits,
     group_advantages,
     lr_lambda,
     policy_gradient_loss,
@@ -72,37 +73,47 @@ def test_group_advantages_normalize_within_each_group() -> None:
 
 
 def test_completion_mask_covers_exactly_the_completion_tokens() -> None:
-    input_ids, attn, comp = build_batch([[7, 8, 9], [7]], [[1, 2], [3, 4, 5]], pad_id=0)
-    assert input_ids.tolist() == [[7, 8, 9, 1, 2], [7, 3, 4, 5, 0]]
-    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert comp.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    input_ids, attn, pos, comp = build_batch([[7, 8, 9], [7]], [[1, 2], [3, 4, 5]], pad_id=0)
+    # Prompts left-padded to width 3, completions right-padded to width 3: completions start at column 3.
+    assert input_ids.tolist() == [[7, 8, 9, 1, 2, 0], [0, 0, 7, 3, 4, 5]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert pos.tolist()[1][2:] == [0, 1, 2, 3]  # a left-padded row still starts at position 0
+    assert comp.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_completion_logits_match_an_unpadded_forward() -> None:
+    policy, _, _ = tiny_policy()
+    input_ids, attn, pos, comp = build_batch([[5, 6, 7, 8], [9]], [[1, 2], [3, 4, 10]], pad_id=0)
+    logprobs = token_logprobs(completion_logits(policy, input_ids, attn, pos, comp.shape[1]), input_ids[:, -3:])
+    with torch.no_grad():
+        alone = policy(input_ids=torch.tensor([[9, 3, 4, 10]])).logits  # row 1 without padding
+    expected = torch.log_softmax(alone[0, :-1], -1).gather(-1, torch.tensor([[3], [4], [10]])).squeeze(-1)
+    assert torch.allclose(logprobs[1], expected, atol=1e-5)
 
 
 def test_loss_is_advantage_weighted_logprob_of_completion_tokens_only() -> None:
     torch.manual_seed(0)
-    input_ids, _, comp = build_batch([[5, 6, 7], [5, 6]], [[1, 2], [3]], pad_id=0)
-    logits = torch.randn(2, input_ids.shape[1], 10, requires_grad=True)
-    logprobs = token_logprobs(logits, input_ids)
+    _, _, _, comp = build_batch([[5, 6, 7], [5, 6]], [[1, 2], [3]], pad_id=0)
+    targets = torch.tensor([[1, 2], [3, 0]])
+    logits = torch.randn(2, 2, 10, requires_grad=True)
+    logprobs = token_logprobs(logits, targets)
     advantages = torch.tensor([2.0, -1.0])
     loss, stats = policy_gradient_loss(logprobs, comp, advantages, n_tokens=3)
 
     lp = torch.log_softmax(logits.detach(), -1)
-    # Row 0 completion tokens 1, 2 sit at positions 3, 4 (predicted from 2, 3); row 1's token 3 at 2.
-    expected = -(2.0 * (lp[0, 2, 1] + lp[0, 3, 2]) - 1.0 * lp[1, 1, 3]) / 3
+    expected = -(2.0 * (lp[0, 0, 1] + lp[0, 1, 2]) - 1.0 * lp[1, 0, 3]) / 3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert stats["pg_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
     loss.backward()
-    grad_rows = logits.grad.abs().sum(-1)  # [2, T]
-    # Only positions that predict a completion token get a gradient: prompt and padding get none.
-    assert (grad_rows[0, [2, 3]] > 0).all() and grad_rows[0, [0, 1, 4]].sum() == 0
-    assert grad_rows[1, 1] > 0 and grad_rows[1, [0, 2, 3, 4]].sum() == 0
+    grad = logits.grad.abs().sum(-1)  # [2, 2]
+    # The padding column of row 1 gets no gradient; every completion token does.
+    assert (grad[0] > 0).all() and grad[1, 0] > 0 and grad[1, 1] == 0
 
 
 def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it() -> None:
-    input_ids, _, comp = build_batch([[5, 6]], [[1, 2]], pad_id=0)
-    logits = torch.randn(1, 4, 10)
-    lp = token_logprobs(logits, input_ids)
+    comp = torch.ones(1, 2, dtype=torch.long)
+    lp = token_logprobs(torch.randn(1, 2, 10), torch.tensor([[1, 2]]))
     _, at_ref = policy_gradient_loss(lp, comp, torch.zeros(1), 2, ref_logprobs=lp, kl_coef=0.1)
     _, away = policy_gradient_loss(lp, comp, torch.zeros(1), 2, ref_logprobs=lp - 0.5, kl_coef=0.1)
     assert at_ref["kl"] == pytest.approx(0.0, abs=1e-7)
