@@ -219,7 +219,8 @@ class FluencyLM:
         path = resolve_model(spec)
         self.spec = spec
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(_device()).eval()
+        dtype = torch.bfloat16 if _device() == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(_device()).eval()
         tok = self.tokenizer
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         self.start_id: int = 0 if start is None else int(start)

@@ -7,6 +7,7 @@ beside the weights, else from the tokenizer's extra special tokens (the markers 
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -127,8 +128,9 @@ def load_for_translation(
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         marker_token_ids(tokenizer, list(pair))  # vLLM cannot add tokens: they must be in the folder already
         return make_backend("vllm", str(model_dir)), tokenizer, pair
-    model, tokenizer = load_model(str(model_dir), markers=list(pair))
-    if torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available()
+    model, tokenizer = load_model(str(model_dir), markers=list(pair), dtype=torch.bfloat16 if on_gpu else torch.float32)
+    if on_gpu:
         model.to("cuda")
     model.eval()
     return model, tokenizer, pair
@@ -175,6 +177,10 @@ class ModelTranslator:
     def release(self) -> None:
         if self.loader is not None:
             self.backend = self.tokenizer = self.markers = None
+            # The next system's model must fit: hand the freed memory back now (GPU caches included).
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def __call__(self, lines: list[str], to: Domain) -> list[str]:
         if self.backend is None:
