@@ -62,11 +62,23 @@ class LoraFactors:
     scaling: float
     fan_in_fan_out: bool
 
+    def shape(self) -> tuple[int, int]:
+        out_in = (self.b.shape[0], self.a.shape[1])
+        return (out_in[1], out_in[0]) if self.fan_in_fan_out else out_in
+
     def delta(self) -> torch.Tensor:
         d = self.b.float() @ self.a.float()
         if self.fan_in_fan_out:
             d = d.T
         return d * self.scaling
+
+    def add_to(self, acc: torch.Tensor, weight: float) -> None:
+        """acc += weight · Δ in one fused fp32 matmul-add, without materializing Δ."""
+        b, a = self.b.float(), self.a.float()
+        if self.fan_in_fan_out:  # (B A)ᵀ = Aᵀ Bᵀ
+            acc.addmm_(a.T, b.T, alpha=weight * self.scaling)
+        else:
+            acc.addmm_(b, a, alpha=weight * self.scaling)
 
 
 @dataclass
@@ -403,11 +415,9 @@ def _merge_tensor(
     if lora:
         acc = tensor.float()
         for factors, w in lora:
-            d = factors.delta()
-            if d.shape != acc.shape:
-                raise BadInput(f"LoRA delta for {key} has shape {tuple(d.shape)}, the base has {tuple(acc.shape)}")
-            acc.add_(d, alpha=w)
-            del d
+            if factors.shape() != tuple(acc.shape):
+                raise BadInput(f"LoRA delta for {key} has shape {factors.shape()}, the base has {tuple(acc.shape)}")
+            factors.add_to(acc, w)
         tensor = acc.to(dtype)
         del acc
     if rows is not None and base_rows is not None:
