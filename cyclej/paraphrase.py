@@ -339,7 +339,9 @@ def load_embedder(spec: str) -> Embed:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if Path(path).is_dir() and not (Path(path) / "modules.json").is_file():
         word = models.Transformer(path)
-        pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+        # renamed in sentence-transformers 6 (get_word_embedding_dimension before)
+        dim_of = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+        pool = models.Pooling(dim_of(), pooling_mode="mean")
         encoder = SentenceTransformer(modules=[word, pool], device=device)
     else:
         encoder = SentenceTransformer(path, device=device)

@@ -14,15 +14,24 @@ The stage fails when the share of texts left without a paraphrase exceeds `parap
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cyclej.config import PipelineConfig
 from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
-from cyclej.generate import GenerationBackend, SamplingSettings, load_causal_lm, make_backend
+from cyclej.generate import (
+    GenerationBackend,
+    SamplingSettings,
+    TransformersBackend,
+    load_causal_lm,
+    make_backend,
+)
 from cyclej.paraphrase import (
     REASONS,
     Embed,
@@ -38,6 +47,7 @@ from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
 
 STAGE = "paraphrase"
+log = logging.getLogger("cyclej")
 N_SAMPLES = 20
 REJECTED_EXAMPLES_PER_REASON = 3
 
@@ -147,8 +157,6 @@ def run_paraphrase_shard(
     shard = items[shard_index * pc.shard_size : (shard_index + 1) * pc.shard_size]
     if not shard:
         raise ValueError(f"paraphrase: shard {shard_index} is out of range ({len(items)} texts)")
-    maybe_fault(STAGE, shard_index)
-
     para = _paraphraser(cfg)
     settings = SamplingSettings(
         max_new_tokens=pc.max_new_tokens,
@@ -160,7 +168,9 @@ def run_paraphrase_shard(
     )
     sources = [text for _, text in shard]
     started = time.perf_counter()
-    completions = para.backend.generate([para.prompts.ids(t) for t in sources], settings)
+    completions, oom_retries = _generate_adapting(
+        para.backend, [para.prompts.ids(t) for t in sources], settings, shard_index
+    )
     seconds = time.perf_counter() - started
     generated_tokens = sum(len(c) for per_text in completions for c in per_text)
     raw = [[para.tokenizer.decode(c, skip_special_tokens=True) for c in per_text] for per_text in completions]
@@ -185,6 +195,8 @@ def run_paraphrase_shard(
         "shard": shard_index,
         "generated_tokens": generated_tokens,
         "generation_seconds": round(seconds, 3),
+        "oom_retries": oom_retries,
+        "batch_size": getattr(para.backend, "batch_size", None),
     }
     (out / "stats.json").write_text(json.dumps(shard_stats, indent=1), encoding="utf-8")
     store.save_checkpoint(STAGE, fp, name, out)
@@ -195,6 +207,31 @@ def run_paraphrase_shard(
             rejected=counts.rejected,
             tok_per_s=generated_tokens / max(seconds, 1e-9),
         )
+
+
+def _generate_adapting(
+    backend: GenerationBackend, prompts: list[list[int]], settings: SamplingSettings, shard_index: int
+) -> tuple[list[list[list[int]]], int]:
+    """Generate; on out-of-memory halve the transformers batch and try again (greedy output is unchanged).
+
+    The halved batch size stays for the rest of the process. vLLM manages its own memory: an OOM there
+    is a real failure and propagates.
+    """
+    retries = 0
+    while True:
+        try:
+            maybe_fault(STAGE, shard_index)
+            return backend.generate(prompts, settings), retries
+        except torch.OutOfMemoryError:
+            if not isinstance(backend, TransformersBackend) or backend.batch_size == 1:
+                raise
+            backend.batch_size //= 2
+            retries += 1
+            log.warning(
+                "paraphrase shard %d: out of memory; batch size now %d", shard_index, backend.batch_size
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 # ---- the stage ------------------------------------------------------------------------------------
