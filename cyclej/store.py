@@ -148,7 +148,7 @@ class ArtifactStore:
                 self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ok")
-            self.fs.rm(probe)
+            self._delete(probe)
         except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
             raise StorageError(
                 f"storage {self.root_uri}: cannot write ({type(exc).__name__}: {_one_line(exc)}); "
@@ -159,6 +159,15 @@ class ArtifactStore:
     def _ensure_checked(self) -> None:
         if not self._checked:
             self.check()
+
+    def _delete(self, path: str, recursive: bool = False) -> None:
+        """Delete object by object (S3 DeleteObject): RunPod's S3 API for network volumes has no
+        DeleteObjects, which s3fs's `rm` sends even for a single key."""
+        if self.is_local:
+            self.fs.rm(path, recursive=recursive)
+            return
+        for key in self.fs.find(path) if recursive else [path]:
+            self.fs.rm_file(key)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run an fs call; anything but 'not found' is a StorageError, never a silent miss."""
@@ -410,8 +419,8 @@ class ArtifactStore:
         path = self._path(stage, fp, CHECKPOINTS, name)
         # Manifest first: a half-deleted checkpoint must never look complete.
         try:
-            self._call("delete checkpoint", self.fs.rm, f"{path}/{MANIFEST}")
-            self._call("delete checkpoint", self.fs.rm, path, recursive=True)
+            self._call("delete checkpoint", self._delete, f"{path}/{MANIFEST}")
+            self._call("delete checkpoint", self._delete, path, recursive=True)
         except FileNotFoundError:
             pass
 
@@ -431,7 +440,7 @@ class ArtifactStore:
 
     def remove(self, rel: str) -> None:
         try:
-            self._call("delete", self.fs.rm, self._path(rel))
+            self._call("delete", self._delete, self._path(rel))
         except FileNotFoundError:
             pass
 
