@@ -146,7 +146,9 @@ class Discriminator:
         self.model.eval()
         self.updates += 1
         accuracy = (logits.detach().argmax(-1) == target).float().mean()
-        return {"disc/loss": float(loss.detach()), "disc/accuracy": float(accuracy), "disc/replay": len(self.replay)}
+        return {
+            "disc/loss": float(loss.detach()), "disc/accuracy": float(accuracy), "disc/replay": len(self.replay)
+        }
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -232,7 +232,9 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
     """True when the forward passes run in bf16 (autocast)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------
@@ -301,7 +303,10 @@ class RLTrainer:
         picked: list[tuple[DomainKey, str]] = []
         for d in ("a", "b"):
             pool = self.sources[d]
-            idx = rng.sample(range(len(pool)), half) if len(pool) >= half else [rng.randrange(len(pool)) for _ in range(half)]
+            if len(pool) >= half:
+                idx = rng.sample(range(len(pool)), half)
+            else:  # a tiny corpus: with replacement
+                idx = [rng.randrange(len(pool)) for _ in range(half)]
             picked += [(d, pool[i]) for i in idx]
         return picked
 
@@ -309,7 +314,8 @@ class RLTrainer:
         cfg, G = self.cfg, self.cfg.rollouts
         picked = self.pick_sources(step)
         prompts = [
-            [self.marker_ids[d], *encode_text(self.tokenizer, text), self.marker_ids[OTHER[d]]] for d, text in picked
+            [self.marker_ids[d], *encode_text(self.tokenizer, text), self.marker_ids[OTHER[d]]]
+            for d, text in picked
         ]
         settings = SamplingSettings(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
@@ -377,21 +383,40 @@ class RLTrainer:
         return totals
 
     # ---- one whole step --------------------------------------------------------------------------------
+    def _rollout_and_gradients(
+        self, step: int
+    ) -> tuple[Rollouts, dict[str, list[float]], list[float], dict[str, float], float]:
+        """Steps 2-6: sample, score (the discriminator has not seen this batch yet), accumulate gradients."""
+        t0 = time.perf_counter()
+        ro = self.rollout(step)
+        t_rollout = time.perf_counter() - t0
+        parts = self.reward_fn(ro)
+        total = R.combine(parts, self.weights)
+        advantages = group_advantages(total, ro.group_size, self.cfg.advantage)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_terms = self.accumulate_gradients(ro, advantages, step)
+        return ro, parts, total, loss_terms, t_rollout
+
     def step(self) -> dict[str, Any]:
-        """Run RL step `step_done + 1`; OOM halves the micro-batch and retries from the pre-step state."""
+        """Run RL step `step_done + 1`. An OOM before the optimizer update halves the micro-batch and
+        runs the step again from its pre-step state (nothing has been updated yet)."""
         step = self.step_done + 1
+        t0 = time.perf_counter()
         rng_before = _rng_state()
         while True:
             try:
-                return self._step(step)
+                ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
+                break
             except torch.OutOfMemoryError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 if self.micro_batch == 1:
                     raise StageFailed(
-                        "rl", f"out of memory at step {step} with one group of {self.cfg.rollouts} rollouts per "
-                        f"micro-batch ({_first_line(exc)}); lower rl.rollouts or rl.max_new_tokens, or use a larger GPU",
+                        "rl",
+                        f"out of memory at step {step} with one group of {self.cfg.rollouts} rollouts per "
+                        f"micro-batch ({_first_line(exc)}); lower rl.rollouts or rl.max_new_tokens, or use a "
+                        "larger GPU",
                         f"step {self.step_done}",
                     ) from None
                 self.micro_batch //= 2
@@ -399,16 +424,6 @@ class RLTrainer:
                     self.backend = self._transformers_backend()
                 _set_rng_state(rng_before)
 
-    def _step(self, step: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        ro = self.rollout(step)
-        t_rollout = time.perf_counter() - t0
-        parts = self.reward_fn(ro)  # the discriminator has not yet seen this batch
-        total = R.combine(parts, self.weights)
-        advantages = group_advantages(total, ro.group_size, self.cfg.advantage)
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_terms = self.accumulate_gradients(ro, advantages, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -417,9 +432,9 @@ class RLTrainer:
         push = getattr(self.backend, "load_weights", None)
         if push is not None:  # an engine holding its own copy of the weights (vLLM)
             push(self.policy.state_dict())
-
         disc_metrics = self.discriminator.update(ro.translations) if self.discriminator is not None else {}
         self.step_done = step
+
         metrics: dict[str, Any] = {
             "step": step,
             "lr": lr,
@@ -479,7 +494,9 @@ class RLTrainer:
         self._write_logs()
 
 
-def sample_rows(step: int, ro: Rollouts, parts: Mapping[str, Sequence[float]], total: Sequence[float]) -> list[dict[str, Any]]:
+def sample_rows(
+    step: int, ro: Rollouts, parts: Mapping[str, Sequence[float]], total: Sequence[float]
+) -> list[dict[str, Any]]:
     """The first rollout of every group: source, translation, back-translation and each reward."""
     rows = []
     for i in range(0, len(ro), ro.group_size):

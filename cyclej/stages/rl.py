@@ -40,7 +40,9 @@ CKPT_PREFIX = "step-"
 log = logging.getLogger("cyclej.rl")
 
 
-def run_rl(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress) -> ArtifactRef:
+def run_rl(
+    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
+) -> ArtifactRef:
     rcfg = cfg.rl
     fp = stage_fingerprint(STAGE, cfg, {k: v.fingerprint for k, v in inputs.items()})
     done = store.ref(STAGE, fp)
@@ -50,7 +52,8 @@ def run_rl(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW); on a CPU the
     # weights stay fp32 and bf16 only autocasts the forward.
-    dtype = torch.bfloat16 if device.type == "cuda" and resolve_precision(rcfg.precision, device) else torch.float32
+    bf16_weights = device.type == "cuda" and resolve_precision(rcfg.precision, device)
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
 
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
     merged_dir = store.fetch(inputs["merge"]) / "model"
