@@ -354,6 +354,8 @@ def evaluate(
     """Translate the first `cfg.eval.max_examples` dev lines of each domain into the other domain with
     every system (and back), then score them. `references[d]` holds, line by line, the human translation
     of `dev_d` into the other domain (only when the dev sets are line-aligned)."""
+    if not systems:
+        raise ValueError("evaluate: no systems given")
     progress = progress or Progress(show_bar=False)
     ev = cfg.eval
     markers = (cfg.domain_a.marker, cfg.domain_b.marker)

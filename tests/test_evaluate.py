@@ -301,3 +301,24 @@ def test_model_card_written_beside_the_weights_and_uploaded_to_s3(
     # On S3 the card sits beside the weights; the artifact's manifest (and its checksums) is unchanged.
     assert store.fs.cat_file(f"{rl_ref.uri}/model/README.md").decode() == text
     assert store.ref("rl", "cafe") == rl_ref
+
+
+def test_line_aligned_dev_files_give_references(tmp_path: Path) -> None:
+    from cyclej.errors import BadInput
+    from cyclej.stages.eval import eval_dev_sets
+
+    (tmp_path / "dev.original").write_text("thou art a villain .\n\nwherefore art thou ?\n")
+    (tmp_path / "dev.modern").write_text("you are a villain .\nhello\nwhy are you ?\n")
+    cfg = _tiny_cfg(tmp_path)
+    cfg.domain_a.dev = [str(tmp_path / "dev.original")]
+    cfg.domain_b.dev = [str(tmp_path / "dev.modern")]
+    cfg.eval.references = True
+    store = ArtifactStore(cfg.storage.root)
+    dev_a, dev_b, refs = eval_dev_sets(cfg, store, ArtifactRef("data", "unused", "", ""))
+    # The pair with an empty side is dropped; each side is the other's reference.
+    assert dev_a == ["thou art a villain .", "wherefore art thou ?"]
+    assert dev_b == ["you are a villain .", "why are you ?"]
+    assert refs == {"a": dev_b, "b": dev_a}
+    (tmp_path / "dev.modern").write_text("you are a villain .\n")
+    with pytest.raises(BadInput, match="line-aligned"):
+        eval_dev_sets(cfg, store, ArtifactRef("data", "unused", "", ""))
