@@ -508,7 +508,8 @@ class _Trainer:
         return TrainResult(
             model=self.model,
             marker_rows=self.marker_rows,
-            trainable_state={k: v.detach().clone() for k, v in self.named_trainable.items()},
+            # Views of the live tensors, not copies: a full fine-tune must not hold the model twice.
+            trainable_state={k: v.detach() for k, v in self.named_trainable.items()},
             metrics=self.metrics(),
         )
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -158,3 +159,38 @@ def test_resumed_run_keeps_the_micro_batch_an_oom_chose(tmp_path: Path, monkeypa
     steps = {r["step"]: r["micro_batch"] for r in read_jsonl(store.workdir("domain_train", "fp") / "metrics.jsonl")
              if r["event"] == "train"}
     assert steps == {1: 8, 2: 4, 3: 4, 4: 4}
+
+
+def test_checkpoints_by_the_clock(tmp_path: Path) -> None:
+    """checkpoint_every_minutes: with a tiny interval every step is due, whatever checkpoint_every_steps says."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    model, tok, ids = tiny()
+    train(model, train_examples=domain_examples(tok, ids, 4), tcfg=tcfg(max_steps=3, checkpoint_every_steps=100,
+          checkpoint_every_minutes=1e-9, keep_checkpoints=5), store=store, stage="domain_train", fp="fp",
+          tokenizer=tok, marker_ids=ids)
+    assert store.list_checkpoints("domain_train", "fp") == ["step-00000001", "step-00000002", "step-00000003"]
+
+
+def test_resume_from_s3_after_the_local_disk_is_lost(tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
+                                                     fresh_faults: None) -> None:
+    """Checkpoints live in the object store: a new worker with an empty disk resumes from them."""
+    from cyclej.config import StorageConfig
+
+    cfg = tcfg(max_steps=4, checkpoint_every_steps=1)
+
+    def run(cache: Path) -> Any:
+        store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(cache)))
+        model, tok, ids = tiny()
+        return store, train(model, train_examples=domain_examples(tok, ids, 4), tcfg=cfg, store=store,
+                            stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+
+    monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:3:error")
+    with pytest.raises(InjectedError):
+        run(tmp_path / "worker-1")
+    shutil.rmtree(tmp_path / "worker-1")
+    monkeypatch.delenv("CYCLEJ_FAULT")
+    store, result = run(tmp_path / "worker-2")
+    assert result.metrics["resumed_from"] == ["step-00000002"] and result.metrics["steps"] == 4
+    assert store.list_checkpoints("domain_train", "fp") == ["step-00000003", "step-00000004"]
+    log = read_jsonl(store.workdir("domain_train", "fp") / "metrics.jsonl")
+    assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4]  # steps 1-2 came with the checkpoint
