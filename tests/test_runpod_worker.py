@@ -4,6 +4,7 @@ and the RunPod API played by a local stand-in that runs each pod's command as a 
 - a run of a deployment starts one pod with the pool's + deployment's + run's job variables, completes,
   and its pod is terminated;
 - a run cancelled while running ends Cancelled and its pod is terminated;
+- a run whose pod disappears (spot interruption) ends Crashed;
 - Prefect's pre-start cancellation hook (`kill_infrastructure`) terminates a pod, and a missing pod is
   `InfrastructureNotFound`.
 """
@@ -44,6 +45,7 @@ def _run(coro: Any) -> Any:
 class Stack:
     def __init__(self, env: dict[str, str], standin: Any, worker: subprocess.Popen[bytes], worker_log: Path) -> None:
         self.env, self.standin, self.worker, self.worker_log = env, standin, worker, worker_log
+        self.runs: dict[str, UUID] = {}
 
     async def _client_call(self, fn: Callable[[Any], Any]) -> Any:
         from prefect.client.orchestration import get_client
@@ -105,7 +107,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 env=stack_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
             )
         try:
-            yield Stack(stack_env, standin, worker, tmp / "worker.log")
+            st = Stack(stack_env, standin, worker, tmp / "worker.log")
+            # All runs start at once (the worker runs them concurrently): the drill's wall time is the
+            # slowest run's, not the sum.
+            quick = _deploy(st, quick_flow, "quick", {"gpu_type_id": "NVIDIA A100 80GB PCIe", "container_disk_gb": 40,
+                                                      "env": {"DEPLOYMENT_VAR": "from-deployment"}})
+            sleepy = _deploy(st, sleepy_flow, "sleepy", {"gpu_type_id": "NVIDIA A40"})
+            st.runs = {
+                "quick": st.call(lambda c: c.create_flow_run_from_deployment(
+                    quick, parameters={"x": 41}, job_variables={"gpu_count": 2})).id,
+                "cancel": st.call(lambda c: c.create_flow_run_from_deployment(sleepy)).id,
+                "vanish": st.call(lambda c: c.create_flow_run_from_deployment(sleepy)).id,
+            }
+            yield st
         finally:
             worker.terminate()
             try:
@@ -128,14 +142,12 @@ def _deploy(stack: Stack, fn: Any, name: str, job_variables: dict[str, Any]) -> 
 
 
 def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: Stack) -> None:
-    dep = _deploy(stack, quick_flow, "quick", {"gpu_type_id": "NVIDIA A100 80GB PCIe", "container_disk_gb": 40,
-                                              "env": {"DEPLOYMENT_VAR": "from-deployment"}})
-    run = stack.call(lambda c: c.create_flow_run_from_deployment(dep, parameters={"x": 41}, job_variables={"gpu_count": 2}))
-    done = stack.wait_run(run.id, lambda r: r.state is not None and r.state.is_final())
+    run_id = stack.runs["quick"]
+    done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=90)
     assert done.state.is_completed(), done.state
 
-    deploys = [r for r in stack.standin.ops("podFindAndDeployOnDemand") if r.input["env"] and any(
-        e["key"] == "PREFECT__FLOW_RUN_ID" and e["value"] == str(run.id) for e in r.input["env"])]
+    deploys = [r for r in stack.standin.ops("podFindAndDeployOnDemand") if any(
+        e["key"] == "PREFECT__FLOW_RUN_ID" and e["value"] == str(run_id) for e in r.input["env"])]
     assert len(deploys) == 1, "exactly one pod per flow run"
     spec = deploys[0].input
     env = {e["key"]: e["value"] for e in spec["env"]}
@@ -146,7 +158,7 @@ def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: S
     assert spec["dataCenterId"] == "EU-RO-1"  # looked up from the volume by the SDK
     assert spec["containerDiskInGb"] == 40 and spec["volumeMountPath"] == "/runpod-volume"
     assert spec["cloudType"] == "SECURE"
-    assert spec["dockerArgs"] == f"prefect flow-run execute {run.id}"
+    assert spec["dockerArgs"] == f"prefect flow-run execute {run_id}"
     assert env["PREFECT_API_URL"] == stack.env["PREFECT_API_URL"]
     assert env["POOL_VAR"] == "from-pool" and env["DEPLOYMENT_VAR"] == "from-deployment"
     assert env["TRICKY"] == TRICKY_VALUE
@@ -159,17 +171,31 @@ def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: S
 def test_cancelled_run_terminates_its_pod(stack: Stack) -> None:
     from prefect.states import Cancelling
 
-    dep = _deploy(stack, sleepy_flow, "sleepy", {"gpu_type_id": "NVIDIA A40"})
-    run = stack.call(lambda c: c.create_flow_run_from_deployment(dep))
-    running = stack.wait_run(run.id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()))
+    run_id = stack.runs["cancel"]
+    running = stack.wait_run(run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()),
+                             timeout=90)
     assert running.state.is_running(), running.state
     pod_id = str(running.infrastructure_pid)
     assert stack.standin.process_alive(pod_id)
-    stack.call(lambda c: c.set_flow_run_state(run.id, Cancelling(), force=True))
-    done = stack.wait_run(run.id, lambda r: r.state is not None and r.state.is_final(), timeout=45)
+    stack.call(lambda c: c.set_flow_run_state(run_id, Cancelling(), force=True))
+    done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=45)
     assert done.state.is_cancelled(), done.state
     stack.wait_terminated(pod_id)
     assert not stack.standin.process_alive(pod_id)
+
+
+def test_run_whose_pod_vanishes_is_crashed(stack: Stack) -> None:
+    """A spot pod reclaimed (or terminated by hand) mid-run: the worker notices and the run is Crashed,
+    so a retry can resume it, instead of the run staying Running forever."""
+    run_id = stack.runs["vanish"]
+    running = stack.wait_run(run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()),
+                             timeout=90)
+    assert running.state.is_running(), running.state
+    pod_id = str(running.infrastructure_pid)
+    stack.standin.handle(f'mutation {{ podTerminate(input: {{ podId: "{pod_id}" }}) }}')  # RunPod's side
+    done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=45)
+    assert done.state.is_crashed(), done.state
+    assert "non-zero status code 3" in (done.state.message or "")
 
 
 def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
