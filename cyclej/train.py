@@ -208,25 +208,48 @@ def prepare_sequences(examples: Sequence[TokenExample], seq_len: int, packing: b
     return [r for r in rows if count_targets(r) > 0]
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
 def _backbone(model: nn.Module) -> nn.Module:
-    """The transformer body (GPTJModel, LlamaModel, …) under a peft wrapper or not."""
-    inner = model.get_base_model() if hasattr(model, "peft_config") else model
-    return inner.base_model
+    """The transformer body (GPTJModel, LlamaModel, …)."""
+    return _inner(model).base_model
 
 
-def target_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+def target_loss_sum(model: nn.Module, batch: dict[str, Tensor], head_on_targets_only: bool = True
+                    ) -> tuple[Tensor, int]:
     """Summed cross-entropy over target tokens, and their count.
 
-    The LM head runs only on the positions that have a target: prompts and padding never get
-    vocabulary-sized logits (the bulk of the memory on short targets)."""
-    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    With `head_on_targets_only` the LM head runs only on the positions that have a target: prompts and
+    padding never get vocabulary-sized logits (most of the memory and time of the head on short targets).
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = _backbone(model)(**inputs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
-    logits = inner.get_output_embeddings()(hidden[:, :-1][selected])
+    if head_on_targets_only:
+        hidden = _backbone(model)(**inputs, use_cache=False).last_hidden_state
+        logits = _inner(model).get_output_embeddings()(hidden[:, :-1][selected])
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][selected]
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), int(selected.sum())
+
+
+@torch.no_grad()
+def logits_are_head_of_backbone(model: nn.Module, batch: dict[str, Tensor]) -> bool:
+    """Whether the model's logits are exactly lm_head(body(x)) (GPT-J, Llama, …), so the head may run on
+    target positions only; families that scale or soft-cap logits after the head are caught here and
+    trained through their own forward instead."""
+    was_training = model.training
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    full = model(**inputs, use_cache=False).logits.float()
+    hidden = _backbone(model)(**inputs, use_cache=False).last_hidden_state
+    ours = _inner(model).get_output_embeddings()(hidden).float()
+    model.train(was_training)
+    return bool(torch.allclose(full, ours, rtol=0.0, atol=1e-3 * (1.0 + float(full.abs().max()))))
 
 
 def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
@@ -311,6 +334,7 @@ class _Trainer:
         # A fixed dev slice, independent of OOM changes to the micro-batch.
         n_dev = cfg.eval_batches * cfg.micro_batch_size
         self.dev_sequences = prepare_sequences(dev_examples, cfg.seq_len, self.packing, cfg.seed)[:n_dev]
+        self.head_on_targets_only = logits_are_head_of_backbone(self.model, self._batch(self.sequences[:1]))
         self.state = _LoopState(micro_batch_size=cfg.micro_batch_size)
         self.last_checkpoint: str | None = None
 
@@ -379,7 +403,7 @@ class _Trainer:
         for chunk in _chunks(self.dev_sequences, self.state.micro_batch_size):
             batch = self._batch(chunk)
             with _autocast(self.cfg.precision, self.device):
-                loss_sum, n = target_loss_sum(self.model, batch)
+                loss_sum, n = target_loss_sum(self.model, batch, self.head_on_targets_only)
             total, count = total + float(loss_sum), count + n
         self.model.train()
         return total / max(1, count)
@@ -394,7 +418,7 @@ class _Trainer:
         for chunk in _chunks(batch_seqs, self.state.micro_batch_size):
             batch = self._batch(chunk)
             with _autocast(self.cfg.precision, self.device):
-                loss_sum, _ = target_loss_sum(self.model, batch)
+                loss_sum, _ = target_loss_sum(self.model, batch, self.head_on_targets_only)
             # Normalised by the step's target tokens: the gradient is the same for any micro-batch split.
             (loss_sum / targets).backward()
             loss_total += float(loss_sum.detach())
@@ -527,6 +551,7 @@ class _Trainer:
             "oom_events": s.oom_events,
             "resumed_from": list(s.resumed_from),
             "packing": self.packing,
+            "head_on_targets_only": self.head_on_targets_only,
             "train_sequences": len(self.sequences),
             "trainable_parameters": sum(p.numel() for p in self.params),
         }

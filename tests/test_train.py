@@ -261,3 +261,28 @@ def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
                                                                     "output_embeddings"}
     assert not list(out.rglob("model.safetensors")) and store.list_checkpoints("domain_train", ref.fingerprint) == []
     assert ref.metrics["steps"] == 3
+
+
+def test_head_on_targets_only_matches_the_model_loss_or_falls_back() -> None:
+    """The head runs on target positions only where the logits are lm_head(body(x)); a family that
+    scales its logits after the head (Granite) is detected and trained through its own forward. Either
+    way the loss is the model's own."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from cyclej.formats import collate, single
+    from cyclej.train import logits_are_head_of_backbone, target_loss_sum
+
+    model, tok, ids = tiny("tiny-gptj")
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=1026, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, logits_scaling=4.0))
+    rows = [single(e) for e in domain_examples(tok, ids, 2)]
+    batch = collate(rows, four_d_mask=False)
+    for m, head_only in ((model, True), (granite, False)):
+        m.eval()
+        assert logits_are_head_of_backbone(m, batch) is head_only
+        with torch.no_grad():
+            loss_sum, n = target_loss_sum(m, batch, head_only)
+            reference = m(**batch).loss  # transformers' mean over the (shifted) target tokens
+        assert n == sum(sum(1 for x in r.labels if x != -100) for r in rows)
+        assert float(loss_sum) / n == pytest.approx(float(reference), rel=1e-5)
