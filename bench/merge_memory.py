@@ -36,13 +36,13 @@ from cyclej.merge import peak_rss_bytes
 """
 _FOOTER = """
 print(json.dumps({"baseline": baseline, "peak": peak_rss_bytes(),
-                  "seconds": time.monotonic() - t0}))
+                  "seconds": time.monotonic() - t0, "cpu_seconds": time.process_time() - c0}))
 """
 
 CYCLEJ = """
 from cyclej.merge import load_adapter, merge_lora_adapters
 baseline = psutil.Process().memory_info().rss
-t0 = time.monotonic()
+t0, c0 = time.monotonic(), time.process_time()
 base, sa, sb, out = sys.argv[1:5]
 merge_lora_adapters(base, out, [(load_adapter(sa), 0.5), (load_adapter(sb), 0.5)])
 """
@@ -51,7 +51,7 @@ NAIVE = """
 from peft import PeftModel
 from safetensors.torch import load_file
 baseline = psutil.Process().memory_info().rss
-t0 = time.monotonic()
+t0, c0 = time.monotonic(), time.process_time()
 base, sa, sb, out = sys.argv[1:5]
 
 def full(stage):
@@ -76,7 +76,7 @@ MERGEKIT = """
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 baseline = psutil.Process().memory_info().rss
-t0 = time.monotonic()
+t0, c0 = time.monotonic(), time.process_time()
 full_a, full_b, out = sys.argv[1:4]
 config = MergeConfiguration.model_validate({
     "merge_method": "linear",
@@ -140,6 +140,29 @@ def measure(name: str, body: str, args: list[str]) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare_outputs(workdir: Path, others: list[str]) -> dict[str, float]:
+    """Largest per-tensor relative difference between our merged model and each other method's."""
+    from safetensors.torch import load_file
+
+    def read(d: Path) -> dict:
+        out: dict = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    ours = read(workdir / "out_cyclej")
+    result = {}
+    for name in others:
+        theirs = read(workdir / f"out_{name}")
+        missing = set(ours) - set(theirs)
+        if missing:
+            raise RuntimeError(f"{name}: tensors missing from its output: {sorted(missing)[:5]}")
+        result[name] = max(
+            float((ours[k].double() - theirs[k].double()).abs().max() / ours[k].double().abs().max()) for k in ours
+        )
+    return result
+
+
 def mergekit_available() -> bool:
     try:
         import mergekit  # noqa: F401
@@ -181,15 +204,20 @@ def main() -> None:
     else:
         print("mergekit: not installed (pip install mergekit==0.1.5); skipped")
 
+    agreement = compare_outputs(workdir, [n for n in ("naive", "mergekit") if (workdir / f"out_{n}").is_dir()])
+
     ours = results["cyclej streaming"]
     ours_extra = ours["peak"] - ours["baseline"]
-    print(f"\n{'method':<18} {'time s':>8} {'peak RSS MiB':>13} {'above baseline MiB':>19} "
-          f"{'time ratio':>11} {'extra-RSS ratio':>16}")
+    print(f"\n{'method':<18} {'wall s':>7} {'cpu s':>7} {'peak RSS MiB':>13} {'above baseline MiB':>19} "
+          f"{'wall ratio':>11} {'cpu ratio':>10} {'extra-RSS ratio':>16}")
     for name, r in results.items():
         extra = r["peak"] - r["baseline"]
-        print(f"{name:<18} {r['seconds']:>8.2f} {r['peak'] / 2**20:>13.0f} {extra / 2**20:>19.0f} "
-              f"{r['seconds'] / ours['seconds']:>11.2f} {extra / max(ours_extra, 1):>16.2f}")
-    print("\nratios are relative to the cyclej streaming merge (time, and peak RSS above the post-import baseline)")
+        print(f"{name:<18} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} {r['peak'] / 2**20:>13.0f} "
+              f"{extra / 2**20:>19.0f} {r['seconds'] / ours['seconds']:>11.2f} "
+              f"{r['cpu_seconds'] / ours['cpu_seconds']:>10.2f} {extra / max(ours_extra, 1):>16.2f}")
+    print("\nratios are relative to the cyclej streaming merge (peak RSS: above the post-import baseline)")
+    for name, rel in agreement.items():
+        print(f"largest relative difference, cyclej vs {name}: {rel:.2e}")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 
