@@ -296,14 +296,11 @@ def _mix_rows(
     tensor: torch.Tensor,
     base_rows: torch.Tensor,
     plan: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]],
-    key: str,
 ) -> torch.Tensor:
     """Marker rows = base_row + Σ w·(row − base_row), from the base's rows (fp32), cast once."""
     ids, per_adapter = plan
     mixed = base_rows.clone()
     for pos, rows, w in per_adapter:
-        if rows.shape[1] != tensor.shape[1]:
-            raise BadInput(f"marker rows have width {rows.shape[1]} but {key} has {tensor.shape[1]}")
         mixed[pos] += w * (rows.float() - base_rows[pos])
     tensor[ids] = mixed.to(tensor.dtype)
     return tensor
@@ -328,13 +325,20 @@ def merge_lora_adapters(
     stored = {k for keys in shards.values() for k in keys}
     inp_key, out_key = embedding_keys(base_dir, stored)
 
-    # module name → base key; every LoRA'd module must exist in the base, or the adapter is not for it.
+    headers = {name: _read_header(base_dir / name) for name in shards}
+    shapes = {k: tuple(v["shape"]) for _, h in headers.values() for k, v in h.items() if k != "__metadata__"}
+
+    # Everything is checked before the first byte is written. Module name → base key: every LoRA'd module
+    # must exist in the base with the delta's shape, or the adapter was not trained on this base.
     updates: dict[str, list[tuple[LoraFactors, float]]] = {}
     for adapter, w in adapters:
         for module, factors in adapter.factors.items():
             key = f"{module}.weight"
             if key not in stored:
                 raise BadInput(f"{adapter.source}: LoRA module {module} has no weight {key} in the base {base_dir}")
+            if factors.shape() != shapes[key]:
+                raise BadInput(f"{adapter.source}: the LoRA delta of {module} has shape {factors.shape()}, "
+                               f"the base's {key} has {shapes[key]}")
             updates.setdefault(key, []).append((factors, w))
     row_updates: dict[str, Any] = {}
     notes = [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA adapter tensors" for a, _ in adapters if a.ignored_keys]
@@ -347,6 +351,12 @@ def merge_lora_adapters(
             row_updates[out_key] = plan
     if out_key is not None and inp_key in row_updates and out_key not in row_updates:
         notes.append("lm_head is not tied but no adapter has output marker rows: lm_head rows unchanged")
+    for key, (ids, per_adapter) in row_updates.items():
+        n_rows, width = shapes[key]
+        if int(ids.max()) >= n_rows or int(ids.min()) < 0:
+            raise BadInput(f"marker_rows.safetensors: token ids {ids.tolist()} fall outside {key} ({n_rows} rows)")
+        if any(rows.shape[1] != width for _, rows, _ in per_adapter):
+            raise BadInput(f"marker_rows.safetensors: rows of width {per_adapter[0][1].shape[1]}, {key} has {width}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in base_dir.iterdir():  # config, tokenizer, generation config, index: unchanged
@@ -358,7 +368,7 @@ def merge_lora_adapters(
     for shard_name in sorted(shards):
         src, dst = base_dir / shard_name, out_dir / shard_name
         largest = max(largest, src.stat().st_size)
-        prefix, header = _read_header(src)
+        prefix, header = headers[shard_name]
         entries = sorted(
             ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
         )
@@ -409,19 +419,15 @@ def _merge_tensor(
     with safe_open(str(shard), framework="pt") as f:
         tensor = f.get_tensor(key)  # a private copy: safe to update in place
     dtype = tensor.dtype
-    if rows is not None and (int(rows[0].max()) >= tensor.shape[0] or int(rows[0].min()) < 0):
-        raise BadInput(f"marker_rows token ids {rows[0].tolist()} fall outside {key} ({tensor.shape[0]} rows)")
     base_rows = tensor[rows[0]].float() if rows is not None else None
     if lora:
         acc = tensor.float()
         for factors, w in lora:
-            if factors.shape() != tuple(acc.shape):
-                raise BadInput(f"LoRA delta for {key} has shape {factors.shape()}, the base has {tuple(acc.shape)}")
             factors.add_to(acc, w)
         tensor = acc.to(dtype)
         del acc
     if rows is not None and base_rows is not None:
-        tensor = _mix_rows(tensor, base_rows, rows, key)
+        tensor = _mix_rows(tensor, base_rows, rows)
     return tensor
 
 

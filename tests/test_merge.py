@@ -257,6 +257,7 @@ def test_bad_adapters_are_refused_with_the_file_named(tmp_path: Path) -> None:
               sa / "marker_rows.safetensors")
     with pytest.raises(BadInput, match="fall outside"):
         merge_lora_adapters(base, tmp_path / "out2", [(load_adapter(sa), 1.0)])
+    assert not list((tmp_path / "out2").glob("*.safetensors")), "checked before anything is written"
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
