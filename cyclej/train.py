@@ -45,7 +45,7 @@ from cyclej.config import TrainConfig
 from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.progress import Progress
-from cyclej.store import ArtifactStore
+from cyclej.store import ArtifactRef, ArtifactStore
 
 log = logging.getLogger("cyclej")
 
@@ -650,7 +650,7 @@ def interleave(*lists: Sequence[Any]) -> list[Any]:
 
 def commit_adapter(
     result: TrainResult, store: ArtifactStore, stage: str, fp: str, work: Path, extra: dict[str, Any]
-) -> Any:
+) -> ArtifactRef:
     """Write `adapter/`, `marker_rows.safetensors` and `metrics.json` into `work`, commit it, then drop
     the checkpoints (the committed artifact supersedes them)."""
     result.save_adapter(work)
