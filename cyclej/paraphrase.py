@@ -90,10 +90,12 @@ class PromptBuilder:
 _OPENERS = re.compile(r"^(?:sure|certainly|of course|okay|ok|absolutely)\b[!,.]*\s*", re.IGNORECASE)
 # "Here is a paraphrase of the text:", "Here's the rewritten version:" (a short lead-in ending in ':').
 _HERE_IS = re.compile(r"^here(?:'s|’s| is| are)\b[^:\n]{0,80}:\s*", re.IGNORECASE)
-# Labels: "Paraphrase:", "Paraphrased text:", "Rewritten version:", "Output:", "**Paraphrase:**".
+# Labels: "Paraphrase:", "Paraphrased text:", "Rewritten version:", "Output:", "**Paraphrase:**",
+# "The original text is:" (small models quote the source; stripped, it is then caught as a copy).
 _LABEL = re.compile(
-    r"^\**\s*(?:the\s+)?(?:paraphrase[sd]?|paraphrased\s+(?:text|version|sentence|review)|"
-    r"rewritten(?:\s+(?:text|version|sentence))?|rewrite|output|answer|result|new\s+text)\s*\**\s*:\s*\**\s*",
+    r"^\**\s*(?:the\s+)?(?:paraphrase[sd]?|rewrite|output|answer|result|"
+    r"(?:paraphrased|rewritten|original|new)(?:\s+(?:text|version|sentence|review))?"
+    r"(?:\s+(?:is|reads|would be))?)\s*\**\s*:\s*\**\s*",
     re.IGNORECASE,
 )
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "„": "“", "`": "`"}

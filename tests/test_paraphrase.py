@@ -136,6 +136,8 @@ def test_no_chat_template_gets_a_plain_prompt(tokenizer) -> None:  # type: ignor
         ("  'The soup was cold.'  ", "The soup was cold."),
         ("Rewritten version: The soup was cold.", "The soup was cold."),
         ("The soup was cold: nobody cared.", "The soup was cold: nobody cared."),
+        ('The original text is: "The soup was cold."', "The soup was cold."),
+        ("The paraphrased sentence reads: The soup was cold.", "The soup was cold."),
         ("Here is a paraphrase:", ""),
     ],
 )
@@ -288,6 +290,7 @@ def _stage_cfg(root: Path, paraphraser: Path, *extra: str) -> PipelineConfig:
             "paraphrase.shard_size=2",
             "paraphrase.max_new_tokens=6",
             "paraphrase.batch_size=4",
+            "paraphrase.temperature=0.0",  # greedy: a resumed run must equal an uninterrupted one
             *extra,
         ],
     )
@@ -424,6 +427,18 @@ def test_shard_task_with_embedder_and_oom_adaptation(
     before = (shard / "MANIFEST.json").read_bytes()
     run_paraphrase_shard(cfg, inputs, store, 2, Progress(show_bar=False))
     assert (shard / "MANIFEST.json").read_bytes() == before
+
+
+def test_tiny_preset_paraphrases_within_its_rejection_limit(tmp_path: Path) -> None:
+    """The shipped tiny preset as it is (tiny-llama paraphraser) after the real data stage."""
+    cfg = load_config(preset="tiny", storage=str(tmp_path))
+    store = ArtifactStore(cfg.storage.root)
+    data = run_stage("data", cfg, {}, store, Progress(show_bar=False))
+    out = _run(cfg, store, data)
+    stats = json.loads((store.fetch(out) / "stats.json").read_text())
+    assert stats["texts"] == 64 and stats["shards"] == 4
+    assert stats["pairs"] > 0 and stats["rejection_rate"] <= cfg.paraphrase.max_rejection_rate
+    assert stats["pairs_per_domain"]["a"] > 0 and stats["pairs_per_domain"]["b"] > 0
 
 
 @pytest.mark.slow
