@@ -246,6 +246,9 @@ def test_run_eval_writes_the_report_with_four_rows(
     assert metrics["table"][0]["self_bleu"] == pytest.approx(100.0)
     assert metrics["table"][3]["self_bleu"] < 100.0
     assert ref.metrics["judge_dev_accuracy"] == pytest.approx(metrics["judge_dev_accuracy"], abs=1e-4)
+    # The overall table rides on the ArtifactRef too (the Prefect layer posts it as a table artifact).
+    assert [r["system"] for r in ref.metrics["table"]] == systems
+    assert ref.metrics["table"][0]["J"] == pytest.approx(metrics["table"][0]["J"], abs=1e-4)
     # The model card sits in the final model's folder too.
     card = (store.fetch(refs["rl"]) / "model" / "README.md").read_text()
     assert "AutoModelForCausalLM" in card and "vllm" in card.lower() and "<|A|>" in card and SYSTEM_RL in card

@@ -142,10 +142,15 @@ def run_eval(
 
 
 def summary_metrics(report: EvalReport) -> dict[str, Any]:
-    """The few numbers the ArtifactRef carries (the full table is in metrics.json)."""
+    """What the ArtifactRef carries: the judge's dev accuracy, J per system, and the overall table (one
+    dict per system; the Prefect layer posts list-of-dict metrics as table artifacts). The per-direction
+    table is in metrics.json."""
     out: dict[str, Any] = {"judge_dev_accuracy": round(report.judge_dev_accuracy, 4)}
     for row in report.rows:
         out[f"J/{row['system']}"] = round(row["J"], 4)
+    out["table"] = [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in report.metrics()["table"]
+    ]
     return out
 
 
