@@ -152,6 +152,7 @@ class Discriminator:
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Live references (like torch's own state_dicts): save them, do not keep them as a copy."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

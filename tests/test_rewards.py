@@ -1,10 +1,16 @@
-"""Cycle-consistency rewards on known pairs: identical text scores ~1, unrelated text scores low."""
+"""Rewards on known pairs: identical text scores ~1 on the cycle terms, unrelated text scores low; the
+discriminator reward is p(real target-domain text) and learns real vs generated."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from cyclej import rewards
+from cyclej.discriminator import Discriminator
 
 SOURCES = [
     "The food was cold and the waiter ignored us for an hour.",
@@ -79,3 +85,55 @@ def test_combine_and_summarize() -> None:
         rewards.combine({"typo": [1.0]}, {"rouge": 1.0})
     with pytest.raises(ValueError, match="back-translations"):
         rewards.bleu(["a"], [])
+
+
+# ---- the discriminator reward ---------------------------------------------------------------------------
+REAL_A = ["the food was cold and bland", "terrible service and rude staff", "we waited an hour, never again",
+          "the soup was salty and the bread stale"]
+REAL_B = ["lovely staff and great coffee", "the best pasta in town", "friendly service, we will be back",
+          "amazing desserts and a cozy room"]
+GENERATED = ["zq xv kkp", "## ## ## ##", "lll mmm nnn", "qq qq qq"]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: no thread contention
+    yield
+    torch.set_num_threads(before)
+
+
+def discriminator(seed: int = 0) -> Discriminator:
+    return Discriminator("tiny-bert", REAL_A, REAL_B, lr=5e-3, batch_size=12, buffer_size=8, seed=seed)
+
+
+def test_discriminator_reward_is_the_probability_of_real_target_text(one_thread: None) -> None:
+    disc = discriminator()
+    untrained = disc.reward(REAL_B[:2], ["b", "b"])
+    assert all(abs(p - 1 / 3) < 0.1 for p in untrained)  # a fresh 3-class head is near uniform
+    for _ in range(30):
+        stats = disc.update(GENERATED)
+    assert stats["disc/accuracy"] > 0.9 and len(disc.replay) == 8  # the buffer keeps the newest 8
+    real_b, fake_b = disc.reward(REAL_B, ["b"] * 4), disc.reward(GENERATED, ["b"] * 4)
+    assert min(real_b) > max(fake_b)
+    # A copy of the source (real A text) is not a good translation into B: it scores as real A.
+    a_as_b, a_as_a = disc.reward(REAL_A, ["b"] * 4), disc.reward(REAL_A, ["a"] * 4)
+    assert all(x < y for x, y in zip(a_as_b, a_as_a, strict=True))
+    probs = disc.probabilities(REAL_A + GENERATED)
+    assert torch.allclose(probs.sum(-1), torch.ones(8), atol=1e-5)
+
+
+def test_discriminator_state_round_trips_exactly(one_thread: None) -> None:
+    first = discriminator()
+    for _ in range(3):
+        first.update(GENERATED[:2])
+    second = discriminator(seed=1)  # a different head and sampling stream, replaced by the loaded state
+    saved = io.BytesIO()  # through bytes, as a checkpoint goes (an in-memory copy would share tensors)
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    second.load_state_dict(torch.load(saved, weights_only=True))
+    first.update(GENERATED[2:])
+    second.update(GENERATED[2:])
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(first.replay) == list(second.replay)
