@@ -48,7 +48,7 @@ def one_torch_thread() -> Iterator[None]:
 # ---- fixtures: a sharded base with markers, and trained-looking adapters --------------------------------
 def save_base(model: torch.nn.Module, tok: object, out: Path, max_shard_size: str) -> Path:
     """An INTERMEDIATE-1 look-alike: marker tokens added, the PI factor recorded, several shards."""
-    model.config.__setattr__(PI_KEY, 2.0)
+    setattr(model.config, PI_KEY, 2.0)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)  # type: ignore[attr-defined]
     return out
