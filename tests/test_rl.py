@@ -180,6 +180,22 @@ def test_oom_at_one_group_per_micro_batch_fails_with_the_resume_point(monkeypatc
     assert trainer.step_done == 2
 
 
+def test_kl_to_the_reference_is_zero_until_the_policy_moves() -> None:
+    policy, tok, markers = tiny_policy()
+    reference, _, _ = tiny_policy()
+    reference.requires_grad_(False)
+    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=4, rollout_micro_batch=2, max_new_tokens=4, lr=1e-2,
+                   max_grad_norm=1.0, warmup_ratio=0.0, kl_coef=0.1, backend="transformers", precision="fp32")
+
+    def spread(ro: Rollouts) -> dict[str, list[float]]:
+        return {"c": [float(i % 4) for i in range(len(ro))]}
+
+    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, spread, {"c": 1.0}, reference=reference,
+                        back_translate=False)
+    assert trainer.step()["kl"] == 0.0  # the same weights: the k3 estimate is exactly 0
+    assert trainer.step()["kl"] > 0.0
+
+
 # ---- the stage -------------------------------------------------------------------------------------------
 def tiny_config(root: Path) -> PipelineConfig:
     cfg = load_config(preset="tiny", storage=str(root))
