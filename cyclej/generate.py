@@ -184,7 +184,11 @@ def _load_weights_into(model: torch.nn.Module, weights: list[tuple[str, torch.Te
 
 
 class VllmBackend:
-    """vLLM's offline engine on a model directory (GPU workers; `pip install .[gpu]`)."""
+    """vLLM's offline engine on a model directory (GPU workers; `pip install .[gpu]`).
+
+    `in_process` (default) keeps the V1 engine core in this process, so RL weight pushes need no
+    serialization; tensor parallelism still starts its own workers.
+    """
 
     def __init__(
         self,
@@ -194,7 +198,16 @@ class VllmBackend:
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
         dtype: str = "auto",
+        in_process: bool = True,
     ) -> None:
+        import os
+
+        if in_process:
+            # The engine in this process: `load_weights` hands tensors over by reference, no pickling.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM >= 0.9 refuses to pickle the callable `apply_model` sends to a separate engine process
+        # unless this is set; the channel is a local socket between this process and its own engine.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         try:
             import vllm
         except ImportError as exc:
@@ -244,7 +257,7 @@ class VllmBackend:
     ) -> None:
         """Replace the engine's weights with the policy's (HF parameter names), e.g. after an RL step."""
         items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
-        weights = [(name, t.detach().to("cpu")) for name, t in items]
+        weights = [(name, t.detach()) for name, t in items]
         apply_model = getattr(self.llm, "apply_model", None)
         if apply_model is not None:  # vLLM >= 0.8 (V0 and V1 engines): runs on every worker, TP included
             apply_model(functools.partial(_load_weights_into, weights=weights))
