@@ -18,6 +18,7 @@ Its whole state (weights, optimizer, replay buffer, sampling generator) round-tr
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +82,11 @@ class Discriminator:
                     f"({str(exc).splitlines()[0][:160]})"
                 ) from None
         self.model.to(self.device)
+        params = inspect.signature(self.model.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._forward_args = (
+            {"input_ids", "attention_mask", "token_type_ids"} if takes_any else set(params)
+        )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.replay: deque[str] = deque(maxlen=buffer_size)
         self.generator = torch.Generator().manual_seed(seed)
@@ -91,7 +97,8 @@ class Discriminator:
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
-        return {k: v.to(self.device) for k, v in enc.items()}
+        # Only what the model takes (a remote-code encoder may not take token_type_ids).
+        return {k: v.to(self.device) for k, v in enc.items() if k in self._forward_args}
 
     @torch.no_grad()
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
