@@ -74,7 +74,9 @@ class Stack:
 
     def wait_terminated(self, pod_id: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while not any(r.input and r.input.get("podId") == pod_id for r in self.standin.ops("podTerminate")):
+        # TERMINATED is set once the stand-in has stopped the pod's processes (SIGTERM, then SIGKILL).
+        while not (any(r.input and r.input.get("podId") == pod_id for r in self.standin.ops("podTerminate"))
+                   and self.standin.pods[pod_id].desired_status == "TERMINATED"):
             assert time.monotonic() < deadline, f"pod {pod_id} never terminated:\n{self.worker_log.read_text()[-3000:]}"
             time.sleep(0.3)
 
