@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
+import httpx
 from prefect.exceptions import InfrastructureNotFound
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
@@ -45,6 +46,7 @@ DEFAULT_IMAGE = "ghcr.io/cyclej/cyclej-gpu:latest"
 CloudType = Literal["ALL", "SECURE", "COMMUNITY"]
 # Pod states in which the container can no longer run the flow.
 POD_GONE_STATES = ("EXITED", "TERMINATED")
+API_OUTAGE_SECONDS = 600
 
 
 class RunpodJobConfiguration(BaseJobConfiguration):
@@ -179,6 +181,10 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
     _documentation_url = "https://docs.runpod.io/pods/overview"
     _logo_url = "https://www.runpod.io/favicon.ico"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._terminated_pods: set[str] = set()
+
     async def run(
         self,
         flow_run: FlowRun,
@@ -209,8 +215,20 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
         non-zero: the pod died or never started the run, and the worker marks the run Crashed."""
         submitted = time.monotonic()
         cancelling_since: float | None = None
+        api_down_since: float | None = None
         while True:
-            run = await self.client.read_flow_run(flow_run.id)
+            try:
+                run = await self.client.read_flow_run(flow_run.id)
+                api_down_since = None
+            except httpx.HTTPError as exc:
+                # A Prefect API blip must not kill a pod mid-run; a long outage ends the watch.
+                api_down_since = api_down_since or time.monotonic()
+                if time.monotonic() - api_down_since > API_OUTAGE_SECONDS:
+                    logger.error(f"Prefect API unreachable for {API_OUTAGE_SECONDS} s ({exc}); terminating pod {pod_id}")
+                    return 4
+                logger.warning(f"Cannot read the flow run ({exc}); retrying")
+                await anyio.sleep(cfg.poll_interval_seconds)
+                continue
             state = run.state
             if state is not None and state.is_final():
                 logger.info(f"Flow run reached {state.name}; terminating pod {pod_id}")
@@ -227,13 +245,22 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
             elif run.start_time is None and time.monotonic() - submitted > cfg.start_timeout_seconds:
                 logger.error(f"Pod {pod_id} did not start the flow run within {cfg.start_timeout_seconds:.0f} s")
                 return 2
-            status = await anyio.to_thread.run_sync(pod_status, pod_id)
+            try:
+                status = await anyio.to_thread.run_sync(pod_status, pod_id)
+            except Exception as exc:  # noqa: BLE001 - a RunPod API blip; the flow run's state decides
+                logger.warning(f"Cannot read pod {pod_id} ({exc}); retrying")
+                status = "UNKNOWN"
             if status is None or status in POD_GONE_STATES:
                 logger.error(f"Pod {pod_id} is {status or 'gone'} while the flow run is {state and state.name}")
+                if status is None:  # RunPod no longer knows it: nothing left to terminate
+                    self._terminated_pods.add(pod_id)
                 return 3
             await anyio.sleep(cfg.poll_interval_seconds)
 
     async def _terminate(self, pod_id: str, logger: LoggerAdapter[Any]) -> None:
+        if pod_id in self._terminated_pods:  # the cancel-grace path terminates before `run` does
+            return
+        self._terminated_pods.add(pod_id)
         try:
             await anyio.to_thread.run_sync(terminate_pod, pod_id)
             logger.info(f"Terminated pod {pod_id}")

@@ -4,7 +4,8 @@ and the RunPod API played by a local stand-in that runs each pod's command as a 
 - a run of a deployment starts one pod with the pool's + deployment's + run's job variables, completes,
   and its pod is terminated;
 - a run cancelled while running ends Cancelled and its pod is terminated;
-- a run whose pod disappears (spot interruption) ends Crashed;
+- a run whose pod disappears (spot interruption) ends Crashed; so does one its pod never starts;
+- a run cancelled before it started (no Prefect process in the pod to notice) gets its pod terminated;
 - Prefect's pre-start cancellation hook (`kill_infrastructure`) terminates a pod, and a missing pod is
   `InfrastructureNotFound`.
 """
@@ -121,6 +122,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "cancel": st.call(lambda c: c.create_flow_run_from_deployment(sleepy)).id,
                 "vanish": st.call(lambda c: c.create_flow_run_from_deployment(sleepy)).id,
             }
+            # A pod whose command never starts the run (a broken image would do the same).
+            hang = _deploy(st, sleepy_flow, "hang", {"command": "sleep 300", "cancel_grace_seconds": 1})
+            st.runs["never_starts"] = st.call(lambda c: c.create_flow_run_from_deployment(
+                hang, job_variables={"start_timeout_seconds": 5})).id
+            st.runs["cancel_pending"] = st.call(lambda c: c.create_flow_run_from_deployment(
+                hang, job_variables={"start_timeout_seconds": 300})).id
             yield st
         finally:
             worker.terminate()
@@ -198,6 +205,29 @@ def test_run_whose_pod_vanishes_is_crashed(stack: Stack) -> None:
     done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=45)
     assert done.state.is_crashed(), done.state
     assert "non-zero status code 3" in (done.state.message or "")
+
+
+def test_run_never_started_by_its_pod_is_crashed_and_pod_terminated(stack: Stack) -> None:
+    run_id = stack.runs["never_starts"]
+    done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=90)
+    assert done.state.is_crashed() and "non-zero status code 2" in (done.state.message or ""), done.state
+    stack.wait_terminated(str(done.infrastructure_pid))
+
+
+def test_run_cancelled_before_it_started_terminates_its_pod(stack: Stack) -> None:
+    """No Prefect process in the pod sees this cancellation: Prefect's worker hook (kill_infrastructure)
+    or the worker's Cancelling grace period must terminate the pod."""
+    from prefect.states import Cancelling
+
+    run_id = stack.runs["cancel_pending"]
+    pending = stack.wait_run(run_id, lambda r: r.infrastructure_pid is not None, timeout=90)
+    pod_id = str(pending.infrastructure_pid)
+    assert pending.start_time is None and stack.standin.process_alive(pod_id)
+    stack.call(lambda c: c.set_flow_run_state(run_id, Cancelling(), force=True))
+    done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=45)
+    assert done.state.is_cancelled(), done.state
+    stack.wait_terminated(pod_id)
+    assert not stack.standin.process_alive(pod_id)
 
 
 def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
