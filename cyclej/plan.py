@@ -319,12 +319,15 @@ def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
     gen = _generation_share(shape, p.batch_size * p.n_candidates, tokens, p.backend == "vllm")
     plan = StagePlan("paraphrase", cfg.models.paraphraser, "gpu", params=shape.params)
     if p.backend == "vllm":
-        plan.memory = {"vllm": sum(gen.values())}
+        # Tensor parallelism splits the weights and the KV cache over the GPUs; the workspace is per GPU.
+        tp = p.vllm.tensor_parallel_size
+        plan.gpu_count = tp
+        plan.memory = {"vllm": (gen["weights"] + gen["kv_cache"]) / tp + gen["workspace"]}
         # vLLM takes gpu_memory_utilization of the card whatever it needs: size the card by that.
-        need = sum(gen.values()) / p.vllm.gpu_memory_utilization
+        need = plan.memory["vllm"] / p.vllm.gpu_memory_utilization
         plan.notes.append(
-            f"vLLM: weights + KV cache of {p.batch_size * p.n_candidates} sequences × {tokens} tokens must fit in "
-            f"gpu_memory_utilization {p.vllm.gpu_memory_utilization} of the card"
+            f"vLLM (tensor parallel {tp}): weights + KV cache of {p.batch_size * p.n_candidates} sequences × "
+            f"{tokens} tokens must fit in gpu_memory_utilization {p.vllm.gpu_memory_utilization} of each card"
         )
     else:
         plan.memory = gen

@@ -43,6 +43,14 @@ def test_gptj_rl_states_its_plan_when_no_80gb_card_fits() -> None:
     assert plans["paraphrase"].gpu is not None and plans["paraphrase"].gpu.memory_gb <= 48
 
 
+def test_vllm_tensor_parallel_splits_the_paraphraser_over_gpus() -> None:
+    one = {p.stage: p for p in plan(load_config(preset="gptj"))}["paraphrase"]
+    two = {p.stage: p for p in plan(load_config(preset="gptj", overrides=["paraphrase.vllm.tensor_parallel_size=2"]))}
+    assert two["paraphrase"].gpu_count == 2 and one.gpu_count == 1
+    assert two["paraphrase"].memory["vllm"] < 0.6 * one.memory["vllm"]
+    assert two["paraphrase"].job_variables()["gpu_count"] == 2
+
+
 def test_micro_batch_that_fits_no_card_is_halved_and_said() -> None:
     cfg = load_config(preset="gptj")
     p = {s.stage: s for s in plan(cfg)}["para_train"]
