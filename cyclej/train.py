@@ -337,6 +337,7 @@ class _Trainer:
         self.head_on_targets_only = logits_are_head_of_backbone(self.model, self._batch(self.sequences[:1]))
         self.state = _LoopState(micro_batch_size=cfg.micro_batch_size)
         self.last_checkpoint: str | None = None
+        self.updating = False  # inside the optimizer update: an OOM there may have touched the weights
 
     # ---- logging ----
     def _log(self, record: dict[str, Any]) -> None:
