@@ -286,3 +286,17 @@ def test_head_on_targets_only_matches_the_model_loss_or_falls_back() -> None:
             reference = m(**batch).loss  # transformers' mean over the (shifted) target tokens
         assert n == sum(sum(1 for x in r.labels if x != -100) for r in rows)
         assert float(loss_sum) / n == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+    """precision bf16: the matmuls run in bf16 under autocast (losses differ from fp32 in the low bits),
+    the trainable weights stay fp32."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model, tok, ids = tiny("tiny-llama")
+        r = train(model, train_examples=domain_examples(tok, ids, 8), tcfg=tcfg(precision=precision, max_steps=2),
+                  store=ArtifactStore(str(tmp_path / precision)), stage="domain_train", fp="fp", tokenizer=tok,
+                  marker_ids=ids)
+        losses[precision] = r.metrics["final_train_loss"]
+        assert all(t.dtype == torch.float32 for t in r.trainable_state.values())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.05) and losses["bf16"] != losses["fp32"]
