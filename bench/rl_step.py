@@ -11,7 +11,7 @@ comparison scores y against x; `--full` also times CYCLE_J's real step (back-tra
 cosine, discriminator) on its own, outside the ratio.
 
 The first step of each (warm-up, lazy init) is not timed. Prints the seconds per step of both and the
-ratio TRL / ours (> 1: ours is faster).
+ratio TRL / ours (> 1: ours is faster); `--repeats` alternates the two runs and reports medians.
 
     .venv/bin/python bench/rl_step.py --model tiny --steps 3
     .venv/bin/python bench/rl_step.py --model smollm2 --steps 2 --max-new-tokens 24
@@ -154,6 +154,7 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=1, help="alternate ours/TRL this many times")
     p.add_argument("--full", action="store_true", help="also time CYCLE_J's full step (not in the ratio)")
     args = p.parse_args()
     if args.threads:
@@ -161,11 +162,15 @@ def main() -> None:
     sources = yelp(64)
     print(f"model={args.model} step={args.prompts}x{args.rollouts} max_new_tokens={args.max_new_tokens} "
           f"threads={torch.get_num_threads()} timed_steps={args.steps}")
-    ours = time_ours(args, sources)
-    print(f"cyclej RLTrainer : {statistics.mean(ours):8.2f} s/step  {[round(t, 2) for t in ours]}")
-    trl = time_trl(args, sources)
-    print(f"TRL GRPOTrainer  : {statistics.mean(trl):8.2f} s/step  {[round(t, 2) for t in trl]}")
-    print(f"ratio TRL / cyclej = {statistics.mean(trl) / statistics.mean(ours):.2f}  (> 1: cyclej is faster)")
+    # Alternate the two, `--repeats` times: on a shared machine the load drifts, and both should see it.
+    ours: list[float] = []
+    trl: list[float] = []
+    for _ in range(args.repeats):
+        ours += time_ours(args, sources)
+        trl += time_trl(args, sources)
+    print(f"cyclej RLTrainer : {statistics.median(ours):8.2f} s/step (median)  {[round(t, 2) for t in ours]}")
+    print(f"TRL GRPOTrainer  : {statistics.median(trl):8.2f} s/step (median)  {[round(t, 2) for t in trl]}")
+    print(f"ratio TRL / cyclej = {statistics.median(trl) / statistics.median(ours):.2f}  (> 1: cyclej is faster)")
     if args.full:
         full = time_ours_full(args, sources)
         print(f"cyclej full step (back-translation + MiniLM cosine + ROUGE/BLEU + discriminator): "
