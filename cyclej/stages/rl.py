@@ -129,7 +129,8 @@ def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
     v = cfg.paraphrase.vllm
     # The policy, its optimizer and the discriminator share the GPU with the engine.
     return VllmBackend(
-        str(model_dir), v.tensor_parallel_size, v.max_model_len, cfg.rl.vllm_gpu_memory_utilization, cfg.rl.seed
+        str(model_dir), tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
+        gpu_memory_utilization=cfg.rl.vllm_gpu_memory_utilization, seed=cfg.rl.seed,
     )
 
 
