@@ -143,12 +143,15 @@ class TrainResult:
     metrics: dict[str, Any]
 
     def save_adapter(self, out_dir: Path) -> None:
-        """`adapter/` (peft save_pretrained) and `marker_rows.safetensors` into `out_dir` (interfaces)."""
-        if self.marker_rows is None or not hasattr(self.model, "peft_config"):
+        """`adapter/` (peft save_pretrained) and `marker_rows.safetensors` into `out_dir` (interfaces).
+        Without trained marker rows (lora.train_marker_rows false) there is no rows file: the merge then
+        leaves the rows as they are in the base."""
+        if not hasattr(self.model, "peft_config"):
             raise ValueError("save_adapter needs a LoRA run (cfg.lora set)")
         # The vocabulary is the base's (markers were added by the context stage): no embedding copy.
         self.model.save_pretrained(str(out_dir / "adapter"), save_embedding_layers=False)
-        save_marker_rows(self.marker_rows, out_dir / MARKER_ROWS_FILE)
+        if self.marker_rows is not None:
+            save_marker_rows(self.marker_rows, out_dir / MARKER_ROWS_FILE)
 
     def merged_model(self) -> nn.Module:
         """A plain transformers model: LoRA merged into the weights, marker rows written into the

@@ -300,3 +300,32 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
         losses[precision] = r.metrics["final_train_loss"]
         assert all(t.dtype == torch.float32 for t in r.trainable_state.values())
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.05) and losses["bf16"] != losses["fp32"]
+
+
+def test_lora_without_marker_rows_saves_the_adapter_only(tmp_path: Path) -> None:
+    model, tok, ids = tiny()
+    cfg = tcfg(max_steps=1, lora={"train_marker_rows": False})
+    r = train(model, train_examples=domain_examples(tok, ids, 4), tcfg=cfg, store=ArtifactStore(str(tmp_path / "s")),
+              stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+    assert r.marker_rows is None and not any(k.startswith("marker_rows") for k in r.trainable_state)
+    r.save_adapter(tmp_path / "out")
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "marker_rows.safetensors").exists()
+
+
+def test_para_pairs_bad_line_is_named(tmp_path: Path) -> None:
+    from cyclej.errors import BadInput
+    from cyclej.stages.para_train import read_pairs, split_dev
+
+    good = {"domain": "a", "text": "the food was cold .", "paraphrase": "cold food .", "scores": {}}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"domain": "c", "text": "x", "paraphrase": "y"}) + "\n")
+    with pytest.raises(BadInput, match=r"pairs\.jsonl:2: needs domain"):
+        read_pairs(path)
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(BadInput, match=r"pairs\.jsonl:2: not a JSON object"):
+        read_pairs(path)
+    pairs = [{**good, "domain": d, "text": f"{d}{i}"} for d in "ab" for i in range(40)]
+    train_pairs, dev_pairs = split_dev(pairs, n_dev_examples=8, seed=0)
+    assert len(dev_pairs) == 4 and [p["domain"] for p in dev_pairs] == ["a", "b", "a", "b"]
+    assert len(train_pairs) == 76 and not {p["text"] for p in dev_pairs} & {p["text"] for p in train_pairs}
