@@ -463,7 +463,8 @@ class _Trainer:
             with torch.no_grad():
                 for p, saved in zip(self.params, snap["params"], strict=True):
                     p.copy_(saved)
-            self.optimizer.load_state_dict(snap["optimizer"])
+            # A copy: load_state_dict keeps same-device tensors, and a second retry needs the snapshot intact.
+            self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
             self.scheduler.load_state_dict(snap["scheduler"])
         _set_rng_state(snap["rng"])
         if self.device.type == "cuda":
