@@ -289,7 +289,10 @@ def test_rl_stage_writes_cycle_j_logs_and_samples(uninterrupted: tuple[PipelineC
     assert {"source", "translation", "back_translation", "reward/bleu", "reward/total"} <= set(samples[0])
 
     metrics = json.loads((art / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["steps"] == 4 and "reward_total_last" in metrics
+    assert metrics["steps"] == 4
+    totals = [r["reward/total/mean"] for r in rows]
+    assert metrics["reward_total_first"] == pytest.approx(sum(totals[:2]) / 2)  # halves of a short run
+    assert metrics["reward_total_last"] == pytest.approx(sum(totals[2:]) / 2)
 
 
 def test_kill_and_resume_is_bit_identical(

@@ -141,9 +141,11 @@ def _push_weights(trainer: RLTrainer) -> None:
 
 
 def summarize_run(rows: list[dict[str, Any]], window: int = 10) -> dict[str, Any]:
-    """Rewards of the first and last `window` steps (means), steps run and mean seconds per step."""
+    """Rewards of the first and last `window` steps (means; at most half the run each, so they do not
+    overlap), steps run and mean seconds per step."""
     if not rows:
         return {"steps": 0}
+    window = max(1, min(window, len(rows) // 2))
     first, last = rows[:window], rows[-window:]
     out: dict[str, Any] = {"steps": rows[-1]["step"]}
     for key in sorted(k for k in rows[0] if k.startswith("reward/") and k.endswith("/mean")):
