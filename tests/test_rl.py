@@ -2,7 +2,8 @@
 
 Tiny random models (tiny-gptj policy, tiny-bert embedder and discriminator) on the shipped Yelp sample.
 The `data` artifact comes from the real data stage; the `merge` artifact is built by hand (tiny GPT-J
-with the markers, saved as `model/` and committed) until the merge stage lands.
+with the markers, saved as `model/` and committed): the real one needs every stage before it, minutes
+of CPU, and the rl stage only reads `model/` from it.
 """
 
 from __future__ import annotations
