@@ -6,6 +6,11 @@
 Both runs use `TransformersBackend` with greedy decoding; only `sort_by_length` differs. Prompts in
 corpus order put short and long texts in one batch, so every row is padded to the longest; sorted
 batches waste little on padding. Prints both throughputs and the ratio (sorted / unsorted).
+
+Measured 2026-11-23 on the shared 2-core CPU box (1 torch thread, greedy, batch 16, 16 new tokens):
+tiny-llama, 128 texts of 1-6 lines: 1.15x (wall and CPU); SmolLM2-135M, 96 texts of 1-8 lines: 1.23x
+per CPU-second, 1.03x wall (the other processes on the box dominate wall time). Decoding, not the padded
+prefill, is most of the work at these lengths; the gain grows with the spread of prompt lengths.
 """
 
 from __future__ import annotations
