@@ -311,7 +311,7 @@ class ArtifactStore:
 
     # ---- leases: one writer per artifact, across processes and machines -------------------------
     @contextmanager
-    def lease(self, stage: str, fp: str, ttl: float = 120.0, poll: float = 2.0) -> Iterator[bool]:
+    def lease(self, stage: str, fp: str, ttl: float = 90.0, poll: float = 2.0) -> Iterator[bool]:
         """Hold the right to compute `<stage>/<fp>`. Yields True when this process holds it, False when
         the artifact was committed by someone else while we waited (the caller should just read it).
 
@@ -328,7 +328,7 @@ class ArtifactStore:
                 yield False
                 return
             held = self.get_json(rel)
-            if held is None or held.get("owner") == me or held.get("expires", 0) < time.time():
+            if held is None or held.get("owner") == me or held.get("expires", 0) < time.time() or _dead_local(held):
                 self.put_json(rel, {"owner": me, "expires": time.time() + ttl})
                 time.sleep(min(poll, 0.5))
                 held = self.get_json(rel)
@@ -450,6 +450,22 @@ def temporary_store() -> Iterator[ArtifactStore]:
     """A throw-away local store (for `cyclej eval` on a bare model directory)."""
     with tempfile.TemporaryDirectory(prefix="cyclej-store-") as d:
         yield ArtifactStore(d, cache_dir=Path(d) / ".cache")
+
+
+def _dead_local(lease: dict[str, Any]) -> bool:
+    """A lease held by a process of this host that no longer exists (killed, OOM-killed): stale at once,
+    no need to wait for its TTL. Leases of other hosts (pods) expire by TTL."""
+    host, _, rest = str(lease.get("owner", "")).partition(":")
+    pid = rest.partition(":")[0]
+    if host != os.uname().nodename or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _safe(root: str) -> str:

@@ -235,3 +235,23 @@ def test_read_file_checks_one_file_without_fetching(store: ArtifactStore) -> Non
         store.read_file(ref, "report.md")
     with pytest.raises(FileNotFoundError):
         store.read_file(ref, "nope.md")
+
+
+def test_lease_of_a_dead_local_process_is_taken_over_at_once(store: ArtifactStore) -> None:
+    """A killed run leaves its lease behind; the next attempt on this host must not wait for the TTL."""
+    import subprocess as sp
+
+    dead = sp.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.put_json("rl/killedfp/LEASE.json", {"owner": f"{os.uname().nodename}:{dead.pid}:abcd",
+                                              "expires": time.time() + 3600})
+    t0 = time.monotonic()
+    with store.lease("rl", "killedfp", poll=5.0) as mine:
+        assert mine
+    assert time.monotonic() - t0 < 4.0
+    # a live process's lease is respected (here: our own pid, under another lease id)
+    store.put_json("rl/livefp/LEASE.json", {"owner": f"{os.uname().nodename}:{os.getpid()}:other",
+                                            "expires": time.time() + 3600})
+    from cyclej.store import _dead_local
+
+    assert not _dead_local(store.get_json("rl/livefp/LEASE.json"))
