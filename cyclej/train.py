@@ -661,7 +661,8 @@ def commit_adapter(
     result.save_adapter(work)
     metrics = {**result.metrics, **extra}
     (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
-    summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps")}
+    summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",
+                                       "resumed_from", "micro_batch_size")}
     ref = store.commit(stage, fp, work, metrics=summary)
     store.delete_checkpoints(stage, fp)
     return ref

@@ -107,10 +107,12 @@ def prefect_harness() -> Iterator[None]:
 
 
 def task_run_states(flow_run_id: object) -> dict[str, str]:
-    """name → state name ('Completed', 'Cached', 'Failed', …) of the task runs of one flow run."""
+    """name → state name ('Completed', 'Cached', 'Failed', …) of the task runs of one flow run; after a
+    retry of the flow run, the newest task run of each name."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs if r.state is not None}
+    runs = sorted((r for r in runs if r.state is not None), key=lambda r: r.created or r.expected_start_time)
+    return {r.name: r.state.name for r in runs}

@@ -85,8 +85,10 @@ def run_rl(
     )
 
     latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
+    resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
     if latest is not None:
         name, path = latest
+        resumed_from.append(name)
         trainer.load_state(path)
         log.info("rl: resumed from checkpoint %s (step %d)", name, trainer.step_done)
         _push_weights(trainer)
@@ -111,6 +113,7 @@ def run_rl(
         discriminator.save_pretrained(work / "discriminator")
     metrics = summarize_run(trainer.metrics_log)
     metrics["rollout_micro_batch"] = trainer.micro_batch
+    metrics["resumed_from"] = resumed_from
     (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     ref = store.commit(STAGE, fp, work, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)})
     store.delete_checkpoints(STAGE, fp)
