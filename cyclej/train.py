@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from cyclej import formats
 from cyclej.config import TrainConfig
-from cyclej.errors import StageFailed
+from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
@@ -651,6 +651,39 @@ def interleave(*lists: Sequence[Any]) -> list[Any]:
     for i in range(max((len(x) for x in lists), default=0)):
         out.extend(x[i] for x in lists if i < len(x))
     return out
+
+
+@dataclass
+class LoraStage:
+    """What both LoRA stages (para_train, domain_train) start from: INTERMEDIATE-1 with its markers."""
+
+    fp: str
+    work: Path
+    device: torch.device
+    model: nn.Module
+    tokenizer: Any
+    marker_a: int
+    marker_b: int
+
+
+def prepare_lora_stage(
+    stage: str, tcfg: TrainConfig, cfg: Any, inputs: dict[str, ArtifactRef], store: ArtifactStore
+) -> LoraStage:
+    """Refuse full fine-tuning (the merge combines LoRA deltas), locate the stage's work directory and
+    load INTERMEDIATE-1 (the `context` artifact's model) with the two domain markers."""
+    from cyclej.modeling import load_model, marker_token_ids
+    from cyclej.stages import stage_fingerprint
+
+    if tcfg.lora is None:
+        raise BadInput(f"{stage}.lora: null (full fine-tuning) is not supported here; the merge stage "
+                       f"combines LoRA adapters, so set {stage}.lora (e.g. rank 8)")
+    fp = stage_fingerprint(stage, cfg, {k: ref.fingerprint for k, ref in inputs.items()})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    base_dir = store.fetch(inputs["context"]) / "model"
+    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
+    marker_a, marker_b = marker_token_ids(tokenizer, markers)
+    return LoraStage(fp, store.workdir(stage, fp), device, model.to(device), tokenizer, marker_a, marker_b)
 
 
 def commit_adapter(

@@ -14,16 +14,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput
 from cyclej.formats import Example, para_examples
-from cyclej.modeling import load_model, marker_token_ids
 from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import base_dtype, commit_adapter, interleave, train
+from cyclej.train import commit_adapter, interleave, prepare_lora_stage, train
 
 STAGE = "para_train"
 MAX_DEV_FRACTION = 0.1
@@ -33,17 +29,8 @@ def run_para_train(
     cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
 ) -> ArtifactRef:
     tcfg = cfg.para_train
-    if tcfg.lora is None:
-        raise BadInput(f"{STAGE}.lora: null (full fine-tuning) is not supported here; the merge stage "
-                       f"combines LoRA adapters, so set {STAGE}.lora (e.g. rank 8)")
-    fp = stage_fingerprint(STAGE, cfg, {k: ref.fingerprint for k, ref in inputs.items()})
-    work = store.workdir(STAGE, fp)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
-    base_dir = store.fetch(inputs["context"]) / "model"
-    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
-    marker_a, marker_b = marker_token_ids(tokenizer, markers)
+    st = prepare_lora_stage(STAGE, tcfg, cfg, inputs, store)
+    tokenizer, marker_a, marker_b = st.tokenizer, st.marker_a, st.marker_b
     # (source marker, target marker) by the domain the original text is in.
     direction = {"a": (marker_a, marker_b), "b": (marker_b, marker_a)}
 
@@ -58,19 +45,19 @@ def run_para_train(
     dev_examples = examples(dev_pairs)
 
     result = train(
-        model.to(device),
+        st.model,
         train_examples=train_examples,
         dev_examples=dev_examples,
         tcfg=tcfg,
         store=store,
         stage=STAGE,
-        fp=fp,
+        fp=st.fp,
         tokenizer=tokenizer,
         marker_ids=[marker_a, marker_b],
         progress=progress,
-        metrics_path=work / "metrics.jsonl",
+        metrics_path=st.work / "metrics.jsonl",
     )
-    return commit_adapter(result, store, STAGE, fp, work, {
+    return commit_adapter(result, store, STAGE, st.fp, st.work, {
         "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs), "train_examples": len(train_examples),
     })
 
