@@ -55,6 +55,7 @@ from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.formats import encode_text, eos_id
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend
+from cyclej.precision import use_bf16
 
 DomainKey = Literal["a", "b"]
 OTHER: dict[DomainKey, DomainKey] = {"a": "b", "b": "a"}
@@ -231,10 +232,10 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
-    """True when the forward passes run in bf16 (autocast)."""
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
+    """True when the forward passes run in bf16 (autocast); the rule is cyclej.precision's."""
+    if device.type == "cuda" and precision == "auto" and not torch.cuda.is_bf16_supported():
+        return False
+    return use_bf16(precision, device)
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------

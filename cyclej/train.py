@@ -44,6 +44,7 @@ from cyclej import formats
 from cyclej.config import TrainConfig
 from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
+from cyclej.precision import use_bf16 as precision_uses_bf16
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
 
@@ -256,7 +257,7 @@ def logits_are_head_of_backbone(model: nn.Module, batch: dict[str, Tensor]) -> b
 
 
 def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    use_bf16 = precision_uses_bf16(precision, device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 

@@ -32,6 +32,7 @@ from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
 from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
+from cyclej.precision import use_bf16 as precision_uses_bf16
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
 from cyclej.stages.data import read_lines
@@ -160,7 +161,7 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    use_bf16 = precision_uses_bf16(precision, device)
     total_nll = 0.0
     total_tokens = 0
     for start in range(0, len(rows), batch_size):
