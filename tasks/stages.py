@@ -38,10 +38,19 @@ RESULTS_DIR = "_prefect/results"
 LOCKS_DIR = "_prefect/locks"
 
 
+_STORES: dict[str, ArtifactStore] = {}
+_RESULT_BLOCKS: dict[str, LocalFileSystem | RemoteFileSystem] = {}
+
+
 def store_for(cfg: PipelineConfig) -> ArtifactStore:
-    store = ArtifactStore.from_config(cfg.storage)
-    store.check()  # unreachable storage is an error, never a silent cache miss
-    return store
+    """The config's store, checked once per process (unreachable storage is an error, never a silent
+    cache miss); every later call fails loudly on its own if the store goes away."""
+    key = cfg.storage.model_dump_json()
+    if key not in _STORES:
+        store = ArtifactStore.from_config(cfg.storage)
+        store.check()
+        _STORES[key] = store
+    return _STORES[key]
 
 
 def refs_from(inputs: dict[str, dict[str, Any]]) -> dict[str, ArtifactRef]:
@@ -66,6 +75,11 @@ def result_storage_for(cfg: PipelineConfig) -> LocalFileSystem | RemoteFileSyste
     before a task can reference them). Credentials stay in the AWS_* environment, never in the block."""
     root = cfg.storage.root
     slug = "cyclej-results-" + hashlib.sha256(f"{root}|{cfg.storage.endpoint_url}".encode()).hexdigest()[:12]
+    from prefect.settings import PREFECT_API_URL
+
+    cache_key = f"{PREFECT_API_URL.value()}|{slug}"  # blocks live on one Prefect server
+    if cache_key in _RESULT_BLOCKS:  # saved once per process and server; later stages reuse it
+        return _RESULT_BLOCKS[cache_key]
     if root.startswith("s3://"):
         settings: dict[str, Any] = {}
         endpoint = cfg.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
@@ -81,6 +95,7 @@ def result_storage_for(cfg: PipelineConfig) -> LocalFileSystem | RemoteFileSyste
         local_root = Path(root.removeprefix("file://")).expanduser().resolve()
         block = LocalFileSystem(basepath=str(local_root / RESULTS_DIR))
     block.save(slug, overwrite=True)
+    _RESULT_BLOCKS[cache_key] = block
     return block
 
 
