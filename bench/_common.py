@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,11 +23,19 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def timed_cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> tuple[float, int]:
-    """Seconds and exit code of `python -m cyclej.cli ARGS` (output discarded)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, env=env or cli_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    dt = time.perf_counter() - t0
-    if check and proc.returncode != 0:
-        raise SystemExit(f"cyclej {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return dt, proc.returncode
+    """Seconds and exit code of `python -m cyclej.cli ARGS` (output discarded).
+
+    Each run gets its own process group, removed afterwards: a run killed by a fault leaves Prefect's
+    temporary server behind (its child), which would otherwise live on and hold the output pipes."""
+    with tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, env=env or cli_env(),
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        code = proc.wait()
+        dt = time.perf_counter() - t0
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if check and code != 0:
+            err.seek(0)
+            raise SystemExit(f"cyclej {' '.join(args)} failed ({code}):\n{err.read()[-2000:]}")
+    return dt, code

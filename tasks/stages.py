@@ -210,7 +210,8 @@ def configured_stage_task(name: str, cfg: PipelineConfig) -> Any:
         result_storage=result_storage_for(cfg),
         retries=orch.retries,
         retry_delay_seconds=orch.retry_delay_seconds,
-        tags=[f"cyclej-{name}"],
+        # No tags: a tagged task asks the server for tag concurrency slots on every run (~1.5 s each,
+        # measured), which made a fully cached pipeline take 13 s instead of ~1 s.
     )
 
 
