@@ -30,7 +30,9 @@ def main() -> None:
     print(f"uninterrupted run:                  {clean:8.1f} s")
     print(f"killed at {args.fault:24s} {died:8.1f} s (exit {code})")
     print(f"resumed run:                        {resumed:8.1f} s")
-    print(f"ratio (killed + resumed)/clean:     {total / clean:8.3f}")
+    print(f"ratio (killed + resumed)/clean:     {total / clean:8.3f}  (+{total - clean:.1f} s: restart, Prefect"
+          " start, model loads, steps since the last checkpoint)")
+    print(f"without resume, (killed + clean)/clean: {(died + clean) / clean:6.3f}  (starting over)")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.logging import get_run_logger
-from prefect.transactions import IsolationLevel
 
 from cyclej.config import PipelineConfig
 from cyclej.progress import Progress
@@ -35,7 +33,6 @@ from cyclej.stages import SPECS, run_stage, stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
 
 RESULTS_DIR = "_prefect/results"
-LOCKS_DIR = "_prefect/locks"
 
 
 _STORES: dict[str, ArtifactStore] = {}
@@ -100,17 +97,11 @@ def result_storage_for(cfg: PipelineConfig) -> LocalFileSystem | RemoteFileSyste
 
 
 def cache_policy_for(cfg: PipelineConfig) -> CachePolicy:
-    """Fingerprint key; on a local store, two runs of the same config at once are serialized by Prefect's
-    file lock manager (the second waits, then finds the first's record and is `Cached`)."""
-    policy = CachePolicy.from_cache_key_fn(stage_cache_key)
-    root = cfg.storage.root
-    if not root.startswith("s3://"):
-        locks = Path(root.removeprefix("file://")).expanduser().resolve() / LOCKS_DIR
-        policy = policy.configure(
-            lock_manager=FileSystemLockManager(lock_files_directory=locks),
-            isolation_level=IsolationLevel.SERIALIZABLE,
-        )
-    return policy
+    """The fingerprint is the cache key. No Prefect lock manager: two runs of one config at once are
+    serialized by the store's lease (`run_stage`), which works on every store and is taken over when its
+    holder dies. Prefect's FileSystemLockManager writes locks that never expire, so a run killed mid-stage
+    (a lost pod) left one behind and every later run of that config waited on it forever."""
+    return CachePolicy.from_cache_key_fn(stage_cache_key)
 
 
 def _progress_listener() -> Any:

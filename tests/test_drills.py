@@ -138,3 +138,23 @@ def test_kill_drill_new_run_resumes_domain_train(drill_store: str) -> None:
     status = _cli("status", "--preset", "tiny", "--storage", drill_store, *sets)
     assert all("complete" in line for line in status.stdout.strip().splitlines()), status.stdout
     assert json.loads(ref.to_json())["fingerprint"] == fp
+
+
+def test_kill_drill_on_a_local_store_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """A run killed mid-stage on a local store (or a mounted network volume) must not leave anything that
+    makes the next run wait: Prefect's file lock manager wrote never-expiring locks, and the re-run hung."""
+    store_root = str(tmp_path / "store")
+    args = ("run", "--preset", "tiny", "--storage", store_root, "--until", "context")
+    killed = _cli(*args, CYCLEJ_FAULT="context:3:kill")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    try:
+        resumed = subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, capture_output=True,
+                                 text=True, env=_cli_env(), timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the run after a kill is stuck: {str(exc.stderr)[-2000:]}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = task_run_states(_latest_flow_run_id())
+    assert states["data"] == "Cached" and states["context"] == "Completed", states
+    cfg = load_config(preset="tiny", storage=store_root)
+    ref = ArtifactStore.from_config(cfg.storage).ref("context", fingerprints(cfg)["context"])
+    assert ref is not None and ref.metrics["resumed_from"] == ["step-00000002"]

@@ -130,7 +130,9 @@ def run_context(
     }
     (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     summary = {k: metrics[k] for k in ("ppl_before", "ppl_after", "ppl_base_old_len", "ppl_after_old_len")}
-    return store.commit(STAGE, fp, work, metrics={**summary, "new_context": metrics["new_context"]})
+    # resumed_from in the summary, as in the other training stages: the UI shows a retry resumed
+    return store.commit(STAGE, fp, work, metrics={**summary, "new_context": metrics["new_context"],
+                                                  "resumed_from": train_metrics.get("resumed_from", [])})
 
 
 # ---- data -------------------------------------------------------------------------------------------
