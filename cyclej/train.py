@@ -658,6 +658,8 @@ def interleave(*lists: Sequence[Any]) -> list[Any]:
 class LoraStage:
     """What both LoRA stages (para_train, domain_train) start from: INTERMEDIATE-1 with its markers."""
 
+    stage: str
+    tcfg: TrainConfig
     fp: str
     work: Path
     device: torch.device
@@ -684,19 +686,30 @@ def prepare_lora_stage(
     base_dir = store.fetch(inputs["context"]) / "model"
     model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
     marker_a, marker_b = marker_token_ids(tokenizer, markers)
-    return LoraStage(fp, store.workdir(stage, fp), device, model.to(device), tokenizer, marker_a, marker_b)
+    return LoraStage(stage, tcfg, fp, store.workdir(stage, fp), device, model.to(device), tokenizer, marker_a,
+                     marker_b)
 
 
-def commit_adapter(
-    result: TrainResult, store: ArtifactStore, stage: str, fp: str, work: Path, extra: dict[str, Any]
+def train_and_commit_adapter(
+    st: LoraStage,
+    store: ArtifactStore,
+    train_examples: Sequence[TokenExample],
+    dev_examples: Sequence[TokenExample],
+    progress: Progress | None,
+    extra: dict[str, Any],
 ) -> ArtifactRef:
-    """Write `adapter/`, `marker_rows.safetensors` and `metrics.json` into `work`, commit it, then drop
+    """The rest of both LoRA stages: train (resuming from the stage's checkpoints), write `adapter/`,
+    `marker_rows.safetensors` and `metrics.json` (with `extra`) into the work dir, commit it, then drop
     the checkpoints (the committed artifact supersedes them)."""
-    result.save_adapter(work)
+    result = train(st.model, train_examples=train_examples, dev_examples=dev_examples, tcfg=st.tcfg,
+                   store=store, stage=st.stage, fp=st.fp, tokenizer=st.tokenizer,
+                   marker_ids=[st.marker_a, st.marker_b], progress=progress,
+                   metrics_path=st.work / "metrics.jsonl")
+    result.save_adapter(st.work)
     metrics = {**result.metrics, **extra}
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    (st.work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",
                                        "resumed_from", "micro_batch_size")}
-    ref = store.commit(stage, fp, work, metrics=summary)
-    store.delete_checkpoints(stage, fp)
+    ref = store.commit(st.stage, st.fp, st.work, metrics=summary)
+    store.delete_checkpoints(st.stage, st.fp)
     return ref

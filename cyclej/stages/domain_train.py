@@ -14,7 +14,7 @@ from cyclej.formats import domain_example
 from cyclej.progress import Progress
 from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import commit_adapter, interleave, prepare_lora_stage, train
+from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
 
 STAGE = "domain_train"
 
@@ -34,18 +34,6 @@ def run_domain_train(
         [domain_example(tokenizer, marker_b, t) for t in read_lines(store, data, "b", "dev")],
     )
 
-    result = train(
-        st.model,
-        train_examples=train_examples,
-        dev_examples=dev_examples,
-        tcfg=tcfg,
-        store=store,
-        stage=STAGE,
-        fp=st.fp,
-        tokenizer=tokenizer,
-        marker_ids=[marker_a, marker_b],
-        progress=progress,
-        metrics_path=st.work / "metrics.jsonl",
-    )
-    return commit_adapter(result, store, STAGE, st.fp, st.work, {"train_examples": len(train_examples),
-                                                          "dev_examples": len(dev_examples)})
+    return train_and_commit_adapter(st, store, train_examples, dev_examples, progress, {
+        "train_examples": len(train_examples), "dev_examples": len(dev_examples),
+    })

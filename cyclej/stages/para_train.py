@@ -19,7 +19,7 @@ from cyclej.errors import BadInput
 from cyclej.formats import Example, para_examples
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import commit_adapter, interleave, prepare_lora_stage, train
+from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
 
 STAGE = "para_train"
 MAX_DEV_FRACTION = 0.1
@@ -44,20 +44,7 @@ def run_para_train(
     train_examples = examples(train_pairs)
     dev_examples = examples(dev_pairs)
 
-    result = train(
-        st.model,
-        train_examples=train_examples,
-        dev_examples=dev_examples,
-        tcfg=tcfg,
-        store=store,
-        stage=STAGE,
-        fp=st.fp,
-        tokenizer=tokenizer,
-        marker_ids=[marker_a, marker_b],
-        progress=progress,
-        metrics_path=st.work / "metrics.jsonl",
-    )
-    return commit_adapter(result, store, STAGE, st.fp, st.work, {
+    return train_and_commit_adapter(st, store, train_examples, dev_examples, progress, {
         "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs), "train_examples": len(train_examples),
     })
 
