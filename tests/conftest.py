@@ -34,6 +34,20 @@ def one_torch_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module() -> Iterator[None]:
+    """One intra-op thread for a whole module, slow tests included: for modules whose module-scoped
+    fixtures build and train tiny models (they start before the function-scoped fixture above) and
+    whose bit-identical comparisons need one reduction order in every run. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache of built tiny models for the whole session (built once, shared by every test)."""

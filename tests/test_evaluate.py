@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +32,11 @@ from cyclej.progress import Progress
 from cyclej.stages.eval import load_adapter_model, run_eval
 from cyclej.store import ArtifactRef, ArtifactStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
+
 SAMPLE = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
 MARKERS = ("<|A|>", "<|B|>")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the threads' spin
-    waits make each tiny matmul many times slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _lines(name: str) -> list[str]:

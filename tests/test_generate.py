@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from cyclej.errors import BadInput
 from cyclej.generate import (
@@ -18,53 +18,12 @@ from cyclej.generate import (
     strip_completion,
 )
 from cyclej.models import tiny_tokenizer_dir
+from tests.tiny_models import tiny_gptj, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 YELP = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp" / "train.0"
 
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    # initializer_range 0.2: sharp enough logits that greedy output depends on the prompt.
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gptj(seed: int = 0) -> GPTJForCausalLM:
-    torch.manual_seed(seed)
-    cfg = GPTJConfig(
-        vocab_size=1024,
-        n_positions=256,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        rotary_dim=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return GPTJForCausalLM(cfg).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models are all per-op overhead: on a shared 2-core machine one thread is ~20x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,11 @@ from cyclej.progress import Progress
 from cyclej.stages import run_stage
 from cyclej.store import ArtifactRef, ArtifactStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
+
 MARKERS = ["<|A|>", "<|B|>"]
 PI_KEY = "cyclej_position_interpolation"
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one thread is several times faster than contending for two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- fixtures: a sharded base with markers, and trained-looking adapters --------------------------------

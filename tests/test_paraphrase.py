@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from cyclej.config import PipelineConfig, load_config
 from cyclej.errors import StageFailed
@@ -32,6 +31,9 @@ from cyclej.progress import Progress
 from cyclej.stages import run_stage, stage_fingerprint
 from cyclej.stages.paraphrase import plan_shards, run_paraphrase, run_paraphrase_shard
 from cyclej.store import ArtifactRef, ArtifactStore
+from tests.tiny_models import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 YELP = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,7 @@ MISTRAL_V01_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
+
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
@@ -64,14 +67,6 @@ DROPS_SYSTEM_TEMPLATE = (
     "{{ 'USER: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}ASSISTANT:"
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models are all per-op overhead: on a shared 2-core machine one thread is ~20x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -249,21 +244,7 @@ def paraphraser_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cyclej.models import tiny_tokenizer_dir
 
     out = tmp_path_factory.mktemp("paraphraser")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    tiny_llama(seed=0).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir()).save_pretrained(out)
     return out
 

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,18 +37,11 @@ from cyclej.stages import run_stage
 from cyclej.stages.rl import run_rl
 from cyclej.store import ArtifactRef, ArtifactStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
+
 MARKERS = ["<|A|>", "<|B|>"]
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine tiny matmuls are ~20× faster without thread
-    contention, and a subprocess run (OMP_NUM_THREADS=1) reduces in the same order as this one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- pure functions ------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ faults injected through CYCLEJ_FAULT exactly as a drill would.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.train import MarkerRows, lr_factor, step_indices, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
+
 MARKERS = ["<|A|>", "<|B|>"]
 YELP = Path(str(resources.files("cyclej") / "samples" / "yelp"))
 
@@ -32,15 +33,6 @@ YELP = Path(str(resources.files("cyclej") / "samples" / "yelp"))
 def yelp_lines(name: str, n: int) -> list[str]:
     return (YELP / name).read_text(encoding="utf-8").splitlines()[:n]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: bit-identical comparisons need the same reduction order in every run
-    (and tiny ops run faster without thread hand-offs on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

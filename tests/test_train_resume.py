@@ -25,14 +25,15 @@ from tests.test_train import (
     build_inputs,
     domain_examples,
     fresh_faults,
-    one_thread,
     pipeline_config,
     read_jsonl,
     tcfg,
     tiny,
 )
 
-__all__ = ["fresh_faults", "one_thread"]  # fixtures shared with test_train
+__all__ = ["fresh_faults"]  # a fixture shared with test_train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 RUN_PARA_TRAIN = textwrap.dedent("""
     import json, sys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from cyclej.translate import (
     write_model_info,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
+
 MARKERS = ("<|A|>", "<|B|>")
 LINES = [
     "the food was cold and the waiter was rude .",
@@ -30,15 +31,6 @@ LINES = [
     "i would never come back here .",
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the threads' spin
-    waits make each tiny matmul many times slower; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -62,7 +54,6 @@ def test_one_line_per_input_and_deterministic(tiny_model_dir: Path) -> None:
 
 def test_direction_sets_the_markers(tiny_model_dir: Path) -> None:
     """to=b prompts {A}{line}{B}: the same as calling the model on those ids ourselves."""
-    import torch
 
     model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
     a_id, b_id = tok.convert_tokens_to_ids(list(MARKERS))

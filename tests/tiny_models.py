@@ -1,0 +1,42 @@
+"""Tiny random models for tests, with logits sharp enough (initializer_range 0.2) that greedy output
+depends on the prompt."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gptj(seed: int = 0) -> GPTJForCausalLM:
+    torch.manual_seed(seed)
+    cfg = GPTJConfig(
+        vocab_size=1024,
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    return GPTJForCausalLM(cfg).eval()
