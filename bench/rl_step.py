@@ -57,6 +57,16 @@ def rl_config(args: argparse.Namespace, steps: int) -> RLConfig:
     )
 
 
+def seconds_per_step(trainer: RLTrainer, steps: int) -> list[float]:
+    """Wall seconds of each step but the first (warm-up: allocator, first-call overheads)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
 def time_ours(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[float]:
     policy, tok = load_model(MODELS[args.model], markers=MARKERS)
     ida, idb = marker_token_ids(tok, MARKERS)
@@ -67,12 +77,7 @@ def time_ours(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[f
     cfg = rl_config(args, args.steps + 1)
     trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, sources, text_rewards,
                         {"rouge": 1.0, "bleu": 1.0}, back_translate=False)
-    times = []
-    for _ in range(cfg.steps):
-        t0 = time.perf_counter()
-        trainer.step()
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+    return seconds_per_step(trainer, cfg.steps)
 
 
 def time_ours_full(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[float]:
@@ -86,12 +91,7 @@ def time_ours_full(args: argparse.Namespace, sources: dict[str, list[str]]) -> l
     reward_fn = CycleDiscriminatorReward(weights, R.load_embedder("minilm"), disc)
     cfg = rl_config(args, args.steps + 1)
     trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, sources, reward_fn, weights, discriminator=disc)
-    times = []
-    for _ in range(cfg.steps):
-        t0 = time.perf_counter()
-        trainer.step()
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+    return seconds_per_step(trainer, cfg.steps)
 
 
 def time_trl(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[float]:
