@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -165,9 +166,18 @@ def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None
     typer.echo(format_plan(make_plan(cfg)))
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point: map CYCLE_J errors to exit codes with a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM (a pod being stopped, `kill`) ends through Python's exit path, so the atexit hook of
+    # Prefect's temporary server (our child process) stops it; under the default handler the process
+    # died at once and left the server running. Prefect's flow engine marks the run Crashed first, then
+    # hands the signal on to this handler.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app(standalone_mode=False)
     except CyclejError as exc:

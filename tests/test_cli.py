@@ -103,3 +103,43 @@ def test_status_lists_every_stage(tmp_path: Path) -> None:
     stages = [line.split()[0] for line in proc.stdout.strip().splitlines()]
     assert stages == ["data", "context", "paraphrase", "para_train", "domain_train", "merge", "rl", "eval"]
     assert all("missing" in line for line in proc.stdout.strip().splitlines())
+
+
+def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path) -> None:
+    """`kill` (or a pod being stopped) during a run: exit 143, and Prefect's temporary server, a child
+    process, is stopped too rather than left running with its port."""
+    import contextlib
+    import re
+    import signal
+    import time
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # force the temporary server
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
+                             str(tmp_path / "store")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        server, seen = None, []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait until the flow runs its first stage
+            seen.append(line)
+            if m := re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", line):
+                server = m.group(1)
+            if "Beginning flow run" in line:
+                break
+        assert server is not None, "".join(seen)
+        urllib.request.urlopen(f"{server}/api/health", timeout=5)  # up while the run is
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        for _ in range(50):  # the server stops within the atexit hook's 5 s
+            try:
+                urllib.request.urlopen(f"{server}/api/health", timeout=1)
+            except OSError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the temporary Prefect server at {server} outlived the run")
+    finally:  # whatever happened, leave no process of this run behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
