@@ -2,7 +2,8 @@
 that never stopped. Prints both totals and the ratio (the cost of dying is the process restart, the
 Prefect start and the work since the last checkpoint, not a start from scratch).
 
-    .venv/bin/python bench/resume_overhead.py [--fault domain_train:3:kill]
+    .venv/bin/python bench/resume_overhead.py [--preset tiny] [--fault domain_train:3:kill]
+    .venv/bin/python bench/resume_overhead.py --preset demo --fault rl:4:kill    # ~12 min, SmolLM2
 """
 
 from __future__ import annotations
