@@ -660,6 +660,7 @@ class LoraStage:
 
     stage: str
     tcfg: TrainConfig
+    base: ArtifactRef  # the `context` artifact whose model the adapter is trained on
     fp: str
     work: Path
     device: torch.device
@@ -686,7 +687,7 @@ def prepare_lora_stage(
     base_dir = store.fetch(inputs["context"]) / "model"
     model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
     marker_a, marker_b = marker_token_ids(tokenizer, markers)
-    return LoraStage(stage, tcfg, fp, store.workdir(stage, fp), device, model.to(device), tokenizer, marker_a,
+    return LoraStage(stage, tcfg, inputs["context"], fp, store.workdir(stage, fp), device, model.to(device), tokenizer, marker_a,
                      marker_b)
 
 
@@ -699,13 +700,18 @@ def train_and_commit_adapter(
     extra: dict[str, Any],
 ) -> ArtifactRef:
     """The rest of both LoRA stages: train (resuming from the stage's checkpoints), write `adapter/`,
-    `marker_rows.safetensors` and `metrics.json` (with `extra`) into the work dir, commit it, then drop
-    the checkpoints (the committed artifact supersedes them)."""
+    `marker_rows.safetensors`, `base.json` (which `context` artifact it applies to, so `cyclej translate`
+    can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then drop the checkpoints
+    (the committed artifact supersedes them)."""
     result = train(st.model, train_examples=train_examples, dev_examples=dev_examples, tcfg=st.tcfg,
                    store=store, stage=st.stage, fp=st.fp, tokenizer=st.tokenizer,
                    marker_ids=[st.marker_a, st.marker_b], progress=progress,
                    metrics_path=st.work / "metrics.jsonl")
     result.save_adapter(st.work)
+    from cyclej.translate import ADAPTER_BASE
+
+    base = {"stage": st.base.stage, "fingerprint": st.base.fingerprint}
+    (st.work / ADAPTER_BASE).write_text(json.dumps(base, indent=1) + "\n", encoding="utf-8")
     metrics = {**result.metrics, **extra}
     (st.work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",

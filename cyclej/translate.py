@@ -1,14 +1,19 @@
 """Rewrite lines into domain a or b with any stage's model: `{D_src}{line}{D_tgt}` → greedy completion.
 
 A model is a local HF directory, an artifact directory (its `model/` is used), an `s3://…` artifact URI
-(fetched through the artifact store) or a built-in spec. Its marker tokens are read from `cyclej.json`
+(fetched through the artifact store) or a built-in spec. An adapter artifact (`para_train`,
+`domain_train`) is applied to the `context` model it names in `base.json` and merged once into a plain HF
+directory in the model cache, so it translates (and loads in vLLM) like any other stage's model. Its marker tokens are read from `cyclej.json`
 beside the weights, else from the tokenizer's extra special tokens (the markers are the last two added).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +24,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cyclej.errors import BadInput
 from cyclej.formats import rl_prompt
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, make_backend
-from cyclej.modeling import load_model, marker_token_ids
+from cyclej.modeling import load_model, marker_token_ids, save_model
+from cyclej.models import cache_root
+from cyclej.store import ArtifactStore
 
 Domain = Literal["a", "b"]
 MODEL_INFO = "cyclej.json"
@@ -34,7 +41,6 @@ def local_model_dir(
     built-in model spec."""
     from cyclej.config import StorageConfig
     from cyclej.models import resolve_model
-    from cyclej.store import ArtifactStore
 
     text = uri.rstrip("/")
     if text.startswith("file://"):
@@ -56,9 +62,14 @@ def local_model_dir(
             local = store.fetch((stage, fp))
         except FileNotFoundError:
             raise BadInput(f"model {uri}: no committed artifact there (check the URI)") from None
+        if is_adapter_artifact(local):
+            return merged_adapter_dir(local, uri, store)
         return _model_subdir(local, uri)
     p = Path(text).expanduser()
     if p.is_dir():
+        if is_adapter_artifact(p):
+            # an artifact folder of a local store: <root>/<stage>/<fingerprint>
+            return merged_adapter_dir(p, uri, ArtifactStore(str(p.resolve().parent.parent)))
         return _model_subdir(p, uri)
     # A built-in name or a hub id (resolved only where the hub is reachable).
     return Path(resolve_model(text))
@@ -70,6 +81,86 @@ def _model_subdir(p: Path, uri: str) -> Path:
     if (p / "config.json").is_file():
         return p
     raise BadInput(f"model {uri}: neither it nor its model/ folder has a config.json (not a model directory)")
+
+
+# ---- adapter artifacts -----------------------------------------------------------------------------
+MARKER_ROWS = "marker_rows.safetensors"
+ADAPTER_BASE = "base.json"
+
+
+def is_adapter_artifact(p: Path) -> bool:
+    return (p / "adapter" / "adapter_config.json").is_file()
+
+
+def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore) -> Path:
+    """The model an adapter artifact was trained on: the `context` artifact its `base.json` names, in the
+    same store; for artifacts written before `base.json` existed, the base folder peft recorded, if it is
+    still there."""
+    named = artifact / ADAPTER_BASE
+    if named.is_file():
+        base = json.loads(named.read_text(encoding="utf-8"))
+        try:
+            return _model_subdir(store.fetch((base["stage"], base["fingerprint"])), uri)
+        except FileNotFoundError:
+            raise BadInput(f"model {uri}: its base artifact {base['stage']}/{base['fingerprint']} is not in "
+                           f"{store.root}; translate with the merge or rl artifact instead") from None
+    config = json.loads((artifact / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path")
+    if recorded and Path(recorded).is_dir():
+        return _model_subdir(Path(recorded), uri)
+    raise BadInput(f"model {uri}: an adapter artifact whose base model cannot be found (no {ADAPTER_BASE}); "
+                   "translate with the merge or rl artifact instead")
+
+
+def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore) -> Path:
+    """A plain HF directory of the adapter merged into its base, built once in the model cache (keyed by
+    the adapter's files, so a re-trained adapter is merged again) and reused after that."""
+    digest = hashlib.sha256()
+    for rel in ("adapter/adapter_model.safetensors", MARKER_ROWS, ADAPTER_BASE):
+        if (artifact / rel).is_file():
+            digest.update((artifact / rel).read_bytes())
+    key = digest.hexdigest()[:16]
+    out = cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    base_dir = adapter_base_dir(artifact, uri, store)
+    markers = model_markers(base_dir)
+    model, tokenizer, _ = load_adapter_model(base_dir, artifact, markers)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    info = read_model_info(base_dir) or {}
+    write_model_info(tmp, markers, info.get("domains", ["a", "b"]))
+    os.replace(tmp, out)  # whole or absent: a killed merge leaves only a tmp folder behind
+    return out
+
+
+def load_adapter_model(
+    base_dir: str | Path, adapter_artifact: str | Path, markers: tuple[str, str]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
+    """The base (INTERMEDIATE-1) with a `para_train`/`domain_train` artifact applied: its final marker rows
+    written into the embeddings, then its LoRA merged into the weights (peft `merge_and_unload`)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    artifact = Path(adapter_artifact)
+    adapter_dir = artifact / "adapter" if (artifact / "adapter").is_dir() else artifact
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise BadInput(f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)")
+    model, tokenizer = load_model(str(base_dir), markers=list(markers))
+    rows_file = next((p for p in (artifact / MARKER_ROWS, adapter_dir / MARKER_ROWS) if p.is_file()), None)
+    if rows_file is not None:
+        rows = load_file(str(rows_file))
+        ids = rows["token_ids"].long()
+        with torch.no_grad():
+            inp = model.get_input_embeddings().weight
+            inp[ids] = rows["input_embeddings"].to(inp.dtype)
+            out = model.get_output_embeddings()
+            if "output_embeddings" in rows and out is not None and out.weight.data_ptr() != inp.data_ptr():
+                out.weight[ids] = rows["output_embeddings"].to(out.weight.dtype)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    return model, tokenizer, markers
 
 
 # ---- marker tokens ------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from cyclej.evaluate import (
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.modeling import extend_context, load_model, save_model
 from cyclej.progress import Progress
-from cyclej.stages.eval import load_adapter_model, run_eval
+from cyclej.stages.eval import run_eval
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.translate import load_adapter_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 

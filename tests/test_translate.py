@@ -106,3 +106,55 @@ def test_local_model_dir_finds_model_subfolder_and_fetches_from_s3(
     )
     with pytest.raises(BadInput, match="no committed artifact"):
         local_model_dir(f"{s3_bucket}/runs/rl/beef", cache_dir=tmp_path / "cache3")
+
+
+def test_adapter_artifacts_translate_through_their_base(tmp_path: Path, s3_bucket: str) -> None:
+    """A `domain_train` artifact (adapter + marker rows) names its `context` base in base.json; translating
+    with it, by folder or by S3 URI, equals the base with the adapter applied, merged once into the cache."""
+    import json
+    import subprocess
+    import sys
+
+    from cyclej.models import cache_root
+    from cyclej.progress import Progress
+    from cyclej.stages.domain_train import run_domain_train
+    from cyclej.translate import ModelTranslator, load_adapter_model
+    from tests.test_train import build_inputs, pipeline_config
+
+    cfg = pipeline_config(tmp_path, domain_train={
+        "batch_size": 8, "micro_batch_size": 8, "max_steps": 2, "seq_len": 64, "precision": "fp32",
+        "checkpoint_every_steps": 2, "eval_every_steps": 2, "eval_batches": 1, "lr": 1e-2})
+    store = ArtifactStore(cfg.storage.root)
+    inputs = build_inputs(store, n_lines=8)
+    ref = run_domain_train(cfg, {"context": inputs["context"], "data": inputs["data"]}, store, Progress(show_bar=False))
+    artifact = store.fetch(ref)
+    assert json.loads((artifact / "base.json").read_text()) == {"stage": "context",
+                                                                 "fingerprint": inputs["context"].fingerprint}
+
+    model, tok, markers = load_adapter_model(store.fetch(inputs["context"]) / "model", artifact, MARKERS)
+    expected = ModelTranslator(model, tok, markers, max_new_tokens=8)(LINES, "b")
+    assert translate_lines(str(artifact), LINES, to="b", max_new_tokens=8) == expected
+    merged = local_model_dir(str(artifact))
+    assert merged.parent == cache_root() / "merged-adapters" and read_model_info(merged)["markers"] == list(MARKERS)
+    assert local_model_dir(str(artifact)) == merged  # built once, then reused
+
+    # The same two artifacts on S3: the base is fetched from the same store by its fingerprint.
+    s3 = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
+    s3.commit("context", inputs["context"].fingerprint, store.fetch(inputs["context"]))
+    s3_ref = s3.commit("domain_train", ref.fingerprint, artifact)
+    assert translate_lines(s3_ref.uri, LINES, to="b", max_new_tokens=8) == expected
+
+    # The CLI takes it too; an adapter whose base is not in its store is refused by name.
+    src = tmp_path / "lines.txt"
+    src.write_text("\n".join(LINES) + "\n")
+    cli = subprocess.run([sys.executable, "-m", "cyclej.cli", "translate", "--model", str(artifact), "--to", "b",
+                          "--max-new-tokens", "8", str(src)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.splitlines() == expected
+    import shutil
+
+    moved = shutil.copytree(artifact, tmp_path / "moved", ignore=shutil.ignore_patterns("MANIFEST.json"))
+    (moved / "base.json").write_text(json.dumps({"stage": "context", "fingerprint": "0123456789abcdef"}))
+    orphan_ref = ArtifactStore(str(tmp_path / "other-store")).commit("domain_train", ref.fingerprint, moved)
+    with pytest.raises(BadInput, match="base artifact context/0123456789abcdef is not in"):
+        local_model_dir(orphan_ref.uri)

@@ -14,9 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from cyclej.config import PipelineConfig
 from cyclej.corpus import read_corpus
 from cyclej.errors import BadInput
@@ -32,42 +29,10 @@ from cyclej.evaluate import (
     read_jsonl,
 )
 from cyclej.model_card import write_model_card
-from cyclej.modeling import load_model
 from cyclej.progress import Progress
 from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.translate import ModelTranslator
-
-MARKER_ROWS = "marker_rows.safetensors"
-
-
-# ---- INTERMEDIATE-2A on the fly ------------------------------------------------------------------------
-def load_adapter_model(
-    base_dir: str | Path, adapter_artifact: str | Path, markers: tuple[str, str]
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
-    """The base (INTERMEDIATE-1) with a `para_train`/`domain_train` artifact applied: its final marker rows
-    written into the embeddings, then its LoRA merged into the weights (peft `merge_and_unload`)."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    artifact = Path(adapter_artifact)
-    adapter_dir = artifact / "adapter" if (artifact / "adapter").is_dir() else artifact
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise BadInput(f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)")
-    model, tokenizer = load_model(str(base_dir), markers=list(markers))
-    rows_file = next((p for p in (artifact / MARKER_ROWS, adapter_dir / MARKER_ROWS) if p.is_file()), None)
-    if rows_file is not None:
-        rows = load_file(str(rows_file))
-        ids = rows["token_ids"].long()
-        with torch.no_grad():
-            inp = model.get_input_embeddings().weight
-            inp[ids] = rows["input_embeddings"].to(inp.dtype)
-            out = model.get_output_embeddings()
-            if "output_embeddings" in rows and out is not None and out.weight.data_ptr() != inp.data_ptr():
-                out.weight[ids] = rows["output_embeddings"].to(out.weight.dtype)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model.eval()
-    return model, tokenizer, markers
+from cyclej.translate import ModelTranslator, load_adapter_model
 
 
 def pipeline_systems(
