@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -69,7 +70,7 @@ def local_model_dir(
     if p.is_dir():
         if is_adapter_artifact(p):
             # an artifact folder of a local store: <root>/<stage>/<fingerprint>
-            return merged_adapter_dir(p, uri, ArtifactStore(str(p.resolve().parent.parent)))
+            return merged_adapter_dir(p, uri, None)
         return _model_subdir(p, uri)
     # A built-in name or a hub id (resolved only where the hub is reachable).
     return Path(resolve_model(text))
@@ -92,18 +93,31 @@ def is_adapter_artifact(p: Path) -> bool:
     return (p / "adapter" / "adapter_config.json").is_file()
 
 
-def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore) -> Path:
+def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> Path:
     """The model an adapter artifact was trained on: the `context` artifact its `base.json` names, in the
-    same store; for artifacts written before `base.json` existed, the base folder peft recorded, if it is
-    still there."""
+    same store (`store`; None for an artifact folder of a local store, read in place: no write probe, so
+    a read-only store works); for artifacts written before `base.json` existed, the base folder peft
+    recorded, if it is still there."""
     named = artifact / ADAPTER_BASE
     if named.is_file():
-        base = json.loads(named.read_text(encoding="utf-8"))
         try:
-            return _model_subdir(store.fetch((base["stage"], base["fingerprint"])), uri)
+            base = json.loads(named.read_text(encoding="utf-8"))
+            stage, fp = str(base["stage"]), str(base["fingerprint"])
+        except (ValueError, KeyError, TypeError):
+            raise BadInput(f"{named}: not a JSON object with stage and fingerprint; re-run the "
+                           f"{artifact.parent.name} stage") from None
+        where = store.root_uri if store is not None else str(artifact.resolve().parent.parent)
+        missing = BadInput(f"model {uri}: its base artifact {stage}/{fp} is not in {where}; translate with "
+                           "the merge or rl artifact instead")
+        if store is None:
+            local = artifact.resolve().parent.parent / stage / fp
+            if not (local / "MANIFEST.json").is_file():
+                raise missing
+            return _model_subdir(local, uri)
+        try:
+            return _model_subdir(store.fetch((stage, fp)), uri)
         except FileNotFoundError:
-            raise BadInput(f"model {uri}: its base artifact {base['stage']}/{base['fingerprint']} is not in "
-                           f"{store.root}; translate with the merge or rl artifact instead") from None
+            raise missing from None
     config = json.loads((artifact / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     recorded = config.get("base_model_name_or_path")
     if recorded and Path(recorded).is_dir():
@@ -112,31 +126,49 @@ def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore) -> Path:
                    "translate with the merge or rl artifact instead")
 
 
-def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore) -> Path:
-    """A plain HF directory of the adapter merged into its base, built once in the model cache (keyed by
-    the adapter's files, so a re-trained adapter is merged again) and reused after that."""
+def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> Path:
+    """A plain HF directory of the adapter merged into its base, built once in the model cache and reused
+    after that. Keyed by the adapter's files and the base's identity, so a re-trained adapter is merged
+    again. Concurrent builders each write a private folder and the first to publish wins."""
+    base_dir = adapter_base_dir(artifact, uri, store)
     digest = hashlib.sha256()
-    for rel in ("adapter/adapter_model.safetensors", MARKER_ROWS, ADAPTER_BASE):
+    if not (artifact / ADAPTER_BASE).is_file():  # an older artifact: its base is the folder peft recorded
+        digest.update(str(base_dir.resolve()).encode())
+    for rel in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", MARKER_ROWS, ADAPTER_BASE):
         if (artifact / rel).is_file():
             digest.update((artifact / rel).read_bytes())
-    key = digest.hexdigest()[:16]
-    out = cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{key}"
+    out = cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{digest.hexdigest()[:16]}"
     if (out / "config.json").is_file():
         return out
-    base_dir = adapter_base_dir(artifact, uri, store)
     markers = model_markers(base_dir)
-    model, tokenizer, _ = load_adapter_model(base_dir, artifact, markers)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    info = read_model_info(base_dir) or {}
-    write_model_info(tmp, markers, info.get("domains", ["a", "b"]))
-    os.replace(tmp, out)  # whole or absent: a killed merge leaves only a tmp folder behind
+    model, tokenizer, _ = load_adapter_model(base_dir, artifact, markers, dtype=stored_dtype(base_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        save_model(model, tokenizer, tmp)
+        info = read_model_info(base_dir) or {}
+        write_model_info(tmp, markers, info.get("domains", ["a", "b"]))
+        try:
+            os.replace(tmp, out)  # whole or absent
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent builder's win: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the model's weights are stored in (config.json), so a merge costs no more disk than its
+    base; float32 when the config does not say."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def load_adapter_model(
-    base_dir: str | Path, adapter_artifact: str | Path, markers: tuple[str, str]
+    base_dir: str | Path, adapter_artifact: str | Path, markers: tuple[str, str], dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
     """The base (INTERMEDIATE-1) with a `para_train`/`domain_train` artifact applied: its final marker rows
     written into the embeddings, then its LoRA merged into the weights (peft `merge_and_unload`)."""
@@ -147,7 +179,7 @@ def load_adapter_model(
     adapter_dir = artifact / "adapter" if (artifact / "adapter").is_dir() else artifact
     if not (adapter_dir / "adapter_config.json").is_file():
         raise BadInput(f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)")
-    model, tokenizer = load_model(str(base_dir), markers=list(markers))
+    model, tokenizer = load_model(str(base_dir), markers=list(markers), dtype=dtype)
     rows_file = next((p for p in (artifact / MARKER_ROWS, adapter_dir / MARKER_ROWS) if p.is_file()), None)
     if rows_file is not None:
         rows = load_file(str(rows_file))

@@ -108,12 +108,16 @@ def test_local_model_dir_finds_model_subfolder_and_fetches_from_s3(
         local_model_dir(f"{s3_bucket}/runs/rl/beef", cache_dir=tmp_path / "cache3")
 
 
-def test_adapter_artifacts_translate_through_their_base(tmp_path: Path, s3_bucket: str) -> None:
+def test_adapter_artifacts_translate_through_their_base(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A `domain_train` artifact (adapter + marker rows) names its `context` base in base.json; translating
     with it, by folder or by S3 URI, equals the base with the adapter applied, merged once into the cache."""
     import json
+    import shutil
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     from cyclej.models import cache_root
     from cyclej.progress import Progress
@@ -136,12 +140,21 @@ def test_adapter_artifacts_translate_through_their_base(tmp_path: Path, s3_bucke
     assert translate_lines(str(artifact), LINES, to="b", max_new_tokens=8) == expected
     merged = local_model_dir(str(artifact))
     assert merged.parent == cache_root() / "merged-adapters" and read_model_info(merged)["markers"] == list(MARKERS)
+    built = (merged / "model.safetensors").stat().st_mtime_ns
     assert local_model_dir(str(artifact)) == merged  # built once, then reused
+    assert (merged / "model.safetensors").stat().st_mtime_ns == built
+    assert [p.name for p in merged.parent.iterdir()] == [merged.name]  # no temporary folder left
 
-    # The same two artifacts on S3: the base is fetched from the same store by its fingerprint.
+    # The same two artifacts on S3, with an empty model cache: the base is fetched from the same store by
+    # its fingerprint and merged again. Two builders at once: one publishes, both get the same folder.
+    monkeypatch.setenv("CYCLEJ_CACHE", str(tmp_path / "fresh-cache"))
     s3 = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
     s3.commit("context", inputs["context"].fingerprint, store.fetch(inputs["context"]))
     s3_ref = s3.commit("domain_train", ref.fingerprint, artifact)
+    with ThreadPoolExecutor(2) as pool:
+        dirs = list(pool.map(lambda _: local_model_dir(s3_ref.uri, cache_dir=tmp_path / "cache"), range(2)))
+    assert dirs[0] == dirs[1] and dirs[0].parent == tmp_path / "fresh-cache" / "merged-adapters"
+    assert [p.name for p in dirs[0].parent.iterdir()] == [dirs[0].name]
     assert translate_lines(s3_ref.uri, LINES, to="b", max_new_tokens=8) == expected
 
     # The CLI takes it too; an adapter whose base is not in its store is refused by name.
@@ -151,10 +164,11 @@ def test_adapter_artifacts_translate_through_their_base(tmp_path: Path, s3_bucke
                           "--max-new-tokens", "8", str(src)], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.splitlines() == expected
-    import shutil
-
     moved = shutil.copytree(artifact, tmp_path / "moved", ignore=shutil.ignore_patterns("MANIFEST.json"))
     (moved / "base.json").write_text(json.dumps({"stage": "context", "fingerprint": "0123456789abcdef"}))
     orphan_ref = ArtifactStore(str(tmp_path / "other-store")).commit("domain_train", ref.fingerprint, moved)
     with pytest.raises(BadInput, match="base artifact context/0123456789abcdef is not in"):
         local_model_dir(orphan_ref.uri)
+    (moved / "base.json").write_text("{}")
+    with pytest.raises(BadInput, match="base.json: not a JSON object with stage and fingerprint"):
+        local_model_dir(str(moved))
