@@ -149,7 +149,7 @@ def test_kill_drill_on_a_local_store_leaves_no_lock_behind(tmp_path: Path) -> No
     assert killed.returncode == -9, killed.stderr[-3000:]
     try:
         resumed = subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, capture_output=True,
-                                 text=True, env=_cli_env(), timeout=180)
+                                 text=True, env=_cli_env(), timeout=400)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the run after a kill is stuck: {str(exc.stderr)[-2000:]}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
