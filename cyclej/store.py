@@ -311,9 +311,12 @@ class ArtifactStore:
 
     # ---- leases: one writer per artifact, across processes and machines -------------------------
     @contextmanager
-    def lease(self, stage: str, fp: str, ttl: float = 90.0, poll: float = 2.0) -> Iterator[bool]:
-        """Hold the right to compute `<stage>/<fp>`. Yields True when this process holds it, False when
-        the artifact was committed by someone else while we waited (the caller should just read it).
+    def lease(
+        self, stage: str, fp: str, ttl: float = 90.0, poll: float = 2.0, checkpoint: str | None = None
+    ) -> Iterator[bool]:
+        """Hold the right to compute `<stage>/<fp>` (or, with `checkpoint`, that one checkpoint of it, e.g.
+        a paraphrase shard). Yields True when this process holds it, False when the artifact (or the
+        checkpoint) was committed by someone else while we waited (the caller should just read it).
 
         A lease is a small JSON file renewed every ttl/3 s by a background thread; one that has not been
         renewed for `ttl` s belongs to a dead process and is taken over. Object stores have no atomic
@@ -321,10 +324,18 @@ class ArtifactStore:
         """
         import uuid
 
-        rel = f"{stage}/{fp}/{LEASE}"
-        me = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        while True:
+        # A checkpoint's lease sits beside it; list_checkpoints ignores it (no manifest) and the commit
+        # of the artifact leaves the checkpoints folder out.
+        rel = f"{stage}/{fp}/{LEASE}" if checkpoint is None else f"{stage}/{fp}/{CHECKPOINTS}/{checkpoint}.{LEASE}"
+        me = f"{_local_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+        def done() -> bool:
             if self.exists(stage, fp):
+                return True
+            return checkpoint is not None and checkpoint in self.list_checkpoints(stage, fp)
+
+        while True:
+            if done():
                 yield False
                 return
             held = self.get_json(rel)
@@ -333,7 +344,7 @@ class ArtifactStore:
                 time.sleep(min(poll, 0.5))
                 held = self.get_json(rel)
                 if held is not None and held.get("owner") == me:
-                    if not self.exists(stage, fp):
+                    if not done():
                         break
                     # the previous holder committed, then released, while we were looking
                     self.remove(rel)
@@ -452,12 +463,22 @@ def temporary_store() -> Iterator[ArtifactStore]:
         yield ArtifactStore(d, cache_dir=Path(d) / ".cache")
 
 
+def _local_host() -> str:
+    """This host *and* PID namespace: containers can share a hostname (host networking) without sharing
+    process ids, and a pid is only meaningful within its namespace."""
+    try:
+        ns = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:  # no /proc (macOS): the hostname alone
+        ns = ""
+    return f"{os.uname().nodename}.{ns}" if ns else os.uname().nodename
+
+
 def _dead_local(lease: dict[str, Any]) -> bool:
     """A lease held by a process of this host that no longer exists (killed, OOM-killed): stale at once,
     no need to wait for its TTL. Leases of other hosts (pods) expire by TTL."""
     host, _, rest = str(lease.get("owner", "")).partition(":")
     pid = rest.partition(":")[0]
-    if host != os.uname().nodename or not pid.isdigit():
+    if host != _local_host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

@@ -461,3 +461,34 @@ def test_smollm2_paraphrases_16_yelp_lines(tmp_path: Path) -> None:
     assert sum(stats["rejection_reasons"].values()) == stats["rejected"]  # one candidate per text
     assert stats["kept"] >= 8, stats
     assert all(p["scores"]["similarity"] >= cfg.paraphrase.min_similarity for p in pairs)
+
+
+def test_a_shard_another_run_is_generating_is_waited_for_not_generated_again(
+    tmp_path: Path, paraphraser_dir: Path
+) -> None:
+    """Two runs of one config at once: the shard leased by the other (live) run is left to it; this run
+    waits, then finds the other's checkpoint and keeps it as it is."""
+    import threading
+    import time
+
+    from cyclej.store import _local_host
+
+    cfg = _stage_cfg(tmp_path, paraphraser_dir)
+    store = ArtifactStore(cfg.storage.root)
+    data = _data_artifact(store)
+    fp = stage_fingerprint("paraphrase", cfg, {"data": data.fingerprint})
+    lease = f"paraphrase/{fp}/checkpoints/shard-00001.LEASE.json"
+    store.put_json(lease, {"owner": f"{_local_host()}:{os.getpid()}:other-run", "expires": time.time() + 60})
+    worker = threading.Thread(target=run_paraphrase_shard,
+                              args=(cfg, {"data": data}, store, 1, Progress(show_bar=False)))
+    worker.start()
+    time.sleep(1.5)
+    assert worker.is_alive() and store.list_checkpoints("paraphrase", fp) == []  # waiting, not generating
+    theirs = store.checkpoint_workdir("paraphrase", fp, "shard-00001")
+    (theirs / "shard.jsonl").write_text('{"from": "the other run"}\n', encoding="utf-8")
+    store.save_checkpoint("paraphrase", fp, "shard-00001", theirs)
+    store.remove(lease)
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    kept = store.load_checkpoint("paraphrase", fp, "shard-00001")
+    assert (kept / "shard.jsonl").read_text(encoding="utf-8") == '{"from": "the other run"}\n'

@@ -15,7 +15,7 @@ import pytest
 
 from cyclej.config import StorageConfig
 from cyclej.errors import CorruptArtifact, StorageError
-from cyclej.store import ArtifactRef, ArtifactStore, fingerprint
+from cyclej.store import ArtifactRef, ArtifactStore, _local_host, fingerprint
 
 
 @pytest.fixture(params=["local", "file-uri", "s3"])
@@ -243,15 +243,42 @@ def test_lease_of_a_dead_local_process_is_taken_over_at_once(store: ArtifactStor
 
     dead = sp.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    store.put_json("rl/killedfp/LEASE.json", {"owner": f"{os.uname().nodename}:{dead.pid}:abcd",
+    store.put_json("rl/killedfp/LEASE.json", {"owner": f"{_local_host()}:{dead.pid}:abcd",
                                               "expires": time.time() + 3600})
     t0 = time.monotonic()
     with store.lease("rl", "killedfp", poll=5.0) as mine:
         assert mine
     assert time.monotonic() - t0 < 4.0
     # a live process's lease is respected (here: our own pid, under another lease id)
-    store.put_json("rl/livefp/LEASE.json", {"owner": f"{os.uname().nodename}:{os.getpid()}:other",
+    store.put_json("rl/livefp/LEASE.json", {"owner": f"{_local_host()}:{os.getpid()}:other",
                                             "expires": time.time() + 3600})
     from cyclej.store import _dead_local
 
     assert not _dead_local(store.get_json("rl/livefp/LEASE.json"))
+
+
+def test_checkpoint_lease_serializes_one_checkpoint_and_stays_out_of_listings(store: ArtifactStore) -> None:
+    """Leases per checkpoint (paraphrase shards): a second holder waits, then sees the checkpoint saved."""
+    import threading
+
+    held = threading.Event()
+
+    def first() -> None:
+        with store.lease("paraphrase", "pfp", checkpoint="shard-00001", poll=0.1) as mine:
+            assert mine
+            held.set()
+            assert store.list_checkpoints("paraphrase", "pfp") == []  # the lease file is not a checkpoint
+            time.sleep(1.0)
+            work = _write(store, "paraphrase", "pfp", {"shard.jsonl": b"{}\n"})
+            store.save_checkpoint("paraphrase", "pfp", "shard-00001", work)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert held.wait(30)
+    with store.lease("paraphrase", "pfp", checkpoint="shard-00001", poll=0.1) as mine:
+        assert not mine  # waited for the holder, then found its checkpoint
+    t.join(30)
+    with store.lease("paraphrase", "pfp", checkpoint="shard-00002", poll=0.1) as mine:
+        assert mine  # another checkpoint: free
+    assert store.list_checkpoints("paraphrase", "pfp") == ["shard-00001"]
+    assert store.get_json("paraphrase/pfp/checkpoints/shard-00001.LEASE.json") is None  # released

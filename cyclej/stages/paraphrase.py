@@ -147,11 +147,26 @@ def run_paraphrase_shard(
     shard_index: int,
     progress: Progress,
 ) -> None:
-    """Generate, clean and filter one shard and save it as a checkpoint (nothing to do if it is saved)."""
+    """Generate, clean and filter one shard and save it as a checkpoint (nothing to do if it is saved).
+    The shard is leased while it is generated, so two runs of one config at once generate it once."""
     fp = _fingerprint(cfg, inputs)
     name = shard_name(shard_index)
     if name in store.list_checkpoints(STAGE, fp):
         return
+    with store.lease(STAGE, fp, checkpoint=name) as mine:
+        if mine:
+            _generate_shard(cfg, inputs, store, fp, name, shard_index, progress)
+
+
+def _generate_shard(
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: ArtifactStore,
+    fp: str,
+    name: str,
+    shard_index: int,
+    progress: Progress,
+) -> None:
     pc = cfg.paraphrase
     items = input_texts(cfg, inputs, store)
     shard = items[shard_index * pc.shard_size : (shard_index + 1) * pc.shard_size]
