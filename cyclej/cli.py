@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -166,8 +169,52 @@ def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None
     typer.echo(format_plan(make_plan(cfg)))
 
 
+SIGTERM_GRACE_SECONDS = 10.0  # after a SIGTERM, how long a running stage may take to stop on its own
+_wakeup_sockets: tuple[socket.socket, socket.socket] | None = None  # kept alive for the process
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _stop_children_and_exit(code: int) -> None:
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        child.kill()
+    os._exit(code)
+
+
+def _watch_for_sigterm() -> None:
+    """A stage runs in Prefect's worker thread, and Prefect waits for it before acting on a SIGTERM, so a
+    long stage (or a stuck one) would keep the process, and Prefect's temporary server, alive until a
+    SIGKILL orphans the server. The interpreter writes every handled signal's number to the wakeup fd,
+    whichever handler is installed (Prefect swaps in its own during a flow run); this thread reads it and,
+    if the process has not ended `grace` s after a SIGTERM, stops our child processes and exits 143.
+    The stage resumes from its newest checkpoint on the next run."""
+    global _wakeup_sockets
+    grace = float(os.environ.get("CYCLEJ_SIGTERM_GRACE", SIGTERM_GRACE_SECONDS))
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (cyclej embedded in another program): nothing to watch
+        reader.close()
+        writer.close()
+        return
+    _wakeup_sockets = (reader, writer)
+
+    def watch() -> None:
+        while signal.SIGTERM not in reader.recv(64):
+            pass
+        time.sleep(grace)
+        _stop_children_and_exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="cyclej-sigterm-watchdog").start()
 
 
 def main() -> None:
@@ -176,8 +223,9 @@ def main() -> None:
     # SIGTERM (a pod being stopped, `kill`) ends through Python's exit path, so the atexit hook of
     # Prefect's temporary server (our child process) stops it; under the default handler the process
     # died at once and left the server running. Prefect's flow engine marks the run Crashed first, then
-    # hands the signal on to this handler.
+    # hands the signal on to this handler. The watchdog covers a stage that does not stop in time.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _watch_for_sigterm()
     try:
         app(standalone_mode=False)
     except CyclejError as exc:

@@ -1,8 +1,9 @@
-"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<stage>:<step>:<oom|error|kill>[,…]``.
+"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<stage>:<step>:<oom|error|kill|hang>[,…]``.
 
 When the named stage reaches that optimizer step (for `paraphrase`: that shard), `maybe_fault` raises a
-CUDA out-of-memory error (`oom`, once per process), raises a plain error (`error`, once per process) or
-ends the process at once with no clean-up (`kill`, like a lost pod). Read only from the environment;
+CUDA out-of-memory error (`oom`, once per process), raises a plain error (`error`, once per process),
+ends the process at once with no clean-up (`kill`, like a lost pod) or blocks forever (`hang`, like a
+stuck GPU: for drills of what a SIGTERM or a timeout does to a stage that does not finish). Read only from the environment;
 does nothing when the variable is unset.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
 from cyclej.errors import BadInput
 
 _fired: set[tuple[str, int, str]] = set()
-KINDS = ("oom", "error", "kill")
+KINDS = ("oom", "error", "kill", "hang")
 
 
 class InjectedError(RuntimeError):
@@ -28,7 +30,7 @@ def parse(spec: str) -> list[tuple[str, int, str]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
         if len(parts) != 3 or parts[2] not in KINDS or not parts[1].isdigit():
-            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<oom|error|kill>")
+            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<oom|error|kill|hang>")
         faults.append((parts[0], int(parts[1]), parts[2]))
     return faults
 
@@ -42,6 +44,9 @@ def maybe_fault(stage: str, step: int) -> None:
             continue
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            while True:
+                time.sleep(60)
         if (f_stage, f_step, kind) in _fired:
             continue
         _fired.add((f_stage, f_step, kind))

@@ -105,9 +105,14 @@ def test_status_lists_every_stage(tmp_path: Path) -> None:
     assert all("missing" in line for line in proc.stdout.strip().splitlines())
 
 
-def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fault", "signal_after"), [("", "Beginning flow run"), ("context:2:hang", "context: train")],
+                         ids=["between-stages", "stuck-stage"])
+def test_sigterm_stops_the_run_and_its_temporary_prefect_server(
+    tmp_path: Path, fault: str, signal_after: str
+) -> None:
     """`kill` (or a pod being stopped) during a run: exit 143, and Prefect's temporary server, a child
-    process, is stopped too rather than left running with its port."""
+    process, is stopped too rather than left running with its port; also when the running stage never
+    finishes (Prefect waits for it, so the watchdog ends the process after the grace period)."""
     import contextlib
     import re
     import signal
@@ -117,23 +122,25 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(tmp_path: Path) 
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # force the temporary server
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["CYCLEJ_FAULT"], env["CYCLEJ_SIGTERM_GRACE"] = fault, "2"
     log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe could fill and block the run
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
                                  str(tmp_path / "store")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     try:
-        for _ in range(600):  # wait until the flow runs its first stage
+        for _ in range(1200):  # wait until the run is where the signal should reach it
             text = log.read_text()
-            if "Beginning flow run" in text or proc.poll() is not None:
+            if signal_after in text or proc.poll() is not None:
                 break
             time.sleep(0.1)
         m = re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", text)
-        assert m is not None and "Beginning flow run" in text, text[-3000:]
+        assert m is not None and signal_after in text, text[-3000:]
+        time.sleep(1.0 if fault else 0.0)  # let the stage reach its hang
         server = m.group(1)
         urllib.request.urlopen(f"{server}/api/health", timeout=5)  # up while the run is
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
+        assert proc.wait(timeout=60) == 143  # without the watchdog a stuck stage never lets it exit
         for _ in range(50):  # the server stops within the atexit hook's 5 s
             try:
                 urllib.request.urlopen(f"{server}/api/health", timeout=1)
