@@ -277,7 +277,14 @@ class ArtifactStore:
             if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._call(f"download {label}/{rel}", self.fs.get_file, f"{remote_dir}/{rel}", str(target))
+            # Download beside the target, then rename: another process (or thread) fetching the same
+            # artifact may already be reading the file, and must never see it truncated or half-written.
+            part = target.with_name(f".{target.name}.part-{os.getpid()}-{threading.get_ident()}")
+            try:
+                self._call(f"download {label}/{rel}", self.fs.get_file, f"{remote_dir}/{rel}", str(part))
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
         self._verify(local, manifest, label)
         stamp.write_text(digest)
         return local

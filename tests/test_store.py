@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -282,3 +283,24 @@ def test_checkpoint_lease_serializes_one_checkpoint_and_stays_out_of_listings(st
         assert mine  # another checkpoint: free
     assert store.list_checkpoints("paraphrase", "pfp") == ["shard-00001"]
     assert store.get_json("paraphrase/pfp/checkpoints/shard-00001.LEASE.json") is None  # released
+
+
+def test_concurrent_fetches_never_show_a_partial_file(store: ArtifactStore) -> None:
+    """Several readers fetch one artifact into the same cache at once (two `cyclej translate` runs, a
+    merge built by two threads): each must read every file whole, never one another fetch is writing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = {f"model/shard-{i}.bin": os.urandom(512 * 1024) for i in range(8)}
+    files["tokenizer_config.json"] = b'{"x": 1}'
+    ref = store.commit("context", "fetchfp", _write(store, "context", "fetchfp", files))
+
+    def fetch_and_read(i: int) -> bool:
+        time.sleep(0.03 * i)  # staggered: early readers read while later fetches still download
+        local = store.fetch(ref)
+        return all((local / rel).read_bytes() == data for rel, data in files.items())
+
+    for _ in range(3):
+        if not store.is_local:  # a fresh cache each round, so the fetches really download at once
+            shutil.rmtree(store.cache_dir / "fetched", ignore_errors=True)
+        with ThreadPoolExecutor(6) as pool:
+            assert all(pool.map(fetch_and_read, range(6)))
