@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 
 from cyclej.errors import BadInput
 from cyclej.progress import Progress
+from cyclej.train import MARKER_ROWS_FILE
 
 ADAPTER_DIR = "adapter"
-MARKER_ROWS = "marker_rows.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -209,7 +209,7 @@ def load_adapter(stage_dir: str | Path) -> Adapter:
         raise BadInput(f"{weights_path}: no LoRA weights found")
 
     adapter = Adapter(source=str(stage_dir), factors=factors, ignored_keys=ignored)
-    rows_path = stage_dir / MARKER_ROWS
+    rows_path = stage_dir / MARKER_ROWS_FILE
     if rows_path.is_file():
         rows = load_file(str(rows_path))
         if "token_ids" not in rows or "input_embeddings" not in rows:

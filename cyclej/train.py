@@ -53,6 +53,7 @@ log = logging.getLogger("cyclej")
 IGNORE_INDEX = formats.IGNORE_INDEX
 CHECKPOINT_PREFIX = "step-"
 MARKER_ROWS_FILE = "marker_rows.safetensors"
+ADAPTER_BASE = "base.json"  # in an adapter artifact: the `context` artifact it applies to
 
 
 class TokenExample(Protocol):
@@ -663,7 +664,6 @@ class LoraStage:
     base: ArtifactRef  # the `context` artifact whose model the adapter is trained on
     fp: str
     work: Path
-    device: torch.device
     model: nn.Module
     tokenizer: Any
     marker_a: int
@@ -687,8 +687,8 @@ def prepare_lora_stage(
     base_dir = store.fetch(inputs["context"]) / "model"
     model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
     marker_a, marker_b = marker_token_ids(tokenizer, markers)
-    return LoraStage(stage, tcfg, inputs["context"], fp, store.workdir(stage, fp), device, model.to(device), tokenizer, marker_a,
-                     marker_b)
+    return LoraStage(stage, tcfg, inputs["context"], fp, store.workdir(stage, fp), model.to(device), tokenizer,
+                     marker_a, marker_b)
 
 
 def train_and_commit_adapter(
@@ -708,8 +708,6 @@ def train_and_commit_adapter(
                    marker_ids=[st.marker_a, st.marker_b], progress=progress,
                    metrics_path=st.work / "metrics.jsonl")
     result.save_adapter(st.work)
-    from cyclej.translate import ADAPTER_BASE
-
     base = {"stage": st.base.stage, "fingerprint": st.base.fingerprint}
     (st.work / ADAPTER_BASE).write_text(json.dumps(base, indent=1) + "\n", encoding="utf-8")
     metrics = {**result.metrics, **extra}

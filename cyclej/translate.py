@@ -28,6 +28,7 @@ from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBac
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.models import cache_root
 from cyclej.store import ArtifactStore
+from cyclej.train import ADAPTER_BASE, MARKER_ROWS_FILE
 
 Domain = Literal["a", "b"]
 MODEL_INFO = "cyclej.json"
@@ -85,8 +86,6 @@ def _model_subdir(p: Path, uri: str) -> Path:
 
 
 # ---- adapter artifacts -----------------------------------------------------------------------------
-MARKER_ROWS = "marker_rows.safetensors"
-ADAPTER_BASE = "base.json"
 
 
 def is_adapter_artifact(p: Path) -> bool:
@@ -134,7 +133,7 @@ def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) ->
     digest = hashlib.sha256()
     if not (artifact / ADAPTER_BASE).is_file():  # an older artifact: its base is the folder peft recorded
         digest.update(str(base_dir.resolve()).encode())
-    for rel in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", MARKER_ROWS, ADAPTER_BASE):
+    for rel in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", MARKER_ROWS_FILE, ADAPTER_BASE):
         if (artifact / rel).is_file():
             digest.update((artifact / rel).read_bytes())
     out = cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{digest.hexdigest()[:16]}"
@@ -180,7 +179,7 @@ def load_adapter_model(
     if not (adapter_dir / "adapter_config.json").is_file():
         raise BadInput(f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)")
     model, tokenizer = load_model(str(base_dir), markers=list(markers), dtype=dtype)
-    rows_file = next((p for p in (artifact / MARKER_ROWS, adapter_dir / MARKER_ROWS) if p.is_file()), None)
+    rows_file = next((p for p in (artifact / MARKER_ROWS_FILE, adapter_dir / MARKER_ROWS_FILE) if p.is_file()), None)
     if rows_file is not None:
         rows = load_file(str(rows_file))
         ids = rows["token_ids"].long()
