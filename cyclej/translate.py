@@ -127,18 +127,17 @@ def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> P
 
 def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> Path:
     """A plain HF directory of the adapter merged into its base, built once in the model cache and reused
-    after that. Keyed by the adapter's files and the base's identity, so a re-trained adapter is merged
+    after that. Keyed by the adapter's files, which name its base too (base.json; for older artifacts the
+    base path in adapter_config.json), so a cache hit fetches nothing and a re-trained adapter is merged
     again. Concurrent builders each write a private folder and the first to publish wins."""
-    base_dir = adapter_base_dir(artifact, uri, store)
     digest = hashlib.sha256()
-    if not (artifact / ADAPTER_BASE).is_file():  # an older artifact: its base is the folder peft recorded
-        digest.update(str(base_dir.resolve()).encode())
     for rel in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", MARKER_ROWS_FILE, ADAPTER_BASE):
         if (artifact / rel).is_file():
             digest.update((artifact / rel).read_bytes())
     out = cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{digest.hexdigest()[:16]}"
     if (out / "config.json").is_file():
         return out
+    base_dir = adapter_base_dir(artifact, uri, store)
     markers = model_markers(base_dir)
     model, tokenizer, _ = load_adapter_model(base_dir, artifact, markers, dtype=stored_dtype(base_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
