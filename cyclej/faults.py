@@ -3,8 +3,8 @@
 When the named stage reaches that optimizer step (for `paraphrase`: that shard), `maybe_fault` raises a
 CUDA out-of-memory error (`oom`, once per process), raises a plain error (`error`, once per process),
 ends the process at once with no clean-up (`kill`, like a lost pod) or blocks forever (`hang`, like a
-stuck GPU: for drills of what a SIGTERM or a timeout does to a stage that does not finish). Read only from the environment;
-does nothing when the variable is unset.
+stuck GPU: for drills of what a SIGTERM or a timeout does to a stage that never finishes). Read only
+from the environment; does nothing when the variable is unset.
 """
 
 from __future__ import annotations

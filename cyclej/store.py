@@ -13,6 +13,7 @@ when the root is local the working directory *is* the artifact directory, so not
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -470,6 +471,7 @@ def temporary_store() -> Iterator[ArtifactStore]:
         yield ArtifactStore(d, cache_dir=Path(d) / ".cache")
 
 
+@functools.cache
 def _local_host() -> str:
     """This host *and* PID namespace: containers can share a hostname (host networking) without sharing
     process ids, and a pid is only meaningful within its namespace."""

@@ -151,8 +151,7 @@ def run_paraphrase_shard(
     The shard is leased while it is generated, so two runs of one config at once generate it once."""
     fp = _fingerprint(cfg, inputs)
     name = shard_name(shard_index)
-    if name in store.list_checkpoints(STAGE, fp):
-        return
+    # The lease looks for the saved shard first (and writes nothing then), and again after any wait.
     with store.lease(STAGE, fp, checkpoint=name) as mine:
         if mine:
             _generate_shard(cfg, inputs, store, fp, name, shard_index, progress)
