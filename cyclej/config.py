@@ -139,6 +139,13 @@ class VllmConfig(StrictModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
 
 
+class RLVllmConfig(VllmConfig):
+    max_model_len: int = Field(512, gt=0, description="prompt + rl.max_new_tokens must fit")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM's share of the GPU in RL (the policy and its optimizer need the rest)"
+    )
+
+
 class ParaphraseConfig(StrictModel):
     backend: Literal["transformers", "vllm"] = "vllm"
     instruction: str = (
@@ -213,11 +220,14 @@ class RLConfig(StrictModel):
     discriminator_batch: int = Field(32, gt=0)
     discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")
     discriminator_trust_remote_code: bool = Field(True, description="NeoBERT ships its model code with the weights")
-    vllm_gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="vLLM's share of the GPU in RL (the policy and its optimizer need the rest)"
-    )
+    # RL's own engine: it shares the GPU with the policy, its gradients and the discriminator, and its
+    # sequences are short (prompt + rl.max_new_tokens), so it borrows nothing from paraphrase.vllm.
+    vllm: RLVllmConfig = Field(default_factory=lambda: RLVllmConfig())
     backend: Literal["transformers", "vllm"] = "vllm"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    optimizer_offload: bool = Field(
+        False, description="keep the fp32 master weights and AdamW moments in CPU RAM (GPU keeps 4 bytes/param)"
+    )
     checkpoint_every_steps: int = Field(10, gt=0)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -229,6 +239,14 @@ class RLConfig(StrictModel):
         if self.prompts_per_step % 2:
             raise ValueError(
                 f"prompts_per_step {self.prompts_per_step} must be even (balanced over both directions)"
+            )
+        if self.backend != "transformers" and self.vllm.tensor_parallel_size > 1:
+            # After every step the policy's weights go to the engine; vLLM 0.32 sends them to tensor-parallel
+            # workers by pickling through its message queue (~12 GB per step for GPT-J).
+            raise ValueError(
+                "rl.vllm.tensor_parallel_size > 1 is not supported: RL pushes the policy's weights into vLLM "
+                "after every step and with tensor parallelism vLLM pickles them to each worker; use 1 (or "
+                "rl.backend: transformers)"
             )
         return self
 
@@ -283,6 +301,17 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"domain_a.name and domain_b.name are both '{self.domain_a.name}'")
         if self.domain_a.marker == self.domain_b.marker:
             raise ValueError(f"domain_a.marker and domain_b.marker are both '{self.domain_a.marker}'")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_engine_length(self) -> PipelineConfig:
+        # A rollout is {DX} text {DY} + completion; vLLM refuses requests longer than max_model_len.
+        need = self.data.max_tokens + 2 + self.rl.max_new_tokens
+        if self.rl.backend != "transformers" and self.rl.vllm.max_model_len < need:
+            raise ValueError(
+                f"rl.vllm.max_model_len {self.rl.vllm.max_model_len} is shorter than a rollout (data.max_tokens "
+                f"{self.data.max_tokens} + 2 markers + rl.max_new_tokens {self.rl.max_new_tokens} = {need})"
+            )
         return self
 
     # ---- YAML ---------------------------------------------------------------------------------

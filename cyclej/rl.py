@@ -55,6 +55,7 @@ from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.formats import encode_text, eos_id
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend
+from cyclej.optim import MasterAdamW
 from cyclej.precision import use_bf16
 
 DomainKey = Literal["a", "b"]
@@ -282,8 +283,12 @@ class RLTrainer:
         self.policy.eval()
         self.owns_backend = backend is None
         self.backend: GenerationBackend = backend or self._transformers_backend()
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0
+        # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in CPU
+        # RAM with rl.optimizer_offload; stepped tensor by tensor (no foreach temporary). On fp32 parameters
+        # it is torch's AdamW exactly.
+        self.optimizer = MasterAdamW(
+            self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
+            state_device="cpu" if cfg.optimizer_offload else None,
         )
         warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.steps, warmup))
@@ -399,14 +404,18 @@ class RLTrainer:
         return ro, parts, total, loss_terms, t_rollout
 
     def step(self) -> dict[str, Any]:
-        """Run RL step `step_done + 1`. An OOM before the optimizer update halves the micro-batch and
-        runs the step again from its pre-step state (nothing has been updated yet)."""
+        """Run RL step `step_done + 1`. An OOM anywhere up to and including the optimizer update halves the
+        micro-batch and runs the step again from its pre-step state (same samples; an update cut short by
+        the OOM finishes the tensors it had not reached, none is updated twice)."""
         step = self.step_done + 1
         t0 = time.perf_counter()
         rng_before = _rng_state()
         while True:
             try:
                 ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
                 break
             except torch.OutOfMemoryError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -416,8 +425,8 @@ class RLTrainer:
                     raise StageFailed(
                         "rl",
                         f"out of memory at step {step} with one group of {self.cfg.rollouts} rollouts per "
-                        f"micro-batch ({_first_line(exc)}); lower rl.rollouts or rl.max_new_tokens, or use a "
-                        "larger GPU",
+                        f"micro-batch ({_first_line(exc)}); lower rl.rollouts or rl.max_new_tokens, set "
+                        "rl.optimizer_offload: true, or use a larger GPU (`cyclej plan` sizes it)",
                         f"step {self.step_done}",
                     ) from None
                 self.micro_batch //= 2
@@ -425,9 +434,6 @@ class RLTrainer:
                     self.backend = self._transformers_backend()
                 _set_rng_state(rng_before)
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         push = getattr(self.backend, "load_weights", None)

@@ -26,8 +26,9 @@ import torch
 
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
-from cyclej.generate import GenerationBackend
+from cyclej.generate import GenerationBackend, choose_backend
 from cyclej.modeling import load_model, marker_token_ids, save_model
+from cyclej.optim import fp32_with_masters
 from cyclej.progress import Progress
 from cyclej.rewards import load_embedder
 from cyclej.rl import CycleDiscriminatorReward, RLTrainer, resolve_precision
@@ -107,7 +108,9 @@ def run_rl(
                 store.save_checkpoint(STAGE, fp, name, ckpt, keep=rcfg.keep_checkpoints)
                 last_save = time.monotonic()
 
-    save_model(policy.to("cpu"), tokenizer, work / "model")
+    # Saved from the fp32 masters: bf16 weights would round away the updates smaller than half a bf16 step
+    # (the card's RL steps are ~1e-8 per weight), i.e. nearly all of RL.
+    save_model(fp32_with_masters(policy.to("cpu"), trainer.optimizer), tokenizer, work / "model")
     if discriminator is not None:
         discriminator.model.to("cpu")
         discriminator.save_pretrained(work / "discriminator")
@@ -121,19 +124,22 @@ def run_rl(
 
 
 def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
-    """None: the trainer samples from the live policy with transformers. vLLM only where CUDA is."""
-    if cfg.rl.backend != "vllm":
+    """None: the trainer samples from the live policy with transformers. Otherwise a vLLM engine on the
+    start model, which gets the policy's weights after every update (`_push_weights`)."""
+    r = cfg.rl
+    # Rollouts and their back-translations, every step.
+    expected_tokens = 2 * r.steps * r.prompts_per_step * r.rollouts * r.max_new_tokens
+    if choose_backend(r.backend, str(model_dir), expected_tokens) != "vllm":
         return None
-    if not torch.cuda.is_available():
-        log.warning("rl.backend is vllm but there is no GPU here; sampling with transformers instead")
-        return None
-    from cyclej.generate import VllmBackend
+    from cyclej.generate import VllmBackend, vllm_dtype
 
-    v = cfg.paraphrase.vllm
-    # The policy, its optimizer and the discriminator share the GPU with the engine.
+    v = r.vllm
+    # The policy, its optimizer and the discriminator share the GPU with the engine (its own settings:
+    # tensor parallel 1, short sequences, a third of the card; see `cyclej plan`).
     return VllmBackend(
         str(model_dir), tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
-        gpu_memory_utilization=cfg.rl.vllm_gpu_memory_utilization, seed=cfg.rl.seed,
+        gpu_memory_utilization=v.gpu_memory_utilization, seed=r.seed, dtype=vllm_dtype(),
+        enforce_eager=v.enforce_eager,
     )
 
 
