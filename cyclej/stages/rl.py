@@ -26,7 +26,7 @@ import torch
 
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
-from cyclej.generate import GenerationBackend, choose_backend
+from cyclej.generate import GenerationBackend
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
 from cyclej.progress import Progress
@@ -124,22 +124,20 @@ def run_rl(
 
 
 def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
-    """None: the trainer samples from the live policy with transformers. Otherwise a vLLM engine on the
-    start model, which gets the policy's weights after every update (`_push_weights`)."""
-    r = cfg.rl
-    # Rollouts and their back-translations, every step.
-    expected_tokens = 2 * r.steps * r.prompts_per_step * r.rollouts * r.max_new_tokens
-    if choose_backend(r.backend, str(model_dir), expected_tokens) != "vllm":
+    """None: the trainer samples from the live policy with transformers. vLLM only where CUDA is."""
+    if cfg.rl.backend != "vllm":
         return None
-    from cyclej.generate import VllmBackend, vllm_dtype
+    if not torch.cuda.is_available():
+        log.warning("rl.backend is vllm but there is no GPU here; sampling with transformers instead")
+        return None
+    from cyclej.generate import VllmBackend
 
-    v = r.vllm
+    v = cfg.rl.vllm
     # The policy, its optimizer and the discriminator share the GPU with the engine (its own settings:
     # tensor parallel 1, short sequences, a third of the card; see `cyclej plan`).
     return VllmBackend(
         str(model_dir), tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
-        gpu_memory_utilization=v.gpu_memory_utilization, seed=r.seed, dtype=vllm_dtype(),
-        enforce_eager=v.enforce_eager,
+        gpu_memory_utilization=v.gpu_memory_utilization, seed=cfg.rl.seed,
     )
 
 
