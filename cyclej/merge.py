@@ -9,8 +9,12 @@ A and B factors separately, and (Σ w B)(Σ w A) ≠ Σ w (B A).
 
 Streaming: the base's safetensors shards are walked one at a time and each output shard is written tensor by
 tensor with the input's exact header (same names, dtypes, shapes, byte offsets), so peak memory is a few
-copies of the largest changed tensor plus the adapters, never a whole model. Deltas are computed in fp32 and
-cast to the stored dtype once.
+copies of the largest changed tensor plus the adapters, never a whole model. Deltas are computed in fp32.
+
+The output is fp32 when the base is stored in bf16/fp16: a LoRA delta of ~1e-4 on a weight of ~0.02 is
+below half of bf16's spacing there (~1.2e-4) for about a third of the entries, and casting the exact sum
+back to bf16 would drop them. Every 16-bit float tensor is widened (not only the changed ones), so the
+checkpoint has one dtype and config.json says float32; an fp32 base keeps its exact header.
 """
 
 from __future__ import annotations
@@ -279,6 +283,27 @@ def _read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
     return struct.pack("<Q", n) + raw, json.loads(raw)
 
 
+WIDENED = {"BF16": "F32", "F16": "F32"}  # safetensors dtype names: 16-bit floats are merged into fp32
+
+
+def _widened_header(header: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """The output header when 16-bit floats become fp32: same names, order and shapes, new offsets; the
+    JSON padded with spaces to a multiple of 8 bytes as safetensors writes it (aligned tensor data)."""
+    out: dict[str, Any] = {"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}
+    offset = 0
+    for key, info in sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+    ):
+        dtype = WIDENED.get(info["dtype"], info["dtype"])
+        begin, end = info["data_offsets"]
+        size = (end - begin) * (2 if dtype != info["dtype"] else 1)
+        out[key] = {"dtype": dtype, "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(out, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, out
+
+
 # ---- the merge ------------------------------------------------------------------------------------------
 def _row_plan(
     adapters: Sequence[tuple[Adapter, float]], attr: str
@@ -359,9 +384,11 @@ def merge_lora_adapters(
             raise BadInput(f"marker_rows.safetensors: rows of width {per_adapter[0][1].shape[1]}, {key} has {width}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for item in base_dir.iterdir():  # config, tokenizer, generation config, index: unchanged
+    for item in base_dir.iterdir():  # config, tokenizer, generation config, index: unchanged (but see below)
         if item.is_file() and not item.name.endswith(".safetensors"):
             shutil.copy2(item, out_dir / item.name)
+    widen = any(v["dtype"] in WIDENED for _, h in headers.values() for k, v in h.items() if k != "__metadata__")
+    out_bytes = 0
 
     changed, largest = 0, 0
     bar = (progress or Progress(show_bar=False)).bar("merge shards", total=len(shards), unit="shard")
@@ -369,22 +396,26 @@ def merge_lora_adapters(
         src, dst = base_dir / shard_name, out_dir / shard_name
         largest = max(largest, src.stat().st_size)
         prefix, header = headers[shard_name]
+        out_prefix, out_header = _widened_header(header) if widen else (prefix, header)
         entries = sorted(
             ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
         )
         with open(src, "rb") as fin, open(dst, "wb") as fout:
-            fout.write(prefix)  # identical header: same names, dtypes, shapes and byte offsets
+            fout.write(out_prefix)  # same names, shapes and order; dtypes and offsets widened for 16-bit bases
             for key, info in entries:
-                begin, end = info["data_offsets"]
-                if key in updates or key in row_updates:
-                    merged = _merge_tensor(src, key, updates.get(key, []), row_updates.get(key))
+                begin, end = out_header[key]["data_offsets"]
+                out_bytes += end - begin
+                merge_here = key in updates or key in row_updates
+                if merge_here or out_header[key]["dtype"] != info["dtype"]:
+                    merged = _merge_tensor(src, key, updates.get(key, []), row_updates.get(key), widen)
                     data = merged.contiguous().view(torch.uint8).numpy()
                     if data.nbytes != end - begin:
                         raise RuntimeError(f"{key}: merged tensor has {data.nbytes} bytes, expected {end - begin}")
                     fout.write(memoryview(data))
-                    changed += 1
+                    changed += merge_here
                     del merged, data
                 else:
+                    begin, end = info["data_offsets"]
                     fin.seek(len(prefix) + begin)
                     remaining = end - begin
                     while remaining:
@@ -393,6 +424,9 @@ def merge_lora_adapters(
                         remaining -= len(chunk)
         bar.update(1)
     bar.close()
+    if widen:
+        _record_fp32(out_dir, out_bytes)
+        notes.append("the base is stored in 16-bit floats: the merge is written in fp32 so its deltas survive")
     n_rows = sum(len(p[0]) for p in row_updates.values())
     return MergeStats(
         shards=len(shards),
@@ -413,11 +447,14 @@ def _merge_tensor(
     key: str,
     lora: list[tuple[LoraFactors, float]],
     rows: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]] | None,
+    widen: bool = False,
 ) -> torch.Tensor:
     # A fresh handle per tensor: safe_open memory-maps the file, and every page read through one open handle
     # stays resident (counted in RSS) until it closes. Reopening keeps only this tensor's pages mapped.
     with safe_open(str(shard), framework="pt") as f:
         tensor = f.get_tensor(key)  # a private copy: safe to update in place
+    if widen and tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()  # the exact base + delta is what gets written
     dtype = tensor.dtype
     base_rows = tensor[rows[0]].float() if rows is not None else None
     if lora:
@@ -429,6 +466,21 @@ def _merge_tensor(
     if rows is not None and base_rows is not None:
         tensor = _mix_rows(tensor, base_rows, rows)
     return tensor
+
+
+def _record_fp32(out_dir: Path, total_size: int) -> None:
+    """config.json and the shard index say what the widened shards hold."""
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    index_path = out_dir / INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index.setdefault("metadata", {})["total_size"] = total_size
+        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 # ---- the weight sweep -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ eps added after the square root), so on fp32 parameters it matches torch's AdamW
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -110,6 +110,15 @@ class MasterAdamW(torch.optim.Optimizer):
         master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         if master is not p:
             p.copy_(master)  # rounded once into the compute dtype (to nearest even)
+
+    def set_masters(self, exact: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        """Start the masters of these parameters from exact fp32 values (e.g. the fp32 checkpoint the bf16
+        parameters were rounded from) instead of from the parameters themselves."""
+        for p, value in exact.items():
+            if self._own_master(p):
+                continue
+            st = self.state.get(p) or self._init_state(p)
+            st[MASTER_KEY] = value.to(device=self._where(p), dtype=torch.float32)
 
     def masters(self) -> dict[torch.Tensor, torch.Tensor]:
         """Parameter → its separate fp32 master (parameters that have been stepped and are not fp32)."""

@@ -51,15 +51,18 @@ def run_rl(
         return done
     work = store.workdir(STAGE, fp)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW); on a CPU the
-    # weights stay fp32 and bf16 only autocasts the forward.
+    # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW; the optimizer
+    # keeps fp32 masters, see cyclej.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
     bf16_weights = device.type == "cuda" and resolve_precision(rcfg.precision, device)
     dtype = torch.bfloat16 if bf16_weights else torch.float32
 
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
     merged_dir = store.fetch(inputs["merge"]) / "model"
-    policy, tokenizer = load_model(str(merged_dir), markers=markers, dtype=dtype)
-    policy.to(device)
+    # Loaded in fp32 (the merge is stored in fp32) and those exact values become the optimizer's masters;
+    # the bf16 copy the forward uses is made after (rounding the merge's small deltas only there).
+    policy, tokenizer = load_model(str(merged_dir), markers=markers, dtype=torch.float32)
+    exact = {p: p.detach() for p in policy.parameters()} if dtype != torch.float32 else {}
+    policy.to(device=device, dtype=dtype)
     reference = None
     if rcfg.kl_coef > 0:
         reference, _ = load_model(str(merged_dir), markers=markers, dtype=dtype)
@@ -84,6 +87,8 @@ def run_rl(
         discriminator=discriminator, backend=_backend(cfg, merged_dir), reference=reference,
         back_translate=reward_fn.needs_back_translation, log_dir=work,
     )
+    trainer.optimizer.set_masters(exact)
+    del exact
 
     latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
