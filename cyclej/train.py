@@ -97,7 +97,13 @@ class MarkerRows(nn.Module):
 
     def _embed_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         slot = self.slot[args[0]]
-        rows = self.input_rows.to(output.dtype)[slot.clamp(min=0)]
+        # F.embedding, not `input_rows[slot]`: the gradient of an index gather is an accumulating
+        # index_put, which PyTorch runs on CPU threads with atomic float adds once it has ≥ 32768
+        # elements (a 4×128-token micro-batch at width 64), so many positions adding into the same two
+        # rows summed in a different order each run (domain_train's marker rows differed by ~1e-11
+        # between two identical runs, and a resumed pipeline never matched). Embedding's backward sums
+        # in index order. Forward values are the same copy either way.
+        rows = F.embedding(slot.clamp(min=0), self.input_rows.to(output.dtype))
         return torch.where((slot >= 0).unsqueeze(-1), rows, output)
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
