@@ -3,7 +3,8 @@
     data → {context, paraphrase} → {para_train, domain_train} → merge → rl → eval
 
 Stages of one level may run at once (`orchestration.max_concurrent_stages`, or `dispatch` to run each
-stage as its own deployment run on its own worker). Every stage task is cached by its fingerprint, so a
+stage as its own deployment run on its own worker: the deployment runs of one level are submitted
+together and run concurrently). Every stage task is cached by its fingerprint, so a
 retry or a new run of the same config shows finished stages as `Cached` and resumes the broken one from
 its checkpoint.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
@@ -21,7 +22,14 @@ from prefect.logging import get_run_logger
 from cyclej.config import PipelineConfig
 from cyclej.errors import CyclejError, StageFailed
 from cyclej.stages import SPECS, stage_fingerprint
-from tasks.stages import configured_stage_task, paraphrase_shard_task, refs_from, store_for
+from tasks.stages import (
+    configured_stage_task,
+    paraphrase_shard_task,
+    post_artifacts,
+    refs_from,
+    stage_run_name,
+    store_for,
+)
 
 LEVELS: tuple[tuple[str, ...], ...] = (
     ("data",),
@@ -49,10 +57,11 @@ def _resume_point(cfg: PipelineConfig, name: str, inputs: dict[str, dict[str, An
 def _submit(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]]) -> Any:
     inputs = _inputs(name, refs)
     if cfg.orchestration.dispatch:
-        return _dispatch(name, cfg, inputs)
+        return dispatch_task.with_options(task_run_name=f"dispatch-{stage_run_name(name, cfg, inputs)}").submit(
+            name, cfg, inputs)
     if name == "paraphrase":
         _paraphrase_shards(cfg, inputs)
-    return configured_stage_task(name, cfg).submit(name, cfg, inputs)
+    return configured_stage_task(name, cfg, inputs).submit(name, cfg, inputs)
 
 
 def _paraphrase_shards(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> None:
@@ -72,11 +81,17 @@ def _paraphrase_shards(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -
             paraphrase_shard_task(cfg, inputs, i)
 
 
-def _dispatch(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Run the stage as its own deployment run; the store, not the flow result, says what it made."""
+@task(name="dispatch", retries=0)
+def dispatch_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run the stage as its own deployment run; the store, not the flow result, says what it made.
+    A task, so that the stages of one level are submitted together and their deployment runs (each on
+    its own worker) run at once; `run_deployment` itself waits for its run."""
     deployment = f"{cfg.orchestration.deployment_prefix}{name}/{name}"
+    kind = "s3" if cfg.storage.root.startswith("s3://") else "local"
     run = run_deployment(
-        deployment, parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs}, timeout=None
+        deployment, parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs}, timeout=None,
+        flow_run_name=stage_run_name(name, cfg, inputs),
+        tags=["cyclej", f"stage:{name}", f"preset:{cfg.name}", f"storage:{kind}"],
     )
     if not run.state or not run.state.is_completed():
         raise StageFailed(name, f"deployment run {run.name} ended {run.state.name if run.state else 'unknown'}",
@@ -92,7 +107,12 @@ def _result(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]], fut
     if isinstance(future, dict):
         return future
     try:
-        return future.result()
+        ref: dict[str, Any] = future.result()
+        if future.state.name == "Cached":  # the cached task posted nothing: show the stage's artifacts here
+            from cyclej.store import ArtifactRef
+
+            post_artifacts(ArtifactRef(**ref), store_for(cfg), cached=True)
+        return ref
     except CyclejError as exc:
         if isinstance(exc, StageFailed):
             raise

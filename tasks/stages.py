@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.logging import get_run_logger
 
@@ -33,6 +36,24 @@ from cyclej.stages import SPECS, run_stage, stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
 
 RESULTS_DIR = "_prefect/results"
+PRESIGNED_LINK_SECONDS = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+
+
+def forward_project_logs() -> None:
+    """The library logs through the `cyclej` logger (stage start and resume, warnings) and knows nothing
+    of Prefect: give that logger Prefect's API handler, as PREFECT_LOGGING_EXTRA_LOGGERS would, so its
+    lines appear in the run's log in the UI. Only records made inside a flow or task run are sent (outside
+    a run the handler would warn about a missing run id)."""
+    project = logging.getLogger("cyclej")
+    if project.level == logging.NOTSET:
+        project.setLevel(logging.INFO)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in project.handlers:
+            handler.addFilter(lambda _record: FlowRunContext.get() is not None or TaskRunContext.get() is not None)
+            project.addHandler(handler)
+
+
+forward_project_logs()
 
 
 _STORES: dict[str, ArtifactStore] = {}
@@ -104,13 +125,26 @@ def cache_policy_for(cfg: PipelineConfig) -> CachePolicy:
     return CachePolicy.from_cache_key_fn(stage_cache_key)
 
 
+LOG_EVERY_FRACTION = 10  # progress lines in the run log: every tenth of a loop …
+LOG_EVERY_SECONDS = 60.0  # … or every minute, whichever comes first
+
+
 def _progress_listener() -> Any:
-    """Mirror the stage's progress bar into a Prefect progress artifact (throttled by `Progress`)."""
+    """Mirror the stage's progress bar into a Prefect progress artifact (throttled by `Progress`) and
+    into the run log every tenth of the loop or minute, with the bar's metrics (loss, reward, …)."""
     artifact_ids: dict[str, Any] = {}
+    logged: dict[str, tuple[int, float]] = {}  # bar -> (tenths logged, when)
+    logger = logging.getLogger("cyclej.progress")
 
     def listener(stage: str, desc: str, done: int, total: int, metrics: dict[str, Any]) -> None:
         pct = 100.0 * done / max(total, 1)
         key = f"{stage}:{desc}"
+        tenths = done * LOG_EVERY_FRACTION // max(total, 1)
+        last_tenths, last_time = logged.get(key, (-1, 0.0))
+        if tenths > last_tenths or time.monotonic() - last_time >= LOG_EVERY_SECONDS:
+            logged[key] = (tenths, time.monotonic())
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            logger.info("%s: %s %d/%d %s", stage, desc, done, total, shown)
         try:
             if key not in artifact_ids:
                 artifact_ids[key] = create_progress_artifact(
@@ -127,6 +161,8 @@ def _progress_listener() -> Any:
 # Files some stages write for people: shown as tables in the UI (at most this many rows).
 SAMPLE_FILES = ("samples.json", "samples.jsonl", "examples.jsonl")
 MAX_TABLE_ROWS = 50
+# Sample tables show these columns first, in this order (the UI keeps the first row's key order).
+LEADING_COLUMNS = ("direction", "domain", "source", "text", "translation", "paraphrase", "back_translation")
 
 
 def _sample_rows(store: ArtifactStore, ref: ArtifactRef, rel: str) -> list[dict[str, Any]]:
@@ -136,21 +172,47 @@ def _sample_rows(store: ArtifactStore, ref: ArtifactRef, rel: str) -> list[dict[
         return []
     rows = json.loads(raw) if rel.endswith(".json") else [json.loads(x) for x in raw.splitlines() if x.strip()]
     rows = [r for r in rows if isinstance(r, dict)][-MAX_TABLE_ROWS:]
+    ordered = [{k: r[k] for k in LEADING_COLUMNS if k in r} | r for r in rows]
     # table cells must be scalars
     return [{k: (v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)) for k, v in r.items()}
-            for r in rows]
+            for r in ordered]
 
 
-def _post_artifacts(ref: ArtifactRef, store: ArtifactStore) -> None:
+def browser_links(store: ArtifactStore, ref: ArtifactRef) -> dict[str, str]:
+    """HTTP(S) links a browser can open for an `s3://` artifact (none for a local one): its manifest
+    (file list, sizes, checksums) as a presigned URL, and the folder's listing on the S3 endpoint (or in
+    the AWS console when there is no custom endpoint)."""
+    if store.is_local:
+        return {}
+    bucket, _, key = ref.uri.removeprefix(f"{store.protocol}://").partition("/")
+    links: dict[str, str] = {}
+    try:
+        links["manifest"] = store.fs.sign(f"{bucket}/{key}/MANIFEST.json", expiration=PRESIGNED_LINK_SECONDS)
+    except Exception:  # noqa: BLE001 - a store that cannot presign still gets the listing link
+        pass
+    endpoint = (getattr(store.fs, "client_kwargs", None) or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    prefix = urllib.parse.quote(f"{key}/")
+    if endpoint:
+        links["listing"] = f"{endpoint.rstrip('/')}/{bucket}?list-type=2&prefix={prefix}"
+    else:
+        links["listing"] = f"https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={prefix}"
+    return links
+
+
+def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False) -> None:
+    """The stage's UI artifacts: a link to it, its metrics and tables. Posted again by a run that got the
+    stage from the cache (`cached`), so every run page shows what its stages made."""
     key = ref.stage.replace("_", "-")
-    create_link_artifact(key=f"{key}-uri", link=ref.uri, link_text=f"{ref.stage}/{ref.fingerprint}",
-                         description=f"Artifact of stage `{ref.stage}`")
+    links = browser_links(store, ref)
+    origin = " (from the cache)" if cached else ""
+    create_link_artifact(key=f"{key}-uri", link=links.get("manifest", ref.uri), link_text=f"{ref.stage}/{ref.fingerprint}",
+                         description=f"Artifact of stage `{ref.stage}`{origin}: `{ref.uri}`")
+    where = f"`{ref.uri}`" + "".join(f" · [{name}]({url})" for name, url in links.items())
     scalars = {k: v for k, v in ref.metrics.items() if isinstance(v, int | float | str | bool)}
-    if scalars:
-        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                         for k, v in scalars.items())
-        create_markdown_artifact(key=f"{key}-metrics", markdown=f"### {ref.stage}\n\n| metric | value |\n|---|---|\n{rows}\n",
-                                 description=f"Metrics of stage `{ref.stage}`")
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items())
+    table = f"| metric | value |\n|---|---|\n{rows}\n" if scalars else ""
+    create_markdown_artifact(key=f"{key}-metrics", markdown=f"### {ref.stage}{origin}\n\n{where}\n\n{table}",
+                             description=f"Metrics of stage `{ref.stage}`")
     for name, table in ref.metrics.items():
         if isinstance(table, list) and table and all(isinstance(r, dict) for r in table):
             create_table_artifact(key=f"{key}-{name.replace('_', '-')}", table=table,
@@ -162,41 +224,54 @@ def _post_artifacts(ref: ArtifactRef, store: ArtifactStore) -> None:
                                   description=f"{ref.stage}: {rel} (last {len(rows)} rows)")
 
 
-def record_resume_point(tsk: Any, task_run: Any, state: Any) -> None:
-    """on_failure hook: say in the UI where a retry will resume (the newest complete checkpoint)."""
-    params = task_run.parameters if hasattr(task_run, "parameters") else {}
+def post_resume_point(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], error: BaseException) -> None:
+    """Say in the UI where a retry will resume (the newest complete checkpoint) and why the stage failed.
+    Called from the task body (a hook gets no parameters: Prefect's TaskRun has none)."""
     try:
-        cfg = PipelineConfig.model_validate(params["cfg"]) if isinstance(params.get("cfg"), dict) else params["cfg"]
-        name = params["name"]
-        fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in params["inputs"].items()})
+        fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in inputs.items()})
         ckpts = store_for(cfg).list_checkpoints(name, fp)
-    except Exception:  # noqa: BLE001 - parameters may be unavailable; the failure itself is what matters
+    except Exception as exc:  # noqa: BLE001 - an unreachable store is reported by the failure itself
+        get_run_logger().warning("resume point of %s unknown: %s", name, exc)
         return
     point = ckpts[-1] if ckpts else "the beginning (no checkpoint yet)"
+    reason = str(error).splitlines()[0] if str(error) else ""
     create_markdown_artifact(
         key=f"{name.replace('_', '-')}-resume-point",
-        markdown=f"### `{name}` failed\n\nRetry resumes from **{point}**.\n\nCheckpoints: {', '.join(ckpts) or 'none'}",
+        markdown=(f"### `{name}` failed\n\n{type(error).__name__}: {reason}\n\nRetry resumes from **{point}**."
+                  f"\n\nCheckpoints: {', '.join(ckpts) or 'none'}"),
+        description=f"Where a retry of `{name}` resumes",
     )
 
 
-@task(name="stage", persist_result=True, result_serializer="json", on_failure=[record_resume_point])
+@task(name="stage", persist_result=True, result_serializer="json")
 def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Run (or resume) one stage; return its ArtifactRef as a plain JSON dict."""
     logger = get_run_logger()
     store = store_for(cfg)
     progress = Progress(listeners=[_progress_listener()])
-    ref = run_stage(name, cfg, refs_from(inputs), store, progress)
+    logger.info("stage %s: start (%s)", name, store.uri(name, stage_fingerprint(
+        name, cfg, {k: v["fingerprint"] for k, v in inputs.items()})))
+    try:
+        ref = run_stage(name, cfg, refs_from(inputs), store, progress)
+    except Exception as exc:
+        post_resume_point(name, cfg, inputs, exc)
+        raise
     logger.info("stage %s → %s", name, ref.uri)
-    _post_artifacts(ref, store)
+    post_artifacts(ref, store)
     return json.loads(ref.to_json())
 
 
-def configured_stage_task(name: str, cfg: PipelineConfig) -> Any:
+def stage_run_name(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
+    """`<stage>-<short fingerprint>`: the same name as the artifact's folder, `<stage>/<fingerprint>`."""
+    return f"{name}-{stage_fingerprint(name, cfg, {k: v['fingerprint'] for k, v in inputs.items()})[:8]}"
+
+
+def configured_stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> Any:
     """`stage_task` with this config's cache policy, result storage, retries and a readable run name."""
     orch = cfg.orchestration
     return stage_task.with_options(
         name=f"{name}",
-        task_run_name=f"{name}",
+        task_run_name=stage_run_name(name, cfg, inputs),
         cache_policy=cache_policy_for(cfg),
         result_storage=result_storage_for(cfg),
         retries=orch.retries,

