@@ -83,10 +83,15 @@ def run(
     cfg = _config(config, preset, set_, storage)
     if until is not None and until not in STAGES:
         raise BadInput(f"--until {until}: unknown stage (one of {', '.join(STAGES)})")
-    typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
-    from flows.pipeline import cyclej_pipeline
+    # Two processes (flows/launch.py): this launcher checks the inputs, creates the flow run and supervises
+    # the run process (the same command, with the run's id in the environment) that executes it.
+    from flows.launch import FLOW_RUN_ENV, execute, launch
 
-    refs = cyclej_pipeline(config=cfg, until=until)
+    flow_run_id = os.environ.get(FLOW_RUN_ENV)
+    if flow_run_id is None:
+        typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
+        raise SystemExit(launch(cfg, until, sys.argv[1:]))
+    refs = execute(cfg, until, flow_run_id)
     for name, ref in refs.items():
         typer.echo(f"{name:13s} {ref['fingerprint']}  {ref['uri']}", err=True)
     if "eval" in refs:
@@ -167,6 +172,14 @@ def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None
 
     cfg = _config(config, preset, set_, None)
     typer.echo(format_plan(make_plan(cfg)))
+
+
+@app.command()
+def serve() -> None:
+    """Execute retries of `cyclej run` runs (the UI's Retry, `prefect flow-run retry`); runs until stopped."""
+    from flows.launch import serve as serve_retries
+
+    serve_retries()
 
 
 SIGTERM_GRACE_SECONDS = 10.0  # after a SIGTERM, how long a running stage may take to stop on its own
