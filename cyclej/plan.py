@@ -9,9 +9,11 @@ Memory model (bytes; GiB = 2**30 in the output, which is how "80GB" cards are co
   parameters = rank × (in + out) for every attention and MLP projection of every layer; they are kept
   in fp32 (× 4), their gradients × 4, AdamW's two moments × 8. Full fine-tuning (`lora: null`):
   gradients in the weight dtype, AdamW moments in fp32 (× 8).
-- RL (full weights): bf16 weights (2) + bf16 gradients (2) + fp32 AdamW moments (8) = 12 bytes per
-  parameter: ≈ 72 GB for GPT-J-6B before activations. A reference policy (kl_coef > 0) adds bf16 weights;
-  the discriminator trains in fp32 (16 bytes per parameter), the embedder only runs (4).
+- RL (full weights): the bytes `cyclej.optim.optimizer_bytes_per_param` gives, which is what the trainer's
+  MasterAdamW allocates: bf16 weights (2) + bf16 gradients (2) + fp32 masters (4) + fp32 AdamW moments (8)
+  = 16 bytes per parameter on the GPU, or 4 on the GPU and 12 in CPU RAM with `rl.optimizer_offload`. A
+  reference policy (kl_coef > 0) adds bf16 weights; the discriminator (only with a discriminator reward)
+  trains in fp32 (16 bytes per parameter) at `rl.discriminator_max_tokens`; the embedder only runs (4).
 - activations, per transformer layer, without activation recomputation (Korthikanti et al. 2022,
   "Reducing Activation Recomputation in Large Transformer Models", eq. 2, at 2-byte activations):
       34 · s · b · h · (k / 2)  +  6 · a · s² · b   (the second term only for eager attention)
@@ -21,8 +23,8 @@ Memory model (bytes; GiB = 2**30 in the output, which is how "80GB" cards are co
   s · b · vocab · (k + 8) (the logits, their fp32 copy for the loss, its gradient).
 - generation (paraphrase, RL rollouts, eval): KV cache = 2 · layers · kv_heads · head_dim · 2 bytes per
   token, for every sequence of a batch at prompt + new tokens. With vLLM the model, its KV cache and a
-  1 GiB workspace must fit in `gpu_memory_utilization` of the card; colocated with RL training it is
-  a second copy of the bf16 weights (the "vLLM share").
+  1 GiB workspace must fit in `gpu_memory_utilization` of the card, and vLLM takes that fraction of the
+  card whatever it needs: in RL the engine is counted as `rl.vllm.gpu_memory_utilization` × the card.
 - a card fits when need + 1 GiB (CUDA context, allocator) ≤ 95 % of its memory.
 """
 
@@ -40,6 +42,7 @@ import yaml
 
 from cyclej.config import STAGES, PipelineConfig, TrainConfig
 from cyclej.errors import BadInput
+from cyclej.optim import optimizer_bytes_per_param
 
 GiB = 2**30
 CUDA_CONTEXT = 1 * GiB
@@ -74,8 +77,8 @@ class ModelShape:
         mlp = [(h, i), (h, i), (i, h)] if self.gated_mlp else [(h, i), (i, h)]
         return self.layers * sum(rank * (a + b) for a, b in attn + mlp)
 
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
 
 _GPTJ = ModelShape(6_053_381_344, 28, 4096, 16, 16, 16384, 50400, eager_attention=True)
@@ -245,13 +248,17 @@ def _bf16(precision: str) -> bool:
     return precision in ("bf16", "auto")  # auto means bf16 on a GPU, which is what is being planned
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int, lm_head: bool = True) -> float:
-    """Stored activations of one micro-batch (see the module docstring)."""
+def activation_bytes(
+    shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int, lm_head: bool = True,
+    logits_tokens: int | None = None,
+) -> float:
+    """Stored activations of one micro-batch (see the module docstring); `logits_tokens`: the columns the
+    LM head runs on when fewer than `seq_len` (RL keeps only the completion's)."""
     s, b = seq_len, micro_batch
     per_layer = 34 * s * b * shape.hidden * act_bytes / 2
     if shape.eager_attention:
         per_layer += 6 * shape.heads * s * s * b
-    logits = s * b * shape.vocab * (act_bytes + 8) if lm_head else 0
+    logits = (logits_tokens or s) * b * shape.vocab * (act_bytes + 8) if lm_head else 0
     return shape.layers * per_layer + logits
 
 
@@ -339,93 +346,117 @@ def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
     return plan
 
 
-RL_MODES: tuple[tuple[str, str], ...] = (
-    ("as configured (AdamW, fp32 moments)", ""),
-    ("8-bit AdamW (bitsandbytes AdamW8bit: moments 2 bytes/param)", "optimizer states 4× smaller"),
-    ("CPU offload of the AdamW moments (DeepSpeed ZeRO-Offload style)", "the moments live in the pod's RAM"),
-    ("two GPUs, gradients and AdamW moments sharded (FSDP / ZeRO-2)", ""),
-)
+def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: float) -> dict[str, float]:
+    """Bytes on one GPU of `card_bytes` for the RL stage with `groups` prompt groups per forward/backward
+    chunk: what `cyclej.stages.rl` and `cyclej.rl.RLTrainer` allocate with these settings.
 
-
-def _rl_memory(cfg: PipelineConfig, groups: int, mode: int) -> dict[str, float]:
-    """Bytes per GPU of the RL stage with `groups` prompt groups per forward/backward chunk."""
+    - policy weights in the compute dtype; gradients in the same dtype; MasterAdamW's fp32 masters (when
+      the weights are not fp32) and fp32 moments on the GPU, or in CPU RAM with `rl.optimizer_offload`
+      (`cyclej.optim.optimizer_bytes_per_param`, shared with the optimizer).
+    - activations of one chunk (groups × rollouts rows of prompt + completion tokens); logits only for the
+      completion columns (the trainer passes `logits_to_keep`).
+    - the reference policy (kl_coef > 0), the discriminator (fp32 AdamW, its own max_tokens) and the
+      embedder only when their reward has a weight, as the stage loads them.
+    - rollouts: vLLM takes `rl.vllm.gpu_memory_utilization` × the card, whatever it needs; the
+      transformers backend a KV cache for one chunk of rows (its generation batch).
+    """
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2 if _bf16(r.precision) else 4
-    seq = cfg.data.max_tokens + 3 + r.max_new_tokens
-    mem = {"weights": shape.params * float(w), "gradients": shape.params * float(w), "optimizer": shape.params * 8.0}
-    if mode == 1:
-        mem["optimizer"] = shape.params * 2.0
-    elif mode == 2:
-        del mem["optimizer"]
-    elif mode == 3:
-        mem["gradients"] /= 2
-        mem["optimizer"] /= 2
-    mem["activations"] = activation_bytes(shape, groups * r.rollouts, seq, w)
+    seq = cfg.data.max_tokens + 2 + r.max_new_tokens
+    per_param = optimizer_bytes_per_param(w, offload)
+    mem = {"weights": shape.params * float(w), "gradients": shape.params * float(w)}
+    if per_param["device"] > w:
+        mem["optimizer"] = shape.params * (per_param["device"] - w)
+    rows = groups * r.rollouts
+    mem["activations"] = activation_bytes(shape, rows, seq, w, logits_tokens=r.max_new_tokens + 1)
     if r.kl_coef > 0:
         mem["reference"] = shape.params * float(w)
-    disc = model_shape(cfg.models.discriminator)
-    mem["discriminator"] = disc.params * 16 + activation_bytes(disc, r.discriminator_batch, cfg.data.max_tokens, 4, lm_head=False)
-    mem["embedder"] = model_shape(cfg.models.embedder).params * 4.0
-    # Rollouts: x → y and y → x̂ for every prompt of the step, `rollouts` samples each.
-    gen_seqs = r.prompts_per_step * r.rollouts
-    if r.backend == "vllm":
-        mem["vllm"] = sum(_generation_share(shape, gen_seqs, seq, True).values())
+    if r.rewards.discriminator > 0:
+        disc = model_shape(cfg.models.discriminator)
+        mem["discriminator"] = disc.params * 16.0 + activation_bytes(
+            disc, r.discriminator_batch, r.discriminator_max_tokens, 4, lm_head=False)
+    if r.rewards.embedding > 0:
+        mem["embedder"] = model_shape(cfg.models.embedder).params * 4.0
+    if r.backend != "transformers":
+        mem["vllm"] = r.vllm.gpu_memory_utilization * card_bytes
     else:
-        mem["kv_cache"] = float(gen_seqs * seq * shape.kv_bytes_per_token())
+        mem["kv_cache"] = float(rows * seq * shape.kv_bytes_per_token(w))
     return mem
 
 
+def _vllm_holds_rl(cfg: PipelineConfig, card_bytes: float) -> bool:
+    """vLLM refuses to start when its share cannot hold the weights, its workspace and one full-length
+    sequence's KV cache."""
+    r = cfg.rl
+    if r.backend == "transformers":
+        return True
+    shape = model_shape(cfg.models.base)
+    need = shape.params * 2.0 + VLLM_WORKSPACE + r.vllm.max_model_len * shape.kv_bytes_per_token()
+    return r.vllm.gpu_memory_utilization * card_bytes >= need
+
+
+def _fit_rl(
+    cfg: PipelineConfig, groups: int, offload: bool, prices: PriceTable, max_gb: float
+) -> tuple[GpuType | None, dict[str, float]]:
+    """The smallest card (≤ max_gb) that holds the stage; vLLM's share depends on the card."""
+    for gpu in sorted(prices.gpus, key=lambda g: (g.memory_gb, g.hourly_usd)):
+        card = gpu.memory_gb * GiB
+        mem = _rl_memory(cfg, groups, offload, card)
+        if gpu.memory_gb <= max_gb and _vllm_holds_rl(cfg, card) and fits(sum(mem.values()), gpu):
+            return gpu, mem
+    return None, _rl_memory(cfg, groups, offload, COMMON_MAX_GB * GiB)
+
+
 def _plan_rl(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
-    """As configured on a common card if it fits, halving the groups per chunk as the trainer does on
-    out-of-memory. Otherwise every way out (8-bit AdamW, CPU offload, two GPUs, or a bigger card as
-    configured) is priced, and the cheapest is the plan."""
+    """As configured on a common (≤ 80 GB) card if it fits, halving the groups per chunk as the trainer does
+    on out-of-memory; otherwise with the optimizer state in CPU RAM (`rl.optimizer_offload: true`, which the
+    trainer implements); otherwise the smallest card of the table that fits as configured."""
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2 if _bf16(r.precision) else 4
     plan = StagePlan("rl", cfg.models.base, "gpu", params=shape.params, trainable_params=shape.params)
-    full = shape.params * (2 * w + 8)
-    plan.notes.append(
-        f"full weights: {w}-byte weights and gradients + fp32 AdamW moments = {_gib(full)} GiB "
-        f"({full / 1e9:.1f} GB) before activations"
-    )
-    for groups in _halvings(r.rollout_micro_batch):
-        mem = _rl_memory(cfg, groups, 0)
-        gpu = smallest_fitting(sum(mem.values()), prices, COMMON_MAX_GB)
-        if gpu is not None:
-            plan.memory, plan.gpu, plan.micro_batch = mem, gpu, groups
-            plan.notes.append(f"{groups} group(s) × {r.rollouts} rollouts per forward/backward chunk")
-            return plan
-    configured = _rl_memory(cfg, r.rollout_micro_batch, 0)
-    chosen: Alternative | None = None
-    for groups in _halvings(r.rollout_micro_batch):
-        alts = []
-        for mode, (name, note) in enumerate(RL_MODES):
-            alt = Alternative(name, _rl_memory(cfg, groups, mode), gpu_count=2 if mode == 3 else 1, note=note)
-            if mode == 2:
-                alt.note += f" (≥ {_gib(shape.params * 8.0 * 1.25)} GiB)"
-            alt.gpu = smallest_fitting(alt.need_bytes, prices)
-            alts.append(alt)
-        fitting = [a for a in alts if a.gpu is not None]
-        if fitting:
-            chosen = min(fitting, key=lambda a: (a.hourly_usd or math.inf, a.need_bytes))
+    ways = [(r.optimizer_offload, "as configured")]
+    if not r.optimizer_offload:
+        ways.append((True, "rl.optimizer_offload: true (fp32 masters and AdamW moments in CPU RAM)"))
+    chosen: tuple[GpuType, dict[str, float], int, bool, str] | None = None
+    for limit in (COMMON_MAX_GB, math.inf):
+        for offload, name in ways:
+            for groups in _halvings(r.rollout_micro_batch):
+                gpu, mem = _fit_rl(cfg, groups, offload, prices, limit)
+                if gpu is not None:
+                    chosen = (gpu, mem, groups, offload, name)
+                    break
+            if limit == COMMON_MAX_GB or chosen is not None:  # each way once: on a common card, else bigger
+                plan.alternatives.append(Alternative(name, mem, gpu=gpu))
+            if chosen is not None:
+                break
+        if chosen is not None:
             break
-    plan.alternatives = alts
-    plan.micro_batch = groups
+    per_param = optimizer_bytes_per_param(w, r.optimizer_offload)
     plan.notes.append(
-        f"as configured ({r.rollout_micro_batch} group(s) × {r.rollouts} rollouts per chunk) it needs "
-        f"{_gib(sum(configured.values()))} GiB: no {COMMON_MAX_GB} GB card fits, even at 1 group per chunk"
+        f"full weights: {w}-byte weights and gradients, fp32 masters and AdamW moments "
+        f"({'in CPU RAM' if r.optimizer_offload else 'on the GPU'}): {per_param['device'] + w:.0f} bytes per "
+        f"parameter on the GPU = {_gib(shape.params * (per_param['device'] + w))} GiB before activations"
     )
+    if r.backend != "transformers":
+        plan.notes.append(f"vLLM takes rl.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization} of the card")
     if chosen is None:
-        plan.memory = configured
-        plan.notes.append("nothing in the price table fits: lower rl.max_new_tokens or rl.rollouts")
+        plan.memory = _rl_memory(cfg, r.rollout_micro_batch, r.optimizer_offload, COMMON_MAX_GB * GiB)
+        plan.notes.append("nothing in the price table fits: lower rl.max_new_tokens, rl.rollouts or "
+                          "rl.vllm.gpu_memory_utilization")
         return plan
-    plan.memory, plan.gpu, plan.gpu_count = chosen.memory, chosen.gpu, chosen.gpu_count
-    plan.notes.append(
-        f"plan: {chosen.name}, {groups} group(s) per chunk, on {chosen.gpu_count}× "
-        f"{chosen.gpu.id if chosen.gpu else '?'} — the cheapest option below (options other than 'as configured' "
-        "need that optimizer set-up in the RL trainer)"
-    )
+    gpu, mem, groups, offload, name = chosen
+    plan.memory, plan.gpu, plan.micro_batch = mem, gpu, groups
+    plan.notes.append(f"{groups} group(s) × {r.rollouts} rollouts per forward/backward chunk")
+    if offload:
+        plan.notes.append(f"CPU RAM for the offloaded optimizer: {_gib(shape.params * 12.0)} GiB (pod RAM)")
+    if name != "as configured":
+        plan.notes.append(f"as configured it fits no {COMMON_MAX_GB} GB card; set {name.split(' (')[0]}")
+    if groups != r.rollout_micro_batch:
+        plan.notes.append(f"set rl.rollout_micro_batch: {groups} to skip the out-of-memory halvings")
+    if len(plan.alternatives) == 1:
+        plan.alternatives = []  # as configured fits: nothing else to show
     return plan
 
 

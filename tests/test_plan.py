@@ -14,7 +14,6 @@ from cyclej.plan import (
     GpuType,
     PriceTable,
     activation_bytes,
-    format_plan,
     load_prices,
     model_shape,
     plan,
@@ -22,21 +21,11 @@ from cyclej.plan import (
 )
 
 
-def test_gptj_rl_states_its_plan_when_no_80gb_card_fits() -> None:
+def test_gptj_plans_every_stage() -> None:
     plans = {p.stage: p for p in plan(load_config(preset="gptj"))}
     assert list(plans) == list(STAGES)
-    rl = plans["rl"]
-    # The number: 6B full weights with bf16 weights/grads + fp32 AdamW ≈ 72 GB before activations.
-    full = rl.params * (2 + 2 + 8)
-    assert 70e9 < full < 75e9
-    names = " | ".join(a.name for a in rl.alternatives)
-    for option in ("8-bit AdamW", "CPU offload", "two GPUs"):
-        assert option in names
+    rl = plans["rl"]  # RL's fit on one 80 GB card: tests/test_plan_memory.py
     assert rl.gpu is not None and rl.hourly_usd is not None
-    chosen = [a for a in rl.alternatives if a.gpu == rl.gpu and a.gpu_count == rl.gpu_count]
-    assert chosen and min(a.hourly_usd or 1e9 for a in rl.alternatives) == rl.hourly_usd
-    text = format_plan(list(plans.values()))
-    assert "72.6 GB" in text and "option: 8-bit AdamW" in text and "option: CPU offload" in text
     # LoRA stages train ~16.5M adapter parameters of GPT-J; data and merge need no GPU.
     assert plans["context"].trainable_params == 28 * 8 * (4 * 8192 + 2 * (4096 + 16384))
     assert plans["data"].device == "cpu" and plans["merge"].device == "cpu"
