@@ -38,9 +38,10 @@ KILL_PAIRS: tuple[tuple[str, str], ...] = (
     ("domain_train", "merge"),
     ("rl", "eval"),
 )
-# Files whose bytes legitimately differ between identical runs (timings, absolute paths, image metadata).
-VOLATILE_NAMES = {"MANIFEST.json", "metrics.json", "metrics.jsonl", "README.md", "adapter_config.json",
-                  "model_card.md"}
+# Files whose bytes legitimately differ between identical runs: timings (metrics, paraphrase stats.json's
+# tokens/s), absolute paths (peft's adapter_config.json), creation times (manifests), image metadata.
+VOLATILE_NAMES = {"MANIFEST.json", "metrics.json", "metrics.jsonl", "stats.json", "README.md",
+                  "adapter_config.json", "model_card.md"}
 VOLATILE_SUFFIXES = {".png"}
 WORKER_TIMEOUT_S = 900
 

@@ -13,9 +13,11 @@ when the root is local the working directory *is* the artifact directory, so not
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +32,8 @@ from typing import Any
 import fsspec
 
 from cyclej.errors import CorruptArtifact, StorageError
+
+log = logging.getLogger("cyclej")
 
 MANIFEST = "MANIFEST.json"
 LEASE = "LEASE.json"
@@ -100,7 +104,11 @@ class ArtifactStore:
         else:
             protocol, root = "file", str(Path(root).expanduser().resolve())
         self.protocol = protocol
-        self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **self.storage_options)
+        try:
+            self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **self.storage_options)
+        except (ValueError, ImportError) as exc:  # an unknown scheme, or its fsspec back-end is missing
+            raise StorageError(f"storage {root}: unsupported ({_one_line(exc)}); use a local path, file://… "
+                               "or s3://bucket/prefix") from None
         self.root = self.fs._strip_protocol(root).rstrip("/")
         self.is_local = protocol in ("file", "local")
         default_cache = Path(os.environ.get("CYCLEJ_CACHE", Path.home() / ".cache" / "cyclej")) / "store"
@@ -213,8 +221,17 @@ class ArtifactStore:
             d = Path(self._path(stage, fp))
         else:
             d = self.cache_dir / "work" / _safe(self.root) / stage / fp
-        d.mkdir(parents=True, exist_ok=True)
+        self._local_write(f"create {d}", d.mkdir, parents=True, exist_ok=True)
         return d
+
+    def _local_write(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A write to local disk (the store itself when it is local, or the work/cache folder): a
+        read-only or full disk is the store's one-line error, like any remote failure."""
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            raise StorageError(f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: "
+                               f"{exc.strerror or _one_line(exc)}); check that it is writable and has space") from None
 
     def commit(self, stage: str, fp: str, local_dir: Path, metrics: dict[str, Any] | None = None) -> ArtifactRef:
         """Upload `local_dir` (checkpoints excluded) and write the manifest last."""
@@ -230,6 +247,7 @@ class ArtifactStore:
             "files": files,
             "metrics": metrics or {},
             "created": time.time(),
+            "run": run_label(),
         }
         raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
         self._write_bytes(f"{dest}/{MANIFEST}", raw)
@@ -237,18 +255,13 @@ class ArtifactStore:
 
     def _put(self, local: Path, remote: str) -> None:
         if self.is_local:
-            Path(remote).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, remote)
+            self._local_write(f"write {remote}", _copy_into_place, local, Path(remote))
         else:
             self._call(f"upload {remote}", self.fs.put_file, str(local), remote)
 
     def _write_bytes(self, remote: str, data: bytes) -> None:
         if self.is_local:
-            # Atomic on a local disk: a crash never leaves a half-written manifest.
-            Path(remote).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{remote}.tmp{os.getpid()}.{threading.get_ident()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, remote)
+            self._local_write(f"write {remote}", _write_atomically, Path(remote), data)
         else:
             self._call(f"write {remote}", self.fs.pipe_file, remote, data)
 
@@ -336,35 +349,59 @@ class ArtifactStore:
         # of the artifact leaves the checkpoints folder out.
         rel = f"{stage}/{fp}/{LEASE}" if checkpoint is None else f"{stage}/{fp}/{CHECKPOINTS}/{checkpoint}.{LEASE}"
         me = f"{_local_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        what = stage if checkpoint is None else f"{stage} {checkpoint}"
+        waited_for: dict[str, Any] | None = None  # the last other holder we saw (for the logs)
 
         def done() -> bool:
             if self.exists(stage, fp):
                 return True
             return checkpoint is not None and checkpoint in self.list_checkpoints(stage, fp)
 
+        def reused() -> None:
+            if waited_for is not None:
+                by = self._committed_by(stage, fp, checkpoint) or _describe_run(waited_for)
+                log.info("reused %s from run %s", what, by)
+
+        def claim() -> dict[str, Any]:
+            return {"owner": me, "expires": time.time() + ttl, "run": run_label()}
+
         while True:
             if done():
+                reused()
                 yield False
                 return
             held = self.get_json(rel)
-            if held is None or held.get("owner") == me or held.get("expires", 0) < time.time() or _dead_local(held):
-                self.put_json(rel, {"owner": me, "expires": time.time() + ttl})
+            if held is None or held.get("owner") == me or held.get("expires", 0) < time.time() \
+                    or _dead_local(held) or _orphaned_here(held):
+                _HELD_LEASES.add(me)  # from the claim on: another thread of ours must not take it as orphaned
+                try:
+                    self.put_json(rel, claim())
+                except BaseException:
+                    _HELD_LEASES.discard(me)
+                    raise
                 time.sleep(min(poll, 0.5))
                 held = self.get_json(rel)
                 if held is not None and held.get("owner") == me:
                     if not done():
                         break
                     # the previous holder committed, then released, while we were looking
+                    _HELD_LEASES.discard(me)
                     self.remove(rel)
+                    reused()
                     yield False
                     return
+                _HELD_LEASES.discard(me)
+            if held is not None and held.get("owner") != me and (
+                    waited_for is None or waited_for.get("owner") != held.get("owner")):
+                waited_for = held
+                log.info("waiting for run %s computing stage %s", _describe_run(held), what)
             time.sleep(poll)
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(ttl / 3):
                 try:
-                    self.put_json(rel, {"owner": me, "expires": time.time() + ttl})
+                    self.put_json(rel, claim())
                 except Exception:  # noqa: BLE001 - a missed renewal only risks a takeover after ttl
                     pass
 
@@ -375,7 +412,17 @@ class ArtifactStore:
         finally:
             stop.set()
             renewer.join(timeout=5)
-            self.remove(rel)
+            _HELD_LEASES.discard(me)
+            # Best effort: the stage's own error (say, a store that turned read-only) is the one to
+            # report, and a lease left behind is taken over at once (_orphaned_here, _dead_local).
+            with contextlib.suppress(StorageError):
+                self.remove(rel)
+
+    def _committed_by(self, stage: str, fp: str, checkpoint: str | None = None) -> str | None:
+        """The run that committed an artifact (or one checkpoint of it), from its manifest."""
+        path = self._path(stage, fp) if checkpoint is None else self._path(stage, fp, CHECKPOINTS, checkpoint)
+        got = self._read_manifest(path)
+        return None if got is None else got[0].get("run")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, stage: str, fp: str, name: str, local_dir: Path, keep: int | None = None) -> None:
@@ -389,7 +436,8 @@ class ArtifactStore:
         if not (self.is_local and Path(local_dir).resolve() == Path(dest)):
             for rel in files:
                 self._put(Path(local_dir) / rel, f"{dest}/{rel}")
-        raw = json.dumps({"name": name, "files": files, "created": time.time()}, sort_keys=True).encode()
+        raw = json.dumps({"name": name, "files": files, "created": time.time(), "run": run_label()},
+                         sort_keys=True).encode()
         self._write_bytes(f"{dest}/{MANIFEST}", raw)
         if keep is not None:
             for old in self.list_checkpoints(stage, fp)[:-keep]:
@@ -402,8 +450,8 @@ class ArtifactStore:
         else:
             d = self.cache_dir / "work" / _safe(self.root) / stage / fp / CHECKPOINTS / name
         if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
+            self._local_write(f"clear {d}", shutil.rmtree, d)
+        self._local_write(f"create {d}", d.mkdir, parents=True)
         return d
 
     def list_checkpoints(self, stage: str, fp: str) -> list[str]:
@@ -482,6 +530,41 @@ def _local_host() -> str:
     return f"{os.uname().nodename}.{ns}" if ns else os.uname().nodename
 
 
+_HELD_LEASES: set[str] = set()  # owner ids of the leases this process holds at this moment
+_run_label: str | None = None
+
+
+def set_run_label(label: str | None) -> None:
+    """Name this process's run in leases and manifests (the orchestrator's run name, e.g. Prefect's flow
+    run), so logs can say which run computed a stage and which one waited for it."""
+    global _run_label
+    _run_label = label
+
+
+def run_label() -> str:
+    """This process's run: the label set by the orchestrator, $CYCLEJ_RUN, or host and pid."""
+    return _run_label or os.environ.get("CYCLEJ_RUN") or f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _describe_run(lease: dict[str, Any]) -> str:
+    """'<run> (<host>, pid <pid>)' for the logs, from a lease file."""
+    host, _, rest = str(lease.get("owner", "")).partition(":")
+    pid = rest.partition(":")[0]
+    base, _, namespace = host.rpartition(".")
+    if base and namespace.isdigit():  # without _local_host's PID-namespace suffix
+        host = base
+    return f"{lease.get('run') or '?'} ({host}, pid {pid})"
+
+
+def _orphaned_here(lease: dict[str, Any]) -> bool:
+    """A lease this very process wrote but no longer holds (its holder failed and could not delete it,
+    e.g. on a store that turned read-only): stale at once. The process is alive, so neither its pid nor,
+    for ttl seconds, the expiry would say so, and an in-process retry waited ~75 s on itself."""
+    host, _, rest = str(lease.get("owner", "")).partition(":")
+    return host == _local_host() and rest.partition(":")[0] == str(os.getpid()) \
+        and lease.get("owner") not in _HELD_LEASES
+
+
 def _dead_local(lease: dict[str, Any]) -> bool:
     """A lease held by a process of this host that no longer exists (killed, OOM-killed): stale at once,
     no need to wait for its TTL. Leases of other hosts (pods) expire by TTL."""
@@ -496,6 +579,24 @@ def _dead_local(lease: dict[str, Any]) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _copy_into_place(local: Path, remote: Path) -> None:
+    remote.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(local, remote)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Atomic on a local disk: a crash never leaves a half-written manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp{os.getpid()}.{threading.get_ident()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a torn temporary file is never read; try not to leave it
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _safe(root: str) -> str:

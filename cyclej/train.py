@@ -288,6 +288,12 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -335,6 +341,9 @@ class _Trainer:
         # Asked of the plain model (a real forward check), before peft wraps it.
         self.packing = cfg.packing and formats.supports_packing(model)
         self.mask_dtype = next(model.parameters()).dtype
+        # Every RNG the loop saves in its checkpoints starts from the seed, not from whatever the process
+        # did before (another stage, a resumed one): a stage's trajectory must not depend on its neighbours.
+        _seed_rngs(cfg.seed)
         self.model, self.marker_rows = _make_trainable(model, cfg, marker_token_ids)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
         self.params = list(self.named_trainable.values())
