@@ -246,15 +246,36 @@ def main() -> None:
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
         raise SystemExit(130) from None
-    except Exception as exc:  # click usage errors and the like
-        import click
+    except Exception as exc:  # command-line usage errors
+        code = _usage_error_exit(exc)
+        if code is None:
+            raise
+        raise SystemExit(code) from None
 
-        if isinstance(exc, click.exceptions.UsageError):
-            typer.echo(f"cyclej: error: {exc.format_message()}", err=True)
-            raise SystemExit(2) from None
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code) from None
-        raise
+
+def _usage_error_exit(exc: Exception) -> int | None:
+    """The exit code for a command-line parsing error (after printing it on one line), or None for
+    anything else. Typer raises the classes of the click it vendors (`typer._click.exceptions`), which
+    are not click's: both are matched, and every one of them is bad input (exit 2)."""
+    import click
+
+    if isinstance(exc, typer.Exit | click.exceptions.Exit):
+        return int(exc.exit_code)
+    vendored: tuple[type[BaseException], ...] = ()
+    try:
+        from typer._click import exceptions as typer_click
+
+        vendored = (typer_click.ClickException,)
+        if isinstance(exc, typer_click.NoArgsIsHelpError):  # `cyclej` alone: the help, as click shows it
+            typer.echo(exc.format_message())
+            return 2
+    except ImportError:  # a typer that uses click itself
+        pass
+    if isinstance(exc, vendored + (click.exceptions.ClickException,)):
+        message = " ".join(str(exc.format_message()).split())  # type: ignore[attr-defined]
+        typer.echo(f"cyclej: error: {message} (see cyclej --help)", err=True)
+        return 2
+    return None
 
 
 if __name__ == "__main__":

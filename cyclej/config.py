@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cyclej.errors import BadInput
 
@@ -33,6 +41,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+STORAGE_SCHEMES = ("file", "s3")  # what ArtifactStore is built and tested for
+
+
 class StorageConfig(StrictModel):
     """Where artifacts live: a local path, ``file://…`` or ``s3://bucket/prefix``."""
 
@@ -43,6 +54,18 @@ class StorageConfig(StrictModel):
     secret: SecretStr | None = None
     # Local cache for artifacts fetched from remote storage (models must be on local disk to load).
     cache_dir: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _known_scheme(cls, root: str) -> str:
+        """Only what the store is built and tested for: a path, file://… or s3://… (gs://, az://… would
+        need fsspec back-ends that are not installed and have never been exercised here)."""
+        scheme = root.split("://", 1)[0] if "://" in root else "file"
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"unsupported scheme {scheme}:// (use a local path, file://… or s3://bucket/prefix)")
+        if not root.split("://", 1)[-1].strip("/"):
+            raise ValueError("no path or bucket after the scheme")
+        return root
 
 
 class DomainConfig(StrictModel):
@@ -349,7 +372,12 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
         if not isinstance(nxt, dict):
             raise BadInput(f"--set {dotted}: '{k}' is not a section")
         node = nxt
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInput(f"--set {dotted}={raw}: the value is not valid YAML ({problem}); quote a string, "
+                       "e.g. --set 'a.b=\"[1,\"'") from None
 
 
 def preset_path(name: str) -> Path:
