@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import psutil
 import pytest
 
 from cyclej.config import PipelineConfig, load_config
@@ -119,6 +121,26 @@ def run_artifacts(env: dict[str, str], flow_run_id: UUID) -> dict[str, Any]:
     return {a.key: a for a in sorted(arts, key=lambda a: a.created) if a.key}
 
 
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those not ended (a zombie has ended: only its exit status waits for a reaper)."""
+    running = []
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(p)
+    return running
+
+
+def kill_all(launcher: subprocess.Popen[bytes]) -> None:
+    """Whatever a test left: the launcher's process group and every process it started."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGKILL)
+
+
 def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
     server_env: dict[str, str], store_root: str, tmp_path: Path
 ) -> None:
@@ -192,3 +214,96 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
+
+
+def test_killed_run_process_is_crashed_at_once(server_env: dict[str, str], store_root: str) -> None:
+    """A `kill` fault (SIGKILL of the run process, like a lost pod): the CLI ends as killed and the run
+    is Crashed by the time it has, not "Running" for good; its open task run too. (That a new run then
+    resumes is the kill drill in test_drills.)"""
+    killed = run_cli(cyclej_args(store_root, 6), run_env(server_env, CYCLEJ_FAULT="context:3:kill"))
+    ended = time.monotonic()
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    flow_run_id = flow_run_id_from(killed.stderr)
+    run = wait_for_state(server_env, flow_run_id, {"CRASHED"}, timeout=5)
+    print(f"Crashed {time.monotonic() - ended:.1f} s after the CLI ended")
+    assert "killed by SIGKILL" in (run.state.message or "")
+    assert stage_states(server_env, flow_run_id)["context"] == "Crashed"
+
+
+@pytest.mark.slow  # two runs of context (~110 s on 2 loaded cores)
+def test_cancel_stops_the_run_within_seconds_and_the_next_run_resumes(
+    server_env: dict[str, str], store_root: str, tmp_path: Path
+) -> None:
+    """`prefect flow-run cancel` (the UI's Cancel) while `context` is stuck at step 3: the run process and
+    its children are gone within seconds, the run is Cancelled, and the next run resumes from step 2."""
+    cfg = config(store_root, 8)
+    store = ArtifactStore.from_config(cfg.storage)
+    fp = fingerprints(cfg)["context"]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, 8)], cwd=ROOT,
+                                    env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "step-00000002" not in store.list_checkpoints("context", fp):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(1.0)  # into the hang at step 3
+        flow_run_id = flow_run_id_from(log.read_text())
+        run_processes = psutil.Process(launcher.pid).children(recursive=True)
+        assert run_processes, "no run process"
+        start = time.monotonic()
+        cancel = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "cancel", str(flow_run_id)],
+                                env=run_env(server_env), capture_output=True, text=True, timeout=120)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        assert launcher.wait(timeout=30) == 130, log.read_text()[-3000:]
+        _, alive = psutil.wait_procs(run_processes, timeout=5)
+        gone = time.monotonic() - start
+        assert not still_running(alive), alive
+        run = wait_for_state(server_env, flow_run_id, {"CANCELLED"}, timeout=5)
+        print(f"cancel → processes gone and run {run.state.name} in {gone:.1f} s")
+        assert gone < 15
+        assert stage_states(server_env, flow_run_id)["context"] == "Cancelled"
+    finally:
+        kill_all(launcher)
+
+    resumed = run_cli(cyclej_args(store_root, 8), run_env(server_env))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref = store.ref("context", fp)
+    assert ref is not None and ref.metrics["resumed_from"] == ["step-00000002"]
+    new_run = flow_run_id_from(resumed.stderr)
+    assert stage_states(server_env, new_run) == {"data": "Cached", "context": "Completed"}
+    assert "(from the cache)" in str(run_artifacts(server_env, new_run)["data-metrics"].data)
+
+
+def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None:
+    """Issue 16: without PREFECT_API_URL the CLI starts a temporary server; SIGKILL the CLI (no atexit,
+    no clean-up) mid-run and count what is left: no server process, nothing on its port, no run process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), CYCLEJ_FAULT="context:3:hang", OMP_NUM_THREADS="1")
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
+                                     str(tmp_path / "store")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "Beginning flow run" not in log.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        m = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", log.read_text())
+        assert m is not None
+        port = int(m.group(1))
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+        servers = [p for p in descendants if "prefect.server.api.server:create_app" in " ".join(p.cmdline())]
+        assert len(servers) == 1 and len(descendants) >= 2, [p.cmdline() for p in descendants]
+        launcher.kill()  # the CLI only, not its process group: what is left is what it orphaned
+        launcher.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        left = still_running(alive)
+        assert not left, [p.cmdline() for p in left]
+        with contextlib.closing(socket.socket()) as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on the server's port {port}"
+    finally:
+        kill_all(launcher)
