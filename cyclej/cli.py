@@ -126,12 +126,17 @@ def translate(
     file: Annotated[str, typer.Argument(help="input lines; - for stdin")] = "-",
     batch_size: Annotated[int, typer.Option(help="lines per generation batch")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest output in tokens")] = 64,
+    backend: Annotated[
+        str, typer.Option(help="auto (vLLM when installed and the input is large enough), vllm or transformers")
+    ] = "auto",
 ) -> None:
     """Rewrite lines into domain a or b, one output line per input line."""
     from cyclej.translate import local_model_dir, translate_lines
 
     if to not in ("a", "b"):
         raise BadInput(f"--to {to}: must be a or b")
+    if backend not in ("auto", "vllm", "transformers"):
+        raise BadInput(f"--backend {backend}: must be auto, vllm or transformers")
     if file == "-":
         lines = sys.stdin.read().splitlines()
     else:
@@ -139,7 +144,10 @@ def translate(
         if not p.is_file():
             raise BadInput(f"{file}: no such file")
         lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-    out = translate_lines(str(local_model_dir(model)), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    out = translate_lines(
+        str(local_model_dir(model)), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        backend=backend,  # type: ignore[arg-type]
+    )
     for line in out:
         typer.echo(line)
 

@@ -160,6 +160,9 @@ class VllmConfig(StrictModel):
     tensor_parallel_size: int = Field(1, gt=0)
     max_model_len: int = Field(4096, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = Field(
+        False, description="skip torch.compile/CUDA graphs: starts in seconds instead of minutes, decodes slower"
+    )
 
 
 class RLVllmConfig(VllmConfig):
@@ -170,7 +173,7 @@ class RLVllmConfig(VllmConfig):
 
 
 class ParaphraseConfig(StrictModel):
-    backend: Literal["transformers", "vllm"] = "vllm"
+    backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
     instruction: str = (
         "Paraphrase the following text. Keep its meaning, tone and style; change the wording. "
         "Reply with the paraphrase only."
@@ -246,7 +249,7 @@ class RLConfig(StrictModel):
     # RL's own engine: it shares the GPU with the policy, its gradients and the discriminator, and its
     # sequences are short (prompt + rl.max_new_tokens), so it borrows nothing from paraphrase.vllm.
     vllm: RLVllmConfig = Field(default_factory=lambda: RLVllmConfig())
-    backend: Literal["transformers", "vllm"] = "vllm"
+    backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     optimizer_offload: bool = Field(
         False, description="keep the fp32 master weights and AdamW moments in CPU RAM (GPU keeps 4 bytes/param)"
@@ -284,7 +287,7 @@ class EvalConfig(StrictModel):
         description="the dev files of the two domains are line-aligned translations of each other "
         "(e.g. shakespeare dev.original/dev.modern): report reference BLEU against them",
     )
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
 
 
 class OrchestrationConfig(StrictModel):

