@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cyclej import engines
 from cyclej.config import STAGES, PipelineConfig
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore, fingerprint
@@ -167,6 +168,8 @@ def run_stage(
             ref = store.ref(name, fp)
             assert ref is not None
             return ref
+        # No stage starts while another stage's generation engine holds the device (cyclej.engines).
+        engines.release_all(starting=name)
         ref = stage_function(name)(cfg, {k: inputs[k] for k in SPECS[name].inputs}, store, progress)
     assert ref.fingerprint == fp, f"stage {name} wrote {ref.fingerprint}, expected {fp}"
     return ref

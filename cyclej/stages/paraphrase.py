@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
@@ -104,6 +105,7 @@ def _paraphraser(cfg: PipelineConfig) -> _Paraphraser:
         pc.system_prompt,
     )
     if key not in _PARAPHRASERS:
+        release_paraphrasers()  # one paraphraser in memory at a time: the old engine shut down first
         if pc.backend == "vllm":
             from transformers import AutoTokenizer
 
@@ -121,11 +123,19 @@ def _paraphraser(cfg: PipelineConfig) -> _Paraphraser:
         else:
             model, tokenizer = load_causal_lm(cfg.models.paraphraser)
             backend = make_backend("transformers", model, tokenizer, batch_size=pc.batch_size)
-        _PARAPHRASERS.clear()  # one paraphraser in memory at a time
         _PARAPHRASERS[key] = _Paraphraser(
             backend, PromptBuilder(tokenizer, pc.instruction, pc.system_prompt), tokenizer
         )
+        # Kept for the next shard, released (engine shut down) before any other stage starts.
+        engines.hold(STAGE, release_paraphrasers, reusable=True)
     return _PARAPHRASERS[key]
+
+
+def release_paraphrasers() -> None:
+    """Shut the cached paraphraser's engine down and drop it (vLLM frees its share of the GPU now)."""
+    for para in _PARAPHRASERS.values():
+        engines.close_backend(para.backend)
+    _PARAPHRASERS.clear()
 
 
 def _embedder(cfg: PipelineConfig) -> Embed | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
 from cyclej.generate import GenerationBackend
@@ -89,6 +90,8 @@ def run_rl(
     )
     trainer.optimizer.set_masters(exact)
     del exact
+    if not trainer.owns_backend:  # a vLLM engine: shut down at the end, or before the next stage if we fail
+        engines.hold(STAGE, lambda: engines.close_backend(trainer.backend))
 
     latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
@@ -113,6 +116,7 @@ def run_rl(
                 store.save_checkpoint(STAGE, fp, name, ckpt, keep=rcfg.keep_checkpoints)
                 last_save = time.monotonic()
 
+    engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval
     # Saved from the fp32 masters: bf16 weights would round away the updates smaller than half a bf16 step
     # (the card's RL steps are ~1e-8 per weight), i.e. nearly all of RL.
     save_model(fp32_with_masters(policy.to("cpu"), trainer.optimizer), tokenizer, work / "model")
