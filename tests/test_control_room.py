@@ -307,3 +307,32 @@ def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on the server's port {port}"
     finally:
         kill_all(launcher)
+
+
+def test_automations_file_creates_crash_detection_and_a_failure_notification(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    """deployments/automations.yaml, with a real notification block's id put in, is accepted by the
+    server through `prefect automation create --from-file`, as its header tells users to do."""
+    import yaml
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
+        block_id = CustomWebhookNotificationBlock(name="cyclej-test", url="http://127.0.0.1:9/hook").save(
+            "cyclej-test-notify", overwrite=True)
+    spec = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
+    for automation in spec["automations"]:
+        for action in automation["actions"]:
+            if action["type"] == "send-notification":
+                action["block_document_id"] = str(block_id)
+    path = tmp_path / "automations.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "automation", "create", "--from-file",
+                              str(path)], env=run_env(server_env), capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    with client_for(server_env) as client:
+        automations = {a.name: a for a in client.read_automations()}
+    crash = automations["cyclej-crashed-when-heartbeats-stop"]
+    assert crash.trigger.posture.value == "Proactive" and crash.actions[0].state.value == "CRASHED"
+    assert automations["cyclej-notify-on-failure"].actions[0].block_document_id == block_id

@@ -51,6 +51,9 @@ def test_yaml_configs_are_the_presets_and_gpu_stages_use_the_plan() -> None:
         jv = pool["job_variables"]
         assert {k: jv[k] for k in ("gpu_type_id", "gpu_count")} == plans[stage].job_variables(), stage
         assert jv["image"] and jv["volume_mount_path"] == "/runpod-volume"
+        # a GPU stage waits for a slot (ENQUEUE) rather than renting a pod beyond its limit
+        assert deps[stage]["concurrency_limit"] == {"limit": 2, "collision_strategy": "ENQUEUE"}, stage
+    assert deps["pipeline"]["concurrency_limit"]["limit"] == 1
     assert deps["pipeline"]["schedules"][0]["cron"] and deps["pipeline"]["schedules"][0]["active"] is False
 
 
@@ -151,6 +154,9 @@ def test_deploy_all() -> None:
     expected = {f"{s}@{'cyclej-local' if s in ('data', 'merge') else 'cyclej-gpu'}" for s in STAGES}
     assert expected | {"pipeline@cyclej-local", "demo@cyclej-local"} <= set(deployed)
     assert deployed["rl@cyclej-gpu"].job_variables["gpu_type_id"] == "NVIDIA H200"
+    limit = deployed["rl@cyclej-gpu"].global_concurrency_limit
+    assert limit is not None and limit.limit == 2
+    assert deployed["rl@cyclej-gpu"].concurrency_options.collision_strategy == "ENQUEUE"
     assert deployed["context@cyclej-gpu"].pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/cyclej"}}]
     schedule = deployed["pipeline@cyclej-local"].schedules[0]
