@@ -46,6 +46,27 @@ GPTJ_TABLE_HOLDERS = ("GPTJAttention", "GPTJRotaryEmbedding")
 
 
 # ---- loading ----------------------------------------------------------------------------------------
+def _model_folder_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a folder that is not a loadable model: missing or unreadable files
+    (OSError, also for a config.json that is not JSON), values of the wrong type or shape (ValueError,
+    huggingface_hub's strict-dataclass errors), weights that are not safetensors (SafetensorError).
+    Not RuntimeError: out-of-memory and device errors are not the user's input."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, StrictDataclassError, SafetensorError)
+
+
+MODEL_FOLDER_ERRORS = _model_folder_errors()
+
+
+def cannot_load(spec: str, exc: BaseException) -> BadInput:
+    """The one-line error for a model folder (or hub id) that does not load."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return BadInput(f"model {spec}: cannot load ({type(exc).__name__}: {first}); give a local model directory, "
+                    "a built-in name or a hub id reachable from this machine")
+
+
 def load_model(
     path_or_spec: str,
     markers: list[str] | None = None,
@@ -63,11 +84,8 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except OSError as exc:
-        raise BadInput(
-            f"model {path_or_spec}: cannot load ({str(exc).splitlines()[0][:160]}); "
-            "give a local model directory, a built-in name or a hub id reachable from this machine"
-        ) from None
+    except MODEL_FOLDER_ERRORS as exc:
+        raise cannot_load(path_or_spec, exc) from None
     if gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # GGUF weights are dequantized on load; drop the quantizer so save_pretrained writes plain tensors.
         model.hf_quantizer.remove_quantization_config(model)

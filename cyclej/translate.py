@@ -31,8 +31,9 @@ from cyclej.generate import (
     choose_backend,
     close_backend,
     make_backend,
+    newline_token_ids,
 )
-from cyclej.modeling import load_model, marker_token_ids, save_model
+from cyclej.modeling import MODEL_FOLDER_ERRORS, cannot_load, load_model, marker_token_ids, save_model
 from cyclej.models import cache_root
 from cyclej.store import ArtifactStore
 from cyclej.train import ADAPTER_BASE, MARKER_ROWS_FILE
@@ -214,7 +215,10 @@ def model_markers(model_dir: str | Path, tokenizer: PreTrainedTokenizerBase | No
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except MODEL_FOLDER_ERRORS as exc:
+            raise cannot_load(str(model_dir), exc) from None
     extra = list(getattr(tokenizer, "extra_special_tokens", None) or [])
     extra = extra or list(getattr(tokenizer, "additional_special_tokens", None) or [])
     if len(extra) < 2:
