@@ -54,7 +54,7 @@ from cyclej.discriminator import Discriminator
 from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.formats import encode_text, eos_id
-from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend
+from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, newline_token_ids
 from cyclej.optim import MasterAdamW
 from cyclej.precision import use_bf16
 
@@ -323,9 +323,11 @@ class RLTrainer:
             [self.marker_ids[d], *encode_text(self.tokenizer, text), self.marker_ids[OTHER[d]]]
             for d, text in picked
         ]
+        # A translation is one line: a line break ends it, as EOS does (and EOS is what gets trained).
+        line_end = newline_token_ids(self.tokenizer)
         settings = SamplingSettings(
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
-            seed=(cfg.seed * 1_000_003 + step) * 1009,
+            seed=(cfg.seed * 1_000_003 + step) * 1009, stop_ids=line_end,
         )
         groups = self.backend.generate(prompts, settings)
         ro = Rollouts(group_size=G)
@@ -344,7 +346,7 @@ class RLTrainer:
                 [self.marker_ids[t], *self._strip_eos(c), self.marker_ids[s]]
                 for c, s, t in zip(ro.completion_ids, ro.source_domains, ro.target_domains, strict=True)
             ]
-            greedy = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1)
+            greedy = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1, stop_ids=line_end)
             back = self.backend.generate(back_prompts, greedy)
             ro.back_translations = [self.tokenizer.decode(b[0], skip_special_tokens=True).strip() for b in back]
         else:

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -285,6 +286,8 @@ class ModelTranslator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.backend: GenerationBackend | None = None
+        # Per line of the last call: True when its generation ran to the token limit without ending.
+        self.last_runaway: list[bool] = []
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.markers: tuple[str, str] | None = None
         if model is not None:
@@ -314,7 +317,57 @@ class ModelTranslator:
             assert self.loader is not None
             self._set(*self.loader())
         assert self.backend is not None and self.tokenizer is not None and self.markers is not None
-        return translate_with_backend(self.backend, self.tokenizer, lines, to, self.markers, self.max_new_tokens)
+        done = translate_detailed(self.backend, self.tokenizer, lines, to, self.markers, self.max_new_tokens)
+        self.last_runaway = [t.runaway for t in done]
+        return [t.text for t in done]
+
+
+@dataclass(frozen=True)
+class Translation:
+    """One output line, and whether its generation ran away: no EOS and no line break before its token
+    limit (for line-based text a sign of babble, reported by the evaluation)."""
+
+    text: str
+    runaway: bool
+
+
+def output_token_limit(source_tokens: int, cap: int) -> int:
+    """How many tokens a translation of a `source_tokens`-token line may take: twice the source plus a
+    little (a rewrite of a line is about as long as the line), never more than `cap`."""
+    return max(1, min(cap, 2 * source_tokens + 8))
+
+
+def translate_detailed(
+    backend: GenerationBackend,
+    tokenizer: PreTrainedTokenizerBase,
+    lines: list[str],
+    to: Domain,
+    markers: tuple[str, str] | list[str],
+    max_new_tokens: int = 64,
+) -> list[Translation]:
+    """Greedy `{D_src}{line}{D_tgt}` completions, batched by the backend, one line each: generation stops
+    at EOS or at a line break, and each line may take `output_token_limit` of its source's tokens."""
+    if to not in ("a", "b"):
+        raise BadInput(f"--to {to}: choose a or b")
+    if not lines:
+        return []
+    a_id, b_id = marker_token_ids(tokenizer, list(markers))
+    src_id, tgt_id = (a_id, b_id) if to == "b" else (b_id, a_id)
+    prompts = [rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
+    limits = [output_token_limit(len(p) - 2, max_new_tokens) for p in prompts]
+    settings = SamplingSettings(
+        max_new_tokens=max(limits), temperature=0.0, stop_ids=newline_token_ids(tokenizer)
+    )
+    completions = backend.generate(prompts, settings)
+    stopped = getattr(backend, "last_stopped", None) or [[False] for _ in prompts]
+    out = []
+    for per_prompt, ended, limit in zip(completions, stopped, limits, strict=True):
+        tokens = per_prompt[0] if per_prompt else []
+        # The batch ran to the longest limit; a line that went past its own limit ran away.
+        runaway = len(tokens) > limit or (not ended[0] and len(tokens) >= limit)
+        text = _one_line(tokenizer.decode(tokens[:limit], skip_special_tokens=True))
+        out.append(Translation(text, runaway))
+    return out
 
 
 def translate_with_backend(
@@ -325,16 +378,8 @@ def translate_with_backend(
     markers: tuple[str, str] | list[str],
     max_new_tokens: int = 64,
 ) -> list[str]:
-    """Greedy `{D_src}{line}{D_tgt}` completions, batched by the backend; one output line per input line."""
-    if to not in ("a", "b"):
-        raise BadInput(f"--to {to}: choose a or b")
-    if not lines:
-        return []
-    a_id, b_id = marker_token_ids(tokenizer, list(markers))
-    src_id, tgt_id = (a_id, b_id) if to == "b" else (b_id, a_id)
-    prompts = [rl_prompt(tokenizer, src_id, line.strip(), tgt_id) for line in lines]
-    completions = backend.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0))
-    return [_one_line(tokenizer.decode(c[0] if c else [], skip_special_tokens=True)) for c in completions]
+    """`translate_detailed`, the lines only."""
+    return [t.text for t in translate_detailed(backend, tokenizer, lines, to, markers, max_new_tokens)]
 
 
 def translate_with_model(

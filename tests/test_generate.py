@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cyclej.errors import BadInput
 from cyclej.generate import (
     SamplingSettings,
     TransformersBackend,
@@ -162,33 +160,4 @@ def test_bad_backend_requests_are_refused(tokenizer) -> None:  # type: ignore[no
         TransformersBackend(tiny_llama(), tokenizer).generate([[]], SamplingSettings(max_new_tokens=2))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
-def test_vllm_backend_without_vllm_names_the_fix() -> None:
-    with pytest.raises(BadInput, match=r"pip install \.\[gpu\]"):
-        make_backend("vllm", "tiny-llama")
-
-
-def test_vllm_backend_matches_transformers_and_takes_new_weights(tmp_path: Path, tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("vllm", reason="vllm does not import here (GPU workers only: pip install .[gpu])")
-    from cyclej.generate import VllmBackend
-
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    settings = SamplingSettings(max_new_tokens=6)
-    vllm_backend = VllmBackend(str(tmp_path / "m"), max_model_len=256, gpu_memory_utilization=0.3)
-    got = vllm_backend.generate(prompts, settings)
-    assert got == TransformersBackend(model, tokenizer).generate(prompts, settings)
-    # An RL weight push: the engine now answers as the new weights do.
-    other = tiny_llama(seed=1)
-    vllm_backend.load_weights(other.state_dict())
-    assert vllm_backend.generate(prompts, settings) == TransformersBackend(other, tokenizer).generate(
-        prompts, settings
-    )
-    sampled = vllm_backend.generate(
-        prompts[:2], SamplingSettings(max_new_tokens=4, temperature=1.0, n=3, seed=5)
-    )
-    assert [len(s) for s in sampled] == [3, 3]
-    assert sampled == vllm_backend.generate(
-        prompts[:2], SamplingSettings(max_new_tokens=4, temperature=1.0, n=3, seed=5)
-    )
+# vLLM: tests/test_vllm.py (a vLLM-servable tiny model, one engine per module).

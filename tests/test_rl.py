@@ -333,32 +333,5 @@ def test_injected_oom_halves_the_rollout_micro_batch_and_finishes(
     assert rows[:3] == deterministic_lines(straight / "metrics.jsonl")[:3]
 
 
-def _vllm_missing() -> str | None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
-        return f"vllm does not import here ({exc})"
-    return None if torch.cuda.is_available() else "vLLM needs a CUDA GPU"
+# RL rollouts on a vLLM engine: tests/test_vllm.py.
 
-
-@pytest.mark.skipif(_vllm_missing() is not None, reason=str(_vllm_missing()))
-def test_vllm_rollouts_follow_the_policy_after_each_update(tmp_path: Path) -> None:
-    from cyclej.generate import SamplingSettings, TransformersBackend, VllmBackend
-
-    policy, tok = load_model("tiny-llama", markers=MARKERS)
-    save_model(policy, tok, tmp_path / "model")
-    ida, idb = marker_token_ids(tok, MARKERS)
-    engine = VllmBackend(str(tmp_path / "model"), max_model_len=128, gpu_memory_utilization=0.3)
-    policy.to("cuda")
-    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=4, rollout_micro_batch=2, max_new_tokens=6, lr=1e-2,
-                   max_grad_norm=1.0, warmup_ratio=0.0, backend="vllm", precision="fp32")
-
-    def spread(ro: Rollouts) -> dict[str, list[float]]:
-        return {"c": [float(i % 4) for i in range(len(ro))]}
-
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, SOURCES, spread, {"c": 1.0}, backend=engine,
-                        back_translate=False)
-    trainer.step()
-    prompt = [[ida, *tok("great food", add_special_tokens=False)["input_ids"], idb]]
-    greedy = SamplingSettings(max_new_tokens=6)
-    assert engine.generate(prompt, greedy) == TransformersBackend(policy, tok).generate(prompt, greedy)

@@ -172,3 +172,49 @@ def test_adapter_artifacts_translate_through_their_base(
     (moved / "base.json").write_text("{}")
     with pytest.raises(BadInput, match="base.json: not a JSON object with stage and fingerprint"):
         local_model_dir(str(moved))
+
+
+# ---- translations end where a line ends ----------------------------------------------------------------
+def test_newline_tokens_are_found_in_the_vocabulary() -> None:
+    from transformers import AutoTokenizer
+
+    from cyclej.generate import newline_token_ids
+    from cyclej.models import tiny_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    ids = newline_token_ids(tok)
+    assert ids and all("\n" in tok.decode([i]) or "\r" in tok.decode([i]) for i in ids)
+    assert set(tok("a\nb", add_special_tokens=False)["input_ids"]) & ids
+    assert not set(tok("no line break here", add_special_tokens=False)["input_ids"]) & ids
+
+
+def test_generation_stops_at_an_extra_stop_token_and_says_so(tiny_model_dir: Path) -> None:
+    from cyclej.generate import SamplingSettings, TransformersBackend
+
+    model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
+    backend = TransformersBackend(model, tok)
+    prompt = [[5, 6, 7, 8]]
+    free = backend.generate(prompt, SamplingSettings(max_new_tokens=6))[0][0]
+    assert len(free) == 6 and backend.last_stopped == [[False]]  # ran to its limit
+    stop_at = free[2]  # the third greedy token, made a stop token
+    cut = backend.generate(prompt, SamplingSettings(max_new_tokens=6, stop_ids=frozenset({stop_at})))[0][0]
+    assert cut == free[: free.index(stop_at)] and backend.last_stopped == [[True]]
+
+
+def test_translations_are_capped_by_source_length_and_runaways_are_flagged(tiny_model_dir: Path) -> None:
+    from cyclej.generate import SamplingSettings, TransformersBackend
+    from cyclej.translate import output_token_limit, rl_prompt, translate_detailed
+
+    model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
+    backend = TransformersBackend(model, tok)
+    lines = ["ok .", "the food was cold and the waiter was rude and the soup was bland ."]
+    out = translate_detailed(backend, tok, lines, "b", MARKERS, max_new_tokens=64)
+    a_id, b_id = (tok.convert_tokens_to_ids(m) for m in MARKERS)
+    # A random tiny model never ends a line: each output stops at its own limit and is flagged a runaway.
+    for line, t in zip(lines, out, strict=True):
+        prompt = rl_prompt(tok, a_id, line, b_id)
+        limit = output_token_limit(len(prompt) - 2, 64)
+        free = backend.generate([prompt], SamplingSettings(max_new_tokens=64))[0][0]
+        assert t.runaway and "\n" not in t.text
+        assert t.text == " ".join(tok.decode(free[:limit], skip_special_tokens=True).split())
+    assert output_token_limit(3, 64) == 14 and output_token_limit(100, 64) == 64
