@@ -281,7 +281,13 @@ class EvalConfig(StrictModel):
     max_examples: int = Field(200, gt=0, description="dev lines per domain to translate")
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
-    fluency_model: str | None = Field(None, description="LM for perplexity; default: the base model")
+    fluency_order: int = Field(3, ge=1, le=5, description="n of the target-domain n-gram LM that judges fluency")
+    fluency_percentile: float = Field(
+        97.5, gt=50.0, le=100.0,
+        description="fluent: perplexity at most this percentile, and SLOR at least 100 minus it, of held-out "
+        "real train lines of the target domain",
+    )
+    fluency_max_lines: int = Field(50_000, ge=20, description="train lines per domain the fluency LM reads")
     references: bool = Field(
         False,
         description="the dev files of the two domains are line-aligned translations of each other "

@@ -7,8 +7,13 @@ Per system and direction (a→b, b→a) and pooled over both ("overall"):
 - self_bleu   corpus BLEU (sacrebleu) of the outputs against their sources (content kept, or copied);
 - similarity  mean cosine similarity of output and source sentence embeddings (cfg.models.embedder);
 - ref_bleu    corpus BLEU against human references, when the dev sets are line-aligned translations;
-- perplexity  token-level perplexity of the outputs under the fluency LM (cfg.eval.fluency_model, by
-              default the base model), and `fluent`, the share of outputs at or below the threshold;
+- perplexity  per-word perplexity of the outputs under a Kneser-Ney trigram LM of the *target* domain's
+              train lines (cyclej.fluency), and `fluent`, the share of outputs that LM's calibrated
+              thresholds call fluent (real held-out lines of the domain pass ~95 %; babble, loops,
+              off-topic text and runaways do not);
+- runaway     the share of outputs whose generation hit its token limit without ending (no EOS, no line
+              break), for systems that report it (`last_runaway`, as ModelTranslator does);
+- length_ratio mean over sentences of output words / source words;
 - cycle_bleu  corpus BLEU of the back-translation (output translated back) against the source;
 - J           mean over sentences of acc_i × sim_i × fluent_i (see J_DEFINITION).
 
@@ -32,6 +37,7 @@ import sacrebleu
 import torch
 
 from cyclej.config import PipelineConfig
+from cyclej.fluency import DomainFluency, SentenceFluency, corpus_perplexity
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.progress import Progress
 from cyclej.store import ArtifactStore
@@ -40,17 +46,19 @@ from cyclej.translate import ModelTranslator, load_for_translation, local_model_
 Domain = Literal["a", "b"]
 System = Callable[[list[str], Domain], list[str]]
 
-FLUENCY_PERCENTILE = 90.0
 J_DEFINITION = (
     "J = mean over translated sentences i of acc_i × sim_i × fluent_i, where acc_i = 1 if the style judge "
     "assigns output i to the target domain (else 0), sim_i = max(0, cosine similarity of the sentence "
-    "embeddings of output i and its source), and fluent_i = 1 if the perplexity of output i under the "
-    "fluency LM is at most the fluency threshold: the {pct:g}th percentile of the per-sentence perplexities "
-    "of the real dev sentences of both domains under the same LM ({threshold:.2f}); an empty output is "
-    "never fluent."
+    "embeddings of output i and its source), and fluent_i = 1 if output i is fluent text of the target "
+    "domain: non-empty, its generation ended (not a runaway), no word 3-gram occurs 3 or more times in it, "
+    "and under a Kneser-Ney {order}-gram LM of the target domain's train lines its per-word perplexity "
+    "(the end of the line counted as a word) is at most the {pct:g}th percentile and its SLOR (per-word "
+    "log-probability minus that under word frequencies alone) at least the {low:g}th percentile of those of "
+    "held-out train lines of the domain, which the LM was not fitted on ({thresholds})."
 )
 METRICS: tuple[str, ...] = (
-    "style_acc", "self_bleu", "similarity", "ref_bleu", "perplexity", "fluent", "cycle_bleu", "J",
+    "style_acc", "self_bleu", "similarity", "ref_bleu", "perplexity", "fluent", "runaway", "length_ratio",
+    "cycle_bleu", "J",
 )
 SYSTEM_COPY = "copy-input"
 SYSTEM_2A = "INTERMEDIATE-2A"
@@ -58,9 +66,18 @@ SYSTEM_3 = "INTERMEDIATE-3"
 SYSTEM_RL = "CYCLE-J"
 
 
-def copy_system(lines: list[str], to: Domain) -> list[str]:
-    """The baseline: every sentence returned unchanged (perfect content, no style change)."""
-    return list(lines)
+class CopySystem:
+    """The baseline: every sentence returned unchanged (perfect content, no style change, always ends)."""
+
+    def __init__(self) -> None:
+        self.last_runaway: list[bool] = []
+
+    def __call__(self, lines: list[str], to: Domain) -> list[str]:
+        self.last_runaway = [False] * len(lines)
+        return list(lines)
+
+
+copy_system = CopySystem()
 
 
 # ---- the report ---------------------------------------------------------------------------------------
@@ -71,8 +88,7 @@ class EvalReport:
     judge_dev_accuracy: float
     judge_dev_accuracy_a: float
     judge_dev_accuracy_b: float
-    fluency_threshold: float
-    fluency_model: str
+    fluency: dict[str, dict[str, Any]]  # per target domain ("a", "b"): DomainFluency.summary()
     embedder: str
     domains: tuple[str, str]
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -80,7 +96,13 @@ class EvalReport:
 
     @property
     def j_definition(self) -> str:
-        return J_DEFINITION.format(pct=FLUENCY_PERCENTILE, threshold=self.fluency_threshold)
+        first = next(iter(self.fluency.values()), {})
+        pct = float(first.get("percentile", 0.0))
+        thresholds = "; ".join(
+            f"{name}: perplexity ≤ {f.get('max_perplexity', math.inf):.1f}, SLOR ≥ {f.get('min_slor', -math.inf):.3f}"
+            for name, f in zip(self.domains, self.fluency.values(), strict=False)
+        )
+        return J_DEFINITION.format(order=first.get("order", 3), pct=pct, low=100.0 - pct, thresholds=thresholds)
 
     def table_markdown(self, rows: list[dict[str, Any]] | None = None) -> str:
         rows = self.rows if rows is None else rows
@@ -120,8 +142,13 @@ class EvalReport:
             "line-aligned human references (empty when the dev sets have none); **cycle_bleu**: of the "
             "back-translations against the sources.",
             f"- **similarity**: mean cosine similarity of sentence embeddings of output and source ({self.embedder}).",
-            f"- **perplexity**: token-level perplexity of the outputs under {self.fluency_model}; **fluent**: share "
-            f"of outputs with sentence perplexity ≤ {self.fluency_threshold:.2f}.",
+            "- **perplexity**: per-word perplexity (end of line counted) of the outputs under a Kneser-Ney "
+            "n-gram LM of the target domain's train lines; **fluent**: share of outputs judged fluent text of "
+            "the target domain (definition under J). Fluency LMs: "
+            + "; ".join(f"{name}: {_fluency_text(f)}" for name, f in zip(self.domains, self.fluency.values(),
+                                                                         strict=False)) + ".",
+            "- **runaway**: share of outputs whose generation reached its token limit without an EOS or a line "
+            "break (– for systems that do not report it); **length_ratio**: mean of output words / source words.",
             f"- **{self.j_definition}**",
             "",
         ])
@@ -153,11 +180,16 @@ class EvalReport:
             "judge_dev_accuracy": self.judge_dev_accuracy,
             "judge_dev_accuracy_a": self.judge_dev_accuracy_a,
             "judge_dev_accuracy_b": self.judge_dev_accuracy_b,
-            "fluency_threshold": self.fluency_threshold,
-            "fluency_model": self.fluency_model,
+            "fluency": self.fluency,
             "embedder": self.embedder,
             "j_definition": self.j_definition,
         }
+
+
+def _fluency_text(f: dict[str, Any]) -> str:
+    return (f"{f.get('order')}-gram, {f.get('vocabulary')} words, fitted on {f.get('fitted_lines')} train lines, "
+            f"thresholds set on {f.get('held_out_lines')} held-out ones (of which {f.get('held_out_fluent', 0):.1%} "
+            "are judged fluent)")
 
 
 def _fmt(v: Any) -> str:
@@ -208,61 +240,14 @@ class Embedder:
         return [s if x.strip() and y.strip() else 0.0 for s, x, y in zip(sims, xs, ys, strict=True)]
 
 
-class FluencyLM:
-    """Per-sentence negative log-likelihood under a causal LM (the first token conditioned on BOS/EOS)."""
-
-    def __init__(self, spec: str) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from cyclej.models import resolve_model
-
-        path = resolve_model(spec)
-        self.spec = spec
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        dtype = torch.bfloat16 if _device() == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(_device()).eval()
-        tok = self.tokenizer
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self.start_id: int = 0 if start is None else int(start)
-
-    @torch.no_grad()
-    def nll(self, texts: list[str], batch_size: int = 16) -> list[tuple[float, int]]:
-        """(summed NLL in nats, token count) per text; (0.0, 0) for an empty text."""
-        ids = [self.tokenizer(t, add_special_tokens=False).input_ids if t.strip() else [] for t in texts]
-        out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
-        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))
-        device = next(self.model.parameters()).device
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = 1 + max(len(ids[i]) for i in idx)
-            batch = torch.zeros((len(idx), width), dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = [self.start_id, *ids[i]]
-                batch[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            logits = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            target = batch[:, 1:].to(device)
-            tok_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask[:, 1:].to(device)
-            for row, i in enumerate(idx):
-                out[i] = (float(tok_nll[row].sum()), len(ids[i]))
-        return out
-
-
-def sentence_perplexity(nll: tuple[float, int]) -> float:
-    total, n = nll
-    return math.exp(total / n) if n else math.inf
-
-
-def corpus_perplexity(nlls: list[tuple[float, int]]) -> float:
-    total = sum(t for t, _ in nlls)
-    n = sum(k for _, k in nlls)
-    return math.exp(total / n) if n else math.inf
-
-
 def bleu(hyps: list[str], refs: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(hyps, [refs]).score) if hyps else 0.0
+
+
+def length_ratio(outputs: list[str], sources: list[str]) -> float:
+    """Mean over sentences of output words / source words (sources without words skipped)."""
+    ratios = [len(o.split()) / len(s.split()) for o, s in zip(outputs, sources, strict=True) if s.split()]
+    return float(np.mean(ratios)) if ratios else 0.0
 
 
 def j_score(acc: list[float], sim: list[float], fluent: list[float]) -> float:
@@ -270,11 +255,6 @@ def j_score(acc: list[float], sim: list[float], fluent: list[float]) -> float:
     if not acc:
         return 0.0
     return float(np.mean([a * max(0.0, s) * f for a, s, f in zip(acc, sim, fluent, strict=True)]))
-
-
-def fluency_threshold(real_nlls: list[tuple[float, int]], percentile: float = FLUENCY_PERCENTILE) -> float:
-    ppl = [sentence_perplexity(x) for x in real_nlls if x[1] > 0]
-    return float(np.percentile(ppl, percentile)) if ppl else math.inf
 
 
 # ---- the evaluation ------------------------------------------------------------------------------------
@@ -289,9 +269,10 @@ class _Run:
     outputs: list[str]
     back: list[str]
     references: list[str] | None
+    runaway: list[bool] | None  # None: the system does not report it
     acc: list[float] = field(default_factory=list)
     sim: list[float] = field(default_factory=list)
-    nll: list[tuple[float, int]] = field(default_factory=list)
+    fluency: list[SentenceFluency] = field(default_factory=list)
     fluent: list[float] = field(default_factory=list)
 
 
@@ -302,6 +283,7 @@ def _row(system: str, runs: list[_Run]) -> dict[str, Any]:
     acc = [x for r in runs for x in r.acc]
     sim = [x for r in runs for x in r.sim]
     fluent = [x for r in runs for x in r.fluent]
+    runaway = None if any(r.runaway is None for r in runs) else [x for r in runs for x in r.runaway or []]
     with_refs = [r for r in runs if r.references is not None]
     ref_bleu = (
         bleu([o for r in with_refs for o in r.outputs], [x for r in with_refs for x in r.references or []])
@@ -314,8 +296,10 @@ def _row(system: str, runs: list[_Run]) -> dict[str, Any]:
         "self_bleu": bleu(outputs, sources),
         "similarity": float(np.mean(sim)) if sim else 0.0,
         "ref_bleu": ref_bleu,
-        "perplexity": corpus_perplexity([x for r in runs for x in r.nll]),
+        "perplexity": corpus_perplexity([x for r in runs for x in r.fluency]),
         "fluent": float(np.mean(fluent)) if fluent else 0.0,
+        "runaway": float(np.mean(runaway)) if runaway else (None if runaway is None else 0.0),
+        "length_ratio": length_ratio(outputs, sources),
         "cycle_bleu": bleu(back, sources),
         "J": j_score(acc, sim, fluent),
     }
@@ -377,11 +361,12 @@ def evaluate(
             for source_domain, target in (("a", "b"), ("b", "a")):
                 sources = src[source_domain]
                 outputs = _checked(system(sources, target), sources, name)  # type: ignore[arg-type]
+                runaway = _runaway_flags(system, len(outputs))
                 bar.update(1)
                 back = _checked(system(outputs, source_domain), outputs, name)  # type: ignore[arg-type]
                 bar.update(1)
                 runs.append(_Run(name, f"{source_domain}->{target}", target, sources, outputs, back,  # type: ignore[arg-type]
-                                 refs.get(source_domain)))  # type: ignore[arg-type]
+                                 refs.get(source_domain), runaway))  # type: ignore[arg-type]
             release = getattr(system, "release", None)
             if callable(release):
                 release()
@@ -394,14 +379,17 @@ def evaluate(
         r.sim = embedder.similarity(r.outputs, r.sources)
     del embedder
 
-    # 3. Fluency: the threshold from real dev text under the same LM.
-    fluency_spec = ev.fluency_model or cfg.models.base
-    lm = FluencyLM(fluency_spec)
-    threshold = fluency_threshold(lm.nll(src["a"] + src["b"], ev.batch_size))
+    # 3. Fluency in the target domain: an n-gram LM per domain, thresholds from its held-out train lines.
+    fluency = {
+        d: DomainFluency.fit(lines, ev.fluency_order, ev.fluency_percentile, ev.fluency_max_lines)
+        for d, lines in (("a", train_a), ("b", train_b))
+    }
     for r in runs:
-        r.nll = lm.nll(r.outputs, ev.batch_size)
-        r.fluent = [1.0 if sentence_perplexity(x) <= threshold else 0.0 for x in r.nll]
-    del lm
+        judge_of_target = fluency[r.target]
+        r.fluency = judge_of_target.score(r.outputs)
+        ran_away = r.runaway or [False] * len(r.outputs)
+        r.fluent = [1.0 if judge_of_target.is_fluent(s) and not gone else 0.0
+                    for s, gone in zip(r.fluency, ran_away, strict=True)]
 
     rows = [_row(name, [r for r in runs if r.system == name]) for name in systems]
     direction_rows = [{**_row(r.system, [r]), "direction": r.direction} for r in runs]
@@ -411,8 +399,7 @@ def evaluate(
         judge_dev_accuracy=judge.dev_accuracy,
         judge_dev_accuracy_a=judge.dev_accuracy_a,
         judge_dev_accuracy_b=judge.dev_accuracy_b,
-        fluency_threshold=threshold,
-        fluency_model=fluency_spec,
+        fluency={d: f.summary() for d, f in fluency.items()},
         embedder=cfg.models.embedder,
         domains=(cfg.domain_a.name, cfg.domain_b.name),
         examples=_examples(runs, list(systems)),
@@ -443,6 +430,12 @@ def model_label(model_dir: Path) -> str:
     return f"{p.parent.parent.name}/{p.parent.name}" if p.name == "model" else p.name
 
 
+def _runaway_flags(system: System, n: int) -> list[bool] | None:
+    """Which outputs of the system's last call ran away, when it says (ModelTranslator.last_runaway)."""
+    flags = getattr(system, "last_runaway", None)
+    return [bool(x) for x in flags] if isinstance(flags, list) and len(flags) == n else None
+
+
 def _checked(outputs: list[str], inputs: list[str], name: str) -> list[str]:
     if len(outputs) != len(inputs):
         raise RuntimeError(f"system {name} returned {len(outputs)} lines for {len(inputs)} inputs")
@@ -465,7 +458,10 @@ def _examples(runs: list[_Run], names: list[str]) -> list[dict[str, Any]]:
                     "back_translation": r.back[i],
                     "style_ok": bool(r.acc[i]),
                     "similarity": round(r.sim[i], 4),
-                    "perplexity": _finite(sentence_perplexity(r.nll[i])),
+                    "perplexity": _finite(r.fluency[i].perplexity),
+                    "slor": _finite(r.fluency[i].slor),
+                    "runaway": None if r.runaway is None else r.runaway[i],
+                    "fluent": bool(r.fluent[i]),
                 }
                 for name, r in by_system.items()
             }
@@ -487,7 +483,7 @@ def write_plots(report: EvalReport, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    shown = [("style_acc", 1.0), ("similarity", 1.0), ("fluent", 1.0), ("J", 1.0),
+    shown = [("style_acc", 1.0), ("similarity", 1.0), ("fluent", 1.0), ("runaway", 1.0), ("J", 1.0),
              ("self_bleu", 100.0), ("cycle_bleu", 100.0)]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(1, len(report.rows))

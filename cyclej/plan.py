@@ -467,12 +467,10 @@ def _plan_eval(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
     gen = _generation_share(shape, e.batch_size, tokens, e.backend == "vllm")
     plan = StagePlan("eval", cfg.models.base, "gpu", params=shape.params)
     plan.memory = {"vllm": sum(gen.values())} if e.backend == "vllm" else dict(gen)
-    fluency = e.fluency_model or cfg.models.base
-    plan.memory["fluency_model"] = model_shape(fluency).params * 2.0
     plan.memory["discriminator"] = model_shape(cfg.models.discriminator).params * 4.0
     plan.memory["embedder"] = model_shape(cfg.models.embedder).params * 4.0
     plan.gpu = smallest_fitting(plan.total_bytes, prices)
-    plan.notes.append(f"translation of {e.batch_size} sequences × {tokens} tokens at a time, then fluency perplexity")
+    plan.notes.append(f"translation of {e.batch_size} sequences × {tokens} tokens at a time, then n-gram fluency on the CPU")
     return plan
 
 

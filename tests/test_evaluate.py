@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import torch
 
 from cyclej.config import PipelineConfig, load_config
 from cyclej.evaluate import (
-    FLUENCY_PERCENTILE,
     SYSTEM_2A,
     SYSTEM_3,
     SYSTEM_COPY,
@@ -22,10 +20,10 @@ from cyclej.evaluate import (
     EvalReport,
     copy_system,
     evaluate,
-    fluency_threshold,
     j_score,
-    sentence_perplexity,
+    length_ratio,
 )
+from cyclej.fluency import DomainFluency
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.modeling import extend_context, load_model, save_model
 from cyclej.progress import Progress
@@ -81,11 +79,85 @@ def test_j_definition_pinned() -> None:
     fluent = [1.0, 1.0, 1.0, 0.0, 1.0]
     assert j_score(acc, sim, fluent) == pytest.approx((0.5 + 0.0 + 0.0 + 0.0 + 0.8) / 5)
     assert j_score([], [], []) == 0.0
-    # The threshold: the 90th percentile of real sentences' perplexities (empty sentences ignored).
-    nlls = [(math.log(p) * 3, 3) for p in range(1, 11)] + [(0.0, 0)]
-    assert [round(sentence_perplexity(x), 6) for x in nlls[:3]] == [1.0, 2.0, 3.0]
-    assert sentence_perplexity((0.0, 0)) == math.inf
-    assert fluency_threshold(nlls) == pytest.approx(float(np.percentile(range(1, 11), FLUENCY_PERCENTILE)))
+    assert length_ratio(["a b c", "", "x"], ["a b", "a b", ""]) == pytest.approx((1.5 + 0.0) / 2)
+
+
+# ---- fluency in the target domain: babble cannot pass ----------------------------------------------------
+BABBLE = [
+    # what SmolLM2 answered the demo's first dev line with (a runaway, cut at the token limit)
+    ". I'm not sure I'm sure I'm the only one who's got it, but I'm",
+    "I'm not sure I'm sure I'm the only one who's got it, but I'm",
+    "the the the the the the the the the the the the",
+    "great great great great great great great great",
+    "the food was the food was the food was the food was the food was",
+    "was the and food . the was great , ! service the",
+    "def main(): return sum(x * x for x in range(10)) if x else None",
+    "import torch ; model = torch.nn.Linear ( 10 , 2 ) ; model.cuda ( )",
+    "preheat the oven to 350 degrees , whisk two eggs with the flour and bake for 20 minutes .",
+    "Sure! Here is a polite rewrite of your sentence:",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def fluency(yelp: dict[str, list[str]]) -> dict[str, DomainFluency]:
+    return {"a": DomainFluency.fit(yelp["train_a"]), "b": DomainFluency.fit(yelp["train_b"])}
+
+
+def test_babble_is_not_fluent(fluency: dict[str, DomainFluency]) -> None:
+    for domain, judge in fluency.items():
+        scores = judge.score(BABBLE)
+        for line, s in zip(BABBLE, scores, strict=True):
+            print(f"{domain}: perplexity {s.perplexity:9.1f} SLOR {s.slor:6.2f} loop {s.loop!s:5} | {line}")
+        assert not any(judge.is_fluent(s) for s in scores), domain
+    # Each check catches something the others miss: capitals/contractions and code are unseen words (high
+    # perplexity); a repeated frequent word is likely word by word but worse than word frequencies
+    # (negative SLOR); a loop of seen 3-grams is likely by both and caught as a loop.
+    a = fluency["a"]
+    babble, repeated, loop = a.score([BABBLE[1], BABBLE[2], BABBLE[4]])
+    assert babble.perplexity > a.max_perplexity
+    assert repeated.perplexity <= a.max_perplexity and repeated.slor < a.min_slor
+    assert loop.perplexity <= a.max_perplexity and loop.slor >= a.min_slor and loop.loop
+
+
+def test_real_dev_lines_are_fluent(fluency: dict[str, DomainFluency], yelp: dict[str, list[str]]) -> None:
+    for domain, dev in (("a", yelp["dev_a"]), ("b", yelp["dev_b"])):
+        judge = fluency[domain]
+        share = float(np.mean(judge.fluent(dev)))
+        print(f"{domain}: {share:.1%} of {len(dev)} dev lines fluent; {judge.summary()}")
+        assert share >= 0.9, domain
+        # Calibrated on held-out train lines, not on the dev lines it is tested on.
+        assert judge.held_out_lines == 300 and judge.fitted_lines == 2700
+        assert 0.94 <= judge.held_out_fluent <= 0.97
+    # Deterministic: the same lines give the same LM and thresholds.
+    again = DomainFluency.fit(yelp["train_b"])
+    assert again.summary() == fluency["b"].summary()
+
+
+class _Babbler:
+    """A system that answers every line with babble and says which of its outputs ran away."""
+
+    def __init__(self) -> None:
+        self.last_runaway: list[bool] = []
+
+    def __call__(self, lines: list[str], to: str) -> list[str]:
+        outputs = [BABBLE[i % len(BABBLE)] for i in range(len(lines))]
+        self.last_runaway = [o.endswith("I'm") for o in outputs]
+        return outputs
+
+
+def test_babble_scores_below_the_copy_baseline(tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
+    cfg = _tiny_cfg(tmp_path, max_examples=200)
+    report = evaluate({"copy": copy_system, "babble": _Babbler()}, yelp["dev_a"], yelp["dev_b"], yelp["train_a"],
+                      yelp["train_b"], cfg, judge=judge)
+    copy, babble = report.rows
+    print(report.table_markdown(report.direction_rows))
+    assert babble["fluent"] == 0.0 and babble["J"] == 0.0
+    assert copy["J"] > babble["J"]
+    assert babble["runaway"] == pytest.approx(2 / len(BABBLE), abs=0.02)
+    assert babble["perplexity"] > 3 * copy["perplexity"]
+    md = report.to_markdown()
+    assert "| runaway | length_ratio |" in md and "SLOR" in md and "held-out" in md
 
 
 def test_copy_and_oracle_systems(tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
@@ -110,8 +182,12 @@ def test_copy_and_oracle_systems(tmp_path: Path, judge: StyleJudge, yelp: dict[s
     judge_errors = 2 * n - sum(judge.accuracy(dev_a[:n], "a")) - sum(judge.accuracy(dev_b[:n], "b"))
     assert copy["style_acc"] == pytest.approx(judge_errors / (2 * n))
     assert copy["style_acc"] < 0.25
-    # Real dev text at or below the 90th-percentile threshold: about 90 % of the copies are "fluent".
-    assert 0.85 <= copy["fluent"] <= 0.95
+    # The oracle's outputs are real lines of the target domain: fluent there. A copy is real text of the
+    # other domain, which the target domain's LM finds less likely (negative words in positive reviews).
+    assert orc["fluent"] >= 0.9
+    assert 0.5 <= copy["fluent"] < orc["fluent"]
+    assert copy["runaway"] == 0.0 and orc["runaway"] is None  # a plain callable does not report it
+    assert copy["length_ratio"] == pytest.approx(1.0)
     assert orc["style_acc"] > 0.8
     # Back to the source by index (a few dev sentences occur in both domains, so not always exactly).
     assert orc["self_bleu"] < 20 and orc["cycle_bleu"] > 90
@@ -126,9 +202,7 @@ def test_copy_and_oracle_systems(tmp_path: Path, judge: StyleJudge, yelp: dict[s
     assert len(examples) == 2 * n
     for name, row in (("copy", copy), ("oracle", orc)):
         per = [ex["systems"][name] for ex in examples]
-        j = np.mean([float(p["style_ok"]) * max(0.0, p["similarity"])
-                     * float(p["perplexity"] is not None and p["perplexity"] <= report.fluency_threshold)
-                     for p in per])
+        j = np.mean([float(p["style_ok"]) * max(0.0, p["similarity"]) * float(p["fluent"]) for p in per])
         assert row["J"] == pytest.approx(j, abs=2e-4)
     text = (tmp_path / "out" / "report.md").read_text()
     assert f"Judge dev accuracy: {judge.dev_accuracy:.4f}" in text and "J = mean over" in text
@@ -223,8 +297,12 @@ def test_run_eval_writes_the_report_with_four_rows(
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["system"] for r in metrics["table"]] == systems
     assert len(metrics["per_direction"]) == 8
-    assert all(set(r) >= {"style_acc", "self_bleu", "similarity", "perplexity", "fluent", "cycle_bleu", "J"}
-               for r in metrics["table"])
+    assert all(set(r) >= {"style_acc", "self_bleu", "similarity", "perplexity", "fluent", "runaway",
+                          "length_ratio", "cycle_bleu", "J"} for r in metrics["table"])
+    # Every system reports which outputs ran away (ModelTranslator.last_runaway; the copy never does).
+    assert metrics["table"][0]["runaway"] == 0.0
+    assert all(r["runaway"] is not None and 0.0 <= r["runaway"] <= 1.0 for r in metrics["table"])
+    assert set(metrics["fluency"]) == {"a", "b"} and metrics["fluency"]["b"]["held_out_fluent"] >= 0.9
     assert 0.0 <= metrics["judge_dev_accuracy"] <= 1.0
     with open(out / "report.csv") as f:
         rows = list(csv.DictReader(f))
@@ -282,7 +360,8 @@ def test_model_card_written_beside_the_weights_and_uploaded_to_s3(
     cfg = _tiny_cfg(tmp_path)
     row = {"system": SYSTEM_RL, "n": 4, "style_acc": 0.5, "self_bleu": 12.0, "similarity": 0.7, "ref_bleu": None,
            "perplexity": 40.0, "fluent": 0.75, "cycle_bleu": 30.0, "J": 0.25}
-    report = EvalReport([row], [], 0.95, 0.96, 0.94, 55.0, "tiny-gptj", "tiny-bert", ("negative", "positive"))
+    fluency = {d: {"order": 3, "percentile": 97.5, "max_perplexity": 500.0, "min_slor": 0.1} for d in "ab"}
+    report = EvalReport([row], [], 0.95, 0.96, 0.94, fluency, "tiny-bert", ("negative", "positive"))
     store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
     rl_ref = store.commit("rl", "cafe", artifacts["rl"])
     local = store.fetch(rl_ref) / "model"
