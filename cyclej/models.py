@@ -162,3 +162,61 @@ def load_tokenizer(spec: str):  # type: ignore[no-untyped-def]
     except OSError as exc:
         raise BadInput(f"model {spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})") from None
     return tok
+
+
+def check_model_spec(field: str, spec: str) -> str:
+    """Resolve a model spec the way the stages will, without building, converting or loading weights;
+    a one-line BadInput naming the config field when it cannot work. Returns what it resolves to."""
+    if spec in BUILTIN:
+        if spec == "smollm2":
+            smollm2_gguf_dir()  # the package that ships it must be installed
+        elif spec in ("minilm", "tiny-bert"):
+            _builtin("minilm")  # only locates the packaged folder
+        return f"built-in {spec}"
+    p = Path(spec).expanduser()
+    if p.exists() or spec.startswith(("/", "./", "../", "~")):
+        try:
+            resolved = Path(resolve_model(spec))
+        except BadInput as exc:
+            raise BadInput(f"{field}: {exc}") from None
+        config = resolved / "config.json"
+        if config.is_file():
+            import json
+
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise BadInput(f"{field}: {config} is not valid JSON ({str(exc).splitlines()[0]})") from None
+        return str(resolved)
+    if "/" in spec.strip("/") and not spec.endswith("/"):
+        return f"hub id {spec}"  # resolved by a worker with network (or this machine's HF cache)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return f"hub id {spec} (cached)"
+    raise BadInput(f"{field}: '{spec}' is not a built-in model ({', '.join(BUILTIN)}), a local folder or a hub "
+                   "id (org/name)")
+
+
+def tokenizer_if_available(spec: str):  # type: ignore[no-untyped-def]
+    """The tokenizer a stage would use for `spec`, loaded without building or converting a model, or None
+    when it is not on this machine (a hub id only GPU workers resolve)."""
+    from transformers import AutoTokenizer
+
+    if spec in ("tiny-gptj", "tiny-llama"):
+        return AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    if spec == "tiny-bert":
+        return AutoTokenizer.from_pretrained(_builtin("minilm"))
+    if spec == "minilm":
+        return AutoTokenizer.from_pretrained(_builtin("minilm"))
+    if spec == "smollm2":
+        converted = cache_root() / "models" / f"smollm2-v1-{builder_versions()}"
+        if (converted / ".complete").is_file():
+            return AutoTokenizer.from_pretrained(converted)
+        return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)  # no conversion
+    try:
+        return load_tokenizer(spec)
+    except BadInput:
+        if Path(spec).expanduser().exists():
+            raise
+        return None

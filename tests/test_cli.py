@@ -81,7 +81,7 @@ def test_validate_binary_corpus(tmp_path: Path) -> None:
 
 def test_validate_same_file_both_domains(tmp_path: Path) -> None:
     proc = cyclej("validate", str(write_config(tmp_path, domain_b__train=[str(SAMPLES / "train.0")])), cwd=tmp_path)
-    assert_bad_input(proc, "same text in both domains")
+    assert_bad_input(proc, "same file (identical content)")
 
 
 def test_validate_unwritable_storage(tmp_path: Path) -> None:

@@ -72,6 +72,26 @@ def run_data(
     cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
 ) -> ArtifactRef:
     fp = stage_fingerprint("data", cfg, {})
+    domains = clean_corpora(cfg, load_tokenizer(cfg.models.base), progress)
+    out = store.workdir("data", fp)
+    for d in domains:
+        (out / d.key).mkdir(parents=True, exist_ok=True)
+        for split, lines in (("train", d.train), ("dev", d.dev)):
+            (out / d.key / f"{split}.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    stats = {
+        "tokenizer": cfg.models.base,
+        "max_tokens": cfg.data.max_tokens,
+        **{d.key: {"name": d.cfg.name, **d.stats} for d in domains},
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True), encoding="utf-8")
+    metrics = {f"{d.key}_{split}_lines": len(getattr(d, split)) for d in domains for split in ("train", "dev")}
+    return store.commit("data", fp, out, metrics=metrics)
+
+
+def clean_corpora(cfg: PipelineConfig, tokenizer: Any | None, progress: Progress) -> list[_Domain]:
+    """Steps 1-7 of the module docstring for both domains, with every refusal; `cyclej validate` runs
+    exactly this. Without a `tokenizer` (the base model's is not on this machine) lengths are not checked.
+    """
     data = cfg.data
     domains = [_read_domain(key, cfg) for key in DOMAIN_KEYS]
     _refuse_shared_files(*domains)
@@ -87,8 +107,9 @@ def run_data(
 
     _drop_cross_domain(*domains)
 
-    tokenizer = load_tokenizer(cfg.models.base)
     for d in domains:
+        if tokenizer is None:
+            continue
         d.train = _drop_too_long(d, "train", d.train, tokenizer, data.max_tokens, progress)
         if d.dev_files:
             d.dev = _drop_too_long(d, "dev", d.dev, tokenizer, data.max_tokens, progress)
@@ -124,19 +145,7 @@ def run_data(
         d.stats["train"]["kept"] = len(d.train)
         d.stats["dev"]["kept"] = len(d.dev)
 
-    out = store.workdir("data", fp)
-    for d in domains:
-        (out / d.key).mkdir(parents=True, exist_ok=True)
-        for split, lines in (("train", d.train), ("dev", d.dev)):
-            (out / d.key / f"{split}.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    stats = {
-        "tokenizer": cfg.models.base,
-        "max_tokens": data.max_tokens,
-        **{d.key: {"name": d.cfg.name, **d.stats} for d in domains},
-    }
-    (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True), encoding="utf-8")
-    metrics = {f"{d.key}_{split}_lines": len(getattr(d, split)) for d in domains for split in ("train", "dev")}
-    return store.commit("data", fp, out, metrics=metrics)
+    return domains
 
 
 def read_lines(store: ArtifactStore, ref: ArtifactRef, domain: DomainKey, split: Split) -> list[str]:
