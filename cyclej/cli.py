@@ -43,25 +43,28 @@ def _check_inputs(cfg: PipelineConfig) -> str:
 
 
 def _check_corpora(cfg: PipelineConfig) -> str:
-    """Read both domains' files (missing, empty, binary, non-UTF-8 are refused by the reader) and refuse
-    the same file for both domains. The data stage does the full cleaning and counting."""
-    from cyclej.corpus import read_corpus
+    """The model names, resolved as the stages will resolve them but without loading weights, then the
+    data stage's own cleaning (`cyclej.stages.data.clean_corpora`): files read, whitespace normalized,
+    empty, duplicate, cross-domain and over-long lines (base tokenizer, data.max_tokens) dropped, and every
+    refusal the stage would make at run time (too few clean lines, fewer than one batch, same file or same
+    lines in both domains). Line lengths need the base model's tokenizer; without it on this machine (a hub
+    id only GPU workers resolve) they are left to the data stage and the summary says so."""
+    from cyclej.models import check_model_spec, tokenizer_if_available
+    from cyclej.progress import Progress
+    from cyclej.stages.data import clean_corpora
 
-    seen: dict[str, str] = {}
-    counts = []
-    for key in ("a", "b"):
-        dom = getattr(cfg, f"domain_{key}")
-        files = read_corpus(dom.train, dom.text_field, cfg.data.max_bad_utf8_fraction, f"domain_{key}.train")
-        if dom.dev:
-            files += read_corpus(dom.dev, dom.text_field, cfg.data.max_bad_utf8_fraction, f"domain_{key}.dev")
-        for f in files:
-            other = seen.get(f.sha256)
-            if other is not None and other != f"domain_{key}":
-                raise BadInput(f"domain_a and domain_b: {f.path} holds the same text in both domains; "
-                               "give each domain its own text")
-            seen[f.sha256] = f"domain_{key}"
-        counts.append(f"{dom.name} {sum(len(f.lines) for f in files)} lines in {len(files)} file(s)")
-    return "; ".join(counts)
+    for role in ("base", "paraphraser", "embedder", "discriminator"):
+        check_model_spec(f"models.{role}", getattr(cfg.models, role))
+    tokenizer = tokenizer_if_available(cfg.models.base)
+    domains = clean_corpora(cfg, tokenizer, Progress(show_bar=False))
+    parts = []
+    for d in domains:
+        raw = sum(len(f.lines) for f in d.train_files + d.dev_files)
+        parts.append(f"{d.cfg.name} {raw} lines in {len(d.train_files) + len(d.dev_files)} file(s), "
+                     f"{len(d.train)} train + {len(d.dev)} dev after cleaning")
+    if tokenizer is None:
+        parts.append(f"line lengths not checked here (the tokenizer of {cfg.models.base} is not on this machine)")
+    return "; ".join(parts)
 
 
 @app.command()
@@ -131,6 +134,7 @@ def translate(
     ] = "auto",
 ) -> None:
     """Rewrite lines into domain a or b, one output line per input line."""
+    from cyclej.models import check_model_spec
     from cyclej.translate import local_model_dir, translate_lines
 
     if to not in ("a", "b"):
@@ -144,8 +148,10 @@ def translate(
         if not p.is_file():
             raise BadInput(f"{file}: no such file")
         lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    model_dir = local_model_dir(model)
+    check_model_spec("--model", str(model_dir))  # a config.json that is not JSON: one line, before any backend
     out = translate_lines(
-        str(local_model_dir(model)), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        str(model_dir), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens,
         backend=backend,  # type: ignore[arg-type]
     )
     for line in out:
