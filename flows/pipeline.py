@@ -20,7 +20,7 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
 from cyclej.config import PipelineConfig
-from cyclej.errors import CyclejError, StageFailed
+from cyclej.errors import CyclejError, StageFailed, StorageError
 from cyclej.stages import SPECS, stage_fingerprint
 from tasks.stages import (
     configured_stage_task,
@@ -116,9 +116,14 @@ def _result(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]], fut
     except CyclejError as exc:
         if isinstance(exc, StageFailed):
             raise
-        if exc.exit_code == 2:
+        if exc.exit_code == 2 and not isinstance(exc, StorageError):
             raise  # bad input: the message already names the file or field
-        raise StageFailed(name, str(exc), _resume_point(cfg, name, _inputs(name, refs))) from exc
+        # A store that fails mid-run (endpoint gone, disk turned read-only) is a stage failure, exit 1:
+        # the inputs were checked before the run; the stage resumes once the store is back.
+        resume = _resume_point(cfg, name, _inputs(name, refs))
+        if resume is None and isinstance(exc, StorageError):
+            resume = "its newest complete checkpoint in the store, once the store is reachable"
+        raise StageFailed(name, str(exc), resume) from exc
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise StageFailed(name, reason, _resume_point(cfg, name, _inputs(name, refs))) from exc
