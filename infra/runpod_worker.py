@@ -5,16 +5,27 @@
 
 For each flow run the worker starts a pod with the `runpod` SDK (image, GPU type/count, cloud type,
 network volume, container disk, env), whose command is `prefect flow-run execute <flow-run-id>`: the pod
-talks to the Prefect API itself (PREFECT_API_URL/KEY are copied from the worker's settings into the pod's
-env), so it must be reachable from RunPod (Prefect Cloud, or a server with a public address).
+talks to the Prefect API itself (PREFECT_API_URL is copied from the worker's settings into the pod's env),
+so it must be reachable from RunPod (Prefect Cloud, or a server with a public address): a loopback,
+private or unresolvable PREFECT_API_URL is refused before any pod is rented.
+
+Secrets never appear in the pod spec (which RunPod's console shows): the job variable `secret_env` maps
+an env var to a RunPod secret (RunPod console → Secrets), written as `{{ RUNPOD_SECRET_<name> }}`, which
+RunPod substitutes inside the container. The worker's PREFECT_API_KEY goes the same way
+(`secret_env: {PREFECT_API_KEY: <secret>}`); a plain HF_TOKEN, AWS key or API key in `env` is refused.
+A private image registry: `container_registry_auth_id` (RunPod console → Container Registry Auth).
+
+Stopping the worker (SIGTERM, or Ctrl-C) terminates the pods of the runs it is watching and marks those
+runs Crashed (a retry resumes them from their checkpoints), then exits: no pod is left billing.
 
 A pod reports no exit code, so the worker watches the *flow run* through the Prefect API and terminates
 the pod when the run reaches a final state (Completed, Failed, Crashed, Cancelled). A run cancelled while
 running is stopped by `prefect flow-run execute` inside the pod (it observes its own cancellation); the
 worker then sees `Cancelled` and terminates the pod, or terminates it itself when the run stays
 `Cancelling` longer than `cancel_grace_seconds`. A run cancelled before it started is handled by
-Prefect's own worker hook, `kill_infrastructure` below. A pod that vanishes (spot interruption, manual
-termination) or never starts the run (bad image, no capacity) ends the run as Crashed.
+Prefect's own worker hook, `kill_infrastructure` below. A pod that vanishes (spot interruption, deleted in
+RunPod's console: the API then answers queries about it with an error, so the worker checks the
+account's pod list) or never starts the run (bad image, no capacity) ends the run as Crashed.
 
 Registered through the `prefect.collections` entry point in pyproject.toml, so `--type runpod` finds it.
 The `runpod` SDK is imported only when a pod is started: Prefect imports this module whenever it loads
@@ -23,11 +34,15 @@ its collections, and the SDK's import is slow.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import signal
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
 
 import anyio
 import anyio.abc
@@ -47,6 +62,11 @@ CloudType = Literal["ALL", "SECURE", "COMMUNITY"]
 # Pod states in which the container can no longer run the flow.
 POD_GONE_STATES = ("EXITED", "TERMINATED")
 API_OUTAGE_SECONDS = 600
+# Env vars that must reach a pod as RunPod secrets (`secret_env`), never as plain values in its spec.
+SENSITIVE_ENV = (
+    "PREFECT_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "RUNPOD_API_KEY",
+)
 
 
 class RunpodJobConfiguration(BaseJobConfiguration):
@@ -68,6 +88,13 @@ class RunpodJobConfiguration(BaseJobConfiguration):
     )
     cancel_grace_seconds: float = Field(
         60.0, ge=0, description="a run still Cancelling after this long gets its pod terminated by the worker"
+    )
+    secret_env: dict[str, str] = Field(
+        default_factory=dict, description="env var -> RunPod secret name, resolved by RunPod inside the pod"
+    )
+    container_registry_auth_id: str | None = Field(None, description="RunPod container registry auth id")
+    allow_local_api_url: bool = Field(
+        False, description="accept a loopback/private PREFECT_API_URL (only for pods on this machine: tests)"
     )
 
     def prepare_for_flow_run(
@@ -102,6 +129,17 @@ class RunpodVariables(BaseVariables):
     poll_interval_seconds: float = Field(10.0, gt=0)
     start_timeout_seconds: float = Field(1800.0, gt=0)
     cancel_grace_seconds: float = Field(60.0, ge=0)
+    secret_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="env var -> RunPod secret name (RunPod console → Secrets), e.g. {HF_TOKEN: hf_token, "
+        "PREFECT_API_KEY: prefect_api_key}: the pod spec holds only {{ RUNPOD_SECRET_<name> }}",
+    )
+    container_registry_auth_id: str | None = Field(
+        None, description="RunPod container registry auth id, for a private image (RunPod console → Settings)"
+    )
+    allow_local_api_url: bool = Field(
+        False, description="accept a loopback/private PREFECT_API_URL: only for a RunPod stand-in (tests)"
+    )
 
 
 class RunpodWorkerResult(BaseWorkerResult):
@@ -129,11 +167,55 @@ def _graphql_str(value: str) -> str:
     return json.dumps(value)[1:-1]
 
 
+def pod_env(cfg: RunpodJobConfiguration) -> dict[str, str]:
+    """The env the pod spec carries: plain values, and RunPod secret references for `secret_env`.
+    Refuses a sensitive value in plain text (the spec is visible in RunPod's console)."""
+    plain = {k: v for k, v in cfg.env.items() if v is not None}
+    for key, secret in cfg.secret_env.items():
+        if not secret or any(c in secret for c in "{} "):
+            raise ValueError(f"secret_env.{key}: {secret!r} is not a RunPod secret name")
+        plain.pop(key, None)  # e.g. the worker's own PREFECT_API_KEY: replaced by the secret
+    for key in SENSITIVE_ENV:
+        if plain.get(key):
+            where = ("the worker's Prefect settings" if key == "PREFECT_API_KEY" else "the job variable env")
+            raise ValueError(
+                f"{key} from {where} would be plain text in the RunPod pod spec; store it as a RunPod secret "
+                f"and set the job variable secret_env: {{{key}: <secret name>}}"
+            )
+    refs = {k: f"{{{{ RUNPOD_SECRET_{name} }}}}" for k, name in cfg.secret_env.items()}
+    return {**plain, **refs}
+
+
+def check_api_url(url: str | None, allow_local: bool = False) -> None:
+    """Refuse, before renting a pod, a PREFECT_API_URL a pod on RunPod cannot reach: the pod would bill
+    until the start timeout, then the run would be Crashed."""
+    if not url:
+        raise ValueError("PREFECT_API_URL is not set for the worker: a pod would have no Prefect API to report to")
+    if allow_local:
+        return
+    host = urlparse(url).hostname or ""
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"PREFECT_API_URL {url}: the host {host!r} does not resolve; pods could not reach it") from None
+    for addr in addrs:
+        ip = ipaddress.ip_address(addr.split("%")[0])
+        if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified:
+            raise ValueError(
+                f"PREFECT_API_URL {url} is {addr}, which a RunPod pod cannot reach; use Prefect Cloud or a "
+                "server with a public address (set PREFECT_API_URL for the worker)"
+            )
+
+
 def create_pod(cfg: RunpodJobConfiguration) -> str:
-    """Start the pod for one flow run; returns its id."""
-    env = {k: _graphql_str(v) for k, v in cfg.env.items() if v is not None}
+    """Start the pod for one flow run; returns its id. Everything is checked before the pod is rented."""
+    check_api_url(cfg.env.get("PREFECT_API_URL"), cfg.allow_local_api_url)
+    env = {k: _graphql_str(v) for k, v in pod_env(cfg).items()}
     with _sdk_lock:
         runpod = _runpod_sdk()
+        from runpod.api.graphql import run_graphql_query
+        from runpod.api.mutations.pods import generate_pod_deployment_mutation
+
         try:
             runpod.get_gpu(cfg.gpu_type_id, cfg.gpu_count)
         except ValueError:
@@ -141,29 +223,51 @@ def create_pod(cfg: RunpodJobConfiguration) -> str:
                 f"RunPod has no GPU type {cfg.gpu_type_id!r} (job variable gpu_type_id); "
                 "ids look like 'NVIDIA A40' — list them with runpod.get_gpus()"
             ) from None
-        pod = runpod.create_pod(
+        data_center_id = cfg.data_center_id
+        if cfg.network_volume_id and data_center_id is None:  # the volume pins the data center
+            volumes = runpod.get_user()["networkVolumes"]
+            data_center_id = next((v["dataCenterId"] for v in volumes if v["id"] == cfg.network_volume_id), None)
+        # The SDK's own mutation (what runpod.create_pod sends), plus the registry auth it has no argument for.
+        mutation = generate_pod_deployment_mutation(
             name=_graphql_str(cfg.name or "cyclej-flow-run"),
             image_name=cfg.image,
             gpu_type_id=cfg.gpu_type_id,
-            gpu_count=cfg.gpu_count,
             cloud_type=cfg.cloud_type,
-            network_volume_id=cfg.network_volume_id,
-            data_center_id=cfg.data_center_id,
-            container_disk_in_gb=cfg.container_disk_gb,
-            volume_in_gb=cfg.volume_in_gb,
-            volume_mount_path=cfg.volume_mount_path,
-            docker_args=_graphql_str(cfg.command or ""),
-            env=env,
             support_public_ip=False,
             start_ssh=False,
+            data_center_id=data_center_id,
+            gpu_count=cfg.gpu_count,
+            volume_in_gb=cfg.volume_in_gb,
+            container_disk_in_gb=cfg.container_disk_gb,
+            min_vcpu_count=1,
+            min_memory_in_gb=1,
+            docker_args=_graphql_str(cfg.command or ""),
+            volume_mount_path=cfg.volume_mount_path,
+            env=env,
+            network_volume_id=cfg.network_volume_id,
         )
+        if cfg.container_registry_auth_id:
+            image_field = f'imageName: "{cfg.image}"'
+            mutation = mutation.replace(
+                image_field, f'{image_field}, containerRegistryAuthId: "{_graphql_str(cfg.container_registry_auth_id)}"', 1
+            )
+        pod = run_graphql_query(mutation)["data"]["podFindAndDeployOnDemand"]
     return str(pod["id"])
 
 
 def pod_status(pod_id: str) -> str | None:
-    """The pod's desiredStatus (RUNNING, EXITED, TERMINATED…), None when RunPod no longer knows it."""
+    """The pod's desiredStatus (RUNNING, EXITED, TERMINATED…), None when RunPod no longer knows it.
+
+    RunPod answers a query about a pod it no longer knows (deleted in its console, reclaimed) with a
+    generic error, which looks like an API blip: then the account's pod list decides."""
     with _sdk_lock:
-        pod = _runpod_sdk().get_pod(pod_id)
+        runpod = _runpod_sdk()
+        try:
+            pod = runpod.get_pod(pod_id)
+        except runpod.error.QueryError:
+            if any(p.get("id") == pod_id for p in runpod.get_pods() or []):
+                raise  # it exists: a real blip
+            return None
     return None if not pod else str(pod.get("desiredStatus") or "UNKNOWN")
 
 
@@ -184,6 +288,47 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._terminated_pods: set[str] = set()
+        self._in_flight: dict[UUID, str] = {}  # flow run id -> its pod, while the worker watches it
+
+    async def start(self, *args: Any, **kwargs: Any) -> None:
+        # After Prefect's CLI has set its own handlers (the first SIGTERM/SIGINT becomes a SIGINT to the
+        # worker, which left pods and runs RUNNING): ours terminates the in-flight pods first.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._stop_on_signal)
+        await super().start(*args, **kwargs)
+
+    def _stop_on_signal(self, signum: int, frame: Any) -> None:
+        """Terminate the pod of every run in flight, mark those runs Crashed, then exit (128 + signal)."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second signal ends the process at once
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        self.stop_in_flight(signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    def stop_in_flight(self, reason: str) -> list[str]:
+        """Synchronous (runs in a signal handler): terminate the watched pods and crash their runs."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        stopped = []
+        for run_id, pod_id in list(self._in_flight.items()):
+            if pod_id not in self._terminated_pods:
+                self._terminated_pods.add(pod_id)
+                try:
+                    terminate_pod(pod_id)
+                except Exception as exc:  # noqa: BLE001 - named so a person can terminate it
+                    self._logger.error(f"Could not terminate pod {pod_id}: {exc}; terminate it in the RunPod console")
+            try:
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(run_id, Crashed(
+                        message=f"The RunPod worker was stopped ({reason}); pod {pod_id} terminated. "
+                                "Retry the run to resume it from its last checkpoint."), force=True)
+            except Exception as exc:  # noqa: BLE001
+                self._logger.error(f"Could not mark flow run {run_id} Crashed: {exc}")
+            stopped.append(pod_id)
+        if stopped:
+            self._logger.warning(f"Worker stopped ({reason}): terminated pods {', '.join(stopped)}")
+        return stopped
 
     async def run(
         self,
@@ -197,6 +342,7 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
             f"Started RunPod pod {pod_id} ({configuration.gpu_count}× {configuration.gpu_type_id}, "
             f"{configuration.cloud_type}, image {configuration.image})"
         )
+        self._in_flight[flow_run.id] = pod_id
         if task_status is not None:
             task_status.started(pod_id)  # becomes the run's infrastructure_pid
         status_code = 1
@@ -206,6 +352,7 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
             # Shielded: a worker shutting down must still not leave a paid GPU running.
             with anyio.CancelScope(shield=True):
                 await self._terminate(pod_id, logger)
+            self._in_flight.pop(flow_run.id, None)
         return RunpodWorkerResult(identifier=pod_id, status_code=status_code)
 
     async def _watch(

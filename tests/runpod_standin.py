@@ -1,9 +1,12 @@
 """A local stand-in for the RunPod GraphQL API, for tests of the `runpod` Prefect worker.
 
-It answers the requests the `runpod` SDK (1.12) sends to `$RUNPOD_API_BASE_URL/graphql`:
+It answers the requests the `runpod` SDK (1.10) sends to `$RUNPOD_API_BASE_URL/graphql`:
 `gpuTypes(input: {id})` (create_pod checks the GPU type exists), `myself { networkVolumes }` (create_pod
-looks up a network volume's data center), `podFindAndDeployOnDemand(input: {...})` (create a pod),
-`pod(input: {podId})`, `podStop` and `podTerminate`. A created "pod" runs its start command
+looks up a network volume's data center), `myself { pods }` (get_pods), `podFindAndDeployOnDemand(input:
+{...})` (create a pod, with `containerRegistryAuthId` and env values referencing RunPod secrets as
+`{{ RUNPOD_SECRET_name }}`, substituted from `secrets` when the pod starts), `pod(input: {podId})` (a
+generic error for an id RunPod does not know, as the real API does), `podStop` and `podTerminate`.
+`delete_pod` plays a pod deleted in RunPod's console. A created "pod" runs its start command
 (`dockerArgs`) as a local subprocess with only the pod's env (plus PATH/HOME), the way a container
 sees only what RunPod injects; the image name is recorded, and the command's executables are looked up
 in `bin_dir` (the local venv stands in for the image). Every request is recorded, parsed, so tests can
@@ -32,7 +35,14 @@ GPU_TYPES: dict[str, int] = {
     "NVIDIA L40S": 48,
     "NVIDIA A100 80GB PCIe": 80,
     "NVIDIA H100 80GB HBM3": 80,
+    "NVIDIA H200": 141,
 }
+# The message RunPod's API answers a query about a pod id it does not know (deleted in the console, or
+# gone after termination) with: a generic GraphQL error, not `pod: null`.
+UNKNOWN_POD_MESSAGE = "Something went wrong. Please try again later or contact support."
+# RunPod substitutes secrets (Secrets in its console) into env values that reference them, when the pod
+# starts: the pod spec and console show the reference only.
+SECRET_REF = re.compile(r"\{\{\s*RUNPOD_SECRET_([A-Za-z0-9_.-]+)\s*\}\}")
 
 
 # ---- a small parser for GraphQL input values (what the SDK writes inside `input: {...}`) ----------
@@ -124,6 +134,7 @@ class RunpodStandin:
     workdir: Path
     api_key: str = "standin-key"
     network_volumes: dict[str, str] = field(default_factory=lambda: {"vol-standin": "EU-RO-1"})
+    secrets: dict[str, str] = field(default_factory=dict)  # RunPod secrets by name
     requests: list[Request] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
 
@@ -197,15 +208,16 @@ class RunpodStandin:
             ]}}
         if op == "myself":
             vols = [{"id": k, "name": k, "size": 100, "dataCenterId": v} for k, v in self.network_volumes.items()]
-            return {"data": {"myself": {"id": "user-standin", "pubKey": "", "networkVolumes": vols}}}
+            pods = [self._describe(p) for p in self.pods.values() if p.desired_status != "TERMINATED"]
+            return {"data": {"myself": {"id": "user-standin", "pubKey": "", "networkVolumes": vols, "pods": pods}}}
         if op == "podFindAndDeployOnDemand":
             assert inp is not None
             return {"data": {op: self._deploy(inp)}}
         if op == "pod":
             assert inp is not None
             pod = self.pods.get(inp["podId"])
-            if pod is None or pod.desired_status == "TERMINATED":
-                return {"data": {"pod": None}}  # RunPod forgets terminated pods
+            if pod is None or pod.desired_status == "TERMINATED":  # RunPod forgets terminated pods
+                return {"errors": [{"message": UNKNOWN_POD_MESSAGE, "path": ["pod"]}], "data": {"pod": None}}
             return {"data": {"pod": self._describe(pod)}}
         if op in ("podTerminate", "podStop"):
             assert inp is not None
@@ -226,6 +238,10 @@ class RunpodStandin:
             raise ValueError(f"network volume {vol} not found")
         pod_id = uuid.uuid4().hex[:14]
         env = {e["key"]: e["value"] for e in spec.get("env") or []}
+        for value in env.values():
+            for name in SECRET_REF.findall(value):
+                if name not in self.secrets:
+                    raise ValueError(f"secret {name} not found")
         command = shlex.split(spec.get("dockerArgs") or "")
         pod = Pod(pod_id, spec, env, command, self.workdir / f"pod-{pod_id}.log")
         self.pods[pod_id] = pod
@@ -239,7 +255,9 @@ class RunpodStandin:
         cwd = self.workdir / f"pod-{pod.id}"
         cwd.mkdir(parents=True, exist_ok=True)
         path = f"{self.bin_dir}{os.pathsep}/usr/bin:/bin"
-        env = {"PATH": path, "HOME": str(cwd), "LANG": "C.UTF-8", **pod.env}
+        # Secrets are resolved inside the container only.
+        resolved = {k: SECRET_REF.sub(lambda m: self.secrets[m.group(1)], v) for k, v in pod.env.items()}
+        env = {"PATH": path, "HOME": str(cwd), "LANG": "C.UTF-8", **resolved}
         exe = Path(self.bin_dir) / pod.command[0]
         argv = [str(exe) if exe.exists() else pod.command[0], *pod.command[1:]]
         with open(pod.log_path, "wb") as log:
@@ -269,6 +287,12 @@ class RunpodStandin:
             "volumeMountPath": s.get("volumeMountPath"), "dockerArgs": s.get("dockerArgs"),
             "env": [f"{k}={v}" for k, v in pod.env.items()], "costPerHr": 0.0, "machine": {"gpuDisplayName": s.get("gpuTypeId")},
         }
+
+    def delete_pod(self, pod_id: str) -> None:
+        """A pod deleted outside Prefect (RunPod console, spot reclaim): stopped and forgotten."""
+        pod = self.pods[pod_id]
+        self._kill(pod)
+        pod.desired_status = "TERMINATED"
 
     def pod_log(self, pod_id: str) -> str:
         p = self.pods[pod_id].log_path

@@ -153,7 +153,7 @@ def test_deploy_all() -> None:
     deployed = asyncio.run(_read_deployments(env))
     expected = {f"{s}@{'cyclej-local' if s in ('data', 'merge') else 'cyclej-gpu'}" for s in STAGES}
     assert expected | {"pipeline@cyclej-local", "demo@cyclej-local"} <= set(deployed)
-    assert deployed["rl@cyclej-gpu"].job_variables["gpu_type_id"] == "NVIDIA H200"
+    assert deployed["rl@cyclej-gpu"].job_variables["gpu_type_id"] == "NVIDIA A100 80GB PCIe"
     limit = deployed["rl@cyclej-gpu"].global_concurrency_limit
     assert limit is not None and limit.limit == 2
     assert deployed["rl@cyclej-gpu"].concurrency_options.collision_strategy == "ENQUEUE"

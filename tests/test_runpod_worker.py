@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 POOL = "gpu-test"
 # Quotes, backslashes and JSON in an env value must survive the SDK's GraphQL string pasting.
 TRICKY_VALUE = 'say "hi" \\ {"a": [1, 2]}'
+# A job configuration's Prefect API for pods that are local processes (the stand-in's).
+LOCAL: dict[str, Any] = {"env": {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, "allow_local_api_url": True}
 
 
 @flow(name="runpod-quick")
@@ -100,6 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         props["network_volume_id"]["default"] = "vol-standin"
         props["poll_interval_seconds"]["default"] = 0.5
         props["cancel_grace_seconds"]["default"] = 30
+        props["allow_local_api_url"]["default"] = True  # the stand-in's pods are processes on this machine
         props["env"]["default"] = {"POOL_VAR": "from-pool", "TRICKY": TRICKY_VALUE}
         stack_env = {**env, "RUNPOD_API_BASE_URL": standin.url, "RUNPOD_API_KEY": standin.api_key}
         probe = Stack(stack_env, standin, None, tmp / "worker.log")  # type: ignore[arg-type]
@@ -194,14 +197,16 @@ def test_cancelled_run_terminates_its_pod(stack: Stack) -> None:
 
 
 def test_run_whose_pod_vanishes_is_crashed(stack: Stack) -> None:
-    """A spot pod reclaimed (or terminated by hand) mid-run: the worker notices and the run is Crashed,
+    """A spot pod reclaimed (or deleted in RunPod's console) mid-run: the worker notices and the run is Crashed,
     so a retry can resume it, instead of the run staying Running forever."""
     run_id = stack.runs["vanish"]
     running = stack.wait_run(run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()),
                              timeout=90)
     assert running.state.is_running(), running.state
     pod_id = str(running.infrastructure_pid)
-    stack.standin.handle(f'mutation {{ podTerminate(input: {{ podId: "{pod_id}" }}) }}')  # RunPod's side
+    # Deleted on RunPod's side: from then on RunPod answers queries about it with a generic error, which
+    # the old worker took for an API blip, forever.
+    stack.standin.delete_pod(pod_id)
     done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=45)
     assert done.state.is_crashed(), done.state
     assert "non-zero status code 3" in (done.state.message or "")
@@ -241,7 +246,7 @@ def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: 
     with RunpodStandin(VENV_BIN, tmp_path) as standin:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", standin.url)
         monkeypatch.setenv("RUNPOD_API_KEY", standin.api_key)
-        cfg = RunpodJobConfiguration(gpu_type_id="NVIDIA RTX A6000", command="sleep 60", name="pending-run")
+        cfg = RunpodJobConfiguration(gpu_type_id="NVIDIA RTX A6000", command="sleep 60", name="pending-run", **LOCAL)
         pod_id = create_pod(cfg)
         assert standin.process_alive(pod_id)
         worker = RunpodWorker(work_pool_name=POOL)
@@ -261,8 +266,8 @@ def test_unknown_gpu_type_and_wrong_key_fail_before_any_pod(tmp_path: Path, monk
         monkeypatch.setenv("RUNPOD_API_BASE_URL", standin.url)
         monkeypatch.setenv("RUNPOD_API_KEY", standin.api_key)
         with pytest.raises(ValueError, match="NVIDIA B999"):
-            create_pod(RunpodJobConfiguration(gpu_type_id="NVIDIA B999", command="true"))
+            create_pod(RunpodJobConfiguration(gpu_type_id="NVIDIA B999", command="true", **LOCAL))
         monkeypatch.setenv("RUNPOD_API_KEY", "wrong-key")
         with pytest.raises(Exception, match="Unauthorized"):
-            create_pod(RunpodJobConfiguration(gpu_type_id="NVIDIA A40", command="true"))
+            create_pod(RunpodJobConfiguration(gpu_type_id="NVIDIA A40", command="true", **LOCAL))
         assert standin.pods == {}

@@ -1,0 +1,168 @@
+"""What a RunPod pod is given and what happens to it, against the stand-in speaking RunPod's GraphQL:
+secrets only as RunPod secret references, registry credentials, an unreachable Prefect API refused before a
+pod is rented, a deleted pod recognized as gone, the H200 the rl deployment asks for, and a worker stopped
+with a run in flight terminating its pod and crashing the run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.runpod_worker import RunpodJobConfiguration, check_api_url, create_pod, pod_status
+from tests.local_prefect_server import VENV_BIN
+from tests.runpod_standin import RunpodStandin
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_API = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunpodStandin]:
+    with RunpodStandin(VENV_BIN, tmp_path, secrets={"hf_token": "hf_s3cr3t", "s3_secret": "aws_s3cr3t",
+                                                     "prefect_api_key": "pnu_s3cr3t"}) as api:
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", api.url)
+        monkeypatch.setenv("RUNPOD_API_KEY", api.api_key)
+        yield api
+
+
+def job(**kw: object) -> RunpodJobConfiguration:
+    base: dict[str, object] = {"gpu_type_id": "NVIDIA A40", "command": "env", "allow_local_api_url": True}
+    env = {**LOCAL_API, **kw.pop("env", {})}  # type: ignore[dict-item]
+    return RunpodJobConfiguration(**{**base, **kw, "env": env})
+
+
+def wait_exit(standin: RunpodStandin, pod_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while standin.process_alive(pod_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_secrets_reach_the_pod_but_never_its_spec(standin: RunpodStandin) -> None:
+    cfg = job(env={"AWS_ENDPOINT_URL": "https://s3api-eu-ro-1.runpod.io", "PREFECT_API_KEY": "pnu_s3cr3t"},
+              secret_env={"HF_TOKEN": "hf_token", "AWS_SECRET_ACCESS_KEY": "s3_secret",
+                          "PREFECT_API_KEY": "prefect_api_key"})
+    pod_id = create_pod(cfg)
+    (deploy,) = standin.ops("podFindAndDeployOnDemand")
+    spec_env = {e["key"]: e["value"] for e in deploy.input["env"]}
+    assert spec_env["HF_TOKEN"] == "{{ RUNPOD_SECRET_hf_token }}"
+    assert spec_env["PREFECT_API_KEY"] == "{{ RUNPOD_SECRET_prefect_api_key }}"  # the worker's plain key dropped
+    assert spec_env["AWS_ENDPOINT_URL"] == "https://s3api-eu-ro-1.runpod.io"
+    assert "s3cr3t" not in deploy.query  # nothing secret on the wire to RunPod, nor in its console
+    wait_exit(standin, pod_id)
+    log = standin.pod_log(pod_id)  # the pod's command is `env`: what the container sees
+    assert "HF_TOKEN=hf_s3cr3t" in log and "AWS_SECRET_ACCESS_KEY=aws_s3cr3t" in log
+    assert "PREFECT_API_KEY=pnu_s3cr3t" in log
+
+
+@pytest.mark.parametrize("key", ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_KEY"])
+def test_a_plain_secret_is_refused_before_any_pod(standin: RunpodStandin, key: str) -> None:
+    with pytest.raises(ValueError, match=f"{key} .*plain text.*secret_env"):
+        create_pod(job(env={key: "oops"}))
+    assert standin.pods == {} and not standin.ops("podFindAndDeployOnDemand")
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("http://127.0.0.1:4200/api", "cannot reach"),
+    ("http://localhost:4200/api", "cannot reach"),
+    ("http://10.1.2.3:4200/api", "cannot reach"),
+    ("http://prefect.no-such-host.invalid/api", "does not resolve"),
+])
+def test_an_unreachable_prefect_api_url_is_refused_before_any_pod(standin: RunpodStandin, url: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        create_pod(job(env={"PREFECT_API_URL": url}, allow_local_api_url=False))
+    assert not standin.ops("podFindAndDeployOnDemand") and not standin.ops("gpuTypes")
+
+
+def test_a_public_api_url_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    # No network here: the resolver answers what it would for Prefect Cloud (a public address).
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [(2, 1, 6, "", ("104.18.12.34", 0))])
+    check_api_url("https://api.prefect.cloud/api/accounts/a/workspaces/w")
+
+
+def test_registry_credentials_and_the_h200_the_rl_deployment_asks_for(standin: RunpodStandin) -> None:
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]}
+    gpus = {d["work_pool"]["job_variables"].get("gpu_type_id") for d in deployments.values()} - {None}
+    for gpu in sorted(gpus | {"NVIDIA H200"}):  # every GPU a deployment asks for exists on RunPod's side
+        create_pod(job(gpu_type_id=gpu, command="true", container_registry_auth_id="reg-auth-123"))
+    specs = [r.input for r in standin.ops("podFindAndDeployOnDemand")]
+    assert {s["gpuTypeId"] for s in specs} == gpus | {"NVIDIA H200"}
+    assert all(s["containerRegistryAuthId"] == "reg-auth-123" for s in specs)
+
+
+def test_a_pod_deleted_outside_prefect_is_gone_not_an_api_blip(standin: RunpodStandin) -> None:
+    pod_id = create_pod(job(command="sleep 60"))
+    assert pod_status(pod_id) == "RUNNING"
+    standin.delete_pod(pod_id)
+    assert pod_status(pod_id) is None  # the old worker raised here on every poll, forever
+
+
+def test_deployments_reference_secrets_not_values() -> None:
+    text = (REPO / "deployments" / "prefect.yaml").read_text()
+    gpu_vars = yaml.safe_load(text)["definitions"]["gpu_job_variables"]
+    assert {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_KEY"} <= set(gpu_vars["secret_env"])
+    assert "container_registry_auth_id" in gpu_vars
+    assert not any(k in gpu_vars.get("env", {}) for k in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_KEY"))
+
+
+@pytest.mark.slow
+def test_stopping_the_worker_terminates_in_flight_pods_and_crashes_their_runs(tmp_path: Path) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from infra.runpod_worker import RunpodWorker
+    from tests.local_prefect_server import shared_prefect_server
+    from tests.test_runpod_worker import Stack, _deploy
+
+    env = shared_prefect_server()
+    pool = "gpu-stop-test"
+    with RunpodStandin(VENV_BIN, tmp_path / "pods") as standin:
+        (tmp_path / "pods").mkdir(exist_ok=True)
+        template = RunpodWorker.get_default_base_job_template()
+        props = template["variables"]["properties"]
+        props["poll_interval_seconds"]["default"] = 0.5
+        props["allow_local_api_url"]["default"] = True
+        stack_env = {**env, "RUNPOD_API_BASE_URL": standin.url, "RUNPOD_API_KEY": standin.api_key}
+        st = Stack(stack_env, standin, None, tmp_path / "worker.log")  # type: ignore[arg-type]
+        st.call(lambda c: c.create_work_pool(WorkPoolCreate(name=pool, type="runpod", base_job_template=template),
+                                             overwrite=True))
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                [str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "runpod"],
+                env=stack_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+            )
+        st.worker = worker
+        try:
+            import tests.test_runpod_worker as drill
+
+            old_pool, drill.POOL = drill.POOL, pool
+            try:
+                dep = _deploy(st, drill.sleepy_flow, "sleepy-stop", {"gpu_type_id": "NVIDIA H200"})
+            finally:
+                drill.POOL = old_pool
+            run_id = st.call(lambda c: c.create_flow_run_from_deployment(dep)).id
+            running = st.wait_run(run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()),
+                                  timeout=120)
+            assert running.state.is_running(), running.state
+            pod_id = str(running.infrastructure_pid)
+            assert standin.process_alive(pod_id)
+
+            worker.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            worker.wait(timeout=30)
+            assert time.monotonic() - t0 < 30
+            assert [r.input["podId"] for r in standin.ops("podTerminate")] == [pod_id]
+            assert not standin.process_alive(pod_id)
+            done = st.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=30)
+            assert done.state.is_crashed(), done.state
+            assert "worker was stopped (SIGTERM)" in (done.state.message or "")
+        finally:
+            if worker.poll() is None:
+                worker.kill()
