@@ -167,10 +167,14 @@ def create_flow_run(cfg: PipelineConfig, until: str | None) -> Any:
     from prefect.client.orchestration import get_client
 
     deployment_id = pipeline_deployment().apply()
+    from prefect.states import Pending
+
     with get_client(sync_client=True) as client:
+        # Pending, not Scheduled: a runner serving the deployment (`cyclej serve`) picks up Scheduled
+        # runs and would execute this one a second time, beside the run process.
         return client.create_flow_run_from_deployment(
             deployment_id, parameters=flow_run_parameters(cfg, until), name=run_name(cfg, until),
-            tags=run_tags(cfg),
+            tags=run_tags(cfg), state=Pending(message="started by cyclej run"),
         )
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack for people who want the Prefect UI: a Prefect server (SQLite, UI on
-# http://127.0.0.1:4200) and, with --s3, an S3 endpoint on loopback (moto) to try `s3://` storage.
+# http://127.0.0.1:4200), `cyclej serve` (executes Retry of `cyclej run` runs from the UI or
+# `prefect flow-run retry`) and, with --s3, an S3 endpoint on loopback (moto) to try `s3://` storage.
 #
 #   infra/start_local_stack.sh            # Prefect server only
 #   infra/start_local_stack.sh --s3       # plus moto S3 on 127.0.0.1:9000 and a bucket `cyclej`
@@ -35,6 +36,8 @@ trap cleanup EXIT INT TERM
 export PREFECT_HOME="$STACK_HOME/prefect"
 export PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///$STACK_HOME/prefect/prefect.db"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# The UI calls the API at this URL; left unset it assumes port 4200 whatever PREFECT_PORT says.
+export PREFECT_UI_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" >"$STACK_HOME/prefect-server.log" 2>&1 &
 pids+=($!)
 
@@ -55,8 +58,19 @@ wait_for() {  # url, what, log
 }
 wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" "Prefect server" "$STACK_HOME/prefect-server.log"
 
+# The runner for retries of `cyclej run` runs (they are runs of the deployment cyclej-pipeline/cyclej-run);
+# with --s3 it gets the loopback endpoint's credentials, as the shells running `cyclej run` do.
+serve_env=(PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api")
+if [[ $WITH_S3 == 1 ]]; then
+  serve_env+=(AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+              AWS_DEFAULT_REGION=us-east-1)
+fi
+env "${serve_env[@]}" "$BIN/cyclej" serve >"$STACK_HOME/cyclej-serve.log" 2>&1 &
+pids+=($!)
+
 echo
 echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT   (log: $STACK_HOME/prefect-server.log)"
+echo "Retries of cyclej runs: cyclej serve   (log: $STACK_HOME/cyclej-serve.log)"
 echo "export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api"
 if [[ $WITH_S3 == 1 ]]; then
   wait_for "http://127.0.0.1:$S3_PORT/" "moto S3" "$STACK_HOME/moto.log"
