@@ -5,8 +5,9 @@
 #   1. infra/start_local_stack.sh --s3 on free ports (server with UI, `cyclej serve`, moto S3)
 #   2. `cyclej run --preset tiny --until context` on s3:// with `context` failing at step 3 → Failed
 #   3. the UI's Retry call (state AwaitingRetry) → `cyclej serve` resumes it → Completed
-#   4. the run page while Failed (Retry button, resume-point artifact), its artifacts and logs after the
-#      retry, and the artifacts page.
+#   4. the run page while Failed (Retry button, the resume-point artifact in the graph, project logs),
+#      the same page after the retry, and the artifacts page. (The run page's tabs are client state: a
+#      `?tab=` in the URL does not open one, so artifacts are shown through the graph and /artifacts.)
 #
 #   infra/screenshots.sh [OUT_DIR]      # default docs/screenshots; takes ~3 min on 2 cores
 set -euo pipefail
@@ -57,7 +58,6 @@ shoot() {  # name url
 }
 
 shoot run-failed "$UI/runs/flow-run/$RUN_ID"
-shoot run-failed-artifacts "$UI/runs/flow-run/$RUN_ID?tab=Artifacts"
 
 # What the UI's Retry button sends; `cyclej serve` picks the run up and resumes it from step 2.
 "$BIN/python" - "$RUN_ID" <<'EOF'
@@ -83,5 +83,4 @@ with get_client(sync_client=True) as client:
 EOF
 
 shoot run-retried "$UI/runs/flow-run/$RUN_ID"
-shoot run-retried-artifacts "$UI/runs/flow-run/$RUN_ID?tab=Artifacts"
 shoot artifacts "$UI/artifacts"

@@ -147,36 +147,39 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
     """`context` fails at step 3 (checkpoint at 2): Failed run named `tiny-<fp>` with tags, a resume-point
     artifact and the project's log lines. The UI's Retry call makes `cyclej serve` run it again: `data`
     Cached, `context` resumed from step 2. Then `prefect flow-run retry <id>` with no --entrypoint:
-    everything Cached, and the cached stages' artifacts posted again."""
-    cfg = config(store_root, 4)
-    fps = fingerprints(cfg)
-    failed = run_cli(cyclej_args(store_root, 4), run_env(server_env, CYCLEJ_FAULT="context:3:error"))
-    assert failed.returncode == 1, failed.stderr[-3000:]
-    flow_run_id = flow_run_id_from(failed.stderr)
-    with client_for(server_env) as client:
-        run = client.read_flow_run(flow_run_id)
-        deployment = client.read_deployment(run.deployment_id)
-    assert run.state is not None and run.state.type.value == "FAILED"
-    assert run.name == f"tiny-{fps['context'][:8]}"
-    assert {"cyclej", "preset:tiny", "storage:local"} <= set(run.tags)
-    assert deployment.name == "cyclej-run"  # a deployment run: the UI shows Retry
-    assert run.parameters["config"]["storage"]["root"].startswith("file:///")
-    assert stage_states(server_env, flow_run_id).get("context") == "Failed", stage_states(server_env, flow_run_id)
-
-    logs = "\n".join(run_logs(server_env, flow_run_id))
-    assert "stage context: start" in logs, logs[-3000:]
-    assert re.search(r"context: \w+ \d+/4 .*loss=", logs), logs[-3000:]  # a progress line with the loss
-    arts = run_artifacts(server_env, flow_run_id)
-    resume = arts.get("context-resume-point")
-    assert resume is not None, sorted(arts)
-    assert "step-00000002" in str(resume.data) and "injected error" in str(resume.data)
-
+    everything Cached, and the cached stages' artifacts posted again. `cyclej serve` runs from the start:
+    it must not execute the `cyclej run` run a second time."""
     serve_log = tmp_path / "serve.log"
     with open(serve_log, "wb") as log:
         serve = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "serve"], cwd=tmp_path,
                                  env=run_env(server_env), stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     try:
+        cfg = config(store_root, 4)
+        fps = fingerprints(cfg)
+        failed = run_cli(cyclej_args(store_root, 4), run_env(server_env, CYCLEJ_FAULT="context:3:error"))
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        flow_run_id = flow_run_id_from(failed.stderr)
+        with client_for(server_env) as client:
+            run = client.read_flow_run(flow_run_id)
+            deployment = client.read_deployment(run.deployment_id)
+        assert run.state is not None and run.state.type.value == "FAILED"
+        assert run.name == f"tiny-{fps['context'][:8]}"
+        assert {"cyclej", "preset:tiny", "storage:local"} <= set(run.tags)
+        assert deployment.name == "cyclej-run"  # a deployment run: the UI shows Retry
+        assert run.parameters["config"]["storage"]["root"].startswith("file:///")
+        assert stage_states(server_env, flow_run_id).get("context") == "Failed", stage_states(server_env, flow_run_id)
+        # executed once: by the run process only, although `cyclej serve` polls this deployment's runs
+        assert "\n".join(run_logs(server_env, flow_run_id)).count("Beginning flow run") == 1
+
+        logs = "\n".join(run_logs(server_env, flow_run_id))
+        assert "stage context: start" in logs, logs[-3000:]
+        assert re.search(r"context: \w+ \d+/4 .*loss=", logs), logs[-3000:]  # a progress line with the loss
+        arts = run_artifacts(server_env, flow_run_id)
+        resume = arts.get("context-resume-point")
+        assert resume is not None, sorted(arts)
+        assert "step-00000002" in str(resume.data) and "injected error" in str(resume.data)
+
         from prefect.client.schemas.objects import StateType
         from prefect.states import State
 
