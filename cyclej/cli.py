@@ -72,6 +72,11 @@ def validate(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = 
     """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason."""
     cfg = _config(config, preset, set_, storage)
     typer.echo(f"ok: {cfg.name}: {_check_inputs(cfg)}")
+    from cyclej.training_signal import update_size_warnings
+
+    # Settings that cannot move the model are legal (the card's RL defaults are such): warn, exit 0.
+    for warning in update_size_warnings(cfg):
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command()

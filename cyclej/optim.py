@@ -56,6 +56,10 @@ class MasterAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state_device = torch.device(state_device) if state_device is not None else None
         self._done: set[int] = set()  # ids of the parameters the current step has already updated
+        # Squared norms of the last step's change of the masters and of the masters before it (summed
+        # tensor by tensor during the update: one tensor's copy at a time): `relative_update`.
+        self._update_sq = 0.0
+        self._param_sq = 0.0
 
     def _where(self, p: torch.Tensor) -> torch.device:
         return self.state_device or p.device
@@ -82,6 +86,8 @@ class MasterAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._done:  # a new step, not the rest of one cut short
+            self._update_sq = self._param_sq = 0.0
         for group in self.param_groups:
             for p in group["params"]:
                 # A step cut short (out of memory) and called again finishes the tensors it had not reached.
@@ -101,6 +107,7 @@ class MasterAdamW(torch.optim.Optimizer):
         grad = p.grad.to(device=master.device, dtype=torch.float32)  # one tensor's fp32 gradient at a time
         st["step"] += 1
         step = st["step"]
+        before = master.clone()
         master.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -108,8 +115,16 @@ class MasterAdamW(torch.optim.Optimizer):
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        self._param_sq += float(torch.linalg.vector_norm(before)) ** 2
+        self._update_sq += float(torch.linalg.vector_norm(master - before)) ** 2
         if master is not p:
             p.copy_(master)  # rounded once into the compute dtype (to nearest even)
+
+    @property
+    def relative_update(self) -> float:
+        """‖Δθ‖/‖θ‖ of the last step over every parameter it updated, measured on the fp32 masters (what
+        accumulates; the bf16 copy the forward uses moves only when they cross a bf16 step)."""
+        return math.sqrt(self._update_sq / self._param_sq) if self._param_sq > 0 else 0.0
 
     def set_masters(self, exact: Mapping[torch.Tensor, torch.Tensor]) -> None:
         """Start the masters of these parameters from exact fp32 values (e.g. the fp32 checkpoint the bf16

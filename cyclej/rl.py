@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,6 +57,9 @@ from cyclej.formats import encode_text, eos_id
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, newline_token_ids
 from cyclej.optim import MasterAdamW
 from cyclej.precision import use_bf16
+
+if TYPE_CHECKING:
+    from cyclej.judge import StyleJudge
 
 DomainKey = Literal["a", "b"]
 OTHER: dict[DomainKey, DomainKey] = {"a": "b", "b": "a"}
@@ -258,6 +261,7 @@ class RLTrainer:
         reference: PreTrainedModel | None = None,
         back_translate: bool = True,
         log_dir: Path | None = None,
+        style_judge: StyleJudge | None = None,
     ) -> None:
         for d in ("a", "b"):
             if not sources.get(d):
@@ -274,6 +278,8 @@ class RLTrainer:
         self.discriminator = discriminator
         self.reference = reference
         self.back_translate = back_translate
+        # The evaluation's style judge (cyclej.judge), to log the share of rollouts in the target style.
+        self.style_judge = style_judge
         self.device = next(policy.parameters()).device
         self.autocast_bf16 = resolve_precision(cfg.precision, self.device)
         self.eos = eos_id(tokenizer)
@@ -386,6 +392,8 @@ class RLTrainer:
                 logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
             )
             loss.backward()
+            # The policy's mean log-prob of its own sampled tokens (free: computed for the loss anyway).
+            stats["sampled_logprob/mean"] = float((logprobs.detach() * comp.to(logprobs.dtype)).sum()) / n_tokens
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         return totals
@@ -449,9 +457,12 @@ class RLTrainer:
             "lr": lr,
             **loss_terms,
             "grad_norm": float(grad_norm),
+            # ‖Δθ‖/‖θ‖ of this step on the fp32 masters: does the optimizer move the model at all?
+            "update_size": self.optimizer.relative_update,
             **R.summarize(parts, total),
             "completion_tokens/mean": sum(len(c) for c in ro.completion_ids) / len(ro),
             "rollout_micro_batch": self.micro_batch,
+            **self._style_share(ro),
             **disc_metrics,
             "seconds/rollout": t_rollout,
             "seconds/step": time.perf_counter() - t0,
@@ -461,6 +472,14 @@ class RLTrainer:
             self.samples_log.extend(sample_rows(step, ro, parts, total))
         self._write_logs()
         return metrics
+
+    def _style_share(self, ro: Rollouts) -> dict[str, float]:
+        """The share of this step's rollouts the style judge assigns to their target domain."""
+        if self.style_judge is None or not len(ro):
+            return {}
+        judged = self.style_judge.predict(ro.translations)
+        hits = [j == t for j, t in zip(judged, ro.target_domains, strict=True)]
+        return {"style/target_share": sum(hits) / len(hits)}
 
     def _write_logs(self) -> None:
         if self.log_dir is None:

@@ -47,6 +47,7 @@ from cyclej.faults import maybe_fault
 from cyclej.precision import use_bf16 as precision_uses_bf16
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.training_signal import TRAINING_PLOT, read_metrics_log, relative_update, write_training_plot
 
 log = logging.getLogger("cyclej")
 
@@ -536,13 +537,17 @@ class _Trainer:
                         self._restore(snapshot, step_no)
                         self._halve_micro_batch(step_no, exc)
                 seconds = time.perf_counter() - started
+                # ‖Δθ‖/‖θ‖ of the trainable tensors, against the pre-step copy a LoRA step keeps anyway (a
+                # full fine-tune keeps none: copying every weight each step would double its memory).
+                update_size = (relative_update(snapshot["params"], self.params)
+                               if snapshot is not None and "params" in snapshot else None)
                 self.state.step = step_no
                 self.state.tokens_seen += int(stats["tokens"])
                 self.state.train_seconds += seconds
                 self.state.last_loss = stats["loss"]
                 record = {
                     "event": "train", "step": step_no, "loss": stats["loss"], "lr": stats["lr"],
-                    "grad_norm": stats["grad_norm"], "tokens": int(stats["tokens"]),
+                    "grad_norm": stats["grad_norm"], "update_size": update_size, "tokens": int(stats["tokens"]),
                     "tokens_per_s": stats["tokens"] / max(seconds, 1e-9),
                     "micro_batch": self.state.micro_batch_size,
                     "accumulation": math.ceil(cfg.batch_size / self.state.micro_batch_size),
@@ -732,6 +737,8 @@ def train_and_commit_adapter(
     (st.work / ADAPTER_BASE).write_text(json.dumps(base, indent=1) + "\n", encoding="utf-8")
     metrics = {**result.metrics, **extra}
     (st.work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    write_training_plot(read_metrics_log(st.work / "metrics.jsonl"), st.work / TRAINING_PLOT,
+                        f"{st.stage}: loss and update size")
     summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",
                                        "resumed_from", "micro_batch_size")}
     ref = store.commit(st.stage, st.fp, st.work, metrics=summary)

@@ -34,6 +34,7 @@ from cyclej.config import PipelineConfig
 from cyclej.progress import Progress
 from cyclej.stages import SPECS, run_stage, stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.training_signal import TRAINING_PLOT, plot_markdown, signal_table
 
 RESULTS_DIR = "_prefect/results"
 PRESIGNED_LINK_SECONDS = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
@@ -199,6 +200,25 @@ def browser_links(store: ArtifactStore, ref: ArtifactRef) -> dict[str, str]:
     return links
 
 
+def post_training_signal(ref: ArtifactRef, store: ArtifactStore, key: str) -> None:
+    """A training stage's per-step signal (update size, loss, rewards, KL, style share) as a table, and
+    its plot, both written by the library (cyclej.training_signal)."""
+    try:
+        log_text = store.read_file(ref, "metrics.jsonl").decode("utf-8")
+    except FileNotFoundError:
+        return
+    records = [json.loads(x) for x in log_text.splitlines() if x.strip().startswith("{")]
+    if rows := signal_table(records):
+        create_table_artifact(key=f"{key}-training-signal", table=rows,
+                              description=f"{ref.stage}: per-step update size ‖Δθ‖/‖θ‖, loss, rewards, KL, style share")
+    try:
+        png = store.read_file(ref, TRAINING_PLOT)
+    except FileNotFoundError:
+        return
+    create_markdown_artifact(key=f"{key}-training-plot", markdown=plot_markdown(png, f"{ref.stage}: training signal"),
+                             description=f"{ref.stage}: training signal plot")
+
+
 def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False) -> None:
     """The stage's UI artifacts: a link to it, its metrics and tables. Posted again by a run that got the
     stage from the cache (`cached`), so every run page shows what its stages made."""
@@ -217,6 +237,7 @@ def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False)
         if isinstance(table, list) and table and all(isinstance(r, dict) for r in table):
             create_table_artifact(key=f"{key}-{name.replace('_', '-')}", table=table,
                                   description=f"{ref.stage}: {name}")
+    post_training_signal(ref, store, key)
     for rel in SAMPLE_FILES:
         rows = _sample_rows(store, ref, rel)
         if rows:

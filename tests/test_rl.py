@@ -272,6 +272,10 @@ def test_rl_stage_writes_cycle_j_logs_and_samples(uninterrupted: tuple[PipelineC
             assert f"reward/{name}/mean" in r and f"reward/{name}/std" in r
         assert 0.0 <= r["reward/discriminator/mean"] <= 1.0
         assert "disc/loss" in r and r["grad_norm"] > 0
+        # The signal of the step: the update moved the weights; the style share and log-prob are logged.
+        assert 1e-7 < r["update_size"] < 1e-1
+        assert 0.0 <= r["style/target_share"] <= 1.0 and r["sampled_logprob/mean"] < 0
+    assert (art / "training_signal.png").stat().st_size > 10_000
     # Rewards of the first step: the discriminator had not been trained yet (uniform over 3 classes).
     assert rows[0]["reward/discriminator/mean"] == pytest.approx(1 / 3, abs=0.05)
 

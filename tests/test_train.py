@@ -112,6 +112,10 @@ def test_lora_training_lowers_dev_loss_and_writes_the_log(tmp_path: Path) -> Non
     steps = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, 25))
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "micro_batch"} <= set(r) for r in steps)
+    # ‖Δθ‖/‖θ‖ of the LoRA parameters per step: it follows the schedule (the last step's lr is 0).
+    sizes = [r["update_size"] for r in steps]
+    assert all(0 < x < 1 for x in sizes[:-1]) and sizes[-1] == 0.0
+    assert max(sizes) == sizes[1] and sizes[-2] < max(sizes) / 100
     assert [r["step"] for r in records if "dev_loss" in r] == [0, 8, 16, 24]
     # warm-up then cosine to 0 (lr is the one used by the step)
     assert steps[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, 24, 0.1))

@@ -28,6 +28,7 @@ from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
 from cyclej.generate import GenerationBackend
+from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
 from cyclej.progress import Progress
@@ -36,9 +37,11 @@ from cyclej.rl import CycleDiscriminatorReward, RLTrainer, resolve_precision
 from cyclej.stages import stage_fingerprint
 from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.training_signal import TRAINING_PLOT, write_training_plot
 
 STAGE = "rl"
 CKPT_PREFIX = "step-"
+STYLE_JUDGE_LINES = 20_000  # train lines per domain for the style judge that watches the rollouts
 log = logging.getLogger("cyclej.rl")
 
 
@@ -83,10 +86,14 @@ def run_rl(
             seed=rcfg.seed, device=device,
         )
     reward_fn = CycleDiscriminatorReward(weights, embedder, discriminator)
+    # The evaluation's style judge (TF-IDF + logistic regression, seconds to fit on a few thousand lines)
+    # says which share of the rollouts is in the target style, step by step.
+    style_judge = train_judge(sources["a"][:STYLE_JUDGE_LINES], sources["b"][:STYLE_JUDGE_LINES],
+                              read_lines(store, data, "a", "dev"), read_lines(store, data, "b", "dev"), seed=rcfg.seed)
     trainer = RLTrainer(
         rcfg, policy, tokenizer, {"a": id_a, "b": id_b}, sources, reward_fn, weights,
         discriminator=discriminator, backend=_backend(cfg, merged_dir), reference=reference,
-        back_translate=reward_fn.needs_back_translation, log_dir=work,
+        back_translate=reward_fn.needs_back_translation, log_dir=work, style_judge=style_judge,
     )
     trainer.optimizer.set_masters(exact)
     del exact
@@ -127,6 +134,7 @@ def run_rl(
     metrics["rollout_micro_batch"] = trainer.micro_batch
     metrics["resumed_from"] = resumed_from
     (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
+    write_training_plot(trainer.metrics_log, work / TRAINING_PLOT, "rl: rewards, update size, KL, style share")
     ref = store.commit(STAGE, fp, work, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)})
     store.delete_checkpoints(STAGE, fp)
     return ref
