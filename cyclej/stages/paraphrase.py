@@ -30,9 +30,11 @@ from cyclej.generate import (
     GenerationBackend,
     SamplingSettings,
     TransformersBackend,
+    choose_backend,
     load_causal_lm,
     make_backend,
 )
+from cyclej.models import resolve_model
 from cyclej.paraphrase import (
     REASONS,
     Embed,
@@ -93,12 +95,16 @@ _PARAPHRASERS: dict[tuple[Any, ...], _Paraphraser] = {}
 _EMBEDDERS: dict[str, Embed] = {}
 
 
-def _paraphraser(cfg: PipelineConfig) -> _Paraphraser:
-    """Loading a 7B model takes minutes: every shard a process runs shares one."""
+def _paraphraser(cfg: PipelineConfig, n_texts: int) -> _Paraphraser:
+    """Loading a 7B model takes minutes: every shard a process runs shares one. `n_texts` (the stage's
+    texts) sizes the job for `backend: auto`."""
     pc = cfg.paraphrase
+    backend_kind = choose_backend(
+        pc.backend, resolve_model(cfg.models.paraphraser), n_texts * pc.n_candidates * pc.max_new_tokens
+    )
     key = (
         cfg.models.paraphraser,
-        pc.backend,
+        backend_kind,
         pc.batch_size,
         pc.vllm.model_dump_json(),
         pc.instruction,
@@ -106,10 +112,8 @@ def _paraphraser(cfg: PipelineConfig) -> _Paraphraser:
     )
     if key not in _PARAPHRASERS:
         release_paraphrasers()  # one paraphraser in memory at a time: the old engine shut down first
-        if pc.backend == "vllm":
+        if backend_kind == "vllm":
             from transformers import AutoTokenizer
-
-            from cyclej.models import resolve_model
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.paraphraser))
             backend = make_backend(
@@ -118,6 +122,7 @@ def _paraphraser(cfg: PipelineConfig) -> _Paraphraser:
                 tensor_parallel_size=pc.vllm.tensor_parallel_size,
                 max_model_len=pc.vllm.max_model_len,
                 gpu_memory_utilization=pc.vllm.gpu_memory_utilization,
+                enforce_eager=pc.vllm.enforce_eager,
                 seed=pc.seed,
             )
         else:
@@ -181,7 +186,7 @@ def _generate_shard(
     shard = items[shard_index * pc.shard_size : (shard_index + 1) * pc.shard_size]
     if not shard:
         raise ValueError(f"paraphrase: shard {shard_index} is out of range ({len(items)} texts)")
-    para = _paraphraser(cfg)
+    para = _paraphraser(cfg, len(items))
     settings = SamplingSettings(
         max_new_tokens=pc.max_new_tokens,
         temperature=pc.temperature,
@@ -325,7 +330,7 @@ def run_paraphrase(
         "shards_generated": todo,
         "shards_reused": [i for i in range(n_shards) if i not in todo],
         "paraphraser": cfg.models.paraphraser,
-        "backend": cfg.paraphrase.backend,
+        "backend": cfg.paraphrase.backend,  # as configured; the log names what auto chose
         "rejected_examples": {r: ex for r, ex in rejected_examples.items() if ex},
     }
     work: Path = store.workdir(STAGE, fp)

@@ -27,7 +27,7 @@ import torch
 from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
-from cyclej.generate import GenerationBackend
+from cyclej.generate import GenerationBackend, choose_backend
 from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
@@ -141,20 +141,22 @@ def run_rl(
 
 
 def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
-    """None: the trainer samples from the live policy with transformers. vLLM only where CUDA is."""
-    if cfg.rl.backend != "vllm":
+    """None: the trainer samples from the live policy with transformers. Otherwise a vLLM engine on the
+    start model, which gets the policy's weights after every update (`_push_weights`)."""
+    r = cfg.rl
+    # Rollouts and their back-translations, every step.
+    expected_tokens = 2 * r.steps * r.prompts_per_step * r.rollouts * r.max_new_tokens
+    if choose_backend(r.backend, str(model_dir), expected_tokens) != "vllm":
         return None
-    if not torch.cuda.is_available():
-        log.warning("rl.backend is vllm but there is no GPU here; sampling with transformers instead")
-        return None
-    from cyclej.generate import VllmBackend
+    from cyclej.generate import VllmBackend, vllm_dtype
 
-    v = cfg.rl.vllm
+    v = r.vllm
     # The policy, its optimizer and the discriminator share the GPU with the engine (its own settings:
     # tensor parallel 1, short sequences, a third of the card; see `cyclej plan`).
     return VllmBackend(
         str(model_dir), tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
-        gpu_memory_utilization=v.gpu_memory_utilization, seed=cfg.rl.seed,
+        gpu_memory_utilization=v.gpu_memory_utilization, seed=r.seed, dtype=vllm_dtype(),
+        enforce_eager=v.enforce_eager,
     )
 
 
