@@ -371,7 +371,12 @@ def vllm_unsupported_reason(model_path: str) -> str | None:
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
         return f"{model_path} is not a local Hugging Face folder"
-    cfg = json.loads(config_file.read_text())
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{config_file} does not read as JSON ({exc})"
+    if not isinstance(cfg, dict):
+        return f"{config_file} is not a JSON object"
     if not torch.cuda.is_available():
         hidden = cfg.get("hidden_size", cfg.get("n_embd"))
         heads = cfg.get("num_attention_heads", cfg.get("n_head"))
