@@ -354,9 +354,10 @@ BackendKind = Literal["auto", "transformers", "vllm"]
 # anything else is refused at engine start ("Unsupported CPU attention configuration").
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # `backend: auto` picks vLLM once a job generates at least this many tokens: below it, the engine start
-# costs more than vLLM's faster decoding saves. Measured by bench/generate_throughput.py on SmolLM2,
-# 2 CPU cores (AVX2, no native bf16), compile cache warm: see VLLM_BREAK_EVEN_NOTE in bench/README.md.
-VLLM_BREAK_EVEN_TOKENS = 2048
+# costs more than vLLM's faster decoding saves. Measured by `bench/generate_throughput.py --vllm --eager` on
+# SmolLM2-135M, 64 prompts x 32 tokens, 2 CPU cores (AMD EPYC with avx512_bf16, heavily shared): engine start
+# 86 s, 26.9 vs 5.2 tokens/s, break-even 547 tokens; doubled for the spread of start times and the engine's RAM.
+VLLM_BREAK_EVEN_TOKENS = 1100
 
 
 def vllm_unsupported_reason(model_path: str) -> str | None:
