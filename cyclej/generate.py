@@ -211,6 +211,21 @@ class TransformersBackend:
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
+def _cpu_scheduling(model_path: str, max_model_len: int | None, max_num_batched_tokens: int | None) -> dict[str, Any]:
+    """No chunked prefill on a CPU: vLLM 0.32 rewinds a seeded request's generator when a prefill chunk's
+    sample is discarded (`set_offset`), which CPU generators refuse ("CPU Generator does not use offset":
+    the engine dies as soon as seeded prompts exceed one step's token budget). Unchunked, every prompt is
+    prefilled in one step, so the budget must hold the longest sequence."""
+    if max_model_len is None:  # the model's own length, capped: a CPU engine never needs more here
+        import json
+        from pathlib import Path
+
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        max_model_len = min(int(cfg.get("max_position_embeddings", cfg.get("n_positions", 2048))), 4096)
+    budget = max(max_num_batched_tokens or 2048, max_model_len)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget, "max_model_len": max_model_len}
+
+
 def _reload_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
     """Runs on each vLLM worker: its in-place reload (load, then `process_weights_after_loading`)."""
     worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
@@ -266,7 +281,6 @@ class VllmBackend:
         self.llm: Any = vllm.LLM(
             model=model_path,
             tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             dtype=dtype,
@@ -274,8 +288,13 @@ class VllmBackend:
             # On a CPU, gpu_memory_utilization is a share of the machine's RAM (0.85 of it for the KV
             # cache of a small model would starve everything else): a fixed KV budget there instead.
             **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}),
-            # Smaller warm-up/profiling batches start faster; vLLM's default (4096+) when None.
-            **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
+            # max_model_len None: the model's own. Smaller warm-up/profiling batches start faster.
+            **(
+                {"max_model_len": max_model_len,
+                 **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {})}
+                if torch.cuda.is_available()
+                else _cpu_scheduling(model_path, max_model_len, max_num_batched_tokens)
+            ),
         )
         tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(tokenizer)
@@ -435,7 +454,6 @@ def make_backend(
         return VllmBackend(
             resolve_model(model),
             tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             dtype=vllm_dtype(),

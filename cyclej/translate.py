@@ -254,7 +254,8 @@ def load_for_translation(
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         marker_token_ids(tokenizer, list(pair))  # vLLM cannot add tokens: they must be in the folder already
-        return make_backend("vllm", str(model_dir)), tokenizer, pair
+        # Short-lived engines: on a CPU, torch.compile would cost more than the whole job (minutes).
+        return make_backend("vllm", str(model_dir), enforce_eager=not torch.cuda.is_available()), tokenizer, pair
     on_gpu = torch.cuda.is_available()
     model, tokenizer = load_model(str(model_dir), markers=list(pair), dtype=torch.bfloat16 if on_gpu else torch.float32)
     if on_gpu:

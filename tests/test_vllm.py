@@ -87,6 +87,11 @@ def test_sampling_is_seeded(engine: VllmBackend) -> None:
     assert [len(s) for s in first] == [3, 3]
     assert first == engine.generate(PROMPTS[:2], settings)
     assert first != engine.generate(PROMPTS[:2], SamplingSettings(max_new_tokens=5, temperature=1.0, n=3, seed=6))
+    # More seeded prompts than one scheduler step holds (512 tokens): with chunked prefill vLLM 0.32 on a
+    # CPU rewound a seeded generator and the engine died ("CPU Generator does not use offset").
+    many = [[(7 * i + j) % 1000 + 1 for j in range(40)] for i in range(30)]
+    big = engine.generate(many, SamplingSettings(max_new_tokens=4, temperature=1.0, n=2, seed=3))
+    assert len(big) == 30 and big == engine.generate(many, SamplingSettings(max_new_tokens=4, temperature=1.0, n=2, seed=3))
 
 
 def test_weight_push_reaches_the_engine_process(engine: VllmBackend, model_dir: Path, tmp_path: Path) -> None:
