@@ -86,6 +86,8 @@ def run(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="also print Prefect's tracebacks of expected "
+                                          "failures (bad input, a store gone); they are in the run's UI log")] = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow run; finished stages come back cached."""
     cfg = _config(config, preset, set_, storage)
@@ -99,7 +101,7 @@ def run(
     if flow_run_id is None:
         typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
         raise SystemExit(launch(cfg, until, sys.argv[1:]))
-    refs = execute(cfg, until, flow_run_id)
+    refs = execute(cfg, until, flow_run_id, verbose=verbose)
     for name, ref in refs.items():
         typer.echo(f"{name:13s} {ref['fingerprint']}  {ref['uri']}", err=True)
     if "eval" in refs:

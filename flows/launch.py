@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,13 +268,68 @@ def _forward(child: subprocess.Popen[bytes], signum: int) -> None:
 
 
 # ---- the run process -------------------------------------------------------------------------------
-def execute(cfg: PipelineConfig, until: str | None, flow_run_id: str) -> dict[str, dict[str, Any]]:
-    """Execute the launcher's flow run here, with the config as loaded (secrets included)."""
+def expected_failure(exc: BaseException | None) -> bool:
+    """A failure the CLI explains in one line (bad input, a store that went away, a corrupt file), as
+    opposed to a bug, whose traceback is what a developer needs. A stage failure is expected when what
+    caused it is (or nothing did: a dispatched stage's deployment run failed)."""
+    from cyclej.errors import CyclejError, StageFailed
+
+    if isinstance(exc, StageFailed):
+        return exc.__cause__ is None or expected_failure(exc.__cause__)
+    return isinstance(exc, CyclejError)
+
+
+class QuietExpectedFailures(logging.Filter):
+    """On the console handler only: Prefect logs the flow's exception with its traceback (and, when a
+    task's retries run out, the task's too: ~100 lines) before the CLI prints its one-line error. For an
+    expected failure those records, and the task's ERROR "Finished in state Failed('Task run encountered
+    an exception BadInput: …')", stay off stderr; the run's log in the UI (Prefect's API handler) still
+    has them in full, and `cyclej run --verbose` shows them here."""
+
+    STATE_EXCEPTION = re.compile(r"encountered an exception:? (\w+):")
+
+    def __init__(self) -> None:
+        super().__init__()
+        from cyclej.errors import CyclejError
+
+        def subclasses(cls: type) -> list[type]:
+            return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+        # A task's state names only its exception's class; a task-level StageFailed (a dispatched
+        # stage's deployment run that failed) has no cause, so every CyclejError class is expected there.
+        self.expected_names = {cls.__name__ for cls in subclasses(CyclejError)}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return not expected_failure(exc)
+        if record.levelno >= logging.ERROR and (m := self.STATE_EXCEPTION.search(record.getMessage())):
+            return m.group(1) not in self.expected_names
+        return True
+
+
+def quiet_expected_failures() -> QuietExpectedFailures:
+    """Install the filter on the console handlers (the root logger's: flow and task run records reach
+    it by propagation, after their API handler has sent them to the server)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    quiet = QuietExpectedFailures()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(quiet)
+    return quiet
+
+
+def execute(cfg: PipelineConfig, until: str | None, flow_run_id: str, verbose: bool = False) -> dict[str, dict[str, Any]]:
+    """Execute the launcher's flow run here, with the config as loaded (secrets included). Unless
+    `verbose`, Prefect's tracebacks of expected failures stay off stderr (QuietExpectedFailures)."""
     from prefect.client.orchestration import get_client
     from prefect.flow_engine import run_flow
 
     from flows.pipeline import cyclej_pipeline
 
+    if not verbose:
+        quiet_expected_failures()
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(UUID(flow_run_id))
     result = run_flow(cyclej_pipeline, flow_run=flow_run, parameters={"config": cfg, "until": until})

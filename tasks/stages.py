@@ -31,6 +31,7 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.logging import get_run_logger
 
 from cyclej.config import PipelineConfig
+from cyclej.errors import BadInput, StorageError
 from cyclej.progress import Progress
 from cyclej.stages import SPECS, run_stage, stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
@@ -287,6 +288,21 @@ def stage_run_name(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, A
     return f"{name}-{stage_fingerprint(name, cfg, {k: v['fingerprint'] for k, v in inputs.items()})[:8]}"
 
 
+def retry_unless_bad_input(_task: Any, _task_run: Any, state: Any) -> bool:
+    """retry_condition_fn: bad input (a config value the model cannot take, a corpus the stage refuses)
+    fails the same way every time, so it is not retried (a retry reloaded the model only to refuse
+    again); a store error is, since a store that blinked may be back."""
+    try:
+        state.result()
+    except StorageError:
+        return True
+    except BadInput:
+        return False
+    except BaseException:  # noqa: BLE001 - anything else: Prefect's retries as configured
+        return True
+    return True
+
+
 def configured_stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> Any:
     """`stage_task` with this config's cache policy, result storage, retries and a readable run name."""
     orch = cfg.orchestration
@@ -297,6 +313,7 @@ def configured_stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict
         result_storage=result_storage_for(cfg),
         retries=orch.retries,
         retry_delay_seconds=orch.retry_delay_seconds,
+        retry_condition_fn=retry_unless_bad_input,
         # No tags: a tagged task asks the server for tag concurrency slots on every run (~1.5 s each,
         # measured), which made a fully cached pipeline take 13 s instead of ~1 s.
     )

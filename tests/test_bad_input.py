@@ -5,6 +5,7 @@ vendored click included), each run as a user would run it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -71,3 +72,94 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, args_for: Callable[[Pat
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[0].startswith("cyclej: error: ") and needle in lines[0], lines[0]
+
+
+# ---- refusals at run time: inside a flow run, where Prefect logs the exception with its traceback ----
+PREFECT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| INFO +\| ")  # Prefect's console format, INFO only
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar (the stages' and transformers' own)
+LAUNCHER_LINE = re.compile(r"^cyclej: (tiny: .* writable|flow run '[^']+' \([0-9a-f-]{36}\))$")
+
+
+def stderr_fragments(stderr: str) -> list[str]:
+    """Lines of stderr, split at carriage returns too (a progress bar redraws with \\r and Prefect's next
+    line may follow on the same physical line)."""
+    return [f.strip() for f in re.split(r"[\r\n]", stderr) if f.strip()]
+
+
+@pytest.fixture(scope="module")
+def runtime_env(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, str]:
+    """The shared real Prefect server, one store for the module (so `data` is computed once)."""
+    from tests.local_prefect_server import shared_prefect_server
+
+    store = tmp_path_factory.mktemp("runtime-refusals") / "store"
+    return {**shared_prefect_server(), "CYCLEJ_CACHE": str(model_cache), "OMP_NUM_THREADS": "1",
+            "CYCLEJ_TEST_STORE": str(store)}
+
+
+def _run_process_only(env: dict[str, str], tmp: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """The run process alone, for refusals the launcher's own checks stop first (the data stage's): the
+    flow run is created as the launcher creates it, then `cyclej run` executes it with CYCLEJ_FLOW_RUN_ID,
+    as the launcher starts it (a corpus edited after the launcher's check reaches the data stage so)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cyclej.config import load_config
+    from flows.launch import FLOW_RUN_ENV, create_flow_run
+
+    cfg = load_config(Path(args[1]), None, [], None)
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        flow_run = create_flow_run(cfg, "data")
+    return subprocess.run([sys.executable, "-m", "cyclej.cli", *args, "--until", "data"], cwd=tmp,
+                          capture_output=True, text=True, env={**env, FLOW_RUN_ENV: str(flow_run.id)}, timeout=300)
+
+
+def _cli_run(env: dict[str, str], tmp: Path, args: list[str], fault: str = "") -> subprocess.CompletedProcess[str]:
+    full = ["run", "--preset", "tiny", "--storage", env["CYCLEJ_TEST_STORE"], "--until", "context",
+            "--set", "context.max_steps=2", *args]
+    return subprocess.run([sys.executable, "-m", "cyclej.cli", *full], cwd=tmp, capture_output=True, text=True,
+                          env={**env, "CYCLEJ_FAULT": fault}, timeout=300)
+
+
+def _data_config(tmp: Path, lines: list[str], **changes: object) -> list[str]:
+    return ["run", str(write_config(tmp, domain_a__train=[corpus(tmp, "a.txt", lines)], **changes))]
+
+
+# (id, how it is run, exit code, text of the last line, whether Prefect's traceback may be on stderr)
+RUNTIME_CASES: list[tuple[str, Callable[[dict[str, str], Path], subprocess.CompletedProcess[str]], int, str, bool]] = [
+    ("one-clean-line", lambda e, t: _run_process_only(e, t, _data_config(t, ["just one line ."])),
+     2, "fewer than data.min_lines", False),
+    ("all-duplicates", lambda e, t: _run_process_only(e, t, _data_config(t, ["the same line ."] * 500)),
+     2, "duplicates", False),
+    ("over-long-lines", lambda e, t: _run_process_only(e, t, _data_config(
+        t, [f"line {i} is much too long for four tokens of any tokenizer ." for i in range(300)],
+        data__max_tokens=4)), 2, "too long", False),
+    # only the model knows its context length: refused inside `context`, past every launcher check
+    ("context-longer-than-the-model", lambda e, t: _cli_run(e, t, ["--set", "context.seq_len=100000"]),
+     2, "context.seq_len", False),
+    ("verbose-shows-the-traceback", lambda e, t: _run_process_only(
+        e, t, [*_data_config(t, ["just one line ."]), "--verbose"]), 2, "fewer than data.min_lines", True),
+    # a bug (the `error` fault stands for one) keeps its traceback: that is what a developer needs
+    ("a-bug-keeps-its-traceback", lambda e, t: _cli_run(e, t, ["--set", "orchestration.retries=0"], fault="context:1:error"),
+     1, "stage 'context' failed: InjectedError", True),
+]
+
+
+@pytest.mark.parametrize(("run", "code", "needle", "traceback"), [c[1:] for c in RUNTIME_CASES],
+                         ids=[c[0] for c in RUNTIME_CASES])
+def test_run_time_refusal_is_one_line_without_prefect_tracebacks(
+    runtime_env: dict[str, str], tmp_path: Path,
+    run: Callable[[dict[str, str], Path], subprocess.CompletedProcess[str]], code: int, needle: str, traceback: bool,
+) -> None:
+    """Issue 16: a refusal inside the flow run printed Prefect's two tracebacks (~109 lines) before the
+    one-line error. Now stderr is the error line (last), Prefect's INFO lines, the launcher's two status
+    lines and progress bars: no traceback, no ERROR line. A bug, and --verbose, still show the traceback."""
+    proc = run(runtime_env, tmp_path)
+    fragments = stderr_fragments(proc.stderr)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    errors = [f for f in fragments if f.startswith("cyclej: error: ")]
+    assert len(errors) == 1 and errors[0] == fragments[-1] and needle in errors[0], proc.stderr[-3000:]
+    if traceback:
+        assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
+        return
+    others = [f for f in fragments[:-1] if not (PREFECT_LINE.match(f) or PROGRESS.search(f) or LAUNCHER_LINE.match(f))]
+    assert not others, others  # no traceback line, no ERROR/WARNING line, nothing else
+    assert proc.stderr.count("stage context: start") <= 1  # bad input is not retried (it would fail again)
