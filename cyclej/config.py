@@ -150,6 +150,9 @@ class ContextConfig(TrainConfig):
 
 class ParaTrainConfig(TrainConfig):
     seq_len: int = Field(1024, gt=0)
+    match_source_surface: bool = Field(
+        True, description="write each paraphrase in its source's casing and tokenization before training on it"
+    )
 
 
 class DomainTrainConfig(TrainConfig):

@@ -354,3 +354,23 @@ def load_embedder(spec: str) -> Embed:
         )
 
     return embed
+
+
+# ---- surface form ------------------------------------------------------------------------------------
+# English clitics and punctuation as tokenized corpora (Yelp, many MT sets) split them: "n't", "'s", ", ".
+_CLITIC = re.compile(r"(\w)(n't|'s|'m|'re|'ve|'ll|'d)\b", re.IGNORECASE)
+_PUNCT = re.compile(r"\s*([.,!?;:()\"])\s*")
+
+
+def match_surface(source: str, paraphrase: str) -> str:
+    """The paraphrase written in the source's surface form: lower-cased when the source is, punctuation and
+    clitics split off by spaces when the source has them so ("should n't", "cold ."). Instruct models write
+    standard prose; trained on it as is, the rewriter would learn to change casing and tokenization, which
+    are not the style being transferred, and its outputs would no longer look like the domain's text."""
+    out = paraphrase
+    if source == source.lower():
+        out = out.lower()
+    if re.search(r"\w n't\b|\w '(s|m|re|ve|ll|d)\b", source) or re.search(r"\w [.,!?]( |$)", source):
+        out = _CLITIC.sub(r"\1 \2", out)
+        out = _PUNCT.sub(r" \1 ", out)
+    return " ".join(out.split())

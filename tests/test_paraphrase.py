@@ -492,3 +492,21 @@ def test_a_shard_another_run_is_generating_is_waited_for_not_generated_again(
     assert not worker.is_alive()
     kept = store.load_checkpoint("paraphrase", fp, "shard-00001")
     assert (kept / "shard.jsonl").read_text(encoding="utf-8") == '{"from": "the other run"}\n'
+
+
+@pytest.mark.parametrize(
+    ("source", "paraphrase", "expected"),
+    [
+        ("i should n't have to ask where my order is .", "I shouldn't have to ask where my order is.",
+         "i should n't have to ask where my order is ."),
+        ("service at this place is terrible .", "The service here is terrible, honestly!",
+         "the service here is terrible , honestly !"),
+        ("The Service Was Great.", "The staff's service was great.", "The staff's service was great."),
+        ("we 'll be back , it 's great", "We'll return; it's great", "we 'll return ; it 's great"),
+    ],
+)
+def test_paraphrase_takes_the_source_surface_form(source: str, paraphrase: str, expected: str) -> None:
+    from cyclej.paraphrase import match_surface
+
+    assert match_surface(source, paraphrase) == expected
+

@@ -17,6 +17,7 @@ from typing import Any
 from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput
 from cyclej.formats import Example, para_examples
+from cyclej.paraphrase import match_surface
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
@@ -39,7 +40,11 @@ def run_para_train(
 
     def examples(selected: list[dict[str, Any]]) -> list[Example]:
         return [ex for p in selected for ex in para_examples(tokenizer, *direction[p["domain"]], p["text"],
-                                                             p["paraphrase"])]
+                                                             _surface(p))]
+
+    def _surface(pair: dict[str, Any]) -> str:
+        # Casing and tokenization are not the style being transferred: the paraphrase takes the source's.
+        return match_surface(pair["text"], pair["paraphrase"]) if tcfg.match_source_surface else pair["paraphrase"]
 
     train_examples = examples(train_pairs)
     dev_examples = examples(dev_pairs)
