@@ -94,7 +94,7 @@ def test_validate_unwritable_storage(tmp_path: Path) -> None:
 def test_bad_fault_spec_and_unknown_preset(tmp_path: Path) -> None:
     assert_bad_input(cyclej("validate", str(write_config(tmp_path)), cwd=tmp_path, env={"CYCLEJ_FAULT": "rl:x:boom"}),
                      "CYCLEJ_FAULT")
-    assert_bad_input(cyclej("run", "--preset", "huge", cwd=tmp_path), "--preset huge", "tiny, demo, gptj")
+    assert_bad_input(cyclej("run", "--preset", "huge", cwd=tmp_path), "--preset huge", "tiny, demo, yelp, gptj")
 
 
 def test_status_lists_every_stage(tmp_path: Path) -> None:

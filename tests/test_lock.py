@@ -50,7 +50,8 @@ def test_cpu_lock_leaves_out_the_cuda_vision_wheels() -> None:
 
 
 def _pip_installs(text: str) -> list[str]:
-    joined = text.replace("\\\n", " ")
+    commands = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    joined = commands.replace("\\\n", " ")
     return [m.strip() for m in re.findall(r"pip install([^&\n]*)", joined)]
 
 

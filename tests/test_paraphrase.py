@@ -478,7 +478,9 @@ def test_a_shard_another_run_is_generating_is_waited_for_not_generated_again(
     data = _data_artifact(store)
     fp = stage_fingerprint("paraphrase", cfg, {"data": data.fingerprint})
     lease = f"paraphrase/{fp}/checkpoints/shard-00001.LEASE.json"
-    store.put_json(lease, {"owner": f"{_local_host()}:{os.getpid()}:other-run", "expires": time.time() + 60})
+    # The other run: a live process of this host that is not this one (this process's own leftover leases
+    # are taken over at once), here our parent.
+    store.put_json(lease, {"owner": f"{_local_host()}:{os.getppid()}:other-run", "expires": time.time() + 60})
     worker = threading.Thread(target=run_paraphrase_shard,
                               args=(cfg, {"data": data}, store, 1, Progress(show_bar=False)))
     worker.start()
