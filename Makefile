@@ -48,9 +48,11 @@ demo: setup
 tiny: setup
 	$(BIN)/cyclej run --preset tiny
 
+# Everything, the `slow` tests included (vLLM engines in their own processes, SmolLM2, UI and kill drills):
+# what CI runs (.ci/run). A bare `pytest` runs the default subset (under ~10 minutes on 2 cores).
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

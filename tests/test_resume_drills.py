@@ -66,7 +66,8 @@ def reference_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("killed", "step", "following"),
     [
         ("para_train", 5, "domain_train"),  # issue 16's case: resumed at step 4, then domain_train
-        ("domain_train", 3, "merge"),  # resumed at step 2, then the merge of both adapters
+        # resumed at step 2, then the merge of both adapters
+        pytest.param("domain_train", 3, "merge", marks=pytest.mark.slow),
         pytest.param("context", 3, "paraphrase", marks=pytest.mark.slow),
         pytest.param("paraphrase", 2, "para_train", marks=pytest.mark.slow),
     ],

@@ -110,6 +110,7 @@ def test_weight_push_reaches_the_engine_process(engine: VllmBackend, model_dir: 
     assert engine.generate(PROMPTS, GREEDY) == before
 
 
+@pytest.mark.slow  # its own engine in a child process: ~60 s
 def test_weight_push_with_the_engine_in_this_process(model_dir: Path, tmp_path: Path) -> None:
     """The GPU default: engine core in the caller's process, tensors handed over by reference. Run in a
     child process, because on a CPU the in-process engine pins the process's threads for good."""
@@ -199,6 +200,7 @@ def test_paraphrase_shard_through_vllm_equals_transformers(tmp_path: Path, model
     assert raw["vllm"] == raw["transformers"] and len(raw["vllm"]) == 2
 
 
+@pytest.mark.slow  # two CLI processes, one with its own engine: ~70 s
 def test_translate_cli_with_backend_vllm(tmp_path: Path, model_dir: Path) -> None:
     lines = ["the food was cold .", "terrible service ."]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
