@@ -463,7 +463,9 @@ class ArtifactStore:
         except FileNotFoundError:
             return []
         names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        return [n for n in names if self.fs.exists(f"{base}/{n}/{MANIFEST}")]
+        # through _call like every other fs call: a raw EndpointConnectionError from here (the S3
+        # endpoint gone mid-run) escaped as a "bug", without the stage's resume point
+        return [n for n in names if self._call("list checkpoints", self.fs.exists, f"{base}/{n}/{MANIFEST}")]
 
     def load_checkpoint(self, stage: str, fp: str, name: str) -> Path:
         """A local, verified copy of one checkpoint (raises CorruptArtifact on a bad file)."""

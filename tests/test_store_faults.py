@@ -53,6 +53,10 @@ def test_concurrent_lease_waits_and_reuse_are_logged_by_run(tmp_path: Path, capl
             _commit(store, "merge", "fp", "made by first")
 
     caplog.set_level(logging.INFO, logger="cyclej")
+    # Prefect's logging set-up (run earlier in the same session by other tests) may have disabled or
+    # detached the project's logger; this test reads it, so make sure it reaches caplog.
+    project_logger = logging.getLogger("cyclej")
+    project_logger.disabled, project_logger.propagate = False, True
     worker = threading.Thread(target=first)
     worker.start()
     try:
@@ -106,3 +110,73 @@ def test_read_only_local_store_is_a_one_line_storage_error(tmp_path: Path) -> No
 def test_unknown_storage_scheme_is_a_storage_error(root: str) -> None:
     with pytest.raises(StorageError, match="unsupported"):
         ArtifactStore(root)
+
+
+def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(tmp_path: Path, model_cache: Path) -> None:
+    """Issue 16: the S3 endpoint (a moto server process of this test's own) is SIGKILLed while `context`
+    trains and checkpoints: `cyclej run` exits 1 with one `cyclej: error:` line naming the stage and where
+    it resumes (not 2, the bad-input code), and no Prefect traceback on stderr (an outage is not a bug).
+    A process, not the in-process ThreadedMotoServer: its stop() left open keep-alive connections served,
+    so the stage could finish through the "dead" endpoint."""
+    import re
+    import signal
+    import socket
+    import sys
+    import urllib.request
+
+    import s3fs
+
+    from tests.local_prefect_server import shared_prefect_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                break
+            assert moto.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+        aws = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+               "AWS_MAX_ATTEMPTS": "2"}  # botocore's retries of a refused connection, shortened for the test
+        fs = s3fs.S3FileSystem(key=aws["AWS_ACCESS_KEY_ID"], secret=aws["AWS_SECRET_ACCESS_KEY"],
+                               client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False)
+        fs.mkdir("outage")
+        env = {**shared_prefect_server(), **aws, "CYCLEJ_CACHE": str(model_cache), "OMP_NUM_THREADS": "1"}
+        env.pop("CYCLEJ_FAULT", None)
+        # Many short steps, each checkpointed: the endpoint dies after the second checkpoint, while ~38
+        # steps remain, so the stage is certain to meet the outage on its next store call.
+        args = ["run", "--preset", "tiny", "--storage", "s3://outage/tiny", "--until", "context",
+                "--set", "context.max_steps=40", "--set", "context.checkpoint_every_steps=1",
+                "--set", "orchestration.retries=0"]
+        log = tmp_path / "stderr.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *args], cwd=tmp_path, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + 300
+        # (older checkpoints are pruned, keep_checkpoints=2: wait for any beyond the first)
+        while not [p for p in fs.glob("outage/tiny/context/*/checkpoints/step-*/MANIFEST.json")
+                   if "step-00000001" not in p]:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        moto.kill()
+        moto.wait()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if moto.poll() is None:
+            moto.kill()
+    stderr = log.read_text()
+    assert code == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("cyclej: error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.match(r"cyclej: error: stage 'context' failed: .*; resumes from .+", errors[0]), errors[0]
+    assert "store" in errors[0].partition("; resumes from ")[2], errors[0]  # "… once the store is reachable"
+    assert "Traceback" not in stderr, stderr[-3000:]
