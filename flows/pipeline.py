@@ -11,7 +11,9 @@ its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, task
@@ -129,6 +131,23 @@ def _result(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]], fut
         raise StageFailed(name, reason, _resume_point(cfg, name, _inputs(name, refs))) from exc
 
 
+@contextlib.contextmanager
+def run_labelled() -> Iterator[None]:
+    """Name the running Prefect flow run in the store's leases, checkpoints and manifests (`cyclej.store`
+    knows nothing of Prefect), so two runs of one config log "waiting for run <name> (host, pid) computing
+    stage S" and "reused S from run <name>" with the names the UI shows. Reset afterwards: a process that
+    runs several flows (a test session, `cyclej serve`) must not lend one run's name to the next."""
+    from prefect.runtime import flow_run
+
+    from cyclej.store import set_run_label
+
+    set_run_label(flow_run.name or None)
+    try:
+        yield
+    finally:
+        set_run_label(None)
+
+
 def _post_report(cfg: PipelineConfig, eval_ref: dict[str, Any]) -> None:
     from cyclej.store import ArtifactRef
 
@@ -149,15 +168,16 @@ def cyclej_pipeline(config: PipelineConfig, until: str | None = None) -> dict[st
     store = store_for(config)
     logger.info("storage: %s", store.root_uri)
     refs: dict[str, dict[str, Any]] = {}
-    for level in LEVELS:
-        names = [n for n in level if until is None or list(SPECS).index(n) <= list(SPECS).index(until)]
-        if config.orchestration.max_concurrent_stages > 1 or config.orchestration.dispatch:
-            futures = {n: _submit(n, config, refs) for n in names}
-            for n, fut in futures.items():
-                refs[n] = _result(n, config, refs, fut)
-        else:
-            for n in names:
-                refs[n] = _result(n, config, refs, _submit(n, config, refs))
-    if "eval" in refs:
-        _post_report(config, refs["eval"])
+    with run_labelled():
+        for level in LEVELS:
+            names = [n for n in level if until is None or list(SPECS).index(n) <= list(SPECS).index(until)]
+            if config.orchestration.max_concurrent_stages > 1 or config.orchestration.dispatch:
+                futures = {n: _submit(n, config, refs) for n in names}
+                for n, fut in futures.items():
+                    refs[n] = _result(n, config, refs, fut)
+            else:
+                for n in names:
+                    refs[n] = _result(n, config, refs, _submit(n, config, refs))
+        if "eval" in refs:
+            _post_report(config, refs["eval"])
     return refs

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import Flow, flow
 
 from cyclej.config import STAGES, PipelineConfig
-from flows.pipeline import _inputs, _result, _submit
+from flows.pipeline import _inputs, _result, _submit, run_labelled
 
 
 def _make_stage_flow(name: str) -> Flow[..., dict[str, Any]]:
@@ -19,7 +19,8 @@ def _make_stage_flow(name: str) -> Flow[..., dict[str, Any]]:
     def stage_flow(config: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         local = config.model_copy(update={"orchestration": config.orchestration.model_copy(update={"dispatch": False})})
         refs = dict(inputs)
-        return _result(name, local, refs, _submit(name, local, _inputs(name, refs) | refs))
+        with run_labelled():
+            return _result(name, local, refs, _submit(name, local, _inputs(name, refs) | refs))
 
     stage_flow.__doc__ = f"Run (or resume) the `{name}` stage; inputs are the ArtifactRefs of {name}'s inputs."
     return stage_flow

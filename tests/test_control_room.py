@@ -231,6 +231,10 @@ def test_killed_run_process_is_crashed_at_once(server_env: dict[str, str], store
     print(f"Crashed {time.monotonic() - ended:.1f} s after the CLI ended")
     assert "killed by SIGKILL" in (run.state.message or "")
     assert stage_states(server_env, flow_run_id)["context"] == "Crashed"
+    # The checkpoint it left names the Prefect run (what "reused S from run X" logs), not host:pid.
+    cfg = config(store_root, 6)
+    store = ArtifactStore.from_config(cfg.storage)
+    assert store._committed_by("context", fingerprints(cfg)["context"], "step-00000002") == run.name
 
 
 @pytest.mark.slow  # two runs of context (~110 s on 2 loaded cores)
