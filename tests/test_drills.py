@@ -102,7 +102,7 @@ def test_failure_drill_retry_resumes_rl(drill_store: str, monkeypatch: pytest.Mo
 
     retry = subprocess.run(
         [sys.executable, "-m", "prefect", "flow-run", "retry", str(flow_run_id),
-         "--entrypoint", "flows/pipeline.py:cyclej_pipeline"],
+         "--entrypoint", "flows.pipeline:cyclej_pipeline"],
         cwd=ROOT, capture_output=True, text=True, env=_cli_env(), timeout=900,
     )
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
