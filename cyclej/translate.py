@@ -371,18 +371,6 @@ def translate_detailed(
     return out
 
 
-def translate_with_backend(
-    backend: GenerationBackend,
-    tokenizer: PreTrainedTokenizerBase,
-    lines: list[str],
-    to: Domain,
-    markers: tuple[str, str] | list[str],
-    max_new_tokens: int = 64,
-) -> list[str]:
-    """`translate_detailed`, the lines only."""
-    return [t.text for t in translate_detailed(backend, tokenizer, lines, to, markers, max_new_tokens)]
-
-
 def translate_with_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -392,9 +380,9 @@ def translate_with_model(
     batch_size: int = 16,
     max_new_tokens: int = 64,
 ) -> list[str]:
-    """`translate_with_backend` on an in-memory model."""
+    """`translate_detailed` on an in-memory model, the lines only."""
     backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
-    return translate_with_backend(backend, tokenizer, lines, to, markers, max_new_tokens)
+    return [t.text for t in translate_detailed(backend, tokenizer, lines, to, markers, max_new_tokens)]
 
 
 def _one_line(text: str) -> str:

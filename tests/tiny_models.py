@@ -7,14 +7,14 @@ import torch
 from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden_size: int = 64, num_attention_heads: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=num_attention_heads,
         num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=0,
@@ -43,20 +43,6 @@ def tiny_gptj(seed: int = 0) -> GPTJForCausalLM:
 
 
 def tiny_llama_for_vllm(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny Llama that vLLM's CPU attention serves: head_dim 64 (it refuses 16, the size of the ones
+    """A tiny Llama that vLLM's CPU attention serves: head_dim 64 (it refuses 16, the size of the one
     above). Same vocabulary and sharp logits."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, hidden_size=128, num_attention_heads=2)
