@@ -343,3 +343,53 @@ def test_automations_file_creates_crash_detection_and_a_failure_notification(
     crash = automations["cyclej-crashed-when-heartbeats-stop"]
     assert crash.trigger.posture.value == "Proactive" and crash.actions[0].state.value == "CRASHED"
     assert automations["cyclej-notify-on-failure"].actions[0].block_document_id == block_id
+
+
+@pytest.mark.slow  # waits out the automation's 120 s heartbeat window (~2.5-3 min)
+def test_heartbeat_automation_crashes_a_run_whose_processes_all_died(
+    server_env: dict[str, str], store_root: str, tmp_path: Path
+) -> None:
+    """The one case the launcher cannot cover: launcher and run process SIGKILLed together (a lost host).
+    The crash-detection automation of deployments/automations.yaml, created on the server as its header
+    says, marks the run Crashed once its heartbeats stop: within the automation's 120 s window plus the
+    heartbeat interval (30 s) and the triggers service's evaluation period."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
+    crash = [a for a in spec["automations"] if a["name"] == "cyclej-crashed-when-heartbeats-stop"]
+    path = tmp_path / "crash.yaml"
+    path.write_text(yaml.safe_dump({"automations": crash}))
+    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "automation", "create", "--from-file",
+                              str(path)], env=run_env(server_env), capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    cfg = config(store_root, 7)
+    store = ArtifactStore.from_config(cfg.storage)
+    fp = fingerprints(cfg)["context"]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, 7)], cwd=ROOT,
+                                    env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "step-00000002" not in store.list_checkpoints("context", fp):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        flow_run_id = flow_run_id_from(log.read_text())
+        assert wait_for_state(server_env, flow_run_id, {"RUNNING"}, timeout=5)
+        processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+        for p in processes:  # all at once: nobody is left to mark the run
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        killed = time.monotonic()
+        launcher.wait()
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert not still_running(alive)
+    finally:
+        kill_all(launcher)
+    with client_for(server_env) as client:
+        assert client.read_flow_run(flow_run_id).state.type.value == "RUNNING"  # nobody marked it yet
+    run = wait_for_state(server_env, flow_run_id, {"CRASHED"}, timeout=240)
+    print(f"Crashed by the automation {time.monotonic() - killed:.0f} s after the kill")
+    assert "No heartbeat" in (run.state.message or ""), run.state.message
