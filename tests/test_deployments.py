@@ -61,9 +61,14 @@ def test_every_entrypoint_loads_the_flow_dispatch_expects() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
     for name, dep in _deployments().items():
-        path, func = dep["entrypoint"].split(":")
-        assert (REPO / path).is_file(), dep["entrypoint"]
-        fl = load_flow_from_entrypoint(f"{REPO / path}:{func}")
+        # Module paths (`package.module:flow`), not file paths: a flow loaded from its file is a second
+        # copy of the module, whose string annotations could fail parameter validation on 3.7.7 ("... not
+        # fully defined"). Not Prefect's dotted form (`package.module.flow`): `prefect deploy` 3.7.7
+        # cannot parse it ("not enough values to unpack").
+        module, _, func = dep["entrypoint"].partition(":")
+        assert func and "/" not in module and not module.endswith(".py"), dep["entrypoint"]
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), dep["entrypoint"]
+        fl = load_flow_from_entrypoint(dep["entrypoint"])
         expected = "cyclej-pipeline" if name in ("pipeline", "demo") else f"cyclej-{name}"
         assert fl.name == expected, (name, fl.name)  # _dispatch runs `cyclej-<stage>/<stage>`
 
@@ -161,3 +166,67 @@ def test_deploy_all() -> None:
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/cyclej"}}]
     schedule = deployed["pipeline@cyclej-local"].schedules[0]
     assert schedule.active is False and schedule.schedule.cron == "0 3 * * 1"
+
+
+@pytest.mark.slow  # a worker and three deployment runs, ~2-3 min on 2 loaded cores
+def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None:
+    """Issue 15: with `orchestration.dispatch: true` the stages of one level (`context`, `paraphrase`)
+    are separate deployment runs on a process worker, submitted together: their run windows overlap.
+    (`run_deployment` waits for its run; called one after the other, the windows were disjoint.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.deployments.runner import EntrypointType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    from cyclej.stages import fingerprints
+    from flows.stages import STAGE_FLOWS
+    from tests.local_prefect_server import VENV_BIN, shared_prefect_server
+
+    env = {**shared_prefect_server(), "OMP_NUM_THREADS": "1"}
+    pool = "cyclej-dispatch-test"
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            if pool not in {p.name for p in client.read_work_pools()}:
+                client.create_work_pool(WorkPoolCreate(
+                    name=pool, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template()))
+        for name in ("data", "context", "paraphrase"):  # `cyclej-<stage>/<stage>`, as dispatch names them
+            deployment = STAGE_FLOWS[name].to_deployment(name=name, work_pool_name=pool,
+                                                         entrypoint_type=EntrypointType.MODULE_PATH)
+            deployment.entrypoint = f"flows.stages.{name}_flow"  # the yaml's; derived, it names the factory's inner function
+            deployment.apply()
+    import os
+
+    env["CYCLEJ_CACHE"] = os.environ["CYCLEJ_CACHE"]
+    worker_log = tmp_path / "worker.log"
+    with open(worker_log, "wb") as log:
+        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--name", "dispatch"],
+                                  env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        store = str(tmp_path / "store")
+        sets = ["orchestration.dispatch=true", "orchestration.retries=0"]
+        run = subprocess.run([str(VENV_BIN / "python"), "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
+                              store, "--until", "paraphrase", *(x for s in sets for x in ("--set", s))],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+        assert run.returncode == 0, run.stderr[-3000:] + "\nworker:\n" + worker_log.read_text()[-3000:]
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    fps = fingerprints(load_config(preset="tiny", storage=store, overrides=sets))
+    windows = {}
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        for name in ("context", "paraphrase"):
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[f"{name}-{fps[name][:8]}"])))
+            assert len(runs) == 1 and runs[0].state is not None and runs[0].state.is_completed(), runs
+            assert runs[0].deployment_id is not None  # a deployment run (on the worker), not a subflow
+            windows[name] = (runs[0].start_time, runs[0].end_time)
+        diagnostics = {r.name: (f"{r.created:%H:%M:%S}", r.state.name if r.state else None)
+                       for r in client.read_flow_runs() if r.created is not None}
+    (c0, c1), (p0, p1) = windows["context"], windows["paraphrase"]
+    print(f"context {c0:%H:%M:%S}-{c1:%H:%M:%S}, paraphrase {p0:%H:%M:%S}-{p1:%H:%M:%S}")
+    assert c0 < p1 and p0 < c1, (windows, diagnostics)  # the two windows overlap
