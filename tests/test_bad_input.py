@@ -143,8 +143,13 @@ RUNTIME_CASES: list[tuple[str, Callable[[dict[str, str], Path], subprocess.Compl
 ]
 
 
-@pytest.mark.parametrize(("run", "code", "needle", "traceback"), [c[1:] for c in RUNTIME_CASES],
-                         ids=[c[0] for c in RUNTIME_CASES])
+# The default suite keeps three rows (~50 s on 2 loaded cores); the rest run with -m slow (make test / CI).
+SLOW_RUNTIME_CASES = {"all-duplicates", "context-longer-than-the-model", "verbose-shows-the-traceback"}
+
+
+@pytest.mark.parametrize(("run", "code", "needle", "traceback"), [
+    pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_RUNTIME_CASES else [])
+    for c in RUNTIME_CASES])
 def test_run_time_refusal_is_one_line_without_prefect_tracebacks(
     runtime_env: dict[str, str], tmp_path: Path,
     run: Callable[[dict[str, str], Path], subprocess.CompletedProcess[str]], code: int, needle: str, traceback: bool,

@@ -112,6 +112,7 @@ def test_unknown_storage_scheme_is_a_storage_error(root: str) -> None:
         ArtifactStore(root)
 
 
+@pytest.mark.slow  # ~65 s on 2 loaded cores (two CLI processes, context training, botocore giving up)
 def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(tmp_path: Path, model_cache: Path) -> None:
     """Issue 16: the S3 endpoint (a moto server process of this test's own) is SIGKILLed while `context`
     trains and checkpoints: `cyclej run` exits 1 with one `cyclej: error:` line naming the stage and where
