@@ -264,7 +264,7 @@ class VllmBackend:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         # vLLM logs every engine detail to stdout at INFO; stdout is where `cyclej translate` writes.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings (no tcmalloc, …) are noise here
         # vLLM >= 0.9 refuses to pickle the callable `apply_model` sends to a separate engine process
         # unless this is set; the channel is a local socket between this process and its own engine.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
