@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +137,28 @@ def stage_of_run_name(name: str) -> str:
     """Stage task runs are named `<stage>-<8 hex digits of its fingerprint>`; the stage name alone."""
     head, _, tail = name.rpartition("-")
     return head if head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail) else name
+
+
+@pytest.fixture
+def project_log() -> Iterator[list[logging.LogRecord]]:
+    """Records of the project's `cyclej` logger, read straight off it: caplog listens on the root logger,
+    which earlier tests of the session (Prefect's logging set-up, libraries that call logging.disable or
+    detach loggers) can cut it off from, and then a test that reads the log sees nothing."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("cyclej")
+    handler, saved = Collect(level=logging.DEBUG), (logger.level, logger.disabled)
+    logging.disable(logging.NOTSET)
+    logger.disabled = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.disabled = saved[1]

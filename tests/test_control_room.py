@@ -107,9 +107,16 @@ def stage_states(env: dict[str, str], flow_run_id: UUID) -> dict[str, str]:
 def run_logs(env: dict[str, str], flow_run_id: UUID) -> list[str]:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    # Every page: the server's default page (200) ends long before a retried run's last lines. Prefect
+    # ships logs in batches a few seconds apart, so a line just logged may need a moment to arrive.
+    messages: list[str] = []
     with client_for(env) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return [log.message for log in logs]
+        while True:
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    limit=200, offset=len(messages))
+            messages += [log.message for log in page]
+            if len(page) < 200:
+                return messages
 
 
 def run_artifacts(env: dict[str, str], flow_run_id: UUID) -> dict[str, Any]:
@@ -194,7 +201,10 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
         assert states["data"] == "Cached" and states["context"] == "Completed", states
         ref = ArtifactStore.from_config(cfg.storage).ref("context", fps["context"])
         assert ref is not None and ref.metrics["resumed_from"] == ["step-00000002"]
-        assert any("resuming from checkpoint step-00000002" in m for m in run_logs(server_env, flow_run_id))
+        deadline = time.time() + 15
+        while not any("resuming from checkpoint step-00000002" in m for m in run_logs(server_env, flow_run_id)):
+            assert time.time() < deadline, "the resume line never reached the run's log"
+            time.sleep(1)
 
         retried_at = time.time()
         cli_retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run_id)],

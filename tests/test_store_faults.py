@@ -37,7 +37,7 @@ def test_own_leftover_lease_is_taken_over_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 3.0
 
 
-def test_concurrent_lease_waits_and_reuse_are_logged_by_run(tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_concurrent_lease_waits_and_reuse_are_logged_by_run(tmp_path: Path, project_log: list[logging.LogRecord]
                                                             ) -> None:
     """One thread (run 'first') computes; another of the same process waits for it, which the log says
     with the run, host and pid, and then says whose artifact it reused. Same-process holders are live."""
@@ -52,11 +52,6 @@ def test_concurrent_lease_waits_and_reuse_are_logged_by_run(tmp_path: Path, capl
             release.wait(30)
             _commit(store, "merge", "fp", "made by first")
 
-    caplog.set_level(logging.INFO, logger="cyclej")
-    # Prefect's logging set-up (run earlier in the same session by other tests) may have disabled or
-    # detached the project's logger; this test reads it, so make sure it reaches caplog.
-    project_logger = logging.getLogger("cyclej")
-    project_logger.disabled, project_logger.propagate = False, True
     worker = threading.Thread(target=first)
     worker.start()
     try:
@@ -68,7 +63,7 @@ def test_concurrent_lease_waits_and_reuse_are_logged_by_run(tmp_path: Path, capl
         release.set()
         worker.join(30)
         set_run_label(None)
-    messages = [r.getMessage() for r in caplog.records if r.name == "cyclej"]
+    messages = [r.getMessage() for r in project_log]
     host = os.uname().nodename
     assert f"waiting for run first ({host}, pid {os.getpid()}) computing stage merge" in messages, messages
     assert "reused merge from run first" in messages, messages
