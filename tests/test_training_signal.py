@@ -85,7 +85,7 @@ def test_validate_warns_about_the_cards_rl_update_size(tmp_path: Path) -> None:
     assert proc.stdout.startswith("ok: gptj")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "yelp"])
 def test_validate_small_presets_print_no_update_size_warning(preset: str, tmp_path: Path) -> None:
     proc = _validate(preset, tmp_path)
     assert proc.returncode == 0, proc.stderr
