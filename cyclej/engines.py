@@ -70,10 +70,3 @@ def release(owner: str) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def close_backend(backend: object) -> None:
-    """Shut a backend's engine down now (vLLM's `close()`); a transformers backend holds nothing of its own."""
-    close = getattr(backend, "close", None)
-    if callable(close):
-        close()

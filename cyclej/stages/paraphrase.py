@@ -31,6 +31,7 @@ from cyclej.generate import (
     SamplingSettings,
     TransformersBackend,
     choose_backend,
+    close_backend,
     load_causal_lm,
     make_backend,
 )
@@ -139,7 +140,7 @@ def _paraphraser(cfg: PipelineConfig, n_texts: int) -> _Paraphraser:
 def release_paraphrasers() -> None:
     """Shut the cached paraphraser's engine down and drop it (vLLM frees its share of the GPU now)."""
     for para in _PARAPHRASERS.values():
-        engines.close_backend(para.backend)
+        close_backend(para.backend)
     _PARAPHRASERS.clear()
 
 

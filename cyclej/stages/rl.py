@@ -27,7 +27,7 @@ import torch
 from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
-from cyclej.generate import GenerationBackend, choose_backend
+from cyclej.generate import GenerationBackend, choose_backend, close_backend
 from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
@@ -98,7 +98,7 @@ def run_rl(
     trainer.optimizer.set_masters(exact)
     del exact
     if not trainer.owns_backend:  # a vLLM engine: shut down at the end, or before the next stage if we fail
-        engines.hold(STAGE, lambda: engines.close_backend(trainer.backend))
+        engines.hold(STAGE, lambda: close_backend(trainer.backend))
 
     latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
