@@ -236,7 +236,17 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
                 crashed = Cancelled(message=f"cancelled ({_describe_exit(returncode)})")
             client.set_flow_run_state(flow_run_id, crashed, force=True)
             _end_open_task_runs(client, flow_run_id, crashed)
+            if returncode < 0:  # nothing in the run process could say why: say it here, in one line
+                print(f"cyclej: {crashed_message(returncode)}", file=sys.stderr, flush=True)
     return returncode
+
+
+def crashed_message(returncode: int) -> str:
+    """One line for a run process that a signal ended (it had no chance to explain itself)."""
+    why = (" (the kernel's out-of-memory killer sends SIGKILL: `dmesg | grep -i oom` tells)"
+           if returncode == -signal.SIGKILL else "")
+    return (f"the run process was {_describe_exit(returncode)}{why}; the run is marked Crashed. Finished stages "
+            "and checkpoints are kept: run the same command again to resume from the last checkpoint")
 
 
 def launch(cfg: PipelineConfig, until: str | None, argv: list[str]) -> int:

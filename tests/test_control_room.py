@@ -241,6 +241,9 @@ def test_killed_run_process_is_crashed_at_once(server_env: dict[str, str], store
     print(f"Crashed {time.monotonic() - ended:.1f} s after the CLI ended")
     assert "killed by SIGKILL" in (run.state.message or "")
     assert stage_states(server_env, flow_run_id)["context"] == "Crashed"
+    # The terminal says so too, in one line (an out-of-memory kill ended the yelp run silently before).
+    told = [line for line in killed.stderr.splitlines() if "the run process was killed by SIGKILL" in line]
+    assert len(told) == 1 and "run the same command again to resume" in told[0], killed.stderr[-3000:]
     # The checkpoint it left names the Prefect run (what "reused S from run X" logs), not host:pid.
     cfg = config(store_root, 6)
     store = ArtifactStore.from_config(cfg.storage)
