@@ -210,6 +210,10 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
         while True:
             try:
                 returncode = child.wait(timeout=STATE_POLL_SECONDS)
+                # What the run process started lives on in its process group when it dies (a vLLM engine
+                # of an OOM-killed run held 5 GB): nothing may outlive the run.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
                 break
             except subprocess.TimeoutExpired:
                 pass

@@ -297,6 +297,31 @@ def test_cancel_stops_the_run_within_seconds_and_the_next_run_resumes(
     assert "(from the cache)" in str(run_artifacts(server_env, new_run)["data-metrics"].data)
 
 
+def test_what_a_killed_run_process_started_does_not_outlive_it(server_env: dict[str, str], store_root: str) -> None:
+    """The OOM killer SIGKILLs the run process, not what it started: after the yelp run was killed, its vLLM
+    engine (5 GB) lived on, parented to init. The launcher's `supervise` ends the run process's group."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.launch import create_flow_run, supervise
+
+    started_then_killed = ("import os, subprocess, time; p = subprocess.Popen(['sleep', '600']); "
+                           "print(p.pid, flush=True); time.sleep(0.5); os.kill(os.getpid(), 9)")
+    with temporary_settings({PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
+        flow_run = create_flow_run(config(store_root, 6), None)
+        child = subprocess.Popen([sys.executable, "-c", started_then_killed], stdout=subprocess.PIPE, text=True,
+                                 process_group=0)  # as the launcher starts the run process
+        assert child.stdout is not None
+        engine = psutil.Process(int(child.stdout.readline()))
+        try:
+            assert supervise(child, flow_run.id) == -signal.SIGKILL
+            _, alive = psutil.wait_procs([engine], timeout=10)
+            assert not still_running(alive), "the run process's child outlived it"
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                engine.kill()
+    assert wait_for_state(server_env, flow_run.id, {"CRASHED"}, timeout=5)
+
+
 def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None:
     """Issue 16: without PREFECT_API_URL the CLI starts a temporary server; SIGKILL the CLI (no atexit,
     no clean-up) mid-run and count what is left: no server process, nothing on its port, no run process."""
