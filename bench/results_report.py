@@ -32,9 +32,13 @@ def main() -> None:
     ap.add_argument("--wall-time", required=True, help="measured wall time of the run, with the machine kind")
     ap.add_argument("--out", default=None, help="default: docs/results/<preset>.md")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a config override the run used (as for `cyclej run --set`), repeatable")
+    ap.add_argument("--notes", type=Path, default=None,
+                    help="a markdown file (targets, diagnosis, what was tried) put after the header")
     args = ap.parse_args()
 
-    cfg = load_config(preset=args.preset, storage=args.storage)
+    cfg = load_config(preset=args.preset, storage=args.storage, overrides=args.overrides)
     store = ArtifactStore.from_config(cfg.storage)
     fps = fingerprints(cfg)
     out = Path(args.out) if args.out else ROOT / "docs" / "results" / f"{args.preset}.md"
@@ -68,7 +72,8 @@ def main() -> None:
         f"- command: `{args.command}`",
         f"- wall time: {args.wall_time}",
         "- fingerprints: " + ", ".join(f"{s} `{fps[s]}`" for s in STAGES),
-        "", "## Evaluation", "", report_md, "",
+        "", *([args.notes.read_text(encoding="utf-8"), ""] if args.notes else []),
+        "## Evaluation", "", report_md, "",
         f"## {EXAMPLES_PER_DIRECTION} example translations per direction (seed {args.seed})", "",
     ]
     systems = list(examples[0]["systems"]) if examples else []
