@@ -40,7 +40,6 @@ from cyclej.config import PipelineConfig
 from cyclej.fluency import DomainFluency, SentenceFluency, corpus_perplexity
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.progress import Progress
-from cyclej.store import ArtifactStore
 from cyclej.translate import ModelTranslator, load_for_translation, local_model_dir
 
 Domain = Literal["a", "b"]
@@ -405,23 +404,6 @@ def evaluate(
         examples=_examples(runs, list(systems)),
         rl_log=list(rl_log or []),
     )
-
-
-def evaluate_model_dir(
-    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
-) -> EvalReport:
-    """`cyclej eval --model URI CONFIG`: the report for any model directory (or artifact URI) on the
-    config's data, beside the copy-the-input baseline. The `data` stage comes from the store (or runs)."""
-    from cyclej.stages import run_stage
-    from cyclej.stages.data import read_lines
-    from cyclej.stages.eval import eval_dev_sets
-
-    data = run_stage("data", cfg, {}, store, progress)
-    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
-    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
-    local = local_model_dir(str(model_dir), None if store.is_local else store.storage_options)
-    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, model_label(local): local}
-    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
 
 
 def model_label(model_dir: Path) -> str:

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_corpus, read_file
+from cyclej.corpus import read_corpus, read_file, read_lines
 from cyclej.errors import BadInput
 from cyclej.models import load_tokenizer
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import normalize_whitespace, read_lines, run_data
+from cyclej.stages.data import normalize_whitespace, run_data
 from cyclej.store import ArtifactStore
 
 MAX_TOKENS = 12

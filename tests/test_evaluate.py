@@ -327,7 +327,7 @@ def test_run_eval_writes_the_report_with_four_rows(
 
 
 def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
-    from cyclej.evaluate import evaluate_model_dir
+    from cyclej.stages.eval import evaluate_model_dir
 
     cfg = _tiny_cfg(tmp_path, max_examples=4)
     store = ArtifactStore(cfg.storage.root)

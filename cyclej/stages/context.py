@@ -29,13 +29,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej.config import PipelineConfig
+from cyclej.corpus import read_lines
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
 from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
 from cyclej.precision import use_bf16 as precision_uses_bf16
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.translate import write_model_info
 

@@ -22,10 +22,10 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from cyclej.config import DomainConfig, PipelineConfig
-from cyclej.corpus import FileText, read_corpus
+from cyclej.corpus import DOMAIN_KEYS, DomainKey, FileText, Split, read_corpus
 from cyclej.errors import BadInput
 from cyclej.models import load_tokenizer
 from cyclej.progress import Progress
@@ -34,9 +34,6 @@ from cyclej.store import ArtifactRef, ArtifactStore
 
 log = logging.getLogger("cyclej")
 
-DomainKey = Literal["a", "b"]
-Split = Literal["train", "dev"]
-DOMAIN_KEYS: tuple[DomainKey, ...] = ("a", "b")
 _TOKENIZE_BATCH = 1024
 
 
@@ -146,15 +143,6 @@ def clean_corpora(cfg: PipelineConfig, tokenizer: Any | None, progress: Progress
         d.stats["dev"]["kept"] = len(d.dev)
 
     return domains
-
-
-def read_lines(store: ArtifactStore, ref: ArtifactRef, domain: DomainKey, split: Split) -> list[str]:
-    """The cleaned lines of one domain's split from a committed `data` artifact."""
-    if domain not in DOMAIN_KEYS or split not in ("train", "dev"):
-        raise ValueError(f"domain must be 'a' or 'b' and split 'train' or 'dev', got {domain!r}, {split!r}")
-    text = (store.fetch(ref) / domain / f"{split}.txt").read_text(encoding="utf-8")
-    # split("\n"), not splitlines(): a line may hold characters splitlines() treats as breaks.
-    return text.split("\n")[:-1] if text else []
 
 
 # ---- steps ----------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ trainer's (cyclej.train), under this stage's fingerprint; they are deleted once 
 from __future__ import annotations
 
 from cyclej.config import PipelineConfig
+from cyclej.corpus import read_lines
 from cyclej.formats import domain_example
 from cyclej.progress import Progress
-from cyclej.stages.data import read_lines
+from cyclej.stages.lora import interleave, prepare_lora_stage, train_and_commit_adapter
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
 
 STAGE = "domain_train"
 

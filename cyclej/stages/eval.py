@@ -5,6 +5,10 @@ trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL mod
 definition: cyclej.evaluate. The artifact holds report.md, report.csv, examples.jsonl, the PNG plots,
 metrics.json (the table as a list of dicts, for the UI) and model_card.md; the card is also written as
 README.md (with cyclej.json) into the final model's folder.
+
+Also `evaluate_model_dir`, what `cyclej eval` runs: any model beside the copy baseline, on the dev sets of
+the `data` stage (which it runs when the store does not have it yet). It lives here, not in
+cyclej.evaluate, because it runs a stage: the scoring machinery never imports the stages.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_corpus
+from cyclej.corpus import read_corpus, read_lines
 from cyclej.errors import BadInput
 from cyclej.evaluate import (
     SYSTEM_2A,
@@ -26,13 +30,14 @@ from cyclej.evaluate import (
     System,
     copy_system,
     evaluate,
+    model_label,
     read_jsonl,
 )
 from cyclej.model_card import write_model_card
 from cyclej.progress import Progress
-from cyclej.stages.data import read_lines
+from cyclej.stages import run_stage, stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.translate import ModelTranslator, load_adapter_model
+from cyclej.translate import ModelTranslator, load_adapter_model, local_model_dir
 
 
 def pipeline_systems(
@@ -76,12 +81,24 @@ def eval_dev_sets(
     return dev_a, dev_b, {"a": dev_b, "b": dev_a}
 
 
+# ---- `cyclej eval`: any model beside the baseline ------------------------------------------------
+def evaluate_model_dir(
+    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
+) -> EvalReport:
+    """`cyclej eval --model URI CONFIG`: the report for any model directory (or artifact URI) on the
+    config's data, beside the copy-the-input baseline. The `data` stage comes from the store (or runs)."""
+    data = run_stage("data", cfg, {}, store, progress)
+    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
+    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
+    local = local_model_dir(str(model_dir), None if store.is_local else store.storage_options)
+    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, model_label(local): local}
+    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
+
+
 # ---- the stage ---------------------------------------------------------------------------------------
 def run_eval(
     cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
 ) -> ArtifactRef:
-    from cyclej.stages import stage_fingerprint
-
     fp = stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in inputs.items()})
     out = store.workdir("eval", fp)
     data = inputs["data"]

@@ -25,12 +25,12 @@ import shutil
 from typing import Any
 
 from cyclej.config import PipelineConfig
+from cyclej.corpus import read_lines
 from cyclej.formats import Example, domain_examples, para_examples
 from cyclej.merge import load_adapter, merge_lora_adapters, merge_weights, sweep_markdown, sweep_weights
 from cyclej.modeling import marker_token_ids
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
 
 STAGE = "merge"

@@ -19,8 +19,8 @@ from cyclej.errors import BadInput
 from cyclej.formats import Example, para_examples
 from cyclej.paraphrase import match_surface
 from cyclej.progress import Progress
+from cyclej.stages.lora import interleave, prepare_lora_stage, train_and_commit_adapter
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
 
 STAGE = "para_train"
 MAX_DEV_FRACTION = 0.1

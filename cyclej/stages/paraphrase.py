@@ -24,6 +24,7 @@ import torch
 
 from cyclej import engines
 from cyclej.config import PipelineConfig
+from cyclej.corpus import read_lines
 from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.generate import (
@@ -47,7 +48,6 @@ from cyclej.paraphrase import (
 )
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
 
 STAGE = "paraphrase"

@@ -26,6 +26,7 @@ import torch
 
 from cyclej import engines
 from cyclej.config import PipelineConfig
+from cyclej.corpus import read_lines
 from cyclej.discriminator import Discriminator
 from cyclej.generate import GenerationBackend, choose_backend, close_backend
 from cyclej.judge import train_judge
@@ -35,7 +36,6 @@ from cyclej.progress import Progress
 from cyclej.rewards import load_embedder
 from cyclej.rl import CycleDiscriminatorReward, RLTrainer, resolve_precision
 from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.training_signal import TRAINING_PLOT, write_training_plot
 
