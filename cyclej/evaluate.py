@@ -221,13 +221,11 @@ class Embedder:
     """Sentence embeddings: a sentence-transformers folder as is, any other encoder with mean pooling."""
 
     def __init__(self, spec: str) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        from cyclej.models import resolve_model
+        from cyclej.embedder import load_embedder
 
         self.spec = spec
-        # A plain encoder (tiny-bert, a BERT folder) gets a Transformer + mean Pooling pipeline.
-        self.model = SentenceTransformer(resolve_model(spec), device=_device())
+        # Loaded as the paraphrase filter and the RL reward load it (plain encoders get mean pooling).
+        self.model = load_embedder(spec, _device())
 
     def similarity(self, xs: list[str], ys: list[str], batch_size: int = 64) -> list[float]:
         """Cosine similarity of each pair (xs[i], ys[i]); 0.0 where either side is empty."""

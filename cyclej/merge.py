@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cyclej.errors import BadInput
+from cyclej.precision import weights_dtype
 from cyclej.progress import Progress
 from cyclej.train import MARKER_ROWS_FILE
 
@@ -529,7 +530,7 @@ def sweep_weights(
     from cyclej.modeling import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = weights_dtype("auto", device)
     work_dir = Path(work_dir)
     rows: list[SweepRow] = []
     best: tuple[float, Path, MergeStats] | None = None

@@ -29,13 +29,13 @@ from cyclej.rl import (
     build_batch,
     completion_logits,
     group_advantages,
-    lr_lambda,
     policy_gradient_loss,
     token_logprobs,
 )
 from cyclej.stages import run_stage
 from cyclej.stages.rl import run_rl
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.training import lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -114,7 +114,9 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it() -> None:
 
 
 def test_lr_warms_up_then_decays_to_zero() -> None:
-    f = lr_lambda(total_steps=10, warmup_steps=2)
+    def f(done: int) -> float:  # RL's count of the schedule (cyclej.training), by optimizer steps done
+        return lr_factor(done + 1, 10, 2, decay_counts_current_step=False)
+
     values = [f(i) for i in range(10)]
     assert values[0] == 0.5 and values[1] == 1.0
     assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))

@@ -22,7 +22,8 @@ from cyclej.formats import Example, domain_example
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import MarkerRows, lr_factor, step_indices, train
+from cyclej.train import MarkerRows, step_indices, train
+from cyclej.training import lr_factor, warmup_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -118,7 +119,7 @@ def test_lora_training_lowers_dev_loss_and_writes_the_log(tmp_path: Path) -> Non
     assert max(sizes) == sizes[1] and sizes[-2] < max(sizes) / 100
     assert [r["step"] for r in records if "dev_loss" in r] == [0, 8, 16, 24]
     # warm-up then cosine to 0 (lr is the one used by the step)
-    assert steps[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, 24, 0.1))
+    assert steps[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, 24, warmup_steps(0.1, 24, "round")))
     assert max(r["lr"] for r in steps) == pytest.approx(cfg.lr)
     assert steps[-1]["lr"] < cfg.lr * 0.01
     # the marker rows trained; the frozen embedding matrix did not move

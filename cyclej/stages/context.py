@@ -33,7 +33,7 @@ from cyclej.corpus import read_lines
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
 from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
-from cyclej.precision import use_bf16 as precision_uses_bf16
+from cyclej.precision import autocast, weights_dtype
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
@@ -53,11 +53,8 @@ def run_context(
 
     # On a GPU the frozen base sits in bf16 (LoRA's adapter weights stay fp32); on a CPU it stays fp32 and
     # `precision: bf16` means autocast, as in the trainer.
-    use_bf16_weights = device.type == "cuda" and ccfg.precision in ("auto", "bf16")
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
-    model, tokenizer = load_model(
-        cfg.models.base, markers=markers, dtype=torch.bfloat16 if use_bf16_weights else torch.float32
-    )
+    model, tokenizer = load_model(cfg.models.base, markers=markers, dtype=weights_dtype(ccfg.precision, device))
     old_len = int(model.config.max_position_embeddings)
     new_len = int(math.ceil(old_len * ccfg.factor))
     seq_len = ccfg.seq_len
@@ -163,12 +160,11 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    use_bf16 = precision_uses_bf16(precision, device)
     total_nll = 0.0
     total_tokens = 0
     for start in range(0, len(rows), batch_size):
         ids = torch.tensor(rows[start : start + batch_size], dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(precision, device):
             logits = model(input_ids=ids).logits
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"

@@ -19,10 +19,11 @@ from torch import nn
 from cyclej.config import PipelineConfig, TrainConfig
 from cyclej.errors import BadInput
 from cyclej.modeling import load_model, marker_token_ids
+from cyclej.precision import weights_dtype
 from cyclej.progress import Progress
 from cyclej.stages import stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import ADAPTER_BASE, TokenExample, base_dtype, train
+from cyclej.train import ADAPTER_BASE, TokenExample, train
 from cyclej.training_signal import TRAINING_PLOT, read_metrics_log, write_training_plot
 
 
@@ -62,7 +63,7 @@ def prepare_lora_stage(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
     base_dir = store.fetch(inputs["context"]) / "model"
-    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
+    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=weights_dtype(tcfg.precision, device))
     marker_a, marker_b = marker_token_ids(tokenizer, markers)
     return LoraStage(stage, tcfg, inputs["context"], fp, store.workdir(stage, fp), model.to(device), tokenizer,
                      marker_a, marker_b)

@@ -28,19 +28,20 @@ from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.corpus import read_lines
 from cyclej.discriminator import Discriminator
+from cyclej.embedder import load_embedder
 from cyclej.generate import GenerationBackend, choose_backend, close_backend
 from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
+from cyclej.precision import weights_dtype
 from cyclej.progress import Progress
-from cyclej.rewards import load_embedder
-from cyclej.rl import CycleDiscriminatorReward, RLTrainer, resolve_precision
+from cyclej.rl import CycleDiscriminatorReward, RLTrainer
 from cyclej.stages import stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.training import CHECKPOINT_PREFIX, checkpoint_name
 from cyclej.training_signal import TRAINING_PLOT, write_training_plot
 
 STAGE = "rl"
-CKPT_PREFIX = "step-"
 STYLE_JUDGE_LINES = 20_000  # train lines per domain for the style judge that watches the rollouts
 log = logging.getLogger("cyclej.rl")
 
@@ -57,8 +58,7 @@ def run_rl(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW; the optimizer
     # keeps fp32 masters, see cyclej.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
-    bf16_weights = device.type == "cuda" and resolve_precision(rcfg.precision, device)
-    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    dtype = weights_dtype(rcfg.precision, device)
 
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
     merged_dir = store.fetch(inputs["merge"]) / "model"
@@ -100,7 +100,7 @@ def run_rl(
     if not trainer.owns_backend:  # a vLLM engine: shut down at the end, or before the next stage if we fail
         engines.hold(STAGE, lambda: close_backend(trainer.backend))
 
-    latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
+    latest = store.latest_checkpoint(STAGE, fp, prefix=CHECKPOINT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
     if latest is not None:
         name, path = latest
@@ -117,7 +117,7 @@ def run_rl(
             due = trainer.step_done % rcfg.checkpoint_every_steps == 0
             late = time.monotonic() - last_save >= rcfg.checkpoint_every_minutes * 60
             if (due or late) and trainer.step_done < rcfg.steps:
-                name = f"{CKPT_PREFIX}{trainer.step_done:08d}"
+                name = checkpoint_name(trainer.step_done)
                 ckpt = store.checkpoint_workdir(STAGE, fp, name)
                 trainer.save_state(ckpt)
                 store.save_checkpoint(STAGE, fp, name, ckpt, keep=rcfg.keep_checkpoints)
