@@ -123,18 +123,19 @@ def run(
 @app.command()
 def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Each stage: fingerprint, complete / partial (last checkpoint) / missing, artifact URI."""
-    from cyclej.stages import fingerprints
+    from cyclej.stages import plan_pipeline
     from cyclej.store import ArtifactStore
 
     cfg = _config(config, preset, set_, storage)
     store = ArtifactStore.from_config(cfg.storage)
     store.check()
-    for name, fp in fingerprints(cfg).items():
+    for name, stage in plan_pipeline(cfg).items():
+        fp = stage.fingerprint
         if store.exists(name, fp):
             state = "complete"
         else:
-            ckpts = store.list_checkpoints(name, fp)
-            state = f"partial ({ckpts[-1]})" if ckpts else "missing"
+            resume = stage.resume_point(store)
+            state = f"partial ({resume})" if resume else "missing"
         typer.echo(f"{name:13s} {fp}  {state:24s} {store.uri(name, fp)}")
 
 
@@ -196,12 +197,14 @@ def eval_(
 
 @app.command()
 def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
-    """Per-stage GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
+    """Per-stage fingerprint, GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
     from cyclej.plan import format_plan
     from cyclej.plan import plan as make_plan
+    from cyclej.stages import plan_pipeline
 
     cfg = _config(config, preset, set_, None)
-    typer.echo(format_plan(make_plan(cfg)))
+    fingerprints = {name: stage.fingerprint for name, stage in plan_pipeline(cfg).items()}
+    typer.echo(format_plan(make_plan(cfg), fingerprints=fingerprints))
 
 
 @app.command()

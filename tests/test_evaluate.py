@@ -27,6 +27,7 @@ from cyclej.fluency import DomainFluency
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.modeling import extend_context, load_model, save_model
 from cyclej.progress import Progress
+from cyclej.stages import StageRun
 from cyclej.stages.eval import run_eval
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.translate import load_adapter_model
@@ -287,7 +288,7 @@ def test_run_eval_writes_the_report_with_four_rows(
     for stage, path in artifacts.items():
         refs[stage] = store.commit(stage, f"hand-{stage}", path)
 
-    ref = run_eval(cfg, refs, store, Progress(show_bar=False))
+    ref = run_eval(StageRun.start("eval", cfg, refs, store, Progress(show_bar=False)))
     assert ref.fingerprint == stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in refs.items()})
     out = store.fetch(ref)
     for name in ("report.md", "report.csv", "examples.jsonl", "metrics.json", "model_card.md",

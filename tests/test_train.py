@@ -230,6 +230,7 @@ def test_oom_at_micro_batch_one_names_the_knobs(tmp_path: Path, monkeypatch: pyt
 def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
 ) -> None:
+    from cyclej.stages import StageRun
     from cyclej.stages.domain_train import run_domain_train
 
     cfg = pipeline_config(tmp_path, domain_train={
@@ -238,8 +239,8 @@ def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
     store = ArtifactStore(cfg.storage.root)
     inputs = build_inputs(store)
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:2:oom")
-    ref = run_domain_train(cfg, {"context": inputs["context"], "data": inputs["data"]}, store,
-                           Progress(show_bar=False))
+    ref = run_domain_train(StageRun.start("domain_train", cfg, {"context": inputs["context"], "data": inputs["data"]}, store,
+                           Progress(show_bar=False)))
 
     out = store.fetch(ref)
     records = read_jsonl(out / "metrics.jsonl")

@@ -18,38 +18,29 @@ context. Checkpoints and resume are the trainer's (cyclej.train), under this sta
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cyclej.config import PipelineConfig
-from cyclej.corpus import read_lines
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
 from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
 from cyclej.precision import autocast, weights_dtype
-from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
 from cyclej.translate import write_model_info
 
 STAGE = "context"
 log = logging.getLogger("cyclej")
 
 
-def run_context(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    ccfg = cfg.context
-    fp = stage_fingerprint(STAGE, cfg, {"data": inputs["data"].fingerprint})
-    work = store.workdir(STAGE, fp)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run_context(run: StageRun) -> ArtifactRef:
+    cfg, ccfg, progress, device = run.cfg, run.cfg.context, run.progress, run.device
+    work = run.workdir
 
     # On a GPU the frozen base sits in bf16 (LoRA's adapter weights stay fp32); on a CPU it stays fp32 and
     # `precision: bf16` means autocast, as in the trainer.
@@ -64,9 +55,8 @@ def run_context(
             f"{new_len}); lower context.seq_len or raise context.factor"
         )
 
-    data_ref = inputs["data"]
-    train_lines = read_lines(store, data_ref, "a", "train") + read_lines(store, data_ref, "b", "train")
-    dev_lines = read_lines(store, data_ref, "a", "dev") + read_lines(store, data_ref, "b", "dev")
+    train_lines = run.lines("a", "train") + run.lines("b", "train")
+    dev_lines = run.lines("a", "dev") + run.lines("b", "dev")
     train_rows = long_rows(tokenizer, train_lines, seq_len, seed=ccfg.seed)
     dev_stream = token_stream(tokenizer, dev_lines, seed=ccfg.seed + 1)
     eval_rows = [dev_stream[i : i + seq_len] for i in range(0, len(dev_stream) - seq_len + 1, seq_len)]
@@ -100,9 +90,7 @@ def run_context(
 
     train_examples = [Example(row, list(row)) for row in train_rows]
     dev_examples = [Example(row, list(row)) for row in eval_rows]
-    model, train_metrics = _train(
-        cfg, model, tokenizer, train_examples, dev_examples, store, fp, progress, work / "metrics.jsonl"
-    )
+    model, train_metrics = _train(run, model, tokenizer, train_examples, dev_examples)
 
     ppl_after = perplexity(model, eval_rows, batch, ccfg.precision)
     ppl_after_old_len = perplexity(model, old_rows, batch, ccfg.precision)
@@ -125,11 +113,10 @@ def run_context(
         "ppl_after_old_len": ppl_after_old_len,
         "train": train_metrics,
     }
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     summary = {k: metrics[k] for k in ("ppl_before", "ppl_after", "ppl_base_old_len", "ppl_after_old_len")}
     # resumed_from in the summary, as in the other training stages: the UI shows a retry resumed
-    return store.commit(STAGE, fp, work, metrics={**summary, "new_context": metrics["new_context"],
-                                                  "resumed_from": train_metrics.get("resumed_from", [])})
+    return run.commit({**summary, "new_context": metrics["new_context"],
+                       "resumed_from": train_metrics.get("resumed_from", [])}, metrics)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -177,19 +164,16 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
 
 # ---- training ----------------------------------------------------------------------------------------
 def _train(
-    cfg: PipelineConfig,
+    run: StageRun,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     train_examples: list[Example],
     dev_examples: list[Example],
-    store: ArtifactStore,
-    fp: str,
-    progress: Progress,
-    metrics_path: Path,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """LoRA (or full) training with the shared trainer; returns the merged model and the run's metrics."""
     from cyclej.train import train
 
+    cfg = run.cfg
     # Every row is already one full `seq_len` block of the stream: packing has nothing to add, and its
     # 4D block mask would cost seq_len² memory per row and rule out the fused causal attention kernels.
     tcfg = cfg.context.model_copy(update={"packing": False})
@@ -197,14 +181,14 @@ def _train(
         model,
         train_examples=train_examples,
         tcfg=tcfg,
-        store=store,
-        stage=STAGE,
-        fp=fp,
+        store=run.store,
+        stage=run.name,
+        fp=run.fingerprint,
         tokenizer=tokenizer,
         dev_examples=dev_examples,
         marker_ids=marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker]),
-        progress=progress,
-        metrics_path=metrics_path,
+        progress=run.progress,
+        metrics_path=run.workdir / "metrics.jsonl",
     )
     # LoRA merged into the weights and the trained marker rows written into the embeddings.
     return result.merged_model(), dict(result.metrics)

@@ -29,8 +29,8 @@ from cyclej.corpus import DOMAIN_KEYS, DomainKey, FileText, Split, read_corpus
 from cyclej.errors import BadInput
 from cyclej.models import load_tokenizer
 from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
 
 log = logging.getLogger("cyclej")
 
@@ -65,12 +65,10 @@ def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def run_data(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    fp = stage_fingerprint("data", cfg, {})
-    domains = clean_corpora(cfg, load_tokenizer(cfg.models.base), progress)
-    out = store.workdir("data", fp)
+def run_data(run: StageRun) -> ArtifactRef:
+    cfg = run.cfg
+    domains = clean_corpora(cfg, load_tokenizer(cfg.models.base), run.progress)
+    out = run.workdir
     for d in domains:
         (out / d.key).mkdir(parents=True, exist_ok=True)
         for split, lines in (("train", d.train), ("dev", d.dev)):
@@ -82,7 +80,7 @@ def run_data(
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True), encoding="utf-8")
     metrics = {f"{d.key}_{split}_lines": len(getattr(d, split)) for d in domains for split in ("train", "dev")}
-    return store.commit("data", fp, out, metrics=metrics)
+    return run.commit(summary=metrics)
 
 
 def clean_corpora(cfg: PipelineConfig, tokenizer: Any | None, progress: Progress) -> list[_Domain]:

@@ -35,7 +35,7 @@ from cyclej.evaluate import (
 )
 from cyclej.model_card import write_model_card
 from cyclej.progress import Progress
-from cyclej.stages import run_stage, stage_fingerprint
+from cyclej.stages import StageRun, run_stage
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.translate import ModelTranslator, load_adapter_model, local_model_dir
 
@@ -96,31 +96,27 @@ def evaluate_model_dir(
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
-def run_eval(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    fp = stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in inputs.items()})
-    out = store.workdir("eval", fp)
-    data = inputs["data"]
-    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
-    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
-    rl_artifact = store.fetch(inputs["rl"])
+def run_eval(run: StageRun) -> ArtifactRef:
+    cfg, store, out = run.cfg, run.store, run.workdir
+    train_a, train_b = run.lines("a", "train"), run.lines("b", "train")
+    dev_a, dev_b, references = eval_dev_sets(cfg, store, run.inputs["data"])
+    rl_artifact = run.input_dir("rl")
     systems = pipeline_systems(
-        store.fetch(inputs["context"]) / "model",
-        store.fetch(inputs["para_train"]),
-        store.fetch(inputs["merge"]) / "model",
+        run.input_dir("context") / "model",
+        run.input_dir("para_train"),
+        run.input_dir("merge") / "model",
         rl_artifact / "model",
         cfg,
     )
     report = evaluate(
-        systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress,
+        systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=run.progress,
         rl_log=read_jsonl(rl_artifact / "metrics.jsonl"),
     )
-    report.write(out)
-    stats = json.loads((store.fetch(data) / "stats.json").read_text(encoding="utf-8"))
-    card = _model_card(report, cfg, stats, rl_artifact / "model", store, inputs["rl"])
+    report.write(out)  # its own metrics.json: the table as a list of dicts
+    stats = json.loads((run.input_dir("data") / "stats.json").read_text(encoding="utf-8"))
+    card = _model_card(report, cfg, stats, rl_artifact / "model", store, run.inputs["rl"])
     shutil.copyfile(card, out / "model_card.md")
-    return store.commit("eval", fp, out, metrics=summary_metrics(report))
+    return run.commit(summary_metrics(report))
 
 
 def summary_metrics(report: EvalReport) -> dict[str, Any]:
