@@ -12,16 +12,15 @@ import pytest
 import torch
 
 from cyclej.config import PipelineConfig, load_config
+from cyclej.eval_report import EvalReport
+from cyclej.eval_scorers import j_score, length_ratio
 from cyclej.evaluate import (
     SYSTEM_2A,
     SYSTEM_3,
     SYSTEM_COPY,
     SYSTEM_RL,
-    EvalReport,
     copy_system,
     evaluate,
-    j_score,
-    length_ratio,
 )
 from cyclej.fluency import DomainFluency
 from cyclej.judge import StyleJudge, train_judge
@@ -341,7 +340,7 @@ def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
 
 
 def test_reward_curves_keep_the_means() -> None:
-    from cyclej.evaluate import _reward_curves
+    from cyclej.eval_plots import _reward_curves
 
     log = [{"step": s, "reward/total/mean": 0.1 * s, "reward/total/std": 0.2, "reward/bleu/mean": s,
             "pg_loss": 1.0} for s in (1, 2, 3)]

@@ -2,9 +2,9 @@
 
 Rows: the copy-the-input baseline, INTERMEDIATE-2A (the context model with the paraphrase adapter and its
 trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL model). Metrics and the J
-definition: cyclej.evaluate. The artifact holds report.md, report.csv, examples.jsonl, the PNG plots,
-metrics.json (the table as a list of dicts, for the UI) and model_card.md; the card is also written as
-README.md (with cyclej.json) into the final model's folder.
+definition: cyclej.evaluate and cyclej.eval_report. The artifact holds report.md, report.csv,
+examples.jsonl, the PNG plots, metrics.json (the table as a list of dicts, for the UI) and model_card.md;
+the card is also written as README.md (with cyclej.json) into the final model's folder.
 
 Also `evaluate_model_dir`, what `cyclej eval` runs: any model beside the copy baseline, on the dev sets of
 the `data` stage (which it runs when the store does not have it yet). It lives here, not in
@@ -21,12 +21,12 @@ from typing import Any, Literal
 from cyclej.config import PipelineConfig
 from cyclej.corpus import read_corpus, read_lines
 from cyclej.errors import BadInput
+from cyclej.eval_report import EvalReport
 from cyclej.evaluate import (
     SYSTEM_2A,
     SYSTEM_3,
     SYSTEM_COPY,
     SYSTEM_RL,
-    EvalReport,
     System,
     copy_system,
     evaluate,
