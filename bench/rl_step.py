@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from cyclej import rewards as R  # noqa: E402
 from cyclej.config import RLConfig  # noqa: E402
+from cyclej.embedder import load_embedder  # noqa: E402
 from cyclej.modeling import load_model, marker_token_ids  # noqa: E402
 from cyclej.rl import CycleDiscriminatorReward, RLTrainer, Rollouts  # noqa: E402
 
@@ -88,7 +89,7 @@ def time_ours_full(args: argparse.Namespace, sources: dict[str, list[str]]) -> l
     ida, idb = marker_token_ids(tok, MARKERS)
     weights = {"embedding": 1.0, "rouge": 0.5, "bleu": 0.5, "discriminator": 1.0}
     disc = Discriminator("minilm", sources["a"], sources["b"], batch_size=32, buffer_size=1024)
-    reward_fn = CycleDiscriminatorReward(weights, R.load_embedder("minilm"), disc)
+    reward_fn = CycleDiscriminatorReward(weights, load_embedder("minilm"), disc)
     cfg = rl_config(args, args.steps + 1)
     trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, sources, reward_fn, weights, discriminator=disc)
     return seconds_per_step(trainer, cfg.steps)

@@ -1,5 +1,14 @@
 """The `cyclej` command. Exit codes: 0 done, 1 a stage failed (name and resume point printed), 2 bad input
-(one line naming the file or field, no traceback)."""
+(one line naming the file or field, no traceback).
+
+The library's commands (validate, status, plan, translate, eval) run on `cyclej` alone. `run` and
+`serve` hand over to the Prefect layer, and they reach it through one door, `prefect_layer()`: the only
+place under `cyclej/` that imports `flows/` (tests/test_import_rules.py holds it to that), never at module
+level, so importing the library (or running its other commands) loads no Prefect. Why not move `run` into
+`flows/`: the console script `cyclej = cyclej.cli:main` is installed in every environment and the tests,
+drills, benchmarks and launcher start `python -m cyclej.cli run`; moving it would need a reinstall of the
+package and a second entry point, for the same one import.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -95,13 +105,12 @@ def run(
         raise BadInput(f"--until {until}: unknown stage (one of {', '.join(STAGES)})")
     # Two processes (flows/launch.py): this launcher checks the inputs, creates the flow run and supervises
     # the run process (the same command, with the run's id in the environment) that executes it.
-    from flows.launch import FLOW_RUN_ENV, execute, launch
-
-    flow_run_id = os.environ.get(FLOW_RUN_ENV)
+    launcher = prefect_layer()
+    flow_run_id = os.environ.get(launcher.FLOW_RUN_ENV)
     if flow_run_id is None:
         typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
-        raise SystemExit(launch(cfg, until, sys.argv[1:]))
-    refs = execute(cfg, until, flow_run_id, verbose=verbose)
+        raise SystemExit(launcher.launch(cfg, until, sys.argv[1:]))
+    refs = launcher.execute(cfg, until, flow_run_id, verbose=verbose)
     for name, ref in refs.items():
         typer.echo(f"{name:13s} {ref['fingerprint']}  {ref['uri']}", err=True)
     if "eval" in refs:
@@ -114,18 +123,19 @@ def run(
 @app.command()
 def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Each stage: fingerprint, complete / partial (last checkpoint) / missing, artifact URI."""
-    from cyclej.stages import fingerprints
+    from cyclej.stages import plan_pipeline
     from cyclej.store import ArtifactStore
 
     cfg = _config(config, preset, set_, storage)
     store = ArtifactStore.from_config(cfg.storage)
     store.check()
-    for name, fp in fingerprints(cfg).items():
+    for name, stage in plan_pipeline(cfg).items():
+        fp = stage.fingerprint
         if store.exists(name, fp):
             state = "complete"
         else:
-            ckpts = store.list_checkpoints(name, fp)
-            state = f"partial ({ckpts[-1]})" if ckpts else "missing"
+            resume = stage.resume_point(store)
+            state = f"partial ({resume})" if resume else "missing"
         typer.echo(f"{name:13s} {fp}  {state:24s} {store.uri(name, fp)}")
 
 
@@ -174,7 +184,7 @@ def eval_(
     storage: StorageOpt = None,
 ) -> None:
     """The evaluation report for any model directory (beside the copy-the-input baseline)."""
-    from cyclej.evaluate import evaluate_model_dir
+    from cyclej.stages.eval import evaluate_model_dir
     from cyclej.store import ArtifactStore
     from cyclej.translate import local_model_dir
 
@@ -187,20 +197,28 @@ def eval_(
 
 @app.command()
 def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
-    """Per-stage GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
+    """Per-stage fingerprint, GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
     from cyclej.plan import format_plan
     from cyclej.plan import plan as make_plan
+    from cyclej.stages import plan_pipeline
 
     cfg = _config(config, preset, set_, None)
-    typer.echo(format_plan(make_plan(cfg)))
+    fingerprints = {name: stage.fingerprint for name, stage in plan_pipeline(cfg).items()}
+    typer.echo(format_plan(make_plan(cfg), fingerprints=fingerprints))
 
 
 @app.command()
 def serve() -> None:
     """Execute retries of `cyclej run` runs (the UI's Retry, `prefect flow-run retry`); runs until stopped."""
-    from flows.launch import serve as serve_retries
+    prefect_layer().serve()
 
-    serve_retries()
+
+def prefect_layer() -> ModuleType:
+    """flows/launch.py, the Prefect layer's launcher: the one import of the wrapper layer in the library
+    (see the module docstring). Imported when `run` or `serve` needs it, so nothing else loads Prefect."""
+    import flows.launch
+
+    return flows.launch
 
 
 SIGTERM_GRACE_SECONDS = 10.0  # after a SIGTERM, how long a running stage may take to stop on its own

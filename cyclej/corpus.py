@@ -12,7 +12,8 @@ Bad input is refused with a one-line `BadInput` naming the file and what to do: 
 file, a binary file, a jsonl line or csv/parquet table without the text field, and more than
 `max_bad_utf8_fraction` of a file's lines with bytes that are not UTF-8. Fewer invalid lines than that
 are decoded with U+FFFD replacement characters and counted. Cleaning (whitespace, duplicates, length)
-is the `data` stage's job, not this module's.
+is the `data` stage's job, not this module's; `read_lines` reads what that stage wrote (every later stage
+and `cyclej eval` read their lines through it).
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from cyclej.errors import BadInput
+
+if TYPE_CHECKING:  # read_lines only calls the store it is handed
+    from cyclej.store import ArtifactRef, ArtifactStore
+
+DomainKey = Literal["a", "b"]
+Split = Literal["train", "dev"]
+DOMAIN_KEYS: tuple[DomainKey, ...] = ("a", "b")
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
 # Bytes that never occur in text (NUL aside, checked on its own): C0 controls but \t \n \v \f \r, and DEL.
@@ -217,3 +226,13 @@ def _parquet_texts(path: Path, field: str, what: str) -> tuple[list[str], int]:
                 bad += 1
         return texts, bad
     raise BadInput(f"{what}: {path}: column '{field}' holds {kind}, not text")
+
+
+# ---- the data stage's output --------------------------------------------------------------------
+def read_lines(store: ArtifactStore, ref: ArtifactRef, domain: DomainKey, split: Split) -> list[str]:
+    """The cleaned lines of one domain's split from a committed `data` artifact."""
+    if domain not in DOMAIN_KEYS or split not in ("train", "dev"):
+        raise ValueError(f"domain must be 'a' or 'b' and split 'train' or 'dev', got {domain!r}, {split!r}")
+    text = (store.fetch(ref) / domain / f"{split}.txt").read_text(encoding="utf-8")
+    # split("\n"), not splitlines(): a line may hold characters splitlines() treats as breaks.
+    return text.split("\n")[:-1] if text else []

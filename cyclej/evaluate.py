@@ -19,47 +19,33 @@ Per system and direction (a→b, b→a) and pooled over both ("overall"):
 
 Systems are callables `system(lines, to) -> lines` or model directories; models are loaded one at a time
 and released before the next, then the embedder and the fluency LM are loaded once each.
+
+This module runs the systems and gathers the per-sentence scores; the scorers are in cyclej.eval_scorers,
+the report (tables, files, J's definition) in cyclej.eval_report, its plots in cyclej.eval_plots.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import sacrebleu
-import torch
 
 from cyclej.config import PipelineConfig
+from cyclej.eval_report import EvalReport
+from cyclej.eval_scorers import Embedder, bleu, j_score, length_ratio
 from cyclej.fluency import DomainFluency, SentenceFluency, corpus_perplexity
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.progress import Progress
-from cyclej.store import ArtifactStore
 from cyclej.translate import ModelTranslator, load_for_translation, local_model_dir
 
 Domain = Literal["a", "b"]
 System = Callable[[list[str], Domain], list[str]]
 
-J_DEFINITION = (
-    "J = mean over translated sentences i of acc_i × sim_i × fluent_i, where acc_i = 1 if the style judge "
-    "assigns output i to the target domain (else 0), sim_i = max(0, cosine similarity of the sentence "
-    "embeddings of output i and its source), and fluent_i = 1 if output i is fluent text of the target "
-    "domain: non-empty, its generation ended (not a runaway), no word 3-gram occurs 3 or more times in it, "
-    "and under a Kneser-Ney {order}-gram LM of the target domain's train lines its per-word perplexity "
-    "(the end of the line counted as a word) is at most the {pct:g}th percentile and its SLOR (per-word "
-    "log-probability minus that under word frequencies alone) at least the {low:g}th percentile of those of "
-    "held-out train lines of the domain, which the LM was not fitted on ({thresholds})."
-)
-METRICS: tuple[str, ...] = (
-    "style_acc", "self_bleu", "similarity", "ref_bleu", "perplexity", "fluent", "runaway", "length_ratio",
-    "cycle_bleu", "J",
-)
 SYSTEM_COPY = "copy-input"
 SYSTEM_2A = "INTERMEDIATE-2A"
 SYSTEM_3 = "INTERMEDIATE-3"
@@ -78,183 +64,6 @@ class CopySystem:
 
 
 copy_system = CopySystem()
-
-
-# ---- the report ---------------------------------------------------------------------------------------
-@dataclass
-class EvalReport:
-    rows: list[dict[str, Any]]  # one per system, pooled over both directions
-    direction_rows: list[dict[str, Any]]  # one per system × direction
-    judge_dev_accuracy: float
-    judge_dev_accuracy_a: float
-    judge_dev_accuracy_b: float
-    fluency: dict[str, dict[str, Any]]  # per target domain ("a", "b"): DomainFluency.summary()
-    embedder: str
-    domains: tuple[str, str]
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    rl_log: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def j_definition(self) -> str:
-        first = next(iter(self.fluency.values()), {})
-        pct = float(first.get("percentile", 0.0))
-        thresholds = "; ".join(
-            f"{name}: perplexity ≤ {f.get('max_perplexity', math.inf):.1f}, SLOR ≥ {f.get('min_slor', -math.inf):.3f}"
-            for name, f in zip(self.domains, self.fluency.values(), strict=False)
-        )
-        return J_DEFINITION.format(order=first.get("order", 3), pct=pct, low=100.0 - pct, thresholds=thresholds)
-
-    def table_markdown(self, rows: list[dict[str, Any]] | None = None) -> str:
-        rows = self.rows if rows is None else rows
-        with_dir = any("direction" in r for r in rows)
-        cols = ["system", *(["direction"] if with_dir else []), "n", *METRICS]
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-        for r in rows:
-            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-        return "\n".join(lines)
-
-    @property
-    def markdown(self) -> str:
-        return self.to_markdown()
-
-    def to_markdown(self) -> str:
-        a, b = self.domains
-        return "\n".join([
-            "# CYCLE_J evaluation",
-            "",
-            f"Domains: **a** = {a}, **b** = {b}. Greedy translations of the dev sets, both directions.",
-            "",
-            "## Overall (both directions pooled)",
-            "",
-            self.table_markdown(),
-            "",
-            "## Per direction",
-            "",
-            self.table_markdown(self.direction_rows),
-            "",
-            "## Definitions",
-            "",
-            f"- **Style judge**: logistic regression on TF-IDF word (1–2-gram) and character (2–5-gram) features, "
-            f"trained on the train corpora of both domains, independent of the RL discriminator. "
-            f"**Judge dev accuracy: {self.judge_dev_accuracy:.4f}** ({a}: {self.judge_dev_accuracy_a:.4f}, "
-            f"{b}: {self.judge_dev_accuracy_b:.4f}). style_acc = share of outputs judged to be in the target domain.",
-            "- **self_bleu**: sacrebleu corpus BLEU of the outputs against their sources; **ref_bleu**: against "
-            "line-aligned human references (empty when the dev sets have none); **cycle_bleu**: of the "
-            "back-translations against the sources.",
-            f"- **similarity**: mean cosine similarity of sentence embeddings of output and source ({self.embedder}).",
-            "- **perplexity**: per-word perplexity (end of line counted) of the outputs under a Kneser-Ney "
-            "n-gram LM of the target domain's train lines; **fluent**: share of outputs judged fluent text of "
-            "the target domain (definition under J). Fluency LMs: "
-            + "; ".join(f"{name}: {_fluency_text(f)}" for name, f in zip(self.domains, self.fluency.values(),
-                                                                         strict=False)) + ".",
-            "- **runaway**: share of outputs whose generation reached its token limit without an EOS or a line "
-            "break (– for systems that do not report it); **length_ratio**: mean of output words / source words.",
-            f"- **{self.j_definition}**",
-            "",
-        ])
-
-    def write(self, out_dir: str | Path) -> list[Path]:
-        """report.md, report.csv, examples.jsonl, metrics.json and the PNG plots."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = [out / "report.md", out / "report.csv", out / "examples.jsonl", out / "metrics.json"]
-        written[0].write_text(self.to_markdown(), encoding="utf-8")
-        with open(written[1], "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["system", "direction", "n", *METRICS])
-            writer.writeheader()
-            for r in self.rows + self.direction_rows:
-                writer.writerow({k: r.get(k, "overall" if k == "direction" else None) for k in writer.fieldnames})
-        with open(written[2], "w", encoding="utf-8") as f:
-            for ex in self.examples:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        written[3].write_text(json.dumps(self.metrics(), indent=1, default=_json_default), encoding="utf-8")
-        written += write_plots(self, out)
-        return written
-
-    def metrics(self) -> dict[str, Any]:
-        """metrics.json: the overall table (a list of dicts, one per system), the per-direction table,
-        the judge's dev accuracy, the fluency threshold and the J definition."""
-        return {
-            "table": [_clean(r) for r in self.rows],
-            "per_direction": [_clean(r) for r in self.direction_rows],
-            "judge_dev_accuracy": self.judge_dev_accuracy,
-            "judge_dev_accuracy_a": self.judge_dev_accuracy_a,
-            "judge_dev_accuracy_b": self.judge_dev_accuracy_b,
-            "fluency": self.fluency,
-            "embedder": self.embedder,
-            "j_definition": self.j_definition,
-        }
-
-
-def _fluency_text(f: dict[str, Any]) -> str:
-    return (f"{f.get('order')}-gram, {f.get('vocabulary')} words, fitted on {f.get('fitted_lines')} train lines, "
-            f"thresholds set on {f.get('held_out_lines')} held-out ones (of which {f.get('held_out_fluent', 0):.1%} "
-            "are judged fluent)")
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
-    return str(v)
-
-
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe: inf/nan become None."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    raise TypeError(f"not JSON serializable: {type(v)}")
-
-
-# ---- scorers ---------------------------------------------------------------------------------------------
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class Embedder:
-    """Sentence embeddings: a sentence-transformers folder as is, any other encoder with mean pooling."""
-
-    def __init__(self, spec: str) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        from cyclej.models import resolve_model
-
-        self.spec = spec
-        # A plain encoder (tiny-bert, a BERT folder) gets a Transformer + mean Pooling pipeline.
-        self.model = SentenceTransformer(resolve_model(spec), device=_device())
-
-    def similarity(self, xs: list[str], ys: list[str], batch_size: int = 64) -> list[float]:
-        """Cosine similarity of each pair (xs[i], ys[i]); 0.0 where either side is empty."""
-        if not xs:
-            return []
-        ex = self.model.encode(xs, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-        ey = self.model.encode(ys, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-        sims = (ex * ey).sum(-1).clamp(-1.0, 1.0).tolist()
-        return [s if x.strip() and y.strip() else 0.0 for s, x, y in zip(sims, xs, ys, strict=True)]
-
-
-def bleu(hyps: list[str], refs: list[str]) -> float:
-    return float(sacrebleu.corpus_bleu(hyps, [refs]).score) if hyps else 0.0
-
-
-def length_ratio(outputs: list[str], sources: list[str]) -> float:
-    """Mean over sentences of output words / source words (sources without words skipped)."""
-    ratios = [len(o.split()) / len(s.split()) for o, s in zip(outputs, sources, strict=True) if s.split()]
-    return float(np.mean(ratios)) if ratios else 0.0
-
-
-def j_score(acc: list[float], sim: list[float], fluent: list[float]) -> float:
-    """J = mean_i acc_i × max(0, sim_i) × fluent_i."""
-    if not acc:
-        return 0.0
-    return float(np.mean([a * max(0.0, s) * f for a, s, f in zip(acc, sim, fluent, strict=True)]))
 
 
 # ---- the evaluation ------------------------------------------------------------------------------------
@@ -407,23 +216,6 @@ def evaluate(
     )
 
 
-def evaluate_model_dir(
-    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
-) -> EvalReport:
-    """`cyclej eval --model URI CONFIG`: the report for any model directory (or artifact URI) on the
-    config's data, beside the copy-the-input baseline. The `data` stage comes from the store (or runs)."""
-    from cyclej.stages import run_stage
-    from cyclej.stages.data import read_lines
-    from cyclej.stages.eval import eval_dev_sets
-
-    data = run_stage("data", cfg, {}, store, progress)
-    train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
-    dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
-    local = local_model_dir(str(model_dir), None if store.is_local else store.storage_options)
-    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, model_label(local): local}
-    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
-
-
 def model_label(model_dir: Path) -> str:
     """A row name for a model folder: `<stage>/<fingerprint>` for an artifact's model/, else the folder name."""
     p = Path(model_dir)
@@ -471,74 +263,6 @@ def _examples(runs: list[_Run], names: list[str]) -> list[dict[str, Any]]:
 
 def _finite(v: float) -> float | None:
     return round(v, 3) if math.isfinite(v) else None
-
-
-# ---- plots -----------------------------------------------------------------------------------------------
-def write_plots(report: EvalReport, out_dir: Path) -> list[Path]:
-    """metrics_by_stage.png always; rl_rewards.png when an RL log with reward columns is given."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written: list[Path] = []
-    shown = [("style_acc", 1.0), ("similarity", 1.0), ("fluent", 1.0), ("runaway", 1.0), ("J", 1.0),
-             ("self_bleu", 100.0), ("cycle_bleu", 100.0)]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / max(1, len(report.rows))
-    x = np.arange(len(shown))
-    for k, row in enumerate(report.rows):
-        vals = [(row.get(m) or 0.0) / scale for m, scale in shown]
-        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=row["system"])
-    ax.set_xticks(x, [m if s == 1.0 else f"{m}/100" for m, s in shown])
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Evaluation by stage (both directions pooled)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "metrics_by_stage.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    curves = _reward_curves(report.rl_log)
-    if curves:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for key, (steps, values) in curves.items():
-            ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel("reward")
-        ax.set_title("RL rewards")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "rl_rewards.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
-    return written
-
-
-def _reward_curves(log: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
-    """Every numeric column whose name mentions 'reward', against 'step' (or the record index). When the
-    log has per-reward means (`reward/<name>/mean`, as cyclej.rl writes), only those are drawn."""
-    curves: dict[str, tuple[list[float], list[float]]] = {}
-    for i, rec in enumerate(log):
-        step = rec.get("step", i + 1)
-        for key, val in _flatten(rec).items():
-            if "reward" in key and isinstance(val, int | float) and not isinstance(val, bool):
-                xs, ys = curves.setdefault(key, ([], []))
-                xs.append(float(step))
-                ys.append(float(val))
-    means = {k.removesuffix("/mean"): v for k, v in curves.items() if k.endswith("/mean")}
-    return means or curves
-
-
-def _flatten(rec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in rec.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

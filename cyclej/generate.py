@@ -483,11 +483,12 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cyclej.models import resolve_model
+    from cyclej.precision import weights_dtype
 
     path = resolve_model(spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = weights_dtype("auto", torch.device(device))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cyclej.errors import BadInput
+from cyclej.precision import weights_dtype
 from cyclej.progress import Progress
 from cyclej.train import MARKER_ROWS_FILE
 
@@ -331,19 +332,29 @@ def _mix_rows(
     return tensor
 
 
-def merge_lora_adapters(
-    base_dir: str | Path,
-    out_dir: str | Path,
-    adapters: Sequence[tuple[Adapter, float]],
-    progress: Progress | None = None,
-) -> MergeStats:
-    """Write base + Σ w·Δ (and the mixed marker rows) to `out_dir` as a plain HF directory, shard by shard.
+@dataclass
+class MergePlan:
+    """What a merge will write, checked before the first byte is (as mergekit plans, then executes)."""
 
-    `out_dir` gets the same shard files and index as the base, and every other file of the base directory
-    (config.json with its position-interpolation key, tokenizer, generation config) copied unchanged.
-    """
-    started = time.monotonic()
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    base_dir: Path
+    adapters: Sequence[tuple[Adapter, float]]
+    shards: dict[str, list[str]]  # shard file -> its tensor names
+    headers: dict[str, tuple[bytes, dict[str, Any]]]  # shard file -> (raw header bytes, parsed header)
+    updates: dict[str, list[tuple[LoraFactors, float]]]  # base weight -> its LoRA factors and weights
+    row_updates: dict[str, Any]  # embedding matrix -> (marker token ids, rows per adapter)
+    widen: bool  # a 16-bit base is written in fp32, so the deltas survive
+    notes: list[str]
+
+    @property
+    def tensors(self) -> int:
+        return sum(len(keys) for keys in self.shards.values())
+
+
+def plan_merge(base_dir: str | Path, adapters: Sequence[tuple[Adapter, float]]) -> MergePlan:
+    """Read the base's shard headers and check every adapter against them: each LoRA'd module must exist
+    in the base with the delta's shape, and the marker rows must fit the embedding matrices (or the
+    adapter was not trained on this base). Nothing is written."""
+    base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise BadInput(f"{base_dir}: no config.json (not a Hugging Face model folder)")
     shards = base_shards(base_dir)
@@ -353,8 +364,7 @@ def merge_lora_adapters(
     headers = {name: _read_header(base_dir / name) for name in shards}
     shapes = {k: tuple(v["shape"]) for _, h in headers.values() for k, v in h.items() if k != "__metadata__"}
 
-    # Everything is checked before the first byte is written. Module name → base key: every LoRA'd module
-    # must exist in the base with the delta's shape, or the adapter was not trained on this base.
+    # Module name → base key: every LoRA'd module must exist in the base with the delta's shape.
     updates: dict[str, list[tuple[LoraFactors, float]]] = {}
     for adapter, w in adapters:
         for module, factors in adapter.factors.items():
@@ -367,13 +377,13 @@ def merge_lora_adapters(
             updates.setdefault(key, []).append((factors, w))
     row_updates: dict[str, Any] = {}
     notes = [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA adapter tensors" for a, _ in adapters if a.ignored_keys]
-    if (plan := _row_plan(adapters, "input_rows")) is not None:
-        row_updates[inp_key] = plan
-    if (plan := _row_plan(adapters, "output_rows")) is not None:
+    if (rows := _row_plan(adapters, "input_rows")) is not None:
+        row_updates[inp_key] = rows
+    if (rows := _row_plan(adapters, "output_rows")) is not None:
         if out_key is None:
             notes.append("lm_head is tied to the input embedding: output marker rows follow the input rows")
         else:
-            row_updates[out_key] = plan
+            row_updates[out_key] = rows
     if out_key is not None and inp_key in row_updates and out_key not in row_updates:
         notes.append("lm_head is not tied but no adapter has output marker rows: lm_head rows unchanged")
     for key, (ids, per_adapter) in row_updates.items():
@@ -382,20 +392,28 @@ def merge_lora_adapters(
             raise BadInput(f"marker_rows.safetensors: token ids {ids.tolist()} fall outside {key} ({n_rows} rows)")
         if any(rows.shape[1] != width for _, rows, _ in per_adapter):
             raise BadInput(f"marker_rows.safetensors: rows of width {per_adapter[0][1].shape[1]}, {key} has {width}")
+    widen = any(v["dtype"] in WIDENED for _, h in headers.values() for k, v in h.items() if k != "__metadata__")
+    return MergePlan(base_dir, adapters, shards, headers, updates, row_updates, widen, notes)
 
+
+def write_merge(plan: MergePlan, out_dir: str | Path, progress: Progress | None = None) -> MergeStats:
+    """Stream the planned merge into `out_dir`, shard by shard: tensors without an update are copied byte
+    for byte, the others are merged one at a time (peak memory: the largest merged tensor)."""
+    base_dir, out_dir = plan.base_dir, Path(out_dir)
+    updates, row_updates, widen = plan.updates, plan.row_updates, plan.widen
+    notes = list(plan.notes)
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in base_dir.iterdir():  # config, tokenizer, generation config, index: unchanged (but see below)
         if item.is_file() and not item.name.endswith(".safetensors"):
             shutil.copy2(item, out_dir / item.name)
-    widen = any(v["dtype"] in WIDENED for _, h in headers.values() for k, v in h.items() if k != "__metadata__")
     out_bytes = 0
 
     changed, largest = 0, 0
-    bar = (progress or Progress(show_bar=False)).bar("merge shards", total=len(shards), unit="shard")
-    for shard_name in sorted(shards):
+    bar = (progress or Progress(show_bar=False)).bar("merge shards", total=len(plan.shards), unit="shard")
+    for shard_name in sorted(plan.shards):
         src, dst = base_dir / shard_name, out_dir / shard_name
         largest = max(largest, src.stat().st_size)
-        prefix, header = headers[shard_name]
+        prefix, header = plan.headers[shard_name]
         out_prefix, out_header = _widened_header(header) if widen else (prefix, header)
         entries = sorted(
             ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
@@ -429,17 +447,35 @@ def merge_lora_adapters(
         notes.append("the base is stored in 16-bit floats: the merge is written in fp32 so its deltas survive")
     n_rows = sum(len(p[0]) for p in row_updates.values())
     return MergeStats(
-        shards=len(shards),
-        tensors=len(stored),
+        shards=len(plan.shards),
+        tensors=plan.tensors,
         tensors_changed=changed,
         lora_modules=len(updates),
         marker_rows=n_rows,
-        weights=[w for _, w in adapters],
-        seconds=round(time.monotonic() - started, 3),
+        weights=[w for _, w in plan.adapters],
+        seconds=0.0,  # set by merge_lora_adapters, which also times the planning
         largest_shard_bytes=largest,
-        adapter_bytes=sum(a.nbytes() for a, _ in adapters),
+        adapter_bytes=sum(a.nbytes() for a, _ in plan.adapters),
         notes=notes,
     )
+
+
+def merge_lora_adapters(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    adapters: Sequence[tuple[Adapter, float]],
+    progress: Progress | None = None,
+) -> MergeStats:
+    """Write base + Σ w·Δ (and the mixed marker rows) to `out_dir` as a plain HF directory, shard by shard:
+    `plan_merge` checks everything before the first byte is written, then `write_merge` streams it.
+
+    `out_dir` gets the same shard files and index as the base, and every other file of the base directory
+    (config.json with its position-interpolation key, tokenizer, generation config) copied unchanged.
+    """
+    started = time.monotonic()
+    stats = write_merge(plan_merge(base_dir, adapters), out_dir, progress)
+    stats.seconds = round(time.monotonic() - started, 3)
+    return stats
 
 
 def _merge_tensor(
@@ -529,7 +565,7 @@ def sweep_weights(
     from cyclej.modeling import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = weights_dtype("auto", device)
     work_dir = Path(work_dir)
     rows: list[SweepRow] = []
     best: tuple[float, Path, MergeStats] | None = None

@@ -325,28 +325,11 @@ def check_rejection_rate(stats: RejectionStats, max_rate: float, stage: str = "p
 
 
 def load_embedder(spec: str) -> Embed:
-    """A sentence-transformers encoder returning unit-norm embeddings.
+    """A sentence-transformers encoder (cyclej.embedder, as the RL reward and the evaluation load it)
+    returning unit-norm embeddings."""
+    from cyclej.embedder import load_embedder as load_sentence_transformer
 
-    A plain HF encoder directory (e.g. `tiny-bert`) has no sentence-transformers modules; it is wrapped
-    with mean pooling, which is what sentence-transformers would build for it anyway.
-    """
-    from pathlib import Path
-
-    import torch
-    from sentence_transformers import SentenceTransformer, models
-
-    from cyclej.models import resolve_model
-
-    path = resolve_model(spec)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if Path(path).is_dir() and not (Path(path) / "modules.json").is_file():
-        word = models.Transformer(path)
-        # renamed in sentence-transformers 6 (get_word_embedding_dimension before)
-        dim_of = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
-        pool = models.Pooling(dim_of(), pooling_mode="mean")
-        encoder = SentenceTransformer(modules=[word, pool], device=device)
-    else:
-        encoder = SentenceTransformer(path, device=device)
+    encoder = load_sentence_transformer(spec)
 
     def embed(texts: list[str]) -> Any:
         return encoder.encode(

@@ -507,7 +507,10 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def format_plan(plans: list[StagePlan], prices: PriceTable | None = None) -> str:
+def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
+                fingerprints: dict[str, str] | None = None) -> str:
+    """The table `cyclej plan` prints; with `fingerprints` (the pipeline plan's, cyclej.stages), each
+    stage's fingerprint beside its name."""
     prices = prices or load_prices()
     rows = [("stage", "model", "params", "trainable", "GiB/GPU", "GPU", "$/hour")]
     for p in plans:
@@ -522,6 +525,8 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None) -> str
             _count(p.trainable_params) if p.trainable_params else "-",
             _gib(p.total_bytes) if p.memory else "-", gpu, cost,
         ))
+    if fingerprints is not None:
+        rows = [(rows[0][0], "fingerprint", *rows[0][1:])] + [(r[0], fingerprints[r[0]], *r[1:]) for r in rows[1:]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

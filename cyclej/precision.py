@@ -1,7 +1,7 @@
-"""Which precision to compute in: one rule for every stage.
+"""Which precision to compute in, and which dtype to hold weights in: one rule for every stage.
 
-`precision: auto` means bf16 autocast on CUDA, and on a CPU only when the CPU does bf16 natively
-(AVX512-BF16 or AMX). Without those instructions PyTorch emulates bf16 and a training step gets an order
+`precision: auto` means bf16 autocast on a CUDA GPU that supports bf16 (Ampere and later), and on a CPU
+only when the CPU does bf16 natively (AVX512-BF16 or AMX). Without those instructions PyTorch emulates bf16 and a training step gets an order
 of magnitude *slower* (measured: SmolLM2 LoRA step 4×256 tokens, 15 s fp32 vs 238 s bf16 on an AMD EPYC
 without avx512_bf16), while CPUs that have them run 1.6–1.7× faster in bf16.
 """
@@ -34,6 +34,12 @@ def _warn_emulated() -> None:
                 "many times slower than fp32; set precision: auto or fp32")
 
 
+def gpu_has_bf16() -> bool:
+    """Whether this machine's GPU computes in bf16 (no GPU here: assume one that does, as `cyclej plan`
+    sizes GPU workers from a CPU machine)."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
 def use_bf16(precision: str, device: torch.device, native_cpu_bf16: bool | None = None) -> bool:
     """True when computation should run under bf16 autocast for this precision setting and device.
     `native_cpu_bf16` defaults to what this machine's CPU reports."""
@@ -41,9 +47,21 @@ def use_bf16(precision: str, device: torch.device, native_cpu_bf16: bool | None 
     if precision == "fp32":
         return False
     if device.type == "cuda":
-        return True
+        return precision == "bf16" or gpu_has_bf16()
     if precision == "bf16":
         if not native:
             _warn_emulated()
         return True
     return native
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The forward's autocast context for this precision setting and device (disabled for fp32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
+
+
+def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype to hold a model's weights in: bf16 on a GPU that computes in bf16 (a frozen base, RL's
+    policy, an inference model; trained LoRA weights and RL's optimizer masters stay fp32 regardless), fp32
+    on a CPU, where bf16 is autocast only (the fp32 weights keep their exact values)."""
+    return torch.bfloat16 if device.type == "cuda" and use_bf16(precision, device) else torch.float32

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import sacrebleu
-import torch
 from rouge_score import rouge_scorer
 from sentence_transformers import SentenceTransformer
-
-from cyclej.errors import BadInput
-from cyclej.models import resolve_model
 
 # rougeLsum wants one sentence per line; nltk's punkt data is not on these machines, so split on
 # sentence-final punctuation followed by white space.
@@ -36,26 +31,6 @@ _ROUGE = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
 def _check_pairs(sources: Sequence[str], outputs: Sequence[str]) -> None:
     if len(sources) != len(outputs):
         raise ValueError(f"{len(sources)} sources but {len(outputs)} back-translations")
-
-
-def load_embedder(spec: str, device: str | torch.device = "cpu") -> SentenceTransformer:
-    """A SentenceTransformer for a model spec (built-in name, local directory or hub id).
-
-    A directory saved by sentence-transformers (it has modules.json, like the shipped MiniLM) loads as
-    it is; a plain Hugging Face encoder (the tiny random BERT of the tests) gets a mean-pooling head.
-    """
-    path = resolve_model(spec)
-    local = Path(path)
-    if local.is_dir() and not (local / "modules.json").is_file():
-        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-
-        encoder = Transformer(str(local))
-        pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
-        return SentenceTransformer(modules=[encoder, pooling], device=str(device))
-    try:
-        return SentenceTransformer(path, device=str(device))
-    except OSError as exc:
-        raise BadInput(f"models.embedder {spec}: cannot load ({str(exc).splitlines()[0][:160]})") from None
 
 
 def embedding_similarity(

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +56,7 @@ from cyclej.formats import encode_text, eos_id
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, newline_token_ids
 from cyclej.optim import MasterAdamW
 from cyclej.precision import use_bf16
+from cyclej.training import lr_scheduler, rng_state, set_rng_state, warmup_steps
 
 if TYPE_CHECKING:
     from cyclej.judge import StyleJudge
@@ -223,25 +223,6 @@ def policy_gradient_loss(
     return loss, stats
 
 
-def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine decay to 0 at `total_steps` (factor of the peak LR)."""
-
-    def f(done: int) -> float:  # `done` = optimizer steps taken so far
-        if done < warmup_steps:
-            return (done + 1) / warmup_steps
-        progress = (done - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def resolve_precision(precision: str, device: torch.device) -> bool:
-    """True when the forward passes run in bf16 (autocast); the rule is cyclej.precision's."""
-    if device.type == "cuda" and precision == "auto" and not torch.cuda.is_bf16_supported():
-        return False
-    return use_bf16(precision, device)
-
-
 # ---- the trainer ---------------------------------------------------------------------------------------
 class RLTrainer:
     """Holds everything one RL run changes; `step()` runs one RL step, `save_state`/`load_state` resume."""
@@ -281,7 +262,7 @@ class RLTrainer:
         # The evaluation's style judge (cyclej.judge), to log the share of rollouts in the target style.
         self.style_judge = style_judge
         self.device = next(policy.parameters()).device
-        self.autocast_bf16 = resolve_precision(cfg.precision, self.device)
+        self.autocast_bf16 = use_bf16(cfg.precision, self.device)
         self.eos = eos_id(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
         self.micro_batch = cfg.rollout_micro_batch  # groups per chunk; halves on OOM
@@ -296,8 +277,9 @@ class RLTrainer:
             self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
             state_device="cpu" if cfg.optimizer_offload else None,
         )
-        warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.steps, warmup))
+        # RL's count of the schedule: warm-up rounded up, cosine over the steps done (cyclej.training).
+        warmup = warmup_steps(cfg.warmup_ratio, cfg.steps, "ceil")
+        self.scheduler = lr_scheduler(self.optimizer, cfg.steps, warmup, decay_counts_current_step=False)
         self.step_done = 0
         self.log_dir = log_dir
         self.metrics_log: list[dict[str, Any]] = []
@@ -419,7 +401,7 @@ class RLTrainer:
         the OOM finishes the tensors it had not reached, none is updated twice)."""
         step = self.step_done + 1
         t0 = time.perf_counter()
-        rng_before = _rng_state()
+        rng_before = rng_state()
         while True:
             try:
                 ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
@@ -442,7 +424,7 @@ class RLTrainer:
                 self.micro_batch //= 2
                 if self.owns_backend:
                     self.backend = self._transformers_backend()
-                _set_rng_state(rng_before)
+                set_rng_state(rng_before)
 
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -496,7 +478,7 @@ class RLTrainer:
         torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
         if self.discriminator is not None:
             torch.save(self.discriminator.state_dict(), out / "discriminator.pt")
-        torch.save(_rng_state(), out / "rng.pt")
+        torch.save(rng_state(), out / "rng.pt")
         _write_jsonl(out / "metrics.jsonl", self.metrics_log)
         _write_jsonl(out / "samples.jsonl", self.samples_log)
         state = {"step": self.step_done, "rollout_micro_batch": self.micro_batch}
@@ -511,7 +493,7 @@ class RLTrainer:
             if not (src / "discriminator.pt").is_file():
                 raise BadInput(f"{src}: the checkpoint has no discriminator state but this run trains one")
             self.discriminator.load_state_dict(_load(src / "discriminator.pt", self.discriminator.device))
-        _set_rng_state(_load(src / "rng.pt", "cpu"))
+        set_rng_state(_load(src / "rng.pt", "cpu"))
         self.metrics_log = _read_jsonl(src / "metrics.jsonl")
         self.samples_log = _read_jsonl(src / "samples.jsonl")
         self.step_done = int(state["step"])
@@ -541,20 +523,6 @@ def sample_rows(
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _load(path: Path, device: str | torch.device) -> Any:
     # Our own checkpoints (checksummed by the store); weights_only keeps unpickling to plain data.
     return torch.load(path, map_location=device, weights_only=True)

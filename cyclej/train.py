@@ -29,7 +29,6 @@ import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,17 +41,25 @@ from torch import Tensor, nn
 
 from cyclej import formats
 from cyclej.config import TrainConfig
-from cyclej.errors import BadInput, StageFailed
+from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
-from cyclej.precision import use_bf16 as precision_uses_bf16
+from cyclej.precision import autocast
 from cyclej.progress import Progress
-from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.training_signal import TRAINING_PLOT, read_metrics_log, relative_update, write_training_plot
+from cyclej.store import ArtifactStore
+from cyclej.training import (
+    CHECKPOINT_PREFIX,
+    checkpoint_name,
+    lr_scheduler,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    warmup_steps,
+)
+from cyclej.training_signal import relative_update
 
 log = logging.getLogger("cyclej")
 
 IGNORE_INDEX = formats.IGNORE_INDEX
-CHECKPOINT_PREFIX = "step-"
 MARKER_ROWS_FILE = "marker_rows.safetensors"
 ADAPTER_BASE = "base.json"  # in an adapter artifact: the `context` artifact it applies to
 
@@ -178,16 +185,13 @@ class TrainResult:
         return model
 
 
-# ---- the schedule and the data order --------------------------------------------------------------------
+# ---- the data order --------------------------------------------------------------------
 
 
-def lr_factor(step: int, max_steps: int, warmup_ratio: float) -> float:
-    """LR multiplier for optimizer step `step` (1-based): linear warm-up, then cosine down to 0."""
-    warmup = round(warmup_ratio * max_steps)
-    if step <= warmup:
-        return step / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def trainer_warmup_steps(cfg: TrainConfig) -> int:
+    """The trainer's warm-up: `warmup_ratio` of `max_steps`, rounded to nearest (cyclej.training says why
+    RL rounds up)."""
+    return warmup_steps(cfg.warmup_ratio, cfg.max_steps, "round")
 
 
 @functools.lru_cache(maxsize=4)
@@ -269,39 +273,7 @@ def logits_are_head_of_backbone(model: nn.Module, batch: dict[str, Tensor]) -> b
     return bool(torch.allclose(full, ours, rtol=0.0, atol=1e-3 * (1.0 + float(full.abs().max()))))
 
 
-def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
-    use_bf16 = precision_uses_bf16(precision, device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-# ---- RNG and checkpoint state ------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _seed_rngs(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ---- checkpoint state --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -344,16 +316,14 @@ class _Trainer:
         self.mask_dtype = next(model.parameters()).dtype
         # Every RNG the loop saves in its checkpoints starts from the seed, not from whatever the process
         # did before (another stage, a resumed one): a stage's trajectory must not depend on its neighbours.
-        _seed_rngs(cfg.seed)
+        seed_all(cfg.seed)
         self.model, self.marker_rows = _make_trainable(model, cfg, marker_token_ids)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
         self.params = list(self.named_trainable.values())
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda done: lr_factor(done + 1, cfg.max_steps, cfg.warmup_ratio)
-        )
+        self.scheduler = lr_scheduler(self.optimizer, cfg.max_steps, trainer_warmup_steps(cfg))
         self.sequences = prepare_sequences(examples, cfg.seq_len, self.packing, cfg.seed)
         if not self.sequences:
             raise StageFailed(stage, "no training example has a target token (empty or all-prompt examples)")
@@ -373,13 +343,13 @@ class _Trainer:
 
     # ---- checkpoints ----
     def save_checkpoint(self) -> None:
-        name = f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        name = checkpoint_name(self.state.step)
         d = self.store.checkpoint_workdir(self.stage, self.fp, name)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.named_trainable.items()},
                   str(d / "trainable.safetensors"))
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
-        torch.save(_rng_state(), d / "rng.pt")
+        torch.save(rng_state(), d / "rng.pt")
         (d / "state.json").write_text(json.dumps(self.state.__dict__))
         if self.metrics_path is not None and self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, d / "metrics.jsonl")
@@ -400,7 +370,7 @@ class _Trainer:
                 param.copy_(saved[key])
         self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(d / "scheduler.pt"))
-        _set_rng_state(torch.load(d / "rng.pt"))
+        set_rng_state(torch.load(d / "rng.pt"))
         self.state = _LoopState(**json.loads((d / "state.json").read_text()))
         if self.metrics_path is not None:
             if (d / "metrics.jsonl").is_file():
@@ -429,7 +399,7 @@ class _Trainer:
         total, count = 0.0, 0
         for chunk in _chunks(self.dev_sequences, self.state.micro_batch_size):
             batch = self._batch(chunk)
-            with _autocast(self.cfg.precision, self.device):
+            with autocast(self.cfg.precision, self.device):
                 loss_sum, n = target_loss_sum(self.model, batch, self.head_on_targets_only)
             total, count = total + float(loss_sum), count + n
         self.model.train()
@@ -444,7 +414,7 @@ class _Trainer:
         self.updating = False
         for chunk in _chunks(batch_seqs, self.state.micro_batch_size):
             batch = self._batch(chunk)
-            with _autocast(self.cfg.precision, self.device):
+            with autocast(self.cfg.precision, self.device):
                 loss_sum, _ = target_loss_sum(self.model, batch, self.head_on_targets_only)
             # Normalised by the step's target tokens: the gradient is the same for any micro-batch split.
             (loss_sum / targets).backward()
@@ -463,7 +433,7 @@ class _Trainer:
     def _snapshot(self) -> dict[str, Any] | None:
         """The state a step starts from, to retry it after an OOM in the update itself. Only for LoRA
         (a few MB); a full fine-tune would double its memory for it."""
-        rng = _rng_state()
+        rng = rng_state()
         if self.marker_rows is None and not hasattr(self.model, "peft_config"):
             return {"rng": rng}
         return {
@@ -489,7 +459,7 @@ class _Trainer:
             # A copy: load_state_dict keeps same-device tensors, and a second retry needs the snapshot intact.
             self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
             self.scheduler.load_state_dict(snap["scheduler"])
-        _set_rng_state(snap["rng"])
+        set_rng_state(snap["rng"])
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -659,88 +629,3 @@ def train(
         progress or Progress(stage, show_bar=False), metrics_path, int(pad),
     )
     return trainer.run()
-
-
-# ---- what the LoRA stages share -------------------------------------------------------------------------
-
-
-def base_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype to load a frozen base in: bf16 on a GPU unless fp32 is asked for (the LoRA weights
-    stay fp32 either way), fp32 on a CPU (bf16 there is autocast only)."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.bfloat16
-    return torch.float32
-
-
-def interleave(*lists: Sequence[Any]) -> list[Any]:
-    """a0, b0, a1, b1, …: a dev slice cut from the front holds both domains."""
-    out: list[Any] = []
-    for i in range(max((len(x) for x in lists), default=0)):
-        out.extend(x[i] for x in lists if i < len(x))
-    return out
-
-
-@dataclass
-class LoraStage:
-    """What both LoRA stages (para_train, domain_train) start from: INTERMEDIATE-1 with its markers."""
-
-    stage: str
-    tcfg: TrainConfig
-    base: ArtifactRef  # the `context` artifact whose model the adapter is trained on
-    fp: str
-    work: Path
-    model: nn.Module
-    tokenizer: Any
-    marker_a: int
-    marker_b: int
-
-
-def prepare_lora_stage(
-    stage: str, tcfg: TrainConfig, cfg: Any, inputs: dict[str, ArtifactRef], store: ArtifactStore
-) -> LoraStage:
-    """Refuse full fine-tuning (the merge combines LoRA deltas), locate the stage's work directory and
-    load INTERMEDIATE-1 (the `context` artifact's model) with the two domain markers."""
-    from cyclej.modeling import load_model, marker_token_ids
-    from cyclej.stages import stage_fingerprint
-
-    if tcfg.lora is None:
-        raise BadInput(f"{stage}.lora: null (full fine-tuning) is not supported here; the merge stage "
-                       f"combines LoRA adapters, so set {stage}.lora (e.g. rank 8)")
-    fp = stage_fingerprint(stage, cfg, {k: ref.fingerprint for k, ref in inputs.items()})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
-    base_dir = store.fetch(inputs["context"]) / "model"
-    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=base_dtype(tcfg.precision, device))
-    marker_a, marker_b = marker_token_ids(tokenizer, markers)
-    return LoraStage(stage, tcfg, inputs["context"], fp, store.workdir(stage, fp), model.to(device), tokenizer,
-                     marker_a, marker_b)
-
-
-def train_and_commit_adapter(
-    st: LoraStage,
-    store: ArtifactStore,
-    train_examples: Sequence[TokenExample],
-    dev_examples: Sequence[TokenExample],
-    progress: Progress | None,
-    extra: dict[str, Any],
-) -> ArtifactRef:
-    """The rest of both LoRA stages: train (resuming from the stage's checkpoints), write `adapter/`,
-    `marker_rows.safetensors`, `base.json` (which `context` artifact it applies to, so `cyclej translate`
-    can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then drop the checkpoints
-    (the committed artifact supersedes them)."""
-    result = train(st.model, train_examples=train_examples, dev_examples=dev_examples, tcfg=st.tcfg,
-                   store=store, stage=st.stage, fp=st.fp, tokenizer=st.tokenizer,
-                   marker_ids=[st.marker_a, st.marker_b], progress=progress,
-                   metrics_path=st.work / "metrics.jsonl")
-    result.save_adapter(st.work)
-    base = {"stage": st.base.stage, "fingerprint": st.base.fingerprint}
-    (st.work / ADAPTER_BASE).write_text(json.dumps(base, indent=1) + "\n", encoding="utf-8")
-    metrics = {**result.metrics, **extra}
-    (st.work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
-    write_training_plot(read_metrics_log(st.work / "metrics.jsonl"), st.work / TRAINING_PLOT,
-                        f"{st.stage}: loss and update size")
-    summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",
-                                       "resumed_from", "micro_batch_size")}
-    ref = store.commit(st.stage, st.fp, st.work, metrics=summary)
-    store.delete_checkpoints(st.stage, st.fp)
-    return ref

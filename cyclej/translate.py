@@ -36,6 +36,7 @@ from cyclej.generate import (
 )
 from cyclej.modeling import MODEL_FOLDER_ERRORS, cannot_load, load_model, marker_token_ids, save_model
 from cyclej.models import cache_root
+from cyclej.precision import weights_dtype
 from cyclej.store import ArtifactStore
 from cyclej.train import ADAPTER_BASE, MARKER_ROWS_FILE
 
@@ -257,7 +258,8 @@ def load_for_translation(
         # Short-lived engines: on a CPU, torch.compile would cost more than the whole job (minutes).
         return make_backend("vllm", str(model_dir), enforce_eager=not torch.cuda.is_available()), tokenizer, pair
     on_gpu = torch.cuda.is_available()
-    model, tokenizer = load_model(str(model_dir), markers=list(pair), dtype=torch.bfloat16 if on_gpu else torch.float32)
+    dtype = weights_dtype("auto", torch.device("cuda" if on_gpu else "cpu"))
+    model, tokenizer = load_model(str(model_dir), markers=list(pair), dtype=dtype)
     if on_gpu:
         model.to("cuda")
     model.eval()

@@ -61,9 +61,9 @@ def short(fp: str) -> str:
 def run_name(cfg: PipelineConfig, until: str | None = None) -> str:
     """`<config name>-<fingerprint of the last stage run>`: that fingerprint covers every stage before it,
     so two runs share a name exactly when they compute the same thing."""
-    from cyclej.stages import fingerprints
+    from cyclej.stages import plan_pipeline
 
-    return f"{cfg.name}-{short(fingerprints(cfg)[until or STAGES[-1]])}"
+    return f"{cfg.name}-{short(plan_pipeline(cfg, until)[until or STAGES[-1]].fingerprint)}"
 
 
 def storage_kind(cfg: PipelineConfig) -> str:

@@ -2,7 +2,8 @@
 
     data → {context, paraphrase} → {para_train, domain_train} → merge → rl → eval
 
-Stages of one level may run at once (`orchestration.max_concurrent_stages`, or `dispatch` to run each
+The flow plans the run once (`cyclej.stages.plan_pipeline`: fingerprints, levels, run names, resume
+points) and follows that plan. Stages of one level may run at once (`orchestration.max_concurrent_stages`, or `dispatch` to run each
 stage as its own deployment run on its own worker: the deployment runs of one level are submitted
 together and run concurrently). Every stage task is cached by its fingerprint, so a
 retry or a new run of the same config shows finished stages as `Cached` and resumes the broken one from
@@ -23,91 +24,65 @@ from prefect.logging import get_run_logger
 
 from cyclej.config import PipelineConfig
 from cyclej.errors import CyclejError, StageFailed, StorageError
-from cyclej.stages import SPECS, stage_fingerprint
-from tasks.stages import (
-    configured_stage_task,
-    paraphrase_shard_task,
-    post_artifacts,
-    refs_from,
-    stage_run_name,
-    store_for,
-)
-
-LEVELS: tuple[tuple[str, ...], ...] = (
-    ("data",),
-    ("context", "paraphrase"),
-    ("para_train", "domain_train"),
-    ("merge",),
-    ("rl",),
-    ("eval",),
-)
+from cyclej.stages import PlannedStage, levels, plan_pipeline, shard_count
+from tasks.stages import configured_stage_task, post_artifacts, refs_from, shard_task, store_for
 
 
-def _inputs(name: str, refs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {k: refs[k] for k in SPECS[name].inputs}
-
-
-def _resume_point(cfg: PipelineConfig, name: str, inputs: dict[str, dict[str, Any]]) -> str | None:
+def _resume_point(stage: PlannedStage, cfg: PipelineConfig) -> str | None:
+    """Where a retry resumes, for the failure message; None when the store cannot say."""
     try:
-        fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in inputs.items()})
-        ckpts = store_for(cfg).list_checkpoints(name, fp)
+        return stage.resume_point(store_for(cfg)) or "the start of the stage"
     except Exception:  # noqa: BLE001 - best effort; the stage's own error is what the user needs
         return None
-    return ckpts[-1] if ckpts else "the start of the stage"
 
 
-def _submit(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]]) -> Any:
-    inputs = _inputs(name, refs)
+def _submit(stage: PlannedStage, cfg: PipelineConfig, refs: dict[str, dict[str, Any]]) -> Any:
+    inputs = {k: refs[k] for k in stage.inputs}
     if cfg.orchestration.dispatch:
-        return dispatch_task.with_options(task_run_name=f"dispatch-{stage_run_name(name, cfg, inputs)}").submit(
-            name, cfg, inputs)
-    if name == "paraphrase":
-        _paraphrase_shards(cfg, inputs)
-    return configured_stage_task(name, cfg, inputs).submit(name, cfg, inputs)
+        return dispatch_task.with_options(task_run_name=f"dispatch-{stage.run_name}").submit(stage, cfg, inputs)
+    if stage.sharded:
+        _shards(stage, cfg, inputs)
+    return configured_stage_task(stage, cfg).submit(stage, cfg, inputs)
 
 
-def _paraphrase_shards(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> None:
+def _shards(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> None:
     """Shards are mapped tasks so several workers can share the stage; each shard skips itself when
     already in the store. Skipped entirely when the stage's artifact is complete."""
-    from cyclej.stages.paraphrase import plan_shards
-
     store = store_for(cfg)
-    fp = stage_fingerprint("paraphrase", cfg, {k: v["fingerprint"] for k, v in inputs.items()})
-    if store.exists("paraphrase", fp):
+    if store.exists(stage.name, stage.fingerprint):
         return
-    n = plan_shards(cfg, refs_from(inputs), store)
+    n = shard_count(stage, cfg, refs_from(inputs), store)
     if cfg.orchestration.max_concurrent_stages > 1:
-        paraphrase_shard_task.map(cfg, inputs, list(range(n))).result()
+        shard_task.map(stage, cfg, inputs, list(range(n))).result()
     else:
         for i in range(n):
-            paraphrase_shard_task(cfg, inputs, i)
+            shard_task(stage, cfg, inputs, i)
 
 
 @task(name="dispatch", retries=0)
-def dispatch_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def dispatch_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Run the stage as its own deployment run; the store, not the flow result, says what it made.
     A task, so that the stages of one level are submitted together and their deployment runs (each on
     its own worker) run at once; `run_deployment` itself waits for its run."""
+    name = stage.name
     deployment = f"{cfg.orchestration.deployment_prefix}{name}/{name}"
     kind = "s3" if cfg.storage.root.startswith("s3://") else "local"
     run = run_deployment(
         deployment, parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs}, timeout=None,
-        flow_run_name=stage_run_name(name, cfg, inputs),
+        flow_run_name=stage.run_name,
         tags=["cyclej", f"stage:{name}", f"preset:{cfg.name}", f"storage:{kind}"],
     )
     if not run.state or not run.state.is_completed():
         raise StageFailed(name, f"deployment run {run.name} ended {run.state.name if run.state else 'unknown'}",
-                          _resume_point(cfg, name, inputs))
-    fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in inputs.items()})
-    ref = store_for(cfg).ref(name, fp)
+                          _resume_point(stage, cfg))
+    ref = store_for(cfg).ref(name, stage.fingerprint)
     if ref is None:
         raise StageFailed(name, f"deployment run {run.name} completed but left no committed artifact")
     return json.loads(ref.to_json())
 
 
-def _result(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]], future: Any) -> dict[str, Any]:
-    if isinstance(future, dict):
-        return future
+def _result(stage: PlannedStage, cfg: PipelineConfig, future: Any) -> dict[str, Any]:
+    name = stage.name
     try:
         ref: dict[str, Any] = future.result()
         if future.state.name == "Cached":  # the cached task posted nothing: show the stage's artifacts here
@@ -122,13 +97,13 @@ def _result(name: str, cfg: PipelineConfig, refs: dict[str, dict[str, Any]], fut
             raise  # bad input: the message already names the file or field
         # A store that fails mid-run (endpoint gone, disk turned read-only) is a stage failure, exit 1:
         # the inputs were checked before the run; the stage resumes once the store is back.
-        resume = _resume_point(cfg, name, _inputs(name, refs))
+        resume = _resume_point(stage, cfg)
         if resume is None and isinstance(exc, StorageError):
             resume = "its newest complete checkpoint in the store, once the store is reachable"
         raise StageFailed(name, str(exc), resume) from exc
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise StageFailed(name, reason, _resume_point(cfg, name, _inputs(name, refs))) from exc
+        raise StageFailed(name, reason, _resume_point(stage, cfg)) from exc
 
 
 @contextlib.contextmanager
@@ -169,15 +144,14 @@ def cyclej_pipeline(config: PipelineConfig, until: str | None = None) -> dict[st
     logger.info("storage: %s", store.root_uri)
     refs: dict[str, dict[str, Any]] = {}
     with run_labelled():
-        for level in LEVELS:
-            names = [n for n in level if until is None or list(SPECS).index(n) <= list(SPECS).index(until)]
+        for level in levels(plan_pipeline(config, until)):
             if config.orchestration.max_concurrent_stages > 1 or config.orchestration.dispatch:
-                futures = {n: _submit(n, config, refs) for n in names}
-                for n, fut in futures.items():
-                    refs[n] = _result(n, config, refs, fut)
+                futures = [(stage, _submit(stage, config, refs)) for stage in level]
+                for stage, fut in futures:
+                    refs[stage.name] = _result(stage, config, fut)
             else:
-                for n in names:
-                    refs[n] = _result(n, config, refs, _submit(n, config, refs))
+                for stage in level:
+                    refs[stage.name] = _result(stage, config, _submit(stage, config, refs))
         if "eval" in refs:
             _post_report(config, refs["eval"])
     return refs

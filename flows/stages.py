@@ -11,16 +11,19 @@ from typing import Any
 from prefect import Flow, flow
 
 from cyclej.config import STAGES, PipelineConfig
-from flows.pipeline import _inputs, _result, _submit, run_labelled
+from cyclej.stages import plan_stage
+from flows.pipeline import _result, _submit, run_labelled
 
 
 def _make_stage_flow(name: str) -> Flow[..., dict[str, Any]]:
     @flow(name=f"cyclej-{name}", log_prints=True)
     def stage_flow(config: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         local = config.model_copy(update={"orchestration": config.orchestration.model_copy(update={"dispatch": False})})
-        refs = dict(inputs)
+        # Planned from the inputs it was handed (their fingerprints), not from the whole config: the
+        # corpora the `data` fingerprint hashes need not be on this worker.
+        stage = plan_stage(name, local, {k: v["fingerprint"] for k, v in inputs.items()})
         with run_labelled():
-            return _result(name, local, refs, _submit(name, local, _inputs(name, refs) | refs))
+            return _result(stage, local, _submit(stage, local, inputs))
 
     stage_flow.__doc__ = f"Run (or resume) the `{name}` stage; inputs are the ArtifactRefs of {name}'s inputs."
     return stage_flow

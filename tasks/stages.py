@@ -1,4 +1,5 @@
-"""Prefect tasks: one thin wrapper around `cyclej.stages.run_stage`, configured per stage.
+"""Prefect tasks: one thin wrapper around `cyclej.stages.run_stage`, configured per stage from its plan
+(`cyclej.stages.plan_pipeline`: fingerprint, run name, resume point; nothing here computes them).
 
 Why the wrapper is this thin: every stage already resumes from the artifact store, so the Prefect layer
 only adds what Prefect is for — a cache key equal to the stage fingerprint (so finished stages show as
@@ -33,7 +34,7 @@ from prefect.logging import get_run_logger
 from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput, StorageError
 from cyclej.progress import Progress
-from cyclej.stages import SPECS, run_stage, stage_fingerprint
+from cyclej.stages import PlannedStage, run_shard, run_stage
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.training_signal import TRAINING_PLOT, plot_markdown, signal_table
 
@@ -78,14 +79,13 @@ def refs_from(inputs: dict[str, dict[str, Any]]) -> dict[str, ArtifactRef]:
 
 
 def stage_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-    """The cache key *is* the stage fingerprint. A Prefect record whose artifact has vanished from the
-    store is deleted here, so Prefect misses and the stage runs again instead of returning a dead ref."""
-    cfg: PipelineConfig = params["cfg"]
-    name: str = params["name"]
-    fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in params["inputs"].items()})
-    key = f"{name}-{fp}"
-    store = store_for(cfg)
-    if not store.exists(name, fp):
+    """The cache key *is* the stage fingerprint (from the plan). A Prefect record whose artifact has
+    vanished from the store is deleted here, so Prefect misses and the stage runs again instead of
+    returning a dead ref."""
+    stage: PlannedStage = params["stage"]
+    key = f"{stage.name}-{stage.fingerprint}"
+    store = store_for(params["cfg"])
+    if not store.exists(stage.name, stage.fingerprint):
         store.remove(f"{RESULTS_DIR}/{key}")
     return key
 
@@ -246,12 +246,12 @@ def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False)
                                   description=f"{ref.stage}: {rel} (last {len(rows)} rows)")
 
 
-def post_resume_point(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], error: BaseException) -> None:
+def post_resume_point(stage: PlannedStage, cfg: PipelineConfig, error: BaseException) -> None:
     """Say in the UI where a retry will resume (the newest complete checkpoint) and why the stage failed.
     Called from the task body (a hook gets no parameters: Prefect's TaskRun has none)."""
+    name = stage.name
     try:
-        fp = stage_fingerprint(name, cfg, {k: v["fingerprint"] for k, v in inputs.items()})
-        ckpts = store_for(cfg).list_checkpoints(name, fp)
+        ckpts = store_for(cfg).list_checkpoints(name, stage.fingerprint)
     except Exception as exc:  # noqa: BLE001 - an unreachable store is reported by the failure itself
         get_run_logger().warning("resume point of %s unknown: %s", name, exc)
         return
@@ -266,26 +266,20 @@ def post_resume_point(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str
 
 
 @task(name="stage", persist_result=True, result_serializer="json")
-def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Run (or resume) one stage; return its ArtifactRef as a plain JSON dict."""
+def stage_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run (or resume) one planned stage; return its ArtifactRef as a plain JSON dict."""
     logger = get_run_logger()
     store = store_for(cfg)
     progress = Progress(listeners=[_progress_listener()])
-    logger.info("stage %s: start (%s)", name, store.uri(name, stage_fingerprint(
-        name, cfg, {k: v["fingerprint"] for k, v in inputs.items()})))
+    logger.info("stage %s: start (%s)", stage.name, store.uri(stage.name, stage.fingerprint))
     try:
-        ref = run_stage(name, cfg, refs_from(inputs), store, progress)
+        ref = run_stage(stage, cfg, refs_from(inputs), store, progress)
     except Exception as exc:
-        post_resume_point(name, cfg, inputs, exc)
+        post_resume_point(stage, cfg, exc)
         raise
-    logger.info("stage %s → %s", name, ref.uri)
+    logger.info("stage %s → %s", stage.name, ref.uri)
     post_artifacts(ref, store)
     return json.loads(ref.to_json())
-
-
-def stage_run_name(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> str:
-    """`<stage>-<short fingerprint>`: the same name as the artifact's folder, `<stage>/<fingerprint>`."""
-    return f"{name}-{stage_fingerprint(name, cfg, {k: v['fingerprint'] for k, v in inputs.items()})[:8]}"
 
 
 def retry_unless_bad_input(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -303,12 +297,12 @@ def retry_unless_bad_input(_task: Any, _task_run: Any, state: Any) -> bool:
     return True
 
 
-def configured_stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> Any:
-    """`stage_task` with this config's cache policy, result storage, retries and a readable run name."""
+def configured_stage_task(stage: PlannedStage, cfg: PipelineConfig) -> Any:
+    """`stage_task` with this config's cache policy, result storage, retries and the plan's run name."""
     orch = cfg.orchestration
     return stage_task.with_options(
-        name=f"{name}",
-        task_run_name=stage_run_name(name, cfg, inputs),
+        name=stage.name,
+        task_run_name=stage.run_name,
         cache_policy=cache_policy_for(cfg),
         result_storage=result_storage_for(cfg),
         retries=orch.retries,
@@ -319,19 +313,16 @@ def configured_stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, dict
     )
 
 
-@task(name="paraphrase-shard")
-def paraphrase_shard_task(cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], shard: int) -> int:
-    """One shard of the paraphrase stage; mapped so several workers can share the stage."""
-    from cyclej.stages.paraphrase import run_paraphrase_shard
-
-    run_paraphrase_shard(cfg, refs_from(inputs), store_for(cfg), shard, Progress().for_stage("paraphrase"))
+@task(name="shard", task_run_name="{stage.name}-shard-{shard}")
+def shard_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], shard: int) -> int:
+    """One shard of a sharded stage (paraphrase); mapped so several workers can share the stage."""
+    run_shard(stage, cfg, refs_from(inputs), store_for(cfg), shard, Progress())
     return shard
 
 
 __all__ = [
-    "SPECS",
     "configured_stage_task",
-    "paraphrase_shard_task",
+    "shard_task",
     "result_storage_for",
     "stage_task",
     "store_for",

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_corpus, read_file
+from cyclej.corpus import read_corpus, read_file, read_lines
 from cyclej.errors import BadInput
 from cyclej.models import load_tokenizer
 from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import normalize_whitespace, read_lines, run_data
+from cyclej.stages import StageRun, stage_fingerprint
+from cyclej.stages.data import normalize_whitespace, run_data
 from cyclej.store import ArtifactStore
 
 MAX_TOKENS = 12
@@ -51,7 +51,7 @@ def _config(tmp_path: Path, a_train: list[str], b_train: list[str], **over: Any)
 
 def _run(cfg: PipelineConfig):  # type: ignore[no-untyped-def]
     store = ArtifactStore.from_config(cfg.storage)
-    return store, run_data(cfg, {}, store, Progress(show_bar=False))
+    return store, run_data(StageRun.start("data", cfg, {}, store, Progress(show_bar=False)))
 
 
 def _lines(prefix: str, n: int) -> list[str]:

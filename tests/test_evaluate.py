@@ -12,21 +12,21 @@ import pytest
 import torch
 
 from cyclej.config import PipelineConfig, load_config
+from cyclej.eval_report import EvalReport
+from cyclej.eval_scorers import j_score, length_ratio
 from cyclej.evaluate import (
     SYSTEM_2A,
     SYSTEM_3,
     SYSTEM_COPY,
     SYSTEM_RL,
-    EvalReport,
     copy_system,
     evaluate,
-    j_score,
-    length_ratio,
 )
 from cyclej.fluency import DomainFluency
 from cyclej.judge import StyleJudge, train_judge
 from cyclej.modeling import extend_context, load_model, save_model
 from cyclej.progress import Progress
+from cyclej.stages import StageRun
 from cyclej.stages.eval import run_eval
 from cyclej.store import ArtifactRef, ArtifactStore
 from cyclej.translate import load_adapter_model
@@ -287,7 +287,7 @@ def test_run_eval_writes_the_report_with_four_rows(
     for stage, path in artifacts.items():
         refs[stage] = store.commit(stage, f"hand-{stage}", path)
 
-    ref = run_eval(cfg, refs, store, Progress(show_bar=False))
+    ref = run_eval(StageRun.start("eval", cfg, refs, store, Progress(show_bar=False)))
     assert ref.fingerprint == stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in refs.items()})
     out = store.fetch(ref)
     for name in ("report.md", "report.csv", "examples.jsonl", "metrics.json", "model_card.md",
@@ -327,7 +327,7 @@ def test_run_eval_writes_the_report_with_four_rows(
 
 
 def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
-    from cyclej.evaluate import evaluate_model_dir
+    from cyclej.stages.eval import evaluate_model_dir
 
     cfg = _tiny_cfg(tmp_path, max_examples=4)
     store = ArtifactStore(cfg.storage.root)
@@ -340,7 +340,7 @@ def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
 
 
 def test_reward_curves_keep_the_means() -> None:
-    from cyclej.evaluate import _reward_curves
+    from cyclej.eval_plots import _reward_curves
 
     log = [{"step": s, "reward/total/mean": 0.1 * s, "reward/total/std": 0.2, "reward/bleu/mean": s,
             "pg_loss": 1.0} for s in (1, 2, 3)]

@@ -28,7 +28,7 @@ from cyclej.paraphrase import (
     supports_system_role,
 )
 from cyclej.progress import Progress
-from cyclej.stages import run_stage, stage_fingerprint
+from cyclej.stages import StageRun, run_stage, stage_fingerprint
 from cyclej.stages.paraphrase import plan_shards, run_paraphrase, run_paraphrase_shard
 from cyclej.store import ArtifactRef, ArtifactStore
 from tests.tiny_models import tiny_llama
@@ -332,7 +332,7 @@ def test_kill_at_shard_then_resume_generates_only_missing_shards(
     # Re-run the stage in this process: only shards 1-3 are generated; the result equals the
     # uninterrupted run. (The stage function itself: run_stage would first wait out the dead
     # process's lease, which is the store's business and tested there.)
-    out = run_paraphrase(cfg, {"data": data}, store, Progress(show_bar=False))
+    out = run_paraphrase(StageRun.start("paraphrase", cfg, {"data": data}, store, Progress(show_bar=False)))
     stats = json.loads((store.fetch(out) / "stats.json").read_text())
     assert stats["shards_generated"] == [1, 2, 3] and stats["shards_reused"] == [0]
     assert shard0_manifest.read_bytes() == shard0_before

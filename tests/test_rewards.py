@@ -11,6 +11,7 @@ import torch
 
 from cyclej import rewards
 from cyclej.discriminator import Discriminator
+from cyclej.embedder import load_embedder
 
 SOURCES = [
     "The food was cold and the waiter ignored us for an hour.",
@@ -26,7 +27,7 @@ UNRELATED = [
 
 @pytest.fixture(scope="module")
 def minilm() -> rewards.SentenceTransformer:
-    return rewards.load_embedder("minilm")
+    return load_embedder("minilm")
 
 
 def test_identical_text_scores_one_on_every_cycle_term(minilm: rewards.SentenceTransformer) -> None:
@@ -67,7 +68,7 @@ def test_rouge_uses_sentences_and_empty_output_scores_zero() -> None:
 
 
 def test_tiny_bert_embedder_gets_mean_pooling() -> None:
-    tiny = rewards.load_embedder("tiny-bert")
+    tiny = load_embedder("tiny-bert")
     assert tiny.get_embedding_dimension() == 32
     sims = rewards.embedding_similarity(tiny, ["a cat", "a dog"], ["a cat", "stock prices fell sharply"])
     assert sims[0] == pytest.approx(1.0, abs=1e-5)

@@ -29,13 +29,13 @@ from cyclej.rl import (
     build_batch,
     completion_logits,
     group_advantages,
-    lr_lambda,
     policy_gradient_loss,
     token_logprobs,
 )
-from cyclej.stages import run_stage
+from cyclej.stages import StageRun, run_stage
 from cyclej.stages.rl import run_rl
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.training import lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -114,7 +114,9 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it() -> None:
 
 
 def test_lr_warms_up_then_decays_to_zero() -> None:
-    f = lr_lambda(total_steps=10, warmup_steps=2)
+    def f(done: int) -> float:  # RL's count of the schedule (cyclej.training), by optimizer steps done
+        return lr_factor(done + 1, 10, 2, decay_counts_current_step=False)
+
     values = [f(i) for i in range(10)]
     assert values[0] == 0.5 and values[1] == 1.0
     assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
@@ -215,11 +217,12 @@ def run_in_subprocess(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], fault
         import json, yaml
         from cyclej.config import PipelineConfig
         from cyclej.progress import Progress
+        from cyclej.stages import StageRun
         from cyclej.stages.rl import run_rl
         from cyclej.store import ArtifactRef, ArtifactStore
         cfg = PipelineConfig.model_validate(yaml.safe_load({cfg.to_yaml()!r}))
         refs = {{k: ArtifactRef.from_json(v) for k, v in json.loads({json.dumps({k: v.to_json() for k, v in inputs.items()})!r}).items()}}
-        run_rl(cfg, refs, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False))
+        run_rl(StageRun.start("rl", cfg, refs, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False)))
         """
     )
     env = {**os.environ, "CYCLEJ_FAULT": fault, "CYCLEJ_CACHE": str(cache), "OMP_NUM_THREADS": "1",
@@ -251,7 +254,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -
     try:
         cfg = tiny_config(tmp_path_factory.mktemp("rl-straight"))
         store = ArtifactStore.from_config(cfg.storage)
-        ref = run_rl(cfg, build_inputs(cfg, store), store, Progress(show_bar=False))
+        ref = run_rl(StageRun.start("rl", cfg, build_inputs(cfg, store), store, Progress(show_bar=False)))
         return cfg, store.fetch(ref)
     finally:
         torch.set_num_threads(threads)
@@ -310,7 +313,7 @@ def test_kill_and_resume_is_bit_identical(
 
     steps_seen: list[int] = []
     listener = Progress(show_bar=False, min_interval=0.0, listeners=[lambda *a: steps_seen.append(a[2])])
-    ref = run_rl(cfg, inputs, store, listener)
+    ref = run_rl(StageRun.start("rl", cfg, inputs, store, listener))
     assert steps_seen == [3, 4]  # resumed after step 2, did not start over
     resumed = store.fetch(ref)
     a, b = weights(straight), weights(resumed)
@@ -329,7 +332,7 @@ def test_injected_oom_halves_the_rollout_micro_batch_and_finishes(
     store = ArtifactStore.from_config(cfg.storage)
     inputs = build_inputs(cfg, store)
     monkeypatch.setenv("CYCLEJ_FAULT", "rl:4:oom")
-    ref = run_rl(cfg, inputs, store, Progress(show_bar=False))
+    ref = run_rl(StageRun.start("rl", cfg, inputs, store, Progress(show_bar=False)))
     rows = deterministic_lines(store.fetch(ref) / "metrics.jsonl")
     assert [r["rollout_micro_batch"] for r in rows] == [2, 2, 2, 1]
     assert json.loads((store.fetch(ref) / "metrics.json").read_text())["rollout_micro_batch"] == 1

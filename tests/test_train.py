@@ -22,7 +22,8 @@ from cyclej.formats import Example, domain_example
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import MarkerRows, lr_factor, step_indices, train
+from cyclej.train import MarkerRows, step_indices, train
+from cyclej.training import lr_factor, warmup_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -118,7 +119,7 @@ def test_lora_training_lowers_dev_loss_and_writes_the_log(tmp_path: Path) -> Non
     assert max(sizes) == sizes[1] and sizes[-2] < max(sizes) / 100
     assert [r["step"] for r in records if "dev_loss" in r] == [0, 8, 16, 24]
     # warm-up then cosine to 0 (lr is the one used by the step)
-    assert steps[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, 24, 0.1))
+    assert steps[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, 24, warmup_steps(0.1, 24, "round")))
     assert max(r["lr"] for r in steps) == pytest.approx(cfg.lr)
     assert steps[-1]["lr"] < cfg.lr * 0.01
     # the marker rows trained; the frozen embedding matrix did not move
@@ -229,6 +230,7 @@ def test_oom_at_micro_batch_one_names_the_knobs(tmp_path: Path, monkeypatch: pyt
 def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
 ) -> None:
+    from cyclej.stages import StageRun
     from cyclej.stages.domain_train import run_domain_train
 
     cfg = pipeline_config(tmp_path, domain_train={
@@ -237,8 +239,8 @@ def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
     store = ArtifactStore(cfg.storage.root)
     inputs = build_inputs(store)
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:2:oom")
-    ref = run_domain_train(cfg, {"context": inputs["context"], "data": inputs["data"]}, store,
-                           Progress(show_bar=False))
+    ref = run_domain_train(StageRun.start("domain_train", cfg, {"context": inputs["context"], "data": inputs["data"]}, store,
+                           Progress(show_bar=False)))
 
     out = store.fetch(ref)
     records = read_jsonl(out / "metrics.jsonl")

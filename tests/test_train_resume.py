@@ -41,12 +41,13 @@ RUN_PARA_TRAIN = textwrap.dedent("""
     torch.set_num_threads(1)
     from cyclej.config import PipelineConfig
     from cyclej.progress import Progress
+    from cyclej.stages import StageRun
     from cyclej.stages.para_train import run_para_train
     from cyclej.store import ArtifactRef, ArtifactStore
 
     cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
     refs = {k: ArtifactRef.from_json(v) for k, v in json.load(open(sys.argv[2])).items()}
-    ref = run_para_train(cfg, refs, ArtifactStore(cfg.storage.root), Progress(show_bar=False))
+    ref = run_para_train(StageRun.start("para_train", cfg, refs, ArtifactStore(cfg.storage.root), Progress(show_bar=False)))
     print(ref.to_json())
 """)
 
@@ -58,6 +59,7 @@ def _tensors(artifact: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
+    from cyclej.stages import StageRun
     from cyclej.stages.para_train import run_para_train
 
     section = {"batch_size": 4, "micro_batch_size": 2, "max_steps": 5, "seq_len": 64, "precision": "fp32",
@@ -85,7 +87,7 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
     assert store.ref("para_train", fp) is None  # nothing committed by the dead run
 
     # Re-run without the fault (in this process): it resumes from step 2.
-    ref = run_para_train(cfg, inputs, store, Progress(show_bar=False))
+    ref = run_para_train(StageRun.start("para_train", cfg, inputs, store, Progress(show_bar=False)))
     out = store.fetch(ref)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"] == ["step-00000002"] and metrics["steps"] == 5
@@ -98,7 +100,7 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
 
     ref_cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path / "store-ref")})})
     ref_store = ArtifactStore(ref_cfg.storage.root)
-    uninterrupted = run_para_train(ref_cfg, inputs, ref_store, Progress(show_bar=False))
+    uninterrupted = run_para_train(StageRun.start("para_train", ref_cfg, inputs, ref_store, Progress(show_bar=False)))
     assert uninterrupted.fingerprint == ref.fingerprint
     resumed_t, straight_t = _tensors(out), _tensors(ref_store.fetch(uninterrupted))
     assert resumed_t.keys() == straight_t.keys() and len(resumed_t) > 3

@@ -121,6 +121,7 @@ def test_adapter_artifacts_translate_through_their_base(
 
     from cyclej.models import cache_root
     from cyclej.progress import Progress
+    from cyclej.stages import StageRun
     from cyclej.stages.domain_train import run_domain_train
     from cyclej.translate import ModelTranslator, load_adapter_model
     from tests.test_train import build_inputs, pipeline_config
@@ -130,7 +131,7 @@ def test_adapter_artifacts_translate_through_their_base(
         "checkpoint_every_steps": 2, "eval_every_steps": 2, "eval_batches": 1, "lr": 1e-2})
     store = ArtifactStore(cfg.storage.root)
     inputs = build_inputs(store, n_lines=8)
-    ref = run_domain_train(cfg, {"context": inputs["context"], "data": inputs["data"]}, store, Progress(show_bar=False))
+    ref = run_domain_train(StageRun.start("domain_train", cfg, {"context": inputs["context"], "data": inputs["data"]}, store, Progress(show_bar=False)))
     artifact = store.fetch(ref)
     assert json.loads((artifact / "base.json").read_text()) == {"stage": "context",
                                                                  "fingerprint": inputs["context"].fingerprint}

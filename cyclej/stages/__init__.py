@@ -2,28 +2,43 @@
 
 Every stage is one function of the same shape, in its own file in this package::
 
-    run_<stage>(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-                progress: Progress) -> ArtifactRef
+    run_<stage>(run: StageRun) -> ArtifactRef
 
-It is handed the whole config (a stage needs the domains and the models besides its own section), but
-its fingerprint hashes only the slice declared here, so changing one stage's section re-runs that
+`StageRun` is the stage contract: the whole config (a stage needs the domains and the models besides its
+own section), the stage's plan (name, fingerprint, inputs), its input artifacts, the store, the progress
+bars, and the helpers every stage uses (work directory, device, input folders and data lines,
+checkpoints, and `commit`, the ending they all share: metrics.json, commit, drop the checkpoints). A
+stage file reads like a recipe: set up, loop, `run.commit(...)`.
+
+Its fingerprint hashes only the slice declared here, so changing one stage's section re-runs that
 stage and the ones after it, nothing before. `run_stage` is the one entry point: it returns the
 committed artifact when there is one and calls the stage otherwise (which resumes from its checkpoints).
+
+`plan_pipeline(cfg, until)` decides a run before anything runs: for every stage its fingerprint, the
+stages it reads, its level in the DAG (derived from `SPECS.inputs`: the stages of one level may run at
+once) and its run name. The Prefect layer takes its cache keys, run names, levels and resume points from
+this plan, and `cyclej status` prints it; nothing else computes a fingerprint for the whole pipeline.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cyclej import engines
 from cyclej.config import STAGES, PipelineConfig
+from cyclej.corpus import DomainKey, Split, read_lines
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore, fingerprint
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,9 @@ class StageSpec:
     inputs: tuple[str, ...]
     config_slice: Callable[[PipelineConfig], Any]
     entry: str  # "module:function", imported lazily so `cyclej validate` stays light
+    # A stage computed in shards that several workers may share (paraphrase): "module:function" of
+    # count(cfg, inputs, store) -> int and of run(cfg, inputs, store, index, progress), both lazy too.
+    shards: tuple[str, str] | None = None
 
 
 def _dump(model: Any, exclude: set[str] | None = None) -> Any:
@@ -78,6 +96,7 @@ SPECS: dict[str, StageSpec] = {
                 "paraphrase": _dump(c.paraphrase, exclude={"backend", "vllm", "batch_size"}),
             },
             "cyclej.stages.paraphrase:run_paraphrase",
+            shards=("cyclej.stages.paraphrase:plan_shards", "cyclej.stages.paraphrase:run_paraphrase_shard"),
         ),
         StageSpec(
             "para_train", 1, ("context", "paraphrase"),
@@ -136,28 +155,178 @@ def stage_fingerprint(name: str, cfg: PipelineConfig, input_fps: dict[str, str])
     return fingerprint(name, spec.version, spec.config_slice(cfg), {k: input_fps[k] for k in spec.inputs})
 
 
+def _level(name: str) -> int:
+    """0 for a stage without inputs, else one more than its deepest input: every input of a stage is on
+    a lower level, so the stages of one level can run at once."""
+    inputs = SPECS[name].inputs
+    return 1 + max(_level(k) for k in inputs) if inputs else 0
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of a run, as decided before anything runs."""
+
+    name: str
+    fingerprint: str
+    inputs: dict[str, str]  # the stages it reads -> their fingerprints
+    level: int
+
+    @property
+    def run_name(self) -> str:
+        """`<stage>-<short fingerprint>`: its Prefect run's name, and its artifact's folder `<stage>/<fp>`."""
+        return f"{self.name}-{self.fingerprint[:8]}"
+
+    @property
+    def sharded(self) -> bool:
+        return SPECS[self.name].shards is not None
+
+    def resume_point(self, store: ArtifactStore) -> str | None:
+        """The newest complete checkpoint a (re)run of this stage resumes from, None for the beginning."""
+        checkpoints = store.list_checkpoints(self.name, self.fingerprint)
+        return checkpoints[-1] if checkpoints else None
+
+
+def plan_stage(name: str, cfg: PipelineConfig, input_fps: dict[str, str]) -> PlannedStage:
+    """One stage's plan from its inputs' fingerprints (a stage dispatched on its own has only those)."""
+    inputs = {k: input_fps[k] for k in SPECS[name].inputs}
+    return PlannedStage(name, stage_fingerprint(name, cfg, inputs), inputs, _level(name))
+
+
+def plan_pipeline(cfg: PipelineConfig, until: str | None = None) -> dict[str, PlannedStage]:
+    """Every stage up to and including `until` (all by default), in DAG order, each planned from the
+    fingerprints of the stages before it."""
+    plan: dict[str, PlannedStage] = {}
+    for name in STAGES:
+        plan[name] = plan_stage(name, cfg, {k: plan[k].fingerprint for k in SPECS[name].inputs})
+        if name == until:
+            break
+    return plan
+
+
+def levels(plan: dict[str, PlannedStage]) -> list[list[PlannedStage]]:
+    """The plan's stages grouped by level, lowest first."""
+    by_level: dict[int, list[PlannedStage]] = {}
+    for stage in plan.values():
+        by_level.setdefault(stage.level, []).append(stage)
+    return [by_level[level] for level in sorted(by_level)]
+
+
 def fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Every stage's fingerprint, in DAG order (each from its inputs' fingerprints)."""
-    fps: dict[str, str] = {}
-    for name in STAGES:
-        fps[name] = stage_fingerprint(name, cfg, fps)
-    return fps
+    return {name: stage.fingerprint for name, stage in plan_pipeline(cfg).items()}
 
 
-def stage_function(name: str) -> Callable[..., ArtifactRef]:
-    module, func = SPECS[name].entry.split(":")
+@dataclass
+class StageRun:
+    """One run of one stage: everything `run_<stage>(run)` is handed, and the ending all stages share."""
+
+    cfg: PipelineConfig
+    stage: PlannedStage
+    inputs: dict[str, ArtifactRef]  # the committed artifacts of the stage's inputs, by stage name
+    store: ArtifactStore
+    progress: Progress
+
+    @classmethod
+    def start(cls, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+              progress: Progress | None = None) -> StageRun:
+        """A run of stage `name` planned from its inputs (for calling a stage directly, as tests do)."""
+        stage = plan_stage(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
+        return cls(cfg, stage, {k: inputs[k] for k in stage.inputs}, store,
+                   (progress or Progress(show_bar=False)).for_stage(name))
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.stage.fingerprint
+
+    @functools.cached_property
+    def workdir(self) -> Path:
+        """The local directory the stage writes its artifact in (the artifact itself on a local store)."""
+        return self.store.workdir(self.name, self.fingerprint)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def input_dir(self, name: str) -> Path:
+        """The local folder of input artifact `name` (downloaded once from a remote store)."""
+        return self.store.fetch(self.inputs[name])
+
+    def lines(self, domain: DomainKey, split: Split) -> list[str]:
+        """The cleaned lines of one domain's split, from the `data` input."""
+        return read_lines(self.store, self.inputs["data"], domain, split)
+
+    # ---- checkpoints (names: cyclej.training.checkpoint_name) ----
+    def latest_checkpoint(self, prefix: str = "") -> tuple[str, Path] | None:
+        """The newest complete checkpoint whose name starts with `prefix`, and its local folder."""
+        return self.store.latest_checkpoint(self.name, self.fingerprint, prefix=prefix)
+
+    def checkpoint_dir(self, checkpoint: str) -> Path:
+        """Where to write checkpoint `checkpoint` before `save_checkpoint`."""
+        return self.store.checkpoint_workdir(self.name, self.fingerprint, checkpoint)
+
+    def save_checkpoint(self, checkpoint: str, local_dir: Path, keep: int | None = None) -> None:
+        self.store.save_checkpoint(self.name, self.fingerprint, checkpoint, local_dir, keep=keep)
+
+    # ---- the ending ----
+    def commit(self, summary: dict[str, Any], metrics: dict[str, Any] | None = None,
+               drop_checkpoints: bool = False) -> ArtifactRef:
+        """Write `metrics` (the stage's whole record) as metrics.json into the work directory, commit the
+        artifact with `summary` in its reference (what the UI shows), and with `drop_checkpoints` delete
+        the checkpoints the committed artifact supersedes."""
+        if metrics is not None:
+            (self.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True),
+                                                      encoding="utf-8")
+        ref = self.store.commit(self.name, self.fingerprint, self.workdir, metrics=summary)
+        if drop_checkpoints:
+            self.store.delete_checkpoints(self.name, self.fingerprint)
+        return ref
+
+
+def _load(entry: str) -> Callable[..., Any]:
+    module, func = entry.split(":")
     return getattr(importlib.import_module(module), func)
 
 
+def stage_function(name: str) -> Callable[..., ArtifactRef]:
+    return _load(SPECS[name].entry)
+
+
+def shard_count(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore) -> int:
+    """How many shards a sharded stage has (known once its inputs are committed)."""
+    shards = SPECS[stage.name].shards
+    assert shards is not None, f"stage {stage.name} has no shards"
+    return int(_load(shards[0])(cfg, inputs, store))
+
+
+def run_shard(
+    stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, index: int,
+    progress: Progress,
+) -> None:
+    """Compute one shard of a sharded stage (nothing to do when it is saved already)."""
+    shards = SPECS[stage.name].shards
+    assert shards is not None, f"stage {stage.name} has no shards"
+    _load(shards[1])(cfg, inputs, store, index, progress.for_stage(stage.name))
+
+
 def run_stage(
-    name: str,
+    name: str | PlannedStage,
     cfg: PipelineConfig,
     inputs: dict[str, ArtifactRef],
     store: ArtifactStore,
     progress: Progress | None = None,
 ) -> ArtifactRef:
-    """The committed artifact if there is one; otherwise run (or resume) the stage and commit it."""
-    fp = stage_fingerprint(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
+    """The committed artifact if there is one; otherwise run (or resume) the stage and commit it.
+    `name`: the stage's name, or its plan (then its fingerprint is not computed again)."""
+    stage = name if isinstance(name, PlannedStage) else plan_stage(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
+    got = {k: inputs[k].fingerprint for k in stage.inputs}
+    assert got == stage.inputs, f"stage {stage.name} planned on inputs {stage.inputs}, given {got}"
+    name, fp = stage.name, stage.fingerprint
     done = store.ref(name, fp)
     if done is not None:
         return done
@@ -170,7 +339,8 @@ def run_stage(
             return ref
         # No stage starts while another stage's generation engine holds the device (cyclej.engines).
         engines.release_all(starting=name)
-        ref = stage_function(name)(cfg, {k: inputs[k] for k in SPECS[name].inputs}, store, progress)
+        run = StageRun(cfg, stage, {k: inputs[k] for k in stage.inputs}, store, progress)
+        ref = stage_function(name)(run)
     assert ref.fingerprint == fp, f"stage {name} wrote {ref.fingerprint}, expected {fp}"
     return ref
 
@@ -183,8 +353,6 @@ def run_all(
 ) -> dict[str, ArtifactRef]:
     """The whole pipeline in-process, without Prefect (used by tests and benchmarks)."""
     refs: dict[str, ArtifactRef] = {}
-    for name in STAGES:
-        refs[name] = run_stage(name, cfg, {k: refs[k] for k in SPECS[name].inputs}, store, progress)
-        if name == until:
-            break
+    for name, stage in plan_pipeline(cfg, until).items():
+        refs[name] = run_stage(stage, cfg, {k: refs[k] for k in stage.inputs}, store, progress)
     return refs

@@ -18,46 +18,34 @@ context. Checkpoints and resume are the trainer's (cyclej.train), under this sta
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
 from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
-from cyclej.precision import use_bf16 as precision_uses_bf16
-from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.precision import autocast, weights_dtype
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
 from cyclej.translate import write_model_info
 
 STAGE = "context"
 log = logging.getLogger("cyclej")
 
 
-def run_context(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    ccfg = cfg.context
-    fp = stage_fingerprint(STAGE, cfg, {"data": inputs["data"].fingerprint})
-    work = store.workdir(STAGE, fp)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run_context(run: StageRun) -> ArtifactRef:
+    cfg, ccfg, progress, device = run.cfg, run.cfg.context, run.progress, run.device
+    work = run.workdir
 
     # On a GPU the frozen base sits in bf16 (LoRA's adapter weights stay fp32); on a CPU it stays fp32 and
     # `precision: bf16` means autocast, as in the trainer.
-    use_bf16_weights = device.type == "cuda" and ccfg.precision in ("auto", "bf16")
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
-    model, tokenizer = load_model(
-        cfg.models.base, markers=markers, dtype=torch.bfloat16 if use_bf16_weights else torch.float32
-    )
+    model, tokenizer = load_model(cfg.models.base, markers=markers, dtype=weights_dtype(ccfg.precision, device))
     old_len = int(model.config.max_position_embeddings)
     new_len = int(math.ceil(old_len * ccfg.factor))
     seq_len = ccfg.seq_len
@@ -67,9 +55,8 @@ def run_context(
             f"{new_len}); lower context.seq_len or raise context.factor"
         )
 
-    data_ref = inputs["data"]
-    train_lines = read_lines(store, data_ref, "a", "train") + read_lines(store, data_ref, "b", "train")
-    dev_lines = read_lines(store, data_ref, "a", "dev") + read_lines(store, data_ref, "b", "dev")
+    train_lines = run.lines("a", "train") + run.lines("b", "train")
+    dev_lines = run.lines("a", "dev") + run.lines("b", "dev")
     train_rows = long_rows(tokenizer, train_lines, seq_len, seed=ccfg.seed)
     dev_stream = token_stream(tokenizer, dev_lines, seed=ccfg.seed + 1)
     eval_rows = [dev_stream[i : i + seq_len] for i in range(0, len(dev_stream) - seq_len + 1, seq_len)]
@@ -103,9 +90,7 @@ def run_context(
 
     train_examples = [Example(row, list(row)) for row in train_rows]
     dev_examples = [Example(row, list(row)) for row in eval_rows]
-    model, train_metrics = _train(
-        cfg, model, tokenizer, train_examples, dev_examples, store, fp, progress, work / "metrics.jsonl"
-    )
+    model, train_metrics = _train(run, model, tokenizer, train_examples, dev_examples)
 
     ppl_after = perplexity(model, eval_rows, batch, ccfg.precision)
     ppl_after_old_len = perplexity(model, old_rows, batch, ccfg.precision)
@@ -128,11 +113,10 @@ def run_context(
         "ppl_after_old_len": ppl_after_old_len,
         "train": train_metrics,
     }
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     summary = {k: metrics[k] for k in ("ppl_before", "ppl_after", "ppl_base_old_len", "ppl_after_old_len")}
     # resumed_from in the summary, as in the other training stages: the UI shows a retry resumed
-    return store.commit(STAGE, fp, work, metrics={**summary, "new_context": metrics["new_context"],
-                                                  "resumed_from": train_metrics.get("resumed_from", [])})
+    return run.commit({**summary, "new_context": metrics["new_context"],
+                       "resumed_from": train_metrics.get("resumed_from", [])}, metrics)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -163,12 +147,11 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    use_bf16 = precision_uses_bf16(precision, device)
     total_nll = 0.0
     total_tokens = 0
     for start in range(0, len(rows), batch_size):
         ids = torch.tensor(rows[start : start + batch_size], dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(precision, device):
             logits = model(input_ids=ids).logits
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -181,19 +164,16 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
 
 # ---- training ----------------------------------------------------------------------------------------
 def _train(
-    cfg: PipelineConfig,
+    run: StageRun,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     train_examples: list[Example],
     dev_examples: list[Example],
-    store: ArtifactStore,
-    fp: str,
-    progress: Progress,
-    metrics_path: Path,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """LoRA (or full) training with the shared trainer; returns the merged model and the run's metrics."""
     from cyclej.train import train
 
+    cfg = run.cfg
     # Every row is already one full `seq_len` block of the stream: packing has nothing to add, and its
     # 4D block mask would cost seq_len² memory per row and rule out the fused causal attention kernels.
     tcfg = cfg.context.model_copy(update={"packing": False})
@@ -201,14 +181,14 @@ def _train(
         model,
         train_examples=train_examples,
         tcfg=tcfg,
-        store=store,
-        stage=STAGE,
-        fp=fp,
+        store=run.store,
+        stage=run.name,
+        fp=run.fingerprint,
         tokenizer=tokenizer,
         dev_examples=dev_examples,
         marker_ids=marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker]),
-        progress=progress,
-        metrics_path=metrics_path,
+        progress=run.progress,
+        metrics_path=run.workdir / "metrics.jsonl",
     )
     # LoRA merged into the weights and the trained marker rows written into the embeddings.
     return result.merged_model(), dict(result.metrics)

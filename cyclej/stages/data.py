@@ -22,21 +22,18 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from cyclej.config import DomainConfig, PipelineConfig
-from cyclej.corpus import FileText, read_corpus
+from cyclej.corpus import DOMAIN_KEYS, DomainKey, FileText, Split, read_corpus
 from cyclej.errors import BadInput
 from cyclej.models import load_tokenizer
 from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
 
 log = logging.getLogger("cyclej")
 
-DomainKey = Literal["a", "b"]
-Split = Literal["train", "dev"]
-DOMAIN_KEYS: tuple[DomainKey, ...] = ("a", "b")
 _TOKENIZE_BATCH = 1024
 
 
@@ -68,12 +65,10 @@ def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
-def run_data(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    fp = stage_fingerprint("data", cfg, {})
-    domains = clean_corpora(cfg, load_tokenizer(cfg.models.base), progress)
-    out = store.workdir("data", fp)
+def run_data(run: StageRun) -> ArtifactRef:
+    cfg = run.cfg
+    domains = clean_corpora(cfg, load_tokenizer(cfg.models.base), run.progress)
+    out = run.workdir
     for d in domains:
         (out / d.key).mkdir(parents=True, exist_ok=True)
         for split, lines in (("train", d.train), ("dev", d.dev)):
@@ -85,7 +80,7 @@ def run_data(
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True), encoding="utf-8")
     metrics = {f"{d.key}_{split}_lines": len(getattr(d, split)) for d in domains for split in ("train", "dev")}
-    return store.commit("data", fp, out, metrics=metrics)
+    return run.commit(summary=metrics)
 
 
 def clean_corpora(cfg: PipelineConfig, tokenizer: Any | None, progress: Progress) -> list[_Domain]:
@@ -146,15 +141,6 @@ def clean_corpora(cfg: PipelineConfig, tokenizer: Any | None, progress: Progress
         d.stats["dev"]["kept"] = len(d.dev)
 
     return domains
-
-
-def read_lines(store: ArtifactStore, ref: ArtifactRef, domain: DomainKey, split: Split) -> list[str]:
-    """The cleaned lines of one domain's split from a committed `data` artifact."""
-    if domain not in DOMAIN_KEYS or split not in ("train", "dev"):
-        raise ValueError(f"domain must be 'a' or 'b' and split 'train' or 'dev', got {domain!r}, {split!r}")
-    text = (store.fetch(ref) / domain / f"{split}.txt").read_text(encoding="utf-8")
-    # split("\n"), not splitlines(): a line may hold characters splitlines() treats as breaks.
-    return text.split("\n")[:-1] if text else []
 
 
 # ---- steps ----------------------------------------------------------------------------------------

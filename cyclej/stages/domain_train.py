@@ -9,31 +9,25 @@ trainer's (cyclej.train), under this stage's fingerprint; they are deleted once 
 
 from __future__ import annotations
 
-from cyclej.config import PipelineConfig
 from cyclej.formats import domain_example
-from cyclej.progress import Progress
-from cyclej.stages.data import read_lines
-from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
+from cyclej.stages import StageRun
+from cyclej.stages.lora import interleave, load_lora_base, train_and_commit_adapter
+from cyclej.store import ArtifactRef
 
 STAGE = "domain_train"
 
 
-def run_domain_train(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    tcfg = cfg.domain_train
-    st = prepare_lora_stage(STAGE, tcfg, cfg, inputs, store)
-    tokenizer, marker_a, marker_b = st.tokenizer, st.marker_a, st.marker_b
+def run_domain_train(run: StageRun) -> ArtifactRef:
+    base = load_lora_base(run, run.cfg.domain_train)
+    tokenizer, marker_a, marker_b = base.tokenizer, base.marker_a, base.marker_b
 
-    data = inputs["data"]
-    train_examples = [domain_example(tokenizer, marker_a, t) for t in read_lines(store, data, "a", "train")]
-    train_examples += [domain_example(tokenizer, marker_b, t) for t in read_lines(store, data, "b", "train")]
+    train_examples = [domain_example(tokenizer, marker_a, t) for t in run.lines("a", "train")]
+    train_examples += [domain_example(tokenizer, marker_b, t) for t in run.lines("b", "train")]
     dev_examples = interleave(
-        [domain_example(tokenizer, marker_a, t) for t in read_lines(store, data, "a", "dev")],
-        [domain_example(tokenizer, marker_b, t) for t in read_lines(store, data, "b", "dev")],
+        [domain_example(tokenizer, marker_a, t) for t in run.lines("a", "dev")],
+        [domain_example(tokenizer, marker_b, t) for t in run.lines("b", "dev")],
     )
 
-    return train_and_commit_adapter(st, store, train_examples, dev_examples, progress, {
+    return train_and_commit_adapter(run, base, train_examples, dev_examples, {
         "train_examples": len(train_examples), "dev_examples": len(dev_examples),
     })

@@ -2,9 +2,13 @@
 
 Rows: the copy-the-input baseline, INTERMEDIATE-2A (the context model with the paraphrase adapter and its
 trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL model). Metrics and the J
-definition: cyclej.evaluate. The artifact holds report.md, report.csv, examples.jsonl, the PNG plots,
-metrics.json (the table as a list of dicts, for the UI) and model_card.md; the card is also written as
-README.md (with cyclej.json) into the final model's folder.
+definition: cyclej.evaluate and cyclej.eval_report. The artifact holds report.md, report.csv,
+examples.jsonl, the PNG plots, metrics.json (the table as a list of dicts, for the UI) and model_card.md;
+the card is also written as README.md (with cyclej.json) into the final model's folder.
+
+Also `evaluate_model_dir`, what `cyclej eval` runs: any model beside the copy baseline, on the dev sets of
+the `data` stage (which it runs when the store does not have it yet). It lives here, not in
+cyclej.evaluate, because it runs a stage: the scoring machinery never imports the stages.
 """
 
 from __future__ import annotations
@@ -15,24 +19,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_corpus
+from cyclej.corpus import read_corpus, read_lines
 from cyclej.errors import BadInput
+from cyclej.eval_report import EvalReport
 from cyclej.evaluate import (
     SYSTEM_2A,
     SYSTEM_3,
     SYSTEM_COPY,
     SYSTEM_RL,
-    EvalReport,
     System,
     copy_system,
     evaluate,
+    model_label,
     read_jsonl,
 )
 from cyclej.model_card import write_model_card
 from cyclej.progress import Progress
-from cyclej.stages.data import read_lines
+from cyclej.stages import StageRun, run_stage
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.translate import ModelTranslator, load_adapter_model
+from cyclej.translate import ModelTranslator, load_adapter_model, local_model_dir
 
 
 def pipeline_systems(
@@ -76,34 +81,42 @@ def eval_dev_sets(
     return dev_a, dev_b, {"a": dev_b, "b": dev_a}
 
 
-# ---- the stage ---------------------------------------------------------------------------------------
-def run_eval(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    from cyclej.stages import stage_fingerprint
-
-    fp = stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in inputs.items()})
-    out = store.workdir("eval", fp)
-    data = inputs["data"]
+# ---- `cyclej eval`: any model beside the baseline ------------------------------------------------
+def evaluate_model_dir(
+    model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
+) -> EvalReport:
+    """`cyclej eval --model URI CONFIG`: the report for any model directory (or artifact URI) on the
+    config's data, beside the copy-the-input baseline. The `data` stage comes from the store (or runs)."""
+    data = run_stage("data", cfg, {}, store, progress)
     train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
     dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
-    rl_artifact = store.fetch(inputs["rl"])
+    local = local_model_dir(str(model_dir), None if store.is_local else store.storage_options)
+    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, model_label(local): local}
+    return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+def run_eval(run: StageRun) -> ArtifactRef:
+    cfg, store, out = run.cfg, run.store, run.workdir
+    train_a, train_b = run.lines("a", "train"), run.lines("b", "train")
+    dev_a, dev_b, references = eval_dev_sets(cfg, store, run.inputs["data"])
+    rl_artifact = run.input_dir("rl")
     systems = pipeline_systems(
-        store.fetch(inputs["context"]) / "model",
-        store.fetch(inputs["para_train"]),
-        store.fetch(inputs["merge"]) / "model",
+        run.input_dir("context") / "model",
+        run.input_dir("para_train"),
+        run.input_dir("merge") / "model",
         rl_artifact / "model",
         cfg,
     )
     report = evaluate(
-        systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress,
+        systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=run.progress,
         rl_log=read_jsonl(rl_artifact / "metrics.jsonl"),
     )
-    report.write(out)
-    stats = json.loads((store.fetch(data) / "stats.json").read_text(encoding="utf-8"))
-    card = _model_card(report, cfg, stats, rl_artifact / "model", store, inputs["rl"])
+    report.write(out)  # its own metrics.json: the table as a list of dicts
+    stats = json.loads((run.input_dir("data") / "stats.json").read_text(encoding="utf-8"))
+    card = _model_card(report, cfg, stats, rl_artifact / "model", store, run.inputs["rl"])
     shutil.copyfile(card, out / "model_card.md")
-    return store.commit("eval", fp, out, metrics=summary_metrics(report))
+    return run.commit(summary_metrics(report))
 
 
 def summary_metrics(report: EvalReport) -> dict[str, Any]:

@@ -19,31 +19,26 @@ reference's metrics (rows: the Prefect layer posts them as a table artifact), me
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
 
-from cyclej.config import PipelineConfig
 from cyclej.formats import Example, domain_examples, para_examples
 from cyclej.merge import load_adapter, merge_lora_adapters, merge_weights, sweep_markdown, sweep_weights
 from cyclej.modeling import marker_token_ids
-from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
 
 STAGE = "merge"
 
 
-def sweep_examples(
-    cfg: PipelineConfig, store: ArtifactStore, data: ArtifactRef, tokenizer: Any
-) -> tuple[list[Example], list[Example]]:
+def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[Example]]:
     """(2A-style, 2B-style) examples from the first dev lines of both domains (see the module docstring)."""
+    cfg = run.cfg
     marker_a, marker_b = marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker])
     n_a = (cfg.merge.sweep_examples + 1) // 2
     n_b = cfg.merge.sweep_examples - n_a
-    texts = {"a": read_lines(store, data, "a", "dev")[:n_a], "b": read_lines(store, data, "b", "dev")[:n_b]}
+    texts = {"a": run.lines("a", "dev")[:n_a], "b": run.lines("b", "dev")[:n_b]}
     para_style: list[Example] = []
     for domain, (src, tgt) in (("a", (marker_a, marker_b)), ("b", (marker_b, marker_a))):
         for text in texts[domain]:
@@ -52,24 +47,23 @@ def sweep_examples(
     return para_style, domain_style
 
 
-def run_merge(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress) -> ArtifactRef:
-    mcfg = cfg.merge
-    fp = stage_fingerprint(STAGE, cfg, {k: ref.fingerprint for k, ref in inputs.items()})
-    work = store.workdir(STAGE, fp)
+def run_merge(run: StageRun) -> ArtifactRef:
+    mcfg, progress = run.cfg.merge, run.progress
+    work = run.workdir
     model_dir, sweep_dir = work / "model", work / "sweep"
     # A merge has no checkpoints: an interrupted one starts over (it is a pass over the shards).
     for stale in (model_dir, sweep_dir):
         shutil.rmtree(stale, ignore_errors=True)
 
-    base_dir = store.fetch(inputs["context"]) / "model"
-    adapter_a = load_adapter(store.fetch(inputs["para_train"]))
-    adapter_b = load_adapter(store.fetch(inputs["domain_train"]))
+    base_dir = run.input_dir("context") / "model"
+    adapter_a = load_adapter(run.input_dir("para_train"))
+    adapter_b = load_adapter(run.input_dir("domain_train"))
 
     metrics: dict[str, Any] = {}
     if mcfg.sweep:
         from transformers import AutoTokenizer
 
-        para_style, domain_style = sweep_examples(cfg, store, inputs["data"], AutoTokenizer.from_pretrained(base_dir))
+        para_style, domain_style = sweep_examples(run, AutoTokenizer.from_pretrained(base_dir))
         rows, best_dir, stats = sweep_weights(
             base_dir, adapter_a, adapter_b, mcfg.sweep, para_style, domain_style, sweep_dir, progress
         )
@@ -99,9 +93,8 @@ def run_merge(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: Artifa
         "adapters_mb": round(stats.adapter_bytes / 2**20, 2),
         "notes": stats.notes,
     })
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     summary = {k: metrics[k] for k in ("weight_a", "weight_b", "tensors_changed", "merge_seconds")}
     if mcfg.sweep:
         # A list of row dicts: the Prefect layer posts it as a table artifact in the UI.
         summary["sweep"] = metrics["sweep"]
-    return store.commit(STAGE, fp, work, metrics=summary)
+    return run.commit(summary, metrics)

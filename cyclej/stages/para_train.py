@@ -14,28 +14,25 @@ import random
 from pathlib import Path
 from typing import Any
 
-from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput
 from cyclej.formats import Example, para_examples
 from cyclej.paraphrase import match_surface
-from cyclej.progress import Progress
-from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.train import interleave, prepare_lora_stage, train_and_commit_adapter
+from cyclej.stages import StageRun
+from cyclej.stages.lora import interleave, load_lora_base, train_and_commit_adapter
+from cyclej.store import ArtifactRef
 
 STAGE = "para_train"
 MAX_DEV_FRACTION = 0.1
 
 
-def run_para_train(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    tcfg = cfg.para_train
-    st = prepare_lora_stage(STAGE, tcfg, cfg, inputs, store)
-    tokenizer, marker_a, marker_b = st.tokenizer, st.marker_a, st.marker_b
+def run_para_train(run: StageRun) -> ArtifactRef:
+    tcfg = run.cfg.para_train
+    base = load_lora_base(run, tcfg)
+    tokenizer = base.tokenizer
     # (source marker, target marker) by the domain the original text is in.
-    direction = {"a": (marker_a, marker_b), "b": (marker_b, marker_a)}
+    direction = {"a": (base.marker_a, base.marker_b), "b": (base.marker_b, base.marker_a)}
 
-    pairs = read_pairs(store.fetch(inputs["paraphrase"]) / "pairs.jsonl")
+    pairs = read_pairs(run.input_dir("paraphrase") / "pairs.jsonl")
     train_pairs, dev_pairs = split_dev(pairs, tcfg.eval_batches * tcfg.micro_batch_size, tcfg.seed)
 
     def examples(selected: list[dict[str, Any]]) -> list[Example]:
@@ -49,7 +46,7 @@ def run_para_train(
     train_examples = examples(train_pairs)
     dev_examples = examples(dev_pairs)
 
-    return train_and_commit_adapter(st, store, train_examples, dev_examples, progress, {
+    return train_and_commit_adapter(run, base, train_examples, dev_examples, {
         "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs), "train_examples": len(train_examples),
     })
 

@@ -24,6 +24,7 @@ import torch
 
 from cyclej import engines
 from cyclej.config import PipelineConfig
+from cyclej.corpus import read_lines
 from cyclej.errors import StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.generate import (
@@ -46,8 +47,7 @@ from cyclej.paraphrase import (
     load_embedder,
 )
 from cyclej.progress import Progress
-from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
+from cyclej.stages import StageRun, stage_fingerprint
 from cyclej.store import ArtifactRef, ArtifactStore
 
 STAGE = "paraphrase"
@@ -284,14 +284,9 @@ def _samples(pairs: list[dict[str, Any]], k: int = N_SAMPLES) -> list[dict[str, 
     return out
 
 
-def run_paraphrase(
-    cfg: PipelineConfig,
-    inputs: dict[str, ArtifactRef],
-    store: ArtifactStore,
-    progress: Progress,
-) -> ArtifactRef:
+def run_paraphrase(run: StageRun) -> ArtifactRef:
     """Generate the missing shards, assemble the pairs dataset and commit it (or fail on too many rejects)."""
-    fp = _fingerprint(cfg, inputs)
+    cfg, inputs, store, progress, fp = run.cfg, run.inputs, run.store, run.progress, run.fingerprint
     n_shards = plan_shards(cfg, inputs, store)
     done = set(store.list_checkpoints(STAGE, fp))
     todo = [i for i in range(n_shards) if shard_name(i) not in done]
@@ -334,7 +329,7 @@ def run_paraphrase(
         "backend": cfg.paraphrase.backend,  # as configured; the log names what auto chose
         "rejected_examples": {r: ex for r, ex in rejected_examples.items() if ex},
     }
-    work: Path = store.workdir(STAGE, fp)
+    work: Path = run.workdir
     # Written before the checks: on failure the local stats.json shows what went wrong (never committed).
     (work / "stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False), encoding="utf-8")
     check_rejection_rate(counts, cfg.paraphrase.max_rejection_rate, STAGE)
@@ -353,4 +348,4 @@ def run_paraphrase(
         "tokens_per_second": stats["tokens_per_second"],
         "shards_generated": len(todo),
     }
-    return store.commit(STAGE, fp, work, metrics)
+    return run.commit(metrics)

@@ -16,7 +16,6 @@ online discriminator (the loop itself is cyclej.rl).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,41 +26,35 @@ import torch
 from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
+from cyclej.embedder import load_embedder
 from cyclej.generate import GenerationBackend, choose_backend, close_backend
 from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
-from cyclej.progress import Progress
-from cyclej.rewards import load_embedder
-from cyclej.rl import CycleDiscriminatorReward, RLTrainer, resolve_precision
-from cyclej.stages import stage_fingerprint
-from cyclej.stages.data import read_lines
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.precision import weights_dtype
+from cyclej.rl import CycleDiscriminatorReward, RLTrainer
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
+from cyclej.training import CHECKPOINT_PREFIX, checkpoint_name
 from cyclej.training_signal import TRAINING_PLOT, write_training_plot
 
 STAGE = "rl"
-CKPT_PREFIX = "step-"
 STYLE_JUDGE_LINES = 20_000  # train lines per domain for the style judge that watches the rollouts
 log = logging.getLogger("cyclej.rl")
 
 
-def run_rl(
-    cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, progress: Progress
-) -> ArtifactRef:
-    rcfg = cfg.rl
-    fp = stage_fingerprint(STAGE, cfg, {k: v.fingerprint for k, v in inputs.items()})
-    done = store.ref(STAGE, fp)
+def run_rl(run: StageRun) -> ArtifactRef:
+    cfg, rcfg, progress, device = run.cfg, run.cfg.rl, run.progress, run.device
+    done = run.store.ref(run.name, run.fingerprint)
     if done is not None:
         return done
-    work = store.workdir(STAGE, fp)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = run.workdir
     # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW; the optimizer
     # keeps fp32 masters, see cyclej.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
-    bf16_weights = device.type == "cuda" and resolve_precision(rcfg.precision, device)
-    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    dtype = weights_dtype(rcfg.precision, device)
 
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
-    merged_dir = store.fetch(inputs["merge"]) / "model"
+    merged_dir = run.input_dir("merge") / "model"
     # Loaded in fp32 (the merge is stored in fp32) and those exact values become the optimizer's masters;
     # the bf16 copy the forward uses is made after (rounding the merge's small deltas only there).
     policy, tokenizer = load_model(str(merged_dir), markers=markers, dtype=torch.float32)
@@ -73,8 +66,7 @@ def run_rl(
         reference.to(device).eval().requires_grad_(False)
     id_a, id_b = marker_token_ids(tokenizer, markers)
 
-    data = inputs["data"]
-    sources = {d: read_lines(store, data, d, "train") for d in ("a", "b")}
+    sources = {d: run.lines(d, "train") for d in ("a", "b")}
     weights = rcfg.rewards.model_dump()
     embedder = load_embedder(cfg.models.embedder, device) if weights["embedding"] > 0 else None
     discriminator = None
@@ -89,7 +81,7 @@ def run_rl(
     # The evaluation's style judge (TF-IDF + logistic regression, seconds to fit on a few thousand lines)
     # says which share of the rollouts is in the target style, step by step.
     style_judge = train_judge(sources["a"][:STYLE_JUDGE_LINES], sources["b"][:STYLE_JUDGE_LINES],
-                              read_lines(store, data, "a", "dev"), read_lines(store, data, "b", "dev"), seed=rcfg.seed)
+                              run.lines("a", "dev"), run.lines("b", "dev"), seed=rcfg.seed)
     trainer = RLTrainer(
         rcfg, policy, tokenizer, {"a": id_a, "b": id_b}, sources, reward_fn, weights,
         discriminator=discriminator, backend=_backend(cfg, merged_dir), reference=reference,
@@ -100,7 +92,7 @@ def run_rl(
     if not trainer.owns_backend:  # a vLLM engine: shut down at the end, or before the next stage if we fail
         engines.hold(STAGE, lambda: close_backend(trainer.backend))
 
-    latest = store.latest_checkpoint(STAGE, fp, prefix=CKPT_PREFIX)
+    latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
     if latest is not None:
         name, path = latest
@@ -117,10 +109,10 @@ def run_rl(
             due = trainer.step_done % rcfg.checkpoint_every_steps == 0
             late = time.monotonic() - last_save >= rcfg.checkpoint_every_minutes * 60
             if (due or late) and trainer.step_done < rcfg.steps:
-                name = f"{CKPT_PREFIX}{trainer.step_done:08d}"
-                ckpt = store.checkpoint_workdir(STAGE, fp, name)
+                name = checkpoint_name(trainer.step_done)
+                ckpt = run.checkpoint_dir(name)
                 trainer.save_state(ckpt)
-                store.save_checkpoint(STAGE, fp, name, ckpt, keep=rcfg.keep_checkpoints)
+                run.save_checkpoint(name, ckpt, keep=rcfg.keep_checkpoints)
                 last_save = time.monotonic()
 
     engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval
@@ -133,11 +125,9 @@ def run_rl(
     metrics = summarize_run(trainer.metrics_log)
     metrics["rollout_micro_batch"] = trainer.micro_batch
     metrics["resumed_from"] = resumed_from
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
     write_training_plot(trainer.metrics_log, work / TRAINING_PLOT, "rl: rewards, update size, KL, style share")
-    ref = store.commit(STAGE, fp, work, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    store.delete_checkpoints(STAGE, fp)
-    return ref
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    return run.commit(summary, metrics, drop_checkpoints=True)
 
 
 def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:

@@ -1,0 +1,86 @@
+"""What the two LoRA stages (`para_train`, `domain_train`) share: start from INTERMEDIATE-1 with its
+markers, train an adapter with cyclej.train, write the adapter artifact and commit it.
+
+Stage glue, so it lives among the stages: the trainer (cyclej.train) knows nothing of stages, configs
+of the whole pipeline or fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from cyclej.config import TrainConfig
+from cyclej.errors import BadInput
+from cyclej.modeling import load_model, marker_token_ids
+from cyclej.precision import weights_dtype
+from cyclej.stages import StageRun
+from cyclej.store import ArtifactRef
+from cyclej.train import ADAPTER_BASE, TokenExample, train
+from cyclej.training_signal import TRAINING_PLOT, read_metrics_log, write_training_plot
+
+
+def interleave(*lists: Sequence[Any]) -> list[Any]:
+    """a0, b0, a1, b1, …: a dev slice cut from the front holds both domains."""
+    out: list[Any] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
+
+
+
+@dataclass
+class LoraModel:
+    """What both LoRA stages (para_train, domain_train) start from: INTERMEDIATE-1 with its markers."""
+
+    tcfg: TrainConfig
+    model: nn.Module
+    tokenizer: Any
+    marker_a: int
+    marker_b: int
+
+
+def load_lora_base(run: StageRun, tcfg: TrainConfig) -> LoraModel:
+    """Refuse full fine-tuning (the merge combines LoRA deltas) and load INTERMEDIATE-1 (the `context`
+    artifact's model) with the two domain markers."""
+    if tcfg.lora is None:
+        raise BadInput(f"{run.name}.lora: null (full fine-tuning) is not supported here; the merge stage "
+                       f"combines LoRA adapters, so set {run.name}.lora (e.g. rank 8)")
+    cfg = run.cfg
+    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    base_dir = run.input_dir("context") / "model"
+    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=weights_dtype(tcfg.precision, run.device))
+    marker_a, marker_b = marker_token_ids(tokenizer, markers)
+    return LoraModel(tcfg, model.to(run.device), tokenizer, marker_a, marker_b)
+
+
+def train_and_commit_adapter(
+    run: StageRun,
+    base: LoraModel,
+    train_examples: Sequence[TokenExample],
+    dev_examples: Sequence[TokenExample],
+    extra: dict[str, Any],
+) -> ArtifactRef:
+    """The rest of both LoRA stages: train (resuming from the stage's checkpoints), write `adapter/`,
+    `marker_rows.safetensors`, `base.json` (which `context` artifact it applies to, so `cyclej translate`
+    can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then drop the checkpoints
+    (the committed artifact supersedes them)."""
+    work = run.workdir
+    result = train(base.model, train_examples=train_examples, dev_examples=dev_examples, tcfg=base.tcfg,
+                   store=run.store, stage=run.name, fp=run.fingerprint, tokenizer=base.tokenizer,
+                   marker_ids=[base.marker_a, base.marker_b], progress=run.progress,
+                   metrics_path=work / "metrics.jsonl")
+    result.save_adapter(work)
+    context = run.inputs["context"]
+    adapter_base = {"stage": context.stage, "fingerprint": context.fingerprint}
+    (work / ADAPTER_BASE).write_text(json.dumps(adapter_base, indent=1) + "\n", encoding="utf-8")
+    metrics = {**result.metrics, **extra}
+    write_training_plot(read_metrics_log(work / "metrics.jsonl"), work / TRAINING_PLOT,
+                        f"{run.name}: loss and update size")
+    summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",
+                                       "resumed_from", "micro_batch_size")}
+    return run.commit(summary, metrics, drop_checkpoints=True)
