@@ -42,7 +42,7 @@ def main() -> None:
     store = ArtifactStore.from_config(cfg.storage)
     fps = fingerprints(cfg)
     out = Path(args.out) if args.out else ROOT / "docs" / "results" / f"{args.preset}.md"
-    assets = out.parent / f"{args.preset}-assets"
+    assets = out.parent / f"{out.stem}-assets"  # per report: two runs of one preset keep their own plots
     assets.mkdir(parents=True, exist_ok=True)
 
     eval_ref = store.ref("eval", fps["eval"])

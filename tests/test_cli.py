@@ -105,6 +105,7 @@ def test_status_lists_every_stage(tmp_path: Path) -> None:
     assert all("missing" in line for line in proc.stdout.strip().splitlines())
 
 
+@pytest.mark.slow  # two runs with a temporary Prefect server each (~1 min)
 @pytest.mark.parametrize(("fault", "signal_after"), [("", "Beginning flow run"), ("context:2:hang", "context: train")],
                          ids=["between-stages", "stuck-stage"])
 def test_sigterm_stops_the_run_and_its_temporary_prefect_server(

@@ -148,6 +148,7 @@ def kill_all(launcher: subprocess.Popen[bytes]) -> None:
         os.killpg(launcher.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a failing run, its retry through the UI's API and through the CLI (~1 min)
 def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
     server_env: dict[str, str], store_root: str, tmp_path: Path
 ) -> None:
@@ -322,6 +323,7 @@ def test_what_a_killed_run_process_started_does_not_outlive_it(server_env: dict[
     assert wait_for_state(server_env, flow_run.id, {"CRASHED"}, timeout=5)
 
 
+@pytest.mark.slow  # starts its own temporary Prefect server (~30 s)
 def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None:
     """Issue 16: without PREFECT_API_URL the CLI starts a temporary server; SIGKILL the CLI (no atexit,
     no clean-up) mid-run and count what is left: no server process, nothing on its port, no run process."""

@@ -109,6 +109,7 @@ async def _read_deployments(env: dict[str, str]) -> dict[str, Any]:
             return {f"{d.name}@{d.work_pool_name}": d for d in await client.read_deployments()}
 
 
+@pytest.mark.slow  # `prefect deploy`, a process worker and one deployment run (~30 s)
 def test_deploy_and_run_the_data_stage_on_a_process_worker(tmp_path: Path) -> None:
     from cyclej.stages import stage_fingerprint
     from cyclej.store import ArtifactStore

@@ -22,7 +22,9 @@ from cyclej.store import ArtifactStore
 from tests.conftest import task_run_states
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# Several tiny pipelines through Prefect and a real S3 endpoint (~4 min): in CI (`make test`), not in the
+# quick default subset.
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,8 @@ def reference_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("killed", "step", "following"),
     [
-        ("para_train", 5, "domain_train"),  # issue 16's case: resumed at step 4, then domain_train
+        # issue 16's case: resumed at step 4, then domain_train
+        pytest.param("para_train", 5, "domain_train", marks=pytest.mark.slow),
         # resumed at step 2, then the merge of both adapters
         pytest.param("domain_train", 3, "merge", marks=pytest.mark.slow),
         pytest.param("context", 3, "paraphrase", marks=pytest.mark.slow),
@@ -84,6 +85,7 @@ def test_killed_stage_and_the_next_one_end_bit_identical(
     assert any(name.endswith((".safetensors", ".jsonl")) for name in digest), digest
 
 
+@pytest.mark.slow  # needs the 90 s uninterrupted reference pipeline the drills share
 def test_drill_comparison_notices_a_changed_weight(reference_store: Path, tmp_path: Path) -> None:
     """The digest the drills compare must see a one-bit change in a weight file."""
     import shutil
