@@ -148,6 +148,25 @@ def kill_all(launcher: subprocess.Popen[bytes]) -> None:
         os.killpg(launcher.pid, signal.SIGKILL)
 
 
+def start_run_hung_in_context(server_env: dict[str, str], store_root: str, context_steps: int,
+                              log: Path) -> subprocess.Popen[bytes]:
+    """`cyclej run` in its own session with `context` hanging at step 3; returns once step 2 is checkpointed."""
+    cfg = config(store_root, context_steps)
+    store = ArtifactStore.from_config(cfg.storage)
+    fp = fingerprints(cfg)["context"]
+    with open(log, "w") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, context_steps)],
+                                    cwd=ROOT, env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "step-00000002" not in store.list_checkpoints("context", fp):
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            kill_all(launcher)
+            raise AssertionError(log.read_text()[-3000:])
+        time.sleep(0.5)
+    return launcher
+
+
 @pytest.mark.slow  # a failing run, its retry through the UI's API and through the CLI (~1 min)
 def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
     server_env: dict[str, str], store_root: str, tmp_path: Path
@@ -261,15 +280,8 @@ def test_cancel_stops_the_run_within_seconds_and_the_next_run_resumes(
     store = ArtifactStore.from_config(cfg.storage)
     fp = fingerprints(cfg)["context"]
     log = tmp_path / "stderr.log"
-    with open(log, "w") as err:
-        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, 8)], cwd=ROOT,
-                                    env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    launcher = start_run_hung_in_context(server_env, store_root, 8, log)
     try:
-        deadline = time.monotonic() + 300
-        while "step-00000002" not in store.list_checkpoints("context", fp):
-            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
         time.sleep(1.0)  # into the hang at step 3
         flow_run_id = flow_run_id_from(log.read_text())
         run_processes = psutil.Process(launcher.pid).children(recursive=True)
@@ -406,19 +418,9 @@ def test_heartbeat_automation_crashes_a_run_whose_processes_all_died(
                               str(path)], env=run_env(server_env), capture_output=True, text=True, timeout=120)
     assert created.returncode == 0, created.stdout + created.stderr
 
-    cfg = config(store_root, 7)
-    store = ArtifactStore.from_config(cfg.storage)
-    fp = fingerprints(cfg)["context"]
     log = tmp_path / "stderr.log"
-    with open(log, "w") as err:
-        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, 7)], cwd=ROOT,
-                                    env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    launcher = start_run_hung_in_context(server_env, store_root, 7, log)
     try:
-        deadline = time.monotonic() + 300
-        while "step-00000002" not in store.list_checkpoints("context", fp):
-            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
         flow_run_id = flow_run_id_from(log.read_text())
         assert wait_for_state(server_env, flow_run_id, {"RUNNING"}, timeout=5)
         processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
