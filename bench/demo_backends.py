@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cli_env, timed_cli  # noqa: E402
+from _common import ROOT, cli_env, timed_cli  # noqa: E402
 
-STAGES = ("data", "context", "paraphrase", "para_train", "domain_train", "merge", "rl", "eval")
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages come from the checkout
+from cyclej.config import STAGES  # noqa: E402
+
 GENERATING = ("paraphrase", "rl", "eval")  # the stages whose `backend` the comparison switches
 
 

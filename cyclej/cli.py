@@ -200,11 +200,10 @@ def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None
     """Per-stage fingerprint, GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
     from cyclej.plan import format_plan
     from cyclej.plan import plan as make_plan
-    from cyclej.stages import plan_pipeline
+    from cyclej.stages import fingerprints
 
     cfg = _config(config, preset, set_, None)
-    fingerprints = {name: stage.fingerprint for name, stage in plan_pipeline(cfg).items()}
-    typer.echo(format_plan(make_plan(cfg), fingerprints=fingerprints))
+    typer.echo(format_plan(make_plan(cfg), fingerprints=fingerprints(cfg)))
 
 
 @app.command()
