@@ -245,6 +245,9 @@ class RLConfig(StrictModel):
     kl_coef: float = Field(0.0, ge=0)
     rewards: RewardWeights = Field(default_factory=RewardWeights)
     discriminator_lr: float = Field(2e-5, gt=0)
+    discriminator_warmup_steps: int = Field(
+        0, ge=0, description="discriminator steps on real A vs real B before RL's first step (0: none)"
+    )
     replay_buffer_size: int = Field(1024, gt=0)
     discriminator_batch: int = Field(32, gt=0)
     discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")

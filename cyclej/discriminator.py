@@ -139,6 +139,31 @@ class Discriminator:
                 continue
             texts += self._sample(list(pool) if label == GENERATED else pool, per_class)
             labels += [label] * per_class
+        return {**self._train_on(texts, labels), "disc/replay": len(self.replay)}
+
+    def warm_up(self, steps: int) -> dict[str, float]:
+        """`steps` optimizer steps on real A vs real B only (half a batch each), before RL begins. Why: a
+        head that starts at random gives every rollout p ≈ 1/3, so the first dozens of RL steps see no
+        style signal at all and the cycle rewards alone teach the policy to copy (the yelp run: loss 1.10
+        -> 0.99 in 60 steps, reward std ≤ 0.04). Warmed up, a copy of the source scores low from step 1."""
+        per_class = max(1, self.batch_size // 2)
+        last: dict[str, float] = {}
+        for _ in range(steps):
+            texts = self._sample(self.real[REAL_A], per_class) + self._sample(self.real[REAL_B], per_class)
+            last = self._train_on(texts, [REAL_A] * per_class + [REAL_B] * per_class)
+        return last
+
+    def domain_accuracy(self, texts_a: Sequence[str], texts_b: Sequence[str]) -> float:
+        """The share of real lines (e.g. dev) whose more likely real domain is their own."""
+        probs = self.probabilities([*texts_a, *texts_b])
+        if not len(probs):
+            return 0.0
+        says_b = probs[:, REAL_B] > probs[:, REAL_A]
+        truth = torch.tensor([False] * len(texts_a) + [True] * len(texts_b))
+        return float((says_b == truth).float().mean())
+
+    def _train_on(self, texts: list[str], labels: list[int]) -> dict[str, float]:
+        """One optimizer step on `texts` with class `labels`."""
         # Dropout draws from a stream seeded by our own generator: the result depends on our state only.
         dropout_seed = int(torch.randint(2**62, (1,), generator=self.generator))
         self.model.train()
@@ -153,9 +178,7 @@ class Discriminator:
         self.model.eval()
         self.updates += 1
         accuracy = (logits.detach().argmax(-1) == target).float().mean()
-        return {
-            "disc/loss": float(loss.detach()), "disc/accuracy": float(accuracy), "disc/replay": len(self.replay)
-        }
+        return {"disc/loss": float(loss.detach()), "disc/accuracy": float(accuracy)}
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -138,3 +138,28 @@ def test_discriminator_state_round_trips_exactly(one_thread: None) -> None:
     a, b = first.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert list(first.replay) == list(second.replay)
+
+
+def test_discriminator_warm_up_tells_the_real_domains_apart_before_rl(one_thread: None) -> None:
+    """rl.discriminator_warmup_steps: real A vs real B only, so a copy of an A source already scores low as a
+    translation into B at RL's first step (a fresh head gives every text ~1/3)."""
+    disc = discriminator()
+    assert disc.domain_accuracy(REAL_A, REAL_B) <= 0.75  # near chance, fresh
+    stats = disc.warm_up(20)
+    assert stats["disc/accuracy"] == 1.0 and not disc.replay  # nothing generated was seen
+    assert disc.domain_accuracy(REAL_A, REAL_B) == 1.0
+    copy_as_b, real_as_b = disc.reward(REAL_A, ["b"] * 4), disc.reward(REAL_B, ["b"] * 4)
+    assert max(copy_as_b) < 0.25 < 0.5 < min(real_as_b)
+
+
+def test_discriminator_warm_up_off_keeps_the_rl_fingerprint() -> None:
+    """The option came after runs existed: off (0) it is not in the fingerprint, on it is."""
+    from cyclej.config import load_config
+    from cyclej.stages import SPECS, fingerprints
+
+    cfg = load_config(preset="tiny")
+    on = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"discriminator_warmup_steps": 5})})
+    assert "discriminator_warmup_steps" not in SPECS["rl"].config_slice(cfg)["rl"]
+    assert SPECS["rl"].config_slice(on)["rl"]["discriminator_warmup_steps"] == 5
+    assert fingerprints(cfg)["rl"] != fingerprints(on)["rl"]
+    assert fingerprints(cfg)["merge"] == fingerprints(on)["merge"]

@@ -57,6 +57,11 @@ def _dump(model: Any, exclude: set[str] | None = None) -> Any:
     return model.model_dump(mode="json", exclude=exclude)
 
 
+# RL options added after runs existed, left out of the fingerprint while off (0): switched off, the stage
+# computes exactly what it did before they existed, so those runs' artifacts stay valid.
+_OFF_BY_DEFAULT_RL = {"discriminator_warmup_steps"}
+
+
 def _domains(cfg: PipelineConfig) -> dict[str, Any]:
     """Domains by content, not path: the same corpus in another folder is the same input."""
     out = {}
@@ -116,7 +121,8 @@ SPECS: dict[str, StageSpec] = {
         StageSpec(
             "rl", 1, ("merge", "data"),
             lambda c: {
-                "rl": _dump(c.rl, exclude={"backend"}),
+                "rl": _dump(c.rl, exclude={"backend", *_OFF_BY_DEFAULT_RL}
+                            - {k for k in _OFF_BY_DEFAULT_RL if getattr(c.rl, k)}),
                 "embedder": c.models.embedder,
                 "discriminator": c.models.discriminator,
             },

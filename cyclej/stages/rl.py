@@ -32,6 +32,7 @@ from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
 from cyclej.optim import fp32_with_masters
 from cyclej.precision import weights_dtype
+from cyclej.progress import Progress
 from cyclej.rl import CycleDiscriminatorReward, RLTrainer
 from cyclej.stages import StageRun
 from cyclej.store import ArtifactRef
@@ -94,12 +95,17 @@ def run_rl(run: StageRun) -> ArtifactRef:
 
     latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
+    warmup: dict[str, float] = {}
     if latest is not None:
         name, path = latest
         resumed_from.append(name)
         trainer.load_state(path)
         log.info("rl: resumed from checkpoint %s (step %d)", name, trainer.step_done)
         _push_weights(trainer)
+    elif discriminator is not None and rcfg.discriminator_warmup_steps:
+        # A resumed run has the warmed-up discriminator in its checkpoint; a fresh one warms it up first.
+        warmup = warm_up_discriminator(discriminator, rcfg.discriminator_warmup_steps,
+                                       run.lines("a", "dev"), run.lines("b", "dev"), progress)
 
     last_save = time.monotonic()
     with progress.bar("RL steps", total=rcfg.steps, initial=trainer.step_done) as bar:
@@ -125,9 +131,29 @@ def run_rl(run: StageRun) -> ArtifactRef:
     metrics = summarize_run(trainer.metrics_log)
     metrics["rollout_micro_batch"] = trainer.micro_batch
     metrics["resumed_from"] = resumed_from
+    if warmup:
+        metrics["discriminator_warmup"] = warmup
     write_training_plot(trainer.metrics_log, work / TRAINING_PLOT, "rl: rewards, update size, KL, style share")
     summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     return run.commit(summary, metrics, drop_checkpoints=True)
+
+
+def warm_up_discriminator(discriminator: Discriminator, steps: int, dev_a: list[str], dev_b: list[str],
+                          progress: Progress) -> dict[str, float]:
+    """`steps` discriminator updates on real A vs real B; its accuracy on the dev lines before and after."""
+    before = discriminator.domain_accuracy(dev_a, dev_b)
+    chunk = 10
+    last: dict[str, float] = {}
+    with progress.bar("discriminator warm-up", total=steps) as bar:
+        for done in range(0, steps, chunk):
+            n = min(chunk, steps - done)
+            last = discriminator.warm_up(n)
+            bar.update(n, loss=last["disc/loss"])
+    after = discriminator.domain_accuracy(dev_a, dev_b)
+    log.info("rl: discriminator warmed up in %d steps on real text: dev accuracy (A vs B) %.3f -> %.3f",
+             steps, before, after)
+    return {"steps": steps, "loss_last": last["disc/loss"], "dev_accuracy_before": before,
+            "dev_accuracy_after": after}
 
 
 def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
