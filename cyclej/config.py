@@ -244,6 +244,10 @@ class RLConfig(StrictModel):
     advantage: Literal["group", "loo"] = "group"
     kl_coef: float = Field(0.0, ge=0)
     rewards: RewardWeights = Field(default_factory=RewardWeights)
+    reward_combination: Literal["sum", "product"] = Field(
+        "sum", description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "
+        "rewards, so a copy of the source earns ~0 (cyclej.rewards.combine_product)"
+    )
     discriminator_lr: float = Field(2e-5, gt=0)
     discriminator_warmup_steps: int = Field(
         0, ge=0, description="discriminator steps on real A vs real B before RL's first step (0: none)"
@@ -272,6 +276,13 @@ class RLConfig(StrictModel):
             raise ValueError(
                 f"prompts_per_step {self.prompts_per_step} must be even (balanced over both directions)"
             )
+        if self.reward_combination == "product":
+            cycle = (self.rewards.embedding, self.rewards.rouge, self.rewards.bleu)
+            if self.rewards.discriminator <= 0 or not any(w > 0 for w in cycle):
+                raise ValueError(
+                    "reward_combination product multiplies the discriminator reward by the cycle rewards: give "
+                    "rl.rewards.discriminator and at least one of embedding/rouge/bleu a positive weight"
+                )
         if self.backend != "transformers" and self.vllm.tensor_parallel_size > 1:
             # After every step the policy's weights go to the engine; vLLM 0.32 sends them to tensor-parallel
             # workers by pickling through its message queue (~12 GB per step for GPT-J).

@@ -9,7 +9,7 @@ float per pair:
 - `bleu`: smoothed sentence BLEU (sacrebleu), divided by 100 so it lies in [0, 1].
 
 The discriminator reward lives in `cyclej.discriminator`; `combine` weights any set of named rewards
-into the total the RL loop optimizes, and `summarize` gives the per-reward mean and spread it logs.
+into the total the RL loop optimizes (`combine_product`: style times content instead), and `summarize` gives the per-reward mean and spread it logs.
 """
 
 from __future__ import annotations
@@ -104,6 +104,24 @@ def combine(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float]
     for name, values in rewards.items():
         total += weights[name] * np.asarray(values, dtype=np.float64)
     return total.tolist()
+
+
+def combine_product(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float],
+                    style: str = "discriminator") -> list[float]:
+    """style · content per rollout: the `style` reward times the weighted mean of the other (cycle) rewards,
+    each clipped to [0, 1]. Why: under the weighted sum, a copy of the source collects the full cycle reward
+    and loses only the style term, so the copy is a strong local optimum (both yelp runs drifted to it);
+    under the product a copy, judged as the source's domain, scores ~0 however well it cycles. This is
+    the per-sentence form of the evaluation's J (style · similarity · fluency)."""
+    if style not in rewards:
+        raise ValueError(f"the product needs the {style!r} reward (give it a positive weight)")
+    content_names = [k for k in rewards if k != style]
+    if not content_names:
+        raise ValueError("the product needs at least one cycle reward beside the style reward")
+    content = combine({k: rewards[k] for k in content_names}, weights)
+    total_weight = sum(weights[k] for k in content_names)
+    mean = np.clip(np.asarray(content, dtype=np.float64) / total_weight, 0.0, 1.0)
+    return (np.clip(np.asarray(rewards[style], dtype=np.float64), 0.0, 1.0) * mean).tolist()
 
 
 def summarize(rewards: Mapping[str, Sequence[float]], total: Sequence[float]) -> dict[str, float]:

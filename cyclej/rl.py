@@ -389,7 +389,10 @@ class RLTrainer:
         ro = self.rollout(step)
         t_rollout = time.perf_counter() - t0
         parts = self.reward_fn(ro)
-        total = R.combine(parts, self.weights)
+        if self.cfg.reward_combination == "product":
+            total = R.combine_product(parts, self.weights)
+        else:
+            total = R.combine(parts, self.weights)
         advantages = group_advantages(total, ro.group_size, self.cfg.advantage)
         self.optimizer.zero_grad(set_to_none=True)
         loss_terms = self.accumulate_gradients(ro, advantages, step)

@@ -41,6 +41,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("option-without-value", lambda t: ["run", "--storage"], "--storage"),
     ("translate-without-arguments", lambda t: ["translate"], "--model"),
     ("set-not-yaml", lambda t: ["validate", "--preset", "tiny", "--set", "rl.steps=[1,"], "--set rl.steps"),
+    ("product-without-discriminator", lambda t: ["validate", "--preset", "tiny", "--set", "rl.reward_combination=product",
+                                                  "--set", "rl.rewards.discriminator=0"], "rl.rewards.discriminator"),
     ("storage-unknown-scheme", lambda t: ["validate", "--preset", "tiny", "--storage", "foo://x"], "storage.root"),
     ("storage-gcs", lambda t: ["validate", "--preset", "tiny", "--storage", "gs://x"], "gs://"),
     ("unknown-model-name", lambda t: ["validate", str(write_config(t, models__base="no-such-model"))],

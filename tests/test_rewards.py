@@ -88,6 +88,22 @@ def test_combine_and_summarize() -> None:
         rewards.bleu(["a"], [])
 
 
+def test_product_makes_a_copy_worth_nothing_where_the_sum_prefers_it() -> None:
+    """rl.reward_combination product: style x content. Rollout 0 copies its source (perfect cycle, judged as
+    the source domain), rollout 1 transfers (judged the target domain, a looser cycle)."""
+    parts = {"embedding": [1.0, 0.6], "rouge": [1.0, 0.3], "bleu": [1.0, 0.1], "discriminator": [0.05, 0.5]}
+    weights = {"embedding": 1.0, "rouge": 0.5, "bleu": 0.5, "discriminator": 1.5}
+    copy_sum, transfer_sum = rewards.combine(parts, weights)
+    assert copy_sum > transfer_sum  # the sum: the copy wins, as it did in both yelp runs
+    copy_product, transfer_product = rewards.combine_product(parts, weights)
+    assert copy_product == pytest.approx(0.05) and transfer_product == pytest.approx(0.5 * 0.8 / 2)
+    assert rewards.combine_product({"embedding": [-0.5], "discriminator": [1.0]}, weights) == [0.0]  # clipped
+    with pytest.raises(ValueError, match="discriminator"):
+        rewards.combine_product({"rouge": [1.0]}, weights)
+    with pytest.raises(ValueError, match="cycle reward"):
+        rewards.combine_product({"discriminator": [1.0]}, weights)
+
+
 # ---- the discriminator reward ---------------------------------------------------------------------------
 REAL_A = ["the food was cold and bland", "terrible service and rude staff", "we waited an hour, never again",
           "the soup was salty and the bread stale"]
@@ -152,14 +168,16 @@ def test_discriminator_warm_up_tells_the_real_domains_apart_before_rl(one_thread
     assert max(copy_as_b) < 0.25 < 0.5 < min(real_as_b)
 
 
-def test_discriminator_warm_up_off_keeps_the_rl_fingerprint() -> None:
+def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
     """The option came after runs existed: off (0) it is not in the fingerprint, on it is."""
     from cyclej.config import load_config
     from cyclej.stages import SPECS, fingerprints
 
     cfg = load_config(preset="tiny")
-    on = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"discriminator_warmup_steps": 5})})
-    assert "discriminator_warmup_steps" not in SPECS["rl"].config_slice(cfg)["rl"]
+    on = cfg.model_copy(update={"rl": cfg.rl.model_copy(
+        update={"discriminator_warmup_steps": 5, "reward_combination": "product"})})
+    assert not {"discriminator_warmup_steps", "reward_combination"} & set(SPECS["rl"].config_slice(cfg)["rl"])
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_warmup_steps"] == 5
+    assert SPECS["rl"].config_slice(on)["rl"]["reward_combination"] == "product"
     assert fingerprints(cfg)["rl"] != fingerprints(on)["rl"]
     assert fingerprints(cfg)["merge"] == fingerprints(on)["merge"]

@@ -57,9 +57,9 @@ def _dump(model: Any, exclude: set[str] | None = None) -> Any:
     return model.model_dump(mode="json", exclude=exclude)
 
 
-# RL options added after runs existed, left out of the fingerprint while off (0): switched off, the stage
-# computes exactly what it did before they existed, so those runs' artifacts stay valid.
-_OFF_BY_DEFAULT_RL = {"discriminator_warmup_steps"}
+# RL options added after runs existed, with their "off" values: left out of the fingerprint while off,
+# since then the stage computes exactly what it did before they existed and those runs' artifacts stay valid.
+_OFF_BY_DEFAULT_RL: dict[str, object] = {"discriminator_warmup_steps": 0, "reward_combination": "sum"}
 
 
 def _domains(cfg: PipelineConfig) -> dict[str, Any]:
@@ -121,8 +121,8 @@ SPECS: dict[str, StageSpec] = {
         StageSpec(
             "rl", 1, ("merge", "data"),
             lambda c: {
-                "rl": _dump(c.rl, exclude={"backend", *_OFF_BY_DEFAULT_RL}
-                            - {k for k in _OFF_BY_DEFAULT_RL if getattr(c.rl, k)}),
+                "rl": _dump(c.rl, exclude={"backend"}
+                            | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off}),
                 "embedder": c.models.embedder,
                 "discriminator": c.models.discriminator,
             },
