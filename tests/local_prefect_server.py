@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -93,16 +94,43 @@ def prefect_server(home: Path, timeout: float = 90.0) -> Iterator[dict[str, str]
 
 
 _shared_env: dict[str, str] | None = None
+_shared_stack: ExitStack | None = None
+_shared_home: Path | None = None
+
+
+def answers(env: dict[str, str], timeout: float = 20.0) -> bool:
+    """Does the server answer a request that needs its database (`/health` does not)?"""
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flows/filter", data=b'{"limit": 1}',
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def shared_prefect_server() -> dict[str, str]:
     """One server per test process, started on first use and stopped at exit: starting one costs
-    20-50 s on a loaded 2-core machine, so test files share it (each uses its own pool names)."""
-    global _shared_env
+    20-50 s on a loaded 2-core machine, so test files share it (each uses its own pool names).
+
+    A server that stopped answering is replaced, with a warning that quotes the end of its log: a CI run
+    saw the shared server hang (every later request timed out, so every later server test failed).
+    CYCLEJ_TEST_SERVER_DIR keeps the server's home (database and `server.log`) after the session."""
+    global _shared_env, _shared_stack, _shared_home
+    if _shared_env is not None and not answers(_shared_env):
+        assert _shared_stack is not None and _shared_home is not None
+        tail = (_shared_home / "server.log").read_text(errors="replace")[-4000:]
+        warnings.warn(f"the shared Prefect server stopped answering; starting a new one. Its log ends:\n{tail}",
+                      stacklevel=2)
+        _shared_stack.close()
+        _shared_env = None
     if _shared_env is None:
-        root = Path(tempfile.mkdtemp(prefix="cyclej-prefect-"))
-        atexit.register(shutil.rmtree, root, True)
-        stack = ExitStack()
-        _shared_env = stack.enter_context(prefect_server(root / "home"))
-        atexit.register(stack.close)  # runs before the rmtree (atexit is last-in, first-out)
+        keep = os.environ.get("CYCLEJ_TEST_SERVER_DIR")
+        root = Path(tempfile.mkdtemp(prefix="cyclej-prefect-", dir=keep))
+        if not keep:
+            atexit.register(shutil.rmtree, root, True)
+        _shared_stack = ExitStack()
+        _shared_home = root / "home"
+        _shared_env = _shared_stack.enter_context(prefect_server(_shared_home))
+        atexit.register(_shared_stack.close)  # runs before the rmtree (atexit is last-in, first-out)
     return dict(_shared_env)

@@ -89,13 +89,18 @@ def stderr_fragments(stderr: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runtime_env(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, str]:
-    """The shared real Prefect server, one store for the module (so `data` is computed once)."""
+def runtime_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store for the module, so `data` is computed once."""
+    return tmp_path_factory.mktemp("runtime-refusals") / "store"
+
+
+@pytest.fixture
+def runtime_env(runtime_store: Path, model_cache: Path) -> dict[str, str]:
+    """The shared real Prefect server (checked per test: a server that stopped answering is replaced)."""
     from tests.local_prefect_server import shared_prefect_server
 
-    store = tmp_path_factory.mktemp("runtime-refusals") / "store"
     return {**shared_prefect_server(), "CYCLEJ_CACHE": str(model_cache), "OMP_NUM_THREADS": "1",
-            "CYCLEJ_TEST_STORE": str(store)}
+            "CYCLEJ_TEST_STORE": str(runtime_store)}
 
 
 def _run_process_only(env: dict[str, str], tmp: Path, args: list[str]) -> subprocess.CompletedProcess[str]:

@@ -35,8 +35,9 @@ from tests.conftest import task_run_states
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server_env() -> dict[str, str]:
+    """Per test: shared_prefect_server() replaces a server that stopped answering (one probe request)."""
     from tests.local_prefect_server import shared_prefect_server
 
     return shared_prefect_server()
