@@ -44,6 +44,17 @@ def server_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def automation_server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A server of their own for the automation tests: automations left on the shared server are evaluated
+    against every event of every later test (bucket writes, 'database is locked' in its log), and in CI the
+    shared server stopped answering at the automation test's `prefect automation create`."""
+    from tests.local_prefect_server import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("automation-server") / "home") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
 def store_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("control-room-store"))
 
@@ -370,13 +381,15 @@ def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None
 
 
 def test_automations_file_creates_crash_detection_and_a_failure_notification(
-    server_env: dict[str, str], tmp_path: Path
+    automation_server_env: dict[str, str], tmp_path: Path
 ) -> None:
     """deployments/automations.yaml, with a real notification block's id put in, is accepted by the
     server through `prefect automation create --from-file`, as its header tells users to do."""
     import yaml
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server_env = automation_server_env
 
     with temporary_settings({PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
         block_id = CustomWebhookNotificationBlock(name="cyclej-test", url="http://127.0.0.1:9/hook").save(
@@ -403,7 +416,7 @@ def test_automations_file_creates_crash_detection_and_a_failure_notification(
 @pytest.mark.timing
 @pytest.mark.slow
 def test_heartbeat_automation_crashes_a_run_whose_processes_all_died(
-    server_env: dict[str, str], store_root: str, tmp_path: Path
+    automation_server_env: dict[str, str], store_root: str, tmp_path: Path
 ) -> None:
     """The one case the launcher cannot cover: launcher and run process SIGKILLed together (a lost host).
     The crash-detection automation of deployments/automations.yaml, created on the server as its header
@@ -411,6 +424,7 @@ def test_heartbeat_automation_crashes_a_run_whose_processes_all_died(
     heartbeat interval (30 s) and the triggers service's evaluation period."""
     import yaml
 
+    server_env = automation_server_env
     spec = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
     crash = [a for a in spec["automations"] if a["name"] == "cyclej-crashed-when-heartbeats-stop"]
     path = tmp_path / "crash.yaml"
