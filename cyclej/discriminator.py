@@ -114,11 +114,19 @@ class Discriminator:
             self.model.train(was_training)
         return torch.cat(chunks) if chunks else torch.zeros(0, 3)
 
-    def reward(self, texts: Sequence[str], target_domains: Sequence[DomainKey]) -> list[float]:
-        """p(real text of the target domain | text), per text."""
+    def reward(self, texts: Sequence[str], target_domains: Sequence[DomainKey],
+               kind: Literal["real_target", "style"] = "real_target") -> list[float]:
+        """real_target: p(real text of the target domain | text). style: p(target | text, real), the two real
+        classes renormalized, so the "generated" logit does not count. Why style: online, the head soon
+        tells generated from real text (any rollout of this policy), p(real target) falls for every
+        rollout alike and the difference between a transfer and a copy drowns (the yelp runs: mean
+        0.33 -> 0.15 while the rollouts drifted to copies); a copy of the source is still real *source*
+        text and scores low either way."""
         if len(texts) != len(target_domains):
             raise ValueError(f"{len(texts)} texts but {len(target_domains)} target domains")
         probs = self.probabilities(texts)
+        if kind == "style":
+            probs = probs[:, [REAL_A, REAL_B]] / probs[:, [REAL_A, REAL_B]].sum(-1, keepdim=True)
         cols = torch.tensor([REAL_A if d == "a" else REAL_B for d in target_domains], dtype=torch.long)
         return probs.gather(1, cols[:, None]).squeeze(1).tolist() if len(texts) else []
 

@@ -97,6 +97,7 @@ class CycleDiscriminatorReward:
         weights: Mapping[str, float],
         embedder: R.SentenceTransformer | None,
         discriminator: Discriminator | None,
+        discriminator_reward: Literal["real_target", "style"] = "real_target",
     ) -> None:
         self.cycle_names = [n for n in ("embedding", "rouge", "bleu") if weights.get(n, 0.0) > 0]
         self.use_discriminator = weights.get("discriminator", 0.0) > 0
@@ -106,6 +107,7 @@ class CycleDiscriminatorReward:
             raise ValueError("the discriminator reward has a weight but no discriminator was given")
         self.embedder = embedder
         self.discriminator = discriminator
+        self.discriminator_reward = discriminator_reward
 
     @property
     def needs_back_translation(self) -> bool:
@@ -115,7 +117,8 @@ class CycleDiscriminatorReward:
         out = R.cycle_rewards(self.embedder, rollouts.sources, rollouts.back_translations, self.cycle_names)
         if self.use_discriminator:
             assert self.discriminator is not None
-            out["discriminator"] = self.discriminator.reward(rollouts.translations, rollouts.target_domains)
+            out["discriminator"] = self.discriminator.reward(rollouts.translations, rollouts.target_domains,
+                                                             self.discriminator_reward)
         if not out:
             raise BadInput("rl.rewards: every reward weight is 0; give at least one reward a positive weight")
         return out

@@ -175,9 +175,26 @@ def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
 
     cfg = load_config(preset="tiny")
     on = cfg.model_copy(update={"rl": cfg.rl.model_copy(
-        update={"discriminator_warmup_steps": 5, "reward_combination": "product"})})
-    assert not {"discriminator_warmup_steps", "reward_combination"} & set(SPECS["rl"].config_slice(cfg)["rl"])
+        update={"discriminator_warmup_steps": 5, "reward_combination": "product", "discriminator_reward": "style"})})
+    off_keys = {"discriminator_warmup_steps", "reward_combination", "discriminator_reward"}
+    assert not off_keys & set(SPECS["rl"].config_slice(cfg)["rl"])
+    assert SPECS["rl"].config_slice(on)["rl"]["discriminator_reward"] == "style"
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_warmup_steps"] == 5
     assert SPECS["rl"].config_slice(on)["rl"]["reward_combination"] == "product"
     assert fingerprints(cfg)["rl"] != fingerprints(on)["rl"]
     assert fingerprints(cfg)["merge"] == fingerprints(on)["merge"]
+
+
+def test_style_reward_ignores_the_generated_class(one_thread: None) -> None:
+    """rl.discriminator_reward style: p(target | real). Once the head has learned generated text (as it soon
+    does online) it takes probability from real text too, and p(real target) sinks for everything; the style
+    reward keeps the real classes' verdict, and a copy of an A source is still judged A."""
+    disc = discriminator()
+    disc.warm_up(20)
+    for _ in range(30):
+        disc.update(GENERATED)
+    as_b, as_a = disc.reward(GENERATED, ["b"] * 4, "style"), disc.reward(GENERATED, ["a"] * 4, "style")
+    assert all(abs(b + a - 1.0) < 1e-5 for a, b in zip(as_a, as_b, strict=True))  # the real classes only
+    real_b_target, real_b_style = disc.reward(REAL_B, ["b"] * 4), disc.reward(REAL_B, ["b"] * 4, "style")
+    assert min(real_b_style) > 0.9 and all(s > t + 0.1 for s, t in zip(real_b_style, real_b_target, strict=True))
+    assert max(disc.reward(REAL_A, ["b"] * 4, "style")) < 0.1  # a copy of A as a translation into B

@@ -59,7 +59,9 @@ def _dump(model: Any, exclude: set[str] | None = None) -> Any:
 
 # RL options added after runs existed, with their "off" values: left out of the fingerprint while off,
 # since then the stage computes exactly what it did before they existed and those runs' artifacts stay valid.
-_OFF_BY_DEFAULT_RL: dict[str, object] = {"discriminator_warmup_steps": 0, "reward_combination": "sum"}
+_OFF_BY_DEFAULT_RL: dict[str, object] = {
+    "discriminator_warmup_steps": 0, "reward_combination": "sum", "discriminator_reward": "real_target",
+}
 
 
 def _domains(cfg: PipelineConfig) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def run_rl(run: StageRun) -> ArtifactRef:
             max_tokens=rcfg.discriminator_max_tokens, trust_remote_code=rcfg.discriminator_trust_remote_code,
             seed=rcfg.seed, device=device,
         )
-    reward_fn = CycleDiscriminatorReward(weights, embedder, discriminator)
+    reward_fn = CycleDiscriminatorReward(weights, embedder, discriminator, rcfg.discriminator_reward)
     # The evaluation's style judge (TF-IDF + logistic regression, seconds to fit on a few thousand lines)
     # says which share of the rollouts is in the target style, step by step.
     style_judge = train_judge(sources["a"][:STYLE_JUDGE_LINES], sources["b"][:STYLE_JUDGE_LINES],
