@@ -244,9 +244,10 @@ class RLConfig(StrictModel):
     advantage: Literal["group", "loo"] = "group"
     kl_coef: float = Field(0.0, ge=0)
     rewards: RewardWeights = Field(default_factory=RewardWeights)
-    discriminator_reward: Literal["real_target", "style"] = Field(
+    discriminator_reward: Literal["real_target", "style", "style_gain"] = Field(
         "real_target", description="real_target: p(real target-domain text | y) (3 classes); style: p(target | y, "
-        "real), the real classes renormalized (cyclej.discriminator.Discriminator.reward)"
+        "real), the real classes renormalized; style_gain: style(y) − style(source), so a copy earns 0 "
+        "(cyclej.discriminator.Discriminator.reward)"
     )
     reward_combination: Literal["sum", "product"] = Field(
         "sum", description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "

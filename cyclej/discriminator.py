@@ -33,6 +33,7 @@ from cyclej.models import resolve_model
 REAL_A, REAL_B, GENERATED = 0, 1, 2
 LABELS = {REAL_A: "real_a", REAL_B: "real_b", GENERATED: "generated"}
 DomainKey = Literal["a", "b"]
+DiscriminatorRewardKind = Literal["real_target", "style", "style_gain"]  # rl.discriminator_reward
 
 
 class Discriminator:
@@ -115,15 +116,31 @@ class Discriminator:
         return torch.cat(chunks) if chunks else torch.zeros(0, 3)
 
     def reward(self, texts: Sequence[str], target_domains: Sequence[DomainKey],
-               kind: Literal["real_target", "style"] = "real_target") -> list[float]:
+               kind: DiscriminatorRewardKind = "real_target", sources: Sequence[str] | None = None) -> list[float]:
         """real_target: p(real text of the target domain | text). style: p(target | text, real), the two real
         classes renormalized, so the "generated" logit does not count. Why style: online, the head soon
         tells generated from real text (any rollout of this policy), p(real target) falls for every
         rollout alike and the difference between a transfer and a copy drowns (the yelp runs: mean
         0.33 -> 0.15 while the rollouts drifted to copies); a copy of the source is still real *source*
-        text and scores low either way."""
+        text and scores low either way.
+
+        style_gain: style(text) − style(source), in [−1, 1]; needs `sources`. Why: the head errs on some
+        real lines (a neutral source judged target-style), and under `style` a copy of such a line earns a
+        high reward; the yelp run with `style` drifted to exactly those copies. A copy gains nothing
+        however the head judges it, so only a change toward the target style is paid."""
         if len(texts) != len(target_domains):
             raise ValueError(f"{len(texts)} texts but {len(target_domains)} target domains")
+        if kind == "style_gain":
+            if sources is None or len(sources) != len(texts):
+                raise ValueError("the style_gain reward needs one source per text")
+            # Rollouts of one prompt share their source: judge each (source, target) pair once.
+            pairs = list(dict.fromkeys(zip(sources, target_domains, strict=True)))
+            before = dict(zip(pairs, self.reward([s for s, _ in pairs], [d for _, d in pairs], "style"), strict=True))
+            after = self.reward(texts, target_domains, "style")
+            # A verbatim copy gets exactly 0: the same text in another batch differs in the last float bits,
+            # and in a group of copies that noise would become an advantage.
+            return [0.0 if text == s else y - before[(s, d)]
+                    for text, y, s, d in zip(texts, after, sources, target_domains, strict=True)]
         probs = self.probabilities(texts)
         if kind == "style":
             probs = probs[:, [REAL_A, REAL_B]] / probs[:, [REAL_A, REAL_B]].sum(-1, keepdim=True)

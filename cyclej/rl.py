@@ -49,7 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej import rewards as R
 from cyclej.config import RLConfig
-from cyclej.discriminator import Discriminator
+from cyclej.discriminator import Discriminator, DiscriminatorRewardKind
 from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.formats import encode_text, eos_id
@@ -97,7 +97,7 @@ class CycleDiscriminatorReward:
         weights: Mapping[str, float],
         embedder: R.SentenceTransformer | None,
         discriminator: Discriminator | None,
-        discriminator_reward: Literal["real_target", "style"] = "real_target",
+        discriminator_reward: DiscriminatorRewardKind = "real_target",
     ) -> None:
         self.cycle_names = [n for n in ("embedding", "rouge", "bleu") if weights.get(n, 0.0) > 0]
         self.use_discriminator = weights.get("discriminator", 0.0) > 0
@@ -118,7 +118,7 @@ class CycleDiscriminatorReward:
         if self.use_discriminator:
             assert self.discriminator is not None
             out["discriminator"] = self.discriminator.reward(rollouts.translations, rollouts.target_domains,
-                                                             self.discriminator_reward)
+                                                             self.discriminator_reward, rollouts.sources)
         if not out:
             raise BadInput("rl.rewards: every reward weight is 0; give at least one reward a positive weight")
         return out

@@ -198,3 +198,34 @@ def test_style_reward_ignores_the_generated_class(one_thread: None) -> None:
     real_b_target, real_b_style = disc.reward(REAL_B, ["b"] * 4), disc.reward(REAL_B, ["b"] * 4, "style")
     assert min(real_b_style) > 0.9 and all(s > t + 0.1 for s, t in zip(real_b_style, real_b_target, strict=True))
     assert max(disc.reward(REAL_A, ["b"] * 4, "style")) < 0.1  # a copy of A as a translation into B
+
+
+def test_style_gain_pays_a_copy_nothing_and_a_transfer_its_change(one_thread: None) -> None:
+    """rl.discriminator_reward style_gain: style(y) − style(source). A copy gains exactly 0 however the head
+    judges the source (the yelp `style` run drifted to copies of sources the head misjudged); a translation
+    into real target-style text gains what the head's verdict moved."""
+    disc = discriminator()
+    disc.warm_up(20)
+    copies = disc.reward(REAL_A, ["b"] * 4, "style_gain", sources=REAL_A)
+    assert copies == [0.0] * 4
+    transfers = disc.reward(REAL_B, ["b"] * 4, "style_gain", sources=REAL_A)
+    style_b, style_a_as_b = disc.reward(REAL_B, ["b"] * 4, "style"), disc.reward(REAL_A, ["b"] * 4, "style")
+    assert min(transfers) > 0.5
+    assert transfers == pytest.approx([y - x for y, x in zip(style_b, style_a_as_b, strict=True)], abs=1e-6)
+    backwards = disc.reward(REAL_A, ["a"] * 4, "style_gain", sources=REAL_B)  # B sources into A
+    assert min(backwards) > 0.5
+    with pytest.raises(ValueError, match="one source per text"):
+        disc.reward(REAL_B, ["b"] * 4, "style_gain")
+
+
+def test_the_rl_reward_gives_the_discriminator_each_rollouts_source(one_thread: None) -> None:
+    """CycleDiscriminatorReward passes the rollouts' sources through, so style_gain sees copy vs transfer."""
+    from cyclej.rl import CycleDiscriminatorReward, Rollouts
+
+    disc = discriminator()
+    disc.warm_up(20)
+    reward_fn = CycleDiscriminatorReward({"discriminator": 1.0}, None, disc, "style_gain")
+    rollouts = Rollouts(group_size=2, sources=[REAL_A[0]] * 2, source_domains=["a"] * 2,
+                        target_domains=["b"] * 2, translations=[REAL_A[0], REAL_B[0]])
+    copy, transfer = reward_fn(rollouts)["discriminator"]
+    assert copy == 0.0 and transfer > 0.5
