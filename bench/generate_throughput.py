@@ -84,7 +84,7 @@ def vllm_vs_transformers(args: argparse.Namespace) -> None:
     hf = TransformersBackend(model, tokenizer, args.batch_size)
     timed(hf, prompts[: args.batch_size], settings)  # warm-up
     t0 = time.perf_counter()
-    engine = VllmBackend(model_dir, max_model_len=1024, dtype=vllm_dtype(), enforce_eager=args.eager)
+    engine = VllmBackend(model_dir, max_model_len=1024, enforce_eager=args.eager)
     start = time.perf_counter() - t0
     engine.generate(prompts[:4], settings)  # warm-up
     walls: dict[str, list[float]] = {"transformers": [], "vllm": []}

@@ -248,7 +248,7 @@ class VllmBackend:
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.85,
         seed: int = 0,
-        dtype: str = "auto",
+        dtype: str | None = None,
         in_process: bool | None = None,
         enforce_eager: bool = False,
         max_num_batched_tokens: int | None = None,
@@ -283,7 +283,10 @@ class VllmBackend:
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
-            dtype=dtype,
+            # None: the project's rule (vllm_dtype). vLLM's own "auto" picks bf16 for an fp32 folder on a
+            # CPU with native bf16, and on an Intel Xeon with AMX (2026-12-02) its worker then died at the
+            # first generate ("Worker proc VllmWorker-0 died unexpectedly"); float32 runs there.
+            dtype=vllm_dtype() if dtype is None else dtype,
             enforce_eager=enforce_eager,
             # On a CPU, gpu_memory_utilization is a share of the machine's RAM (0.85 of it for the KV
             # cache of a small model would starve everything else): a fixed KV budget there instead.
@@ -456,7 +459,6 @@ def make_backend(
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
-            dtype=vllm_dtype(),
             enforce_eager=enforce_eager,
         )
     if kind != "transformers":

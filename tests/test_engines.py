@@ -98,6 +98,9 @@ def test_a_real_vllm_engine_is_gone_and_its_memory_back_before_the_next_stage(
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
     eager = {"enforce_eager": True} if "enforce_eager" in inspect.signature(VllmBackend).parameters else {}
     backend = VllmBackend(str(tmp_path / "m"), max_model_len=128, gpu_memory_utilization=0.5, **eager)
+    # No dtype given: the project's rule, float32 on a CPU (vLLM's own "auto" chose bf16 for this fp32
+    # folder, and on an Intel Xeon with AMX its worker died at the first generate).
+    assert backend.llm.llm_engine.model_config.dtype == torch.float32
     assert backend.generate([[5, 6, 7]], SamplingSettings(max_new_tokens=4))[0][0]
     engine_ref = weakref.ref(backend.llm)
     cache_paraphraser(backend)

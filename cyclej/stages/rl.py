@@ -164,14 +164,14 @@ def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
     expected_tokens = 2 * r.steps * r.prompts_per_step * r.rollouts * r.max_new_tokens
     if choose_backend(r.backend, str(model_dir), expected_tokens) != "vllm":
         return None
-    from cyclej.generate import VllmBackend, vllm_dtype
+    from cyclej.generate import VllmBackend
 
     v = r.vllm
     # The policy, its optimizer and the discriminator share the GPU with the engine (its own settings:
     # tensor parallel 1, short sequences, a third of the card; see `cyclej plan`).
     return VllmBackend(
         str(model_dir), tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
-        gpu_memory_utilization=v.gpu_memory_utilization, seed=r.seed, dtype=vllm_dtype(),
+        gpu_memory_utilization=v.gpu_memory_utilization, seed=r.seed,
         enforce_eager=v.enforce_eager,
     )
 
