@@ -193,7 +193,8 @@ def test_style_reward_ignores_the_generated_class(one_thread: None) -> None:
     disc.warm_up(20)
     for _ in range(30):
         disc.update(GENERATED)
-    as_b, as_a = disc.reward(GENERATED, ["b"] * 4, "style"), disc.reward(GENERATED, ["a"] * 4, "style")
+    worded = [g for g in GENERATED if any(ch.isalnum() for ch in g)]  # "## ## ## ##" scores 0 either way
+    as_b, as_a = disc.reward(worded, ["b"] * 3, "style"), disc.reward(worded, ["a"] * 3, "style")
     assert all(abs(b + a - 1.0) < 1e-5 for a, b in zip(as_a, as_b, strict=True))  # the real classes only
     real_b_target, real_b_style = disc.reward(REAL_B, ["b"] * 4), disc.reward(REAL_B, ["b"] * 4, "style")
     assert min(real_b_style) > 0.9 and all(s > t + 0.1 for s, t in zip(real_b_style, real_b_target, strict=True))
@@ -229,3 +230,15 @@ def test_the_rl_reward_gives_the_discriminator_each_rollouts_source(one_thread: 
                         target_domains=["b"] * 2, translations=[REAL_A[0], REAL_B[0]])
     copy, transfer = reward_fn(rollouts)["discriminator"]
     assert copy == 0.0 and transfer > 0.5
+
+
+def test_style_rewards_pay_an_empty_or_punctuation_output_nothing(one_thread: None) -> None:
+    """The renormalized head cannot see the 'generated' verdict; the yelp style_gain run learned to answer with
+    an immediate EOS because the head judged the empty string target-style. No words, no style."""
+    disc = discriminator()
+    disc.warm_up(20)
+    outputs = ["", "  ", " . !", REAL_B[0]]
+    assert disc.reward(outputs, ["b"] * 4, "style")[:3] == [0.0] * 3
+    gains = disc.reward(outputs, ["b"] * 4, "style_gain", sources=[REAL_A[0]] * 4)
+    assert gains[:3] == [0.0] * 3 and gains[3] > 0.5
+    assert disc.reward([""], ["b"], "real_target")[0] > 0.0  # the 3-class reward keeps its own verdict
