@@ -253,6 +253,10 @@ class RLConfig(StrictModel):
         "sum", description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "
         "rewards, so a copy of the source earns ~0 (cyclej.rewards.combine_product)"
     )
+    content_floor: float = Field(
+        0.0, ge=0, lt=1, description="product only: the content factor is (mean - floor) / (1 - floor), clipped "
+        "at 0, so output whose cycle does not come back (babble, a generic line) earns 0 however styled it is"
+    )
     discriminator_lr: float = Field(2e-5, gt=0)
     discriminator_warmup_steps: int = Field(
         0, ge=0, description="discriminator steps on real A vs real B before RL's first step (0: none)"
@@ -288,6 +292,9 @@ class RLConfig(StrictModel):
                     "reward_combination product multiplies the discriminator reward by the cycle rewards: give "
                     "rl.rewards.discriminator and at least one of embedding/rouge/bleu a positive weight"
                 )
+        elif self.content_floor > 0:
+            raise ValueError("content_floor applies to reward_combination product only: set "
+                             "rl.reward_combination=product or leave rl.content_floor at 0")
         if self.backend != "transformers" and self.vllm.tensor_parallel_size > 1:
             # After every step the policy's weights go to the engine; vLLM 0.32 sends them to tensor-parallel
             # workers by pickling through its message queue (~12 GB per step for GPT-J).

@@ -107,12 +107,18 @@ def combine(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float]
 
 
 def combine_product(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float],
-                    style: str = "discriminator") -> list[float]:
+                    style: str = "discriminator", content_floor: float = 0.0) -> list[float]:
     """style · content per rollout: the `style` reward times the weighted mean of the other (cycle) rewards,
     each clipped to [0, 1]. Why: under the weighted sum, a copy of the source collects the full cycle reward
     and loses only the style term, so the copy is a strong local optimum (both yelp runs drifted to it);
     under the product a copy, judged as the source's domain, scores ~0 however well it cycles. This is
-    the per-sentence form of the evaluation's J (style · similarity · fluency)."""
+    the per-sentence form of the evaluation's J (style · similarity · fluency).
+
+    `content_floor` f rescales the content factor to (mean − f) / (1 − f), clipped at 0. Why: an output
+    whose back-translation does not return the source (babble, a generic line) still keeps some cycle
+    reward (embedding ~0.1-0.3), and with group-normalized advantages any style on top of it wins its
+    group: the yelp style_gain run drifted to "one of my favorite friends …" babble and then to "."
+    within 20 steps. Above a floor only outputs that carry the source's content earn."""
     if style not in rewards:
         raise ValueError(f"the product needs the {style!r} reward (give it a positive weight)")
     content_names = [k for k in rewards if k != style]
@@ -120,7 +126,10 @@ def combine_product(rewards: Mapping[str, Sequence[float]], weights: Mapping[str
         raise ValueError("the product needs at least one cycle reward beside the style reward")
     content = combine({k: rewards[k] for k in content_names}, weights)
     total_weight = sum(weights[k] for k in content_names)
-    mean = np.clip(np.asarray(content, dtype=np.float64) / total_weight, 0.0, 1.0)
+    if not 0.0 <= content_floor < 1.0:
+        raise ValueError(f"content_floor {content_floor} must be in [0, 1)")
+    mean = np.asarray(content, dtype=np.float64) / total_weight
+    mean = np.clip((mean - content_floor) / (1.0 - content_floor), 0.0, 1.0)
     return (np.clip(np.asarray(rewards[style], dtype=np.float64), 0.0, 1.0) * mean).tolist()
 
 

@@ -393,7 +393,7 @@ class RLTrainer:
         t_rollout = time.perf_counter() - t0
         parts = self.reward_fn(ro)
         if self.cfg.reward_combination == "product":
-            total = R.combine_product(parts, self.weights)
+            total = R.combine_product(parts, self.weights, content_floor=self.cfg.content_floor)
         else:
             total = R.combine(parts, self.weights)
         advantages = group_advantages(total, ro.group_size, self.cfg.advantage)

@@ -168,6 +168,27 @@ def test_discriminator_warm_up_tells_the_real_domains_apart_before_rl(one_thread
     assert max(copy_as_b) < 0.25 < 0.5 < min(real_as_b)
 
 
+def test_content_floor_pays_styled_babble_nothing_and_rescales_what_carries_content() -> None:
+    """rl.content_floor: babble whose back-translation is a generic line keeps ~0.1-0.3 of the cycle reward;
+    above the floor it earns 0 however styled, and a transfer that comes back keeps a rescaled share."""
+    parts = {"embedding": [0.25, 0.8], "rouge": [0.05, 0.6], "bleu": [0.0, 0.4], "discriminator": [0.9, 0.6]}
+    weights = {"embedding": 1.0, "rouge": 0.5, "bleu": 0.5, "discriminator": 1.5}
+    babble, transfer = rewards.combine_product(parts, weights)
+    assert babble > 0.3 * transfer  # without a floor styled babble earns a third of a real transfer
+    babble, transfer = rewards.combine_product(parts, weights, content_floor=0.4)
+    assert babble == 0.0 and transfer == pytest.approx(0.6 * (0.65 - 0.4) / 0.6)
+    with pytest.raises(ValueError, match="content_floor"):
+        rewards.combine_product(parts, weights, content_floor=1.0)
+
+
+def test_content_floor_without_the_product_is_refused() -> None:
+    from cyclej.config import RLConfig
+
+    with pytest.raises(ValueError, match="content_floor applies to reward_combination product"):
+        RLConfig(content_floor=0.4)
+    assert RLConfig(content_floor=0.4, reward_combination="product").content_floor == 0.4
+
+
 def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
     """The option came after runs existed: off (0) it is not in the fingerprint, on it is."""
     from cyclej.config import load_config
@@ -175,12 +196,14 @@ def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
 
     cfg = load_config(preset="tiny")
     on = cfg.model_copy(update={"rl": cfg.rl.model_copy(
-        update={"discriminator_warmup_steps": 5, "reward_combination": "product", "discriminator_reward": "style"})})
-    off_keys = {"discriminator_warmup_steps", "reward_combination", "discriminator_reward"}
+        update={"discriminator_warmup_steps": 5, "reward_combination": "product", "discriminator_reward": "style",
+                "content_floor": 0.4})})
+    off_keys = {"discriminator_warmup_steps", "reward_combination", "discriminator_reward", "content_floor"}
     assert not off_keys & set(SPECS["rl"].config_slice(cfg)["rl"])
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_reward"] == "style"
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_warmup_steps"] == 5
     assert SPECS["rl"].config_slice(on)["rl"]["reward_combination"] == "product"
+    assert SPECS["rl"].config_slice(on)["rl"]["content_floor"] == 0.4
     assert fingerprints(cfg)["rl"] != fingerprints(on)["rl"]
     assert fingerprints(cfg)["merge"] == fingerprints(on)["merge"]
 

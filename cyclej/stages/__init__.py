@@ -61,6 +61,7 @@ def _dump(model: Any, exclude: set[str] | None = None) -> Any:
 # since then the stage computes exactly what it did before they existed and those runs' artifacts stay valid.
 _OFF_BY_DEFAULT_RL: dict[str, object] = {
     "discriminator_warmup_steps": 0, "reward_combination": "sum", "discriminator_reward": "real_target",
+    "content_floor": 0.0,
 }
 
 
