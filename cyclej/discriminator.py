@@ -140,25 +140,37 @@ class Discriminator:
         immediate EOS (empty outputs 0 % of samples at step 10, 100 % at step 40)."""
         if len(texts) != len(target_domains):
             raise ValueError(f"{len(texts)} texts but {len(target_domains)} target domains")
-        if kind == "style_gain":
-            if sources is None or len(sources) != len(texts):
-                raise ValueError("the style_gain reward needs one source per text")
-            # Rollouts of one prompt share their source: judge each (source, target) pair once.
-            pairs = list(dict.fromkeys(zip(sources, target_domains, strict=True)))
-            before = dict(zip(pairs, self.reward([s for s, _ in pairs], [d for _, d in pairs], "style"), strict=True))
-            after = self.reward(texts, target_domains, "style")
-            # A verbatim copy gets exactly 0: the same text in another batch differs in the last float bits,
-            # and in a group of copies that noise would become an advantage.
-            return [0.0 if text == s or not _has_words(text) else y - before[(s, d)]
-                    for text, y, s, d in zip(texts, after, sources, target_domains, strict=True)]
-        probs = self.probabilities(texts)
+        if kind == "real_target":
+            return self._target_probability(texts, target_domains, real_only=False)
         if kind == "style":
+            return self._style(texts, target_domains)
+        if sources is None or len(sources) != len(texts):
+            raise ValueError("the style_gain reward needs one source per text")
+        # Rollouts of one prompt share their source: judge each (source, target) pair once, in the same
+        # forward pass as the outputs.
+        pairs = list(dict.fromkeys(zip(sources, target_domains, strict=True)))
+        style = self._style([s for s, _ in pairs] + list(texts), [d for _, d in pairs] + list(target_domains))
+        before = dict(zip(pairs, style[: len(pairs)], strict=True))
+        # A verbatim copy gets exactly 0: the same text padded into another batch row differs in the last
+        # float bits, and in a group of copies that noise would become an advantage.
+        return [0.0 if text == s or not _has_words(text) else y - before[(s, d)]
+                for text, y, s, d in zip(texts, style[len(pairs):], sources, target_domains, strict=True)]
+
+    def _style(self, texts: Sequence[str], target_domains: Sequence[DomainKey]) -> list[float]:
+        """p(target | text, real); a text without words scores 0 (see `reward`)."""
+        probs = self._target_probability(texts, target_domains, real_only=True)
+        return [p if _has_words(t) else 0.0 for p, t in zip(probs, texts, strict=True)]
+
+    def _target_probability(self, texts: Sequence[str], target_domains: Sequence[DomainKey],
+                            real_only: bool) -> list[float]:
+        """p(real target-domain text | text) over the 3 classes, or over the two real classes (`real_only`)."""
+        if not texts:
+            return []
+        probs = self.probabilities(texts)
+        if real_only:
             probs = probs[:, [REAL_A, REAL_B]] / probs[:, [REAL_A, REAL_B]].sum(-1, keepdim=True)
         cols = torch.tensor([REAL_A if d == "a" else REAL_B for d in target_domains], dtype=torch.long)
-        rewards = probs.gather(1, cols[:, None]).squeeze(1).tolist() if len(texts) else []
-        if kind == "style":
-            rewards = [r if _has_words(t) else 0.0 for r, t in zip(rewards, texts, strict=True)]
-        return rewards
+        return probs.gather(1, cols[:, None]).squeeze(1).tolist()
 
     # ---- training ---------------------------------------------------------------------------------
     def _sample(self, pool: Sequence[str], k: int) -> list[str]:
