@@ -148,10 +148,27 @@ class ContextConfig(TrainConfig):
     eval_sequences: int = Field(8, gt=0, description="held-out sequences of the new length for perplexity")
 
 
+class TemplatePairsConfig(StrictModel):
+    """Back-translated template pairs for para_train (cyclej/template_transfer.py says how they are made)."""
+
+    per_domain: int = Field(1000, gt=0, description="pairs whose target is a real train line of each domain")
+    min_salience: float = Field(5.0, gt=1, description="marker n-gram: (count here + 1) / (count there + 1) ≥ this")
+    max_ngram: int = Field(3, ge=1, le=5)
+    retrieve_top: int = Field(20, gt=0, description="nearest other-domain lines searched for markers")
+
+
 class ParaTrainConfig(TrainConfig):
     seq_len: int = Field(1024, gt=0)
     match_source_surface: bool = Field(
         True, description="write each paraphrase in its source's casing and tokenization before training on it"
+    )
+    template_pairs: TemplatePairsConfig | None = Field(
+        None, description="null: paraphrase pairs only (the card); else also learn from back-translated "
+        "template pairs, a noisy source of one style → a real line of the other"
+    )
+    paraphrase_markers: Literal["across", "same"] = Field(
+        "across", description="across: {Dsrc} text {Dtgt} → paraphrase (the card); same: {Dsrc} text {Dsrc} → "
+        "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps the style"
     )
 
 

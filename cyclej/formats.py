@@ -100,6 +100,14 @@ def para_examples(tokenizer: Any, marker_src_id: int, marker_tgt_id: int, text: 
     ]
 
 
+def translation_example(tokenizer: Any, marker_src_id: int, source: str, marker_tgt_id: int, target: str
+                        ) -> Example:
+    """One direction only: ``{Dsrc} source {Dtgt}`` → target EOS (the translation prompt, `rl_prompt`),
+    for pairs whose source is synthetic and whose target is real (back-translation)."""
+    return prompt_target_example(rl_prompt(tokenizer, marker_src_id, source, marker_tgt_id),
+                                 [*encode_text(tokenizer, target), eos_id(tokenizer)])
+
+
 def domain_example(tokenizer: Any, marker_id: int, text: str) -> Example:
     """Stage 2B: ``{DX}`` → text EOS (the domain language model)."""
     return prompt_target_example([marker_id], [*encode_text(tokenizer, text), eos_id(tokenizer)])

@@ -107,7 +107,7 @@ SPECS: dict[str, StageSpec] = {
             shards=("cyclej.stages.paraphrase:plan_shards", "cyclej.stages.paraphrase:run_paraphrase_shard"),
         ),
         StageSpec(
-            "para_train", 1, ("context", "paraphrase"),
+            "para_train", 1, ("context", "paraphrase", "data"),
             lambda c: {"para_train": _dump(c.para_train)},
             "cyclej.stages.para_train:run_para_train",
         ),

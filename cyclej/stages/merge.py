@@ -12,7 +12,9 @@ style, built from the data artifact's dev lines (half from each domain):
 - 2A style: the paraphrase pairs are not an input of this stage (and the paraphraser's output is not dev
   data), so the 2A format is scored with each dev text standing in for its own paraphrase, both directions:
   `{DX} text {DY}` → text EOS and `{DY} text {DX}` → text EOS. A paraphrase keeps the meaning, so this is
-  the content-preservation half of 2A (and exactly the RL prompt `{DX} src {DY}`).
+  the content-preservation half of 2A (and exactly the RL prompt `{DX} src {DY}`). With
+  `para_train.template_pairs` on, 2A learned to change the style, so it is scored on that instead: the
+  back-translated template pairs of the dev lines, `{DY} template {DX}` → the real dev line EOS.
 The score is the mean of the two token-averaged losses; the lowest wins. The table goes to the artifact
 reference's metrics (rows: the Prefect layer posts them as a table artifact), metrics.json and `sweep.md`.
 """
@@ -23,11 +25,12 @@ import os
 import shutil
 from typing import Any
 
-from cyclej.formats import Example, domain_examples, para_examples
+from cyclej.formats import Example, domain_examples, para_examples, translation_example
 from cyclej.merge import load_adapter, merge_lora_adapters, merge_weights, sweep_markdown, sweep_weights
 from cyclej.modeling import marker_token_ids
 from cyclej.stages import StageRun
 from cyclej.store import ArtifactRef
+from cyclej.template_transfer import TemplateTransfer, back_translated_pairs
 
 STAGE = "merge"
 
@@ -40,9 +43,21 @@ def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[E
     n_b = cfg.merge.sweep_examples - n_a
     texts = {"a": run.lines("a", "dev")[:n_a], "b": run.lines("b", "dev")[:n_b]}
     para_style: list[Example] = []
-    for domain, (src, tgt) in (("a", (marker_a, marker_b)), ("b", (marker_b, marker_a))):
-        for text in texts[domain]:
-            para_style += para_examples(tokenizer, src, tgt, text, text)
+    tpc = cfg.para_train.template_pairs
+    if tpc is not None:
+        # 2A learned to change the style: score it on what it learned, template pairs of the dev lines.
+        marker = {"a": marker_a, "b": marker_b}
+        transfer = TemplateTransfer({d: run.lines(d, "train") for d in ("a", "b")}, tpc.min_salience,
+                                    tpc.max_ngram, tpc.retrieve_top)
+        dev = {d: run.lines(d, "dev") for d in ("a", "b")}
+        for p in back_translated_pairs(transfer, dev, cfg.merge.sweep_examples):
+            para_style.append(translation_example(tokenizer, marker[p.source_domain], p.source,
+                                                  marker[p.target_domain], p.target))
+        para_style = para_style[: 2 * cfg.merge.sweep_examples]
+    else:
+        for domain, (src, tgt) in (("a", (marker_a, marker_b)), ("b", (marker_b, marker_a))):
+            for text in texts[domain]:
+                para_style += para_examples(tokenizer, src, tgt, text, text)
     domain_style = domain_examples(tokenizer, marker_a, texts["a"]) + domain_examples(tokenizer, marker_b, texts["b"])
     return para_style, domain_style
 

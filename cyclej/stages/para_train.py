@@ -1,9 +1,16 @@
 """Stage `para_train` (INTERMEDIATE-2A): LoRA on INTERMEDIATE-1 to paraphrase across the markers,
 max p(para | "{Dsrc}{text}{Dtgt}") + p(text | "{Dtgt}{para}{Dsrc}") for the pairs of both domains.
 
-Input artifacts: `context` (its `model/`) and `paraphrase` (`pairs.jsonl`). A seeded slice of the pairs
-is held out for the dev loss. Output: `adapter/` (PEFT), `marker_rows.safetensors`, `metrics.json`,
-`metrics.jsonl` — never a full model copy. Checkpoints and resume are the trainer's (cyclej.train),
+Two options change what it learns from (both off in the card):
+- `paraphrase_markers: same` trains the paraphrases as ``{Dsrc} text {Dsrc}`` → para (and back), so they
+  teach rewording without teaching that the *other* marker keeps the source's style;
+- `template_pairs` adds back-translated template pairs ``{Dsrc} template {Dtgt}`` → a real line of the
+  target domain (cyclej/template_transfer.py), which show the model what a change of style looks like.
+
+Input artifacts: `context` (its `model/`), `paraphrase` (`pairs.jsonl`) and `data` (the train lines the
+template pairs come from). A seeded slice of the pairs is held out for the dev loss. Output: `adapter/`
+(PEFT), `marker_rows.safetensors`, `metrics.json`, `metrics.jsonl`, `template_pairs.jsonl` when those are
+on — never a full model copy. Checkpoints and resume are the trainer's (cyclej.train),
 under this stage's fingerprint; they are deleted once the artifact commits.
 """
 
@@ -14,26 +21,33 @@ import random
 from pathlib import Path
 from typing import Any
 
+from cyclej.config import TemplatePairsConfig
 from cyclej.errors import BadInput
-from cyclej.formats import Example, para_examples
+from cyclej.formats import Example, para_examples, translation_example
 from cyclej.paraphrase import match_surface
 from cyclej.stages import StageRun
 from cyclej.stages.lora import interleave, load_lora_base, train_and_commit_adapter
 from cyclej.store import ArtifactRef
+from cyclej.template_transfer import BackTranslatedPair, TemplateTransfer, back_translated_pairs
 
 STAGE = "para_train"
 MAX_DEV_FRACTION = 0.1
+TEMPLATE_PAIRS = "template_pairs.jsonl"
 
 
 def run_para_train(run: StageRun) -> ArtifactRef:
     tcfg = run.cfg.para_train
     base = load_lora_base(run, tcfg)
     tokenizer = base.tokenizer
-    # (source marker, target marker) by the domain the original text is in.
-    direction = {"a": (base.marker_a, base.marker_b), "b": (base.marker_b, base.marker_a)}
+    marker = {"a": base.marker_a, "b": base.marker_b}
+    # (source marker, marker the paraphrase is trained under) by the domain the original text is in.
+    other = {"a": "b", "b": "a"}
+    direction = {d: (marker[d], marker[d] if tcfg.paraphrase_markers == "same" else marker[other[d]])
+                 for d in ("a", "b")}
+    n_dev = tcfg.eval_batches * tcfg.micro_batch_size
 
     pairs = read_pairs(run.input_dir("paraphrase") / "pairs.jsonl")
-    train_pairs, dev_pairs = split_dev(pairs, tcfg.eval_batches * tcfg.micro_batch_size, tcfg.seed)
+    train_pairs, dev_pairs = split_dev(pairs, n_dev, tcfg.seed)
 
     def examples(selected: list[dict[str, Any]]) -> list[Example]:
         return [ex for p in selected for ex in para_examples(tokenizer, *direction[p["domain"]], p["text"],
@@ -45,10 +59,42 @@ def run_para_train(run: StageRun) -> ArtifactRef:
 
     train_examples = examples(train_pairs)
     dev_examples = examples(dev_pairs)
+    extra: dict[str, Any] = {"train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs)}
 
-    return train_and_commit_adapter(run, base, train_examples, dev_examples, {
-        "train_pairs": len(train_pairs), "dev_pairs": len(dev_pairs), "train_examples": len(train_examples),
-    })
+    if tcfg.template_pairs is not None:
+        templates = template_pairs(run, tcfg.template_pairs, tcfg.seed)
+        # The first pairs (both domains, interleaved) are held out for the dev loss, at most 10 %.
+        k = min(n_dev // 2, int(len(templates) * MAX_DEV_FRACTION))
+
+        def bt_examples(selected: list[BackTranslatedPair]) -> list[Example]:
+            return [translation_example(tokenizer, marker[p.source_domain], p.source, marker[p.target_domain],
+                                        p.target) for p in selected]
+
+        # Shuffled in among the paraphrase examples, so every batch holds both kinds.
+        train_examples += bt_examples(templates[k:])
+        random.Random(f"{tcfg.seed}-mix").shuffle(train_examples)
+        dev_examples = interleave(dev_examples, bt_examples(templates[:k]))
+        extra |= {"template_pairs": len(templates) - k, "template_dev_pairs": k}
+
+    extra["train_examples"] = len(train_examples)
+    return train_and_commit_adapter(run, base, train_examples, dev_examples, extra)
+
+
+def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[BackTranslatedPair]:
+    """The back-translated template pairs of the data stage's train lines, written beside the adapter
+    (`template_pairs.jsonl`) so a reader can see what the model was shown."""
+    with run.progress.bar("template pairs", total=1, unit="fit") as bar:
+        train = {d: run.lines(d, "train") for d in ("a", "b")}
+        transfer = TemplateTransfer(train, tpc.min_salience, tpc.max_ngram, tpc.retrieve_top)
+        pairs = back_translated_pairs(transfer, train, tpc.per_domain, seed)
+        bar.update(1)
+    if not pairs:
+        raise BadInput("para_train.template_pairs: no train line has a marker n-gram; lower "
+                       "para_train.template_pairs.min_salience or set template_pairs: null")
+    with open(run.workdir / TEMPLATE_PAIRS, "w", encoding="utf-8") as out:
+        for p in pairs:
+            out.write(json.dumps({"target_domain": p.target_domain, "source": p.source, "target": p.target}) + "\n")
+    return pairs
 
 
 def read_pairs(path: Path) -> list[dict[str, Any]]:
