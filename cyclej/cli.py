@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="CYCLE_J: train one LM that rewrites domain A as B and back, from unpaired text.")
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="pipeline config (YAML)", show_default=False)]
-PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo or gptj")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo, yelp or gptj")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: --set rl.steps=10")]
 StorageOpt = Annotated[str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")]
 

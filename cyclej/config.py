@@ -340,6 +340,10 @@ class EvalConfig(StrictModel):
         "(e.g. shakespeare dev.original/dev.modern): report reference BLEU against them",
     )
     backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
+    template_baseline: bool = Field(
+        True, description="also report the template transfer (cyclej/template_transfer.py, no model; its "
+        "markers by para_train.template_pairs or the defaults) as a baseline row"
+    )
 
 
 class OrchestrationConfig(StrictModel):

@@ -47,6 +47,7 @@ Domain = Literal["a", "b"]
 System = Callable[[list[str], Domain], list[str]]
 
 SYSTEM_COPY = "copy-input"
+SYSTEM_TEMPLATE = "template-baseline"
 SYSTEM_2A = "INTERMEDIATE-2A"
 SYSTEM_3 = "INTERMEDIATE-3"
 SYSTEM_RL = "CYCLE-J"

@@ -161,3 +161,17 @@ def back_translated_pairs(transfer: TemplateTransfer, targets: dict[Domain, Sequ
     for i in range(max(len(p) for p in by_domain.values())):
         out.extend(by_domain[d][i] for d in ("a", "b") if i < len(by_domain[d]))
     return out
+
+
+class TemplateSystem:
+    """The template transfer as an evaluation row (a baseline with no model: does the neural translator
+    beat string substitution?). A line with nothing to swap comes back unchanged."""
+
+    def __init__(self, train_a: Sequence[str], train_b: Sequence[str], min_salience: float = 5.0,
+                 max_ngram: int = 3, retrieve_top: int = 20) -> None:
+        self.transfer = TemplateTransfer({"a": train_a, "b": train_b}, min_salience, max_ngram, retrieve_top)
+        self.last_runaway: list[bool] = []
+
+    def __call__(self, lines: list[str], to: Domain) -> list[str]:
+        self.last_runaway = [False] * len(lines)
+        return [self.transfer.transfer(x, to) or x for x in lines]

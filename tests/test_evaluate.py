@@ -19,6 +19,7 @@ from cyclej.evaluate import (
     SYSTEM_3,
     SYSTEM_COPY,
     SYSTEM_RL,
+    SYSTEM_TEMPLATE,
     copy_system,
     evaluate,
 )
@@ -293,10 +294,10 @@ def test_run_eval_writes_the_report_with_four_rows(
     for name in ("report.md", "report.csv", "examples.jsonl", "metrics.json", "model_card.md",
                  "metrics_by_stage.png", "rl_rewards.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    systems = [SYSTEM_COPY, SYSTEM_2A, SYSTEM_3, SYSTEM_RL]
+    systems = [SYSTEM_COPY, SYSTEM_TEMPLATE, SYSTEM_2A, SYSTEM_3, SYSTEM_RL]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["system"] for r in metrics["table"]] == systems
-    assert len(metrics["per_direction"]) == 8
+    assert len(metrics["per_direction"]) == 10
     assert all(set(r) >= {"style_acc", "self_bleu", "similarity", "perplexity", "fluent", "runaway",
                           "length_ratio", "cycle_bleu", "J"} for r in metrics["table"])
     # Every system reports which outputs ran away (ModelTranslator.last_runaway; the copy never does).
@@ -311,11 +312,14 @@ def test_run_eval_writes_the_report_with_four_rows(
     assert all(f"| {s} |" in md for s in systems) and "Judge dev accuracy" in md
     examples = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
     assert len(examples) == 12
+    # The template baseline swaps sentiment words: on the real Yelp dev lines it changes most of them.
+    template = metrics["table"][1]
+    assert template["self_bleu"] < 90.0 and template["style_acc"] > metrics["table"][0]["style_acc"]
     assert set(examples[0]["systems"]) == set(systems)
     assert all({"translation", "back_translation"} <= set(v) for v in examples[0]["systems"].values())
     # The copy row is exact; the models' rows are real translations, not copies.
     assert metrics["table"][0]["self_bleu"] == pytest.approx(100.0)
-    assert metrics["table"][3]["self_bleu"] < 100.0
+    assert metrics["table"][4]["self_bleu"] < 100.0
     assert ref.metrics["judge_dev_accuracy"] == pytest.approx(metrics["judge_dev_accuracy"], abs=1e-4)
     # The overall table rides on the ArtifactRef too (the Prefect layer posts it as a table artifact).
     assert [r["system"] for r in ref.metrics["table"]] == systems
@@ -334,7 +338,7 @@ def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     report = evaluate_model_dir(artifacts["rl"], cfg, store)
     assert isinstance(report, EvalReport)
     label = f"{artifacts['rl'].parent.name}/rl"  # <stage>/<fingerprint> for an artifact's model/
-    assert [r["system"] for r in report.rows] == [SYSTEM_COPY, label]
+    assert [r["system"] for r in report.rows] == [SYSTEM_COPY, SYSTEM_TEMPLATE, label]
     assert f"| {label} |" in report.markdown
     assert report.rows[0]["self_bleu"] == pytest.approx(100.0)
 

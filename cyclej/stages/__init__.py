@@ -132,7 +132,7 @@ SPECS: dict[str, StageSpec] = {
             "cyclej.stages.rl:run_rl",
         ),
         StageSpec(
-            "eval", 1, ("data", "context", "para_train", "merge", "rl"),
+            "eval", 2, ("data", "context", "para_train", "merge", "rl"),  # 2: the template-baseline row
             lambda c: {"eval": _dump(c.eval, exclude={"backend", "batch_size"}), "base": c.models.base,
                        "embedder": c.models.embedder},
             "cyclej.stages.eval:run_eval",

@@ -1,6 +1,7 @@
 """Stage `eval`: what each stage adds, measured on the dev sets of both domains.
 
-Rows: the copy-the-input baseline, INTERMEDIATE-2A (the context model with the paraphrase adapter and its
+Rows: the copy-the-input baseline, the template baseline (`eval.template_baseline`: markers swapped by
+string substitution, cyclej.template_transfer, no model), INTERMEDIATE-2A (the context model with the paraphrase adapter and its
 trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL model). Metrics and the J
 definition: cyclej.evaluate and cyclej.eval_report. The artifact holds report.md, report.csv,
 examples.jsonl, the PNG plots, metrics.json (the table as a list of dicts, for the UI) and model_card.md;
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from cyclej.config import PipelineConfig
+from cyclej.config import PipelineConfig, TemplatePairsConfig
 from cyclej.corpus import read_corpus, read_lines
 from cyclej.errors import BadInput
 from cyclej.eval_report import EvalReport
@@ -27,6 +28,7 @@ from cyclej.evaluate import (
     SYSTEM_3,
     SYSTEM_COPY,
     SYSTEM_RL,
+    SYSTEM_TEMPLATE,
     System,
     copy_system,
     evaluate,
@@ -37,16 +39,28 @@ from cyclej.model_card import write_model_card
 from cyclej.progress import Progress
 from cyclej.stages import StageRun, run_stage
 from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.template_transfer import TemplateSystem
 from cyclej.translate import ModelTranslator, load_adapter_model, local_model_dir
 
 
+def baselines(cfg: PipelineConfig, train_a: list[str], train_b: list[str]) -> dict[str, System | str | Path]:
+    """The rows without a model: the copy, and the template transfer when `eval.template_baseline`."""
+    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system}
+    if cfg.eval.template_baseline:
+        tpc = cfg.para_train.template_pairs or TemplatePairsConfig()
+        systems[SYSTEM_TEMPLATE] = TemplateSystem(train_a, train_b, tpc.min_salience, tpc.max_ngram,
+                                                  tpc.retrieve_top)
+    return systems
+
+
 def pipeline_systems(
-    context_model: Path, para_artifact: Path, merge_model: Path, rl_model: Path, cfg: PipelineConfig
+    context_model: Path, para_artifact: Path, merge_model: Path, rl_model: Path, cfg: PipelineConfig,
+    train_a: list[str], train_b: list[str],
 ) -> dict[str, System | str | Path]:
-    """The four rows, each model loaded only when its turn comes."""
+    """The baselines and the three models, each model loaded only when its turn comes."""
     markers = (cfg.domain_a.marker, cfg.domain_b.marker)
     return {
-        SYSTEM_COPY: copy_system,
+        **baselines(cfg, train_a, train_b),
         SYSTEM_2A: ModelTranslator(
             loader=lambda: load_adapter_model(context_model, para_artifact, markers),
             batch_size=cfg.eval.batch_size,
@@ -86,12 +100,12 @@ def evaluate_model_dir(
     model_dir: str | Path, cfg: PipelineConfig, store: ArtifactStore, progress: Progress | None = None
 ) -> EvalReport:
     """`cyclej eval --model URI CONFIG`: the report for any model directory (or artifact URI) on the
-    config's data, beside the copy-the-input baseline. The `data` stage comes from the store (or runs)."""
+    config's data, beside the baselines. The `data` stage comes from the store (or runs)."""
     data = run_stage("data", cfg, {}, store, progress)
     train_a, train_b = read_lines(store, data, "a", "train"), read_lines(store, data, "b", "train")
     dev_a, dev_b, references = eval_dev_sets(cfg, store, data)
     local = local_model_dir(str(model_dir), None if store.is_local else store.storage_options)
-    systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system, model_label(local): local}
+    systems = {**baselines(cfg, train_a, train_b), model_label(local): local}
     return evaluate(systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=progress)
 
 
@@ -107,6 +121,8 @@ def run_eval(run: StageRun) -> ArtifactRef:
         run.input_dir("merge") / "model",
         rl_artifact / "model",
         cfg,
+        train_a,
+        train_b,
     )
     report = evaluate(
         systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=run.progress,
