@@ -72,6 +72,13 @@ def test_back_translated_pairs_have_real_targets_and_changed_sources() -> None:
     assert pairs != back_translated_pairs(t, {"a": NEGATIVE, "b": POSITIVE}, per_domain=3, seed=8)
 
 
+def test_paraphrase_markers_across_or_same() -> None:
+    from cyclej.stages.para_train import paraphrase_markers
+
+    assert paraphrase_markers({"a": 7, "b": 9}, "across") == {"a": (7, 9), "b": (9, 7)}
+    assert paraphrase_markers({"a": 7, "b": 9}, "same") == {"a": (7, 7), "b": (9, 9)}
+
+
 def test_min_salience_must_be_a_ratio_above_one() -> None:
     with pytest.raises(ValueError, match="min_salience"):
         _transfer(min_salience=1.0)

@@ -40,10 +40,7 @@ def run_para_train(run: StageRun) -> ArtifactRef:
     base = load_lora_base(run, tcfg)
     tokenizer = base.tokenizer
     marker = {"a": base.marker_a, "b": base.marker_b}
-    # (source marker, marker the paraphrase is trained under) by the domain the original text is in.
-    other = {"a": "b", "b": "a"}
-    direction = {d: (marker[d], marker[d] if tcfg.paraphrase_markers == "same" else marker[other[d]])
-                 for d in ("a", "b")}
+    direction = paraphrase_markers(marker, tcfg.paraphrase_markers)
     n_dev = tcfg.eval_batches * tcfg.micro_batch_size
 
     pairs = read_pairs(run.input_dir("paraphrase") / "pairs.jsonl")
@@ -78,6 +75,13 @@ def run_para_train(run: StageRun) -> ArtifactRef:
 
     extra["train_examples"] = len(train_examples)
     return train_and_commit_adapter(run, base, train_examples, dev_examples, extra)
+
+
+def paraphrase_markers(marker: dict[str, int], mode: str) -> dict[str, tuple[int, int]]:
+    """(source marker, marker the paraphrase is trained under) by the domain the original text is in:
+    the other domain's (`across`, the card) or its own (`same`)."""
+    other = {"a": "b", "b": "a"}
+    return {d: (marker[d], marker[d] if mode == "same" else marker[other[d]]) for d in ("a", "b")}
 
 
 def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[BackTranslatedPair]:
