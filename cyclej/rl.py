@@ -462,12 +462,18 @@ class RLTrainer:
         return metrics
 
     def _style_share(self, ro: Rollouts) -> dict[str, float]:
-        """The share of this step's rollouts the style judge assigns to their target domain."""
+        """The share of this step's rollouts the style judge assigns to their target domain, overall and
+        per target domain (`style/target_share/to_a`, `/to_b`): one direction can lag the other."""
         if self.style_judge is None or not len(ro):
             return {}
         judged = self.style_judge.predict(ro.translations)
         hits = [j == t for j, t in zip(judged, ro.target_domains, strict=True)]
-        return {"style/target_share": sum(hits) / len(hits)}
+        out = {"style/target_share": sum(hits) / len(hits)}
+        for domain in ("a", "b"):
+            mine = [h for h, t in zip(hits, ro.target_domains, strict=True) if t == domain]
+            if mine:
+                out[f"style/target_share/to_{domain}"] = sum(mine) / len(mine)
+        return out
 
     def _write_logs(self) -> None:
         if self.log_dir is None:

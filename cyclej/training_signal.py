@@ -145,7 +145,8 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # kl: to the start model (the frozen reference, loaded when rl.kl_coef > 0); without it, the policy's
     # mean log-prob of its own samples, a drift indicator, not a KL.
     ("KL to the start model / sampled-token log-prob", ("kl", "sampled_logprob/mean")),
-    ("share of rollouts in the target style", ("style/target_share",)),
+    ("share of rollouts in the target style", ("style/target_share", "style/target_share/to_a",
+                                               "style/target_share/to_b")),
 )
 
 

@@ -278,6 +278,9 @@ def test_rl_stage_writes_cycle_j_logs_and_samples(uninterrupted: tuple[PipelineC
         # The signal of the step: the update moved the weights; the style share and log-prob are logged.
         assert 1e-7 < r["update_size"] < 1e-1
         assert 0.0 <= r["style/target_share"] <= 1.0 and r["sampled_logprob/mean"] < 0
+        # Per direction too (prompts are balanced: half go to each domain), and the overall is their mean.
+        to_a, to_b = r["style/target_share/to_a"], r["style/target_share/to_b"]
+        assert r["style/target_share"] == pytest.approx((to_a + to_b) / 2)
     assert (art / "training_signal.png").stat().st_size > 10_000
     # Rewards of the first step: the discriminator had not been trained yet (uniform over 3 classes).
     assert rows[0]["reward/discriminator/mean"] == pytest.approx(1 / 3, abs=0.05)
