@@ -67,7 +67,7 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
     cfg = pipeline_config(tmp_path, para_train=section)
     store = ArtifactStore(cfg.storage.root)
     built = build_inputs(store, n_lines=12)
-    inputs = {"context": built["context"], "paraphrase": built["paraphrase"]}
+    inputs = {"context": built["context"], "paraphrase": built["paraphrase"], "data": built["data"]}
     # The same input artifacts in a second store, for the run that never stops.
     shutil.copytree(cfg.storage.root, tmp_path / "store-ref")
 
