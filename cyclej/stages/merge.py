@@ -54,7 +54,8 @@ def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[E
             para_style.append(translation_example(tokenizer, marker[p.source_domain], p.source,
                                                   marker[p.target_domain], p.target))
         para_style = para_style[: 2 * cfg.merge.sweep_examples]
-    else:
+    if not para_style:
+        # No template pairs on (or no dev line with a marker to swap): the content-preservation format.
         for domain, (src, tgt) in (("a", (marker_a, marker_b)), ("b", (marker_b, marker_a))):
             for text in texts[domain]:
                 para_style += para_examples(tokenizer, src, tgt, text, text)
