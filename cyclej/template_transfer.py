@@ -33,6 +33,8 @@ from typing import Literal
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from cyclej.config import TemplatePairsConfig
+
 Domain = Literal["a", "b"]
 OTHER: dict[Domain, Domain] = {"a": "b", "b": "a"}
 SMOOTHING = 1.0  # λ of the salience ratio: an n-gram unseen in the other domain needs min_salience − 1 uses
@@ -77,6 +79,12 @@ class TemplateTransfer:
         self.vectorizer.fit([s.content_text for d in ("a", "b") for s in self.deleted[d]])
         self.content_matrix = {d: self.vectorizer.transform([s.content_text for s in self.deleted[d]])
                                for d in ("a", "b")}
+
+    @classmethod
+    def from_config(cls, train: dict[Domain, Sequence[str]], tpc: TemplatePairsConfig | None) -> TemplateTransfer:
+        """Fitted with `para_train.template_pairs`' markers and retrieval (its defaults when it is off)."""
+        tpc = tpc or TemplatePairsConfig()
+        return cls(train, tpc.min_salience, tpc.max_ngram, tpc.retrieve_top)
 
     def delete(self, text: str, domain: Domain) -> Deleted:
         """Cut `domain`'s markers out of `text`, longest n-grams first."""
@@ -167,9 +175,8 @@ class TemplateSystem:
     """The template transfer as an evaluation row (a baseline with no model: does the neural translator
     beat string substitution?). A line with nothing to swap comes back unchanged."""
 
-    def __init__(self, train_a: Sequence[str], train_b: Sequence[str], min_salience: float = 5.0,
-                 max_ngram: int = 3, retrieve_top: int = 20) -> None:
-        self.transfer = TemplateTransfer({"a": train_a, "b": train_b}, min_salience, max_ngram, retrieve_top)
+    def __init__(self, transfer: TemplateTransfer) -> None:
+        self.transfer = transfer
         self.last_runaway: list[bool] = []
 
     def __call__(self, lines: list[str], to: Domain) -> list[str]:

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from cyclej.config import PipelineConfig, TemplatePairsConfig
+from cyclej.config import PipelineConfig
 from cyclej.corpus import read_corpus, read_lines
 from cyclej.errors import BadInput
 from cyclej.eval_report import EvalReport
@@ -39,7 +39,7 @@ from cyclej.model_card import write_model_card
 from cyclej.progress import Progress
 from cyclej.stages import StageRun, run_stage
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.template_transfer import TemplateSystem
+from cyclej.template_transfer import TemplateSystem, TemplateTransfer
 from cyclej.translate import ModelTranslator, load_adapter_model, local_model_dir
 
 
@@ -47,9 +47,8 @@ def baselines(cfg: PipelineConfig, train_a: list[str], train_b: list[str]) -> di
     """The rows without a model: the copy, and the template transfer when `eval.template_baseline`."""
     systems: dict[str, System | str | Path] = {SYSTEM_COPY: copy_system}
     if cfg.eval.template_baseline:
-        tpc = cfg.para_train.template_pairs or TemplatePairsConfig()
-        systems[SYSTEM_TEMPLATE] = TemplateSystem(train_a, train_b, tpc.min_salience, tpc.max_ngram,
-                                                  tpc.retrieve_top)
+        transfer = TemplateTransfer.from_config({"a": train_a, "b": train_b}, cfg.para_train.template_pairs)
+        systems[SYSTEM_TEMPLATE] = TemplateSystem(transfer)
     return systems
 
 

@@ -47,8 +47,7 @@ def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[E
     if tpc is not None:
         # 2A learned to change the style: score it on what it learned, template pairs of the dev lines.
         marker = {"a": marker_a, "b": marker_b}
-        transfer = TemplateTransfer({d: run.lines(d, "train") for d in ("a", "b")}, tpc.min_salience,
-                                    tpc.max_ngram, tpc.retrieve_top)
+        transfer = TemplateTransfer.from_config({d: run.lines(d, "train") for d in ("a", "b")}, tpc)
         dev = {d: run.lines(d, "dev") for d in ("a", "b")}
         for p in back_translated_pairs(transfer, dev, cfg.merge.sweep_examples):
             para_style.append(translation_example(tokenizer, marker[p.source_domain], p.source,

@@ -89,7 +89,7 @@ def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[B
     (`template_pairs.jsonl`) so a reader can see what the model was shown."""
     with run.progress.bar("template pairs", total=1, unit="fit") as bar:
         train = {d: run.lines(d, "train") for d in ("a", "b")}
-        transfer = TemplateTransfer(train, tpc.min_salience, tpc.max_ngram, tpc.retrieve_top)
+        transfer = TemplateTransfer.from_config(train, tpc)
         pairs = back_translated_pairs(transfer, train, tpc.per_domain, seed)
         bar.update(1)
     if not pairs:
