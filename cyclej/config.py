@@ -130,6 +130,10 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every_steps: int = Field(50, gt=0)
     eval_batches: int = Field(4, gt=0)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass instead of keeping them "
+        "(~1/3 more compute, activation memory of one layer); the loss is the same"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -281,7 +285,9 @@ class RLConfig(StrictModel):
     replay_buffer_size: int = Field(1024, gt=0)
     discriminator_batch: int = Field(32, gt=0)
     discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")
-    discriminator_trust_remote_code: bool = Field(True, description="NeoBERT ships its model code with the weights")
+    discriminator_trust_remote_code: bool = Field(
+        True, description="run the hub code a remote-code encoder ships (its imports must be installed); "
+        "never used for NeoBERT, which cyclej.neobert builds")
     # RL's own engine: it shares the GPU with the policy, its gradients and the discriminator, and its
     # sequences are short (prompt + rl.max_new_tokens), so it borrows nothing from paraphrase.vllm.
     vllm: RLVllmConfig = Field(default_factory=lambda: RLVllmConfig())
@@ -294,6 +300,10 @@ class RLConfig(StrictModel):
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     sample_every_steps: int = Field(10, gt=0)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the policy's layer activations in the backward pass (dropout stays off); "
+        "the gradient is the same"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -363,6 +373,11 @@ class PipelineConfig(StrictModel):
     (and the fingerprints of the stages after it)."""
 
     name: str = "cyclej"
+    # Where the GPU stages compute; in no fingerprint (where, not what). The env var CYCLEJ_DEVICE
+    # overrides it on the machine that runs a stage (cyclej.device).
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: the GPU when torch sees one; cuda: refuse to start without one; cpu"
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     domain_a: DomainConfig
     domain_b: DomainConfig

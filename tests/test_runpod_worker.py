@@ -116,7 +116,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             st = Stack(stack_env, standin, worker, tmp / "worker.log")
             # All runs start at once (the worker runs them concurrently): the drill's wall time is the
             # slowest run's, not the sum.
-            quick = _deploy(st, quick_flow, "quick", {"gpu_type_id": "NVIDIA A100 80GB PCIe", "container_disk_gb": 40,
+            # The pod's RAM, vCPU, disk and host CUDA as `cyclej plan` would ask for an RL stage.
+            quick = _deploy(st, quick_flow, "quick", {"gpu_type_id": "NVIDIA A100 80GB PCIe", "container_disk_gb": 150,
+                                                      "min_memory_in_gb": 96, "min_vcpu_count": 16,
+                                                      "allowed_cuda_versions": ["13.0"],
                                                       "env": {"DEPLOYMENT_VAR": "from-deployment"}})
             sleepy = _deploy(st, sleepy_flow, "sleepy", {"gpu_type_id": "NVIDIA A40"})
             st.runs = {
@@ -168,7 +171,10 @@ def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: S
     assert spec["imageName"] == "cyclej-gpu:test"  # pool default
     assert spec["networkVolumeId"] == "vol-standin"
     assert spec["dataCenterId"] == "EU-RO-1"  # looked up from the volume by the SDK
-    assert spec["containerDiskInGb"] == 40 and spec["volumeMountPath"] == "/runpod-volume"
+    assert spec["containerDiskInGb"] == 150 and spec["volumeMountPath"] == "/runpod-volume"
+    assert spec["minMemoryInGb"] == 96 and spec["minVcpuCount"] == 16  # not the SDK's 1 GB / 1 vCPU
+    assert spec["allowedCudaVersions"] == ["13.0"]
+    assert stack.standin.pods[str(done.infrastructure_pid)].host_cuda == "13.0"
     assert spec["cloudType"] == "SECURE"
     assert spec["dockerArgs"] == f"prefect flow-run execute {run_id}"
     assert env["PREFECT_API_URL"] == stack.env["PREFECT_API_URL"]

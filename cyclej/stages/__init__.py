@@ -65,6 +65,16 @@ _OFF_BY_DEFAULT_RL: dict[str, object] = {
 }
 
 
+# Options that change memory (and speed), never what a stage computes: left out of every fingerprint.
+_MEMORY_ONLY = {"gradient_checkpointing"}
+
+# How often RL checkpoints and how many it keeps change nothing it computes (a resume is bit-identical).
+# They were in the RL slice when runs existed, all presets at these defaults: the slice records these
+# values whatever is set, so those fingerprints stay and a new interval re-runs nothing.
+# (`checkpoint_every_steps` stays in as set: the presets fingerprinted it with different values.)
+_RL_CHECKPOINTING_AS_FINGERPRINTED: dict[str, object] = {"checkpoint_every_minutes": 10.0, "keep_checkpoints": 2}
+
+
 def _domains(cfg: PipelineConfig) -> dict[str, Any]:
     """Domains by content, not path: the same corpus in another folder is the same input."""
     out = {}
@@ -92,7 +102,7 @@ SPECS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "context", 1, ("data",),
-            lambda c: {"base": c.models.base, "markers": _markers(c), "context": _dump(c.context)},
+            lambda c: {"base": c.models.base, "markers": _markers(c), "context": _dump(c.context, exclude=_MEMORY_ONLY)},
             "cyclej.stages.context:run_context",
         ),
         StageSpec(
@@ -108,12 +118,12 @@ SPECS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "para_train", 1, ("context", "paraphrase", "data"),
-            lambda c: {"para_train": _dump(c.para_train)},
+            lambda c: {"para_train": _dump(c.para_train, exclude=_MEMORY_ONLY)},
             "cyclej.stages.para_train:run_para_train",
         ),
         StageSpec(
             "domain_train", 1, ("context", "data"),
-            lambda c: {"domain_train": _dump(c.domain_train)},
+            lambda c: {"domain_train": _dump(c.domain_train, exclude=_MEMORY_ONLY)},
             "cyclej.stages.domain_train:run_domain_train",
         ),
         StageSpec(
@@ -124,8 +134,9 @@ SPECS: dict[str, StageSpec] = {
         StageSpec(
             "rl", 1, ("merge", "data"),
             lambda c: {
-                "rl": _dump(c.rl, exclude={"backend"}
-                            | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off}),
+                "rl": {**_dump(c.rl, exclude={"backend"} | _MEMORY_ONLY
+                               | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off}),
+                       **_RL_CHECKPOINTING_AS_FINGERPRINTED},
                 "embedder": c.models.embedder,
                 "discriminator": c.models.discriminator,
             },
@@ -140,6 +151,10 @@ SPECS: dict[str, StageSpec] = {
     ]
 }
 assert tuple(SPECS) == STAGES
+# The stages that compute on a GPU when there is one: with `device: cuda` they refuse to start without one
+# (`StageRun.device`) before anything else, including those that pick their device inside library code
+# (paraphrase and eval engines). data and merge are CPU work and run anywhere.
+GPU_STAGES = frozenset({"context", "paraphrase", "para_train", "domain_train", "rl", "eval"})
 
 
 def corpus_digest(path: str) -> str:
@@ -258,9 +273,11 @@ class StageRun:
 
     @functools.cached_property
     def device(self) -> torch.device:
-        import torch
+        """The GPU when torch sees one (`device: auto`); with `device: cuda` or CYCLEJ_DEVICE=cuda (the GPU
+        pods) no GPU is BadInput, before the stage computes anything, never a silent CPU run."""
+        from cyclej.device import resolve_device
 
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(self.cfg.device, self.name)
 
     def input_dir(self, name: str) -> Path:
         """The local folder of input artifact `name` (downloaded once from a remote store)."""
@@ -320,6 +337,10 @@ def run_shard(
     """Compute one shard of a sharded stage (nothing to do when it is saved already)."""
     shards = SPECS[stage.name].shards
     assert shards is not None, f"stage {stage.name} has no shards"
+    if stage.name in GPU_STAGES:
+        from cyclej.device import resolve_device
+
+        resolve_device(cfg.device, stage.name)  # refuse a CPU-only host before any engine starts
     _load(shards[1])(cfg, inputs, store, index, progress.for_stage(stage.name))
 
 
@@ -349,6 +370,8 @@ def run_stage(
         # No stage starts while another stage's generation engine holds the device (cyclej.engines).
         engines.release_all(starting=name)
         run = StageRun(cfg, stage, {k: inputs[k] for k in stage.inputs}, store, progress)
+        if name in GPU_STAGES:
+            run.device  # noqa: B018 - resolving it refuses a CPU-only host before the stage computes
         ref = stage_function(name)(run)
     assert ref.fingerprint == fp, f"stage {name} wrote {ref.fingerprint}, expected {fp}"
     return ref
