@@ -10,7 +10,8 @@ both directions and needs one forward pass per batch.
 Trained online during RL with its own AdamW: real lines of both domains versus the policy's
 translations from a replay buffer (the last `buffer_size` generated texts, both directions). The RL
 loop asks for rewards *before* updating the discriminator on the same batch. Text is re-tokenized with
-the discriminator's own tokenizer (the policy's token ids mean nothing to it).
+the discriminator's own tokenizer (the policy's token ids mean nothing to it). A NeoBERT checkpoint (the
+`gptj` preset's chandar-lab/NeoBERT) is built by cyclej.neobert, not by the hub's remote code.
 
 Its whole state (weights, optimizer, replay buffer, sampling generator) round-trips through
 `state_dict`/`load_state_dict`, so an RL run resumes bit-identically on CPU.
@@ -25,15 +26,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
+from cyclej import neobert
 from cyclej.errors import BadInput
+from cyclej.faults import maybe_fault
 from cyclej.models import resolve_model
+from cyclej.oom import OutOfMemory, map_halving, oom_message, release_memory
 
 REAL_A, REAL_B, GENERATED = 0, 1, 2
 LABELS = {REAL_A: "real_a", REAL_B: "real_b", GENERATED: "generated"}
 DomainKey = Literal["a", "b"]
 DiscriminatorRewardKind = Literal["real_target", "style", "style_gain"]  # rl.discriminator_reward
+
+
+def _load_classifier(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and a fresh 3-class head on the encoder at `path`. A NeoBERT checkpoint (config
+    model_type "neobert", e.g. chandar-lab/NeoBERT) is built by cyclej.neobert and never by its hub code,
+    whatever `trust_remote_code` says: that code imports xformers, which no lock of ours has."""
+    head = {"num_labels": 3, "id2label": LABELS, "label2id": {v: k for k, v in LABELS.items()},
+            "ignore_mismatched_sizes": True, "dtype": torch.float32}
+    if PretrainedConfig.get_config_dict(path)[0].get("model_type") == neobert.MODEL_TYPE:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return tokenizer, neobert.NeoBERTForSequenceClassification.from_pretrained(path, **head)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **head)
+    return tokenizer, model
 
 
 def _has_words(text: str) -> bool:
@@ -72,20 +90,15 @@ class Discriminator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-                self.model = AutoModelForSequenceClassification.from_pretrained(
-                    path,
-                    num_labels=3,
-                    id2label=LABELS,
-                    label2id={v: k for k, v in LABELS.items()},
-                    ignore_mismatched_sizes=True,
-                    trust_remote_code=trust_remote_code,
-                    dtype=torch.float32,
-                )
-            except (OSError, ValueError) as exc:
+                self.tokenizer, self.model = _load_classifier(path, trust_remote_code)
+            except Exception as exc:  # remote code raises anything (ImportError, NameError, ...)
+                # One line, before the caller loads anything big (the rl stage loads this first).
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
                 raise BadInput(
                     f"models.discriminator {spec}: cannot load as a sequence classifier "
-                    f"({str(exc).splitlines()[0][:160]})"
+                    f"({type(exc).__name__}: {first}); give a local Hugging Face folder or a hub id whose "
+                    "model transformers builds (NeoBERT is built in: cyclej.neobert), or install what its "
+                    "remote code imports (rl.discriminator_trust_remote_code)"
                 ) from None
         self.model.to(self.device)
         params = inspect.signature(self.model.forward).parameters
@@ -112,10 +125,11 @@ class Discriminator:
         was_training = self.model.training
         self.model.eval()
         try:
-            chunks = [
-                self.model(**self._encode(texts[i : i + batch_size])).logits.float().softmax(-1).cpu()
-                for i in range(0, len(texts), batch_size)
-            ]
+            # An OOM halves the batch and scores that part again (cyclej.oom.map_halving).
+            chunks = map_halving(
+                lambda chunk: self.model(**self._encode(chunk)).logits.float().softmax(-1).cpu(), texts,
+                batch_size, point="discriminator-scores", knob="rl.discriminator_max_tokens",
+            )
         finally:
             self.model.train(was_training)
         return torch.cat(chunks) if chunks else torch.zeros(0, 3)
@@ -212,23 +226,70 @@ class Discriminator:
         truth = torch.tensor([False] * len(texts_a) + [True] * len(texts_b))
         return float((says_b == truth).float().mean())
 
+    # Texts per forward/backward of an update: None (the whole batch at once) until an OOM halves it.
+    micro_batch: int | None = None
+
     def _train_on(self, texts: list[str], labels: list[int]) -> dict[str, float]:
-        """One optimizer step on `texts` with class `labels`."""
+        """One optimizer step on `texts` with class `labels`. An OOM in the forward/backward drops the
+        gradients, releases the memory (outside the except block, cyclej.oom) and redoes the update in
+        chunks of half as many texts, accumulated to the same mean loss, down to one text; then, or in
+        the optimizer step itself (AdamW may have moved some tensors: not safe to redo), it fails with
+        one line (`OutOfMemory`)."""
         # Dropout draws from a stream seeded by our own generator: the result depends on our state only.
         dropout_seed = int(torch.randint(2**62, (1,), generator=self.generator))
         self.model.train()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(dropout_seed)
-            logits = self.model(**self._encode(texts)).logits.float()
-        target = torch.tensor(labels, device=logits.device)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.model.eval()
+        try:
+            while True:
+                failure = None
+                try:
+                    loss, hits = self._gradients(texts, labels, dropout_seed)
+                    break
+                except Exception as exc:
+                    failure = oom_message(exc)
+                    if failure is None:
+                        raise
+                self.optimizer.zero_grad(set_to_none=True)
+                release_memory()
+                size = self.micro_batch or len(texts)
+                if size <= 1:
+                    raise OutOfMemory(f"discriminator: out of memory at one text per batch ({failure}); lower "
+                                      "rl.discriminator_max_tokens")
+                self.micro_batch = size // 2
+            try:
+                self.optimizer.step()
+            except Exception as exc:
+                failure = oom_message(exc)
+                if failure is None:
+                    raise
+            if failure is not None:
+                raise OutOfMemory(f"discriminator: out of memory in its optimizer step ({failure}); lower "
+                                  "rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch")
+        finally:
+            self.model.eval()
         self.updates += 1
-        accuracy = (logits.detach().argmax(-1) == target).float().mean()
-        return {"disc/loss": float(loss.detach()), "disc/accuracy": float(accuracy)}
+        return {"disc/loss": loss, "disc/accuracy": float(hits.float().mean())}
+
+    def _gradients(self, texts: list[str], labels: list[int], dropout_seed: int) -> tuple[float, torch.Tensor]:
+        """Gradients of the mean cross-entropy over `texts`, `micro_batch` texts per forward/backward (all
+        at once by default, exactly the loss of one forward); the loss and each text's hit."""
+        n = len(texts)
+        size = self.micro_batch or n
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, hits = 0.0, []
+        for i, start in enumerate(range(0, n, size)):
+            chunk = slice(start, start + size)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(dropout_seed + i)
+                logits = self.model(**self._encode(texts[chunk])).logits.float()
+            if i == 0:
+                maybe_fault("discriminator", self.updates + 1)  # with the chunk's activations alive
+            target = torch.tensor(labels[chunk], device=logits.device)
+            # The chunk's share of the batch mean (× 1.0 when the chunk is the whole batch).
+            loss = torch.nn.functional.cross_entropy(logits, target) * (len(target) / n)
+            loss.backward()
+            loss_total += float(loss.detach())
+            hits.append(logits.detach().argmax(-1) == target)
+        return loss_total, torch.cat(hits)
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -239,6 +300,9 @@ class Discriminator:
             "replay": list(self.replay),
             "generator": self.generator.get_state(),
             "updates": self.updates,
+            # After an out-of-memory split the update runs in chunks (same math); a resume keeps them, so
+            # it neither hits the same OOM again nor changes the float order of the gradient.
+            "micro_batch": self.micro_batch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,6 +312,7 @@ class Discriminator:
         self.replay.extend(state["replay"])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])
+        self.micro_batch = state.get("micro_batch")  # absent in checkpoints from before the OOM split
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A plain HF sequence-classification directory (usable later as a domain classifier)."""
