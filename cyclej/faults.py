@@ -1,10 +1,16 @@
-"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<stage>:<step>:<oom|error|kill|hang>[,…]``.
+"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<point>:<step>:<oom|cublas|error|kill|hang>[,…]``.
 
 When the named stage reaches that optimizer step (for `paraphrase`: that shard), `maybe_fault` raises a
-CUDA out-of-memory error (`oom`, once per process), raises a plain error (`error`, once per process),
+CUDA out-of-memory error (`oom`, once per process), raises cuBLAS's allocation failure as torch does, a
+plain RuntimeError (`cublas`, once per process), raises a plain error (`error`, once per process),
 ends the process at once with no clean-up (`kill`, like a lost pod) or blocks forever (`hang`, like a
 stuck GPU: for drills of what a SIGTERM or a timeout does to a stage that never finishes). Read only
 from the environment; does nothing when the variable is unset.
+
+Points besides the stages' steps (cyclej.oom lists the out-of-memory paths): `rl-push:<step>` (the weight
+push into the engine), `discriminator:<update>` (its training step), and the chunked no-grad passes of
+`cyclej.oom.map_halving`, whose step is the chunk of the call: `<stage>-dev_loss`, `embedder`,
+`discriminator-scores`, `perplexity`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch
 from cyclej.errors import BadInput
 
 _fired: set[tuple[str, int, str]] = set()
-KINDS = ("oom", "error", "kill", "hang")
+KINDS = ("oom", "cublas", "error", "kill", "hang")
+# What torch raises when cuBLAS cannot allocate its handle or workspace: not an OutOfMemoryError.
+CUBLAS_ALLOC_FAILED = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
 
 
 class InjectedError(RuntimeError):
@@ -30,7 +38,7 @@ def parse(spec: str) -> list[tuple[str, int, str]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
         if len(parts) != 3 or parts[2] not in KINDS or not parts[1].isdigit():
-            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<oom|error|kill|hang>")
+            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<{'|'.join(KINDS)}>")
         faults.append((parts[0], int(parts[1]), parts[2]))
     return faults
 
@@ -52,4 +60,6 @@ def maybe_fault(stage: str, step: int) -> None:
         _fired.add((f_stage, f_step, kind))
         if kind == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by CYCLEJ_FAULT at {stage}:{step})")
+        if kind == "cublas":
+            raise RuntimeError(f"{CUBLAS_ALLOC_FAILED} (injected by CYCLEJ_FAULT at {stage}:{step})")
         raise InjectedError(f"injected error (CYCLEJ_FAULT at {stage}:{step})")

@@ -19,8 +19,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
 from sentence_transformers import SentenceTransformer
+
+from cyclej.oom import map_halving
 
 # rougeLsum wants one sentence per line; nltk's punkt data is not on these machines, so split on
 # sentence-final punctuation followed by white space.
@@ -40,11 +43,16 @@ def embedding_similarity(
     _check_pairs(sources, outputs)
     if not sources:
         return []
-    # One encode call for both sides: half the Python overhead, same numbers.
-    emb = embedder.encode(
-        [*sources, *outputs], batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-        show_progress_bar=False,
+    # One encode call for both sides: half the Python overhead, same numbers. An OOM splits the texts in
+    # halves (then quarters, …, down to one text a call) and encodes the part that failed again.
+    texts = [*sources, *outputs]
+    parts = map_halving(
+        lambda chunk: embedder.encode(list(chunk), batch_size=min(batch_size, len(chunk)), convert_to_tensor=True,
+                                      normalize_embeddings=True, show_progress_bar=False),
+        texts, len(texts), point="embedder",
+        knob="what else holds the GPU (a vLLM engine's gpu_memory_utilization, rl.rollout_micro_batch)",
     )
+    emb = torch.cat(parts)
     src, out = emb[: len(sources)], emb[len(sources) :]
     return (src * out).sum(dim=-1).clamp(-1.0, 1.0).float().cpu().tolist()
 

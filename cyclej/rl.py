@@ -18,33 +18,41 @@ One step (`RLTrainer.step`):
    −Σ A·log π(y_t) / (number of completion tokens in the step), plus an optional KL penalty to the
    frozen INTERMEDIATE-3 (k3 estimator; off by default). One update per batch of fresh samples, so the
    PPO ratio is 1 and its clipped objective reduces to exactly this gradient. The batch is processed
-   in micro-batches of whole groups with gradient accumulation; the normalizer is the whole step's
-   token count, so the gradient does not depend on the micro-batch size.
+   in micro-batches of rows (whole groups, or parts of one after an OOM: the advantages are the whole
+   groups') with gradient accumulation; the normalizer is the whole step's token count, so the
+   gradient does not depend on the micro-batch size. With `rl.gradient_checkpointing` the layers
+   recompute their activations in the backward pass, dropout still off (`RLTrainer._checkpointing`).
 7. Clip the gradient norm to `rl.max_grad_norm`, AdamW step, warm-up + cosine LR.
 8. Update the discriminator on real text of both domains vs the replay buffer of generated text.
 
-Out of memory anywhere in the step (`torch.OutOfMemoryError`, also injected by `maybe_fault("rl",
-step)`): the gradients are dropped, the rollout micro-batch halves (still whole groups) and the step
-runs again from its pre-step state — nothing is updated before the optimizer step, and the step's
-samples are seeded by (seed, step), so the retry sees the same prompts.
+Out of memory anywhere in the step (cyclej.oom: `torch.OutOfMemoryError` or cuBLAS's allocation failure,
+also injected by `maybe_fault("rl", step)`): the gradients are dropped, the memory is released outside
+the except block, the rollout micro-batch halves — in rows, below one group too, down to one row — and
+the step runs again from its pre-step state (nothing is updated before the optimizer step, and the step's
+samples are seeded by (seed, step), so the retry sees the same prompts). The weight push and the discriminator handle their own OOMs.
 
-The trainer's whole state — policy, optimizer, scheduler, discriminator and its optimizer, replay
-buffer, RNG states, step, micro-batch and the logs so far — is saved by `save_state` and restored by
-`load_state`; a resumed run is bit-identical to an uninterrupted one on CPU.
+The trainer's whole state — the optimizer's fp32 masters and moments (the policy's weights are derived
+from the masters, not saved again), scheduler, discriminator and its optimizer, replay buffer, RNG
+states, step, micro-batch and the logs so far — is saved by `save_state` (12 bytes per policy parameter,
+safetensors) and restored by `load_state`; a resumed run is bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej import rewards as R
@@ -54,13 +62,15 @@ from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.formats import encode_text, eos_id
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, newline_token_ids
-from cyclej.optim import MasterAdamW
+from cyclej.oom import abort_engine_requests, oom_message, release_memory
+from cyclej.optim import MASTER_KEY, MasterAdamW
 from cyclej.precision import use_bf16
 from cyclej.training import lr_scheduler, rng_state, set_rng_state, warmup_steps
 
 if TYPE_CHECKING:
     from cyclej.judge import StyleJudge
 
+log = logging.getLogger("cyclej.rl")
 DomainKey = Literal["a", "b"]
 OTHER: dict[DomainKey, DomainKey] = {"a": "b", "b": "a"}
 
@@ -268,9 +278,16 @@ class RLTrainer:
         self.autocast_bf16 = use_bf16(cfg.precision, self.device)
         self.eos = eos_id(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
-        self.micro_batch = cfg.rollout_micro_batch  # groups per chunk; halves on OOM
+        # Rows (rollouts) per forward/backward chunk: rl.rollout_micro_batch groups to start with, halved on
+        # an OOM down to one row (advantages are computed on whole groups before the backward, and the loss
+        # is normalized by the whole step's tokens, so any split of the rows gives the same gradient).
+        self.micro_rows = cfg.rollout_micro_batch * cfg.rollouts
         # Dropout off: the log-probs we train must be those of the policy that sampled.
         self.policy.eval()
+        if cfg.gradient_checkpointing:
+            from cyclej.train import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(self.policy, "rl")
         self.owns_backend = backend is None
         self.backend: GenerationBackend = backend or self._transformers_backend()
         # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in CPU
@@ -288,9 +305,19 @@ class RLTrainer:
         self.metrics_log: list[dict[str, Any]] = []
         self.samples_log: list[dict[str, Any]] = []
 
+    @property
+    def micro_batch(self) -> int | float:
+        """The micro-batch in rl.rollout_micro_batch's unit, groups: a fraction once an OOM split a group."""
+        groups, rest = divmod(self.micro_rows, self.cfg.rollouts)
+        return self.micro_rows / self.cfg.rollouts if rest else groups
+
+    @micro_batch.setter
+    def micro_batch(self, groups: float) -> None:
+        self.micro_rows = max(1, round(groups * self.cfg.rollouts))
+
     def _transformers_backend(self) -> TransformersBackend:
         # Generation batch = the rollout micro-batch in rows, so an OOM halves both.
-        return TransformersBackend(self.policy, self.tokenizer, batch_size=self.micro_batch * self.cfg.rollouts)
+        return TransformersBackend(self.policy, self.tokenizer, batch_size=self.micro_rows)
 
     # ---- 1-3: prompts, rollouts, back-translations ---------------------------------------------------
     def pick_sources(self, step: int) -> list[tuple[DomainKey, str]]:
@@ -349,23 +376,25 @@ class RLTrainer:
 
     # ---- 6: the policy-gradient pass -----------------------------------------------------------------
     def accumulate_gradients(self, ro: Rollouts, advantages: torch.Tensor, step: int) -> dict[str, float]:
-        """Forward/backward in chunks of `micro_batch` whole groups; returns the step's loss terms."""
-        G = ro.group_size
-        rows_per_chunk = self.micro_batch * G
+        """Forward/backward in chunks of `micro_rows` rows (whole groups or parts of one: `advantages` are
+        the whole groups'); returns the step's loss terms."""
+        rows_per_chunk = self.micro_rows
         n_tokens = sum(len(c) for c in ro.completion_ids)
         totals: dict[str, float] = {}
         for start in range(0, len(ro), rows_per_chunk):
-            if start == 0:
-                maybe_fault("rl", step)  # an injected OOM lands where a real one would
             sl = slice(start, start + rows_per_chunk)
             batch = [t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)]
             input_ids, attn, pos, comp = batch
             width = comp.shape[1]
             targets = input_ids[:, -width:]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            with self._checkpointing(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                        enabled=self.autocast_bf16):
                 logits = completion_logits(self.policy, input_ids, attn, pos, width)
             logprobs = token_logprobs(logits, targets)
             del logits
+            if start == 0:
+                # An injected OOM lands where a real one would: the chunk's activations and graph alive.
+                maybe_fault("rl", step)
             ref_logprobs = None
             if self.reference is not None and self.cfg.kl_coef > 0:
                 with torch.no_grad(), torch.autocast(
@@ -376,7 +405,8 @@ class RLTrainer:
             loss, stats = policy_gradient_loss(
                 logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
             )
-            loss.backward()
+            with self._checkpointing():  # the recompute runs in the backward pass
+                loss.backward()
             # The policy's mean log-prob of its own sampled tokens (free: computed for the loss anyway).
             stats["sampled_logprob/mean"] = float((logprobs.detach() * comp.to(logprobs.dtype)).sum()) / n_tokens
             for k, v in stats.items():
@@ -402,41 +432,32 @@ class RLTrainer:
         return ro, parts, total, loss_terms, t_rollout
 
     def step(self) -> dict[str, Any]:
-        """Run RL step `step_done + 1`. An OOM anywhere up to and including the optimizer update halves the
-        micro-batch and runs the step again from its pre-step state (same samples; an update cut short by
-        the OOM finishes the tensors it had not reached, none is updated twice)."""
+        """Run RL step `step_done + 1`. An OOM anywhere up to and including the optimizer update (rollouts,
+        rewards, the gradient pass, the in-process engine) halves the micro-batch, down to one row, and
+        runs the step again from its pre-step state (same samples; an update cut short by the OOM finishes
+        the tensors it had not reached, none is updated twice)."""
         step = self.step_done + 1
         t0 = time.perf_counter()
         rng_before = rng_state()
         while True:
+            failure = None
             try:
                 ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 break
-            except torch.OutOfMemoryError as exc:
-                self.optimizer.zero_grad(set_to_none=True)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if self.micro_batch == 1:
-                    raise StageFailed(
-                        "rl",
-                        f"out of memory at step {step} with one group of {self.cfg.rollouts} rollouts per "
-                        f"micro-batch ({_first_line(exc)}); lower rl.rollouts or rl.max_new_tokens, set "
-                        "rl.optimizer_offload: true, or use a larger GPU (`cyclej plan` sizes it)",
-                        f"step {self.step_done}",
-                    ) from None
-                self.micro_batch //= 2
-                if self.owns_backend:
-                    self.backend = self._transformers_backend()
-                set_rng_state(rng_before)
+            except Exception as exc:
+                failure = oom_message(exc)
+                if failure is None:
+                    raise
+            # Out of the except block, so the failed attempt's tensors are gone before the memory is released.
+            self._recover_from_oom(step, failure)
+            set_rng_state(rng_before)
 
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        push = getattr(self.backend, "load_weights", None)
-        if push is not None:  # an engine holding its own copy of the weights (vLLM)
-            push(self.policy.state_dict())
+        self._push_weights(step)
         disc_metrics = self.discriminator.update(ro.translations) if self.discriminator is not None else {}
         self.step_done = step
 
@@ -450,6 +471,7 @@ class RLTrainer:
             **R.summarize(parts, total),
             "completion_tokens/mean": sum(len(c) for c in ro.completion_ids) / len(ro),
             "rollout_micro_batch": self.micro_batch,
+            "rollout_micro_rows": self.micro_rows,
             **self._style_share(ro),
             **disc_metrics,
             "seconds/rollout": t_rollout,
@@ -460,6 +482,65 @@ class RLTrainer:
             self.samples_log.extend(sample_rows(step, ro, parts, total))
         self._write_logs()
         return metrics
+
+    def _checkpointing(self) -> contextlib.AbstractContextManager[None]:
+        """With rl.gradient_checkpointing: train mode for exactly the modules that decide whether to
+        checkpoint (HF's layers and body check `gradient_checkpointing and training`), around the gradient
+        pass's forward and backward. Everything else stays in eval: no dropout (the log-probs trained must
+        be those of the policy that sampled), and generation never runs in train mode, where HF turns the
+        KV cache off under checkpointing."""
+        if not self.cfg.gradient_checkpointing:
+            return contextlib.nullcontext()
+        return _training_flag([m for m in self.policy.modules() if getattr(m, "gradient_checkpointing", False)])
+
+    def _recover_from_oom(self, step: int, failure: str) -> None:
+        """After an OOM in the step (outside the except block): drop the gradients and whatever an in-process
+        engine left running, give the memory back, halve the rows per chunk (or fail at one row)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        abort_engine_requests(self.backend)
+        release_memory()
+        if self.micro_rows == 1:
+            checkpointing = "" if self.cfg.gradient_checkpointing else "set rl.gradient_checkpointing: true, "
+            raise StageFailed(
+                "rl",
+                f"out of memory at step {step} with one rollout per micro-batch ({failure}); {checkpointing}"
+                "lower rl.max_new_tokens or rl.vllm.gpu_memory_utilization, set rl.optimizer_offload: true, "
+                "or use a larger GPU (`cyclej plan` sizes it)",
+                f"step {self.step_done}",
+            )
+        old = self.micro_rows
+        self.micro_rows = old // 2
+        if self.owns_backend:
+            self.backend = self._transformers_backend()
+        log.warning("rl: out of memory at step %d (%s); rows per micro-batch %d → %d, the step again",
+                    step, failure, old, self.micro_rows)
+
+    def _push_weights(self, step: int) -> None:
+        """The updated weights into an engine that holds its own copy (vLLM). An OOM there is retried once
+        after the memory is released (the push is idempotent: the same tensors again), then fails with one
+        line: it cannot be skipped (the engine would sample from stale weights, and the gradient would no
+        longer be the sampling policy's) nor split (the engine reloads what it is given, its temporaries
+        are its own)."""
+        push = getattr(self.backend, "load_weights", None)
+        if push is None:
+            return
+        for attempt in (1, 2):
+            failure = None
+            try:
+                maybe_fault("rl-push", step)
+                push(self.policy.state_dict())
+                return
+            except Exception as exc:
+                failure = oom_message(exc)
+                if failure is None:
+                    raise
+            release_memory()
+            if attempt == 2:
+                raise StageFailed(
+                    "rl", f"out of memory pushing the weights into the engine after step {step}, twice ({failure}); "
+                    "lower rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch", f"step {self.step_done}",
+                )
+            log.warning("rl: out of memory pushing the weights after step %d (%s); again", step, failure)
 
     def _style_share(self, ro: Rollouts) -> dict[str, float]:
         """The share of this step's rollouts the style judge assigns to their target domain, overall and
@@ -483,23 +564,42 @@ class RLTrainer:
 
     # ---- state --------------------------------------------------------------------------------------------
     def save_state(self, out: Path) -> None:
-        """Everything a resume needs, in `out` (a checkpoint directory)."""
+        """Everything a resume needs, in `out` (a checkpoint directory), and nothing it can derive.
+
+        The policy is not saved as such: its weights are the optimizer's fp32 masters rounded to the compute
+        dtype (`MasterAdamW` writes them back with `p.copy_(master)` after every update), so `load_state`
+        derives them from the masters. A checkpoint holds per parameter its fp32 master (the parameter
+        itself when it is its own master: an fp32 parameter beside its state, as on a CPU) and the two
+        AdamW moments: 12 bytes per parameter, in safetensors shards (`optimizer-NNNNN.safetensors`, at most
+        `STATE_SHARD_BYTES` each, written from the tensors in place: no pickle, no second copy in RAM
+        when the state is on the CPU). For GPT-J-6B that is 72.6 GB (the bf16 policy copy it no longer
+        holds was 12.1 GB more). Besides: the scheduler, the discriminator, the RNG states and the logs
+        (small), and state.json (step, micro-batch, the optimizer's hyper-parameters and per-tensor
+        step counts, and the shard index)."""
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.policy.state_dict(), out / "policy.pt")
-        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+        tensors, meta = _optimizer_tensors(self.optimizer)
+        shards = _write_shards(tensors, out, "optimizer")
         torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
         if self.discriminator is not None:
+            # its weights, AdamW state and replay buffer (text): ~16 bytes per discriminator parameter
             torch.save(self.discriminator.state_dict(), out / "discriminator.pt")
         torch.save(rng_state(), out / "rng.pt")
         _write_jsonl(out / "metrics.jsonl", self.metrics_log)
         _write_jsonl(out / "samples.jsonl", self.samples_log)
-        state = {"step": self.step_done, "rollout_micro_batch": self.micro_batch}
+        state = {"step": self.step_done, "rollout_micro_batch": self.micro_batch, "format": STATE_FORMAT,
+                 "optimizer": {**meta, "shards": shards}}
         (out / "state.json").write_text(json.dumps(state), encoding="utf-8")
 
     def load_state(self, src: Path) -> None:
         state = json.loads((src / "state.json").read_text(encoding="utf-8"))
-        self.policy.load_state_dict(_load(src / "policy.pt", self.device))
-        self.optimizer.load_state_dict(_load(src / "optimizer.pt", self.device))
+        if "format" not in state:  # written before STATE_FORMAT 2: the policy and the optimizer pickled
+            self.policy.load_state_dict(_load(src / "policy.pt", self.device))
+            self.optimizer.load_state_dict(_load(src / "optimizer.pt", self.device))
+        elif state["format"] == STATE_FORMAT:
+            _load_optimizer_tensors(self.optimizer, src, state["optimizer"])
+        else:
+            raise BadInput(f"{src}: RL checkpoint format {state['format']} is not known to this version; delete "
+                           "the stage's checkpoints to start it over, or resume with the version that wrote it")
         self.scheduler.load_state_dict(_load(src / "scheduler.pt", "cpu"))
         if self.discriminator is not None:
             if not (src / "discriminator.pt").is_file():
@@ -509,8 +609,8 @@ class RLTrainer:
         self.metrics_log = _read_jsonl(src / "metrics.jsonl")
         self.samples_log = _read_jsonl(src / "samples.jsonl")
         self.step_done = int(state["step"])
-        if int(state["rollout_micro_batch"]) != self.micro_batch:
-            self.micro_batch = int(state["rollout_micro_batch"])
+        if float(state["rollout_micro_batch"]) != self.micro_batch:  # a fraction once an OOM split a group
+            self.micro_batch = float(state["rollout_micro_batch"])
             if self.owns_backend:
                 self.backend = self._transformers_backend()
         self._write_logs()
@@ -540,6 +640,96 @@ def _load(path: Path, device: str | torch.device) -> Any:
     return torch.load(path, map_location=device, weights_only=True)
 
 
+# ---- the optimizer's tensors in a checkpoint (save_state / load_state) ----------------------------------
+STATE_FORMAT = 2  # 1 (no "format" key): policy.pt + optimizer.pt, pickled, with a bf16 copy of the policy
+STATE_SHARD_BYTES = 4 * 2**30  # one shard's tensors at most (a GPU-resident state is copied to RAM shard by shard)
+
+
+def _optimizer_tensors(opt: MasterAdamW) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors a resume needs, by "<index>/<what>" (index: the parameter's place in the optimizer's
+    groups, which is `policy.parameters()` order): "master" (the separate fp32 master, or the parameter
+    itself when it is its own master: saved once, not as weight and master), "exp_avg", "exp_avg_sq";
+    "param" for a parameter without state yet (a run that has not stepped). Plus the metadata: each
+    group's hyper-parameters (the LR as the scheduler left it) and each tensor's step count."""
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, int] = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        if not st:
+            tensors[f"{i}/param"] = p.detach()
+            continue
+        tensors[f"{i}/{MASTER_KEY}"] = st.get(MASTER_KEY, p).detach()
+        tensors[f"{i}/exp_avg"] = st["exp_avg"]
+        tensors[f"{i}/exp_avg_sq"] = st["exp_avg_sq"]
+        steps[str(i)] = int(st["step"])
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
+              for g in opt.param_groups]
+    return tensors, {"groups": groups, "steps": steps, "params": len(params)}
+
+
+def _write_shards(tensors: Mapping[str, torch.Tensor], out: Path, prefix: str) -> list[list[str]]:
+    """`tensors` as safetensors shards of at most STATE_SHARD_BYTES (a larger tensor gets a shard of its
+    own): [[file, key, key, …], …]. CPU tensors are written from their memory (safetensors 0.8
+    `save_file` takes their pointers); a device tensor is copied to RAM one shard at a time."""
+    shards: list[list[str]] = []
+    batch: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if batch:
+            name = f"{prefix}-{len(shards) + 1:05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in batch.items()}, str(out / name))
+            shards.append([name, *batch])
+        batch, size = {}, 0
+
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if batch and size + n > STATE_SHARD_BYTES:
+            flush()
+        batch[key] = t
+        size += n
+    flush()
+    return shards
+
+
+def _load_optimizer_tensors(opt: MasterAdamW, src: Path, meta: Mapping[str, Any]) -> None:
+    """Restore what `_optimizer_tensors` saved, tensor by tensor from the shards (never the whole file in
+    RAM beside the live state: an existing state tensor is overwritten in place), and derive each
+    parameter from its master exactly as `MasterAdamW` does after an update (`p.copy_(master)`)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if int(meta["params"]) != len(params):
+        raise BadInput(f"{src}: the checkpoint holds {meta['params']} parameters, the policy has {len(params)}")
+    for group, saved in zip(opt.param_groups, meta["groups"], strict=True):
+        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
+    steps = {int(i): n for i, n in meta["steps"].items()}
+    for i, p in enumerate(params):  # state only for the tensors that had it when saved
+        if i not in steps:
+            opt.state.pop(p, None)
+    opt._done.clear()
+    with torch.no_grad():
+        for name, *keys in meta["shards"]:
+            with safe_open(str(src / name), framework="pt", device="cpu") as f:
+                for key in keys:
+                    i_text, what = key.split("/")
+                    p = params[int(i_text)]
+                    value = f.get_tensor(key)
+                    if what == "param":
+                        p.copy_(value)
+                        continue
+                    # the optimizer's own tensors (where and how it allocates them: pinned when streamed),
+                    # overwritten in place
+                    st = opt.state.get(p) or opt._init_state(p)
+                    st["step"] = steps[int(i_text)]
+                    if what == MASTER_KEY and MASTER_KEY not in st:
+                        p.copy_(value)  # an fp32 parameter beside its state: its own master
+                        continue
+                    st[what].copy_(value)
+                    if what == MASTER_KEY:
+                        p.copy_(st[what])  # the compute-dtype weights, rounded from the master
+
+
 def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
@@ -552,6 +742,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:160] if lines else type(exc).__name__
+@contextlib.contextmanager
+def _training_flag(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """`training = True` on exactly these modules (not their children, as `.train()` would), then False."""
+    for m in modules:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.training = False

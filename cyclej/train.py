@@ -10,8 +10,11 @@ Read it top to bottom like nanoGPT's train.py:
 4. for each optimizer step: the step's sequences come from a seeded permutation per epoch (so the data
    position is just the step index), split into micro-batches whose summed token losses are divided by
    the number of target tokens of the whole step (the micro-batch size does not change the math);
-   a CUDA out-of-memory error halves the micro-batch and retries the step from the state it started
-   with; clip, AdamW, warm-up + cosine LR; log a JSONL line; checkpoint every N steps / M minutes.
+   a CUDA out-of-memory error (cyclej.oom: torch's, or cuBLAS's allocation failure) halves the
+   micro-batch and retries the step from the state it started with, after the failed attempt's
+   tensors are freed; clip, AdamW, warm-up + cosine LR; log a JSONL line; checkpoint every N steps / M
+   minutes. With `gradient_checkpointing` each layer's activations are recomputed in the backward pass
+   (HF's non-reentrant checkpointing; the loss and gradient are the same, memory is one layer's).
 
 Exactness: everything that decides the next update (trainable weights, AdamW moments, the scheduler,
 the python/numpy/torch RNGs, the step and the micro-batch) is in the checkpoint, and nothing else draws
@@ -41,8 +44,9 @@ from torch import Tensor, nn
 
 from cyclej import formats
 from cyclej.config import TrainConfig
-from cyclej.errors import StageFailed
+from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
+from cyclej.oom import OutOfMemory, map_halving, oom_message, release_memory
 from cyclej.precision import autocast
 from cyclej.progress import Progress
 from cyclej.store import ArtifactStore
@@ -318,6 +322,8 @@ class _Trainer:
         # did before (another stage, a resumed one): a stage's trajectory must not depend on its neighbours.
         seed_all(cfg.seed)
         self.model, self.marker_rows = _make_trainable(model, cfg, marker_token_ids)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, stage)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
         self.params = list(self.named_trainable.values())
         self.optimizer = torch.optim.AdamW(
@@ -393,17 +399,25 @@ class _Trainer:
     # ---- evaluation ----
     @torch.no_grad()
     def dev_loss(self) -> float | None:
+        """Mean target-token loss on the dev slice. An OOM halves the eval batch for the rest of this pass
+        (the sum does not depend on it; the training micro-batch stays as it is: eval keeps no graph)."""
         if not self.dev_sequences:
             return None
-        self.model.eval()
-        total, count = 0.0, 0
-        for chunk in _chunks(self.dev_sequences, self.state.micro_batch_size):
-            batch = self._batch(chunk)
+
+        def loss_of(chunk: Sequence[Any]) -> tuple[float, int]:
             with autocast(self.cfg.precision, self.device):
-                loss_sum, n = target_loss_sum(self.model, batch, self.head_on_targets_only)
-            total, count = total + float(loss_sum), count + n
-        self.model.train()
-        return total / max(1, count)
+                loss_sum, n = target_loss_sum(self.model, self._batch(chunk), self.head_on_targets_only)
+            return float(loss_sum), n
+
+        self.model.eval()
+        try:
+            parts = map_halving(loss_of, self.dev_sequences, self.state.micro_batch_size,
+                                point=f"{self.stage}-dev_loss", knob=f"{self.stage}.seq_len")
+        except OutOfMemory as exc:
+            raise StageFailed(self.stage, str(exc), self.last_checkpoint) from None
+        finally:
+            self.model.train()
+        return sum(t for t, _ in parts) / max(1, sum(n for _, n in parts))
 
     # ---- one optimizer step ----
     def train_step(self, batch_seqs: list[Any], step_no: int) -> dict[str, float]:
@@ -460,24 +474,24 @@ class _Trainer:
             self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
             self.scheduler.load_state_dict(snap["scheduler"])
         set_rng_state(snap["rng"])
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
-    def _halve_micro_batch(self, step_no: int, exc: BaseException) -> None:
+    def _halve_micro_batch(self, step_no: int, failure: str) -> None:
         old = self.state.micro_batch_size
         if old <= 1:
+            checkpointing = "" if self.cfg.gradient_checkpointing else f"set {self.stage}.gradient_checkpointing: true, "
             raise StageFailed(
                 self.stage,
                 f"out of memory at micro-batch 1 (step {step_no}, seq_len {self.cfg.seq_len}, precision "
-                f"{self.cfg.precision}): lower {self.stage}.seq_len, or set {self.stage}.precision: bf16, "
-                "or use a GPU with more memory",
+                f"{self.cfg.precision}: {failure}): {checkpointing}lower {self.stage}.seq_len, or set "
+                f"{self.stage}.precision: bf16, or use a GPU with more memory",
                 self.last_checkpoint,
-            ) from exc
+            )
         self.state.micro_batch_size = old // 2
         self.state.oom_events += 1
         accumulation = math.ceil(self.cfg.batch_size / self.state.micro_batch_size)
-        log.warning("%s: out of memory at step %d; micro-batch %d → %d, accumulation %d (effective batch %d)",
-                    self.stage, step_no, old, self.state.micro_batch_size, accumulation, self.cfg.batch_size)
+        log.warning("%s: out of memory at step %d (%s); micro-batch %d → %d, accumulation %d (effective batch %d)",
+                    self.stage, step_no, failure, old, self.state.micro_batch_size, accumulation,
+                    self.cfg.batch_size)
         self._log({"event": "oom", "step": step_no, "micro_batch": self.state.micro_batch_size,
                    "previous_micro_batch": old, "accumulation": accumulation,
                    "effective_batch": self.cfg.batch_size})
@@ -500,12 +514,18 @@ class _Trainer:
                 snapshot = self._snapshot()
                 started = time.perf_counter()
                 while True:
+                    failure = None
                     try:
                         stats = self.train_step(batch_seqs, step_no)
                         break
-                    except torch.OutOfMemoryError as exc:
-                        self._restore(snapshot, step_no)
-                        self._halve_micro_batch(step_no, exc)
+                    except Exception as exc:
+                        failure = oom_message(exc)
+                        if failure is None:
+                            raise
+                    # Out of the except block: the traceback (and the failed micro-batch's tensors) is gone.
+                    release_memory()
+                    self._restore(snapshot, step_no)
+                    self._halve_micro_batch(step_no, failure)
                 seconds = time.perf_counter() - started
                 # ‖Δθ‖/‖θ‖ of the trainable tensors, against the pre-step copy a LoRA step keeps anyway (a
                 # full fine-tune keeps none: copying every weight each step would double its memory).
@@ -531,6 +551,8 @@ class _Trainer:
                 if step_no % cfg.checkpoint_every_steps == 0 or due or step_no == cfg.max_steps:
                     self.save_checkpoint()
                     last_save = time.monotonic()
+        if cfg.gradient_checkpointing:  # the trained model goes on (merge, perplexity, saving) as a plain one
+            disable_gradient_checkpointing(self.model)
         return TrainResult(
             model=self.model,
             marker_rows=self.marker_rows,
@@ -557,6 +579,24 @@ class _Trainer:
             "train_sequences": len(self.sequences),
             "trainable_parameters": sum(p.numel() for p in self.params),
         }
+
+
+def enable_gradient_checkpointing(model: nn.Module, stage: str) -> None:
+    """HF's checkpointing of every decoder layer (active in train mode only), non-reentrant: it needs no
+    input that requires grad (peft's frozen embeddings give none; transformers adds the input hook
+    anyway), keeps the RNG state for a recompute that draws the same dropout, and gives the same
+    gradients as no checkpointing."""
+    inner = _inner(model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise BadInput(f"{stage}.gradient_checkpointing: {type(inner).__name__} does not support it; set it false")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo `enable_gradient_checkpointing`, the input hook transformers added with it included."""
+    inner = _inner(model)
+    inner.gradient_checkpointing_disable()
+    inner.disable_input_require_grads()
 
 
 def _make_trainable(model: nn.Module, cfg: TrainConfig, marker_token_ids: Sequence[int]

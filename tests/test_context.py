@@ -73,6 +73,21 @@ def test_perplexity_is_exp_of_the_models_own_loss(spec: str) -> None:
     assert perplexity(model, rows, batch_size=2) == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
+def test_perplexity_out_of_memory_halves_the_batch_and_gives_the_same_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA OOM (here the CUBLAS one, a plain RuntimeError) in the perplexity pass halved nothing before
+    and failed the stage after its training; now the chunk is redone at half the batch (issue 22, point 10)."""
+    from cyclej import faults
+
+    model, _ = load_model("tiny-gptj")
+    torch.manual_seed(0)
+    rows = torch.randint(0, 1000, (4, 40)).tolist()
+    clean = perplexity(model, rows, batch_size=4)
+    monkeypatch.setenv("CYCLEJ_FAULT", "perplexity:1:cublas")
+    faults._fired.clear()
+    assert perplexity(model, rows, batch_size=4) == pytest.approx(clean, rel=1e-5)
+    assert ("perplexity", 1, "cublas") in faults._fired
+
+
 def test_context_refuses_rows_longer_than_the_extended_context(tiny_store: str) -> None:
     # tiny-gptj has 128 positions: factor 2 gives 256, so 512-token rows cannot fit.
     cfg, store = _tiny(tiny_store, "context.seq_len=512")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from cyclej.config import PipelineConfig, RLConfig, load_config
 from cyclej.errors import StageFailed
 from cyclej.modeling import load_model, marker_token_ids, save_model
+from cyclej.optim import fp32_with_masters
 from cyclej.progress import Progress
 from cyclej.rl import (
     RLTrainer,
@@ -35,7 +36,7 @@ from cyclej.rl import (
 from cyclej.stages import StageRun, run_stage
 from cyclej.stages.rl import run_rl
 from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.training import lr_factor
+from cyclej.training import lr_factor, rng_state, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -154,25 +155,101 @@ def test_policy_learns_a_token_frequency_reward() -> None:
     assert last > first + 0.12, means
 
 
-def test_oom_at_one_group_per_micro_batch_fails_with_the_resume_point(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_oom_at_one_row_per_micro_batch_fails_with_the_resume_point(monkeypatch: pytest.MonkeyPatch) -> None:
     policy, tok, markers = tiny_policy()
-    cfg = RLConfig(steps=3, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3,
+    cfg = RLConfig(steps=4, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3,
                    backend="transformers", precision="fp32")
 
     def const(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 2) for i in range(len(ro))]}
 
     trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, const, {"c": 1.0}, back_translate=False)
-    monkeypatch.setenv("CYCLEJ_FAULT", "rl:1:oom,rl:3:oom")
+    from cyclej import faults
+
+    monkeypatch.setattr(faults, "_fired", set())  # faults fire once per process: ours must not use up others'
+    monkeypatch.setenv("CYCLEJ_FAULT", "rl:1:oom,rl:3:oom,rl:4:oom")
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     trainer.step()  # OOM → 2 groups per chunk becomes 1, the step runs again and succeeds
     assert trainer.micro_batch == 1 and trainer.step_done == 1
     assert trainer.metrics_log[-1]["rollout_micro_batch"] == 1
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    trainer.step()  # with one group per micro-batch there is nothing left to halve
-    with pytest.raises(StageFailed, match=r"out of memory at step 3 .*resumes from step 2"):
-        trainer.step()
-    assert trainer.step_done == 2
+    trainer.step()
+    trainer.step()  # OOM at one group → the group's 2 rows split, one row per chunk
+    assert trainer.micro_rows == 1 and trainer.metrics_log[-1]["rollout_micro_batch"] == 0.5
+    with pytest.raises(StageFailed, match=r"out of memory at step 4 .*resumes from step 3"):
+        trainer.step()  # with one row per micro-batch there is nothing left to halve
+    assert trainer.step_done == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_checkpoint_holds_masters_and_moments_only_and_resumes_exactly(tmp_path: Path, dtype: torch.dtype) -> None:
+    """No bf16 copy of the policy: 12 bytes per parameter (fp32 master + two moments; an fp32 parameter is
+    its own master and is saved once), and a fresh trainer loaded from it has the same weights, masters
+    and moments to the bit and takes the same next step."""
+    def make() -> RLTrainer:
+        policy, tok, markers = tiny_policy()
+        exact = {p: p.detach() for p in policy.parameters()}
+        policy.to(dtype)
+        cfg = RLConfig(steps=4, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3, lr=1e-2,
+                       warmup_ratio=0.0, backend="transformers", precision="bf16" if dtype == torch.bfloat16 else "fp32")
+        spread = lambda ro: {"c": [float(i % 2) for i in range(len(ro))]}  # noqa: E731
+        trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, spread, {"c": 1.0}, back_translate=False)
+        if dtype != torch.float32:
+            trainer.optimizer.set_masters(exact)
+        return trainer
+
+    first = make()
+    first.step()
+    first.step()
+    ckpt = tmp_path / "step-2"
+    first.save_state(ckpt)
+    rng = rng_state()
+    n = sum(p.numel() for p in first.policy.parameters())
+    files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+    assert not any(name.startswith("policy") for name in files), files
+    tensor_bytes = sum(size for name, size in files.items() if name.endswith(".safetensors"))
+    assert 12 * n <= tensor_bytes <= 12 * n + 64 * 1024, (tensor_bytes, 12 * n)
+    assert sum(files.values()) <= 12 * n + 256 * 1024, files
+
+    second = make()
+    second.load_state(ckpt)
+    assert second.step_done == 2
+    for p, q in zip(first.policy.parameters(), second.policy.parameters(), strict=True):
+        assert p.dtype == q.dtype and torch.equal(p, q)
+        a, b = first.optimizer.state[p], second.optimizer.state[q]
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "step")
+    assert second.scheduler.get_last_lr() == first.scheduler.get_last_lr()
+    m2 = second.step()
+    set_rng_state(rng)
+    m1 = first.step()
+    assert {k: v for k, v in m1.items() if not k.startswith("seconds/")} == \
+        {k: v for k, v in m2.items() if not k.startswith("seconds/")}
+    assert all(torch.equal(p, q) for p, q in zip(first.policy.parameters(), second.policy.parameters(), strict=True))
+
+
+def test_final_save_frees_the_moments_and_hands_the_masters_over_without_a_copy() -> None:
+    """`fp32_with_masters` (the final save) used to run `model.float()` beside live masters and moments:
+    16 bytes per parameter on the host (97 GB for GPT-J). Now the moments go first and every parameter
+    takes its master's tensor itself, so nothing beyond the 12 bytes per parameter training held is ever
+    allocated."""
+    policy, tok, markers = tiny_policy()
+    exact = {p: p.detach() for p in policy.parameters()}
+    policy.to(torch.bfloat16)
+    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3, lr=1e-2,
+                   warmup_ratio=0.0, backend="transformers", precision="bf16", optimizer_offload=True)
+    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, lambda ro: {"c": [float(i % 2) for i in range(len(ro))]},
+                        {"c": 1.0}, back_translate=False)
+    trainer.optimizer.set_masters(exact)
+    trainer.step()
+    masters = {id(p): (m.data_ptr(), m.clone()) for p, m in trainer.optimizer.masters().items()}
+    assert len(masters) == len(list(policy.parameters()))
+    saved = fp32_with_masters(policy, trainer.optimizer)
+    assert not trainer.optimizer.state  # the moments (and the masters' references) are gone
+    for p in saved.parameters():
+        ptr, value = masters[id(p)]
+        assert p.dtype == torch.float32 and p.device.type == "cpu"
+        assert p.data_ptr() == ptr and torch.equal(p.detach(), value)  # the master itself, not a copy
 
 
 def test_kl_to_the_reference_is_zero_until_the_policy_moves() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cyclej.errors import BadInput
 from cyclej.formats import Example, encode_text, eos_id
 from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
+from cyclej.oom import map_halving
 from cyclej.precision import autocast, weights_dtype
 from cyclej.stages import StageRun
 from cyclej.store import ArtifactRef
@@ -147,19 +149,21 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
-    for start in range(0, len(rows), batch_size):
-        ids = torch.tensor(rows[start : start + batch_size], dtype=torch.long, device=device)
+
+    def score(chunk: Sequence[list[int]]) -> tuple[float, int]:
+        ids = torch.tensor(list(chunk), dtype=torch.long, device=device)
         with autocast(precision, device):
             logits = model(input_ids=ids).logits
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
         )
-        total_nll += float(nll)
-        total_tokens += ids[:, 1:].numel()
+        return float(nll), ids[:, 1:].numel()
+
+    # An out-of-memory error halves the batch and redoes only the chunk that failed: the sum does not
+    # depend on the chunking (cyclej.oom.map_halving).
+    parts = map_halving(score, rows, batch_size, point="perplexity", knob="context.seq_len")
     model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return math.exp(sum(n for n, _ in parts) / sum(t for _, t in parts))
 
 
 # ---- training ----------------------------------------------------------------------------------------
