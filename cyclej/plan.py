@@ -21,11 +21,46 @@ Memory model (bytes; GiB = 2**30 in the output, which is how "80GB" cards are co
   activation bytes (2 bf16, 4 fp32). GPT-J's attention is eager and keeps its softmax in fp32 (the s²
   term); SDPA/flash models (Llama, Mistral, Qwen, BERT-likes) keep no s² matrix. Plus the logits:
   s · b · vocab · (k + 8) (the logits, their fp32 copy for the loss, its gradient).
+  With `gradient_checkpointing` (full recomputation of each layer in the backward pass, as HF's
+  checkpointing of every decoder layer does): each layer keeps only its input, s · b · h · k, and one
+  layer's activations above live while it is recomputed; the logits are the same.
 - generation (paraphrase, RL rollouts, eval): KV cache = 2 · layers · kv_heads · head_dim · 2 bytes per
   token, for every sequence of a batch at prompt + new tokens. With vLLM the model, its KV cache and a
   1 GiB workspace must fit in `gpu_memory_utilization` of the card, and vLLM takes that fraction of the
   card whatever it needs: in RL the engine is counted as `rl.vllm.gpu_memory_utilization` × the card.
 - a card fits when need + 1 GiB (CUDA context, allocator) ≤ 95 % of its memory.
+
+The pod around the GPU (host RAM, vCPU, disk: what `StagePlan.job_variables` asks RunPod for, in GiB
+rounded up; a GiB is the larger unit, so a request is never short):
+
+- host RAM = the process (`PROCESS_RAM`: Python, torch/CUDA libraries, tokenizers, the corpus) + the
+  largest of what a stage holds at once in RAM + 10 % headroom:
+  * loading a model (`cyclej.modeling.load_model` builds it on the CPU, then moves it): the published or
+    committed weights read in (`stored_bytes`: GPT-J-6B's hub weights are fp32) + the model in its dtype;
+  * a vLLM engine in the process: `VLLM_HOST_RAM` (its CPU swap space, 4 GiB by default, and its workers);
+  * RL: MasterAdamW's host bytes (`cyclej.optim.optimizer_bytes_per_param`: fp32 masters + two moments =
+    12 per parameter with `rl.optimizer_offload`, 67.7 GiB for GPT-J-6B). The merge's fp32 weights the
+    stage loads become the masters (no second copy); the final save (`cyclej.optim.fp32_with_masters`)
+    frees the moments and hands the masters over as the CPU model, so it peaks at the same 12 bytes;
+  * merge (CPU, streaming, cyclej.merge): a few (`MERGE_TENSOR_COPIES`) fp32 copies of the largest tensor
+    + both adapters in fp32, + one fp32 model per sweep candidate (scored with load_model).
+- vCPU: not derived from bytes; `GPU_VCPUS` for every GPU stage (tokenizers, vLLM's scheduler and
+  detokenizer, data loading), `RL_OFFLOAD_VCPUS` for RL with the optimizer in RAM (its AdamW step runs on
+  the CPU over 12 bytes per parameter: torch's intra-op threads and memory bandwidth).
+- disk (the container disk: `HF_HOME` and `CYCLEJ_CACHE` both live there when the pod has no network
+  volume) = the image (`IMAGE_DISK`) + the hub models the stage downloads + its input artifacts as fetched
+  (`stored`/committed bytes) + the checkpoints on disk at once + its output before the upload + logs.
+  With an S3 store a checkpoint's local copy is deleted once uploaded (cyclej.store), so one is on disk
+  at a time; with a local root `keep_checkpoints` + 1 (the new one is written before the oldest goes).
+- checkpoint size: RL: 12 bytes per policy parameter (fp32 master + two moments; the bf16 weights are
+  derived, cyclej.rl.RLTrainer.save_state) + the discriminator's fp32 weights and moments (12); LoRA
+  stages: the adapters in fp32 + their two moments (12 per adapter parameter). Its cost in GPU time:
+  written (`DISK_BYTES_PER_S`), checksummed for the manifest (`HASH_BYTES_PER_S`) and uploaded
+  (`UPLOAD_BYTES_PER_S`, an assumption: s3fs's 10 concurrent 50 MiB parts to an S3 endpoint near the
+  pod), one after the other, while the GPU waits. An interval (`checkpoint_every_minutes`) at which that
+  exceeds `CHECKPOINT_BUDGET` of the time is flagged, with the interval (a multiple of 10 minutes) that
+  keeps it under; a step interval shorter than the run is flagged for such large checkpoints too, since
+  the plan does not know a step's time.
 """
 
 from __future__ import annotations
@@ -50,6 +85,20 @@ USABLE_FRACTION = 0.95
 VLLM_WORKSPACE = 1 * GiB
 COMMON_MAX_GB = 80  # the largest cards most RunPod regions rent; above it, RL states its options
 PROMPT_OVERHEAD_TOKENS = 64  # instruction + chat template around a paraphrase prompt
+# The pod around the GPU (module docstring).
+PROCESS_RAM = 6 * GiB
+VLLM_HOST_RAM = 8 * GiB
+RAM_HEADROOM = 0.10
+MERGE_TENSOR_COPIES = 4
+GPU_VCPUS = 8
+RL_OFFLOAD_VCPUS = 16
+IMAGE_DISK = 30 * GiB  # the GPU image unpacked (CUDA torch, vLLM, the code) on the container disk
+LOGS_DISK = 1 * GiB  # the data artifact, metrics, samples, logs
+DISK_BYTES_PER_S = 1e9
+HASH_BYTES_PER_S = 1e9  # sha256 of every file for the checkpoint's manifest (cyclej.store._scan)
+UPLOAD_BYTES_PER_S = 250e6
+CHECKPOINT_BUDGET = 0.05  # the share of a stage's time its checkpoints may take
+LARGE_CHECKPOINT = 1 * GiB  # below it a checkpoint costs seconds: its step interval is not flagged
 
 
 @dataclass(frozen=True)
@@ -84,7 +133,9 @@ class ModelShape:
 _GPTJ = ModelShape(6_053_381_344, 28, 4096, 16, 16, 16384, 50400, eager_attention=True)
 _MISTRAL = ModelShape(7_241_732_096, 32, 4096, 32, 8, 14336, 32000, gated_mlp=True)
 _QWEN = ModelShape(7_615_616_512, 28, 3584, 28, 4, 18944, 152064, gated_mlp=True)
-_NEOBERT = ModelShape(250_000_000, 28, 768, 12, 12, 3072, 30522, gated_mlp=True)
+# As the discriminator loads it (cyclej.neobert, a 3-class head instead of the checkpoint's MLM decoder),
+# with the SwiGLU width the checkpoint has: 2/3 of its config's intermediate_size 3072, i.e. 2048.
+_NEOBERT = ModelShape(222_258_435, 28, 768, 12, 12, 2048, 30522, gated_mlp=True)
 _MINILM = ModelShape(22_713_216, 6, 384, 12, 12, 1536, 30522)
 _SMOLLM2 = ModelShape(134_515_008, 30, 576, 9, 3, 1536, 49152, gated_mlp=True)
 
@@ -102,6 +153,26 @@ KNOWN_MODELS: dict[str, ModelShape] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
     "smollm2": _SMOLLM2,  # known, so planning never triggers the GGUF conversion
 }
+
+
+# Bytes per parameter of the weights as published, for the hub models the recipe names that are not
+# stored in 16 bits (a stage downloads them whole): GPT-J-6B's main revision is fp32 (24.2 GB).
+STORED_FP32 = {"EleutherAI/gpt-j-6b", "EleutherAI/gpt-j-6B", "chandar-lab/NeoBERT",
+               "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
+
+
+def stored_bytes(spec: str) -> float:
+    """Bytes per parameter of a model spec's published weights: the table above for hub ids (16-bit
+    otherwise), the safetensors headers of a local or built-in model (fp32 when it has none)."""
+    if spec in STORED_FP32:
+        return 4.0
+    if spec in KNOWN_MODELS:
+        return 2.0
+    from cyclej.models import resolve_model
+
+    path = Path(resolve_model(spec))
+    params, nbytes = _safetensors_sizes(path)
+    return nbytes / params if params else 4.0
 
 
 def model_shape(spec: str) -> ModelShape:
@@ -148,16 +219,22 @@ def shape_from_config(cfg: dict, params: int | None = None) -> ModelShape:
 
 def _safetensors_params(path: Path) -> int | None:
     """Exact parameter count from the safetensors headers (8-byte length + JSON; no tensor is read)."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for f in files:
+    params, _ = _safetensors_sizes(path)
+    return params or None
+
+
+def _safetensors_sizes(path: Path) -> tuple[int, int]:
+    """(parameters, bytes of their data) in the safetensors headers of a model directory; (0, 0) without."""
+    params = nbytes = 0
+    for f in sorted(path.glob("*.safetensors")):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return total
+        for k, t in header.items():
+            if k != "__metadata__":
+                params += math.prod(t["shape"])
+                nbytes += t["data_offsets"][1] - t["data_offsets"][0]
+    return params, nbytes
 
 
 # ---- GPU price table ---------------------------------------------------------------------------------
@@ -230,18 +307,41 @@ class StagePlan:
     micro_batch: int | None = None  # training stages: the micro-batch the estimate is for
     alternatives: list[Alternative] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    host: dict[str, float] = field(default_factory=dict)  # bytes of host RAM by part (module docstring)
+    vcpus: int = 0
+    disk: dict[str, float] = field(default_factory=dict)  # bytes of pod disk by part
+    checkpoint_bytes: float = 0.0  # one checkpoint
+    checkpoint_minutes: float | None = None  # the interval that keeps checkpoints under CHECKPOINT_BUDGET
 
     @property
     def total_bytes(self) -> float:
         return sum(self.memory.values())
 
     @property
+    def host_bytes(self) -> float:
+        return sum(self.host.values())
+
+    @property
+    def disk_bytes(self) -> float:
+        return sum(self.disk.values())
+
+    @property
     def hourly_usd(self) -> float | None:
         return None if self.gpu is None else self.gpu.hourly_usd * self.gpu_count
 
     def job_variables(self) -> dict[str, str | int]:
-        """What a `runpod` deployment of this stage should set (deployments/prefect.yaml)."""
-        return {} if self.gpu is None else {"gpu_type_id": self.gpu.id, "gpu_count": self.gpu_count}
+        """What a `runpod` deployment of this stage should set (deployments/prefect.yaml; the RunPod
+        worker passes them to the pod): the GPU, and the pod's RAM, vCPUs and container disk in GiB,
+        rounded up."""
+        if self.gpu is None:
+            return {}
+        return {"gpu_type_id": self.gpu.id, "gpu_count": self.gpu_count,
+                "min_memory_in_gb": _gib_up(self.host_bytes), "min_vcpu_count": self.vcpus,
+                "container_disk_gb": _gib_up(self.disk_bytes)}
+
+
+def _gib_up(n: float) -> int:
+    return math.ceil(n / GiB)
 
 
 def _bf16(precision: str) -> bool:
@@ -250,15 +350,18 @@ def _bf16(precision: str) -> bool:
 
 def activation_bytes(
     shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int, lm_head: bool = True,
-    logits_tokens: int | None = None,
+    logits_tokens: int | None = None, checkpointing: bool = False,
 ) -> float:
     """Stored activations of one micro-batch (see the module docstring); `logits_tokens`: the columns the
-    LM head runs on when fewer than `seq_len` (RL keeps only the completion's)."""
+    LM head runs on when fewer than `seq_len` (RL keeps only the completion's); `checkpointing`: every
+    layer recomputed in the backward pass (only its input kept, one layer's activations at a time)."""
     s, b = seq_len, micro_batch
     per_layer = 34 * s * b * shape.hidden * act_bytes / 2
     if shape.eager_attention:
         per_layer += 6 * shape.heads * s * s * b
     logits = (logits_tokens or s) * b * shape.vocab * (act_bytes + 8) if lm_head else 0
+    if checkpointing:
+        return shape.layers * s * b * shape.hidden * act_bytes + per_layer + logits
     return shape.layers * per_layer + logits
 
 
@@ -270,7 +373,8 @@ def _train_memory(shape: ModelShape, tcfg: TrainConfig, micro_batch: int) -> tup
     else:
         trainable = shape.params
         mem = {"weights": shape.params * w, "gradients": shape.params * w, "optimizer": shape.params * 8}
-    mem["activations"] = activation_bytes(shape, micro_batch, tcfg.seq_len, w)
+    mem["activations"] = activation_bytes(shape, micro_batch, tcfg.seq_len, w,
+                                          checkpointing=tcfg.gradient_checkpointing)
     return mem, trainable
 
 
@@ -369,7 +473,8 @@ def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: floa
     if per_param["device"] > w:
         mem["optimizer"] = shape.params * (per_param["device"] - w)
     rows = groups * r.rollouts
-    mem["activations"] = activation_bytes(shape, rows, seq, w, logits_tokens=r.max_new_tokens + 1)
+    mem["activations"] = activation_bytes(shape, rows, seq, w, logits_tokens=r.max_new_tokens + 1,
+                                          checkpointing=r.gradient_checkpointing)
     if r.kl_coef > 0:
         mem["reference"] = shape.params * float(w)
     if r.rewards.discriminator > 0:
@@ -474,6 +579,159 @@ def _plan_eval(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
     return plan
 
 
+# ---- the pod: host RAM, vCPU, disk, checkpoints (module docstring) ------------------------------------
+def _remote_store(cfg: PipelineConfig) -> bool:
+    root = cfg.storage.root
+    return "://" in root and not root.startswith(("file://", "local://"))
+
+
+def _checkpoint_seconds(nbytes: float, remote: bool) -> float:
+    """GPU time one checkpoint costs: written, checksummed for its manifest, uploaded (remote store)."""
+    return nbytes / DISK_BYTES_PER_S + nbytes / HASH_BYTES_PER_S + (nbytes / UPLOAD_BYTES_PER_S if remote else 0.0)
+
+
+def _schedule_checkpoints(p: StagePlan, cfg: PipelineConfig, section: str, nbytes: float, every_steps: int,
+                          every_minutes: float, steps: int, keep: int) -> float:
+    """Size the stage's checkpoints, flag an interval they would take more than CHECKPOINT_BUDGET of;
+    returns the bytes of checkpoints on the pod's disk at once."""
+    remote = _remote_store(cfg)
+    p.checkpoint_bytes = nbytes
+    cost = _checkpoint_seconds(nbytes, remote)
+    need_minutes = cost / CHECKPOINT_BUDGET / 60
+    p.checkpoint_minutes = max(10.0, math.ceil(need_minutes / 10) * 10.0)
+    how = (f"written, checksummed and uploaded at {UPLOAD_BYTES_PER_S / 1e6:.0f} MB/s" if remote
+           else "written and checksummed")
+    took = f"{cost / 60:.1f} min" if cost >= 120 else f"{cost:.0f} s"
+    p.notes.append(f"a checkpoint is {_gib(nbytes)} GiB, ~{took} of GPU time ({how})")
+    if every_minutes < need_minutes:
+        p.notes.append(
+            f"{section}.checkpoint_every_minutes {every_minutes:g} spends {cost / (every_minutes * 60):.0%} of the "
+            f"stage on checkpoints: set {section}.checkpoint_every_minutes: {p.checkpoint_minutes:g} (≤ "
+            f"{CHECKPOINT_BUDGET:.0%}) and keep_checkpoints: 1"
+        )
+    if nbytes >= LARGE_CHECKPOINT and every_steps < steps:
+        p.notes.append(
+            f"{section}.checkpoint_every_steps {every_steps} may checkpoint more often than every "
+            f"{p.checkpoint_minutes:g} min (the plan does not know a step's time): set "
+            f"{section}.checkpoint_every_steps: {steps} to checkpoint by time only"
+        )
+    # a remote store's local copy goes once uploaded; a local root holds `keep` + the one being written
+    return nbytes * (1 if remote else keep + 1)
+
+
+def _finish_pod(p: StagePlan, vcpus: int) -> None:
+    p.host = {"process": float(PROCESS_RAM), **p.host}
+    p.host["headroom"] = RAM_HEADROOM * sum(p.host.values())
+    p.disk = {"image": float(IMAGE_DISK), **p.disk, "data and logs": float(LOGS_DISK)}
+    p.vcpus = vcpus
+
+
+def _load_peak(shape: ModelShape, read_bytes: float, dtype_bytes: float) -> float:
+    """load_model on the CPU: the weights read in + the model in its dtype (then moved to the GPU)."""
+    return shape.params * (read_bytes + dtype_bytes)
+
+
+def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConfig) -> None:
+    shape = model_shape(cfg.models.base)
+    w = 2.0 if _bf16(tcfg.precision) else 4.0
+    if stage == "context":  # the base from the hub; writes the extended model in its training dtype
+        read = stored_bytes(cfg.models.base)
+        p.disk["hub: " + cfg.models.base] = shape.params * read
+        p.disk["output: model"] = shape.params * w
+    else:  # the context model from the store; writes the adapter (fp32)
+        read = 2.0 if _bf16(cfg.context.precision) else 4.0
+        p.disk["input: context model"] = shape.params * read
+        p.disk["output: adapter"] = p.trainable_params * 4.0
+    p.host["load the model"] = _load_peak(shape, read, w)
+    trainable = p.trainable_params
+    nbytes = trainable * 12.0  # fp32 trainable weights (LoRA: the adapters) + two AdamW moments
+    p.disk["checkpoints"] = _schedule_checkpoints(p, cfg, stage, nbytes, tcfg.checkpoint_every_steps,
+                                                  tcfg.checkpoint_every_minutes, tcfg.max_steps, tcfg.keep_checkpoints)
+    _finish_pod(p, GPU_VCPUS)
+
+
+def _pod_paraphrase(p: StagePlan, cfg: PipelineConfig) -> None:
+    pc = cfg.paraphrase
+    shape = model_shape(cfg.models.paraphraser)
+    read = stored_bytes(cfg.models.paraphraser)
+    p.disk["hub: " + cfg.models.paraphraser] = shape.params * read
+    if pc.backend == "vllm":
+        p.host["vllm engine"] = float(VLLM_HOST_RAM)  # it streams the weights to the GPU itself
+    else:
+        p.host["load the model"] = _load_peak(shape, read, 2.0)
+    if pc.use_embedder:
+        emb = model_shape(cfg.models.embedder)
+        p.disk["hub: " + cfg.models.embedder] = emb.params * stored_bytes(cfg.models.embedder)
+        p.host["embedder"] = emb.params * 8.0
+    _finish_pod(p, GPU_VCPUS)
+
+
+def _pod_merge(p: StagePlan, cfg: PipelineConfig) -> None:
+    shape = model_shape(cfg.models.base)
+    ctx = 2.0 if _bf16(cfg.context.precision) else 4.0
+    adapters = shape.lora_params(cfg.para_train.lora.rank if cfg.para_train.lora else 0) * 4.0 + \
+        shape.lora_params(cfg.domain_train.lora.rank if cfg.domain_train.lora else 0) * 4.0
+    largest = 4.0 * max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
+    p.host["streaming merge"] = MERGE_TENSOR_COPIES * largest + adapters
+    if cfg.merge.sweep:
+        p.host["sweep: one candidate in fp32"] = shape.params * 4.0
+    p.disk = {"input: context model": shape.params * ctx, "input: adapters": adapters,
+              "output: model (fp32)": shape.params * 4.0}
+    _finish_pod(p, 4)
+    p.disk.pop("image")  # the local pool: no pod image
+
+
+def _pod_rl(p: StagePlan, cfg: PipelineConfig) -> None:
+    r = cfg.rl
+    shape = model_shape(cfg.models.base)
+    w = 2.0 if _bf16(r.precision) else 4.0
+    host_opt = optimizer_bytes_per_param(int(w), r.optimizer_offload)["host"]
+    # The merge's fp32 weights (4) are loaded on the CPU and become the masters; with offload the moments
+    # join them (12 in all), and the final save never holds more (cyclej.optim.fp32_with_masters).
+    p.host["policy: fp32 load, masters + moments"] = shape.params * max(4.0, host_opt)
+    if r.kl_coef > 0:
+        p.host["reference policy load"] = shape.params * w
+    if r.backend != "transformers":
+        p.host["vllm engine"] = float(VLLM_HOST_RAM)
+    p.disk["input: merge model (fp32)"] = shape.params * 4.0
+    disc_bytes = 0.0
+    if r.rewards.discriminator > 0:
+        disc = model_shape(cfg.models.discriminator)
+        read = stored_bytes(cfg.models.discriminator)
+        p.host["discriminator load"] = _load_peak(disc, read, 4.0)
+        p.disk["hub: " + cfg.models.discriminator] = disc.params * read
+        disc_bytes = disc.params * 12.0  # fp32 weights + AdamW moments in its checkpoint
+    if r.rewards.embedding > 0:
+        emb = model_shape(cfg.models.embedder)
+        p.disk["hub: " + cfg.models.embedder] = emb.params * stored_bytes(cfg.models.embedder)
+        p.host["embedder"] = emb.params * 8.0
+    nbytes = shape.params * 12.0 + disc_bytes
+    p.disk["checkpoints"] = _schedule_checkpoints(p, cfg, "rl", nbytes, r.checkpoint_every_steps,
+                                                  r.checkpoint_every_minutes, r.steps, r.keep_checkpoints)
+    p.disk["output: model (fp32) + discriminator"] = shape.params * 4.0 + disc_bytes / 3
+    _finish_pod(p, RL_OFFLOAD_VCPUS if r.optimizer_offload else GPU_VCPUS)
+
+
+def _pod_eval(p: StagePlan, cfg: PipelineConfig) -> None:
+    shape = model_shape(cfg.models.base)
+    ctx = 2.0 if _bf16(cfg.context.precision) else 4.0
+    p.disk["input: context model"] = shape.params * ctx
+    p.disk["input: merge and rl models (fp32)"] = shape.params * 8.0
+    if cfg.para_train.lora is not None:
+        p.disk["input: para_train adapter"] = shape.lora_params(cfg.para_train.lora.rank) * 4.0
+    for spec in {cfg.models.embedder, cfg.models.discriminator}:
+        p.disk["hub: " + spec] = model_shape(spec).params * stored_bytes(spec)
+    # Each system is translated in turn. With vLLM the engine streams the weights to the GPU, and the
+    # one system built with transformers is 2A (the context model + its adapter, bf16); without it, the
+    # largest (an fp32 artifact) is loaded into a bf16 model.
+    if cfg.eval.backend == "vllm":
+        p.host["vllm engine"] = float(VLLM_HOST_RAM)
+        p.host["load a model"] = _load_peak(shape, ctx, 2.0)
+    else:
+        p.host["load a model"] = _load_peak(shape, 4.0, 2.0)
+    _finish_pod(p, GPU_VCPUS)
+
+
 def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePlan]:
     """One StagePlan per stage, in pipeline order."""
     prices = prices or load_prices()
@@ -486,12 +744,19 @@ def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePla
         "domain_train": _plan_training("domain_train", cfg.models.base, cfg.domain_train, prices),
         "merge": StagePlan(
             "merge", cfg.models.base, "cpu", params=merge_shape.params,
-            memory={"ram": merge_shape.params * 4.0 * 2},
-            notes=[f"no training: fp32 base + merged copy in RAM ≈ {_gib(merge_shape.params * 8.0)} GiB; CPU is enough"],
+            notes=["no training: a streaming merge, tensor by tensor (cyclej.merge); CPU is enough"],
         ),
         "rl": _plan_rl(cfg, prices),
         "eval": _plan_eval(cfg, prices),
     }
+    _finish_pod(plans["data"], 4)
+    plans["data"].disk.pop("image")  # the local pool
+    for stage in ("context", "para_train", "domain_train"):
+        _pod_training(plans[stage], cfg, stage, getattr(cfg, stage))
+    _pod_paraphrase(plans["paraphrase"], cfg)
+    _pod_merge(plans["merge"], cfg)
+    _pod_rl(plans["rl"], cfg)
+    _pod_eval(plans["eval"], cfg)
     return [plans[s] for s in STAGES]
 
 
@@ -512,7 +777,8 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
     """The table `cyclej plan` prints; with `fingerprints` (the pipeline plan's, cyclej.stages), each
     stage's fingerprint beside its name."""
     prices = prices or load_prices()
-    rows = [("stage", "model", "params", "trainable", "GiB/GPU", "GPU", "$/hour")]
+    rows = [("stage", "model", "params", "trainable", "GiB/GPU", "GPU", "$/hour", "RAM GiB", "vCPU", "disk GiB",
+             "ckpt GiB")]
     for p in plans:
         if p.device == "cpu":
             gpu, cost = "CPU (no GPU)", "-"
@@ -524,6 +790,8 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
             p.stage, p.model or "-", _count(p.params) if p.params else "-",
             _count(p.trainable_params) if p.trainable_params else "-",
             _gib(p.total_bytes) if p.memory else "-", gpu, cost,
+            str(_gib_up(p.host_bytes)) if p.host else "-", str(p.vcpus) if p.vcpus else "-",
+            str(_gib_up(p.disk_bytes)) if p.disk else "-", _gib(p.checkpoint_bytes) if p.checkpoint_bytes else "-",
         ))
     if fingerprints is not None:
         rows = [(rows[0][0], "fingerprint", *rows[0][1:])] + [(r[0], fingerprints[r[0]], *r[1:]) for r in rows[1:]]
@@ -534,6 +802,9 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
     for p in plans:
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in p.memory.items())
         lines.append(f"{p.stage}: " + "; ".join(filter(None, [parts and f"GiB: {parts}", *p.notes])))
+        for what, part in (("RAM", p.host), ("disk", p.disk)):
+            if part:
+                lines.append(f"    {what} GiB: " + ", ".join(f"{k} {_gib(v)}" for k, v in part.items()))
         for a in p.alternatives:
             where = f"{a.gpu_count}× {a.gpu.id} at ${a.hourly_usd:.2f}/h" if a.gpu else "no card fits"
             extra = f" ({a.note})" if a.note else ""
@@ -542,4 +813,7 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
     lines.append("")
     lines.append(f"all GPU stages one after another: ${total:.2f} per hour of each; prices {prices.date}, "
                  f"{prices.source}")
+    lines.append(f"RAM, vCPU and disk: what each stage's pod asks for (`job_variables`, GiB rounded up); disk "
+                 f"counts the image, no network volume; checkpoints at {UPLOAD_BYTES_PER_S / 1e6:.0f} MB/s upload, "
+                 f"≤ {CHECKPOINT_BUDGET:.0%} of a stage's time (cyclej/plan.py)")
     return "\n".join(lines)

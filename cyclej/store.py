@@ -9,6 +9,8 @@ Layout, under a root that is a local path, ``file://…`` or ``s3://bucket/prefi
 A directory without its manifest is never trusted. Every manifest lists each file's size and sha256,
 so a corrupt file is caught on read. Stages compute in a local working directory and `commit` it;
 when the root is local the working directory *is* the artifact directory, so nothing is copied.
+With a remote root, checkpoints are written in the local cache and that copy is deleted once uploaded
+(as is a copy downloaded to resume, by `drop_local_checkpoint`): a pod's disk holds one in flight.
 """
 
 from __future__ import annotations
@@ -428,7 +430,10 @@ class ArtifactStore:
     def save_checkpoint(self, stage: str, fp: str, name: str, local_dir: Path, keep: int | None = None) -> None:
         """Commit `local_dir` as checkpoint `name` (names sort by age: 'step-00000012', 'shard-00003').
 
-        With `keep`, older checkpoints beyond the newest `keep` are deleted after this one commits.
+        With `keep`, older checkpoints beyond the newest `keep` are deleted after this one commits (on a
+        local root: their directories). On a remote root, `local_dir`, when it is this checkpoint's
+        `checkpoint_workdir`, is deleted once uploaded: the pod's disk holds one checkpoint in flight,
+        not every checkpoint of the run.
         """
         self._ensure_checked()
         dest = self._path(stage, fp, CHECKPOINTS, name)
@@ -439,16 +444,34 @@ class ArtifactStore:
         raw = json.dumps({"name": name, "files": files, "created": time.time(), "run": run_label()},
                          sort_keys=True).encode()
         self._write_bytes(f"{dest}/{MANIFEST}", raw)
+        if not self.is_local and Path(local_dir).resolve() == self._checkpoint_work(stage, fp, name).resolve():
+            self.drop_local_checkpoint(stage, fp, name)
         if keep is not None:
             for old in self.list_checkpoints(stage, fp)[:-keep]:
                 self.delete_checkpoint(stage, fp, old)
+
+    def _checkpoint_work(self, stage: str, fp: str, name: str) -> Path:
+        return self.cache_dir / "work" / _safe(self.root) / stage / fp / CHECKPOINTS / name
+
+    def _checkpoint_fetched(self, stage: str, fp: str, name: str) -> Path:
+        return self.cache_dir / "fetched" / _safe(self.root) / stage / fp / CHECKPOINTS / name
+
+    def drop_local_checkpoint(self, stage: str, fp: str, name: str) -> None:
+        """Delete a remote root's local copies of a checkpoint (the one written before its upload, the one
+        downloaded to resume): the store holds it. Nothing to do on a local root, where the checkpoint's
+        directory is the stored checkpoint."""
+        if self.is_local:
+            return
+        for d in (self._checkpoint_work(stage, fp, name), self._checkpoint_fetched(stage, fp, name)):
+            if d.exists():
+                self._local_write(f"delete {d}", shutil.rmtree, d)
 
     def checkpoint_workdir(self, stage: str, fp: str, name: str) -> Path:
         """Where to write a checkpoint before `save_checkpoint` (in place for a local root)."""
         if self.is_local:
             d = Path(self._path(stage, fp, CHECKPOINTS, name))
         else:
-            d = self.cache_dir / "work" / _safe(self.root) / stage / fp / CHECKPOINTS / name
+            d = self._checkpoint_work(stage, fp, name)
         if d.exists():
             self._local_write(f"clear {d}", shutil.rmtree, d)
         self._local_write(f"create {d}", d.mkdir, parents=True)
@@ -485,6 +508,8 @@ class ArtifactStore:
         return None
 
     def delete_checkpoint(self, stage: str, fp: str, name: str) -> None:
+        """Delete a checkpoint from the store, and its local copies."""
+        self.drop_local_checkpoint(stage, fp, name)
         path = self._path(stage, fp, CHECKPOINTS, name)
         # Manifest first: a half-deleted checkpoint must never look complete.
         try:

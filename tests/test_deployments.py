@@ -49,7 +49,10 @@ def test_yaml_configs_are_the_presets_and_gpu_stages_use_the_plan() -> None:
             continue
         assert pool["name"] == "cyclej-gpu", stage
         jv = pool["job_variables"]
-        assert {k: jv[k] for k in ("gpu_type_id", "gpu_count")} == plans[stage].job_variables(), stage
+        # the GPU and the pod's RAM, vCPUs and disk: exactly what `cyclej plan` prints for the stage
+        keys = ("gpu_type_id", "gpu_count", "min_memory_in_gb", "min_vcpu_count", "container_disk_gb")
+        assert set(plans[stage].job_variables()) == set(keys), stage
+        assert {k: jv.get(k) for k in keys} == plans[stage].job_variables(), stage
         assert jv["image"] and jv["volume_mount_path"] == "/runpod-volume"
         # a GPU stage waits for a slot (ENQUEUE) rather than renting a pod beyond its limit
         assert deps[stage]["concurrency_limit"] == {"limit": 2, "collision_strategy": "ENQUEUE"}, stage

@@ -304,3 +304,24 @@ def test_concurrent_fetches_never_show_a_partial_file(store: ArtifactStore) -> N
             shutil.rmtree(store.cache_dir / "fetched", ignore_errors=True)
         with ThreadPoolExecutor(6) as pool:
             assert all(pool.map(fetch_and_read, range(6)))
+
+
+def test_uploaded_checkpoints_leave_no_local_copy(store: ArtifactStore, tmp_path: Path) -> None:
+    """A remote store's checkpoint is written in the local cache, uploaded, and its local copy deleted (an
+    RL checkpoint is 12 bytes per parameter: 73 GB for GPT-J on an 80 GB pod disk); the store itself keeps
+    the newest `keep`; a checkpoint downloaded to resume goes once the stage has read it."""
+    names = [f"step-{s:08d}" for s in (1, 2, 3)]
+    for name in names:
+        d = store.checkpoint_workdir("rl", "fp9", name)
+        (d / "optimizer-00001.safetensors").write_bytes(name.encode() * 100)
+        store.save_checkpoint("rl", "fp9", name, d, keep=1)
+        assert d.exists() == store.is_local  # a local store's work directory is the checkpoint itself
+    assert store.list_checkpoints("rl", "fp9") == names[-1:]
+    name, path = store.latest_checkpoint("rl", "fp9")
+    assert name == names[-1] and (path / "optimizer-00001.safetensors").read_bytes() == name.encode() * 100
+    store.drop_local_checkpoint("rl", "fp9", name)
+    assert path.exists() == store.is_local
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert not cached, cached
+    if store.is_local:  # pruned to `keep` on disk too
+        assert sorted(p.name for p in (Path(store.root) / "rl" / "fp9" / "checkpoints").iterdir()) == names[-1:]

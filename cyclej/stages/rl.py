@@ -8,7 +8,10 @@ online discriminator (the loop itself is cyclej.rl).
    term, ROUGE-L and BLEU, and the discriminator (`models.discriminator`, 3-class head).
 4. Resume from the newest complete checkpoint `step-%08d` under this stage's fingerprint; run the
    remaining steps, checkpointing every `rl.checkpoint_every_steps` steps or
-   `rl.checkpoint_every_minutes` minutes.
+   `rl.checkpoint_every_minutes` minutes (whichever comes first). A checkpoint is the optimizer's fp32
+   masters and moments (12 bytes per parameter; the policy is derived from them) plus small state
+   (`RLTrainer.save_state`); with an S3 store its local copy is deleted once uploaded, and the store keeps
+   the newest `rl.keep_checkpoints`. `cyclej plan` sizes the interval against the upload time.
 5. Write `model/` (plain HF directory), `discriminator/` (HF sequence classifier), `metrics.jsonl`
    (one line per step), `samples.jsonl` (source, translation, back-translation and each reward, every
    `rl.sample_every_steps` steps) and `metrics.json`; commit.
@@ -54,6 +57,20 @@ def run_rl(run: StageRun) -> ArtifactRef:
     # keeps fp32 masters, see cyclej.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
     dtype = weights_dtype(rcfg.precision, device)
 
+    sources = {d: run.lines(d, "train") for d in ("a", "b")}
+    weights = rcfg.rewards.model_dump()
+    discriminator = None
+    if weights["discriminator"] > 0:
+        # Before the policy: a discriminator that cannot load (a bad models.discriminator, remote code
+        # missing an import) fails in seconds as one BadInput line, not after minutes of loading GPT-J-6B.
+        # Its head comes from its own seeded stream, so the order changes no number.
+        discriminator = Discriminator(
+            cfg.models.discriminator, sources["a"], sources["b"],
+            lr=rcfg.discriminator_lr, batch_size=rcfg.discriminator_batch, buffer_size=rcfg.replay_buffer_size,
+            max_tokens=rcfg.discriminator_max_tokens, trust_remote_code=rcfg.discriminator_trust_remote_code,
+            seed=rcfg.seed, device=device,
+        )
+
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
     merged_dir = run.input_dir("merge") / "model"
     # Loaded in fp32 (the merge is stored in fp32) and those exact values become the optimizer's masters;
@@ -67,17 +84,7 @@ def run_rl(run: StageRun) -> ArtifactRef:
         reference.to(device).eval().requires_grad_(False)
     id_a, id_b = marker_token_ids(tokenizer, markers)
 
-    sources = {d: run.lines(d, "train") for d in ("a", "b")}
-    weights = rcfg.rewards.model_dump()
     embedder = load_embedder(cfg.models.embedder, device) if weights["embedding"] > 0 else None
-    discriminator = None
-    if weights["discriminator"] > 0:
-        discriminator = Discriminator(
-            cfg.models.discriminator, sources["a"], sources["b"],
-            lr=rcfg.discriminator_lr, batch_size=rcfg.discriminator_batch, buffer_size=rcfg.replay_buffer_size,
-            max_tokens=rcfg.discriminator_max_tokens, trust_remote_code=rcfg.discriminator_trust_remote_code,
-            seed=rcfg.seed, device=device,
-        )
     reward_fn = CycleDiscriminatorReward(weights, embedder, discriminator, rcfg.discriminator_reward)
     # The evaluation's style judge (TF-IDF + logistic regression, seconds to fit on a few thousand lines)
     # says which share of the rollouts is in the target style, step by step.
@@ -100,6 +107,9 @@ def run_rl(run: StageRun) -> ArtifactRef:
         name, path = latest
         resumed_from.append(name)
         trainer.load_state(path)
+        # Its local copy (an S3 store's download: 12 bytes per parameter) is not needed again: the next
+        # checkpoint must not find the disk holding it too.
+        run.store.drop_local_checkpoint(run.name, run.fingerprint, name)
         log.info("rl: resumed from checkpoint %s (step %d)", name, trainer.step_done)
         _push_weights(trainer)
     elif discriminator is not None and rcfg.discriminator_warmup_steps:
@@ -123,8 +133,9 @@ def run_rl(run: StageRun) -> ArtifactRef:
 
     engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval
     # Saved from the fp32 masters: bf16 weights would round away the updates smaller than half a bf16 step
-    # (the card's RL steps are ~1e-8 per weight), i.e. nearly all of RL.
-    save_model(fp32_with_masters(policy.to("cpu"), trainer.optimizer), tokenizer, work / "model")
+    # (the card's RL steps are ~1e-8 per weight), i.e. nearly all of RL. The masters become the CPU model
+    # in place (the moments freed first): the host never holds more than training did (cyclej.optim).
+    save_model(fp32_with_masters(policy, trainer.optimizer), tokenizer, work / "model")
     if discriminator is not None:
         discriminator.model.to("cpu")
         discriminator.save_pretrained(work / "discriminator")
