@@ -13,9 +13,8 @@ run, and sampling with the same seed and inputs returns the same samples.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -226,10 +225,59 @@ def _cpu_scheduling(model_path: str, max_model_len: int | None, max_num_batched_
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget, "max_model_len": max_model_len}
 
 
-def _reload_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs on each vLLM worker: its in-place reload (load, then `process_weights_after_loading`)."""
-    worker.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-    return len(weights)
+class _PickledWeights:
+    """(name, tensor) pairs for `Worker.reload_weights`. Sent to an engine in its own process, a plain list
+    would go through vLLM's msgpack channel, which decodes tensors inside untyped call arguments as nested
+    lists; this object is no type msgpack knows, so it travels pickled (VLLM_ALLOW_INSECURE_SERIALIZATION,
+    set below) and arrives as tensors. In this process it is handed over by reference."""
+
+    def __init__(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        self.weights = weights
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.weights)
+
+
+def vllm_dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """vLLM's name for a dtype ("bfloat16", "float32", ...): `make_backend` takes a torch dtype."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def vllm_engine_args(
+    model_path: str,
+    tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = 0.85,
+    seed: int = 0,
+    dtype: str | None = None,
+    enforce_eager: bool = False,
+    max_num_batched_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments `VllmBackend` gives `vllm.LLM` (reads the model's config.json on a CPU, starts
+    nothing)."""
+    return {
+        "model": model_path,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "seed": seed,
+        # None: the project's rule (vllm_dtype). vLLM's own "auto" picks bf16 for an fp32 folder on a
+        # CPU with native bf16, and on an Intel Xeon with AMX (2026-12-02) its worker then died at the
+        # first generate ("Worker proc VllmWorker-0 died unexpectedly"); float32 runs there.
+        "dtype": vllm_dtype() if dtype is None else dtype,
+        "enforce_eager": enforce_eager,
+        # On a CPU, gpu_memory_utilization is a share of the machine's RAM (0.85 of it for the KV
+        # cache of a small model would starve everything else): a fixed KV budget there instead.
+        **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}),
+        # max_model_len None: the model's own. Smaller warm-up/profiling batches start faster.
+        **(
+            {"max_model_len": max_model_len,
+             **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {})}
+            if torch.cuda.is_available()
+            else _cpu_scheduling(model_path, max_model_len, max_num_batched_tokens)
+        ),
+    }
 
 
 class VllmBackend:
@@ -279,25 +327,8 @@ class VllmBackend:
             ) from None
         self._vllm = vllm
         self.llm: Any = vllm.LLM(
-            model=model_path,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            # None: the project's rule (vllm_dtype). vLLM's own "auto" picks bf16 for an fp32 folder on a
-            # CPU with native bf16, and on an Intel Xeon with AMX (2026-12-02) its worker then died at the
-            # first generate ("Worker proc VllmWorker-0 died unexpectedly"); float32 runs there.
-            dtype=vllm_dtype() if dtype is None else dtype,
-            enforce_eager=enforce_eager,
-            # On a CPU, gpu_memory_utilization is a share of the machine's RAM (0.85 of it for the KV
-            # cache of a small model would starve everything else): a fixed KV budget there instead.
-            **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}),
-            # max_model_len None: the model's own. Smaller warm-up/profiling batches start faster.
-            **(
-                {"max_model_len": max_model_len,
-                 **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {})}
-                if torch.cuda.is_available()
-                else _cpu_scheduling(model_path, max_model_len, max_num_batched_tokens)
-            ),
+            **vllm_engine_args(model_path, tensor_parallel_size, max_model_len, gpu_memory_utilization, seed,
+                               dtype, enforce_eager, max_num_batched_tokens)
         )
         tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(tokenizer)
@@ -333,17 +364,18 @@ class VllmBackend:
     ) -> None:
         """Replace the engine's weights with the policy's (HF parameter names), e.g. after an RL step.
 
-        Goes through the workers' `reload_weights`, vLLM's own in-place update path: it loads the
-        checkpoint-format tensors and then re-runs `process_weights_after_loading`. Calling the model's
+        Goes through `Worker.reload_weights` by name (`collective_rpc("reload_weights")`, vLLM 0.32's
+        supported call: the worker sets its vLLM config context around the model runner's in-place reload,
+        which loads the checkpoint-format tensors and then re-runs `process_weights_after_loading`). Calling the model's
         `load_weights` directly is not enough: on CPU, linear layers keep a packed copy of their weights
         (oneDNN / sgl GEMM handles) made after loading, so decoding kept using the old weights while
         prefill saw the new ones.
         """
         items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
         weights = [(name, t.detach().cpu() if t.device.type != "cuda" else t.detach()) for name, t in items]
-        # A module-level function (it pickles): with the engine in its own process, vLLM's msgpack channel
-        # turns a plain (name, tensor) list into nested lists, so the weights travel pickled with the call.
-        self.llm.collective_rpc(functools.partial(_reload_weights_on_worker, weights=weights))
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": _PickledWeights(weights), "is_checkpoint_format": True}
+        )
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
 
@@ -457,8 +489,10 @@ def make_backend(
         return VllmBackend(
             resolve_model(model),
             tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            dtype=vllm_dtype_name(dtype),
             enforce_eager=enforce_eager,
         )
     if kind != "transformers":

@@ -14,6 +14,8 @@ from cyclej.generate import (
     generate_text,
     make_backend,
     strip_completion,
+    vllm_dtype_name,
+    vllm_engine_args,
 )
 from cyclej.models import tiny_tokenizer_dir
 from tests.tiny_models import tiny_gptj, tiny_llama
@@ -161,3 +163,14 @@ def test_bad_backend_requests_are_refused(tokenizer) -> None:  # type: ignore[no
 
 
 # vLLM: tests/test_vllm.py (a vLLM-servable tiny model, one engine per module).
+
+
+def test_vllm_engine_args_carry_max_model_len_and_dtype(tmp_path: Path) -> None:
+    """What VllmBackend hands vllm.LLM (no engine started): max_model_len and a torch dtype as vLLM's name."""
+    tiny_llama().save_pretrained(tmp_path / "m")  # max_position_embeddings 256
+    args = vllm_engine_args(str(tmp_path / "m"), max_model_len=200, dtype=vllm_dtype_name(torch.bfloat16))
+    assert args["max_model_len"] == 200 and args["dtype"] == "bfloat16"
+    assert vllm_dtype_name(None) is None and vllm_dtype_name("float16") == "float16"
+    if not torch.cuda.is_available():  # unchunked prefill: one step's budget holds the longest sequence
+        assert args["max_num_batched_tokens"] >= 200
+        assert vllm_engine_args(str(tmp_path / "m"))["max_model_len"] == 256  # None: the model's own

@@ -29,6 +29,7 @@ from cyclej.generate import (
     TransformersBackend,
     VllmBackend,
     choose_backend,
+    close_backend,
     make_backend,
 )
 from cyclej.modeling import load_model, marker_token_ids, save_model
@@ -235,3 +236,17 @@ def test_vllm_that_does_not_import_names_the_fix(model_dir: Path, monkeypatch: p
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
     with pytest.raises(BadInput, match="make setup"):
         make_backend("vllm", str(model_dir))
+
+
+@pytest.mark.slow  # its own engine: ~60 s
+def test_make_backend_honours_max_model_len_and_dtype(model_dir: Path) -> None:
+    """`paraphrase.vllm.max_model_len` reaches the engine through make_backend (it used to be dropped: the
+    model's own length, 256 here, 32768 for Mistral), and so does the dtype."""
+    backend = make_backend("vllm", str(model_dir), max_model_len=200, dtype=torch.bfloat16, enforce_eager=True)
+    try:
+        assert isinstance(backend, VllmBackend)
+        config = backend.llm.llm_engine.model_config
+        assert config.max_model_len == 200
+        assert config.dtype == torch.bfloat16
+    finally:
+        close_backend(backend)
