@@ -18,14 +18,10 @@ from cyclej.modeling import load_model, marker_token_ids
 from cyclej.rl import RLTrainer, Rollouts
 from cyclej.store import ArtifactStore
 from cyclej.train import train
+from tests.tiny_models import LINES, MARKERS, SOURCES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
-MARKERS = ["<|A|>", "<|B|>"]
-LINES = ["the food was cold and the staff was rude", "never again , not even for free",
-         "great food and lovely staff", "the best pizza in town , we will be back",
-         "slow service and a dirty table", "friendly people and fair prices"]
-SOURCES = {"a": LINES[:2] + LINES[4:5], "b": LINES[2:4] + LINES[5:]}
 
 
 def first_layer(model: torch.nn.Module) -> torch.nn.Module:

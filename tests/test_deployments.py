@@ -10,6 +10,7 @@ yaml's pipeline configs are the shipped presets, and every GPU stage's job varia
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -184,6 +185,7 @@ def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
 
@@ -201,6 +203,10 @@ def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None
                 client.create_work_pool(WorkPoolCreate(
                     name=pool, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template()))
         for name in ("data", "context", "paraphrase"):  # `cyclej-<stage>/<stage>`, as dispatch names them
+            # `test_deploy_all` may have deployed these names from prefect.yaml onto the GPU pool, whose job
+            # variables (CYCLEJ_DEVICE=cuda: no CPU fallback) the upsert below would keep: start clean.
+            with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+                client.delete_deployment(client.read_deployment_by_name(f"{STAGE_FLOWS[name].name}/{name}").id)
             deployment = STAGE_FLOWS[name].to_deployment(name=name, work_pool_name=pool,
                                                          entrypoint_type=EntrypointType.MODULE_PATH)
             deployment.entrypoint = f"flows.stages.{name}_flow"  # the yaml's; derived, it names the factory's inner function

@@ -25,14 +25,28 @@ from cyclej.rewards import embedding_similarity
 from cyclej.rl import RLTrainer, Rollouts
 from cyclej.store import ArtifactStore
 from cyclej.train import train
+from tests.tiny_models import LINES, MARKERS, SOURCES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
-MARKERS = ["<|A|>", "<|B|>"]
-LINES = ["the food was cold and the staff was rude", "never again , not even for free",
-         "great food and lovely staff", "the best pizza in town , we will be back",
-         "slow service and a dirty table", "friendly people and fair prices"]
-SOURCES = {"a": LINES[:2] + LINES[4:5], "b": LINES[2:4] + LINES[5:]}
+
+
+@pytest.fixture(autouse=True)
+def cyclej_logs_reach_caplog(caplog: pytest.LogCaptureFixture) -> Any:
+    """Earlier tests of the session (Prefect's logging set-up, libraries that disable or detach loggers) can
+    cut the `cyclej` loggers off from the root, where caplog listens (conftest's `project_log` says the
+    same): re-enable them and hand caplog's handler to `cyclej` directly."""
+    names = ["cyclej", *(n for n in logging.root.manager.loggerDict if n.startswith("cyclej."))]
+    saved = {n: logging.getLogger(n).disabled for n in names}
+    logging.disable(logging.NOTSET)
+    for n in names:
+        logging.getLogger(n).disabled = False
+    logger = logging.getLogger("cyclej")
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)
+    for n, disabled in saved.items():
+        logging.getLogger(n).disabled = disabled
 
 
 @pytest.fixture(autouse=True)

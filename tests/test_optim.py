@@ -21,6 +21,15 @@ def gptj_like_weights(n: int = 4096, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
+
+def step_both(step: int, *sides: tuple[torch.nn.Module, torch.optim.Optimizer]) -> None:
+    """One optimizer step of each (model, optimizer) on the same seeded batch and loss."""
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+    for model, opt in sides:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
 def test_fp32_parameters_step_exactly_like_torch_adamw() -> None:
     torch.manual_seed(0)
     a = torch.nn.Linear(32, 16)
@@ -28,11 +37,7 @@ def test_fp32_parameters_step_exactly_like_torch_adamw() -> None:
     ours = MasterAdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
     ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
     for step in range(5):
-        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
-        for model, opt in ((a, ours), (b, ref)):
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
+        step_both(step, (a, ours), (b, ref))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
     assert not ours.masters()  # fp32 parameters are their own master: no second copy
@@ -53,11 +58,7 @@ def test_chunked_update_equals_torch_adamw_over_steps(state_device: str | None) 
                        state_device=state_device, chunk_numel=100)
     ref = torch.optim.AdamW(groups(b), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
     for step in range(6):
-        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
-        for model, opt in ((a, ours), (b, ref)):
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
+        step_both(step, (a, ours), (b, ref))
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q), step
     assert not ours.masters()
