@@ -152,9 +152,16 @@ def project_log() -> Iterator[list[logging.LogRecord]]:
 
     logger = logging.getLogger("cyclej")
     handler, saved = Collect(level=logging.DEBUG), (logger.level, logger.disabled)
+    # Children (`cyclej.rl`, ...) too: a dictConfig with disable_existing_loggers drops their records
+    # before they reach this handler.
+    children = {n: logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("cyclej.")}
+    saved_children = {n: (c.level, c.disabled) for n, c in children.items()}
     logging.disable(logging.NOTSET)
     logger.disabled = False
     logger.setLevel(logging.DEBUG)
+    for child in children.values():
+        child.disabled = False
+        child.setLevel(logging.NOTSET)
     logger.addHandler(handler)
     try:
         yield records
@@ -162,3 +169,6 @@ def project_log() -> Iterator[list[logging.LogRecord]]:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.disabled = saved[1]
+        for n, (level, disabled) in saved_children.items():
+            children[n].setLevel(level)
+            children[n].disabled = disabled

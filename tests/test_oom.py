@@ -31,22 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 
-@pytest.fixture(autouse=True)
-def cyclej_logs_reach_caplog(caplog: pytest.LogCaptureFixture) -> Any:
-    """Earlier tests of the session (Prefect's logging set-up, libraries that disable or detach loggers) can
-    cut the `cyclej` loggers off from the root, where caplog listens (conftest's `project_log` says the
-    same): re-enable them and hand caplog's handler to `cyclej` directly."""
-    names = ["cyclej", *(n for n in logging.root.manager.loggerDict if n.startswith("cyclej."))]
-    saved = {n: logging.getLogger(n).disabled for n in names}
-    logging.disable(logging.NOTSET)
-    for n in names:
-        logging.getLogger(n).disabled = False
-    logger = logging.getLogger("cyclej")
-    logger.addHandler(caplog.handler)
-    yield
-    logger.removeHandler(caplog.handler)
-    for n, disabled in saved.items():
-        logging.getLogger(n).disabled = disabled
+def logged(records: list[logging.LogRecord]) -> str:
+    """The messages conftest's `project_log` read straight off the `cyclej` loggers (caplog listens on the
+    root, which earlier tests of a session can cut them off from)."""
+    return "\n".join(r.getMessage() for r in records)
 
 
 @pytest.fixture(autouse=True)
@@ -89,14 +77,13 @@ def test_trainer_halves_the_micro_batch_on_cublas_alloc_failed(tmp_path: Path, m
 
 
 def test_dev_loss_out_of_memory_halves_the_eval_batch_not_the_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, project_log: list[logging.LogRecord]
 ) -> None:
     plain, _ = train_run(tmp_path, "plain")
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train-dev_loss:1:oom")
-    with caplog.at_level(logging.WARNING, logger="cyclej"):
-        m, fired = train_run(tmp_path, "oom")
+    m, fired = train_run(tmp_path, "oom")
     assert fired == [("domain_train-dev_loss", 1, "oom")]
-    assert "domain_train-dev_loss: out of memory at batch 4" in caplog.text
+    assert "domain_train-dev_loss: out of memory at batch 4" in logged(project_log)
     assert m["dev_loss_before"] == pytest.approx(plain["dev_loss_before"], rel=1e-6)
     assert m["micro_batch_size"] == 4 and m["oom_events"] == 0  # training's micro-batch is not eval's
 
@@ -189,13 +176,12 @@ def test_rl_releases_memory_only_after_the_failed_attempts_tensors_are_gone(monk
 
 
 def test_rl_weight_push_out_of_memory_is_retried_once_then_fails_naming_the_knob(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, project_log: list[logging.LogRecord]
 ) -> None:
     trainer, _ = rl_trainer(engine=True)
     monkeypatch.setenv("CYCLEJ_FAULT", "rl-push:1:oom,rl-push:2:oom,rl-push:2:cublas")
-    with caplog.at_level(logging.WARNING, logger="cyclej.rl"):
-        trainer.step()
-    assert "out of memory pushing the weights after step 1" in caplog.text
+    trainer.step()
+    assert "out of memory pushing the weights after step 1" in logged(project_log)
     engine = trainer.backend
     assert engine.pushes == 1 and trainer.step_done == 1
     for name, p in trainer.policy.state_dict().items():
@@ -224,7 +210,7 @@ def test_discriminator_update_out_of_memory_splits_the_batch_then_fails_at_one_t
 
 
 def test_discriminator_scores_and_embedder_halve_their_batch_with_the_same_result(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, project_log: list[logging.LogRecord]
 ) -> None:
     from cyclej.embedder import load_embedder
 
@@ -233,10 +219,9 @@ def test_discriminator_scores_and_embedder_halve_their_batch_with_the_same_resul
     plain_probs = d.probabilities(LINES, batch_size=4)
     plain_sim = embedding_similarity(embedder, LINES, LINES[::-1])
     monkeypatch.setenv("CYCLEJ_FAULT", "discriminator-scores:1:oom,embedder:1:cublas")
-    with caplog.at_level(logging.WARNING, logger="cyclej"):
-        probs = d.probabilities(LINES, batch_size=4)
-        sim = embedding_similarity(embedder, LINES, LINES[::-1])
-    assert "discriminator-scores: out of memory at batch 4" in caplog.text
-    assert "embedder: out of memory at batch 12" in caplog.text
+    probs = d.probabilities(LINES, batch_size=4)
+    sim = embedding_similarity(embedder, LINES, LINES[::-1])
+    assert "discriminator-scores: out of memory at batch 4" in logged(project_log)
+    assert "embedder: out of memory at batch 12" in logged(project_log)
     torch.testing.assert_close(probs, plain_probs, rtol=1e-5, atol=1e-6)
     assert sim == pytest.approx(plain_sim, abs=1e-5)
