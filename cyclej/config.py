@@ -368,6 +368,27 @@ class OrchestrationConfig(StrictModel):
     deployment_prefix: str = Field("cyclej-", description="stage deployments are '<prefix><stage>/<stage>'")
 
 
+class ResourcesConfig(StrictModel):
+    """How many GPUs each stage runs on. In no fingerprint: where, not what (a run at another world size
+    computes the same update up to float rounding; a resume needs the same world size to be bit-identical).
+    The env var CYCLEJ_GPUS (set by the RunPod worker to the pod's gpu_count) overrides it on the machine
+    that runs a stage, for every stage that can use several GPUs (cyclej.distributed)."""
+
+    gpus: dict[str, int] = Field(
+        default_factory=dict,
+        description="per stage, e.g. {rl: 4}; a stage not named runs on 1; >1 runs it under torchrun",
+    )
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> ResourcesConfig:
+        for name, n in self.gpus.items():
+            if name not in STAGES:
+                raise ValueError(f"resources.gpus.{name}: no such stage (one of {', '.join(STAGES)})")
+            if n < 1:
+                raise ValueError(f"resources.gpus.{name}: {n} GPUs; give 1 or more")
+        return self
+
+
 class PipelineConfig(StrictModel):
     """CYCLE_J: the whole pipeline. Each stage section only changes that stage's fingerprint
     (and the fingerprints of the stages after it)."""
@@ -391,6 +412,7 @@ class PipelineConfig(StrictModel):
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
     def _distinct_domains(self) -> PipelineConfig:

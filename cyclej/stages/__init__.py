@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from cyclej import engines
 from cyclej.config import STAGES, PipelineConfig
 from cyclej.corpus import DomainKey, Split, read_lines
+from cyclej.distributed import gpus_for, is_distributed, launch_stage
+from cyclej.errors import StageFailed
 from cyclej.progress import Progress
 from cyclej.store import ArtifactRef, ArtifactStore, fingerprint
 
@@ -276,8 +278,17 @@ class StageRun:
         """The GPU when torch sees one (`device: auto`); with `device: cuda` or CYCLEJ_DEVICE=cuda (the GPU
         pods) no GPU is BadInput, before the stage computes anything, never a silent CPU run."""
         from cyclej.device import resolve_device
+        from cyclej.distributed import rank_device
 
-        return resolve_device(self.cfg.device, self.name)
+        return rank_device(resolve_device(self.cfg.device, self.name))
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the stage's checkpoints and artifact: always, but for ranks 1…N-1
+        of a stage on N GPUs (cyclej.distributed), whose share ends with the training."""
+        from cyclej.distributed import is_main
+
+        return is_main()
 
     def input_dir(self, name: str) -> Path:
         """The local folder of input artifact `name` (downloaded once from a remote store)."""
@@ -372,7 +383,16 @@ def run_stage(
         run = StageRun(cfg, stage, {k: inputs[k] for k in stage.inputs}, store, progress)
         if name in GPU_STAGES:
             run.device  # noqa: B018 - resolving it refuses a CPU-only host before the stage computes
+        nproc = gpus_for(cfg, name)
+        if nproc > 1 and not is_distributed():
+            # N ranks under torchrun in a child process; this process keeps the lease (cyclej.distributed).
+            launch_stage(name, cfg, run.inputs, store, nproc, stage.resume_point(store))
+            launched = store.ref(name, fp)
+            if launched is None:
+                raise StageFailed(name, f"the {nproc}-rank run ended without committing its artifact")
+            return launched
         ref = stage_function(name)(run)
+        assert ref is not None, f"stage {name} returned no artifact"
     assert ref.fingerprint == fp, f"stage {name} wrote {ref.fingerprint}, expected {fp}"
     return ref
 
