@@ -14,7 +14,9 @@ RL trainer (`cyclej.rl.RLTrainer` with `cyclej.optim.MasterAdamW`). It measures,
 - a real CUDA out-of-memory (memory filled on purpose) halving the micro-batch, finishing with the same
   effective batch;
 - a checkpoint written, resumed, and equal to an uninterrupted run (LoRA trainer; RL trainer state);
-- tokens/s per stage.
+- tokens/s per stage;
+- on a machine with N > 1 GPUs (a pod), the `domain_train` stage on N ranks (torchrun, NCCL) against one:
+  the same adapter, and the throughput ratio (one skip line on one GPU).
 
 What needs vLLM (paraphrase, vLLM rollouts, eval) or Prefect (flow runs) is skipped with one line each:
 the check runs on a bare GPU machine with torch, transformers, peft, safetensors and sacrebleu. The
@@ -519,6 +521,47 @@ def check_rl(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
+def check_multi_gpu(report: Report, folder: Path, work: Path, device: Any, dry_run: bool) -> None:
+    """The `domain_train` stage on every GPU of the machine (torchrun, NCCL) against one GPU: the same
+    adapter, and the throughput ratio. On one GPU it says so and skips; the dry run uses 2 gloo ranks."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from safetensors.torch import load_file
+    from scale_out import config as stage_config
+    from scale_out import stage_inputs
+
+    from cyclej.progress import Progress
+    from cyclej.stages import run_stage
+    from cyclej.store import ArtifactStore
+
+    n = 2 if dry_run else torch.cuda.device_count()
+    section = f"multi-GPU ({n} ranks, domain_train under torchrun)"
+    if n < 2:
+        report.add("multi-GPU", "data-parallel LoRA stage", f"{n} GPU here", "≥ 2 GPUs (a pod: gpu_count > 1)",
+                   "skip")
+        return
+    kind = "cpu" if dry_run else "cuda"
+    results: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for ranks in (1, n):
+        root = work / f"multi-gpu-{ranks}"
+        store = ArtifactStore(str(root))
+        refs = stage_inputs(store, str(folder), lines=64)
+        # fp32: the comparison is of the gradient reduction, not of bf16 rounding
+        cfg = stage_config(root, str(folder), ranks, steps=3, device=kind, precision="fp32")
+        ref = run_stage("domain_train", cfg, refs, store, Progress(show_bar=False))
+        out = store.fetch(ref)
+        results[ranks] = (json.loads((out / "metrics.json").read_text()),
+                          load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    (m1, a1), (mn, an) = results[1], results[n]
+    diff = max(float((a1[k].float() - an[k].float()).abs().max()) for k in a1)
+    report.add(section, f"adapter on {n} ranks vs 1 rank", f"max |Δ| {diff:.2e}", "≤ 1e-4",
+               "ok" if diff <= 1e-4 and mn["world_size"] == n else "FAIL")
+    ratio = mn["tokens_per_s"] / m1["tokens_per_s"]
+    report.add(section, "tokens/s, N ranks / 1 rank", f"{ratio:.2f}× ({mn['tokens_per_s']:.0f} vs "
+               f"{m1['tokens_per_s']:.0f})", f"near {n}× on {n} GPUs" + ("; below on shared CPU cores" if dry_run else ""))
+
+
 def environment(report: Report) -> Any:
     import torch
     import transformers
@@ -598,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             ("resume", lambda: check_lora_resume(report, folder, sizes, work, device)),
             ("masters", lambda: check_masters(report, sizes, device)),
             ("rl", lambda: check_rl(report, folder, sizes, work, device, on_gpu)),
+            ("multi-GPU", lambda: check_multi_gpu(report, folder, work, device, args.dry_run)),
         ]
         peak_mb1 = 0.0
         for name, fn in sections:

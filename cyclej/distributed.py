@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,11 +162,18 @@ def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (pickled; for small state such as RNG states)."""
     if not is_distributed():
         return [obj]
+    import io
+
+    import torch
     import torch.distributed as dist
 
+    # Through torch.save's bytes: all_gather_object's own pickling of tensors (an RNG state is a
+    # ByteTensor) fails to load in torch 2.13 ("UntypedStorage has no attribute dtype").
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=False) for b in out]
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -201,9 +208,10 @@ def _collective_device(device: torch.device | None) -> torch.device:
 
 
 def launch_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-                 nproc: int, resume_point: str | None = None) -> None:
+                 nproc: int, resume_point: Callable[[], str | None] = lambda: None) -> None:
     """Run `stage` on `nproc` ranks under torchrun, in a child process; returns when rank 0 has committed.
-    A failed rank fails the stage (StageFailed naming the exit code; its own lines are on stderr)."""
+    A failed rank fails the stage: StageFailed naming the exit code and the checkpoint a retry resumes from
+    (`resume_point()`, asked once the ranks are gone); the rank's own error is on stderr above it."""
     spec = {
         "stage": stage,
         # The store travels as its root and options (credentials included), not through cfg.storage.
@@ -227,7 +235,7 @@ def launch_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]
         done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
         raise StageFailed(stage, f"a rank of the {nproc}-rank run exited with code {done.returncode} "
-                          "(its error is above); a retry resumes from the last checkpoint", resume_point)
+                          "(its error is above)", resume_point())
 
 
 def _store_root(store: ArtifactStore) -> str:

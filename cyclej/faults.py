@@ -1,11 +1,12 @@
-"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<point>:<step>:<oom|cublas|error|kill|hang>[,…]``.
+"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<point>:<step>:<oom|cublas|error|kill|hang>[@rank][,…]``.
 
 When the named stage reaches that optimizer step (for `paraphrase`: that shard), `maybe_fault` raises a
 CUDA out-of-memory error (`oom`, once per process), raises cuBLAS's allocation failure as torch does, a
 plain RuntimeError (`cublas`, once per process), raises a plain error (`error`, once per process),
 ends the process at once with no clean-up (`kill`, like a lost pod) or blocks forever (`hang`, like a
 stuck GPU: for drills of what a SIGTERM or a timeout does to a stage that never finishes). Read only
-from the environment; does nothing when the variable is unset.
+from the environment; does nothing when the variable is unset. `@rank` limits a fault to one rank of a
+stage on several GPUs (torchrun's RANK; cyclej.distributed): `context:3:oom@1` fails rank 1 alone.
 
 Points besides the stages' steps (cyclej.oom lists the out-of-memory paths): `rl-push:<step>` (the weight
 push into the engine), `discriminator:<update>` (its training step), and the chunked no-grad passes of
@@ -33,13 +34,16 @@ class InjectedError(RuntimeError):
     """The `error` fault: stands for a bug or a lost connection."""
 
 
-def parse(spec: str) -> list[tuple[str, int, str]]:
+def parse(spec: str) -> list[tuple[str, int, str, int | None]]:
+    """(point, step, kind, rank or None for every rank) per item."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
-        if len(parts) != 3 or parts[2] not in KINDS or not parts[1].isdigit():
-            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<{'|'.join(KINDS)}>")
-        faults.append((parts[0], int(parts[1]), parts[2]))
+        kind, _, on_rank = parts[-1].partition("@") if len(parts) == 3 else ("", "", "")
+        if (len(parts) != 3 or kind not in KINDS or not parts[1].isdigit()
+                or (on_rank and not on_rank.isdigit())):
+            raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<{'|'.join(KINDS)}>[@rank]")
+        faults.append((parts[0], int(parts[1]), kind, int(on_rank) if on_rank else None))
     return faults
 
 
@@ -47,8 +51,9 @@ def maybe_fault(stage: str, step: int) -> None:
     spec = os.environ.get("CYCLEJ_FAULT")
     if not spec:
         return
-    for f_stage, f_step, kind in parse(spec):
-        if f_stage != stage or f_step != step:
+    rank = int(os.environ.get("RANK", "0"))
+    for f_stage, f_step, kind, f_rank in parse(spec):
+        if f_stage != stage or f_step != step or (f_rank is not None and f_rank != rank):
             continue
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -16,6 +16,16 @@ Read it top to bottom like nanoGPT's train.py:
    minutes. With `gradient_checkpointing` each layer's activations are recomputed in the backward pass
    (HF's non-reentrant checkpointing; the loss and gradient are the same, memory is one layer's).
 
+On N ranks (a stage with `resources.gpus` > 1, launched by cyclej.distributed): data parallel. Every rank
+holds the whole base and the same adapter; the step's rows are split by rank (rank r takes rows r, r+N, …),
+each rank accumulates its share's gradient of the same step-normalised loss over its micro-batches, and
+one all-reduce sums the trainable gradients (a few MB for LoRA) together with an out-of-memory flag, so
+every rank clips and steps on the same gradient and the weights stay equal without being sent. Why not
+DDP's reducer: it all-reduces inside backward, so a rank that runs out of memory mid-backward would leave
+the others blocked in a bucket's all-reduce; here nobody communicates until every rank has finished or
+failed its share, then all of them halve the micro-batch together. Rank 0 alone logs and writes
+checkpoints, which hold every rank's RNG state.
+
 Exactness: everything that decides the next update (trainable weights, AdamW moments, the scheduler,
 the python/numpy/torch RNGs, the step and the micro-batch) is in the checkpoint, and nothing else draws
 random numbers, so on CPU a run resumed at any step ends bit-identical to one that never stopped.
@@ -44,6 +54,7 @@ from torch import Tensor, nn
 
 from cyclej import formats
 from cyclej.config import TrainConfig
+from cyclej.distributed import any_rank, gather_objects, is_main, rank, sum_tensors, world_size
 from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.oom import OutOfMemory, map_halving, oom_message, release_memory
@@ -322,6 +333,9 @@ class _Trainer:
         # did before (another stage, a resumed one): a stage's trajectory must not depend on its neighbours.
         seed_all(cfg.seed)
         self.model, self.marker_rows = _make_trainable(model, cfg, marker_token_ids)
+        self.world, self.rank = world_size(), rank()
+        if self.rank > 0:  # its own dropout stream (LoRA's init above is every rank's, from the seed)
+            torch.manual_seed(cfg.seed + 7919 * self.rank)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, stage)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
@@ -343,19 +357,25 @@ class _Trainer:
 
     # ---- logging ----
     def _log(self, record: dict[str, Any]) -> None:
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and is_main():
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ---- checkpoints ----
     def save_checkpoint(self) -> None:
         name = checkpoint_name(self.state.step)
+        # Every rank's RNG (its dropout stream) so that a resume on N ranks goes on as if never stopped;
+        # one rank alone keeps the single-process format.
+        rng = rng_state() if self.world == 1 else {"ranks": gather_objects(rng_state())}
+        self.last_checkpoint = name
+        if not is_main():
+            return
         d = self.store.checkpoint_workdir(self.stage, self.fp, name)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.named_trainable.items()},
                   str(d / "trainable.safetensors"))
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
-        torch.save(rng_state(), d / "rng.pt")
+        torch.save(rng, d / "rng.pt")
         (d / "state.json").write_text(json.dumps(self.state.__dict__))
         if self.metrics_path is not None and self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, d / "metrics.jsonl")
@@ -366,7 +386,7 @@ class _Trainer:
         found = self.store.latest_checkpoint(self.stage, self.fp, prefix=CHECKPOINT_PREFIX)
         if found is None:
             # A fresh start: lines of a run that died before its first checkpoint are not ours.
-            if self.metrics_path is not None:
+            if self.metrics_path is not None and is_main():
                 self.metrics_path.unlink(missing_ok=True)
             return
         name, d = found
@@ -376,9 +396,9 @@ class _Trainer:
                 param.copy_(saved[key])
         self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(d / "scheduler.pt"))
-        set_rng_state(torch.load(d / "rng.pt"))
+        set_rng_state(self._own_rng(torch.load(d / "rng.pt"), name))
         self.state = _LoopState(**json.loads((d / "state.json").read_text()))
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and is_main():
             if (d / "metrics.jsonl").is_file():
                 shutil.copyfile(d / "metrics.jsonl", self.metrics_path)
             else:
@@ -389,6 +409,17 @@ class _Trainer:
                  self.stage, name, self.state.step, self.state.micro_batch_size)
         self._log({"event": "resume", "step": self.state.step, "checkpoint": name,
                    "micro_batch": self.state.micro_batch_size})
+
+    def _own_rng(self, saved: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+        """This rank's RNG state from a checkpoint (written by one rank or by N)."""
+        ranks = saved.get("ranks")
+        if ranks is None:
+            ranks = [saved]
+        if len(ranks) != self.world:
+            log.warning("%s: checkpoint %s was written by %d rank(s), resumed on %d: the data order and the "
+                        "weights go on exactly, the dropout streams do not", self.stage, checkpoint,
+                        len(ranks), self.world)
+        return ranks[self.rank % len(ranks)]
 
     def _batch(self, rows: Sequence[Any]) -> dict[str, Tensor]:
         """Packed rows get formats' block-diagonal 4D mask; unpacked ones a 2D padding mask."""
@@ -410,14 +441,20 @@ class _Trainer:
             return float(loss_sum), n
 
         self.model.eval()
-        try:
-            parts = map_halving(loss_of, self.dev_sequences, self.state.micro_batch_size,
+        failure = None
+        try:  # on N ranks each scores its share of the slice; the sums are added below
+            parts = map_halving(loss_of, self.dev_sequences[self.rank::self.world], self.state.micro_batch_size,
                                 point=f"{self.stage}-dev_loss", knob=f"{self.stage}.seq_len")
         except OutOfMemory as exc:
-            raise StageFailed(self.stage, str(exc), self.last_checkpoint) from None
+            failure, parts = str(exc), []
         finally:
             self.model.train()
-        return sum(t for t, _ in parts) / max(1, sum(n for _, n in parts))
+        if any_rank(failure is not None):
+            raise StageFailed(self.stage, failure or "out of memory in the dev loss on another rank",
+                              self.last_checkpoint)
+        total = torch.tensor([sum(t for t, _ in parts), sum(n for _, n in parts)], dtype=torch.float64)
+        loss_sum, n = (float(x) for x in sum_tensors([total], self.device)[0])
+        return loss_sum / max(1.0, n)
 
     # ---- one optimizer step ----
     def train_step(self, batch_seqs: list[Any], step_no: int) -> dict[str, float]:
@@ -426,6 +463,8 @@ class _Trainer:
         targets = sum(count_targets(s) for s in batch_seqs)
         loss_total, tokens = 0.0, 0
         self.updating = False
+        if self.world > 1:
+            return self._train_step_of_rank(batch_seqs, step_no, targets)
         for chunk in _chunks(batch_seqs, self.state.micro_batch_size):
             batch = self._batch(chunk)
             with autocast(self.cfg.precision, self.device):
@@ -435,6 +474,39 @@ class _Trainer:
             loss_total += float(loss_sum.detach())
             tokens += sum(len(row.input_ids) for row in chunk)
         maybe_fault(self.stage, step_no)
+        return self._update(loss_total, tokens, targets)
+
+    def _train_step_of_rank(self, batch_seqs: list[Any], step_no: int, targets: int) -> dict[str, float]:
+        """`train_step` on one of N ranks: this rank's rows, then one all-reduce of the gradients, the
+        loss, the token count and whether any rank ran out of memory (module docstring)."""
+        loss_total, tokens, failure = 0.0, 0, None
+        try:
+            for chunk in _chunks(batch_seqs[self.rank::self.world], self.state.micro_batch_size):
+                batch = self._batch(chunk)
+                with autocast(self.cfg.precision, self.device):
+                    loss_sum, _ = target_loss_sum(self.model, batch, self.head_on_targets_only)
+                (loss_sum / targets).backward()
+                loss_total += float(loss_sum.detach())
+                tokens += sum(len(row.input_ids) for row in chunk)
+            maybe_fault(self.stage, step_no)
+        except Exception as exc:
+            failure = oom_message(exc)
+            if failure is None:
+                raise  # anything but memory ends this rank; torchrun then stops the others
+        # Outside the except: the failed micro-batch's tensors are gone before the all-reduce allocates.
+        if failure is not None:
+            release_memory()
+        grads = [torch.zeros_like(p) if p.grad is None or failure else p.grad for p in self.params]
+        extra = torch.tensor([loss_total, float(tokens), 1.0 if failure else 0.0], dtype=torch.float64)
+        *summed, totals = sum_tensors([*grads, extra], self.device)
+        if float(totals[2]) > 0:
+            raise torch.OutOfMemoryError(failure or "CUDA out of memory on another rank (its log says which)")
+        for p, g in zip(self.params, summed, strict=True):
+            p.grad = g
+        return self._update(float(totals[0]), int(totals[1]), targets)
+
+    def _update(self, loss_total: float, tokens: int, targets: int) -> dict[str, float]:
+        """Clip, step, schedule: the same on every rank, whose gradients are equal."""
         self.updating = True
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -488,10 +560,10 @@ class _Trainer:
             )
         self.state.micro_batch_size = old // 2
         self.state.oom_events += 1
-        accumulation = math.ceil(self.cfg.batch_size / self.state.micro_batch_size)
+        accumulation = math.ceil(self.cfg.batch_size / (self.state.micro_batch_size * self.world))
+        who = f"{self.stage} (rank {self.rank} of {self.world})" if self.world > 1 else self.stage
         log.warning("%s: out of memory at step %d (%s); micro-batch %d → %d, accumulation %d (effective batch %d)",
-                    self.stage, step_no, failure, old, self.state.micro_batch_size, accumulation,
-                    self.cfg.batch_size)
+                    who, step_no, failure, old, self.state.micro_batch_size, accumulation, self.cfg.batch_size)
         self._log({"event": "oom", "step": step_no, "micro_batch": self.state.micro_batch_size,
                    "previous_micro_batch": old, "accumulation": accumulation,
                    "effective_batch": self.cfg.batch_size})
@@ -540,7 +612,7 @@ class _Trainer:
                     "grad_norm": stats["grad_norm"], "update_size": update_size, "tokens": int(stats["tokens"]),
                     "tokens_per_s": stats["tokens"] / max(seconds, 1e-9),
                     "micro_batch": self.state.micro_batch_size,
-                    "accumulation": math.ceil(cfg.batch_size / self.state.micro_batch_size),
+                    "accumulation": math.ceil(cfg.batch_size / (self.state.micro_batch_size * self.world)),
                 }
                 if step_no % cfg.eval_every_steps == 0 or step_no == cfg.max_steps:
                     self.state.dev_loss_last = self.dev_loss()
@@ -574,6 +646,7 @@ class _Trainer:
             "effective_batch": self.cfg.batch_size,
             "oom_events": s.oom_events,
             "resumed_from": list(s.resumed_from),
+            "world_size": self.world,
             "packing": self.packing,
             "head_on_targets_only": self.head_on_targets_only,
             "train_sequences": len(self.sequences),

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Absent on a bare GPU machine (torch, transformers, peft, sentence-transformers, sacrebleu, safetensors).
 ABSENT = "vllm,prefect,boto3,botocore,s3fs,redis"
-SECTIONS = ("LoRA stages", "out of memory", "checkpoint and resume", "bf16 + fp32 masters", "RL (full weights")
+SECTIONS = ("LoRA stages", "out of memory", "checkpoint and resume", "bf16 + fp32 masters", "RL (full weights",
+            "multi-GPU (2 ranks")
 
 
 def test_gpu_check_dry_run_passes_every_section_without_vllm_or_prefect(tmp_path: Path) -> None:

@@ -386,7 +386,7 @@ def run_stage(
         nproc = gpus_for(cfg, name)
         if nproc > 1 and not is_distributed():
             # N ranks under torchrun in a child process; this process keeps the lease (cyclej.distributed).
-            launch_stage(name, cfg, run.inputs, store, nproc, stage.resume_point(store))
+            launch_stage(name, cfg, run.inputs, store, nproc, lambda: stage.resume_point(store))
             launched = store.ref(name, fp)
             if launched is None:
                 raise StageFailed(name, f"the {nproc}-rank run ended without committing its artifact")

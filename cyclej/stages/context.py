@@ -40,7 +40,7 @@ STAGE = "context"
 log = logging.getLogger("cyclej")
 
 
-def run_context(run: StageRun) -> ArtifactRef:
+def run_context(run: StageRun) -> ArtifactRef | None:
     cfg, ccfg, progress, device = run.cfg, run.cfg.context, run.progress, run.device
     work = run.workdir
 
@@ -93,6 +93,8 @@ def run_context(run: StageRun) -> ArtifactRef:
     train_examples = [Example(row, list(row)) for row in train_rows]
     dev_examples = [Example(row, list(row)) for row in eval_rows]
     model, train_metrics = _train(run, model, tokenizer, train_examples, dev_examples)
+    if not run.is_main:  # on N GPUs, ranks 1…N-1 are done: rank 0 measures, writes and commits
+        return None
 
     ppl_after = perplexity(model, eval_rows, batch, ccfg.precision)
     ppl_after_old_len = perplexity(model, old_rows, batch, ccfg.precision)

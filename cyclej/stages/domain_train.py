@@ -17,7 +17,7 @@ from cyclej.store import ArtifactRef
 STAGE = "domain_train"
 
 
-def run_domain_train(run: StageRun) -> ArtifactRef:
+def run_domain_train(run: StageRun) -> ArtifactRef | None:
     base = load_lora_base(run, run.cfg.domain_train)
     tokenizer, marker_a, marker_b = base.tokenizer, base.marker_a, base.marker_b
 

@@ -64,16 +64,18 @@ def train_and_commit_adapter(
     train_examples: Sequence[TokenExample],
     dev_examples: Sequence[TokenExample],
     extra: dict[str, Any],
-) -> ArtifactRef:
+) -> ArtifactRef | None:
     """The rest of both LoRA stages: train (resuming from the stage's checkpoints), write `adapter/`,
     `marker_rows.safetensors`, `base.json` (which `context` artifact it applies to, so `cyclej translate`
     can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then drop the checkpoints
-    (the committed artifact supersedes them)."""
+    (the committed artifact supersedes them). None on ranks 1…N-1 of a stage on N GPUs."""
     work = run.workdir
     result = train(base.model, train_examples=train_examples, dev_examples=dev_examples, tcfg=base.tcfg,
                    store=run.store, stage=run.name, fp=run.fingerprint, tokenizer=base.tokenizer,
                    marker_ids=[base.marker_a, base.marker_b], progress=run.progress,
                    metrics_path=work / "metrics.jsonl")
+    if not run.is_main:  # on N GPUs, ranks 1…N-1 are done: rank 0 writes and commits the adapter
+        return None
     result.save_adapter(work)
     context = run.inputs["context"]
     adapter_base = {"stage": context.stage, "fingerprint": context.fingerprint}

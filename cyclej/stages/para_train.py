@@ -35,7 +35,7 @@ MAX_DEV_FRACTION = 0.1
 TEMPLATE_PAIRS = "template_pairs.jsonl"
 
 
-def run_para_train(run: StageRun) -> ArtifactRef:
+def run_para_train(run: StageRun) -> ArtifactRef | None:
     tcfg = run.cfg.para_train
     base = load_lora_base(run, tcfg)
     tokenizer = base.tokenizer
@@ -95,9 +95,10 @@ def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[B
     if not pairs:
         raise BadInput("para_train.template_pairs: no train line has a marker n-gram; lower "
                        "para_train.template_pairs.min_salience or set template_pairs: null")
-    with open(run.workdir / TEMPLATE_PAIRS, "w", encoding="utf-8") as out:
-        for p in pairs:
-            out.write(json.dumps({"target_domain": p.target_domain, "source": p.source, "target": p.target}) + "\n")
+    if run.is_main:  # every rank builds the same pairs; rank 0 alone writes the artifact's copy
+        with open(run.workdir / TEMPLATE_PAIRS, "w", encoding="utf-8") as out:
+            for p in pairs:
+                out.write(json.dumps({"target_domain": p.target_domain, "source": p.source, "target": p.target}) + "\n")
     return pairs
 
 
