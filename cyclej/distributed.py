@@ -46,9 +46,11 @@ GPUS_ENV = "CYCLEJ_GPUS"
 # Seconds a collective may wait for a missing rank before the group fails (torch's default is 10 min for
 # NCCL, 30 min for gloo); tests set it to a few seconds so a hang fails fast.
 TIMEOUT_ENV = "CYCLEJ_DIST_TIMEOUT"
-# The stages that run on several GPUs. data and merge are CPU work; paraphrase and eval are data parallel
-# through their shards (one engine per GPU), not through a process group.
-MULTI_GPU_STAGES = frozenset({"context", "para_train", "domain_train", "rl"})
+# The stages that run on several GPUs: the training stages as one process group (their ranks share every
+# step), paraphrase as N independent workers over its shards (one engine per GPU, no group: shard i goes to
+# worker i mod N). data and merge are CPU work; eval runs on one GPU.
+MULTI_GPU_STAGES = frozenset({"context", "paraphrase", "para_train", "domain_train", "rl"})
+DATA_PARALLEL_STAGES = frozenset({"paraphrase"})
 
 
 # ---- who am I ------------------------------------------------------------------------------------------
@@ -112,6 +114,29 @@ def init_process_group(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=timeout())
+
+
+def pin_worker_gpu() -> None:
+    """A data-parallel worker (no process group) sees only GPU LOCAL_RANK, as GPU 0: set before CUDA
+    starts in this process, and inherited by an engine process it starts (vLLM)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(_device_count())]
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[local_rank() % len(gpus)]
+
+
+def _device_count() -> int:
+    """GPUs on this machine without starting CUDA in this process (nvidia-smi), 0 without a driver."""
+    import shutil
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def rank_device(device: torch.device) -> torch.device:

@@ -23,6 +23,7 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
 from cyclej.config import PipelineConfig
+from cyclej.distributed import gpus_for
 from cyclej.errors import CyclejError, StageFailed, StorageError
 from cyclej.stages import PlannedStage, levels, plan_pipeline, shard_count
 from tasks.stages import configured_stage_task, post_artifacts, refs_from, shard_task, store_for
@@ -49,8 +50,8 @@ def _shards(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str
     """Shards are mapped tasks so several workers can share the stage; each shard skips itself when
     already in the store. Skipped entirely when the stage's artifact is complete."""
     store = store_for(cfg)
-    if store.exists(stage.name, stage.fingerprint):
-        return
+    if store.exists(stage.name, stage.fingerprint) or gpus_for(cfg, stage.name) > 1:
+        return  # done; or on N GPUs, where the stage task runs N workers over the shards itself
     n = shard_count(stage, cfg, refs_from(inputs), store)
     if cfg.orchestration.max_concurrent_stages > 1:
         shard_task.map(stage, cfg, inputs, list(range(n))).result()

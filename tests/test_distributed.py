@@ -167,3 +167,33 @@ def test_gpus_come_from_the_pod_for_multi_gpu_stages_only(monkeypatch: pytest.Mo
         distributed.gpus_for(bad, "merge")
     with pytest.raises(ValueError, match="resources.gpus.mrege: no such stage"):
         PipelineConfig.model_validate({**cfg.model_dump(mode="json"), "resources": {"gpus": {"mrege": 2}}})
+
+
+def test_paraphrase_on_two_gpus_is_two_workers_over_the_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data parallel: worker r generates shards r, r+2, … (its own engine); the launching process
+    assembles the same pairs one process would have."""
+    from transformers import AutoTokenizer
+
+    from cyclej.config import load_config
+    from cyclej.models import tiny_tokenizer_dir
+    from tests.tiny_models import tiny_llama
+
+    paraphraser = tmp_path / "paraphraser"
+    tiny_llama(seed=0).save_pretrained(paraphraser)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir()).save_pretrained(paraphraser)
+    results = {}
+    for gpus in (1, 2):
+        root = tmp_path / f"store{gpus}"
+        cfg = load_config(preset="tiny", storage=str(root), overrides=[
+            f"models.paraphraser={paraphraser}", "paraphrase.max_texts_per_domain=4", "paraphrase.shard_size=2",
+            "paraphrase.max_new_tokens=6", "paraphrase.batch_size=4", "paraphrase.temperature=0.0",
+            "paraphrase.max_rejection_rate=1.0", "device=cpu", f"resources.gpus.paraphrase={gpus}"])
+        store = ArtifactStore(str(root))
+        data = run_stage("data", cfg, {}, store, Progress(show_bar=False))
+        ref = run_stage("paraphrase", cfg, {"data": data}, store, Progress(show_bar=False))
+        workers = [json.loads((store.load_checkpoint("paraphrase", ref.fingerprint, name) / "stats.json")
+                              .read_text())["worker"] for name in store.list_checkpoints("paraphrase", ref.fingerprint)]
+        results[gpus] = ((store.fetch(ref) / "pairs.jsonl").read_text(), workers)
+    assert results[1][1] == [0] * len(results[1][1]) and len(results[1][1]) >= 2
+    assert results[2][1] == [i % 2 for i in range(len(results[2][1]))]  # shard i by worker i mod 2
+    assert results[2][0] == results[1][0] and results[1][0].strip()

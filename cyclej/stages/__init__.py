@@ -387,6 +387,8 @@ def run_stage(
         if nproc > 1 and not is_distributed():
             # N ranks under torchrun in a child process; this process keeps the lease (cyclej.distributed).
             launch_stage(name, cfg, run.inputs, store, nproc, lambda: stage.resume_point(store))
+            if stage.sharded:  # the workers saved every shard; this process assembles and commits them
+                return stage_function(name)(run)
             launched = store.ref(name, fp)
             if launched is None:
                 raise StageFailed(name, f"the {nproc}-rank run ended without committing its artifact")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,8 @@ def _generate_shard(
         "generation_seconds": round(seconds, 3),
         "oom_retries": oom_retries,
         "batch_size": getattr(para.backend, "batch_size", None),
+        # Which of N data-parallel workers (one per GPU, cyclej.distributed) generated it; 0 alone.
+        "worker": int(os.environ.get("RANK", "0")),
     }
     (out / "stats.json").write_text(json.dumps(shard_stats, indent=1), encoding="utf-8")
     store.save_checkpoint(STAGE, fp, name, out)

@@ -1,7 +1,8 @@
 """One rank of a stage on N GPUs: what `python -m torch.distributed.run … -m cyclej.stages.rank_worker SPEC`
 runs in each process that cyclej.distributed.launch_stage starts. It rebuilds the config, the inputs and
 the store from the spec file, joins the process group and calls the stage function, as `run_stage` would
-in a single process (whose lease covers this run)."""
+in a single process (whose lease covers this run). A sharded stage (paraphrase) joins no group: each rank
+is a worker generating its share of the shards on its own GPU, and the launching process assembles them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,23 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cyclej.distributed import barrier, init_process_group, is_distributed, is_main
+from cyclej.distributed import (
+    DATA_PARALLEL_STAGES,
+    barrier,
+    init_process_group,
+    is_distributed,
+    is_main,
+    pin_worker_gpu,
+)
 from cyclej.errors import BadInput
 from cyclej.progress import Progress
+
+if TYPE_CHECKING:
+    from cyclej.config import PipelineConfig
+    from cyclej.stages import PlannedStage
+    from cyclej.store import ArtifactRef, ArtifactStore
 
 
 def run_rank(spec_path: Path, progress: Progress | None = None) -> None:
@@ -31,6 +45,9 @@ def run_rank(spec_path: Path, progress: Progress | None = None) -> None:
     stage = plan_stage(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
     main = int(os.environ.get("RANK", "0")) == 0
     progress = (progress or Progress(show_bar=main)).for_stage(name)
+    if name in DATA_PARALLEL_STAGES:
+        run_shards_of_worker(stage, cfg, inputs, store, progress)
+        return
     if name in GPU_STAGES:
         from cyclej.device import resolve_device
 
@@ -55,6 +72,18 @@ def run_rank(spec_path: Path, progress: Progress | None = None) -> None:
 
         if is_distributed():
             dist.destroy_process_group()
+
+
+def run_shards_of_worker(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef],
+                         store: ArtifactStore, progress: Progress) -> None:
+    """Worker r of N of a sharded stage: shards r, r+N, … on its own GPU, each saved as the stage's
+    checkpoint (a shard already saved, or leased by another run, is skipped or waited for)."""
+    from cyclej.stages import run_shard, shard_count
+
+    pin_worker_gpu()
+    worker, workers = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    for index in range(worker, shard_count(stage, cfg, inputs, store), workers):
+        run_shard(stage, cfg, inputs, store, index, progress)
 
 
 def main(argv: list[str] | None = None) -> int:
