@@ -244,6 +244,14 @@ def test_every_gpu_stage_pod_gets_what_cyclej_plan_prints_for_it(standin: Runpod
                "container_disk_gb": spec["containerDiskInGb"]}
         assert got == wanted, stage
     assert planned["rl"]["min_memory_in_gb"] >= 68 and planned["rl"]["min_vcpu_count"] >= 8
+    # The 4-GPU RL deployment: the plan at world size 4, and a pod whose stage runs 4 ranks.
+    wanted = {p.stage: p.job_variables() for p in plan(load_config(preset="gptj", overrides=["resources.gpus.rl=4"]))}["rl"]
+    job_variables = deployments["rl-4gpu"]["work_pool"]["job_variables"]
+    create_pod(_from_job_variables({k: v for k, v in job_variables.items() if k in (*wanted, "allowed_cuda_versions")}))
+    spec = standin.ops("podFindAndDeployOnDemand")[-1].input
+    assert (spec["gpuTypeId"], spec["gpuCount"], spec["minMemoryInGb"], spec["minVcpuCount"], spec["containerDiskInGb"]) == (
+        wanted["gpu_type_id"], 4, wanted["min_memory_in_gb"], wanted["min_vcpu_count"], wanted["container_disk_gb"])
+    assert {e["key"]: e["value"] for e in spec["env"]}["CYCLEJ_GPUS"] == "4"
 
 
 # What the stage inside a pod reads for its world size: cyclej.distributed.gpus_for, with the pod's env only.
