@@ -61,6 +61,27 @@ rounded up; a GiB is the larger unit, so a request is never short):
   exceeds `CHECKPOINT_BUDGET` of the time is flagged, with the interval (a multiple of 10 minutes) that
   keeps it under; a step interval shorter than the run is flagged for such large checkpoints too, since
   the plan does not know a step's time.
+
+World size (`cyclej.distributed.gpus_for`: `resources.gpus.<stage>`, or CYCLEJ_GPUS where it is set): a
+stage on N ranks runs on a pod of N GPUs of one type; memory is per GPU, the price the pod's (N × the
+hourly price of the type). World size 1 is the single-process model above, unchanged.
+
+- LoRA stages on N ranks (data parallel, cyclej.train): every rank holds the whole base and the adapters
+  and trains on its share of a step's rows (⌈batch_size / N⌉), in micro-batches of at most
+  `micro_batch_size`: per GPU, the single-GPU memory at that micro-batch, plus the one fp32 buffer the
+  trainable gradients are packed into for their all-reduce (`cyclej.distributed.sum_tensors`).
+- RL on N ranks (FSDP2): the fp32 parameters, sharded, are the masters; their gradients are
+  reduce-scattered in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`) and AdamW's
+  moments are sharded with them: (4 + 4 + 8) / N bytes per parameter per GPU, on the GPU, so no optimizer
+  offload. Plus the full weights in the compute dtype, gathered for the rollouts (generation, or the push
+  into vLLM), which is more than the layers the forward and backward unshard at a time; plus each rank's
+  activations, for a chunk of its share of the step's prompt groups (⌈prompts_per_step / N⌉). The
+  reference policy, discriminator, embedder and vLLM engine are counted whole on every rank.
+- the pod: every rank is a process that builds the stage at the same time, so the host RAM it takes
+  (its libraries, its copy of the model loaded on the CPU, its engines) is counted N times, plus the
+  launcher's process; vCPUs N times; disk once (the ranks share HF_HOME and CYCLEJ_CACHE, rank 0 writes).
+- the smallest pod without optimizer offload (`StagePlan.smallest_pod`, the multi-GPU stages): the
+  fewest GPUs of `WORLD_SIZES`, then the smallest card, on which the stage fits as planned above.
 """
 
 from __future__ import annotations
@@ -76,6 +97,7 @@ from typing import Literal
 import yaml
 
 from cyclej.config import STAGES, PipelineConfig, TrainConfig
+from cyclej.distributed import gpus_for
 from cyclej.errors import BadInput
 from cyclej.optim import optimizer_bytes_per_param
 
@@ -99,6 +121,8 @@ HASH_BYTES_PER_S = 1e9  # sha256 of every file for the checkpoint's manifest (cy
 UPLOAD_BYTES_PER_S = 250e6
 CHECKPOINT_BUDGET = 0.05  # the share of a stage's time its checkpoints may take
 LARGE_CHECKPOINT = 1 * GiB  # below it a checkpoint costs seconds: its step interval is not flagged
+WORLD_SIZES = (1, 2, 4, 8)  # the GPU counts of the pods the smallest-pod search rents (one GPU type each)
+FSDP_PREFETCH_LAYERS = 2  # FSDP2 unshards the next layer while one computes
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,12 @@ class ModelShape:
         attn = [(h, h), (h, kv), (h, kv), (h, h)]
         mlp = [(h, i), (h, i), (i, h)] if self.gated_mlp else [(h, i), (i, h)]
         return self.layers * sum(rank * (a + b) for a, b in attn + mlp)
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one transformer layer (attention + MLP projections; norms are negligible)."""
+        kv = self.kv_heads * self.head_dim
+        return 2 * self.hidden * self.hidden + 2 * self.hidden * kv + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -312,6 +342,8 @@ class StagePlan:
     disk: dict[str, float] = field(default_factory=dict)  # bytes of pod disk by part
     checkpoint_bytes: float = 0.0  # one checkpoint
     checkpoint_minutes: float | None = None  # the interval that keeps checkpoints under CHECKPOINT_BUDGET
+    # Multi-GPU stages: the fewest GPUs (then the smallest card) on which it fits without optimizer offload.
+    smallest_pod: Alternative | None = None
 
     @property
     def total_bytes(self) -> float:
@@ -365,7 +397,8 @@ def activation_bytes(
     return shape.layers * per_layer + logits
 
 
-def _train_memory(shape: ModelShape, tcfg: TrainConfig, micro_batch: int) -> tuple[dict[str, float], int]:
+def _train_memory(shape: ModelShape, tcfg: TrainConfig, micro_batch: int,
+                  world: int = 1) -> tuple[dict[str, float], int]:
     w = 2 if _bf16(tcfg.precision) else 4
     if tcfg.lora is not None:
         trainable = shape.lora_params(tcfg.lora.rank)
@@ -375,6 +408,8 @@ def _train_memory(shape: ModelShape, tcfg: TrainConfig, micro_batch: int) -> tup
         mem = {"weights": shape.params * w, "gradients": shape.params * w, "optimizer": shape.params * 8}
     mem["activations"] = activation_bytes(shape, micro_batch, tcfg.seq_len, w,
                                           checkpointing=tcfg.gradient_checkpointing)
+    if world > 1:  # sum_tensors packs every trainable gradient into one fp32 buffer for the all-reduce
+        mem["all-reduce buffer"] = trainable * 4.0
     return mem, trainable
 
 
@@ -386,25 +421,44 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
-def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable) -> StagePlan:
-    """The configured micro-batch on a common card if it fits; else the largest halved micro-batch that
-    does (the effective batch is unchanged); else the largest card of the table at micro-batch 1."""
-    shape = model_shape(spec)
-    plan = StagePlan(stage, spec, "gpu", params=shape.params)
+def _rank_micro_batch(tcfg: TrainConfig, world: int) -> int:
+    """A rank's micro-batch: its share of a step's rows (the rank with the most), at most micro_batch_size;
+    one GPU: micro_batch_size, as the single-process plan always counted."""
+    return tcfg.micro_batch_size if world == 1 else min(tcfg.micro_batch_size, math.ceil(tcfg.batch_size / world))
+
+
+def _fit_training(shape: ModelShape, tcfg: TrainConfig, prices: PriceTable,
+                  world: int) -> tuple[GpuType | None, dict[str, float], int, int]:
+    """(card, memory per GPU, micro-batch, trainable parameters): the rank's micro-batch on a common card if
+    it fits; else the largest halved micro-batch that does (the effective batch is unchanged); else the
+    largest card of the table at micro-batch 1."""
     for limit in (COMMON_MAX_GB, math.inf):
-        for mb in _halvings(tcfg.micro_batch_size):
-            mem, plan.trainable_params = _train_memory(shape, tcfg, mb)
+        for mb in _halvings(_rank_micro_batch(tcfg, world)):
+            mem, trainable = _train_memory(shape, tcfg, mb, world)
             gpu = smallest_fitting(sum(mem.values()), prices, limit)
             if gpu is not None:
-                break
-        if gpu is not None:
-            break
-    plan.memory, plan.gpu, plan.micro_batch = mem, gpu, mb
+                return gpu, mem, mb, trainable
+    return None, mem, mb, trainable
+
+
+def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable, world: int = 1) -> StagePlan:
+    """The stage on `world` GPUs (`_fit_training`), and the smallest pod it fits."""
+    shape = model_shape(spec)
+    plan = StagePlan(stage, spec, "gpu", params=shape.params, gpu_count=world)
+    gpu, plan.memory, mb, plan.trainable_params = _fit_training(shape, tcfg, prices, world)
+    plan.gpu, plan.micro_batch = gpu, mb
     kind = f"LoRA r={tcfg.lora.rank}" if tcfg.lora is not None else "full fine-tuning"
-    plan.notes.append(f"{kind}, {tcfg.precision}, micro-batch {mb} × {tcfg.seq_len} tokens")
-    if mb != tcfg.micro_batch_size:
+    plan.notes.append(f"{kind}, {tcfg.precision}, micro-batch {mb} × {tcfg.seq_len} tokens"
+                      + (" per rank" if world > 1 else ""))
+    if world > 1:
         plan.notes.append(
-            f"micro-batch {tcfg.micro_batch_size} fits no {COMMON_MAX_GB} GB card; the trainer halves it on "
+            f"{world} ranks (data parallel): each holds the whole model, trains on ⌈{tcfg.batch_size} / {world}⌉ = "
+            f"{math.ceil(tcfg.batch_size / world)} rows of a step and all-reduces the trainable gradients"
+        )
+    start = _rank_micro_batch(tcfg, world)
+    if mb != start:
+        plan.notes.append(
+            f"micro-batch {start} fits no {COMMON_MAX_GB} GB card; the trainer halves it on "
             f"out-of-memory (accumulation doubles, the effective batch stays {tcfg.batch_size}): set "
             f"{stage}.micro_batch_size: {mb} to skip those retries"
         )
@@ -413,6 +467,12 @@ def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable)
             f"even micro-batch 1 needs {_gib(plan.total_bytes)} GiB: shorten {stage}.seq_len"
             + (" (GPT-J's eager attention keeps an s² fp32 matrix per head and layer)" if shape.eager_attention else "")
         )
+    for n in WORLD_SIZES:  # no optimizer offload in a LoRA stage: the smallest pod is the first that fits
+        pod, mem, pod_mb, _ = _fit_training(shape, tcfg, prices, n)
+        if pod is not None:
+            plan.smallest_pod = Alternative(f"resources.gpus.{stage}: {n}", mem, gpu_count=n, gpu=pod,
+                                            note=f"micro-batch {pod_mb}")
+            break
     return plan
 
 
@@ -450,7 +510,8 @@ def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
     return plan
 
 
-def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: float) -> dict[str, float]:
+def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: float,
+               world: int = 1) -> dict[str, float]:
     """Bytes on one GPU of `card_bytes` for the RL stage with `groups` prompt groups per forward/backward
     chunk: what `cyclej.stages.rl` and `cyclej.rl.RLTrainer` allocate with these settings.
 
@@ -463,15 +524,26 @@ def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: floa
       embedder only when their reward has a weight, as the stage loads them.
     - rollouts: vLLM takes `rl.vllm.gpu_memory_utilization` × the card, whatever it needs; the
       transformers backend a KV cache for one chunk of rows (its generation batch).
+    - on `world` > 1 ranks (FSDP2, `offload` unused: the shards are on the GPU): one GPU's share, the
+      module docstring's "RL on N ranks".
     """
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2 if _bf16(r.precision) else 4
     seq = cfg.data.max_tokens + 2 + r.max_new_tokens
-    per_param = optimizer_bytes_per_param(w, offload)
-    mem = {"weights": shape.params * float(w), "gradients": shape.params * float(w)}
-    if per_param["device"] > w:
-        mem["optimizer"] = shape.params * (per_param["device"] - w)
+    if world > 1:
+        # fp32 shards: the parameters (the masters), their fp32-reduced gradients, AdamW's two moments.
+        mem = {"weights shard (fp32)": shape.params * 4.0 / world, "gradients shard (fp32)": shape.params * 4.0 / world,
+               "optimizer shard": shape.params * 8.0 / world}
+        # Unsharded at once: the whole model in the compute dtype for the rollouts, or, in the forward and
+        # backward, the prefetched layers' weights + their gradients + the fp32 copy reduce-scattered.
+        unsharded_layers = FSDP_PREFETCH_LAYERS * shape.layer_params * (2.0 * w + 4.0)
+        mem[f"gathered weights ({'bf16' if w == 2 else 'fp32'})"] = max(shape.params * float(w), unsharded_layers)
+    else:
+        per_param = optimizer_bytes_per_param(w, offload)
+        mem = {"weights": shape.params * float(w), "gradients": shape.params * float(w)}
+        if per_param["device"] > w:
+            mem["optimizer"] = shape.params * (per_param["device"] - w)
     rows = groups * r.rollouts
     mem["activations"] = activation_bytes(shape, rows, seq, w, logits_tokens=r.max_new_tokens + 1,
                                           checkpointing=r.gradient_checkpointing)
@@ -502,52 +574,92 @@ def _vllm_holds_rl(cfg: PipelineConfig, card_bytes: float) -> bool:
 
 
 def _fit_rl(
-    cfg: PipelineConfig, groups: int, offload: bool, prices: PriceTable, max_gb: float
+    cfg: PipelineConfig, groups: int, offload: bool, prices: PriceTable, max_gb: float, world: int = 1
 ) -> tuple[GpuType | None, dict[str, float]]:
-    """The smallest card (≤ max_gb) that holds the stage; vLLM's share depends on the card."""
+    """The smallest card (≤ max_gb) that holds the stage (per GPU on `world` ranks); vLLM's share depends
+    on the card."""
     for gpu in sorted(prices.gpus, key=lambda g: (g.memory_gb, g.hourly_usd)):
         card = gpu.memory_gb * GiB
-        mem = _rl_memory(cfg, groups, offload, card)
+        mem = _rl_memory(cfg, groups, offload, card, world)
         if gpu.memory_gb <= max_gb and _vllm_holds_rl(cfg, card) and fits(sum(mem.values()), gpu):
             return gpu, mem
-    return None, _rl_memory(cfg, groups, offload, COMMON_MAX_GB * GiB)
+    return None, _rl_memory(cfg, groups, offload, COMMON_MAX_GB * GiB, world)
 
 
-def _plan_rl(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
+def _rank_groups(cfg: PipelineConfig, world: int) -> int:
+    """Prompt groups per forward/backward chunk on a rank: its share of a step's prompts (the rank with
+    the most), at most rl.rollout_micro_batch; one GPU: rl.rollout_micro_batch, as the single-process plan
+    always counted."""
+    r = cfg.rl
+    return r.rollout_micro_batch if world == 1 else min(r.rollout_micro_batch, math.ceil(r.prompts_per_step / world))
+
+
+def _smallest_rl_pod(cfg: PipelineConfig, prices: PriceTable) -> Alternative | None:
+    """The fewest GPUs, then the smallest card, that hold RL with its optimizer on the GPUs: MasterAdamW's
+    16 bytes per parameter on one, FSDP2's shards on several; the groups per chunk halved as the trainer
+    does on out-of-memory."""
+    for n in WORLD_SIZES:
+        for limit in (COMMON_MAX_GB, math.inf):
+            for groups in _halvings(_rank_groups(cfg, n)):
+                gpu, mem = _fit_rl(cfg, groups, False, prices, limit, n)
+                if gpu is not None:
+                    name = f"resources.gpus.rl: {n}" + (", rl.optimizer_offload: false" if cfg.rl.optimizer_offload else "")
+                    return Alternative(name, mem, gpu_count=n, gpu=gpu, note=f"{groups} group(s) per chunk")
+    return None
+
+
+def _plan_rl(cfg: PipelineConfig, prices: PriceTable, world: int = 1) -> StagePlan:
     """As configured on a common (≤ 80 GB) card if it fits, halving the groups per chunk as the trainer does
     on out-of-memory; otherwise with the optimizer state in CPU RAM (`rl.optimizer_offload: true`, which the
-    trainer implements); otherwise the smallest card of the table that fits as configured."""
+    trainer implements); otherwise the smallest card of the table that fits as configured. On `world` > 1
+    ranks the optimizer state is sharded over the GPUs (the module docstring): no offload way."""
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2 if _bf16(r.precision) else 4
-    plan = StagePlan("rl", cfg.models.base, "gpu", params=shape.params, trainable_params=shape.params)
-    ways = [(r.optimizer_offload, "as configured")]
-    if not r.optimizer_offload:
+    plan = StagePlan("rl", cfg.models.base, "gpu", params=shape.params, trainable_params=shape.params,
+                     gpu_count=world)
+    offload_cfg = r.optimizer_offload and world == 1
+    ways = [(offload_cfg, "as configured")]
+    if not offload_cfg and world == 1:
         ways.append((True, "rl.optimizer_offload: true (fp32 masters and AdamW moments in CPU RAM)"))
+    start = _rank_groups(cfg, world)
     chosen: tuple[GpuType, dict[str, float], int, bool, str] | None = None
     for limit in (COMMON_MAX_GB, math.inf):
         for offload, name in ways:
-            for groups in _halvings(r.rollout_micro_batch):
-                gpu, mem = _fit_rl(cfg, groups, offload, prices, limit)
+            for groups in _halvings(start):
+                gpu, mem = _fit_rl(cfg, groups, offload, prices, limit, world)
                 if gpu is not None:
                     chosen = (gpu, mem, groups, offload, name)
                     break
             if limit == COMMON_MAX_GB or chosen is not None:  # each way once: on a common card, else bigger
-                plan.alternatives.append(Alternative(name, mem, gpu=gpu))
+                plan.alternatives.append(Alternative(name, mem, gpu_count=world, gpu=gpu))
             if chosen is not None:
                 break
         if chosen is not None:
             break
-    per_param = optimizer_bytes_per_param(w, r.optimizer_offload)
-    plan.notes.append(
-        f"full weights: {w}-byte weights and gradients, fp32 masters and AdamW moments "
-        f"({'in CPU RAM' if r.optimizer_offload else 'on the GPU'}): {per_param['device'] + w:.0f} bytes per "
-        f"parameter on the GPU = {_gib(shape.params * (per_param['device'] + w))} GiB before activations"
-    )
+    if world > 1:
+        plan.notes.append(
+            f"{world} ranks (FSDP2): fp32 weights, fp32 gradients and AdamW moments sharded, 16 / {world} bytes per "
+            f"parameter = {_gib(shape.params * 16.0 / world)} GiB per GPU, + the {w}-byte weights gathered for the "
+            f"rollouts ({_gib(shape.params * float(w))} GiB); ⌈{r.prompts_per_step} / {world}⌉ prompt groups per rank"
+        )
+        if r.optimizer_offload:
+            # MasterAdamW's offload is the one-GPU answer to 16 bytes per parameter; sharded they fit.
+            plan.notes.append(f"rl.optimizer_offload is not counted on {world} ranks: the sharded fp32 weights and "
+                              "AdamW moments are on the GPUs")
+    else:
+        per_param = optimizer_bytes_per_param(w, r.optimizer_offload)
+        plan.notes.append(
+            f"full weights: {w}-byte weights and gradients, fp32 masters and AdamW moments "
+            f"({'in CPU RAM' if r.optimizer_offload else 'on the GPU'}): {per_param['device'] + w:.0f} bytes per "
+            f"parameter on the GPU = {_gib(shape.params * (per_param['device'] + w))} GiB before activations"
+        )
     if r.backend != "transformers":
-        plan.notes.append(f"vLLM takes rl.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization} of the card")
+        plan.notes.append(f"vLLM takes rl.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization} of the card"
+                          + (" on every rank" if world > 1 else ""))
+    plan.smallest_pod = _smallest_rl_pod(cfg, prices)
     if chosen is None:
-        plan.memory = _rl_memory(cfg, r.rollout_micro_batch, r.optimizer_offload, COMMON_MAX_GB * GiB)
+        plan.memory = _rl_memory(cfg, start, offload_cfg, COMMON_MAX_GB * GiB, world)
         plan.notes.append("nothing in the price table fits: lower rl.max_new_tokens, rl.rollouts or "
                           "rl.vllm.gpu_memory_utilization")
         return plan
@@ -558,7 +670,7 @@ def _plan_rl(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
         plan.notes.append(f"CPU RAM for the offloaded optimizer: {_gib(shape.params * 12.0)} GiB (pod RAM)")
     if name != "as configured":
         plan.notes.append(f"as configured it fits no {COMMON_MAX_GB} GB card; set {name.split(' (')[0]}")
-    if groups != r.rollout_micro_batch:
+    if groups != start:
         plan.notes.append(f"set rl.rollout_micro_batch: {groups} to skip the out-of-memory halvings")
     if len(plan.alternatives) == 1:
         plan.alternatives = []  # as configured fits: nothing else to show
@@ -619,11 +731,22 @@ def _schedule_checkpoints(p: StagePlan, cfg: PipelineConfig, section: str, nbyte
     return nbytes * (1 if remote else keep + 1)
 
 
-def _finish_pod(p: StagePlan, vcpus: int) -> None:
-    p.host = {"process": float(PROCESS_RAM), **p.host}
+def _finish_pod(p: StagePlan, vcpus: int, ranks: int = 1) -> None:
+    """The process and headroom around the stage's host parts (one process's), the image and logs on disk.
+    On `ranks` > 1 every rank is its own process building the stage at the same moment: each loads its own
+    copy of the model on the host (load_model builds it on the CPU before it, or its shard, goes to the
+    rank's GPU) and starts its own engines, so every host part is counted once per rank, and the launcher
+    (the flow's process, holding the lease while torchrun runs) is one more process; each rank tokenizes,
+    loads data and drives a GPU, so vCPUs per rank too. Disk is counted once: the ranks share HF_HOME and
+    CYCLEJ_CACHE (one download, one fetch) and rank 0 alone writes checkpoints and the output."""
+    if ranks > 1:
+        per_rank = {f"{k} × {ranks} ranks": v * ranks for k, v in p.host.items()}
+        p.host = {f"processes: the launcher + {ranks} ranks": float(PROCESS_RAM * (ranks + 1)), **per_rank}
+    else:
+        p.host = {"process": float(PROCESS_RAM), **p.host}
     p.host["headroom"] = RAM_HEADROOM * sum(p.host.values())
     p.disk = {"image": float(IMAGE_DISK), **p.disk, "data and logs": float(LOGS_DISK)}
-    p.vcpus = vcpus
+    p.vcpus = vcpus * ranks
 
 
 def _load_peak(shape: ModelShape, read_bytes: float, dtype_bytes: float) -> float:
@@ -631,7 +754,7 @@ def _load_peak(shape: ModelShape, read_bytes: float, dtype_bytes: float) -> floa
     return shape.params * (read_bytes + dtype_bytes)
 
 
-def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConfig) -> None:
+def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConfig, world: int = 1) -> None:
     shape = model_shape(cfg.models.base)
     w = 2.0 if _bf16(tcfg.precision) else 4.0
     if stage == "context":  # the base from the hub; writes the extended model in its training dtype
@@ -647,7 +770,7 @@ def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConf
     nbytes = trainable * 12.0  # fp32 trainable weights (LoRA: the adapters) + two AdamW moments
     p.disk["checkpoints"] = _schedule_checkpoints(p, cfg, stage, nbytes, tcfg.checkpoint_every_steps,
                                                   tcfg.checkpoint_every_minutes, tcfg.max_steps, tcfg.keep_checkpoints)
-    _finish_pod(p, GPU_VCPUS)
+    _finish_pod(p, GPU_VCPUS, world)
 
 
 def _pod_paraphrase(p: StagePlan, cfg: PipelineConfig) -> None:
@@ -681,14 +804,18 @@ def _pod_merge(p: StagePlan, cfg: PipelineConfig) -> None:
     p.disk.pop("image")  # the local pool: no pod image
 
 
-def _pod_rl(p: StagePlan, cfg: PipelineConfig) -> None:
+def _pod_rl(p: StagePlan, cfg: PipelineConfig, world: int = 1) -> None:
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2.0 if _bf16(r.precision) else 4.0
-    host_opt = optimizer_bytes_per_param(int(w), r.optimizer_offload)["host"]
-    # The merge's fp32 weights (4) are loaded on the CPU and become the masters; with offload the moments
-    # join them (12 in all), and the final save never holds more (cyclej.optim.fp32_with_masters).
-    p.host["policy: fp32 load, masters + moments"] = shape.params * max(4.0, host_opt)
+    offload = r.optimizer_offload and world == 1  # on several ranks the optimizer state is sharded on the GPUs
+    if world == 1:
+        host_opt = optimizer_bytes_per_param(int(w), offload)["host"]
+        # The merge's fp32 weights (4) are loaded on the CPU and become the masters; with offload the moments
+        # join them (12 in all), and the final save never holds more (cyclej.optim.fp32_with_masters).
+        p.host["policy: fp32 load, masters + moments"] = shape.params * max(4.0, host_opt)
+    else:  # each rank loads the merge's fp32 weights, then keeps only its shard (on its GPU)
+        p.host["policy: fp32 load"] = shape.params * 4.0
     if r.kl_coef > 0:
         p.host["reference policy load"] = shape.params * w
     if r.backend != "transformers":
@@ -709,7 +836,7 @@ def _pod_rl(p: StagePlan, cfg: PipelineConfig) -> None:
     p.disk["checkpoints"] = _schedule_checkpoints(p, cfg, "rl", nbytes, r.checkpoint_every_steps,
                                                   r.checkpoint_every_minutes, r.steps, r.keep_checkpoints)
     p.disk["output: model (fp32) + discriminator"] = shape.params * 4.0 + disc_bytes / 3
-    _finish_pod(p, RL_OFFLOAD_VCPUS if r.optimizer_offload else GPU_VCPUS)
+    _finish_pod(p, RL_OFFLOAD_VCPUS if offload else GPU_VCPUS, world)
 
 
 def _pod_eval(p: StagePlan, cfg: PipelineConfig) -> None:
@@ -736,26 +863,30 @@ def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePla
     """One StagePlan per stage, in pipeline order."""
     prices = prices or load_prices()
     merge_shape = model_shape(cfg.models.base)
+    # The world size each stage would run at here (resources.gpus, or CYCLEJ_GPUS where it is set); a
+    # stage that cannot use several GPUs but is given them is refused now, as the run would refuse it.
+    world = {s: gpus_for(cfg, s) for s in STAGES}
     plans = {
         "data": StagePlan("data", None, "cpu", notes=["cleaning and tokenizing: CPU only (the process pool)"]),
-        "context": _plan_training("context", cfg.models.base, cfg.context, prices),
+        "context": _plan_training("context", cfg.models.base, cfg.context, prices, world["context"]),
         "paraphrase": _plan_paraphrase(cfg, prices),
-        "para_train": _plan_training("para_train", cfg.models.base, cfg.para_train, prices),
-        "domain_train": _plan_training("domain_train", cfg.models.base, cfg.domain_train, prices),
+        "para_train": _plan_training("para_train", cfg.models.base, cfg.para_train, prices, world["para_train"]),
+        "domain_train": _plan_training("domain_train", cfg.models.base, cfg.domain_train, prices,
+                                       world["domain_train"]),
         "merge": StagePlan(
             "merge", cfg.models.base, "cpu", params=merge_shape.params,
             notes=["no training: a streaming merge, tensor by tensor (cyclej.merge); CPU is enough"],
         ),
-        "rl": _plan_rl(cfg, prices),
+        "rl": _plan_rl(cfg, prices, world["rl"]),
         "eval": _plan_eval(cfg, prices),
     }
     _finish_pod(plans["data"], 4)
     plans["data"].disk.pop("image")  # the local pool
     for stage in ("context", "para_train", "domain_train"):
-        _pod_training(plans[stage], cfg, stage, getattr(cfg, stage))
+        _pod_training(plans[stage], cfg, stage, getattr(cfg, stage), world[stage])
     _pod_paraphrase(plans["paraphrase"], cfg)
     _pod_merge(plans["merge"], cfg)
-    _pod_rl(plans["rl"], cfg)
+    _pod_rl(plans["rl"], cfg, world["rl"])
     _pod_eval(plans["eval"], cfg)
     return [plans[s] for s in STAGES]
 
@@ -809,6 +940,12 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
             where = f"{a.gpu_count}× {a.gpu.id} at ${a.hourly_usd:.2f}/h" if a.gpu else "no card fits"
             extra = f" ({a.note})" if a.note else ""
             lines.append(f"    option: {a.name}: {_gib(a.need_bytes)} GiB per GPU → {where}{extra}")
+        pod = p.smallest_pod
+        if pod is not None and pod.gpu is not None and (pod.gpu_count, pod.gpu) != (p.gpu_count, p.gpu):
+            # Only where it is not the pod planned above (a LoRA stage on one GPU is its own smallest pod).
+            what = "smallest pod without optimizer offload" if p.stage == "rl" else "smallest pod"
+            lines.append(f"    {what}: {pod.gpu_count}× {pod.gpu.id} at ${pod.hourly_usd:.2f}/h, "
+                         f"{_gib(pod.need_bytes)} GiB per GPU ({pod.note}): set {pod.name}")
     total = sum(p.hourly_usd or 0.0 for p in plans)
     lines.append("")
     lines.append(f"all GPU stages one after another: ${total:.2f} per hour of each; prices {prices.date}, "

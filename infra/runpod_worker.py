@@ -16,6 +16,10 @@ RunPod substitutes inside the container. The worker's PREFECT_API_KEY goes the s
 (`secret_env: {PREFECT_API_KEY: <secret>}`); a plain HF_TOKEN, AWS key or API key in `env` is refused.
 A private image registry: `container_registry_auth_id` (RunPod console → Container Registry Auth).
 
+A pod of `gpu_count` GPUs gets CYCLEJ_GPUS=<gpu_count> in its env, so the stage inside runs one rank per
+GPU (cyclej.distributed.gpus_for; a config's `resources.gpus` cannot ask a 1-GPU pod for 4 ranks). A
+deployment's own `env` CYCLEJ_GPUS wins when it asks for 1 to gpu_count ranks, and is refused otherwise.
+
 Stopping the worker (SIGTERM, or Ctrl-C) terminates the pods of the runs it is watching and marks those
 runs Crashed (a retry resumes them from their checkpoints), then exits: no pod is left billing.
 
@@ -84,6 +88,9 @@ DEFAULT_CUDA_VERSIONS = [v for v in RUNPOD_CUDA_VERSIONS if _cuda(v) >= _cuda(TO
 # default is 1 GB and 1 vCPU, too little to load a model, and any RunPod GPU host has this much.
 DEFAULT_MIN_MEMORY_GB = 16
 DEFAULT_MIN_VCPUS = 4
+# How many ranks the stage in a pod runs: cyclej.distributed.GPUS_ENV (not imported: Prefect imports this
+# module whenever it loads its collections; tests/test_runpod_pods.py checks the two names agree).
+GPUS_ENV = "CYCLEJ_GPUS"
 # Env vars that must reach a pod as RunPod secrets (`secret_env`), never as plain values in its spec.
 SENSITIVE_ENV = (
     "PREFECT_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -204,9 +211,17 @@ def _graphql_str(value: str) -> str:
 
 
 def pod_env(cfg: RunpodJobConfiguration) -> dict[str, str]:
-    """The env the pod spec carries: plain values, and RunPod secret references for `secret_env`.
-    Refuses a sensitive value in plain text (the spec is visible in RunPod's console)."""
+    """The env the pod spec carries: plain values, CYCLEJ_GPUS (the pod's GPU count unless `env` sets it),
+    and RunPod secret references for `secret_env`. Refuses a sensitive value in plain text (the spec is
+    visible in RunPod's console), and more ranks than the pod has GPUs."""
     plain = {k: v for k, v in cfg.env.items() if v is not None}
+    ranks = plain.setdefault(GPUS_ENV, str(cfg.gpu_count))
+    if not ranks.isdigit() or not 1 <= int(ranks) <= cfg.gpu_count:
+        # A rank beyond the GPUs would ask for a device the pod lacks (cuda:LOCAL_RANK), after the pod is paid.
+        raise ValueError(
+            f"env {GPUS_ENV}={ranks!r} on a pod of gpu_count {cfg.gpu_count}: give 1 to {cfg.gpu_count} ranks, or "
+            f"leave it out (the worker sets it to gpu_count)"
+        )
     for key, secret in cfg.secret_env.items():
         if not secret or any(c in secret for c in "{} "):
             raise ValueError(f"secret_env.{key}: {secret!r} is not a RunPod secret name")

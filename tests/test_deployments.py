@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -61,6 +62,40 @@ def test_yaml_configs_are_the_presets_and_gpu_stages_use_the_plan() -> None:
     assert deps["pipeline"]["schedules"][0]["cron"] and deps["pipeline"]["schedules"][0]["active"] is False
 
 
+def _multi_gpu(name: str) -> tuple[str, int] | None:
+    """`rl-4gpu` → ("rl", 4): a stage's deployment on a pod of several GPUs."""
+    m = re.fullmatch(r"(\w+)-(\d+)gpu", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def test_multi_gpu_deployments_ask_for_the_pod_cyclej_plan_prints_at_their_world_size() -> None:
+    """`<stage>-<n>gpu`: the job variables of `cyclej plan --preset gptj --set resources.gpus.<stage>=<n>`,
+    and a pod whose CYCLEJ_GPUS (the worker's default, or the deployment's own) is n."""
+    from infra.runpod_worker import GPUS_ENV
+
+    multi = {name: _multi_gpu(name) for name in _deployments()}
+    multi = {k: v for k, v in multi.items() if v is not None}
+    assert multi.get("rl-4gpu") == ("rl", 4)
+    deps = _deployments()
+    for name, (stage, n) in multi.items():
+        dep = deps[name]
+        assert dep["entrypoint"] == deps[stage]["entrypoint"] and dep["pull"] == deps[stage]["pull"], name
+        assert dep["work_pool"]["name"] == "cyclej-gpu", name
+        jv = dep["work_pool"]["job_variables"]
+        planned = {p.stage: p for p in plan(load_config(preset="gptj", overrides=[f"resources.gpus.{stage}={n}"]))}
+        assert {k: jv.get(k) for k in planned[stage].job_variables()} == planned[stage].job_variables(), name
+        assert jv["gpu_count"] == n and jv.get("env", {}).get(GPUS_ENV, str(n)) == str(n), name
+        single = deps[stage]["work_pool"]["job_variables"]
+        # n ranks: n processes each loading the model on the host; one shared disk
+        assert jv["min_memory_in_gb"] > single["min_memory_in_gb"] and jv["container_disk_gb"] == single["container_disk_gb"]
+        assert dep["concurrency_limit"]["collision_strategy"] == "ENQUEUE", name
+    # 4 ranks of RL shard the optimizer onto the GPUs: no offload, so 80 GB cards and no 68 GiB of masters in RAM
+    rl4 = {p.stage: p for p in plan(load_config(preset="gptj", overrides=["resources.gpus.rl=4"]))}["rl"]
+    assert rl4.gpu is not None and rl4.gpu.memory_gb == 80 and rl4.job_variables() == {
+        k: deps["rl-4gpu"]["work_pool"]["job_variables"][k] for k in rl4.job_variables()}
+    assert "optimizer" not in rl4.memory and not any("offloaded optimizer" in n for n in rl4.notes)
+
+
 def test_every_entrypoint_loads_the_flow_dispatch_expects() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
@@ -73,7 +108,8 @@ def test_every_entrypoint_loads_the_flow_dispatch_expects() -> None:
         assert func and "/" not in module and not module.endswith(".py"), dep["entrypoint"]
         assert (REPO / (module.replace(".", "/") + ".py")).is_file(), dep["entrypoint"]
         fl = load_flow_from_entrypoint(dep["entrypoint"])
-        expected = "cyclej-pipeline" if name in ("pipeline", "demo") else f"cyclej-{name}"
+        stage = (_multi_gpu(name) or (name, 1))[0]  # `rl-4gpu` runs the `rl` stage's flow
+        expected = "cyclej-pipeline" if name in ("pipeline", "demo") else f"cyclej-{stage}"
         assert fl.name == expected, (name, fl.name)  # _dispatch runs `cyclej-<stage>/<stage>`
 
 
@@ -164,6 +200,8 @@ def test_deploy_all() -> None:
     expected = {f"{s}@{'cyclej-local' if s in ('data', 'merge') else 'cyclej-gpu'}" for s in STAGES}
     assert expected | {"pipeline@cyclej-local", "demo@cyclej-local"} <= set(deployed)
     assert deployed["rl@cyclej-gpu"].job_variables["gpu_type_id"] == "NVIDIA A100 80GB PCIe"
+    assert deployed["rl-4gpu@cyclej-gpu"].job_variables["gpu_count"] == 4
+    assert deployed["rl@cyclej-gpu"].job_variables["gpu_count"] == 1
     limit = deployed["rl@cyclej-gpu"].global_concurrency_limit
     assert limit is not None and limit.limit == 2
     assert deployed["rl@cyclej-gpu"].concurrency_options.collision_strategy == "ENQUEUE"

@@ -244,3 +244,51 @@ def test_every_gpu_stage_pod_gets_what_cyclej_plan_prints_for_it(standin: Runpod
                "container_disk_gb": spec["containerDiskInGb"]}
         assert got == wanted, stage
     assert planned["rl"]["min_memory_in_gb"] >= 68 and planned["rl"]["min_vcpu_count"] >= 8
+    # The 4-GPU RL deployment: the plan at world size 4, and a pod whose stage runs 4 ranks.
+    wanted = {p.stage: p.job_variables() for p in plan(load_config(preset="gptj", overrides=["resources.gpus.rl=4"]))}["rl"]
+    job_variables = deployments["rl-4gpu"]["work_pool"]["job_variables"]
+    create_pod(_from_job_variables({k: v for k, v in job_variables.items() if k in (*wanted, "allowed_cuda_versions")}))
+    spec = standin.ops("podFindAndDeployOnDemand")[-1].input
+    assert (spec["gpuTypeId"], spec["gpuCount"], spec["minMemoryInGb"], spec["minVcpuCount"], spec["containerDiskInGb"]) == (
+        wanted["gpu_type_id"], 4, wanted["min_memory_in_gb"], wanted["min_vcpu_count"], wanted["container_disk_gb"])
+    assert {e["key"]: e["value"] for e in spec["env"]}["CYCLEJ_GPUS"] == "4"
+
+
+# What the stage inside a pod reads for its world size: cyclej.distributed.gpus_for, with the pod's env only.
+RANKS_PROBE = ("python -c \"from cyclej.config import load_config; from cyclej.distributed import gpus_for; "
+               "cfg = load_config(preset='tiny', overrides=['resources.gpus.rl=4']); "
+               "print('ranks', gpus_for(cfg, 'rl'), gpus_for(cfg, 'eval'))\"")
+
+
+def test_a_pod_of_four_gpus_runs_four_ranks_and_a_pod_of_one_runs_one(standin: RunpodStandin) -> None:
+    """The worker's CYCLEJ_GPUS is the pod's gpu_count: the stage inside runs one rank per GPU, and a config's
+    resources.gpus.rl: 4 cannot put 4 ranks on a 1-GPU pod."""
+    import cyclej.distributed
+    import infra.runpod_worker
+
+    assert infra.runpod_worker.GPUS_ENV == cyclej.distributed.GPUS_ENV == "CYCLEJ_GPUS"
+    four = create_pod(_from_job_variables({"gpu_type_id": "NVIDIA A100 80GB PCIe", "gpu_count": 4,
+                                           "env": {**LOCAL_API, "PYTHONPATH": str(REPO)}, "command": RANKS_PROBE}))
+    one = create_pod(_from_job_variables({"gpu_type_id": "NVIDIA A40", "env": {**LOCAL_API, "PYTHONPATH": str(REPO)},
+                                          "command": RANKS_PROBE}))
+    specs = [r.input for r in standin.ops("podFindAndDeployOnDemand")]
+    envs = [{e["key"]: e["value"] for e in s["env"]} for s in specs]
+    assert [s["gpuCount"] for s in specs] == [4, 1]
+    assert [e.get("CYCLEJ_GPUS", "1") for e in envs] == ["4", "1"]
+    for pod_id, ranks in ((four, "ranks 4 1"), (one, "ranks 1 1")):
+        wait_exit(standin, pod_id)
+        assert ranks in standin.pod_log(pod_id), standin.pod_log(pod_id)[-2000:]
+
+
+def test_a_deployments_own_cyclej_gpus_wins_when_the_pod_has_the_gpus(standin: RunpodStandin) -> None:
+    create_pod(job(gpu_type_id="NVIDIA H100 80GB HBM3", gpu_count=4, command="true", env={"CYCLEJ_GPUS": "2"}))
+    (deploy,) = standin.ops("podFindAndDeployOnDemand")
+    assert deploy.input["gpuCount"] == 4
+    assert {e["key"]: e["value"] for e in deploy.input["env"]}["CYCLEJ_GPUS"] == "2"
+
+
+@pytest.mark.parametrize("value", ["8", "0", "four", ""])
+def test_more_ranks_than_the_pods_gpus_is_refused_before_any_pod(standin: RunpodStandin, value: str) -> None:
+    with pytest.raises(ValueError, match="CYCLEJ_GPUS.*gpu_count 4"):
+        create_pod(job(gpu_type_id="NVIDIA H100 80GB HBM3", gpu_count=4, command="true", env={"CYCLEJ_GPUS": value}))
+    assert standin.pods == {} and not standin.ops("podFindAndDeployOnDemand")

@@ -168,6 +168,7 @@ def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: S
     env = {e["key"]: e["value"] for e in spec["env"]}
     assert spec["gpuTypeId"] == "NVIDIA A100 80GB PCIe"  # deployment job variable
     assert spec["gpuCount"] == 2  # flow-run job variable
+    assert env["CYCLEJ_GPUS"] == "2"  # the stage in the pod runs one rank per GPU (cyclej.distributed)
     assert spec["imageName"] == "cyclej-gpu:test"  # pool default
     assert spec["networkVolumeId"] == "vol-standin"
     assert spec["dataCenterId"] == "EU-RO-1"  # looked up from the volume by the SDK
