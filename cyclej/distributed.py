@@ -90,8 +90,11 @@ def gpus_for(cfg: PipelineConfig, stage: str) -> int:
     if env:
         if not env.isdigit() or int(env) < 1:
             raise BadInput(f"{GPUS_ENV}={env!r}: give the number of GPUs, 1 or more")
-        return int(env) if stage in MULTI_GPU_STAGES else 1
-    n = cfg.resources.gpus.get(stage, 1)
+        n = int(env) if stage in MULTI_GPU_STAGES else 1
+    else:
+        n = cfg.resources.gpus.get(stage, 1)
+    if stage == "paraphrase" and cfg.paraphrase.backend == "vllm" and cfg.paraphrase.vllm.tensor_parallel_size > 1:
+        return 1  # one engine over tensor_parallel_size GPUs already; its workers would each want them all
     if n > 1 and stage not in MULTI_GPU_STAGES:
         raise BadInput(f"resources.gpus.{stage}: {n}, but {stage} runs on one device "
                        f"(several GPUs: {', '.join(sorted(MULTI_GPU_STAGES))})")

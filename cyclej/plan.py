@@ -483,7 +483,9 @@ def _generation_share(shape: ModelShape, sequences: int, tokens: int, vllm: bool
     return mem
 
 
-def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
+def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable, workers: int = 1) -> StagePlan:
+    """One engine (tensor parallel over `tensor_parallel_size` GPUs), or `workers` data-parallel engines
+    over the shards (cyclej.distributed: one per GPU, each the one-engine memory)."""
     p = cfg.paraphrase
     shape = model_shape(cfg.models.paraphraser)
     tokens = cfg.data.max_tokens + PROMPT_OVERHEAD_TOKENS + p.max_new_tokens
@@ -507,6 +509,9 @@ def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
         plan.memory["embedder"] = model_shape(cfg.models.embedder).params * 4.0
         need += plan.memory["embedder"]
     plan.gpu = smallest_fitting(need, prices)
+    if workers > 1:
+        plan.gpu_count *= workers
+        plan.notes.append(f"{workers} data-parallel workers, one engine per GPU, shard i on worker i mod {workers}")
     return plan
 
 
@@ -773,7 +778,7 @@ def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConf
     _finish_pod(p, GPU_VCPUS, world)
 
 
-def _pod_paraphrase(p: StagePlan, cfg: PipelineConfig) -> None:
+def _pod_paraphrase(p: StagePlan, cfg: PipelineConfig, workers: int = 1) -> None:
     pc = cfg.paraphrase
     shape = model_shape(cfg.models.paraphraser)
     read = stored_bytes(cfg.models.paraphraser)
@@ -786,7 +791,7 @@ def _pod_paraphrase(p: StagePlan, cfg: PipelineConfig) -> None:
         emb = model_shape(cfg.models.embedder)
         p.disk["hub: " + cfg.models.embedder] = emb.params * stored_bytes(cfg.models.embedder)
         p.host["embedder"] = emb.params * 8.0
-    _finish_pod(p, GPU_VCPUS)
+    _finish_pod(p, GPU_VCPUS, workers)
 
 
 def _pod_merge(p: StagePlan, cfg: PipelineConfig) -> None:
@@ -869,7 +874,7 @@ def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePla
     plans = {
         "data": StagePlan("data", None, "cpu", notes=["cleaning and tokenizing: CPU only (the process pool)"]),
         "context": _plan_training("context", cfg.models.base, cfg.context, prices, world["context"]),
-        "paraphrase": _plan_paraphrase(cfg, prices),
+        "paraphrase": _plan_paraphrase(cfg, prices, world["paraphrase"]),
         "para_train": _plan_training("para_train", cfg.models.base, cfg.para_train, prices, world["para_train"]),
         "domain_train": _plan_training("domain_train", cfg.models.base, cfg.domain_train, prices,
                                        world["domain_train"]),
@@ -884,7 +889,7 @@ def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePla
     plans["data"].disk.pop("image")  # the local pool
     for stage in ("context", "para_train", "domain_train"):
         _pod_training(plans[stage], cfg, stage, getattr(cfg, stage), world[stage])
-    _pod_paraphrase(plans["paraphrase"], cfg)
+    _pod_paraphrase(plans["paraphrase"], cfg, world["paraphrase"])
     _pod_merge(plans["merge"], cfg)
     _pod_rl(plans["rl"], cfg, world["rl"])
     _pod_eval(plans["eval"], cfg)

@@ -60,13 +60,20 @@ def _shards(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str
             shard_task(stage, cfg, inputs, i)
 
 
+def deployment_name(cfg: PipelineConfig, stage: str) -> str:
+    """`<prefix><stage>/<stage>`, or `…/<stage>-<n>gpu` when the config gives the stage n > 1 GPUs: the
+    deployment whose pods have n GPUs (deployments/prefect.yaml), on which CYCLEJ_GPUS=n starts n ranks."""
+    n = cfg.resources.gpus.get(stage, 1)
+    return f"{cfg.orchestration.deployment_prefix}{stage}/{stage}" + (f"-{n}gpu" if n > 1 else "")
+
+
 @task(name="dispatch", retries=0)
 def dispatch_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Run the stage as its own deployment run; the store, not the flow result, says what it made.
     A task, so that the stages of one level are submitted together and their deployment runs (each on
     its own worker) run at once; `run_deployment` itself waits for its run."""
     name = stage.name
-    deployment = f"{cfg.orchestration.deployment_prefix}{name}/{name}"
+    deployment = deployment_name(cfg, name)
     kind = "s3" if cfg.storage.root.startswith("s3://") else "local"
     run = run_deployment(
         deployment, parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs}, timeout=None,

@@ -96,6 +96,20 @@ def test_multi_gpu_deployments_ask_for_the_pod_cyclej_plan_prints_at_their_world
     assert "optimizer" not in rl4.memory and not any("offloaded optimizer" in n for n in rl4.notes)
 
 
+def test_dispatch_sends_a_stage_given_n_gpus_to_its_n_gpu_deployment() -> None:
+    from cyclej.config import load_config
+    from flows.pipeline import deployment_name
+
+    deps = _deployments()
+    cfg = load_config(preset="gptj")
+    assert deployment_name(cfg, "rl") == "cyclej-rl/rl" and "rl" in deps
+    multi = [(name, _multi_gpu(name)) for name in deps if _multi_gpu(name)]
+    assert multi, "no <stage>-<n>gpu deployment in deployments/prefect.yaml"
+    for name, (stage, n) in multi:
+        given = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"gpus": {stage: n}})})
+        assert deployment_name(given, stage) == f"cyclej-{stage}/{name}"
+
+
 def test_every_entrypoint_loads_the_flow_dispatch_expects() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
