@@ -140,3 +140,39 @@ def test_resume_on_two_ranks_is_bit_identical(runs: dict[str, dict[str, Any]], t
     assert [json.dumps(m, sort_keys=True) for m in metrics(resumed)] == \
         [json.dumps(m, sort_keys=True) for m in metrics(straight)]
     assert resumed["ranks"][0]["disc_sha"] == straight["ranks"][0]["disc_sha"]
+
+
+def test_rl_stage_on_two_ranks_commits_what_one_process_would(tmp_path: Path, model_cache: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole `rl` stage (tiny preset: discriminator reward, ROUGE/BLEU/embedding, a checkpoint at step 2)
+    through run_stage with CYCLEJ_GPUS=2: torchrun, cyclej.stages.rank_worker, rank 0 commits. Step 1 is
+    one process's to the float (the discriminator has not been updated yet: after that its dropout masks,
+    drawn per rank's share of its batch, make the rewards differ in the 5th digit)."""
+    from transformers import AutoModelForCausalLM
+
+    from cyclej.progress import Progress
+    from cyclej.stages import run_stage
+    from cyclej.store import ArtifactStore
+    from tests.test_rl import build_inputs, deterministic_lines, tiny_config
+
+    monkeypatch.setenv("CYCLEJ_DIST_TIMEOUT", "30")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    rows = {}
+    for n in (1, 2):
+        cfg = tiny_config(tmp_path / f"store{n}")
+        store = ArtifactStore.from_config(cfg.storage)
+        monkeypatch.delenv("CYCLEJ_GPUS", raising=False)
+        inputs = build_inputs(cfg, store)
+        monkeypatch.setenv("CYCLEJ_GPUS", str(n))
+        art = store.fetch(run_stage("rl", cfg, inputs, store, Progress(show_bar=False)))
+        rows[n] = deterministic_lines(art / "metrics.jsonl")
+        assert not list(art.glob("checkpoints/*"))
+        assert AutoModelForCausalLM.from_pretrained(art / "model").config.model_type == "gptj"
+        assert (art / "discriminator" / "config.json").is_file()
+    assert [r["step"] for r in rows[2]] == [1, 2, 3, 4]
+    first1, first2 = rows[1][0], rows[2][0]
+    for key in ("reward/total/mean", "reward/discriminator/mean", "reward/rouge/mean", "completion_tokens/mean"):
+        assert first2[key] == pytest.approx(first1[key], rel=1e-6), key
+    assert first2["grad_norm"] == pytest.approx(first1["grad_norm"], rel=1e-5)
+    for a, b in zip(rows[1], rows[2], strict=True):
+        assert b["reward/total/mean"] == pytest.approx(a["reward/total/mean"], rel=1e-3)
