@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from cyclej import neobert
+from cyclej.distributed import rank, sum_tensors, world_size
 from cyclej.errors import BadInput
 from cyclej.faults import maybe_fault
 from cyclej.models import resolve_model
@@ -237,12 +238,19 @@ class Discriminator:
         one line (`OutOfMemory`)."""
         # Dropout draws from a stream seeded by our own generator: the result depends on our state only.
         dropout_seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        # On N ranks every rank drew the same batch (same generator, same replay buffer): each computes the
+        # gradient of its rows r, r+N, … (their share of the batch mean) and the gradients are summed, so
+        # every rank takes the same AdamW step and the discriminators stay identical.
+        n_ranks, my_rank = world_size(), rank()
+        n_batch = len(texts)
+        if n_ranks > 1:
+            texts, labels = texts[my_rank::n_ranks], labels[my_rank::n_ranks]
         self.model.train()
         try:
             while True:
                 failure = None
                 try:
-                    loss, hits = self._gradients(texts, labels, dropout_seed)
+                    loss, hits = self._gradients(texts, labels, dropout_seed, n_batch)
                     break
                 except Exception as exc:
                     failure = oom_message(exc)
@@ -255,6 +263,10 @@ class Discriminator:
                     raise OutOfMemory(f"discriminator: out of memory at one text per batch ({failure}); lower "
                                       "rl.discriminator_max_tokens")
                 self.micro_batch = size // 2
+            if n_ranks > 1:
+                loss, hit_share = self._sum_over_ranks(loss, hits, n_batch)
+            else:
+                hit_share = float(hits.float().mean())
             try:
                 self.optimizer.step()
             except Exception as exc:
@@ -267,16 +279,28 @@ class Discriminator:
         finally:
             self.model.eval()
         self.updates += 1
-        return {"disc/loss": loss, "disc/accuracy": float(hits.float().mean())}
+        return {"disc/loss": loss, "disc/accuracy": hit_share}
 
-    def _gradients(self, texts: list[str], labels: list[int], dropout_seed: int) -> tuple[float, torch.Tensor]:
+    def _sum_over_ranks(self, loss: float, hits: torch.Tensor, n_batch: int) -> tuple[float, float]:
+        """N ranks: every gradient summed over the ranks (one all-reduce), the loss and the hit count too."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        stats = torch.tensor([loss, float(hits.sum())], dtype=torch.float32, device=self.device)
+        *summed, total = sum_tensors([*grads, stats], self.device)
+        for p, g in zip(params, summed, strict=True):
+            p.grad = g
+        return float(total[0]), float(total[1]) / n_batch
+
+    def _gradients(self, texts: list[str], labels: list[int], dropout_seed: int,
+                   n_batch: int | None = None) -> tuple[float, torch.Tensor]:
         """Gradients of the mean cross-entropy over `texts`, `micro_batch` texts per forward/backward (all
-        at once by default, exactly the loss of one forward); the loss and each text's hit."""
-        n = len(texts)
-        size = self.micro_batch or n
+        at once by default, exactly the loss of one forward); the loss and each text's hit. `n_batch`: the
+        whole batch's size when `texts` is this rank's share of it (the mean is the whole batch's)."""
+        n = n_batch or len(texts)
+        size = self.micro_batch or len(texts)
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, hits = 0.0, []
-        for i, start in enumerate(range(0, n, size)):
+        for i, start in enumerate(range(0, len(texts), size)):
             chunk = slice(start, start + size)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(dropout_seed + i)
@@ -289,7 +313,8 @@ class Discriminator:
             loss.backward()
             loss_total += float(loss.detach())
             hits.append(logits.detach().argmax(-1) == target)
-        return loss_total, torch.cat(hits)
+        # (no rows: a rank whose share of a small batch is empty still joins the gradient sum)
+        return loss_total, torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=self.device)
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

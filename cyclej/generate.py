@@ -133,7 +133,12 @@ class TransformersBackend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[list[int]]]:
+    def generate(
+        self, prompts: list[list[int]], settings: SamplingSettings, batch_share: tuple[int, int] | None = None
+    ) -> list[list[list[int]]]:
+        """`batch_share=(r, W)`: generate only the batches b with b % W == r (rank r of W), exactly as the whole
+        call would (same batches, same per-batch seeds), and leave the other rows None; the ranks' results
+        merged are the whole call's, bit for bit, so an RL step's samples do not depend on the world size."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         # One row per (prompt, completion); rows of similar length share a batch.
@@ -152,6 +157,10 @@ class TransformersBackend:
             try:
                 for b, start in enumerate(range(0, len(rows), self.batch_size)):
                     batch = rows[start : start + self.batch_size]
+                    if batch_share is not None and b % batch_share[1] != batch_share[0]:
+                        for i, k in batch:
+                            results[i][k] = None  # type: ignore[call-overload]  # another rank's batch
+                        continue
                     # Seeded per batch: the same inputs and seed give the same samples, whatever ran before.
                     torch.manual_seed(settings.seed + b)
                     completions = self._generate_batch([prompts[i] for i, _ in batch], settings)

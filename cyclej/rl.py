@@ -40,7 +40,9 @@ safetensors) and restored by `load_state`; a resumed run is bit-identical to an 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import io
 import json
 import logging
 import random
@@ -58,13 +60,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cyclej import rewards as R
 from cyclej.config import RLConfig
 from cyclej.discriminator import Discriminator, DiscriminatorRewardKind
+from cyclej.distributed import gather_objects, is_main, rank, sum_tensors, world_size
 from cyclej.errors import BadInput, StageFailed
 from cyclej.faults import maybe_fault
 from cyclej.formats import encode_text, eos_id
 from cyclej.generate import GenerationBackend, SamplingSettings, TransformersBackend, newline_token_ids
 from cyclej.oom import abort_engine_requests, oom_message, release_memory
 from cyclej.optim import MASTER_KEY, MasterAdamW
-from cyclej.precision import use_bf16
+from cyclej.precision import use_bf16, weights_dtype
 from cyclej.training import lr_scheduler, rng_state, set_rng_state, warmup_steps
 
 if TYPE_CHECKING:
@@ -284,19 +287,40 @@ class RLTrainer:
         self.micro_rows = cfg.rollout_micro_batch * cfg.rollouts
         # Dropout off: the log-probs we train must be those of the policy that sampled.
         self.policy.eval()
+        # On N ranks (a process group is up): the policy is sharded with FSDP2 (cyclej.rl_fsdp), each rank
+        # trains on its share of the step's groups and generates from `rollout_policy`, see `_setup_sharded`.
+        self.world = world_size()
+        self.distributed = self.world > 1
+        self.rollout_policy: PreTrainedModel = self.policy
+        if self.distributed:
+            self._setup_sharded(policy)
         if cfg.gradient_checkpointing:
             from cyclej.train import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(self.policy, "rl")
+        if self.distributed:
+            from cyclej.rl_fsdp import shard_policy
+
+            # After checkpointing is switched on (it wraps the layers' forward), before the optimizer (it
+            # must hold the sharded parameters).
+            shard_policy(self.policy, bf16=weights_dtype(cfg.precision, self.device) == torch.bfloat16)
         self.owns_backend = backend is None
         self.backend: GenerationBackend = backend or self._transformers_backend()
-        # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in CPU
-        # RAM with rl.optimizer_offload; stepped tensor by tensor (no foreach temporary). On fp32 parameters
-        # it is torch's AdamW exactly.
-        self.optimizer = MasterAdamW(
-            self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
-            state_device="cpu" if cfg.optimizer_offload else None,
-        )
+        self.optimizer: MasterAdamW | torch.optim.AdamW
+        if self.distributed:
+            # Sharded fp32 parameters are their own masters: torch's AdamW on the local shards (DTensors),
+            # the single-tensor algorithm MasterAdamW reproduces; no offload (the state is already 1/W).
+            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                               weight_decay=0.0)
+        else:
+            # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in CPU
+            # RAM with rl.optimizer_offload; stepped tensor by tensor (no foreach temporary). On fp32 parameters
+            # it is torch's AdamW exactly.
+            self.optimizer = MasterAdamW(
+                self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
+                state_device="cpu" if cfg.optimizer_offload else None,
+            )
+        self._relative_update = 0.0  # ‖Δθ‖/‖θ‖ of the last sharded step (MasterAdamW measures its own)
         # RL's count of the schedule: warm-up rounded up, cosine over the steps done (cyclej.training).
         warmup = warmup_steps(cfg.warmup_ratio, cfg.steps, "ceil")
         self.scheduler = lr_scheduler(self.optimizer, cfg.steps, warmup, decay_counts_current_step=False)
@@ -317,7 +341,28 @@ class RLTrainer:
 
     def _transformers_backend(self) -> TransformersBackend:
         # Generation batch = the rollout micro-batch in rows, so an OOM halves both.
-        return TransformersBackend(self.policy, self.tokenizer, batch_size=self.micro_rows)
+        return TransformersBackend(self.rollout_policy, self.tokenizer, batch_size=self.micro_rows)
+
+    def _setup_sharded(self, policy: PreTrainedModel) -> None:
+        """Checks and the rollout copy, before the policy is sharded.
+
+        Rollouts come from a plain, unsharded copy of the policy in the compute dtype on every rank,
+        refreshed from the gathered full weights after each update (`_push_weights`). Why not generate on
+        the FSDP module: each forward of it all-gathers every layer, so ranks whose samples stop at different
+        lengths would run different numbers of forwards and wait for each other forever. The copy costs 2
+        bytes per parameter per rank (bf16), generation on it needs no communication at all, and a
+        pushed engine (vLLM) gets the same gathered weights instead."""
+        if self.cfg.prompts_per_step % self.world:
+            raise BadInput(f"rl.prompts_per_step {self.cfg.prompts_per_step} on {self.world} GPUs: give a multiple "
+                           f"of {self.world}, so that every rank trains on as many groups (the same number of "
+                           "FSDP forwards and backwards on every rank)")
+        if any(p.dtype != torch.float32 for p in policy.parameters()):
+            raise ValueError("rl on several ranks: the policy's parameters must be fp32 (they are the masters)")
+        if self.cfg.optimizer_offload:
+            log.warning("rl: optimizer_offload is ignored on %d ranks (the sharded state is 1/%d per GPU)",
+                        self.world, self.world)
+        self.rollout_policy = copy.deepcopy(policy).to(weights_dtype(self.cfg.precision, self.device))
+        self.rollout_policy.eval().requires_grad_(False)
 
     # ---- 1-3: prompts, rollouts, back-translations ---------------------------------------------------
     def pick_sources(self, step: int) -> list[tuple[DomainKey, str]]:
@@ -347,7 +392,7 @@ class RLTrainer:
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
             seed=(cfg.seed * 1_000_003 + step) * 1009, stop_ids=line_end,
         )
-        groups = self.backend.generate(prompts, settings)
+        groups = self._generate(prompts, settings)
         ro = Rollouts(group_size=G)
         for (d, text), prompt, completions in zip(picked, prompts, groups, strict=True):
             for c in completions:
@@ -365,7 +410,7 @@ class RLTrainer:
                 for c, s, t in zip(ro.completion_ids, ro.source_domains, ro.target_domains, strict=True)
             ]
             greedy = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1, stop_ids=line_end)
-            back = self.backend.generate(back_prompts, greedy)
+            back = self._generate(back_prompts, greedy)
             ro.back_translations = [self.tokenizer.decode(b[0], skip_special_tokens=True).strip() for b in back]
         else:
             ro.back_translations = [""] * len(ro)
@@ -374,50 +419,130 @@ class RLTrainer:
     def _strip_eos(self, completion: list[int]) -> list[int]:
         return completion[:-1] if completion and completion[-1] == self.eos else completion
 
+    def _generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[list[int]]]:
+        """The backend's completions of `prompts`. On N ranks each rank generates a share and every rank gets
+        all of them (small: token ids): with transformers, the backend's own batches b ≡ rank (mod N), seeded
+        as one process would, so the samples are world size 1's; with a pushed engine, prompts i ≡ rank.
+        An out-of-memory error on any rank is raised on every rank (after the exchange, so none waits)."""
+        if not self.distributed:
+            return self.backend.generate(prompts, settings)
+        r, n = rank(), settings.n
+        failure, mine = None, None
+        try:
+            if isinstance(self.backend, TransformersBackend):
+                mine = self.backend.generate(prompts, settings, batch_share=(r, self.world))
+            else:
+                own = range(r, len(prompts), self.world)
+                out = self.backend.generate([prompts[i] for i in own], settings)
+                mine = [[None] * n for _ in prompts]  # type: ignore[misc]
+                for i, completions in zip(own, out, strict=True):
+                    mine[i] = completions
+        except Exception as exc:
+            failure = oom_message(exc)
+            if failure is None:
+                raise
+        shares = gather_objects((failure, mine))
+        self._agree(failure, [f for f, _ in shares])
+        merged: list[list[list[int]]] = [[[] for _ in range(n)] for _ in prompts]
+        for _, share in shares:
+            for i, completions in enumerate(share):
+                for k, c in enumerate(completions):
+                    if c is not None:
+                        merged[i][k] = c
+        return merged
+
+    def _agree(self, failure: str | None, failures: Sequence[str | None] | None = None) -> None:
+        """On N ranks: raise an out-of-memory error on every rank when any rank had one (`failure`, this
+        rank's; `failures`, every rank's when already exchanged), so that all drop the step and halve
+        together. Every rank must call it at the same point: it is a collective unless `failures` is given."""
+        from cyclej.distributed import any_rank
+
+        if failures is None:
+            if not any_rank(failure is not None, self.device):
+                return
+            raise torch.OutOfMemoryError(failure or "out of memory on another rank")
+        bad = [f"rank {i}: {f}" for i, f in enumerate(failures) if f is not None]
+        if bad:
+            raise torch.OutOfMemoryError("; ".join(bad))
+
+    def _my_groups(self, n_groups: int) -> list[int]:
+        """The step's groups this rank trains on: r, r + N, r + 2N, … (all of them on one process)."""
+        return list(range(rank(), n_groups, self.world)) if self.distributed else list(range(n_groups))
+
     # ---- 6: the policy-gradient pass -----------------------------------------------------------------
-    def accumulate_gradients(self, ro: Rollouts, advantages: torch.Tensor, step: int) -> dict[str, float]:
+    def accumulate_gradients(
+        self, ro: Rollouts, advantages: torch.Tensor, step: int, n_tokens: int | None = None
+    ) -> dict[str, float]:
         """Forward/backward in chunks of `micro_rows` rows (whole groups or parts of one: `advantages` are
-        the whole groups'); returns the step's loss terms."""
+        the whole groups'); returns the step's loss terms. `n_tokens`: the whole step's completion tokens (on
+        N ranks `ro` is this rank's share, the normaliser the step's, so the ranks' gradients sum to world
+        size 1's); by default those of `ro`."""
         rows_per_chunk = self.micro_rows
-        n_tokens = sum(len(c) for c in ro.completion_ids)
+        if n_tokens is None:
+            n_tokens = sum(len(c) for c in ro.completion_ids)
         totals: dict[str, float] = {}
         for start in range(0, len(ro), rows_per_chunk):
             sl = slice(start, start + rows_per_chunk)
-            batch = [t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)]
-            input_ids, attn, pos, comp = batch
-            width = comp.shape[1]
-            targets = input_ids[:, -width:]
-            with self._checkpointing(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                        enabled=self.autocast_bf16):
-                logits = completion_logits(self.policy, input_ids, attn, pos, width)
-            logprobs = token_logprobs(logits, targets)
-            del logits
-            if start == 0:
-                # An injected OOM lands where a real one would: the chunk's activations and graph alive.
-                maybe_fault("rl", step)
-            ref_logprobs = None
-            if self.reference is not None and self.cfg.kl_coef > 0:
-                with torch.no_grad(), torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16
-                ):
-                    ref_logits = completion_logits(self.reference, input_ids, attn, pos, width)
-                    ref_logprobs = token_logprobs(ref_logits, targets)
-            loss, stats = policy_gradient_loss(
-                logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
-            )
+            if self.distributed:
+                # The forward's local part may run out of memory on one rank only: all ranks agree before any
+                # backward (whose reduce-scatters a rank that left would never join).
+                failure = None
+                try:
+                    loss, logprobs, comp, stats = self._chunk_loss(ro, advantages, sl, step, n_tokens)
+                except Exception as exc:
+                    failure = oom_message(exc)
+                    if failure is None:
+                        raise
+                self._agree(failure)
+            else:
+                loss, logprobs, comp, stats = self._chunk_loss(ro, advantages, sl, step, n_tokens)
             with self._checkpointing():  # the recompute runs in the backward pass
                 loss.backward()
             # The policy's mean log-prob of its own sampled tokens (free: computed for the loss anyway).
             stats["sampled_logprob/mean"] = float((logprobs.detach() * comp.to(logprobs.dtype)).sum()) / n_tokens
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
+        if self.distributed:  # each rank's terms are its share of the step's (same normaliser): their sum
+            keys = sorted(totals)
+            summed = sum_tensors([torch.tensor([totals[k] for k in keys], dtype=torch.float64)])[0]
+            totals = dict(zip(keys, summed.tolist(), strict=True))
         return totals
+
+    def _chunk_loss(
+        self, ro: Rollouts, advantages: torch.Tensor, sl: slice, step: int, n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The forward of rows `sl` and their share of the step's loss: (loss, log-probs, completion mask, terms)."""
+        batch = [t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)]
+        input_ids, attn, pos, comp = batch
+        width = comp.shape[1]
+        targets = input_ids[:, -width:]
+        with self._checkpointing(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.autocast_bf16):
+            logits = completion_logits(self.policy, input_ids, attn, pos, width)
+        logprobs = token_logprobs(logits, targets)
+        del logits
+        if sl.start == 0:
+            # An injected OOM lands where a real one would: the chunk's activations and graph alive.
+            maybe_fault("rl", step)
+        ref_logprobs = None
+        if self.reference is not None and self.cfg.kl_coef > 0:
+            with torch.no_grad(), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16
+            ):
+                ref_logits = completion_logits(self.reference, input_ids, attn, pos, width)
+                ref_logprobs = token_logprobs(ref_logits, targets)
+        loss, stats = policy_gradient_loss(
+            logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
+        )
+        return loss, logprobs, comp, stats
 
     # ---- one whole step --------------------------------------------------------------------------------
     def _rollout_and_gradients(
         self, step: int
     ) -> tuple[Rollouts, dict[str, list[float]], list[float], dict[str, float], float]:
         """Steps 2-6: sample, score (the discriminator has not seen this batch yet), accumulate gradients."""
+        if self.distributed:
+            return self._sharded_rollout_and_gradients(step)
         t0 = time.perf_counter()
         ro = self.rollout(step)
         t_rollout = time.perf_counter() - t0
@@ -431,6 +556,61 @@ class RLTrainer:
         loss_terms = self.accumulate_gradients(ro, advantages, step)
         return ro, parts, total, loss_terms, t_rollout
 
+    def _sharded_rollout_and_gradients(
+        self, step: int
+    ) -> tuple[Rollouts, dict[str, list[float]], list[float], dict[str, float], float]:
+        """Steps 2-6 on N ranks: every rank ends with the whole step's rollouts and rewards (for the logs, the
+        samples and the discriminator, as on one process) but scores and trains on its own groups only."""
+        t0 = time.perf_counter()
+        ro = self.rollout(step)  # the whole step's, generated in shares (`_generate`)
+        t_rollout = time.perf_counter() - t0
+        n_groups = len(ro) // ro.group_size
+        mine = self._my_groups(n_groups)
+        local = _select_groups(ro, mine)
+        failure, local_parts = None, None
+        try:
+            local_parts = self.reward_fn(local)
+        except Exception as exc:
+            failure = oom_message(exc)
+            if failure is None:
+                raise
+        shares = gather_objects((failure, mine, local_parts))
+        self._agree(failure, [f for f, _, _ in shares])
+        # Every rank's rewards back in the step's row order: group g is row block g of the whole step.
+        G = ro.group_size
+        parts: dict[str, list[float]] = {}
+        for _, groups, share in shares:
+            for name, values in share.items():
+                column = parts.setdefault(name, [0.0] * len(ro))
+                for j, g in enumerate(groups):
+                    column[g * G : (g + 1) * G] = values[j * G : (j + 1) * G]
+        if self.cfg.reward_combination == "product":
+            total = R.combine_product(parts, self.weights, content_floor=self.cfg.content_floor)
+        else:
+            total = R.combine(parts, self.weights)
+        advantages = group_advantages(total, G, self.cfg.advantage)  # per group: the same as on one process
+        rows = torch.tensor([g * G + j for g in mine for j in range(G)], dtype=torch.long)
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens = sum(len(c) for c in ro.completion_ids)  # the whole step's: every rank knows it
+        loss_terms = self.accumulate_gradients(local, advantages[rows], step, n_tokens)
+        return ro, parts, total, loss_terms, t_rollout
+
+    def _optimizer_step(self) -> None:
+        """The AdamW update; on N ranks also ‖Δθ‖/‖θ‖ over the whole model (MasterAdamW measures its own)."""
+        if not self.distributed:
+            self.optimizer.step()
+            return
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.policy.parameters()]
+        before = [t.detach().clone() for t in local]
+        self.optimizer.step()
+        sq = torch.zeros(2, dtype=torch.float64)
+        for b, t in zip(before, local, strict=True):
+            sq[0] += float(b.double().square().sum())
+            sq[1] += float((t.detach().double() - b.double()).square().sum())
+        del before
+        param_sq, update_sq = sum_tensors([sq])[0].tolist()
+        self._relative_update = (update_sq / param_sq) ** 0.5 if param_sq > 0 else 0.0
+
     def step(self) -> dict[str, Any]:
         """Run RL step `step_done + 1`. An OOM anywhere up to and including the optimizer update (rollouts,
         rewards, the gradient pass, the in-process engine) halves the micro-batch, down to one row, and
@@ -443,9 +623,10 @@ class RLTrainer:
             failure = None
             try:
                 ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
+                # On DTensor gradients (N ranks) the norm is the whole model's: the same clip on every rank.
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
+                self._optimizer_step()
                 break
             except Exception as exc:
                 failure = oom_message(exc)
@@ -465,9 +646,9 @@ class RLTrainer:
             "step": step,
             "lr": lr,
             **loss_terms,
-            "grad_norm": float(grad_norm),
+            "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             # ‖Δθ‖/‖θ‖ of this step on the fp32 masters: does the optimizer move the model at all?
-            "update_size": self.optimizer.relative_update,
+            "update_size": self._relative_update if self.distributed else self.optimizer.relative_update,
             **R.summarize(parts, total),
             "completion_tokens/mean": sum(len(c) for c in ro.completion_ids) / len(ro),
             "rollout_micro_batch": self.micro_batch,
@@ -521,6 +702,9 @@ class RLTrainer:
         line: it cannot be skipped (the engine would sample from stale weights, and the gradient would no
         longer be the sampling policy's) nor split (the engine reloads what it is given, its temporaries
         are its own)."""
+        if self.distributed:
+            self._sync_rollout_policy()
+            return
         push = getattr(self.backend, "load_weights", None)
         if push is None:
             return
@@ -542,6 +726,40 @@ class RLTrainer:
                 )
             log.warning("rl: out of memory pushing the weights after step %d (%s); again", step, failure)
 
+    def _sync_rollout_policy(self) -> None:
+        """N ranks: the updated full weights, gathered on every rank (a collective), into its rollout copy,
+        or into its engine (vLLM) when it has one."""
+        from cyclej.rl_fsdp import full_state_dict
+
+        full = full_state_dict(self.policy, cpu_offload=False)
+        push = None if self.owns_backend else getattr(self.backend, "load_weights", None)
+        if push is not None:
+            push(full)
+        else:
+            with torch.no_grad():
+                self.rollout_policy.load_state_dict(full)  # copy_: rounded once into the compute dtype
+        del full
+
+    def final_policy(self) -> PreTrainedModel | None:
+        """The trained policy as a plain fp32 CPU model for `save_pretrained`. One process: the fp32 masters
+        become the model (cyclej.optim.fp32_with_masters, no copy). N ranks: the full weights gathered to rank
+        0 into its rollout copy, which is a single-process model of the same layout (its names and shapes);
+        None on the other ranks. A collective on N ranks."""
+        if not self.distributed:
+            from cyclej.optim import fp32_with_masters
+
+            assert isinstance(self.optimizer, MasterAdamW)
+            return fp32_with_masters(self.policy, self.optimizer)
+        from cyclej.rl_fsdp import full_state_dict
+
+        full = full_state_dict(self.policy, cpu_offload=True)
+        if not is_main():
+            return None
+        model = self.rollout_policy.to(device="cpu", dtype=torch.float32)
+        with torch.no_grad():
+            model.load_state_dict(full)
+        return model
+
     def _style_share(self, ro: Rollouts) -> dict[str, float]:
         """The share of this step's rollouts the style judge assigns to their target domain, overall and
         per target domain (`style/target_share/to_a`, `/to_b`): one direction can lag the other."""
@@ -557,7 +775,7 @@ class RLTrainer:
         return out
 
     def _write_logs(self) -> None:
-        if self.log_dir is None:
+        if self.log_dir is None or not is_main():  # one rank writes; every rank holds the same logs
             return
         _write_jsonl(self.log_dir / "metrics.jsonl", self.metrics_log)
         _write_jsonl(self.log_dir / "samples.jsonl", self.samples_log)
@@ -576,26 +794,52 @@ class RLTrainer:
         holds was 12.1 GB more). Besides: the scheduler, the discriminator, the RNG states and the logs
         (small), and state.json (step, micro-batch, the optimizer's hyper-parameters and per-tensor
         step counts, and the shard index)."""
+        ranks_rng: list[Any] | None = None
+        if self.distributed:
+            # N ranks (collectives, every rank calls save_state): the full state gathered to rank 0, in the
+            # single-process format, plus each rank's RNG state; rank 0 alone writes.
+            from cyclej.rl_fsdp import full_optimizer_tensors
+
+            tensors, meta = full_optimizer_tensors(self.policy, self.optimizer)
+            # As torch.save bytes: all_gather_object cannot unpickle tensors in torch 2.13 (UntypedStorage has
+            # no dtype in its legacy loader), and the RNG states hold tensors.
+            ranks_rng = [_load(io.BytesIO(b), "cpu") for b in gather_objects(_saved_bytes(rng_state()))]
+            if not is_main():
+                return
+        else:
+            assert isinstance(self.optimizer, MasterAdamW)
+            tensors, meta = _optimizer_tensors(self.optimizer)
         out.mkdir(parents=True, exist_ok=True)
-        tensors, meta = _optimizer_tensors(self.optimizer)
         shards = _write_shards(tensors, out, "optimizer")
         torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
         if self.discriminator is not None:
             # its weights, AdamW state and replay buffer (text): ~16 bytes per discriminator parameter
             torch.save(self.discriminator.state_dict(), out / "discriminator.pt")
-        torch.save(rng_state(), out / "rng.pt")
+        torch.save(rng_state() if ranks_rng is None else ranks_rng[0], out / "rng.pt")
+        if ranks_rng is not None:  # beside rng.pt, which stays rank 0's: the single-process format unchanged
+            torch.save(ranks_rng, out / RANKS_RNG)
         _write_jsonl(out / "metrics.jsonl", self.metrics_log)
         _write_jsonl(out / "samples.jsonl", self.samples_log)
-        state = {"step": self.step_done, "rollout_micro_batch": self.micro_batch, "format": STATE_FORMAT,
-                 "optimizer": {**meta, "shards": shards}}
+        state: dict[str, Any] = {"step": self.step_done, "rollout_micro_batch": self.micro_batch,
+                                 "format": STATE_FORMAT, "optimizer": {**meta, "shards": shards}}
+        if ranks_rng is not None:
+            state["world_size"] = self.world
         (out / "state.json").write_text(json.dumps(state), encoding="utf-8")
 
     def load_state(self, src: Path) -> None:
         state = json.loads((src / "state.json").read_text(encoding="utf-8"))
-        if "format" not in state:  # written before STATE_FORMAT 2: the policy and the optimizer pickled
+        if self.distributed:
+            if state.get("format") != STATE_FORMAT:
+                raise BadInput(f"{src}: RL checkpoint format {state.get('format', 1)} cannot resume on several GPUs; "
+                               "resume it on one GPU, or delete the stage's checkpoints to start over")
+            from cyclej.rl_fsdp import load_full_training_state
+
+            load_full_training_state(self.policy, self.optimizer, src, state["optimizer"])
+        elif "format" not in state:  # written before STATE_FORMAT 2: the policy and the optimizer pickled
             self.policy.load_state_dict(_load(src / "policy.pt", self.device))
             self.optimizer.load_state_dict(_load(src / "optimizer.pt", self.device))
         elif state["format"] == STATE_FORMAT:
+            assert isinstance(self.optimizer, MasterAdamW)
             _load_optimizer_tensors(self.optimizer, src, state["optimizer"])
         else:
             raise BadInput(f"{src}: RL checkpoint format {state['format']} is not known to this version; delete "
@@ -605,7 +849,11 @@ class RLTrainer:
             if not (src / "discriminator.pt").is_file():
                 raise BadInput(f"{src}: the checkpoint has no discriminator state but this run trains one")
             self.discriminator.load_state_dict(_load(src / "discriminator.pt", self.discriminator.device))
-        set_rng_state(_load(src / "rng.pt", "cpu"))
+        ranks_rng = _load(src / RANKS_RNG, "cpu") if self.distributed and (src / RANKS_RNG).is_file() else None
+        if ranks_rng is not None and len(ranks_rng) == self.world:
+            set_rng_state(ranks_rng[rank()])
+        else:  # one process, or another world size: rank 0's
+            set_rng_state(_load(src / "rng.pt", "cpu"))
         self.metrics_log = _read_jsonl(src / "metrics.jsonl")
         self.samples_log = _read_jsonl(src / "samples.jsonl")
         self.step_done = int(state["step"])
@@ -613,7 +861,21 @@ class RLTrainer:
             self.micro_batch = float(state["rollout_micro_batch"])
             if self.owns_backend:
                 self.backend = self._transformers_backend()
+        if self.distributed:
+            self._sync_rollout_policy()  # the rollout copy (or engine) samples from the loaded weights
         self._write_logs()
+
+
+def _select_groups(ro: Rollouts, groups: Sequence[int]) -> Rollouts:
+    """The rollouts of these groups (in this order), as a Rollouts of their own."""
+    G = ro.group_size
+    rows = [g * G + j for g in groups for j in range(G)]
+    out = Rollouts(group_size=G)
+    for name in ("prompt_ids", "completion_ids", "sources", "source_domains", "target_domains", "translations",
+                 "back_translations"):
+        values = getattr(ro, name)
+        setattr(out, name, [values[i] for i in rows])
+    return out
 
 
 def sample_rows(
@@ -635,13 +897,20 @@ def sample_rows(
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
-def _load(path: Path, device: str | torch.device) -> Any:
+def _saved_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _load(path: Path | io.BytesIO, device: str | torch.device) -> Any:
     # Our own checkpoints (checksummed by the store); weights_only keeps unpickling to plain data.
     return torch.load(path, map_location=device, weights_only=True)
 
 
 # ---- the optimizer's tensors in a checkpoint (save_state / load_state) ----------------------------------
 STATE_FORMAT = 2  # 1 (no "format" key): policy.pt + optimizer.pt, pickled, with a bf16 copy of the policy
+RANKS_RNG = "rng-ranks.pt"  # N ranks: every rank's RNG state, in rank order (rng.pt is rank 0's)
 STATE_SHARD_BYTES = 4 * 2**30  # one shard's tensors at most (a GPU-resident state is copied to RAM shard by shard)
 
 

@@ -29,11 +29,11 @@ import torch
 from cyclej import engines
 from cyclej.config import PipelineConfig
 from cyclej.discriminator import Discriminator
+from cyclej.distributed import any_rank, barrier, world_size
 from cyclej.embedder import load_embedder
 from cyclej.generate import GenerationBackend, choose_backend, close_backend
 from cyclej.judge import train_judge
 from cyclej.modeling import load_model, marker_token_ids, save_model
-from cyclej.optim import fp32_with_masters
 from cyclej.precision import weights_dtype
 from cyclej.progress import Progress
 from cyclej.rl import CycleDiscriminatorReward, RLTrainer
@@ -47,7 +47,7 @@ STYLE_JUDGE_LINES = 20_000  # train lines per domain for the style judge that wa
 log = logging.getLogger("cyclej.rl")
 
 
-def run_rl(run: StageRun) -> ArtifactRef:
+def run_rl(run: StageRun) -> ArtifactRef | None:
     cfg, rcfg, progress, device = run.cfg, run.cfg.rl, run.progress, run.device
     done = run.store.ref(run.name, run.fingerprint)
     if done is not None:
@@ -56,6 +56,11 @@ def run_rl(run: StageRun) -> ArtifactRef:
     # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW; the optimizer
     # keeps fp32 masters, see cyclej.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
     dtype = weights_dtype(rcfg.precision, device)
+    # On N ranks the policy stays fp32: FSDP2 shards it and the shards are the masters; the bf16 compute
+    # copies are FSDP's per-layer gathers and the rollout copy (cyclej.rl_fsdp, RLTrainer._setup_sharded).
+    sharded = world_size() > 1
+    if sharded:
+        dtype = torch.float32
 
     sources = {d: run.lines(d, "train") for d in ("a", "b")}
     weights = rcfg.rewards.model_dump()
@@ -80,7 +85,8 @@ def run_rl(run: StageRun) -> ArtifactRef:
     policy.to(device=device, dtype=dtype)
     reference = None
     if rcfg.kl_coef > 0:
-        reference, _ = load_model(str(merged_dir), markers=markers, dtype=dtype)
+        # in the compute dtype on every rank (frozen, never sharded: its forward needs no communication)
+        reference, _ = load_model(str(merged_dir), markers=markers, dtype=weights_dtype(rcfg.precision, device))
         reference.to(device).eval().requires_grad_(False)
     id_a, id_b = marker_token_ids(tokenizer, markers)
 
@@ -95,12 +101,18 @@ def run_rl(run: StageRun) -> ArtifactRef:
         discriminator=discriminator, backend=_backend(cfg, merged_dir), reference=reference,
         back_translate=reward_fn.needs_back_translation, log_dir=work, style_judge=style_judge,
     )
-    trainer.optimizer.set_masters(exact)
+    if exact:
+        trainer.optimizer.set_masters(exact)  # type: ignore[union-attr]  # MasterAdamW: one process only
     del exact
     if not trainer.owns_backend:  # a vLLM engine: shut down at the end, or before the next stage if we fail
         engines.hold(STAGE, lambda: close_backend(trainer.backend))
 
-    latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX)
+    # Rank 0 first: a remote store's checkpoint is downloaded once into the cache the ranks share.
+    latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX) if run.is_main else None
+    if sharded:
+        barrier()
+        if not run.is_main:
+            latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
     warmup: dict[str, float] = {}
     if latest is not None:
@@ -109,7 +121,10 @@ def run_rl(run: StageRun) -> ArtifactRef:
         trainer.load_state(path)
         # Its local copy (an S3 store's download: 12 bytes per parameter) is not needed again: the next
         # checkpoint must not find the disk holding it too.
-        run.store.drop_local_checkpoint(run.name, run.fingerprint, name)
+        if sharded:
+            barrier()  # every rank has read it
+        if run.is_main:
+            run.store.drop_local_checkpoint(run.name, run.fingerprint, name)
         log.info("rl: resumed from checkpoint %s (step %d)", name, trainer.step_done)
         _push_weights(trainer)
     elif discriminator is not None and rcfg.discriminator_warmup_steps:
@@ -124,18 +139,25 @@ def run_rl(run: StageRun) -> ArtifactRef:
             bar.update(1, reward=m["reward/total/mean"], loss=m.get("pg_loss", 0.0))
             due = trainer.step_done % rcfg.checkpoint_every_steps == 0
             late = time.monotonic() - last_save >= rcfg.checkpoint_every_minutes * 60
+            if sharded:  # the clocks differ: saving is a collective, so the ranks agree on it
+                late = any_rank(late)
             if (due or late) and trainer.step_done < rcfg.steps:
                 name = checkpoint_name(trainer.step_done)
                 ckpt = run.checkpoint_dir(name)
-                trainer.save_state(ckpt)
-                run.save_checkpoint(name, ckpt, keep=rcfg.keep_checkpoints)
+                trainer.save_state(ckpt)  # on N ranks: gathered by all, written by rank 0
+                if run.is_main:
+                    run.save_checkpoint(name, ckpt, keep=rcfg.keep_checkpoints)
                 last_save = time.monotonic()
 
     engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval
     # Saved from the fp32 masters: bf16 weights would round away the updates smaller than half a bf16 step
     # (the card's RL steps are ~1e-8 per weight), i.e. nearly all of RL. The masters become the CPU model
     # in place (the moments freed first): the host never holds more than training did (cyclej.optim).
-    save_model(fp32_with_masters(policy, trainer.optimizer), tokenizer, work / "model")
+    final = trainer.final_policy()  # on N ranks a collective: the full weights gathered to rank 0
+    if not run.is_main:
+        return None  # ranks 1…N-1: their share is done; rank 0 writes and commits (cyclej.stages.rank_worker)
+    assert final is not None
+    save_model(final, tokenizer, work / "model")
     if discriminator is not None:
         discriminator.model.to("cpu")
         discriminator.save_pretrained(work / "discriminator")
@@ -188,6 +210,8 @@ def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
 
 
 def _push_weights(trainer: RLTrainer) -> None:
+    if trainer.distributed:
+        return  # load_state refreshed every rank's rollout copy or engine from the gathered weights
     push = getattr(trainer.backend, "load_weights", None)
     if push is not None:
         push(trainer.policy.state_dict())
