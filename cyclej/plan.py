@@ -608,7 +608,10 @@ def _smallest_rl_pod(cfg: PipelineConfig, prices: PriceTable) -> Alternative | N
             for groups in _halvings(_rank_groups(cfg, n)):
                 gpu, mem = _fit_rl(cfg, groups, False, prices, limit, n)
                 if gpu is not None:
-                    name = f"resources.gpus.rl: {n}" + (", rl.optimizer_offload: false" if cfg.rl.optimizer_offload else "")
+                    # On N > 1 ranks the trainer ignores optimizer_offload (FSDP2's shards are on the GPUs), so
+                    # only one GPU needs it off (which re-runs RL: it is in the stage's fingerprint).
+                    off = ", rl.optimizer_offload: false" if cfg.rl.optimizer_offload and n == 1 else ""
+                    name = f"resources.gpus.rl: {n}{off}"
                     return Alternative(name, mem, gpu_count=n, gpu=gpu, note=f"{groups} group(s) per chunk")
     return None
 

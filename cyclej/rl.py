@@ -801,9 +801,7 @@ class RLTrainer:
             from cyclej.rl_fsdp import full_optimizer_tensors
 
             tensors, meta = full_optimizer_tensors(self.policy, self.optimizer)
-            # As torch.save bytes: all_gather_object cannot unpickle tensors in torch 2.13 (UntypedStorage has
-            # no dtype in its legacy loader), and the RNG states hold tensors.
-            ranks_rng = [_load(io.BytesIO(b), "cpu") for b in gather_objects(_saved_bytes(rng_state()))]
+            ranks_rng = gather_objects(rng_state())
             if not is_main():
                 return
         else:
@@ -897,12 +895,6 @@ def sample_rows(
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
-def _saved_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _load(path: Path | io.BytesIO, device: str | torch.device) -> Any:
     # Our own checkpoints (checksummed by the store); weights_only keeps unpickling to plain data.
     return torch.load(path, map_location=device, weights_only=True)

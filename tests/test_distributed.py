@@ -94,7 +94,8 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("base", ["tiny-gptj", "tiny-llama"])
+# tiny Llama in the slow tier: each two-rank launch is ~20 s of torchrun on two cores
+@pytest.mark.parametrize("base", ["tiny-gptj", pytest.param("tiny-llama", marks=pytest.mark.slow)])
 def test_two_ranks_train_the_adapter_one_rank_trains(tmp_path: Path, base: str) -> None:
     one_store, one = train_domain(tmp_path / "one", base, gpus=1)
     two_store, two = train_domain(tmp_path / "two", base, gpus=2)
@@ -115,6 +116,7 @@ def test_two_ranks_train_the_adapter_one_rank_trains(tmp_path: Path, base: str) 
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in start.items())  # it trained
 
 
+@pytest.mark.slow
 def test_out_of_memory_on_one_rank_halves_both_and_keeps_the_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -134,6 +136,7 @@ def test_out_of_memory_on_one_rank_halves_both_and_keeps_the_batch(
     assert_close(adapter(store, ref), adapter(one_store, one))  # the retried step is the same step
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_stage_and_the_rerun_resumes_bit_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,6 +172,7 @@ def test_gpus_come_from_the_pod_for_multi_gpu_stages_only(monkeypatch: pytest.Mo
         PipelineConfig.model_validate({**cfg.model_dump(mode="json"), "resources": {"gpus": {"mrege": 2}}})
 
 
+@pytest.mark.slow
 def test_paraphrase_on_two_gpus_is_two_workers_over_the_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Data parallel: worker r generates shards r, r+2, … (its own engine); the launching process
     assembles the same pairs one process would have."""

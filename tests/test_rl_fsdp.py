@@ -57,7 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[st
     return {"one": one, "two": two}
 
 
-@pytest.mark.parametrize("model", ["tiny-gptj", "tiny-llama"])
+@pytest.mark.parametrize("model", ["tiny-gptj", pytest.param("tiny-llama", marks=pytest.mark.slow)])
 def test_two_ranks_take_the_one_process_steps(model: str, runs: dict[str, dict[str, Any]], tmp_path: Path,
                                               model_cache: Path) -> None:
     if model == "tiny-gptj":
@@ -104,6 +104,7 @@ def test_gathered_weights_are_the_single_process_state_dict_and_load_with_transf
     assert_close_weights({k: v.detach() for k, v in sd.items()}, {k: v.detach() for k, v in ref.items()})
 
 
+@pytest.mark.slow
 def test_oom_on_one_rank_halves_on_both_and_matches_one_process(runs: dict[str, dict[str, Any]], tmp_path: Path,
                                                                model_cache: Path) -> None:
     """Out of memory on rank 1 at step 2: both ranks drop the step, halve the micro-batch and take it again;
@@ -120,6 +121,7 @@ def test_oom_on_one_rank_halves_on_both_and_matches_one_process(runs: dict[str, 
     assert [m["rollout_micro_batch"] for m in metrics(one)] == [1, 0.5]
 
 
+@pytest.mark.slow
 def test_resume_on_two_ranks_is_bit_identical(runs: dict[str, dict[str, Any]], tmp_path: Path,
                                               model_cache: Path) -> None:
     straight = runs["two"]
@@ -142,6 +144,7 @@ def test_resume_on_two_ranks_is_bit_identical(runs: dict[str, dict[str, Any]], t
     assert resumed["ranks"][0]["disc_sha"] == straight["ranks"][0]["disc_sha"]
 
 
+@pytest.mark.slow
 def test_rl_stage_on_two_ranks_commits_what_one_process_would(tmp_path: Path, model_cache: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole `rl` stage (tiny preset: discriminator reward, ROUGE/BLEU/embedding, a checkpoint at step 2)

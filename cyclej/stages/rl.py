@@ -143,8 +143,10 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
                 late = any_rank(late)
             if (due or late) and trainer.step_done < rcfg.steps:
                 name = checkpoint_name(trainer.step_done)
-                ckpt = run.checkpoint_dir(name)
-                trainer.save_state(ckpt)  # on N ranks: gathered by all, written by rank 0
+                # On N ranks the state is gathered by all and written by rank 0 alone: only it (re)creates the
+                # folder, which the others would clear under its feet.
+                ckpt = run.checkpoint_dir(name) if run.is_main else run.workdir / "unused-by-this-rank"
+                trainer.save_state(ckpt)
                 if run.is_main:
                     run.save_checkpoint(name, ckpt, keep=rcfg.keep_checkpoints)
                 last_save = time.monotonic()
