@@ -78,15 +78,30 @@ def _check_corpora(cfg: PipelineConfig) -> str:
 
 
 @app.command()
-def validate(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
-    """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason."""
+def validate(
+    config: ConfigArg = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    allow_warnings: Annotated[bool, typer.Option(
+        "--allow-warnings", help="exit 0 even when a stage's settings cannot change the model")] = False,
+) -> None:
+    """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason (a stage whose
+    settings cannot change the model is one, unless --allow-warnings)."""
     cfg = _config(config, preset, set_, storage)
     typer.echo(f"ok: {cfg.name}: {_check_inputs(cfg)}")
     from cyclej.training_signal import update_size_warnings
 
-    # Settings that cannot move the model are legal (the card's RL defaults are such): warn, exit 0.
-    for warning in update_size_warnings(cfg):
+    # A stage whose lr / eps / clipping cannot move the model would spend hours and change nothing
+    # (cyclej.training_signal.step_estimates): refused like bad input, because nobody means to run that.
+    # The card's own RL settings are such (the gptj preset keeps them), hence the way out.
+    warned = update_size_warnings(cfg)
+    for warning in warned:
         typer.echo(f"warning: {warning}", err=True)
+    if warned and not allow_warnings:
+        stages = ", ".join(w.split(":", 1)[0] for w in warned)
+        raise BadInput(f"{stages}: the settings cannot change the model (warning above); fix them or pass "
+                       "--allow-warnings")
 
 
 @app.command()
