@@ -24,8 +24,12 @@ from typing import Annotated
 
 import typer
 
+from cyclej import quiet
 from cyclej.config import STAGES, PipelineConfig, load_config
 from cyclej.errors import BadInput, CyclejError
+
+# A process spawned by a quiet run (vLLM's engine core) imports this module as its main one, before vLLM.
+quiet.apply_if_inherited()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CYCLE_J: train one LM that rewrites domain A as B and back, from unpaired text.")
@@ -34,6 +38,9 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="pipeline config (YAML)",
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo, yelp or gptj")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: --set rl.steps=10")]
 StorageOpt = Annotated[str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")]
+# Read by main() before parsing (cyclej.quiet); declared here so the commands that load models accept it.
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
+                                          "(torch, transformers, vLLM)")]
 
 
 def _config(config: Path | None, preset: str | None, sets: list[str] | None, storage: str | None) -> PipelineConfig:
@@ -111,7 +118,8 @@ def run(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="also print Prefect's tracebacks of expected "
+    verbose: Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
+                                          "(torch, transformers, vLLM) and Prefect's tracebacks of expected "
                                           "failures (bad input, a store gone); they are in the run's UI log")] = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow run; finished stages come back cached."""
@@ -164,6 +172,7 @@ def translate(
     backend: Annotated[
         str, typer.Option(help="auto (vLLM when installed and the input is large enough), vllm or transformers")
     ] = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
     """Rewrite lines into domain a or b, one output line per input line."""
     from cyclej.models import check_model_spec
@@ -197,6 +206,7 @@ def eval_(
     preset: PresetOpt = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The evaluation report for any model directory (beside the copy-the-input baseline)."""
     from cyclej.stages.eval import evaluate_model_dir
@@ -286,6 +296,8 @@ def _watch_for_sigterm() -> None:
 def main() -> None:
     """Entry point: map CYCLE_J errors to exit codes with a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Before any command imports torch, transformers or vLLM: their notices are noise to a user (cyclej.quiet).
+    quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
     # SIGTERM (a pod being stopped, `kill`) ends through Python's exit path, so the atexit hook of
     # Prefect's temporary server (our child process) stops it; under the default handler the process
     # died at once and left the server running. Prefect's flow engine marks the run Crashed first, then
