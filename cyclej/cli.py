@@ -111,6 +111,67 @@ def validate(
                        "--allow-warnings")
 
 
+INIT_PRESETS = ("demo", "yelp", "gptj", "tiny")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="the config file to write, e.g. my.yaml", show_default=False)],
+    from_: Annotated[str, typer.Option("--from", help=f"the preset to start from: {', '.join(INIT_PRESETS)}")] = "demo",
+    a: Annotated[str | None, typer.Option("--a", help="domain A's text: a file or folder (default: data/a/)")] = None,
+    b: Annotated[str | None, typer.Option("--b", help="domain B's text: a file or folder (default: data/b/)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+) -> None:
+    """Write a commented config for your own two corpora that inherits a preset (`base:`); edit it, then
+    `cyclej validate` and `cyclej run` it."""
+    from cyclej.config import load_config
+
+    if from_ not in INIT_PRESETS:
+        raise BadInput(f"--from {from_}: unknown preset (one of {', '.join(INIT_PRESETS)})")
+    if path.exists() and not force:
+        raise BadInput(f"{path}: already exists (pass --force to overwrite it)")
+    preset = load_config(preset=from_)
+    text = init_config_text(path.stem, from_, preset, a or "data/a/", b or "data/b/")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write ({exc.strerror})") from None
+    typer.echo(f"wrote {path} (base: {from_}); edit its domains, then: cyclej validate {path}")
+
+
+def init_config_text(name: str, preset_name: str, preset: PipelineConfig, a: str, b: str) -> str:
+    """The file `cyclej init` writes: what a user edits (the domains, their markers, the storage), each
+    with a comment saying what it is; every other setting comes from the preset through `base:`."""
+    import json
+
+    def flow(value: object) -> str:  # a string or a list of strings: JSON is YAML, and always quoted
+        return json.dumps(value, ensure_ascii=False)
+
+    def domain(key: str, letter: str, train: str) -> str:
+        d = getattr(preset, key)
+        folder = Path(train.rstrip("/")).stem or letter.lower()
+        return (f"{key}:\n"
+                f"  name: {flow(folder)}  # in reports and in the model card\n"
+                f"  marker: {flow(d.marker)}  # a new special token that asks for this domain's style\n"
+                f"  train: {flow([train])}  # files or folders: .txt (a text a line), .jsonl/.csv (text_field), .parquet\n"
+                f"  # dev: [held-out.txt]  # held-out lines; without them the data stage holds out a slice of train\n")
+
+    return (
+        f"# {name}: CYCLE_J on your own two corpora, starting from the `{preset_name}` preset.\n"
+        f"# Edit the domains and the storage below; every other setting is the preset's (`base: {preset_name}`,\n"
+        "# cyclej/presets/ and docs/recipe-options.md): add a section to change one, e.g. `rl: {steps: 20}`.\n"
+        "# Relative paths are relative to this file's folder. Check with `cyclej validate`, run with `cyclej run`.\n"
+        f"base: {preset_name}\n"
+        f"name: {flow(name)}  # names the runs (`<name>-<fingerprint>`)\n"
+        "storage:\n"
+        f"  root: {flow(preset.storage.root)}  # a folder, file://… or s3://bucket/prefix (credentials: AWS_* variables)\n"
+        + domain("domain_a", "A", a) + domain("domain_b", "B", b)
+        + f"# Lines longer than data.max_tokens ({preset.data.max_tokens} tokens of the base model) are dropped:\n"
+        f"# data: {{max_tokens: {preset.data.max_tokens}}}\n"
+    )
+
+
 @app.command()
 def run(
     config: ConfigArg = None,
@@ -164,9 +225,11 @@ def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = No
 
 @app.command()
 def translate(
-    model: Annotated[str, typer.Option("--model", help="model directory or artifact URI (s3://… too)")],
     to: Annotated[str, typer.Option("--to", help="target domain: a or b")],
     file: Annotated[str, typer.Argument(help="input lines; - for stdin")] = "-",
+    model: Annotated[str | None, typer.Option("--model", help="model directory or artifact URI (s3://… too)")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="instead of --model: the final (rl) model of this config's run, from its storage")] = None,
     batch_size: Annotated[int, typer.Option(help="lines per generation batch")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest output in tokens")] = 64,
     backend: Annotated[
@@ -178,6 +241,8 @@ def translate(
     from cyclej.models import check_model_spec
     from cyclej.translate import local_model_dir, translate_lines
 
+    if (model is None) == (config is None):
+        raise BadInput("give --model DIR_OR_URI or --config CONFIG (one of them)")
     if to not in ("a", "b"):
         raise BadInput(f"--to {to}: must be a or b")
     if backend not in ("auto", "vllm", "transformers"):
@@ -189,7 +254,7 @@ def translate(
         if not p.is_file():
             raise BadInput(f"{file}: no such file")
         lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-    model_dir = local_model_dir(model)
+    model_dir = local_model_dir(model if model is not None else _final_model(config))  # type: ignore[arg-type]
     check_model_spec("--model", str(model_dir))  # a config.json that is not JSON: one line, before any backend
     out = translate_lines(
         str(model_dir), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -197,6 +262,21 @@ def translate(
     )
     for line in out:
         typer.echo(line)
+
+
+def _final_model(config: Path) -> str:
+    """The URI of the model a finished `cyclej run CONFIG` made: the rl stage's artifact for the config's
+    fingerprints, so a user never copies a fingerprint by hand."""
+    from cyclej.stages import fingerprints
+    from cyclej.store import ArtifactStore
+
+    cfg = _config(config, None, None, None)
+    fp = fingerprints(cfg)["rl"]
+    store = ArtifactStore.from_config(cfg.storage)
+    if not store.exists("rl", fp):
+        raise BadInput(f"{config}: no finished model in {store.root_uri} (rl {fp}); run `cyclej run {config}` "
+                       "first (`cyclej status` shows how far it got)")
+    return f"{store.uri('rl', fp)}/model"
 
 
 @app.command("eval")

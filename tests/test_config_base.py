@@ -77,3 +77,46 @@ def test_an_unknown_base_is_one_line_naming_the_file(tmp_path: Path) -> None:
     path = _write(tmp_path / "my.yaml", {"base": "yelpp"})
     with pytest.raises(BadInput, match=r"my.yaml: base: 'yelpp' is not a preset \(one of tiny, demo, yelp, gptj\)"):
         load_config(path)
+
+
+@pytest.mark.parametrize("preset", ["demo", "yelp", "gptj"])
+def test_init_writes_a_commented_config_that_inherits_the_preset(tmp_path: Path, preset: str) -> None:
+    """`cyclej init` writes what a user edits (domains, markers, storage), each with a comment; the rest is
+    the preset's: with the preset's own corpora filled in, every stage's fingerprint is the preset's."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "my.yaml"
+    cmd = [sys.executable, "-m", "cyclej.cli", "init", str(path), "--from", preset, "--a", "x/formal/", "--b", "y.txt"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# my: ") and f"base: {preset}\n" in text
+    assert "\nstorage:\n" in text and "\ndomain_a:\n" in text and "\ndomain_b:\n" in text
+    for key in ("  root:", "  name:", "  marker:", "  train:"):
+        assert key in text and "  # " in text.split(key, 1)[1].split("\n", 1)[0], key  # with its comment
+    cfg = load_config(path)
+    assert (cfg.domain_a.name, cfg.domain_b.name) == ("formal", "y")
+    assert cfg.domain_a.train == [str(tmp_path / "x" / "formal")]
+    ref = load_config(preset=preset)
+    same = yaml.safe_load(text)
+    same["domain_a"] = ref.domain_a.model_dump()
+    same["domain_b"] = ref.domain_b.model_dump()
+    assert fingerprints(load_config(_write(tmp_path / "same.yaml", same))) == fingerprints(ref)
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_translate_config_before_a_run_says_what_to_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "my.yaml", {"base": "tiny", "storage": {"root": "./store"}})
+    done = subprocess.run([sys.executable, "-m", "cyclej.cli", "translate", "--config", str(path), "--to", "b"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, input="x\n",
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        f"no finished model in {tmp_path / 'store'} (rl {fingerprints(load_config(path))['rl']}); run "
+        f"`cyclej run {path}` first (`cyclej status` shows how far it got)")
