@@ -74,6 +74,8 @@ def _check_corpora(cfg: PipelineConfig) -> str:
         check_model_spec(f"models.{role}", getattr(cfg.models, role))
     tokenizer = tokenizer_if_available(cfg.models.base)
     domains = clean_corpora(cfg, tokenizer, Progress(show_bar=False))
+    if tokenizer is not None:
+        _check_context_rows(cfg, tokenizer, [d.train for d in domains], [d.dev for d in domains])
     parts = []
     for d in domains:
         raw = sum(len(f.lines) for f in d.train_files + d.dev_files)
@@ -82,6 +84,20 @@ def _check_corpora(cfg: PipelineConfig) -> str:
     if tokenizer is None:
         parts.append(f"line lengths not checked here (the tokenizer of {cfg.models.base} is not on this machine)")
     return "; ".join(parts)
+
+
+def _check_context_rows(cfg: PipelineConfig, tokenizer: object, train: list[list[str]], dev: list[list[str]]) -> None:
+    """The `context` stage's own refusal, made here: it packs the clean lines of both domains into rows of
+    context.seq_len tokens and needs at least one train row and one dev row. A small corpus (the 2 % held
+    out of a few hundred lines) passed every other check and failed only after Prefect had started."""
+    from cyclej.stages.context import token_stream
+
+    seq_len = cfg.context.seq_len
+    for which, lines in (("train", train), ("dev", dev)):
+        if len(token_stream(tokenizer, [line for d in lines for line in d], seed=0)) < seq_len:  # type: ignore[arg-type]
+            raise BadInput(f"context: the {which} lines of both domains hold fewer tokens than one row of "
+                           f"context.seq_len={seq_len}; lower context.seq_len or add text"
+                           + (" (or give dev files)" if which == "dev" else ""))
 
 
 @app.command()

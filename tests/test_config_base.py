@@ -120,3 +120,28 @@ def test_translate_config_before_a_run_says_what_to_run(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1].endswith(
         f"no finished model in {tmp_path / 'store'} (rl {fingerprints(load_config(path))['rl']}); run "
         f"`cyclej run {path}` first (`cyclej status` shows how far it got)")
+
+
+def test_validate_refuses_corpora_too_small_for_one_context_row(tmp_path: Path) -> None:
+    """240 lines a domain pass the data checks, but the 2 % held out (5 lines each) cannot fill one row of
+    context.seq_len=256 tokens: `validate` says so, as the `context` stage would after Prefect started."""
+    import subprocess
+    import sys
+
+    samples = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
+    for name, source in (("a.txt", "train.0"), ("b.txt", "train.1")):
+        lines = (samples / source).read_text(encoding="utf-8").splitlines()[:240]
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = _write(tmp_path / "my.yaml", {"base": "tiny", "storage": {"root": "./store"},
+                                         "domain_a": {"train": ["a.txt"]}, "domain_b": {"train": ["b.txt"]}})
+
+    def validate(*sets: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cyclej.cli", "validate", str(path), *sets],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    small = validate()
+    assert small.returncode == 2, small.stderr
+    assert small.stderr.strip().splitlines()[-1] == (
+        "cyclej: error: context: the dev lines of both domains hold fewer tokens than one row of "
+        "context.seq_len=256; lower context.seq_len or add text (or give dev files)")
+    assert validate("--set", "context.seq_len=64").returncode == 0  # what the message suggests works
