@@ -241,7 +241,8 @@ def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = No
 
 @app.command()
 def translate(
-    to: Annotated[str, typer.Option("--to", help="target domain: a or b")],
+    # Not required by typer, so that `cyclej translate` alone names the model first (checked below).
+    to: Annotated[str | None, typer.Option("--to", help="target domain: a or b")] = None,
     file: Annotated[str, typer.Argument(help="input lines; - for stdin")] = "-",
     model: Annotated[str | None, typer.Option("--model", help="model directory or artifact URI (s3://… too)")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -259,6 +260,8 @@ def translate(
 
     if (model is None) == (config is None):
         raise BadInput("give --model DIR_OR_URI or --config CONFIG (one of them)")
+    if to is None:
+        raise BadInput("missing option --to (a or b)")
     if to not in ("a", "b"):
         raise BadInput(f"--to {to}: must be a or b")
     if backend not in ("auto", "vllm", "transformers"):
