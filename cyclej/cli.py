@@ -47,19 +47,20 @@ def _config(config: Path | None, preset: str | None, sets: list[str] | None, sto
     return load_config(config, preset, sets or [], storage)
 
 
-def _check_inputs(cfg: PipelineConfig) -> str:
-    """Config, corpora and storage: everything that can be checked before any GPU is rented."""
+def _check_inputs(cfg: PipelineConfig, until: str | None = None) -> str:
+    """Config, corpora and storage: everything that can be checked before any GPU is rented (for the
+    stages up to `until`)."""
     from cyclej.faults import parse
     from cyclej.store import ArtifactStore
 
     parse(os.environ.get("CYCLEJ_FAULT", ""))
-    summary = _check_corpora(cfg)
+    summary = _check_corpora(cfg, context_too=until != "data")
     store = ArtifactStore.from_config(cfg.storage)
     store.check()
     return f"{summary}; storage {store.root_uri} writable"
 
 
-def _check_corpora(cfg: PipelineConfig) -> str:
+def _check_corpora(cfg: PipelineConfig, context_too: bool = True) -> str:
     """The model names, resolved as the stages will resolve them but without loading weights, then the
     data stage's own cleaning (`cyclej.stages.data.clean_corpora`): files read, whitespace normalized,
     empty, duplicate, cross-domain and over-long lines (base tokenizer, data.max_tokens) dropped, and every
@@ -74,7 +75,7 @@ def _check_corpora(cfg: PipelineConfig) -> str:
         check_model_spec(f"models.{role}", getattr(cfg.models, role))
     tokenizer = tokenizer_if_available(cfg.models.base)
     domains = clean_corpora(cfg, tokenizer, Progress(show_bar=False))
-    if tokenizer is not None:
+    if tokenizer is not None and context_too:
         _check_context_rows(cfg, tokenizer, [d.train for d in domains], [d.dev for d in domains])
     parts = []
     for d in domains:
@@ -208,7 +209,7 @@ def run(
     launcher = prefect_layer()
     flow_run_id = os.environ.get(launcher.FLOW_RUN_ENV)
     if flow_run_id is None:
-        typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
+        typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg, until)}", err=True)
         raise SystemExit(launcher.launch(cfg, until, sys.argv[1:]))
     refs = launcher.execute(cfg, until, flow_run_id, verbose=verbose)
     for name, ref in refs.items():

@@ -145,3 +145,10 @@ def test_validate_refuses_corpora_too_small_for_one_context_row(tmp_path: Path) 
         "cyclej: error: context: the dev lines of both domains hold fewer tokens than one row of "
         "context.seq_len=256; lower context.seq_len or add text (or give dev files)")
     assert validate("--set", "context.seq_len=64").returncode == 0  # what the message suggests works
+    # `cyclej run --until data` runs no context stage: its launcher does not refuse the corpora for it.
+    from cyclej.cli import _check_inputs
+
+    cfg = load_config(path)
+    assert _check_inputs(cfg, until="data").startswith("negative 240 lines")
+    with pytest.raises(BadInput, match="fewer tokens than one row of context.seq_len=256"):
+        _check_inputs(cfg, until="context")
