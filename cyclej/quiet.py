@@ -3,8 +3,9 @@
 
 What is filtered, and how (each is set before the library is imported, and through the environment so the
 processes a command starts, the run process and vLLM's engine, inherit it):
-- Python warnings (torch/transformers/vLLM `FutureWarning`s, deprecations inside libraries): ignored unless
-  they are attributed to the project's own modules (`PROJECT_MODULES`), which keep Python's default;
+- Python warnings: ignored unless attributed to the project's own modules (`PROJECT_MODULES`), which keep
+  Python's default; deprecations (`DEVELOPER_WARNINGS`: torch/transformers/vLLM `FutureWarning`s, a
+  library deprecating what our code calls) are ignored wherever they point;
 - vLLM's logger (engine details, the Triton notice): errors only;
 - torch's C++ log (the NUMA binding notice of vLLM's CPU engine): errors only;
 - transformers' logger (e.g. the "LOAD REPORT" of a classifier head that is new by design): errors only.
@@ -23,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 
 VERBOSE_FLAG = "--verbose"
+DEVELOPER_WARNINGS: tuple[type[Warning], ...] = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 # Set by `configure` for the processes this one starts: "1" quiet, "0" verbose.
 QUIET_ENV_FLAG = "CYCLEJ_QUIET"
 # Warnings attributed to these modules (the warning's module after `stacklevel`) are the project's own.
@@ -76,3 +78,8 @@ def apply() -> None:
     if os.environ.get("PYTHONWARNINGS") == QUIET_ENV["PYTHONWARNINGS"]:  # else the user chose their own
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=PROJECT_MODULES)
+        # Checked first (each call inserts at the front): a library's deprecation is attributed to the
+        # line that calls it, often ours (sentence_transformers' warns at cyclej/embedder.py's import),
+        # and is news for the project's developers, who see it under pytest, not for a user.
+        for category in DEVELOPER_WARNINGS:
+            warnings.filterwarnings("ignore", category=category)

@@ -21,6 +21,8 @@ from cyclej import quiet
 quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
 warnings.warn_explicit("torch thing is deprecated", FutureWarning, "/site-packages/torch/x.py", 1, module="torch.x")
 warnings.warn_explicit("ours", UserWarning, "/repo/cyclej/train.py", 2, module="cyclej.train")
+warnings.warn_explicit("models is deprecated", DeprecationWarning, "/repo/cyclej/embedder.py", 3,
+                       module="cyclej.embedder")
 logging.getLogger("vllm.triton_utils.importing").warning("Triton is installed, but doesn't include CPU backend.")
 import transformers
 transformers.utils.logging.get_logger("transformers.modeling_utils").warning("LOAD REPORT from: x")
@@ -43,6 +45,9 @@ def test_third_party_notices_are_filtered_unless_verbose(verbose: bool) -> None:
     noise = ("FutureWarning: torch thing is deprecated", "Triton is installed", "LOAD REPORT")
     for needle in noise:
         assert (needle in proc.stderr) == verbose, (needle, proc.stderr)
+    # A library's deprecation pointing at our line (sentence_transformers' at cyclej/embedder.py's import):
+    # hidden although it names a project file (verbose leaves it to Python's default, which hides it too).
+    assert "DeprecationWarning: models is deprecated" not in proc.stderr
 
 
 def test_a_users_own_warning_filters_are_left_alone() -> None:
@@ -69,6 +74,8 @@ def test_tiny_run_prints_no_third_party_warnings(tmp_path: Path) -> None:
     third_party = [m.group(0) for line in lines if (m := WARNING_LINE.match(line))
                    and not re.search(r"/(cyclej|flows|tasks|infra)/", m.group("file"))]
     assert third_party == []
+    deprecations = [line for line in lines if re.search(r"\b(Deprecation|PendingDeprecation|Future)Warning: ", line)]
+    assert deprecations == []  # wherever they point (a library deprecating what our code calls)
     assert not any(line.startswith("[W") and "Warning:" in line for line in lines)  # torch's C++ warnings
     assert "LOAD REPORT" not in out  # transformers' report on the discriminator's new head (by design)
     # What stays: the project's lines, Prefect's task lines and the progress bars.
