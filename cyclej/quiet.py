@@ -4,8 +4,8 @@
 What is filtered, and how (each is set before the library is imported, and through the environment so the
 processes a command starts, the run process and vLLM's engine, inherit it):
 - Python warnings: ignored unless attributed to the project's own modules (`PROJECT_MODULES`), which keep
-  Python's default; deprecations (`DEVELOPER_WARNINGS`: torch/transformers/vLLM `FutureWarning`s, a
-  library deprecating what our code calls) are ignored wherever they point;
+  Python's default; developer warnings (`DEVELOPER_WARNINGS`: torch/transformers/vLLM `FutureWarning`s, a
+  library deprecating what our code calls, a library's unclosed resource) are ignored wherever they point;
 - vLLM's logger (engine details, the Triton notice): errors only;
 - torch's C++ log (the NUMA binding notice of vLLM's CPU engine): errors only;
 - transformers' logger (e.g. the "LOAD REPORT" of a classifier head that is new by design): errors only.
@@ -24,7 +24,10 @@ import warnings
 from collections.abc import Sequence
 
 VERBOSE_FLAG = "--verbose"
-DEVELOPER_WARNINGS: tuple[type[Warning], ...] = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+# What Python itself hides by default (developer news), plus FutureWarning, which libraries use the same way.
+DEVELOPER_WARNINGS: tuple[type[Warning], ...] = (
+    DeprecationWarning, PendingDeprecationWarning, FutureWarning, ImportWarning, ResourceWarning,
+)
 # Set by `configure` for the processes this one starts: "1" quiet, "0" verbose.
 QUIET_ENV_FLAG = "CYCLEJ_QUIET"
 # Warnings attributed to these modules (the warning's module after `stacklevel`) are the project's own.
@@ -79,7 +82,8 @@ def apply() -> None:
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=PROJECT_MODULES)
         # Checked first (each call inserts at the front): a library's deprecation is attributed to the
-        # line that calls it, often ours (sentence_transformers' warns at cyclej/embedder.py's import),
-        # and is news for the project's developers, who see it under pytest, not for a user.
+        # line that calls it, often ours (sentence_transformers' warns at cyclej/embedder.py's import;
+        # zmq's unclosed-context ResourceWarning at cyclej/generate.py's engine shutdown), and is news
+        # for the project's developers, who see it under pytest, not for a user.
         for category in DEVELOPER_WARNINGS:
             warnings.filterwarnings("ignore", category=category)
