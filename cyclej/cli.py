@@ -24,8 +24,12 @@ from typing import Annotated
 
 import typer
 
+from cyclej import quiet
 from cyclej.config import STAGES, PipelineConfig, load_config
 from cyclej.errors import BadInput, CyclejError
+
+# A process spawned by a quiet run (vLLM's engine core) imports this module as its main one, before vLLM.
+quiet.apply_if_inherited()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CYCLE_J: train one LM that rewrites domain A as B and back, from unpaired text.")
@@ -34,25 +38,29 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="pipeline config (YAML)",
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo, yelp or gptj")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: --set rl.steps=10")]
 StorageOpt = Annotated[str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")]
+# Read by main() before parsing (cyclej.quiet); declared here so the commands that load models accept it.
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
+                                          "(torch, transformers, vLLM)")]
 
 
 def _config(config: Path | None, preset: str | None, sets: list[str] | None, storage: str | None) -> PipelineConfig:
     return load_config(config, preset, sets or [], storage)
 
 
-def _check_inputs(cfg: PipelineConfig) -> str:
-    """Config, corpora and storage: everything that can be checked before any GPU is rented."""
+def _check_inputs(cfg: PipelineConfig, until: str | None = None) -> str:
+    """Config, corpora and storage: everything that can be checked before any GPU is rented (for the
+    stages up to `until`)."""
     from cyclej.faults import parse
     from cyclej.store import ArtifactStore
 
     parse(os.environ.get("CYCLEJ_FAULT", ""))
-    summary = _check_corpora(cfg)
+    summary = _check_corpora(cfg, context_too=until != "data")
     store = ArtifactStore.from_config(cfg.storage)
     store.check()
     return f"{summary}; storage {store.root_uri} writable"
 
 
-def _check_corpora(cfg: PipelineConfig) -> str:
+def _check_corpora(cfg: PipelineConfig, context_too: bool = True) -> str:
     """The model names, resolved as the stages will resolve them but without loading weights, then the
     data stage's own cleaning (`cyclej.stages.data.clean_corpora`): files read, whitespace normalized,
     empty, duplicate, cross-domain and over-long lines (base tokenizer, data.max_tokens) dropped, and every
@@ -67,6 +75,8 @@ def _check_corpora(cfg: PipelineConfig) -> str:
         check_model_spec(f"models.{role}", getattr(cfg.models, role))
     tokenizer = tokenizer_if_available(cfg.models.base)
     domains = clean_corpora(cfg, tokenizer, Progress(show_bar=False))
+    if tokenizer is not None and context_too:
+        _check_context_rows(cfg, tokenizer, [d.train for d in domains], [d.dev for d in domains])
     parts = []
     for d in domains:
         raw = sum(len(f.lines) for f in d.train_files + d.dev_files)
@@ -77,16 +87,106 @@ def _check_corpora(cfg: PipelineConfig) -> str:
     return "; ".join(parts)
 
 
+def _check_context_rows(cfg: PipelineConfig, tokenizer: object, train: list[list[str]], dev: list[list[str]]) -> None:
+    """The `context` stage's own refusal, made here: it packs the clean lines of both domains into rows of
+    context.seq_len tokens and needs at least one train row and one dev row. A small corpus (the 2 % held
+    out of a few hundred lines) passed every other check and failed only after Prefect had started."""
+    from cyclej.stages.context import token_stream
+
+    seq_len = cfg.context.seq_len
+    for which, lines in (("train", train), ("dev", dev)):
+        if len(token_stream(tokenizer, [line for d in lines for line in d], seed=0)) < seq_len:  # type: ignore[arg-type]
+            raise BadInput(f"context: the {which} lines of both domains hold fewer tokens than one row of "
+                           f"context.seq_len={seq_len}; lower context.seq_len or add text"
+                           + (" (or give dev files)" if which == "dev" else ""))
+
+
 @app.command()
-def validate(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
-    """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason."""
+def validate(
+    config: ConfigArg = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    allow_warnings: Annotated[bool, typer.Option(
+        "--allow-warnings", help="exit 0 even when a stage's settings cannot change the model")] = False,
+) -> None:
+    """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason (a stage whose
+    settings cannot change the model is one, unless --allow-warnings)."""
     cfg = _config(config, preset, set_, storage)
     typer.echo(f"ok: {cfg.name}: {_check_inputs(cfg)}")
     from cyclej.training_signal import update_size_warnings
 
-    # Settings that cannot move the model are legal (the card's RL defaults are such): warn, exit 0.
-    for warning in update_size_warnings(cfg):
+    # A stage whose lr / eps / clipping cannot move the model would spend hours and change nothing
+    # (cyclej.training_signal.step_estimates): refused like bad input, because nobody means to run that.
+    # The card's own RL settings are such (the gptj preset keeps them), hence the way out.
+    warned = update_size_warnings(cfg)
+    for warning in warned:
         typer.echo(f"warning: {warning}", err=True)
+    if warned and not allow_warnings:
+        stages = ", ".join(w.split(":", 1)[0] for w in warned)
+        raise BadInput(f"{stages}: the settings cannot change the model (warning above); fix them or pass "
+                       "--allow-warnings")
+
+
+INIT_PRESETS = ("demo", "yelp", "gptj", "tiny")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="the config file to write, e.g. my.yaml", show_default=False)],
+    from_: Annotated[str, typer.Option("--from", help=f"the preset to start from: {', '.join(INIT_PRESETS)}")] = "demo",
+    a: Annotated[str | None, typer.Option("--a", help="domain A's text: a file or folder (default: data/a/)")] = None,
+    b: Annotated[str | None, typer.Option("--b", help="domain B's text: a file or folder (default: data/b/)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+) -> None:
+    """Write a commented config for your own two corpora that inherits a preset (`base:`); edit it, then
+    `cyclej validate` and `cyclej run` it."""
+    from cyclej.config import load_config
+
+    if from_ not in INIT_PRESETS:
+        raise BadInput(f"--from {from_}: unknown preset (one of {', '.join(INIT_PRESETS)})")
+    if path.exists() and not force:
+        raise BadInput(f"{path}: already exists (pass --force to overwrite it)")
+    preset = load_config(preset=from_)
+    text = init_config_text(path.stem, from_, preset, a or "data/a/", b or "data/b/")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write ({exc.strerror})") from None
+    typer.echo(f"wrote {path} (base: {from_}); edit its domains, then: cyclej validate {path}")
+
+
+def init_config_text(name: str, preset_name: str, preset: PipelineConfig, a: str, b: str) -> str:
+    """The file `cyclej init` writes: what a user edits (the domains, their markers, the storage), each
+    with a comment saying what it is; every other setting comes from the preset through `base:`."""
+    import json
+
+    def flow(value: object) -> str:  # a string or a list of strings: JSON is YAML, and always quoted
+        return json.dumps(value, ensure_ascii=False)
+
+    def domain(key: str, letter: str, train: str) -> str:
+        d = getattr(preset, key)
+        folder = Path(train.rstrip("/")).stem or letter.lower()
+        return (f"{key}:\n"
+                f"  name: {flow(folder)}  # in reports and in the model card\n"
+                f"  marker: {flow(d.marker)}  # a new special token that asks for this domain's style\n"
+                f"  train: {flow([train])}  # files or folders: .txt (a text a line), .jsonl/.csv (text_field), .parquet\n"
+                f"  # dev: [held-out.txt]  # held-out lines; without them the data stage holds out a slice of train\n")
+
+    return (
+        f"# {name}: CYCLE_J on your own two corpora, starting from the `{preset_name}` preset.\n"
+        f"# Edit the domains and the storage below; every other setting is the preset's (`base: {preset_name}`,\n"
+        "# cyclej/presets/ and docs/recipe-options.md): add a section to change one, e.g. `rl: {steps: 20}`.\n"
+        "# Relative paths are relative to this file's folder. Check with `cyclej validate`, run with `cyclej run`.\n"
+        f"base: {preset_name}\n"
+        f"name: {flow(name)}  # names the runs (`<name>-<fingerprint>`)\n"
+        "storage:\n"
+        f"  root: {flow(preset.storage.root)}  # a folder, file://… or s3://bucket/prefix (credentials: AWS_* variables)\n"
+        + domain("domain_a", "A", a) + domain("domain_b", "B", b)
+        + f"# Lines longer than data.max_tokens ({preset.data.max_tokens} tokens of the base model) are dropped:\n"
+        f"# data: {{max_tokens: {preset.data.max_tokens}}}\n"
+    )
 
 
 @app.command()
@@ -96,7 +196,8 @@ def run(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="also print Prefect's tracebacks of expected "
+    verbose: Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
+                                          "(torch, transformers, vLLM) and Prefect's tracebacks of expected "
                                           "failures (bad input, a store gone); they are in the run's UI log")] = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow run; finished stages come back cached."""
@@ -108,7 +209,7 @@ def run(
     launcher = prefect_layer()
     flow_run_id = os.environ.get(launcher.FLOW_RUN_ENV)
     if flow_run_id is None:
-        typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg)}", err=True)
+        typer.echo(f"cyclej: {cfg.name}: {_check_inputs(cfg, until)}", err=True)
         raise SystemExit(launcher.launch(cfg, until, sys.argv[1:]))
     refs = launcher.execute(cfg, until, flow_run_id, verbose=verbose)
     for name, ref in refs.items():
@@ -141,19 +242,27 @@ def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = No
 
 @app.command()
 def translate(
-    model: Annotated[str, typer.Option("--model", help="model directory or artifact URI (s3://… too)")],
-    to: Annotated[str, typer.Option("--to", help="target domain: a or b")],
+    # Not required by typer, so that `cyclej translate` alone names the model first (checked below).
+    to: Annotated[str | None, typer.Option("--to", help="target domain: a or b")] = None,
     file: Annotated[str, typer.Argument(help="input lines; - for stdin")] = "-",
+    model: Annotated[str | None, typer.Option("--model", help="model directory or artifact URI (s3://… too)")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="instead of --model: the final (rl) model of this config's run, from its storage")] = None,
     batch_size: Annotated[int, typer.Option(help="lines per generation batch")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest output in tokens")] = 64,
     backend: Annotated[
         str, typer.Option(help="auto (vLLM when installed and the input is large enough), vllm or transformers")
     ] = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
     """Rewrite lines into domain a or b, one output line per input line."""
     from cyclej.models import check_model_spec
     from cyclej.translate import local_model_dir, translate_lines
 
+    if (model is None) == (config is None):
+        raise BadInput("give --model DIR_OR_URI or --config CONFIG (one of them)")
+    if to is None:
+        raise BadInput("missing option --to (a or b)")
     if to not in ("a", "b"):
         raise BadInput(f"--to {to}: must be a or b")
     if backend not in ("auto", "vllm", "transformers"):
@@ -165,7 +274,7 @@ def translate(
         if not p.is_file():
             raise BadInput(f"{file}: no such file")
         lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
-    model_dir = local_model_dir(model)
+    model_dir = local_model_dir(model if model is not None else _final_model(config))  # type: ignore[arg-type]
     check_model_spec("--model", str(model_dir))  # a config.json that is not JSON: one line, before any backend
     out = translate_lines(
         str(model_dir), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -175,6 +284,21 @@ def translate(
         typer.echo(line)
 
 
+def _final_model(config: Path) -> str:
+    """The URI of the model a finished `cyclej run CONFIG` made: the rl stage's artifact for the config's
+    fingerprints, so a user never copies a fingerprint by hand."""
+    from cyclej.stages import fingerprints
+    from cyclej.store import ArtifactStore
+
+    cfg = _config(config, None, None, None)
+    fp = fingerprints(cfg)["rl"]
+    store = ArtifactStore.from_config(cfg.storage)
+    if not store.exists("rl", fp):
+        raise BadInput(f"{config}: no finished model in {store.root_uri} (rl {fp}); run `cyclej run {config}` "
+                       "first (`cyclej status` shows how far it got)")
+    return f"{store.uri('rl', fp)}/model"
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option("--model", help="model directory or artifact URI")],
@@ -182,6 +306,7 @@ def eval_(
     preset: PresetOpt = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The evaluation report for any model directory (beside the copy-the-input baseline)."""
     from cyclej.stages.eval import evaluate_model_dir
@@ -271,6 +396,8 @@ def _watch_for_sigterm() -> None:
 def main() -> None:
     """Entry point: map CYCLE_J errors to exit codes with a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Before any command imports torch, transformers or vLLM: their notices are noise to a user (cyclej.quiet).
+    quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
     # SIGTERM (a pod being stopped, `kill`) ends through Python's exit path, so the atexit hook of
     # Prefect's temporary server (our child process) stops it; under the default handler the process
     # died at once and left the server running. Prefect's flow engine marks the run Crashed first, then

@@ -487,16 +487,42 @@ def load_config(
     preset: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     storage: str | None = None,
+    cwd: str | Path | None = None,
 ) -> PipelineConfig:
     """Read a YAML config (or a shipped preset), apply `--set a.b=v` overrides and validate.
 
-    Relative corpus paths in a preset resolve against the package's sample folder; in a user's file,
-    against the file's own folder.
+    A user's file may start from a preset with a top-level `base: <preset>` key: the file's keys are merged
+    over the preset's (`merge_over_base`). Relative paths resolve against the folder of the file that
+    wrote them: a preset's `pkg:` corpora against the package, a user's corpora and storage against the
+    user's file's folder, and paths given with `--set` or `--storage` against `cwd` (default: the working
+    directory), whatever file or preset they override.
     """
     if (path is None) == (preset is None):
         raise BadInput("give a CONFIG file or --preset NAME (one of them)")
-    src = Path(path) if path is not None else preset_path(str(preset))
-    label = str(path) if path is not None else f"preset {preset}"
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    if path is not None:
+        label = str(path)
+        data = _read_yaml(Path(path), label)
+        _resolve_paths(data, Path(path).parent, storage_too=True)
+        if "base" in data:
+            data = merge_over_base(_base_preset(data.pop("base"), label), data)
+    else:
+        data = _preset_data(str(preset))
+        label = f"preset {preset}"
+    for item in overrides:
+        if "=" not in item:
+            raise BadInput(f"--set {item}: expected KEY=VALUE, e.g. --set rl.steps=10")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw)
+    if storage is not None:
+        data.setdefault("storage", {})["root"] = storage
+    # Everything read from a file is absolute by now (or a URI), so what is still relative came from the
+    # command line: it means the user's working directory, never the package's preset folder.
+    _resolve_paths(data, here, storage_too=False)
+    return PipelineConfig.from_dict(data, source=label)
+
+
+def _read_yaml(src: Path, label: str) -> dict[str, Any]:
     if not src.is_file():
         raise BadInput(f"{label}: config file not found")
     try:
@@ -505,24 +531,63 @@ def load_config(
         raise BadInput(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise BadInput(f"{label}: the top level must be a mapping of sections")
-    for item in overrides:
-        if "=" not in item:
-            raise BadInput(f"--set {item}: expected KEY=VALUE, e.g. --set rl.steps=10")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), raw)
-    if storage is not None:
-        data.setdefault("storage", {})["root"] = storage
-    base = src.parent
+    return data
+
+
+def _preset_data(name: str) -> dict[str, Any]:
+    """A shipped preset as a plain mapping, its corpus paths resolved (presets use `pkg:` paths)."""
+    src = preset_path(name)
+    data = _read_yaml(src, f"preset {name}")
+    _resolve_paths(data, src.parent, storage_too=False)
+    return data
+
+
+def _base_preset(name: Any, label: str) -> dict[str, Any]:
+    if not isinstance(name, str) or name not in PRESETS:
+        raise BadInput(f"{label}: base: {name!r} is not a preset (one of {', '.join(PRESETS)})")
+    return _preset_data(name)
+
+
+CORPUS_KEYS = ("train", "dev")
+
+
+def merge_over_base(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """The user's mapping merged over a preset's: mappings merge key by key (at any depth), every other
+    value (a list, a scalar, null) replaces the preset's. One exception, in a domain section: a user who
+    names their own `train` or `dev` files gets neither of the preset's, because a preset's held-out lines
+    (the Yelp sample's) evaluating the user's corpus would be a silent mistake; without `dev`, the data
+    stage holds out a slice of the user's `train`."""
+    out = dict(base)
+    for key, value in user.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            if key in ("domain_a", "domain_b") and any(k in value for k in CORPUS_KEYS):
+                old = {k: v for k, v in old.items() if k not in CORPUS_KEYS}
+            out[key] = merge_over_base(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, storage_too: bool) -> None:
+    """Make the relative corpus paths of `data` absolute against `base` (in place); with `storage_too`
+    also storage.root and storage.cache_dir (a user's file; a preset's ./cyclej-store keeps meaning the
+    working directory, as it always has)."""
     for dom in ("domain_a", "domain_b"):
         section = data.get(dom)
         if isinstance(section, dict):
-            for key in ("train", "dev"):
+            for key in CORPUS_KEYS:
                 val = section.get(key)
                 if isinstance(val, str):
                     val = [val]
                 if isinstance(val, list):
                     section[key] = [_resolve_corpus_path(v, base) for v in val]
-    return PipelineConfig.from_dict(data, source=label)
+    section = data.get("storage")
+    if isinstance(section, dict):
+        for key in ("root", "cache_dir"):
+            val = section.get(key)
+            if storage_too and isinstance(val, str) and "://" not in val:
+                section[key] = str(_absolute(val, base))
 
 
 def _resolve_corpus_path(value: Any, base: Path) -> Any:
@@ -530,5 +595,9 @@ def _resolve_corpus_path(value: Any, base: Path) -> Any:
         return value
     if value.startswith("pkg:"):  # shipped with the package (presets)
         return str(resources.files("cyclej") / value.removeprefix("pkg:"))
+    return str(_absolute(value, base))
+
+
+def _absolute(value: str, base: Path) -> Path:
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return p if p.is_absolute() else (base / p).resolve()

@@ -8,7 +8,7 @@ and the plots of a stage's metrics.jsonl.
   norm g_max and spread over N trainable weights, |g| ≈ g_max / √N, so with eps ≫ |g| the step is
   ≈ lr · g_max / (√N · eps). A step below half the spacing of the weight's dtype at a typical weight
   (|w| ≈ 0.02) is rounded away; `steps` such steps that add up to less than 0.1 % of |w| cannot change
-  what the model does. `cyclej validate` prints these warnings (stderr; the exit code is unchanged).
+  what the model does. `cyclej validate` prints these warnings (stderr) and exits 2 unless --allow-warnings.
 - `write_training_plot(records, path, title)`: loss, update size and (RL) rewards, KL and style share
   against the step, from a stage's metrics.jsonl records.
 """

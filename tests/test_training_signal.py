@@ -67,22 +67,29 @@ def test_signal_table_and_plot(tmp_path: Path) -> None:
     assert write_training_plot([{"event": "resume"}], tmp_path / "none.png", "x") is None
 
 
-def _validate(preset: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _validate(preset: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cyclej.cli", "validate", "--preset", preset, "--storage",
-                           str(tmp_path / preset)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           str(tmp_path / preset), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_validate_warns_about_the_cards_rl_update_size(tmp_path: Path) -> None:
-    proc = _validate("gptj", tmp_path)
+def test_validate_refuses_the_cards_rl_update_size_unless_allowed(tmp_path: Path) -> None:
+    """The card's RL settings cannot move GPT-J: validate says why and exits 2 (a run of hours that changes
+    nothing is not what anyone means); --allow-warnings accepts them with the same warning."""
+    refused = _validate("gptj", tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "cyclej: error: rl: the settings cannot change the model (warning above); fix them or pass --allow-warnings")
+    proc = _validate("gptj", tmp_path, "--allow-warnings")
     print(proc.stderr)
     assert proc.returncode == 0, proc.stderr
-    rl = [line for line in proc.stderr.splitlines() if line.startswith("warning: rl:")]
-    assert len(rl) == 1
-    for needle in ("lr 1e-05", "eps 1e-06", "max_grad_norm 0.0001", "6,053,381,344", "1.3e-08",
-                   "500 steps move a weight by at most 6.4e-06", "bf16 weights the forward uses never change"):
-        assert needle in rl[0], needle
-    assert "warning: para_train" not in proc.stderr and "warning: domain_train" not in proc.stderr
-    assert proc.stdout.startswith("ok: gptj")
+    for out in (refused, proc):
+        rl = [line for line in out.stderr.splitlines() if line.startswith("warning: rl:")]
+        assert len(rl) == 1
+        for needle in ("lr 1e-05", "eps 1e-06", "max_grad_norm 0.0001", "6,053,381,344", "1.3e-08",
+                       "500 steps move a weight by at most 6.4e-06", "bf16 weights the forward uses never change"):
+            assert needle in rl[0], needle
+        assert "warning: para_train" not in out.stderr and "warning: domain_train" not in out.stderr
+        assert out.stdout.startswith("ok: gptj")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "yelp"])
