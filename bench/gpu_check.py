@@ -5,8 +5,8 @@
 
 It builds a GPT-J-architecture model in-process at GPT-J-6B's real width (4096 hidden, 16 heads, rotary 64,
 16384 MLP, 50400 vocabulary) with only a few layers, and runs the project's own training code on it (no
-copy of the loops here): the LoRA trainer of `context`/`para_train`/`domain_train` (`cyclej.train`) and the
-RL trainer (`cyclej.rl.RLTrainer` with `cyclej.optim.MasterAdamW`). It measures, and prints as one table:
+copy of the loops here): the LoRA trainer of `context`/`para_train`/`domain_train` (`cyclej.training.trainer`) and the
+RL trainer (`cyclej.reinforcement.policy_gradient.RLTrainer` with `cyclej.training.optim.MasterAdamW`). It measures, and prints as one table:
 
 - each training stage's peak GPU memory against `cyclej plan`'s prediction for that very shape;
 - bf16 compute with fp32 masters: a 1e-8 step moves the masters (and leaves the bf16 copies);
@@ -118,7 +118,7 @@ def build_model(sizes: Sizes, folder: Path) -> None:
     import torch
     from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
 
-    from cyclej.models import tiny_tokenizer_dir
+    from cyclej.models.catalog import tiny_tokenizer_dir
 
     cfg = GPTJConfig(vocab_size=sizes.vocab, n_positions=max(4096, sizes.seq_len), n_embd=sizes.hidden,
                      n_layer=sizes.layers, n_head=sizes.heads, rotary_dim=sizes.rotary, bos_token_id=0,
@@ -176,7 +176,7 @@ def examples(sizes: Sizes, n: int) -> list[Any]:
     """Random-token examples of one `seq_len` each (packing makes one block of each)."""
     import torch
 
-    from cyclej.formats import Example
+    from cyclej.corpora.formats import Example
 
     g = torch.Generator().manual_seed(1)
     out = []
@@ -188,10 +188,10 @@ def examples(sizes: Sizes, n: int) -> list[Any]:
 
 def run_lora(folder: Path, sizes: Sizes, tcfg: Any, store_root: Path, stage: str, device: Any) -> Any:
     """The project's LoRA trainer on the model in `folder` (loaded as the stages load it)."""
-    from cyclej.modeling import load_model, marker_token_ids
-    from cyclej.precision import weights_dtype
-    from cyclej.store import ArtifactStore
-    from cyclej.train import train
+    from cyclej.models.loading import load_model, marker_token_ids
+    from cyclej.runtime.store import ArtifactStore
+    from cyclej.training.precision import weights_dtype
+    from cyclej.training.trainer import train
 
     model, tok = load_model(str(folder), markers=MARKERS, dtype=weights_dtype("bf16", device))
     model.to(device)
@@ -219,7 +219,7 @@ def _train_losses(path: Path) -> list[float]:
 
 def predicted_lora(folder: Path, tcfg: Any, micro_batch: int) -> float | None:
     """`cyclej plan`'s bytes for this stage on this model (weights, gradients, optimizer, activations)."""
-    from cyclej import plan
+    from cyclej.pipeline import sizing as plan
 
     try:
         shape = plan.model_shape(str(folder))
@@ -282,7 +282,7 @@ def check_oom(report: Report, folder: Path, sizes: Sizes, work: Path, device: An
     """Micro-batch 4 where memory for about one sequence is free: the trainer must halve and finish."""
     import torch
 
-    from cyclej import faults
+    from cyclej.runtime import faults
 
     section = "out of memory"
     batch = 4
@@ -291,7 +291,7 @@ def check_oom(report: Report, folder: Path, sizes: Sizes, work: Path, device: An
     stage = "gpu_check_oom"
     if on_gpu:
         # Weights take W; micro-batch 1 peaked at peak_mb1. Leave room for 1.6 micro-batches' activations.
-        from cyclej.modeling import load_model
+        from cyclej.models.loading import load_model
 
         model, _ = load_model(str(folder), markers=MARKERS, dtype=torch.bfloat16)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -329,8 +329,8 @@ def check_oom(report: Report, folder: Path, sizes: Sizes, work: Path, device: An
 
 def check_lora_resume(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any) -> None:
     """4 steps, checkpoint every 2; a run stopped at step 3 and resumed ends equal to one that never stopped."""
-    from cyclej import faults
-    from cyclej.faults import InjectedError
+    from cyclej.runtime import faults
+    from cyclej.runtime.faults import InjectedError
 
     section = "checkpoint and resume (LoRA trainer)"
     tcfg = lora_config(sizes, 1, 2, 4, None, every=2)
@@ -377,9 +377,9 @@ def make_rl_trainer(folder: Path, rcfg: Any, device: Any) -> Any:
     """As `cyclej.stages.rl` builds it: fp32 load, the exact values become the masters, bf16 on the device."""
     import torch
 
-    from cyclej.modeling import load_model, marker_token_ids
-    from cyclej.precision import weights_dtype
-    from cyclej.rl import CycleDiscriminatorReward, RLTrainer
+    from cyclej.models.loading import load_model, marker_token_ids
+    from cyclej.reinforcement.policy_gradient import CycleDiscriminatorReward, RLTrainer
+    from cyclej.training.precision import weights_dtype
 
     policy, tok = load_model(str(folder), markers=MARKERS, dtype=torch.float32)
     dtype = weights_dtype("bf16", device)
@@ -404,8 +404,8 @@ def make_rl_trainer(folder: Path, rcfg: Any, device: Any) -> Any:
 def predicted_rl(folder: Path, rcfg: Any) -> float | None:
     import torch
 
-    from cyclej import plan
     from cyclej.config import load_config
+    from cyclej.pipeline import sizing as plan
 
     try:
         cfg = load_config(preset="gptj")
@@ -430,7 +430,7 @@ def check_masters(report: Report, sizes: Sizes, device: Any) -> None:
     dry run checks the bf16 path too; the RL section checks it inside the real trainer on a GPU)."""
     import torch
 
-    from cyclej.optim import MasterAdamW
+    from cyclej.training.optim import MasterAdamW
 
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(sizes.hidden, sizes.hidden, generator=g) * 0.02).to(device=device, dtype=torch.bfloat16)
@@ -531,9 +531,9 @@ def check_multi_gpu(report: Report, folder: Path, work: Path, device: Any, dry_r
     from scale_out import config as stage_config
     from scale_out import stage_inputs
 
-    from cyclej.progress import Progress
-    from cyclej.stages import run_stage
-    from cyclej.store import ArtifactStore
+    from cyclej.pipeline.registry import run_stage
+    from cyclej.runtime.progress import Progress
+    from cyclej.runtime.store import ArtifactStore
 
     n = 2 if dry_run else torch.cuda.device_count()
     section = f"multi-GPU ({n} ranks, domain_train under torchrun)"

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the project's packages come from the checkout
     sys.path.insert(0, str(ROOT))
 
-# Stages with a fault point (`cyclej.faults.maybe_fault`) and the stage that runs after each in one process.
+# Stages with a fault point (`cyclej.runtime.faults.maybe_fault`) and the stage that runs after each in one process.
 KILL_PAIRS: tuple[tuple[str, str], ...] = (
     ("context", "paraphrase"),
     ("paraphrase", "para_train"),
@@ -78,9 +78,9 @@ def _worker(store: str, until: str, preset: str, threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     from cyclej.config import load_config
-    from cyclej.progress import Progress
-    from cyclej.stages import run_all
-    from cyclej.store import ArtifactStore
+    from cyclej.pipeline.registry import run_all
+    from cyclej.runtime.progress import Progress
+    from cyclej.runtime.store import ArtifactStore
 
     cfg = load_config(preset=preset, storage=store)
     run_all(cfg, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False), until=until)

@@ -6,7 +6,7 @@ Builds a random Llama base (sharded safetensors) and two random LoRA adapters (r
 marker rows), then runs each merge in its own subprocess and reads its peak RSS (VmHWM) beside the RSS
 right after its imports (the interpreter's baseline):
 
-- cyclej: `cyclej.merge.merge_lora_adapters`, shard by shard;
+- cyclej: `cyclej.merging.linear.merge_lora_adapters`, shard by shard;
 - naive: PEFT merge_and_unload of each adapter into its own copy of the base (two full models), weighted
   average, save_pretrained;
 - mergekit (if installed): the two full models must first exist on disk (materialized with merge_and_unload,
@@ -32,7 +32,7 @@ import json, sys, time
 import psutil, torch, transformers, peft, safetensors  # the baseline includes the imports every merge needs
 from transformers import AutoModelForCausalLM
 import transformers.models.llama.modeling_llama
-from cyclej.merge import peak_rss_bytes
+from cyclej.merging.linear import peak_rss_bytes
 """
 _FOOTER = """
 print(json.dumps({"baseline": baseline, "peak": peak_rss_bytes(),
@@ -40,7 +40,7 @@ print(json.dumps({"baseline": baseline, "peak": peak_rss_bytes(),
 """
 
 CYCLEJ = """
-from cyclej.merge import load_adapter, merge_lora_adapters
+from cyclej.merging.linear import load_adapter, merge_lora_adapters
 baseline = psutil.Process().memory_info().rss
 t0, c0 = time.monotonic(), time.process_time()
 base, sa, sb, out = sys.argv[1:5]
@@ -93,7 +93,7 @@ def build(workdir: Path, hidden: int, layers: int, vocab: int, shard: str) -> tu
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from cyclej.models import tiny_tokenizer_dir
+    from cyclej.models.catalog import tiny_tokenizer_dir
 
     base = workdir / "base"
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())

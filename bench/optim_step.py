@@ -1,6 +1,6 @@
 """Seconds per step of MasterAdamW with the state offloaded (fp32 masters + moments in host RAM, bf16
 weights and gradients where the model is): the tensor-by-tensor update it had before (kept below as the
-baseline, `OldMasterAdamW`) vs the chunked one in `cyclej.optim`, on the same GPT-J-shaped parameters and
+baseline, `OldMasterAdamW`) vs the chunked one in `cyclej.training.optim`, on the same GPT-J-shaped parameters and
 the same gradients, with the masters of both compared at the end.
 
     .venv/bin/python bench/optim_step.py --params 200e6 --threads 2      # CPU: weights on the CPU too
@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cyclej.optim import CPU_CHUNK, GPU_CHUNK, MasterAdamW  # noqa: E402
+from cyclej.training.optim import CPU_CHUNK, GPU_CHUNK, MasterAdamW  # noqa: E402
 
 
 class OldMasterAdamW(torch.optim.Optimizer):
-    """The update as it was (cyclej/optim.py before issue 22): tensor by tensor, synchronous copies, a clone
+    """The update as it was (cyclej/training/optim.py before issue 22): tensor by tensor, synchronous copies, a clone
     and two norms per tensor. Same math (torch's single-tensor AdamW)."""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

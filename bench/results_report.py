@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 
 from cyclej.config import STAGES, load_config
-from cyclej.stages import fingerprints
-from cyclej.store import ArtifactStore
+from cyclej.pipeline.registry import fingerprints
+from cyclej.runtime.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_PER_DIRECTION = 20

@@ -1,4 +1,4 @@
-"""Seconds per RL step: CYCLE_J's loop (cyclej.rl.RLTrainer) vs TRL's GRPOTrainer, in one run.
+"""Seconds per RL step: CYCLE_J's loop (cyclej.reinforcement.policy_gradient.RLTrainer) vs TRL's GRPOTrainer, in one run.
 
 Same model (the tiny random GPT-J or SmolLM2-135M, markers added), same prompts (`{DX} src {DY}` from
 the shipped Yelp sample), same step (8 prompts × 16 rollouts = 128 completions, one optimizer step,
@@ -6,7 +6,7 @@ all 128 rows in one forward/backward), same sampling (temperature 1, top-p 1, no
 family (token-level, normalized by the step's completion tokens — TRL's default `dapo` — group-scaled
 advantages, no KL), same optimizer (AdamW lr 1e-5, betas (0.9, 0.95), eps 1e-6, clip 1e-4), and the
 same reward functions: ROUGE-L and smoothed BLEU of the translation against its source
-(cyclej.rewards). Cycle rewards need a back-translation, which GRPOTrainer has no place for, so the
+(cyclej.reinforcement.rewards). Cycle rewards need a back-translation, which GRPOTrainer has no place for, so the
 comparison scores y against x; `--full` also times CYCLE_J's real step (back-translation, MiniLM
 cosine, discriminator) on its own, outside the ratio.
 
@@ -31,11 +31,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cyclej import rewards as R  # noqa: E402
 from cyclej.config import RLConfig  # noqa: E402
-from cyclej.embedder import load_embedder  # noqa: E402
-from cyclej.modeling import load_model, marker_token_ids  # noqa: E402
-from cyclej.rl import CycleDiscriminatorReward, RLTrainer, Rollouts  # noqa: E402
+from cyclej.models.embedder import load_embedder  # noqa: E402
+from cyclej.models.loading import load_model, marker_token_ids  # noqa: E402
+from cyclej.reinforcement import rewards as R  # noqa: E402
+from cyclej.reinforcement.policy_gradient import CycleDiscriminatorReward, RLTrainer, Rollouts  # noqa: E402
 
 MARKERS = ["<|A|>", "<|B|>"]
 SAMPLES = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
@@ -83,7 +83,7 @@ def time_ours(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[f
 
 def time_ours_full(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[float]:
     """The real CYCLE_J step: back-translation, MiniLM cosine, ROUGE-L, BLEU and the discriminator."""
-    from cyclej.discriminator import Discriminator
+    from cyclej.reinforcement.discriminator import Discriminator
 
     policy, tok = load_model(MODELS[args.model], markers=MARKERS)
     ida, idb = marker_token_ids(tok, MARKERS)

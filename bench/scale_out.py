@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import build_small_llama  # noqa: E402
 
 from cyclej.config import PipelineConfig  # noqa: E402
-from cyclej.modeling import load_model, save_model  # noqa: E402
-from cyclej.progress import Progress  # noqa: E402
-from cyclej.stages import run_stage  # noqa: E402
-from cyclej.store import ArtifactRef, ArtifactStore  # noqa: E402
+from cyclej.models.loading import load_model, save_model  # noqa: E402
+from cyclej.pipeline.registry import run_stage  # noqa: E402
+from cyclej.runtime.progress import Progress  # noqa: E402
+from cyclej.runtime.store import ArtifactRef, ArtifactStore  # noqa: E402
 
 MARKERS = ["<|A|>", "<|B|>"]
 YELP = Path(str(resources.files("cyclej") / "samples" / "yelp"))
@@ -73,7 +73,7 @@ def measure(base: str, ranks: int, steps: int, device: str) -> dict[str, Any]:
     import torch
 
     # The same machine either way: one rank gets every core, N ranks get cores/N threads each (torchrun's
-    # OMP_NUM_THREADS, cyclej.distributed.launch_stage).
+    # OMP_NUM_THREADS, cyclej.runtime.distributed.launch_stage).
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"

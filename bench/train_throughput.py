@@ -26,10 +26,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from cyclej.config import TrainConfig  # noqa: E402
-from cyclej.formats import Example, domain_example  # noqa: E402
-from cyclej.modeling import load_model, marker_token_ids  # noqa: E402
-from cyclej.store import ArtifactStore  # noqa: E402
-from cyclej.train import train  # noqa: E402
+from cyclej.corpora.formats import Example, domain_example  # noqa: E402
+from cyclej.models.loading import load_model, marker_token_ids  # noqa: E402
+from cyclej.runtime.store import ArtifactStore  # noqa: E402
+from cyclej.training.trainer import train  # noqa: E402
 
 MARKERS = ["<|A|>", "<|B|>"]
 
@@ -39,7 +39,7 @@ def build_small_llama(out: Path) -> Path:
     than the test-sized models, still minutes on a CPU."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from cyclej.models import tiny_tokenizer_dir
+    from cyclej.models.catalog import tiny_tokenizer_dir
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

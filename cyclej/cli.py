@@ -24,9 +24,9 @@ from typing import Annotated
 
 import typer
 
-from cyclej import quiet
 from cyclej.config import STAGES, PipelineConfig, load_config
 from cyclej.errors import BadInput, CyclejError
+from cyclej.runtime import quiet
 
 # A process spawned by a quiet run (vLLM's engine core) imports this module as its main one, before vLLM.
 quiet.apply_if_inherited()
@@ -38,7 +38,7 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="pipeline config (YAML)",
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo, yelp or gptj")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: --set rl.steps=10")]
 StorageOpt = Annotated[str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")]
-# Read by main() before parsing (cyclej.quiet); declared here so the commands that load models accept it.
+# Read by main() before parsing (cyclej.runtime.quiet); declared here so the commands that load models accept it.
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
                                           "(torch, transformers, vLLM)")]
 
@@ -50,8 +50,8 @@ def _config(config: Path | None, preset: str | None, sets: list[str] | None, sto
 def _check_inputs(cfg: PipelineConfig, until: str | None = None) -> str:
     """Config, corpora and storage: everything that can be checked before any GPU is rented (for the
     stages up to `until`)."""
-    from cyclej.faults import parse
-    from cyclej.store import ArtifactStore
+    from cyclej.runtime.faults import parse
+    from cyclej.runtime.store import ArtifactStore
 
     parse(os.environ.get("CYCLEJ_FAULT", ""))
     summary = _check_corpora(cfg, context_too=until != "data")
@@ -67,8 +67,8 @@ def _check_corpora(cfg: PipelineConfig, context_too: bool = True) -> str:
     refusal the stage would make at run time (too few clean lines, fewer than one batch, same file or same
     lines in both domains). Line lengths need the base model's tokenizer; without it on this machine (a hub
     id only GPU workers resolve) they are left to the data stage and the summary says so."""
-    from cyclej.models import check_model_spec, tokenizer_if_available
-    from cyclej.progress import Progress
+    from cyclej.models.catalog import check_model_spec, tokenizer_if_available
+    from cyclej.runtime.progress import Progress
     from cyclej.stages.data import clean_corpora
 
     for role in ("base", "paraphraser", "embedder", "discriminator"):
@@ -114,10 +114,10 @@ def validate(
     settings cannot change the model is one, unless --allow-warnings)."""
     cfg = _config(config, preset, set_, storage)
     typer.echo(f"ok: {cfg.name}: {_check_inputs(cfg)}")
-    from cyclej.training_signal import update_size_warnings
+    from cyclej.training.diagnostics import update_size_warnings
 
     # A stage whose lr / eps / clipping cannot move the model would spend hours and change nothing
-    # (cyclej.training_signal.step_estimates): refused like bad input, because nobody means to run that.
+    # (cyclej.training.diagnostics.step_estimates): refused like bad input, because nobody means to run that.
     # The card's own RL settings are such (the gptj preset keeps them), hence the way out.
     warned = update_size_warnings(cfg)
     for warning in warned:
@@ -215,7 +215,7 @@ def run(
     for name, ref in refs.items():
         typer.echo(f"{name:13s} {ref['fingerprint']}  {ref['uri']}", err=True)
     if "eval" in refs:
-        from cyclej.store import ArtifactRef, ArtifactStore
+        from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
         store = ArtifactStore.from_config(cfg.storage)
         typer.echo(store.read_text(ArtifactRef(**refs["eval"]), "report.md"))
@@ -224,8 +224,8 @@ def run(
 @app.command()
 def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Each stage: fingerprint, complete / partial (last checkpoint) / missing, artifact URI."""
-    from cyclej.stages import plan_pipeline
-    from cyclej.store import ArtifactStore
+    from cyclej.pipeline.registry import plan_pipeline
+    from cyclej.runtime.store import ArtifactStore
 
     cfg = _config(config, preset, set_, storage)
     store = ArtifactStore.from_config(cfg.storage)
@@ -256,8 +256,8 @@ def translate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Rewrite lines into domain a or b, one output line per input line."""
-    from cyclej.models import check_model_spec
-    from cyclej.translate import local_model_dir, translate_lines
+    from cyclej.generation.translate import local_model_dir, translate_lines
+    from cyclej.models.catalog import check_model_spec
 
     if (model is None) == (config is None):
         raise BadInput("give --model DIR_OR_URI or --config CONFIG (one of them)")
@@ -287,8 +287,8 @@ def translate(
 def _final_model(config: Path) -> str:
     """The URI of the model a finished `cyclej run CONFIG` made: the rl stage's artifact for the config's
     fingerprints, so a user never copies a fingerprint by hand."""
-    from cyclej.stages import fingerprints
-    from cyclej.store import ArtifactStore
+    from cyclej.pipeline.registry import fingerprints
+    from cyclej.runtime.store import ArtifactStore
 
     cfg = _config(config, None, None, None)
     fp = fingerprints(cfg)["rl"]
@@ -309,9 +309,9 @@ def eval_(
     verbose: VerboseOpt = False,
 ) -> None:
     """The evaluation report for any model directory (beside the copy-the-input baseline)."""
+    from cyclej.generation.translate import local_model_dir
+    from cyclej.runtime.store import ArtifactStore
     from cyclej.stages.eval import evaluate_model_dir
-    from cyclej.store import ArtifactStore
-    from cyclej.translate import local_model_dir
 
     cfg = _config(config, preset, set_, storage)
     store = ArtifactStore.from_config(cfg.storage)
@@ -323,9 +323,9 @@ def eval_(
 @app.command()
 def plan(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """Per-stage fingerprint, GPU memory, the smallest RunPod GPU that fits, and its hourly cost."""
-    from cyclej.plan import format_plan
-    from cyclej.plan import plan as make_plan
-    from cyclej.stages import fingerprints
+    from cyclej.pipeline.registry import fingerprints
+    from cyclej.pipeline.sizing import format_plan
+    from cyclej.pipeline.sizing import plan as make_plan
 
     cfg = _config(config, preset, set_, None)
     typer.echo(format_plan(make_plan(cfg), fingerprints=fingerprints(cfg)))
@@ -396,7 +396,7 @@ def _watch_for_sigterm() -> None:
 def main() -> None:
     """Entry point: map CYCLE_J errors to exit codes with a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Before any command imports torch, transformers or vLLM: their notices are noise to a user (cyclej.quiet).
+    # Before any command imports torch, transformers or vLLM: their notices are noise to a user (cyclej.runtime.quiet).
     quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
     # SIGTERM (a pod being stopped, `kill`) ends through Python's exit path, so the atexit hook of
     # Prefect's temporary server (our child process) stops it; under the default handler the process

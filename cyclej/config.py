@@ -153,7 +153,7 @@ class ContextConfig(TrainConfig):
 
 
 class TemplatePairsConfig(StrictModel):
-    """Back-translated template pairs for para_train (cyclej/template_transfer.py says how they are made)."""
+    """Back-translated template pairs for para_train (cyclej/corpora/template_transfer.py says how they are made)."""
 
     per_domain: int = Field(1000, gt=0, description="pairs whose target is a real train line of each domain")
     min_salience: float = Field(5.0, gt=1, description="marker n-gram: (count here + 1) / (count there + 1) ≥ this")
@@ -268,11 +268,11 @@ class RLConfig(StrictModel):
     discriminator_reward: Literal["real_target", "style", "style_gain"] = Field(
         "real_target", description="real_target: p(real target-domain text | y) (3 classes); style: p(target | y, "
         "real), the real classes renormalized; style_gain: style(y) − style(source), so a copy earns 0 "
-        "(cyclej.discriminator.Discriminator.reward)"
+        "(cyclej.reinforcement.discriminator.Discriminator.reward)"
     )
     reward_combination: Literal["sum", "product"] = Field(
         "sum", description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "
-        "rewards, so a copy of the source earns ~0 (cyclej.rewards.combine_product)"
+        "rewards, so a copy of the source earns ~0 (cyclej.reinforcement.rewards.combine_product)"
     )
     content_floor: float = Field(
         0.0, ge=0, lt=1, description="product only: the content factor is (mean - floor) / (1 - floor), clipped "
@@ -287,7 +287,7 @@ class RLConfig(StrictModel):
     discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")
     discriminator_trust_remote_code: bool = Field(
         True, description="run the hub code a remote-code encoder ships (its imports must be installed); "
-        "never used for NeoBERT, which cyclej.neobert builds")
+        "never used for NeoBERT, which cyclej.models.neobert builds")
     # RL's own engine: it shares the GPU with the policy, its gradients and the discriminator, and its
     # sequences are short (prompt + rl.max_new_tokens), so it borrows nothing from paraphrase.vllm.
     vllm: RLVllmConfig = Field(default_factory=lambda: RLVllmConfig())
@@ -351,7 +351,7 @@ class EvalConfig(StrictModel):
     )
     backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
     template_baseline: bool = Field(
-        True, description="also report the template transfer (cyclej/template_transfer.py, no model; its "
+        True, description="also report the template transfer (cyclej/corpora/template_transfer.py, no model; its "
         "markers by para_train.template_pairs or the defaults) as a baseline row"
     )
 
@@ -372,7 +372,7 @@ class ResourcesConfig(StrictModel):
     """How many GPUs each stage runs on. In no fingerprint: where, not what (a run at another world size
     computes the same update up to float rounding; a resume needs the same world size to be bit-identical).
     The env var CYCLEJ_GPUS (set by the RunPod worker to the pod's gpu_count) overrides it on the machine
-    that runs a stage, for every stage that can use several GPUs (cyclej.distributed)."""
+    that runs a stage, for every stage that can use several GPUs (cyclej.runtime.distributed)."""
 
     gpus: dict[str, int] = Field(
         default_factory=dict,
@@ -395,7 +395,7 @@ class PipelineConfig(StrictModel):
 
     name: str = "cyclej"
     # Where the GPU stages compute; in no fingerprint (where, not what). The env var CYCLEJ_DEVICE
-    # overrides it on the machine that runs a stage (cyclej.device).
+    # overrides it on the machine that runs a stage (cyclej.runtime.device).
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: the GPU when torch sees one; cuda: refuse to start without one; cpu"
     )

@@ -61,7 +61,7 @@ def short(fp: str) -> str:
 def run_name(cfg: PipelineConfig, until: str | None = None) -> str:
     """`<config name>-<fingerprint of the last stage run>`: that fingerprint covers every stage before it,
     so two runs share a name exactly when they compute the same thing."""
-    from cyclej.stages import plan_pipeline
+    from cyclej.pipeline.registry import plan_pipeline
 
     return f"{cfg.name}-{short(plan_pipeline(cfg, until)[until or STAGES[-1]].fingerprint)}"
 
@@ -152,11 +152,11 @@ def prefect_api() -> Iterator[str]:
 # ---- the launcher ----------------------------------------------------------------------------------
 def pipeline_deployment() -> Any:
     """The served deployment every `cyclej run` run belongs to. Its entrypoint is the module path
-    `flows.pipeline:cyclej_pipeline`: it loads from any directory, and as a real module (loaded from its
+    `flows.pipeline_flow:cyclej_pipeline`: it loads from any directory, and as a real module (loaded from its
     file path, the flow's string annotations did not resolve and parameter validation failed)."""
     from prefect.deployments.runner import EntrypointType
 
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     return cyclej_pipeline.to_deployment(
         name=DEPLOYMENT_NAME, tags=["cyclej"], entrypoint_type=EntrypointType.MODULE_PATH,
@@ -340,7 +340,7 @@ def execute(cfg: PipelineConfig, until: str | None, flow_run_id: str, verbose: b
     from prefect.client.orchestration import get_client
     from prefect.flow_engine import run_flow
 
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     if not verbose:
         quiet_expected_failures()

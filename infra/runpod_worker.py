@@ -17,7 +17,7 @@ RunPod substitutes inside the container. The worker's PREFECT_API_KEY goes the s
 A private image registry: `container_registry_auth_id` (RunPod console → Container Registry Auth).
 
 A pod of `gpu_count` GPUs gets CYCLEJ_GPUS=<gpu_count> in its env, so the stage inside runs one rank per
-GPU (cyclej.distributed.gpus_for; a config's `resources.gpus` cannot ask a 1-GPU pod for 4 ranks). A
+GPU (cyclej.runtime.distributed.gpus_for; a config's `resources.gpus` cannot ask a 1-GPU pod for 4 ranks). A
 deployment's own `env` CYCLEJ_GPUS wins when it asks for 1 to gpu_count ranks, and is refused otherwise.
 
 Stopping the worker (SIGTERM, or Ctrl-C) terminates the pods of the runs it is watching and marks those
@@ -88,7 +88,7 @@ DEFAULT_CUDA_VERSIONS = [v for v in RUNPOD_CUDA_VERSIONS if _cuda(v) >= _cuda(TO
 # default is 1 GB and 1 vCPU, too little to load a model, and any RunPod GPU host has this much.
 DEFAULT_MIN_MEMORY_GB = 16
 DEFAULT_MIN_VCPUS = 4
-# How many ranks the stage in a pod runs: cyclej.distributed.GPUS_ENV (not imported: Prefect imports this
+# How many ranks the stage in a pod runs: cyclej.runtime.distributed.GPUS_ENV (not imported: Prefect imports this
 # module whenever it loads its collections; tests/test_runpod_pods.py checks the two names agree).
 GPUS_ENV = "CYCLEJ_GPUS"
 # Env vars that must reach a pod as RunPod secrets (`secret_env`), never as plain values in its spec.
@@ -261,7 +261,7 @@ def check_api_url(url: str | None, allow_local: bool = False) -> None:
 def check_cuda_versions(versions: list[str]) -> None:
     """Refuse, before renting a pod, host CUDA versions RunPod does not know (its API rejects them) or whose
     driver cannot run the image's torch: the pod would start, torch would find no GPU, and the GPU would
-    bill for a CPU run (a stage configured for a GPU refuses to start there, cyclej.device)."""
+    bill for a CPU run (a stage configured for a GPU refuses to start there, cyclej.runtime.device)."""
     if not versions:
         raise ValueError(f"allowed_cuda_versions is empty; RunPod would rent no host: use {DEFAULT_CUDA_VERSIONS}")
     for v in versions:

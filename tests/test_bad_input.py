@@ -97,7 +97,7 @@ def runtime_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def runtime_env(runtime_store: Path, model_cache: Path) -> dict[str, str]:
     """The shared real Prefect server (checked per test: a server that stopped answering is replaced)."""
-    from tests.local_prefect_server import shared_prefect_server
+    from tests.helpers.local_prefect_server import shared_prefect_server
 
     return {**shared_prefect_server(), "CYCLEJ_CACHE": str(model_cache), "OMP_NUM_THREADS": "1",
             "CYCLEJ_TEST_STORE": str(runtime_store)}

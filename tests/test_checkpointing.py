@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from cyclej.config import RLConfig, TrainConfig
-from cyclej.formats import domain_example
-from cyclej.generate import TransformersBackend
-from cyclej.modeling import load_model, marker_token_ids
-from cyclej.rl import RLTrainer, Rollouts
-from cyclej.store import ArtifactStore
-from cyclej.train import train
-from tests.tiny_models import LINES, MARKERS, SOURCES
+from cyclej.corpora.formats import domain_example
+from cyclej.generation.backends import TransformersBackend
+from cyclej.models.loading import load_model, marker_token_ids
+from cyclej.reinforcement.policy_gradient import RLTrainer, Rollouts
+from cyclej.runtime.store import ArtifactStore
+from cyclej.training.trainer import train
+from tests.helpers.tiny_models import LINES, MARKERS, SOURCES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 

@@ -11,7 +11,7 @@ import yaml
 
 from cyclej.config import load_config, merge_over_base, preset_path
 from cyclej.errors import BadInput
-from cyclej.stages import fingerprints
+from cyclej.pipeline.registry import fingerprints
 
 
 def _write(path: Path, data: dict[str, object]) -> Path:

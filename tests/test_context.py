@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from cyclej.config import PipelineConfig, load_config
 from cyclej.errors import BadInput
-from cyclej.faults import InjectedError
-from cyclej.modeling import PI_KEY, load_model, marker_token_ids, position_interpolation_factor
-from cyclej.progress import Progress
-from cyclej.stages import run_all, run_stage
+from cyclej.models.loading import PI_KEY, load_model, marker_token_ids, position_interpolation_factor
+from cyclej.pipeline.registry import run_all, run_stage
+from cyclej.runtime.faults import InjectedError
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactRef, ArtifactStore
 from cyclej.stages.context import long_rows, perplexity, token_stream
-from cyclej.store import ArtifactRef, ArtifactStore
 
 QUIET = Progress(show_bar=False)
 
@@ -76,7 +76,7 @@ def test_perplexity_is_exp_of_the_models_own_loss(spec: str) -> None:
 def test_perplexity_out_of_memory_halves_the_batch_and_gives_the_same_value(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA OOM (here the CUBLAS one, a plain RuntimeError) in the perplexity pass halved nothing before
     and failed the stage after its training; now the chunk is redone at half the batch (issue 22, point 10)."""
-    from cyclej import faults
+    from cyclej.runtime import faults
 
     model, _ = load_model("tiny-gptj")
     torch.manual_seed(0)

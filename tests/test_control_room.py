@@ -28,8 +28,8 @@ import psutil
 import pytest
 
 from cyclej.config import PipelineConfig, load_config
-from cyclej.stages import fingerprints
-from cyclej.store import ArtifactStore
+from cyclej.pipeline.registry import fingerprints
+from cyclej.runtime.store import ArtifactStore
 from tests.conftest import task_run_states
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def server_env() -> dict[str, str]:
     """Per test: shared_prefect_server() replaces a server that stopped answering (one probe request)."""
-    from tests.local_prefect_server import shared_prefect_server
+    from tests.helpers.local_prefect_server import shared_prefect_server
 
     return shared_prefect_server()
 
@@ -48,7 +48,7 @@ def automation_server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """A server of their own for the automation tests: automations left on the shared server are evaluated
     against every event of every later test (bucket writes, 'database is locked' in its log), and in CI the
     shared server stopped answering at the automation test's `prefect automation create`."""
-    from tests.local_prefect_server import prefect_server
+    from tests.helpers.local_prefect_server import prefect_server
 
     with prefect_server(tmp_path_factory.mktemp("automation-server") / "home") as env:
         yield env

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_corpus, read_file, read_lines
+from cyclej.corpora.lines import read_corpus, read_file, read_lines
 from cyclej.errors import BadInput
-from cyclej.models import load_tokenizer
-from cyclej.progress import Progress
-from cyclej.stages import StageRun, stage_fingerprint
+from cyclej.models.catalog import load_tokenizer
+from cyclej.pipeline.registry import StageRun, stage_fingerprint
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactStore
 from cyclej.stages.data import normalize_whitespace, run_data
-from cyclej.store import ArtifactStore
 
 MAX_TOKENS = 12
 LONG = " ".join(["extraordinarily"] * 10)  # far more than MAX_TOKENS tokens

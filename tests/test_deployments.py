@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cyclej.config import STAGES, PipelineConfig, load_config
-from cyclej.plan import plan
+from cyclej.pipeline.sizing import plan
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -98,7 +98,7 @@ def test_multi_gpu_deployments_ask_for_the_pod_cyclej_plan_prints_at_their_world
 
 def test_dispatch_sends_a_stage_given_n_gpus_to_its_n_gpu_deployment() -> None:
     from cyclej.config import load_config
-    from flows.pipeline import deployment_name
+    from flows.pipeline_flow import deployment_name
 
     deps = _deployments()
     cfg = load_config(preset="gptj")
@@ -128,7 +128,7 @@ def test_every_entrypoint_loads_the_flow_dispatch_expects() -> None:
 
 
 def _prefect(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    from tests.local_prefect_server import VENV_BIN
+    from tests.helpers.local_prefect_server import VENV_BIN
 
     return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
@@ -165,9 +165,9 @@ async def _read_deployments(env: dict[str, str]) -> dict[str, Any]:
 
 @pytest.mark.slow  # `prefect deploy`, a process worker and one deployment run (~30 s)
 def test_deploy_and_run_the_data_stage_on_a_process_worker(tmp_path: Path) -> None:
-    from cyclej.stages import stage_fingerprint
-    from cyclej.store import ArtifactStore
-    from tests.local_prefect_server import VENV_BIN, shared_prefect_server
+    from cyclej.pipeline.registry import stage_fingerprint
+    from cyclej.runtime.store import ArtifactStore
+    from tests.helpers.local_prefect_server import VENV_BIN, shared_prefect_server
 
     env = shared_prefect_server()
     _create_pools(env)
@@ -204,7 +204,7 @@ def test_deploy_and_run_the_data_stage_on_a_process_worker(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_deploy_all() -> None:
-    from tests.local_prefect_server import shared_prefect_server
+    from tests.helpers.local_prefect_server import shared_prefect_server
 
     env = shared_prefect_server()
     _create_pools(env)
@@ -241,9 +241,9 @@ def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
 
-    from cyclej.stages import fingerprints
-    from flows.stages import STAGE_FLOWS
-    from tests.local_prefect_server import VENV_BIN, shared_prefect_server
+    from cyclej.pipeline.registry import fingerprints
+    from flows.stage_flows import STAGE_FLOWS
+    from tests.helpers.local_prefect_server import VENV_BIN, shared_prefect_server
 
     # PREFECT_WORKER_QUERY_SECONDS: the worker looks for scheduled runs every second (default 10 s), so two
     # runs submitted together start together instead of one poll apart.
@@ -261,7 +261,7 @@ def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None
                 client.delete_deployment(client.read_deployment_by_name(f"{STAGE_FLOWS[name].name}/{name}").id)
             deployment = STAGE_FLOWS[name].to_deployment(name=name, work_pool_name=pool,
                                                          entrypoint_type=EntrypointType.MODULE_PATH)
-            deployment.entrypoint = f"flows.stages.{name}_flow"  # the yaml's; derived, it names the factory's inner function
+            deployment.entrypoint = f"flows.stage_flows.{name}_flow"  # the yaml's; derived, it names the factory's inner function
             deployment.apply()
     import os
 

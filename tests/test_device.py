@@ -18,11 +18,11 @@ import torch
 import yaml
 
 from cyclej.config import PipelineConfig, load_config
-from cyclej.device import DEVICE_ENV, describe_cuda, nvidia_driver_version, resolve_device
 from cyclej.errors import BadInput
-from cyclej.progress import Progress
-from cyclej.stages import StageRun, fingerprints
-from cyclej.store import ArtifactStore
+from cyclej.pipeline.registry import StageRun, fingerprints
+from cyclej.runtime.device import DEVICE_ENV, describe_cuda, nvidia_driver_version, resolve_device
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
@@ -113,7 +113,7 @@ def test_stages_that_pick_their_device_inside_library_code_refuse_too(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """paraphrase and eval choose their engine's device themselves (generate, eval_scorers): run_stage and
     run_shard resolve the stage's device first, so a GPU config refuses there as well; data runs anywhere."""
-    from cyclej.stages import plan_stage, run_shard, run_stage
+    from cyclej.pipeline.registry import plan_stage, run_shard, run_stage
 
     monkeypatch.delenv(DEVICE_ENV, raising=False)
     cfg = load_config(preset="tiny", overrides=["device=cuda"], storage=str(tmp_path / "store"))

@@ -1,7 +1,7 @@
-"""A LoRA stage on two ranks (cyclej.distributed): real torchrun, real gloo, two processes on two cores.
+"""A LoRA stage on two ranks (cyclej.runtime.distributed): real torchrun, real gloo, two processes on two cores.
 
 Each test runs `run_stage` as a user's run does: `resources.gpus.domain_train: 2` makes it launch
-`python -m torch.distributed.run --nproc-per-node 2 … cyclej.stages.rank_worker` in a child process,
+`python -m torch.distributed.run --nproc-per-node 2 … cyclej.pipeline.rank_worker` in a child process,
 whose ranks split every step's rows and sum their gradients; rank 0 commits. The one-rank runs are the
 same call with one GPU. Distributed timeouts are 20 s, so a rank left waiting fails the test, not CI.
 """
@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cyclej import distributed
 from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput, StageFailed
-from cyclej.modeling import load_model, save_model
-from cyclej.progress import Progress
-from cyclej.stages import run_stage
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.models.loading import load_model, save_model
+from cyclej.pipeline.registry import run_stage
+from cyclej.runtime import distributed
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
 MARKERS = ["<|A|>", "<|B|>"]
 YELP = Path(str(resources.files("cyclej") / "samples" / "yelp"))
@@ -179,8 +179,8 @@ def test_paraphrase_on_two_gpus_is_two_workers_over_the_shards(tmp_path: Path, m
     from transformers import AutoTokenizer
 
     from cyclej.config import load_config
-    from cyclej.models import tiny_tokenizer_dir
-    from tests.tiny_models import tiny_llama
+    from cyclej.models.catalog import tiny_tokenizer_dir
+    from tests.helpers.tiny_models import tiny_llama
 
     paraphraser = tmp_path / "paraphraser"
     tiny_llama(seed=0).save_pretrained(paraphraser)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from cyclej.config import PipelineConfig, load_config
-from cyclej.stages import fingerprints
-from cyclej.store import ArtifactStore
+from cyclej.pipeline.registry import fingerprints
+from cyclej.runtime.store import ArtifactStore
 from tests.conftest import task_run_states
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _config(store: str, *sets: str) -> PipelineConfig:
 
 
 def test_full_pipeline_then_all_cached(drill_store: str) -> None:
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     cfg = _config(drill_store)
     first = cyclej_pipeline(config=cfg, return_state=True)
@@ -88,7 +88,7 @@ def test_full_pipeline_then_all_cached(drill_store: str) -> None:
 def test_failure_drill_retry_resumes_rl(drill_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`rl` raises at step 2 with retries off: the run fails. Retrying the same flow run (as the UI does)
     finds every earlier stage Cached and `rl` resuming from its checkpoint."""
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     cfg = _config(drill_store, "rl.checkpoint_every_steps=1")  # a different rl fingerprint: rl reruns
     monkeypatch.setenv("CYCLEJ_FAULT", "rl:2:error")
@@ -104,7 +104,7 @@ def test_failure_drill_retry_resumes_rl(drill_store: str, monkeypatch: pytest.Mo
 
     retry = subprocess.run(
         [sys.executable, "-m", "prefect", "flow-run", "retry", str(flow_run_id),
-         "--entrypoint", "flows.pipeline:cyclej_pipeline"],
+         "--entrypoint", "flows.pipeline_flow:cyclej_pipeline"],
         cwd=ROOT, capture_output=True, text=True, env=_cli_env(), timeout=900,
     )
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cyclej import engines
 from cyclej.config import load_config
-from cyclej.progress import Progress
+from cyclej.generation import engines
+from cyclej.pipeline.registry import run_stage
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactStore
 from cyclej.stages import paraphrase as para_stage
-from cyclej.stages import run_stage
-from cyclej.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -86,8 +86,8 @@ def test_a_real_vllm_engine_is_gone_and_its_memory_back_before_the_next_stage(
 ) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from cyclej.generate import SamplingSettings, VllmBackend
-    from cyclej.models import tiny_tokenizer_dir
+    from cyclej.generation.backends import SamplingSettings, VllmBackend
+    from cyclej.models.catalog import tiny_tokenizer_dir
 
     # vLLM's CPU attention needs head_dim 64: hidden 128 over 2 heads.
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""cyclej/formats.py: the exact token layout and loss mask of every stage's example, and packing that
+"""cyclej/corpora/formats.py: the exact token layout and loss mask of every stage's example, and packing that
 keeps examples apart (checked on real tiny GPT-J and Llama models: packed logits == logits alone)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, MambaConfig, MambaForCausalLM
 
-from cyclej.formats import (
+from cyclej.corpora.formats import (
     IGNORE_INDEX,
     Example,
     PackedSequence,
@@ -25,7 +25,7 @@ from cyclej.formats import (
     single,
     supports_packing,
 )
-from cyclej.models import resolve_model, tiny_tokenizer_dir
+from cyclej.models.catalog import resolve_model, tiny_tokenizer_dir
 
 X = IGNORE_INDEX
 DA, DB, EOS = 1024, 1025, 0  # the markers as added below; <|endoftext|> is id 0 in the tiny tokenizer

@@ -3,9 +3,11 @@
 - the library (`cyclej/`) never imports `prefect`: Prefect is the wrapper layer's business;
 - the library never imports the wrapper layer (`flows/`, `tasks/`), but for one door: `cyclej/cli.py`'s
   `prefect_layer()`, through which `cyclej run` and `cyclej serve` hand over (see cyclej/cli.py);
-- machinery (`cyclej/<module>.py`) never imports the stages (`cyclej.stages…`): the stages use the
-  machinery, not the other way round; only the stages themselves and the CLI (the top of the library) do;
-- no import circles between the library's modules, lazy imports inside functions included.
+- the library's rooms are layered (`LAYERS`, lowest first): a room imports only rooms of lower layers and
+  itself, so no import goes up (the stages use the machinery, never the other way round; the pipeline's
+  registry names the stages by string and imports them lazily) and two rooms of one layer are independent;
+- no import circles between the library's modules, lazy imports inside functions included;
+- no two modules of the project share a base name (`rl.py` beside `stages/rl.py` was the old confusion).
 
 Every import counts, at module level or inside a function, since a lazy import is a dependency too.
 """
@@ -23,7 +25,21 @@ LIBRARY = "cyclej"
 WRAPPER_PACKAGES = ("flows", "tasks")
 # (file, function) pairs allowed to import the wrapper layer: the CLI's one door to it.
 WRAPPER_DOORS = {("cyclej/cli.py", "prefect_layer")}
-MAY_IMPORT_STAGES = ("cyclej/stages/", "cyclej/cli.py")
+# The rooms of the library, lowest layer first; the rooms of one layer do not import each other.
+LAYERS: list[tuple[str, ...]] = [
+    ("errors",),
+    ("config",),
+    ("runtime",),  # store, devices, ranks, faults, progress: what every part runs on
+    ("corpora", "models"),
+    ("training",),
+    ("generation", "merging"),
+    ("evaluation",),
+    ("reinforcement",),
+    ("pipeline",),  # the registry, running a stage, the pod sizing
+    ("stages",),
+    ("cli",),
+]
+LAYER_OF = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,25 @@ def imports_of(root: Path, rel: str) -> list[Import]:
     return found
 
 
+def room_of(module: str) -> str | None:
+    """`cyclej.training.trainer` -> `training`; `cyclej.cli` -> `cli`; None outside the library."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == LIBRARY and len(parts) > 1 else None
+
+
+def same_base_names(root: Path) -> list[str]:
+    """Modules of the project (library, wrapper layer, infra) that share a file or package name."""
+    seen: dict[str, list[str]] = {}
+    for top in (LIBRARY, *WRAPPER_PACKAGES, "infra"):
+        for p in sorted((root / top).rglob("*.py")):
+            rel = p.relative_to(root).as_posix()
+            base = p.parent.name if p.name == "__init__.py" else p.stem
+            if p.name == "__init__.py" and p.parent == root / top:
+                continue  # the top packages themselves
+            seen.setdefault(base, []).append(rel)
+    return [f"{base}: {', '.join(where)}" for base, where in sorted(seen.items()) if len(where) > 1]
+
+
 def library_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in (root / LIBRARY).rglob("*.py"))
 
@@ -80,9 +115,14 @@ def violations(root: Path) -> list[str]:
                 out.setdefault((rel, imp.line, "prefect"), f"{where}: the library imports {imp.module}")
             if top in WRAPPER_PACKAGES and (rel, imp.function) not in WRAPPER_DOORS:
                 out.setdefault((rel, imp.line, "wrapper"), f"{where}: the library imports the wrapper layer ({imp.module})")
-            is_stages = imp.module == "cyclej.stages" or imp.module.startswith("cyclej.stages.")
-            if is_stages and not rel.startswith(MAY_IMPORT_STAGES):
-                out.setdefault((rel, imp.line, "stages"), f"{where}: machinery imports a stage ({imp.module})")
+            here, there = room_of(module_name(rel)), room_of(imp.module)
+            if here and there and here != there:
+                if there not in LAYER_OF or here not in LAYER_OF:
+                    out.setdefault((rel, imp.line, "room"), f"{where}: {imp.module} is in no room of LAYERS")
+                elif LAYER_OF[there] >= LAYER_OF[here]:
+                    what = "a room of the same layer" if LAYER_OF[there] == LAYER_OF[here] else "upward"
+                    out.setdefault((rel, imp.line, "layer"),
+                                   f"{where}: {here} imports {imp.module} ({what})")
     return [*out.values(), *(f"import circle: {' -> '.join(c)}" for c in circles(root, files))]
 
 
@@ -117,27 +157,38 @@ def test_the_library_keeps_its_import_rules() -> None:
     assert violations(ROOT) == []
 
 
+def test_no_two_modules_share_a_base_name() -> None:
+    assert same_base_names(ROOT) == []
+
+
 def test_the_rules_see_a_planted_violation(tmp_path: Path) -> None:
     """The checker is not vacuous: each rule catches a file that breaks it."""
     pkg = tmp_path / LIBRARY
-    (pkg / "stages").mkdir(parents=True)
+    for room in ("stages", "evaluation", "runtime", "corpora", "models"):
+        (pkg / room).mkdir(parents=True)
+        (pkg / room / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "stages" / "__init__.py").write_text("")
-    (pkg / "stages" / "eval.py").write_text("from cyclej import evaluate\n")
-    (pkg / "evaluate.py").write_text("def f():\n    from cyclej.stages.eval import x\n")
-    (pkg / "store.py").write_text("import prefect\n")
+    (pkg / "stages" / "eval.py").write_text("from cyclej.evaluation import metrics\n")
+    (pkg / "evaluation" / "metrics.py").write_text("def f():\n    from cyclej.stages.eval import x\n")
+    (pkg / "runtime" / "store.py").write_text("import prefect\n")
+    (pkg / "corpora" / "formats.py").write_text("from cyclej.models import loading\n")
+    (pkg / "models" / "loading.py").write_text("")
     (pkg / "cli.py").write_text("def run():\n    from flows.launch import launch\n")
     found = violations(tmp_path)
-    assert any("machinery imports a stage (cyclej.stages.eval)" in v for v in found)
-    assert any("cyclej/store.py:1: the library imports prefect" in v for v in found)
+    assert any("evaluation imports cyclej.stages.eval (upward)" in v for v in found)
+    assert any("corpora/formats.py:1: corpora imports cyclej.models (a room of the same layer)" in v for v in found)
+    assert any("cyclej/runtime/store.py:1: the library imports prefect" in v for v in found)
     assert any("wrapper layer (flows.launch)" in v for v in found)
-    assert any(v.startswith("import circle:") and "cyclej.evaluate" in v for v in found)
+    assert any(v.startswith("import circle:") and "cyclej.evaluation.metrics" in v for v in found)
+    (pkg / "merge.py").write_text("")
+    (pkg / "stages" / "merge.py").write_text("")
+    assert same_base_names(tmp_path) == ["merge: cyclej/merge.py, cyclej/stages/merge.py"]
 
 
 def test_importing_the_library_loads_no_prefect() -> None:
     """What the rules promise, at run time: the CLI and every stage import without Prefect."""
     code = (
-        "import sys, pkgutil, importlib, cyclej, cyclej.cli, cyclej.stages\n"
+        "import sys, pkgutil, importlib, cyclej, cyclej.cli, cyclej.pipeline.registry\n"
         "for m in pkgutil.walk_packages(cyclej.__path__, 'cyclej.'):\n"
         "    importlib.import_module(m.name)\n"
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('prefect', 'flows', 'tasks'))\n"

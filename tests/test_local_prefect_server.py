@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import psutil
 import pytest
 
-from tests import local_prefect_server as lps
+from tests.helpers import local_prefect_server as lps
 
 
 @pytest.mark.slow  # a 20 s probe timeout and a second server start (~30-60 s on 2 cores)

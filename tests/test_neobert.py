@@ -1,4 +1,4 @@
-"""The `gptj` preset's discriminator, chandar-lab/NeoBERT, loads without its hub code (cyclej.neobert).
+"""The `gptj` preset's discriminator, chandar-lab/NeoBERT, loads without its hub code (cyclej.models.neobert).
 
 The hub folder is rebuilt here at a tiny size, as the hub ships it: config.json with the hub's keys (and its
 `auto_map` to `model.py`), a `model.py` that imports xformers at module level (the hub's file does, outside
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from cyclej.discriminator import Discriminator
 from cyclej.errors import BadInput
-from cyclej.models import resolve_model
+from cyclej.models.catalog import resolve_model
+from cyclej.reinforcement.discriminator import Discriminator
 
 # The hub's config.json keys (revision 5424c8e) at a tiny size. intermediate_size 40 -> an FFN width of
 # int(2 * 40 / 3) = 26, rounded up to a multiple of 8 = 32, as the hub's EncoderBlock computes it.
@@ -146,7 +146,7 @@ def reference_logits(hidden: torch.Tensor, head: dict[str, torch.Tensor]) -> tor
 def test_the_hub_neobert_loads_without_its_remote_code_and_every_weight_lands(hub_neobert: Path) -> None:
     """trust_remote_code stays as the gptj preset has it (True): the hub's model.py (xformers) is never run."""
     disc = Discriminator(str(hub_neobert), REAL_A, REAL_B, trust_remote_code=True)
-    from cyclej.neobert import NeoBERTForSequenceClassification
+    from cyclej.models.neobert import NeoBERTForSequenceClassification
 
     assert isinstance(disc.model, NeoBERTForSequenceClassification)
     # Strict: every checkpoint tensor of the encoder lands under its own name, only the fresh head is missing,
@@ -240,10 +240,10 @@ def test_the_rl_stage_refuses_a_bad_discriminator_before_it_loads_the_policy(tmp
     """The merge artifact here holds no loadable policy: a stage that loads the policy first fails on that
     (after minutes, for GPT-J-6B); one that loads the discriminator first names models.discriminator."""
     from cyclej.config import load_config
-    from cyclej.progress import Progress
-    from cyclej.stages import StageRun, run_stage
+    from cyclej.pipeline.registry import StageRun, run_stage
+    from cyclej.runtime.progress import Progress
+    from cyclej.runtime.store import ArtifactStore
     from cyclej.stages.rl import run_rl
-    from cyclej.store import ArtifactStore
 
     cfg = load_config(preset="tiny", storage=str(tmp_path / "store"))
     cfg.models.discriminator = str(remote_code_folder(tmp_path))

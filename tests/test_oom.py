@@ -1,4 +1,4 @@
-"""Out of GPU memory on every path (cyclej.oom), with faults injected through CYCLEJ_FAULT on CPU: the
+"""Out of GPU memory on every path (cyclej.training.oom), with faults injected through CYCLEJ_FAULT on CPU: the
 classifier, the trainer (cuBLAS's allocation failure, the dev loss), RL below one group per micro-batch
 (the same gradient as unsplit), the memory released only once the failed attempt's tensors are gone, the
 weight push, the discriminator's update and scores, and the reward embedder."""
@@ -13,19 +13,19 @@ from typing import Any
 import pytest
 import torch
 
-from cyclej import faults
 from cyclej.config import RLConfig, TrainConfig
-from cyclej.discriminator import Discriminator
+from cyclej.corpora.formats import domain_example
 from cyclej.errors import StageFailed
-from cyclej.formats import domain_example
-from cyclej.generate import SamplingSettings, TransformersBackend
-from cyclej.modeling import load_model, marker_token_ids
-from cyclej.oom import OutOfMemory, is_oom
-from cyclej.rewards import embedding_similarity
-from cyclej.rl import RLTrainer, Rollouts
-from cyclej.store import ArtifactStore
-from cyclej.train import train
-from tests.tiny_models import LINES, MARKERS, SOURCES
+from cyclej.generation.backends import SamplingSettings, TransformersBackend
+from cyclej.models.loading import load_model, marker_token_ids
+from cyclej.reinforcement.discriminator import Discriminator
+from cyclej.reinforcement.policy_gradient import RLTrainer, Rollouts
+from cyclej.reinforcement.rewards import embedding_similarity
+from cyclej.runtime import faults
+from cyclej.runtime.store import ArtifactStore
+from cyclej.training.oom import OutOfMemory, is_oom
+from cyclej.training.trainer import train
+from tests.helpers.tiny_models import LINES, MARKERS, SOURCES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -212,7 +212,7 @@ def test_discriminator_update_out_of_memory_splits_the_batch_then_fails_at_one_t
 def test_discriminator_scores_and_embedder_halve_their_batch_with_the_same_result(
     monkeypatch: pytest.MonkeyPatch, project_log: list[logging.LogRecord]
 ) -> None:
-    from cyclej.embedder import load_embedder
+    from cyclej.models.embedder import load_embedder
 
     d = Discriminator("tiny-bert", SOURCES["a"], SOURCES["b"])
     embedder = load_embedder("tiny-bert", "cpu")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cyclej.config import RLConfig
-from cyclej.optim import MasterAdamW, fp32_with_masters
-from cyclej.rl import RLTrainer, Rollouts
+from cyclej.reinforcement.policy_gradient import RLTrainer, Rollouts
+from cyclej.training.optim import MasterAdamW, fp32_with_masters
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -182,7 +182,7 @@ SOURCES = {"a": ["the food was cold", "never again"], "b": ["great food", "lovel
 
 
 def bf16_trainer(**over: object) -> tuple[RLTrainer, torch.nn.Module]:
-    from cyclej.modeling import load_model, marker_token_ids
+    from cyclej.models.loading import load_model, marker_token_ids
 
     policy, tok = load_model("tiny-gptj", markers=["<|A|>", "<|B|>"], dtype=torch.bfloat16)
     ida, idb = marker_token_ids(tok, ["<|A|>", "<|B|>"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cyclej.config import load_config
-from cyclej.stages import fingerprints
+from cyclej.pipeline.registry import fingerprints
 from tests.conftest import task_run_states
 
 
@@ -16,7 +16,7 @@ from tests.conftest import task_run_states
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_second_run_is_cached_and_a_data_option_reruns(where: str, tmp_path: Path,
                                                        request: pytest.FixtureRequest) -> None:
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     root = str(tmp_path / "store") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/runs"
     cfg = load_config(preset="tiny", storage=root)
@@ -28,7 +28,7 @@ def test_second_run_is_cached_and_a_data_option_reruns(where: str, tmp_path: Pat
     assert task_run_states(first.state_details.flow_run_id) == {"data": "Completed"}
     manifest_sha = refs["data"]["manifest_sha256"]
     # The persisted Prefect result is the JSON ArtifactRef, on the same storage as the artifacts.
-    from cyclej.store import ArtifactStore
+    from cyclej.runtime.store import ArtifactStore
 
     store = ArtifactStore.from_config(cfg.storage)
     record = json.loads(store.fs.cat_file(f"{store.root}/_prefect/results/data-{refs['data']['fingerprint']}"))
@@ -51,7 +51,7 @@ def test_record_without_artifact_is_not_trusted(tmp_path: Path) -> None:
     """If the artifact vanished from the store, Prefect must not hand back its old ref."""
     import shutil
 
-    from flows.pipeline import cyclej_pipeline
+    from flows.pipeline_flow import cyclej_pipeline
 
     cfg = load_config(preset="tiny", storage=str(tmp_path / "store"))
     first = cyclej_pipeline(config=cfg, until="data", return_state=True).result()

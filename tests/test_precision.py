@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cyclej import precision
+from cyclej.training import precision
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -1,4 +1,4 @@
-"""Quiet by default (cyclej/quiet.py): third-party warnings and notices a user cannot act on are filtered,
+"""Quiet by default (cyclej/runtime/quiet.py): third-party warnings and notices a user cannot act on are filtered,
 `--verbose` shows them; progress bars and the project's own lines stay."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # (through logging's last-resort handler) and transformers' LOAD REPORT (a logger warning).
 PROBE = r"""
 import logging, sys, warnings
-from cyclej import quiet
+from cyclej.runtime import quiet
 quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
 warnings.warn_explicit("torch thing is deprecated", FutureWarning, "/site-packages/torch/x.py", 1, module="torch.x")
-warnings.warn_explicit("ours", UserWarning, "/repo/cyclej/train.py", 2, module="cyclej.train")
+warnings.warn_explicit("ours", UserWarning, "/repo/cyclej/train.py", 2, module="cyclej.training.trainer")
 warnings.warn_explicit("models is deprecated", DeprecationWarning, "/repo/cyclej/embedder.py", 3,
-                       module="cyclej.embedder")
+                       module="cyclej.models.embedder")
 warnings.warn_explicit("Unclosed context <zmq.Context()>", ResourceWarning, "/repo/cyclej/generate.py", 4,
-                       module="cyclej.generate")
+                       module="cyclej.generation.backends")
 logging.getLogger("vllm.triton_utils.importing").warning("Triton is installed, but doesn't include CPU backend.")
 import transformers
 transformers.utils.logging.get_logger("transformers.modeling_utils").warning("LOAD REPORT from: x")
@@ -47,7 +47,7 @@ def test_third_party_notices_are_filtered_unless_verbose(verbose: bool) -> None:
     noise = ("FutureWarning: torch thing is deprecated", "Triton is installed", "LOAD REPORT")
     for needle in noise:
         assert (needle in proc.stderr) == verbose, (needle, proc.stderr)
-    # A library's deprecation pointing at our line (sentence_transformers' at cyclej/embedder.py's import):
+    # A library's deprecation pointing at our line (sentence_transformers' at cyclej/models/embedder.py's import):
     # hidden although it names a project file (verbose leaves it to Python's default, which hides it too).
     assert "DeprecationWarning: models is deprecated" not in proc.stderr
     assert "ResourceWarning: Unclosed context" not in proc.stderr  # zmq's, at vLLM engine shutdown
@@ -82,6 +82,6 @@ def test_tiny_run_prints_no_third_party_warnings(tmp_path: Path) -> None:
     assert not any(line.startswith("[W") and "Warning:" in line for line in lines)  # torch's C++ warnings
     assert "LOAD REPORT" not in out  # transformers' report on the discriminator's new head (by design)
     # What stays: the project's lines, Prefect's task lines and the progress bars.
-    for needle in ("stage context: start", "cyclej.progress - context: train 4/4", "context: train: 100%",
+    for needle in ("stage context: start", "cyclej.runtime.progress - context: train 4/4", "context: train: 100%",
                    "rl: RL steps: 100%", "Task run 'eval-", "Finished in state Completed()", "# CYCLE_J evaluation"):
         assert needle in out, needle

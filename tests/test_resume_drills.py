@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from bench.kill_drill import build_reference, committed_dir, content_digest, drill
-from cyclej.train import MarkerRows
-from tests.tiny_models import tiny_gptj
+from cyclej.training.trainer import MarkerRows
+from tests.helpers.tiny_models import tiny_gptj
 
 DRILL_THREADS = 2  # the race needs more than one thread; one thread would hide it
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from cyclej import rewards
-from cyclej.discriminator import Discriminator
-from cyclej.embedder import load_embedder
+from cyclej.models.embedder import load_embedder
+from cyclej.reinforcement import rewards
+from cyclej.reinforcement.discriminator import Discriminator
 
 SOURCES = [
     "The food was cold and the waiter ignored us for an hour.",
@@ -192,7 +192,7 @@ def test_content_floor_without_the_product_is_refused() -> None:
 def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
     """The option came after runs existed: off (0) it is not in the fingerprint, on it is."""
     from cyclej.config import load_config
-    from cyclej.stages import SPECS, fingerprints
+    from cyclej.pipeline.registry import SPECS, fingerprints
 
     cfg = load_config(preset="tiny")
     on = cfg.model_copy(update={"rl": cfg.rl.model_copy(
@@ -244,7 +244,7 @@ def test_style_gain_pays_a_copy_nothing_and_a_transfer_its_change(one_thread: No
 
 def test_the_rl_reward_gives_the_discriminator_each_rollouts_source(one_thread: None) -> None:
     """CycleDiscriminatorReward passes the rollouts' sources through, so style_gain sees copy vs transfer."""
-    from cyclej.rl import CycleDiscriminatorReward, Rollouts
+    from cyclej.reinforcement.policy_gradient import CycleDiscriminatorReward, Rollouts
 
     disc = discriminator()
     disc.warm_up(20)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from infra.runpod_worker import RunpodJobConfiguration, check_api_url, create_pod, pod_status
-from tests.local_prefect_server import VENV_BIN
-from tests.runpod_standin import RunpodStandin
+from tests.helpers.local_prefect_server import VENV_BIN
+from tests.helpers.runpod_standin import RunpodStandin
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_API = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
@@ -176,7 +176,7 @@ def test_stopping_the_worker_terminates_in_flight_pods_and_crashes_their_runs(tm
     from prefect.client.schemas.actions import WorkPoolCreate
 
     from infra.runpod_worker import RunpodWorker
-    from tests.local_prefect_server import shared_prefect_server
+    from tests.helpers.local_prefect_server import shared_prefect_server
     from tests.test_runpod_worker import Stack, _deploy
 
     env = shared_prefect_server()
@@ -230,7 +230,7 @@ def test_every_gpu_stage_pod_gets_what_cyclej_plan_prints_for_it(standin: Runpod
     """`cyclej plan --preset gptj` → the stage deployments' job variables (deployments/prefect.yaml, pinned
     to the plan by tests/test_deployments.py) → the pod RunPod is asked for: GPU, RAM, vCPU and disk."""
     from cyclej.config import load_config
-    from cyclej.plan import plan
+    from cyclej.pipeline.sizing import plan
 
     planned = {p.stage: p.job_variables() for p in plan(load_config(preset="gptj")) if p.device == "gpu"}
     deployments = {d["name"]: d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]}
@@ -254,8 +254,8 @@ def test_every_gpu_stage_pod_gets_what_cyclej_plan_prints_for_it(standin: Runpod
     assert {e["key"]: e["value"] for e in spec["env"]}["CYCLEJ_GPUS"] == "4"
 
 
-# What the stage inside a pod reads for its world size: cyclej.distributed.gpus_for, with the pod's env only.
-RANKS_PROBE = ("python -c \"from cyclej.config import load_config; from cyclej.distributed import gpus_for; "
+# What the stage inside a pod reads for its world size: cyclej.runtime.distributed.gpus_for, with the pod's env only.
+RANKS_PROBE = ("python -c \"from cyclej.config import load_config; from cyclej.runtime.distributed import gpus_for; "
                "cfg = load_config(preset='tiny', overrides=['resources.gpus.rl=4']); "
                "print('ranks', gpus_for(cfg, 'rl'), gpus_for(cfg, 'eval'))\"")
 
@@ -263,10 +263,10 @@ RANKS_PROBE = ("python -c \"from cyclej.config import load_config; from cyclej.d
 def test_a_pod_of_four_gpus_runs_four_ranks_and_a_pod_of_one_runs_one(standin: RunpodStandin) -> None:
     """The worker's CYCLEJ_GPUS is the pod's gpu_count: the stage inside runs one rank per GPU, and a config's
     resources.gpus.rl: 4 cannot put 4 ranks on a 1-GPU pod."""
-    import cyclej.distributed
+    import cyclej.runtime.distributed
     import infra.runpod_worker
 
-    assert infra.runpod_worker.GPUS_ENV == cyclej.distributed.GPUS_ENV == "CYCLEJ_GPUS"
+    assert infra.runpod_worker.GPUS_ENV == cyclej.runtime.distributed.GPUS_ENV == "CYCLEJ_GPUS"
     four = create_pod(_from_job_variables({"gpu_type_id": "NVIDIA A100 80GB PCIe", "gpu_count": 4,
                                            "env": {**LOCAL_API, "PYTHONPATH": str(REPO)}, "command": RANKS_PROBE}))
     one = create_pod(_from_job_variables({"gpu_type_id": "NVIDIA A40", "env": {**LOCAL_API, "PYTHONPATH": str(REPO)},

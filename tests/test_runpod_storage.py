@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.local_prefect_server import free_port
+from tests.helpers.local_prefect_server import free_port
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def test_store_works_without_delete_objects(s3_endpoint: str, tmp_path: Path) -> None:
     from cyclej.config import StorageConfig
-    from cyclej.store import ArtifactStore
+    from cyclej.runtime.store import ArtifactStore
 
     store = ArtifactStore.from_config(StorageConfig(root="s3://vol/runs", cache_dir=str(tmp_path / "cache")))
     calls: list[str] = []

@@ -89,8 +89,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from prefect.client.schemas.actions import WorkPoolCreate
 
     from infra.runpod_worker import RunpodWorker
-    from tests.local_prefect_server import VENV_BIN, shared_prefect_server
-    from tests.runpod_standin import RunpodStandin
+    from tests.helpers.local_prefect_server import VENV_BIN, shared_prefect_server
+    from tests.helpers.runpod_standin import RunpodStandin
 
     tmp = tmp_path_factory.mktemp("runpod")
     env = shared_prefect_server()
@@ -168,7 +168,7 @@ def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: S
     env = {e["key"]: e["value"] for e in spec["env"]}
     assert spec["gpuTypeId"] == "NVIDIA A100 80GB PCIe"  # deployment job variable
     assert spec["gpuCount"] == 2  # flow-run job variable
-    assert env["CYCLEJ_GPUS"] == "2"  # the stage in the pod runs one rank per GPU (cyclej.distributed)
+    assert env["CYCLEJ_GPUS"] == "2"  # the stage in the pod runs one rank per GPU (cyclej.runtime.distributed)
     assert spec["imageName"] == "cyclej-gpu:test"  # pool default
     assert spec["networkVolumeId"] == "vol-standin"
     assert spec["dataCenterId"] == "EU-RO-1"  # looked up from the volume by the SDK
@@ -247,8 +247,8 @@ def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: 
     from prefect.exceptions import InfrastructureNotFound
 
     from infra.runpod_worker import RunpodJobConfiguration, RunpodWorker, create_pod
-    from tests.local_prefect_server import VENV_BIN
-    from tests.runpod_standin import RunpodStandin
+    from tests.helpers.local_prefect_server import VENV_BIN
+    from tests.helpers.runpod_standin import RunpodStandin
 
     with RunpodStandin(VENV_BIN, tmp_path) as standin:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", standin.url)
@@ -266,8 +266,8 @@ def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: 
 
 def test_unknown_gpu_type_and_wrong_key_fail_before_any_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from infra.runpod_worker import RunpodJobConfiguration, create_pod
-    from tests.local_prefect_server import VENV_BIN
-    from tests.runpod_standin import RunpodStandin
+    from tests.helpers.local_prefect_server import VENV_BIN
+    from tests.helpers.runpod_standin import RunpodStandin
 
     with RunpodStandin(VENV_BIN, tmp_path) as standin:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", standin.url)

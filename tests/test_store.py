@@ -16,7 +16,7 @@ import pytest
 
 from cyclej.config import StorageConfig
 from cyclej.errors import CorruptArtifact, StorageError
-from cyclej.store import ArtifactRef, ArtifactStore, _local_host, fingerprint
+from cyclej.runtime.store import ArtifactRef, ArtifactStore, _local_host, fingerprint
 
 
 @pytest.fixture(params=["local", "file-uri", "s3"])
@@ -253,7 +253,7 @@ def test_lease_of_a_dead_local_process_is_taken_over_at_once(store: ArtifactStor
     # a live process's lease is respected (here: our own pid, under another lease id)
     store.put_json("rl/livefp/LEASE.json", {"owner": f"{_local_host()}:{os.getpid()}:other",
                                             "expires": time.time() + 3600})
-    from cyclej.store import _dead_local
+    from cyclej.runtime.store import _dead_local
 
     assert not _dead_local(store.get_json("rl/livefp/LEASE.json"))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cyclej.errors import StorageError
-from cyclej.store import ArtifactStore, _local_host, set_run_label
+from cyclej.runtime.store import ArtifactStore, _local_host, set_run_label
 
 
 def _commit(store: ArtifactStore, stage: str, fp: str, text: str) -> None:
@@ -122,7 +122,7 @@ def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(tm
 
     import s3fs
 
-    from tests.local_prefect_server import shared_prefect_server
+    from tests.helpers.local_prefect_server import shared_prefect_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

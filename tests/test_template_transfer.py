@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from cyclej.config import load_config
+from cyclej.corpora.template_transfer import TemplateTransfer, back_translated_pairs
 from cyclej.errors import BadInput
-from cyclej.progress import Progress
-from cyclej.stages import run_all
-from cyclej.store import ArtifactStore
-from cyclej.template_transfer import TemplateTransfer, back_translated_pairs
+from cyclej.pipeline.registry import run_all
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 

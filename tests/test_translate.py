@@ -1,4 +1,4 @@
-"""cyclej.translate: one output line per input line, greedy and deterministic, models found by URI."""
+"""cyclej.generation.translate: one output line per input line, greedy and deterministic, models found by URI."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import torch
 
 from cyclej.config import StorageConfig
 from cyclej.errors import BadInput
-from cyclej.modeling import load_model, save_model
-from cyclej.store import ArtifactStore
-from cyclej.translate import (
+from cyclej.generation.translate import (
     ModelTranslator,
     local_model_dir,
     model_markers,
@@ -19,6 +17,8 @@ from cyclej.translate import (
     translate_lines,
     write_model_info,
 )
+from cyclej.models.loading import load_model, save_model
+from cyclej.runtime.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -79,7 +79,7 @@ def test_markers_from_tokenizer_and_from_cyclej_json(tiny_model_dir: Path) -> No
 
 
 def test_model_without_markers_is_refused(tmp_path: Path) -> None:
-    from cyclej.models import resolve_model
+    from cyclej.models.catalog import resolve_model
 
     with pytest.raises(BadInput, match="marker"):
         model_markers(resolve_model("tiny-gptj"))
@@ -119,12 +119,12 @@ def test_adapter_artifacts_translate_through_their_base(
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from cyclej.models import cache_root
-    from cyclej.progress import Progress
-    from cyclej.stages import StageRun
+    from cyclej.generation.translate import ModelTranslator, load_adapter_model
+    from cyclej.models.catalog import cache_root
+    from cyclej.pipeline.registry import StageRun
+    from cyclej.runtime.progress import Progress
     from cyclej.stages.domain_train import run_domain_train
-    from cyclej.translate import ModelTranslator, load_adapter_model
-    from tests.test_train import build_inputs, pipeline_config
+    from tests.test_trainer import build_inputs, pipeline_config
 
     cfg = pipeline_config(tmp_path, domain_train={
         "batch_size": 8, "micro_batch_size": 8, "max_steps": 2, "seq_len": 64, "precision": "fp32",
@@ -179,8 +179,8 @@ def test_adapter_artifacts_translate_through_their_base(
 def test_newline_tokens_are_found_in_the_vocabulary() -> None:
     from transformers import AutoTokenizer
 
-    from cyclej.generate import newline_token_ids
-    from cyclej.models import tiny_tokenizer_dir
+    from cyclej.generation.backends import newline_token_ids
+    from cyclej.models.catalog import tiny_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     ids = newline_token_ids(tok)
@@ -190,7 +190,7 @@ def test_newline_tokens_are_found_in_the_vocabulary() -> None:
 
 
 def test_generation_stops_at_an_extra_stop_token_and_says_so(tiny_model_dir: Path) -> None:
-    from cyclej.generate import SamplingSettings, TransformersBackend
+    from cyclej.generation.backends import SamplingSettings, TransformersBackend
 
     model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
     backend = TransformersBackend(model, tok)
@@ -203,8 +203,8 @@ def test_generation_stops_at_an_extra_stop_token_and_says_so(tiny_model_dir: Pat
 
 
 def test_translations_are_capped_by_source_length_and_runaways_are_flagged(tiny_model_dir: Path) -> None:
-    from cyclej.generate import SamplingSettings, TransformersBackend
-    from cyclej.translate import output_token_limit, rl_prompt, translate_detailed
+    from cyclej.generation.backends import SamplingSettings, TransformersBackend
+    from cyclej.generation.translate import output_token_limit, rl_prompt, translate_detailed
 
     model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
     backend = TransformersBackend(model, tok)

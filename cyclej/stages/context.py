@@ -1,6 +1,6 @@
 """The `context` stage (INTERMEDIATE-1): the base model with both domain markers and a longer context.
 
-1. Load `models.base` and add the two domain markers as special tokens (cyclej.modeling).
+1. Load `models.base` and add the two domain markers as special tokens (cyclej.models.loading).
 2. Measure perplexity on held-out text at the old length (the untouched base, the reference).
 3. Extend the context `context.factor` times by linear position interpolation.
 4. Measure perplexity at the new length: `ppl_before` (interpolated, not yet trained).
@@ -8,12 +8,12 @@
    EOS, laid end to end and cut into rows of `context.seq_len` tokens. Every token of a row attends to
    everything before it, across line boundaries: learning to use distant positions is the point.
 6. Merge the adapter into the weights, measure `ppl_after` at the new length and at the old length.
-7. Save `model/` (plain HF directory, cyclej.modeling.save_model, with `cyclej.json` naming the
+7. Save `model/` (plain HF directory, cyclej.models.loading.save_model, with `cyclej.json` naming the
    markers and domains), `metrics.json` and the trainer's per-step `metrics.jsonl`; commit.
 
 Held-out rows are built the same way from both domains' dev lines; the old-length rows cut the very
 same tokens into shorter rows, so every perplexity here scores the same tokens with more or less
-context. Checkpoints and resume are the trainer's (cyclej.train), under this stage's fingerprint.
+context. Checkpoints and resume are the trainer's (cyclej.training.trainer), under this stage's fingerprint.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cyclej.corpora.formats import Example, encode_text, eos_id
 from cyclej.errors import BadInput
-from cyclej.formats import Example, encode_text, eos_id
-from cyclej.modeling import extend_context, load_model, marker_token_ids, save_model
-from cyclej.oom import map_halving
-from cyclej.precision import autocast, weights_dtype
-from cyclej.stages import StageRun
-from cyclej.store import ArtifactRef
-from cyclej.translate import write_model_info
+from cyclej.models.card import write_model_info
+from cyclej.models.loading import extend_context, load_model, marker_token_ids, save_model
+from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.store import ArtifactRef
+from cyclej.training.oom import map_halving
+from cyclej.training.precision import autocast, weights_dtype
 
 STAGE = "context"
 log = logging.getLogger("cyclej")
@@ -162,7 +162,7 @@ def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, p
         return float(nll), ids[:, 1:].numel()
 
     # An out-of-memory error halves the batch and redoes only the chunk that failed: the sum does not
-    # depend on the chunking (cyclej.oom.map_halving).
+    # depend on the chunking (cyclej.training.oom.map_halving).
     parts = map_halving(score, rows, batch_size, point="perplexity", knob="context.seq_len")
     model.train(was_training)
     return math.exp(sum(n for n, _ in parts) / sum(t for _, t in parts))
@@ -177,7 +177,7 @@ def _train(
     dev_examples: list[Example],
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """LoRA (or full) training with the shared trainer; returns the merged model and the run's metrics."""
-    from cyclej.train import train
+    from cyclej.training.trainer import train
 
     cfg = run.cfg
     # Every row is already one full `seq_len` block of the stream: packing has nothing to add, and its

@@ -1,7 +1,7 @@
 """The `data` stage: both domains' corpora, cleaned, split and counted.
 
 For each domain, in this order:
-1. read the train (and dev) files (cyclej/corpus.py refuses missing, empty, binary and non-UTF-8 files);
+1. read the train (and dev) files (cyclej/corpora/lines.py refuses missing, empty, binary and non-UTF-8 files);
 2. normalize whitespace (every run of whitespace, newlines included, becomes one space; ends stripped);
 3. drop empty lines, then duplicates (the first occurrence stays), then dev lines that are also train lines;
 4. drop lines that occur in both domains, from both (a style transfer pair cannot be its own target);
@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cyclej.config import DomainConfig, PipelineConfig
-from cyclej.corpus import DOMAIN_KEYS, DomainKey, FileText, Split, read_corpus
+from cyclej.corpora.lines import DOMAIN_KEYS, DomainKey, FileText, Split, read_corpus
 from cyclej.errors import BadInput
-from cyclej.models import load_tokenizer
-from cyclej.progress import Progress
-from cyclej.stages import StageRun
-from cyclej.store import ArtifactRef
+from cyclej.models.catalog import load_tokenizer
+from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactRef
 
 log = logging.getLogger("cyclej")
 
@@ -205,7 +205,7 @@ def _drop_too_long(
     d: _Domain, split: Split, lines: list[str], tokenizer: Any, max_tokens: int, progress: Progress
 ) -> list[str]:
     """Drop lines of more than `max_tokens` base-model tokens (special-token text counts as plain text,
-    as cyclej.formats tokenizes it)."""
+    as cyclej.corpora.formats tokenizes it)."""
     kept: list[str] = []
     with progress.bar(f"{d.label}.{split}: token lengths", len(lines), unit="line") as bar:
         for start in range(0, len(lines), _TOKENIZE_BATCH):

@@ -4,15 +4,15 @@ max p(text_A | "{DA}") + p(text_B | "{DB}").
 Input artifacts: `context` (its `model/`) and `data` (`a/train.txt`, `b/train.txt`; the dev files give
 the dev loss). Output: `adapter/` (PEFT), `marker_rows.safetensors`, `metrics.json`, `metrics.jsonl` —
 the adapter and the trained marker rows, never a full model copy. Checkpoints and resume are the
-trainer's (cyclej.train), under this stage's fingerprint; they are deleted once the artifact commits.
+trainer's (cyclej.training.trainer), under this stage's fingerprint; they are deleted once the artifact commits.
 """
 
 from __future__ import annotations
 
-from cyclej.formats import domain_example
-from cyclej.stages import StageRun
+from cyclej.corpora.formats import domain_example
+from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.store import ArtifactRef
 from cyclej.stages.lora import interleave, load_lora_base, train_and_commit_adapter
-from cyclej.store import ArtifactRef
 
 STAGE = "domain_train"
 

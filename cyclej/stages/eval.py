@@ -1,15 +1,15 @@
 """Stage `eval`: what each stage adds, measured on the dev sets of both domains.
 
 Rows: the copy-the-input baseline, the template baseline (`eval.template_baseline`: markers swapped by
-string substitution, cyclej.template_transfer, no model), INTERMEDIATE-2A (the context model with the paraphrase adapter and its
+string substitution, cyclej.corpora.template_transfer, no model), INTERMEDIATE-2A (the context model with the paraphrase adapter and its
 trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL model). Metrics and the J
-definition: cyclej.evaluate and cyclej.eval_report. The artifact holds report.md, report.csv,
+definition: cyclej.evaluation.metrics and cyclej.evaluation.report. The artifact holds report.md, report.csv,
 examples.jsonl, the PNG plots, metrics.json (the table as a list of dicts, for the UI) and model_card.md;
 the card is also written as README.md (with cyclej.json) into the final model's folder.
 
 Also `evaluate_model_dir`, what `cyclej eval` runs: any model beside the copy baseline, on the dev sets of
 the `data` stage (which it runs when the store does not have it yet). It lives here, not in
-cyclej.evaluate, because it runs a stage: the scoring machinery never imports the stages.
+cyclej.evaluation.metrics, because it runs a stage: the scoring machinery never imports the stages.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_corpus, read_lines
+from cyclej.corpora.lines import read_corpus, read_lines
+from cyclej.corpora.template_transfer import TemplateSystem, TemplateTransfer
 from cyclej.errors import BadInput
-from cyclej.eval_report import EvalReport
-from cyclej.evaluate import (
+from cyclej.evaluation.metrics import (
     SYSTEM_2A,
     SYSTEM_3,
     SYSTEM_COPY,
@@ -35,12 +35,12 @@ from cyclej.evaluate import (
     model_label,
     read_jsonl,
 )
-from cyclej.model_card import write_model_card
-from cyclej.progress import Progress
-from cyclej.stages import StageRun, run_stage
-from cyclej.store import ArtifactRef, ArtifactStore
-from cyclej.template_transfer import TemplateSystem, TemplateTransfer
-from cyclej.translate import ModelTranslator, load_adapter_model, local_model_dir
+from cyclej.evaluation.report import EvalReport
+from cyclej.generation.translate import ModelTranslator, load_adapter_model, local_model_dir
+from cyclej.models.card import write_model_card
+from cyclej.pipeline.registry import StageRun, run_stage
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
 
 def baselines(cfg: PipelineConfig, train_a: list[str], train_b: list[str]) -> dict[str, System | str | Path]:

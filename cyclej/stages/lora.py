@@ -1,7 +1,7 @@
 """What the two LoRA stages (`para_train`, `domain_train`) share: start from INTERMEDIATE-1 with its
-markers, train an adapter with cyclej.train, write the adapter artifact and commit it.
+markers, train an adapter with cyclej.training.trainer, write the adapter artifact and commit it.
 
-Stage glue, so it lives among the stages: the trainer (cyclej.train) knows nothing of stages, configs
+Stage glue, so it lives among the stages: the trainer (cyclej.training.trainer) knows nothing of stages, configs
 of the whole pipeline or fingerprints.
 """
 
@@ -16,12 +16,12 @@ from torch import nn
 
 from cyclej.config import TrainConfig
 from cyclej.errors import BadInput
-from cyclej.modeling import load_model, marker_token_ids
-from cyclej.precision import weights_dtype
-from cyclej.stages import StageRun
-from cyclej.store import ArtifactRef
-from cyclej.train import ADAPTER_BASE, TokenExample, train
-from cyclej.training_signal import TRAINING_PLOT, read_metrics_log, write_training_plot
+from cyclej.models.loading import load_model, marker_token_ids
+from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.store import ArtifactRef
+from cyclej.training.diagnostics import TRAINING_PLOT, read_metrics_log, write_training_plot
+from cyclej.training.precision import weights_dtype
+from cyclej.training.trainer import ADAPTER_BASE, TokenExample, train
 
 
 def interleave(*lists: Sequence[Any]) -> list[Any]:

@@ -25,12 +25,18 @@ import os
 import shutil
 from typing import Any
 
-from cyclej.formats import Example, domain_examples, para_examples, translation_example
-from cyclej.merge import load_adapter, merge_lora_adapters, merge_weights, sweep_markdown, sweep_weights
-from cyclej.modeling import marker_token_ids
-from cyclej.stages import StageRun
-from cyclej.store import ArtifactRef
-from cyclej.template_transfer import TemplateTransfer, back_translated_pairs
+from cyclej.corpora.formats import Example, domain_examples, para_examples, translation_example
+from cyclej.corpora.template_transfer import TemplateTransfer, back_translated_pairs
+from cyclej.merging.linear import (
+    load_adapter,
+    merge_lora_adapters,
+    merge_weights,
+    sweep_markdown,
+    sweep_weights,
+)
+from cyclej.models.loading import marker_token_ids
+from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.store import ArtifactRef
 
 STAGE = "merge"
 

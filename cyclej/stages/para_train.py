@@ -5,12 +5,12 @@ Two options change what it learns from (both off in the card):
 - `paraphrase_markers: same` trains the paraphrases as ``{Dsrc} text {Dsrc}`` → para (and back), so they
   teach rewording without teaching that the *other* marker keeps the source's style;
 - `template_pairs` adds back-translated template pairs ``{Dsrc} template {Dtgt}`` → a real line of the
-  target domain (cyclej/template_transfer.py), which show the model what a change of style looks like.
+  target domain (cyclej/corpora/template_transfer.py), which show the model what a change of style looks like.
 
 Input artifacts: `context` (its `model/`), `paraphrase` (`pairs.jsonl`) and `data` (the train lines the
 template pairs come from). A seeded slice of the pairs is held out for the dev loss. Output: `adapter/`
 (PEFT), `marker_rows.safetensors`, `metrics.json`, `metrics.jsonl`, `template_pairs.jsonl` when those are
-on — never a full model copy. Checkpoints and resume are the trainer's (cyclej.train),
+on — never a full model copy. Checkpoints and resume are the trainer's (cyclej.training.trainer),
 under this stage's fingerprint; they are deleted once the artifact commits.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from cyclej.config import TemplatePairsConfig
+from cyclej.corpora.formats import Example, para_examples, translation_example
+from cyclej.corpora.template_transfer import BackTranslatedPair, TemplateTransfer, back_translated_pairs
 from cyclej.errors import BadInput
-from cyclej.formats import Example, para_examples, translation_example
-from cyclej.paraphrase import match_surface
-from cyclej.stages import StageRun
+from cyclej.generation.paraphraser import match_surface
+from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.store import ArtifactRef
 from cyclej.stages.lora import interleave, load_lora_base, train_and_commit_adapter
-from cyclej.store import ArtifactRef
-from cyclej.template_transfer import BackTranslatedPair, TemplateTransfer, back_translated_pairs
 
 STAGE = "para_train"
 MAX_DEV_FRACTION = 0.1

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from cyclej import engines
 from cyclej.config import PipelineConfig
-from cyclej.corpus import read_lines
+from cyclej.corpora.lines import read_lines
 from cyclej.errors import StageFailed
-from cyclej.faults import maybe_fault
-from cyclej.generate import (
+from cyclej.generation import engines
+from cyclej.generation.backends import (
     GenerationBackend,
     SamplingSettings,
     TransformersBackend,
@@ -37,8 +36,7 @@ from cyclej.generate import (
     load_causal_lm,
     make_backend,
 )
-from cyclej.models import resolve_model
-from cyclej.paraphrase import (
+from cyclej.generation.paraphraser import (
     REASONS,
     Embed,
     PromptBuilder,
@@ -47,9 +45,11 @@ from cyclej.paraphrase import (
     judge_candidates,
     load_embedder,
 )
-from cyclej.progress import Progress
-from cyclej.stages import StageRun, stage_fingerprint
-from cyclej.store import ArtifactRef, ArtifactStore
+from cyclej.models.catalog import resolve_model
+from cyclej.pipeline.registry import StageRun, stage_fingerprint
+from cyclej.runtime.faults import maybe_fault
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
 STAGE = "paraphrase"
 log = logging.getLogger("cyclej")
@@ -228,7 +228,7 @@ def _generate_shard(
         "generation_seconds": round(seconds, 3),
         "oom_retries": oom_retries,
         "batch_size": getattr(para.backend, "batch_size", None),
-        # Which of N data-parallel workers (one per GPU, cyclej.distributed) generated it; 0 alone.
+        # Which of N data-parallel workers (one per GPU, cyclej.runtime.distributed) generated it; 0 alone.
         "worker": int(os.environ.get("RANK", "0")),
     }
     (out / "stats.json").write_text(json.dumps(shard_stats, indent=1), encoding="utf-8")

@@ -1,7 +1,7 @@
 """The `rl` stage (CYCLE-J): reinforcement learning from INTERMEDIATE-3 on cycle consistency and an
-online discriminator (the loop itself is cyclej.rl).
+online discriminator (the loop itself is cyclej.reinforcement.policy_gradient).
 
-1. Load the policy from the `merge` artifact's `model/` (cyclej.modeling.load_model: markers kept,
+1. Load the policy from the `merge` artifact's `model/` (cyclej.models.loading.load_model: markers kept,
    position interpolation re-applied), full weights; optionally a frozen copy as the KL reference.
 2. Source texts and the discriminator's real text: the `data` artifact's train lines of both domains.
 3. Rewards with a positive weight in `rl.rewards`: the embedder (`models.embedder`) for the cosine
@@ -26,25 +26,25 @@ from typing import Any
 
 import torch
 
-from cyclej import engines
 from cyclej.config import PipelineConfig
-from cyclej.discriminator import Discriminator
-from cyclej.distributed import any_rank, barrier, world_size
-from cyclej.embedder import load_embedder
-from cyclej.generate import GenerationBackend, choose_backend, close_backend
-from cyclej.judge import train_judge
-from cyclej.modeling import load_model, marker_token_ids, save_model
-from cyclej.precision import weights_dtype
-from cyclej.progress import Progress
-from cyclej.rl import CycleDiscriminatorReward, RLTrainer
-from cyclej.stages import StageRun
-from cyclej.store import ArtifactRef
-from cyclej.training import CHECKPOINT_PREFIX, checkpoint_name
-from cyclej.training_signal import TRAINING_PLOT, write_training_plot
+from cyclej.evaluation.judge import train_judge
+from cyclej.generation import engines
+from cyclej.generation.backends import GenerationBackend, choose_backend, close_backend
+from cyclej.models.embedder import load_embedder
+from cyclej.models.loading import load_model, marker_token_ids, save_model
+from cyclej.pipeline.registry import StageRun
+from cyclej.reinforcement.discriminator import Discriminator
+from cyclej.reinforcement.policy_gradient import CycleDiscriminatorReward, RLTrainer
+from cyclej.runtime.distributed import any_rank, barrier, world_size
+from cyclej.runtime.progress import Progress
+from cyclej.runtime.store import ArtifactRef
+from cyclej.training.diagnostics import TRAINING_PLOT, write_training_plot
+from cyclej.training.precision import weights_dtype
+from cyclej.training.schedule import CHECKPOINT_PREFIX, checkpoint_name
 
 STAGE = "rl"
 STYLE_JUDGE_LINES = 20_000  # train lines per domain for the style judge that watches the rollouts
-log = logging.getLogger("cyclej.rl")
+log = logging.getLogger("cyclej.reinforcement.policy_gradient")
 
 
 def run_rl(run: StageRun) -> ArtifactRef | None:
@@ -54,10 +54,10 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
         return done
     work = run.workdir
     # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW; the optimizer
-    # keeps fp32 masters, see cyclej.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
+    # keeps fp32 masters, see cyclej.training.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
     dtype = weights_dtype(rcfg.precision, device)
     # On N ranks the policy stays fp32: FSDP2 shards it and the shards are the masters; the bf16 compute
-    # copies are FSDP's per-layer gathers and the rollout copy (cyclej.rl_fsdp, RLTrainer._setup_sharded).
+    # copies are FSDP's per-layer gathers and the rollout copy (cyclej.reinforcement.fsdp, RLTrainer._setup_sharded).
     sharded = world_size() > 1
     if sharded:
         dtype = torch.float32
@@ -154,10 +154,10 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval
     # Saved from the fp32 masters: bf16 weights would round away the updates smaller than half a bf16 step
     # (the card's RL steps are ~1e-8 per weight), i.e. nearly all of RL. The masters become the CPU model
-    # in place (the moments freed first): the host never holds more than training did (cyclej.optim).
+    # in place (the moments freed first): the host never holds more than training did (cyclej.training.optim).
     final = trainer.final_policy()  # on N ranks a collective: the full weights gathered to rank 0
     if not run.is_main:
-        return None  # ranks 1…N-1: their share is done; rank 0 writes and commits (cyclej.stages.rank_worker)
+        return None  # ranks 1…N-1: their share is done; rank 0 writes and commits (cyclej.pipeline.rank_worker)
     assert final is not None
     save_model(final, tokenizer, work / "model")
     if discriminator is not None:
@@ -199,7 +199,7 @@ def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
     expected_tokens = 2 * r.steps * r.prompts_per_step * r.rollouts * r.max_new_tokens
     if choose_backend(r.backend, str(model_dir), expected_tokens) != "vllm":
         return None
-    from cyclej.generate import VllmBackend
+    from cyclej.generation.backends import VllmBackend
 
     v = r.vllm
     # The policy, its optimizer and the discriminator share the GPU with the engine (its own settings:

@@ -1,0 +1,1 @@
+"""The text: corpus lines, the training example formats and the template transfer."""

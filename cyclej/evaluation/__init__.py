@@ -1,0 +1,1 @@
+"""Evaluation: metrics, scorers, the style judge, fluency, the report and its plots."""

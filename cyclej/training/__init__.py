@@ -1,0 +1,1 @@
+"""The LoRA trainer and what it shares with RL: schedule, precision, optimizer, OOM, diagnostics."""
