@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "TOKENIZERS_PARALLELISM": "false", **extra}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
     env.pop("CYCLEJ_FAULT", None)
     env.update({k: v for k, v in extra.items() if k == "CYCLEJ_FAULT"})
     return env
@@ -29,8 +34,14 @@ def timed_cli(*args: str, env: dict[str, str] | None = None, check: bool = True)
     temporary server behind (its child), which would otherwise live on and hold the output pipes."""
     with tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, env=env or cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cyclej.cli", *args],
+            cwd=ROOT,
+            env=env or cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
         code = proc.wait()
         dt = time.perf_counter() - t0
         with contextlib.suppress(ProcessLookupError):

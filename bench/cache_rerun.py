@@ -39,8 +39,9 @@ def flow_runs(preset: str, store: str) -> tuple[float, float, set[str]]:
     state = cyclej_pipeline(config=cfg, return_state=True)
     second = time.perf_counter() - t0
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     return first, second, {r.state.name for r in runs if r.state is not None}
 
 

@@ -59,7 +59,9 @@ def main() -> None:
         store = root / f"store-{backend}"
         sets = [x for stage in GENERATING for x in ("--set", f"{stage}.backend={backend}")]
         started = time.time()
-        seconds, _ = timed_cli("run", "--preset", args.preset, "--storage", str(store), *sets, env=cli_env(**extra))
+        seconds, _ = timed_cli(
+            "run", "--preset", args.preset, "--storage", str(store), *sets, env=cli_env(**extra)
+        )
         results[backend] = (seconds, stage_finish_times(store, started), eval_table(store))
         print(f"{backend}: {seconds / 60:.1f} min", flush=True)
 

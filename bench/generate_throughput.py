@@ -78,8 +78,10 @@ def vllm_vs_transformers(args: argparse.Namespace) -> None:
     builder = PromptBuilder(tokenizer, pc.instruction, pc.system_prompt)
     prompts = [builder.ids(t) for t in corpus_texts(args.prompts, args.max_sentences, args.seed)]
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
-    print(f"model {args.model}: {len(prompts)} paraphrase prompts, {args.max_new_tokens} new tokens, greedy, "
-          f"transformers batch {args.batch_size}, vLLM dtype {vllm_dtype()}, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {len(prompts)} paraphrase prompts, {args.max_new_tokens} new tokens, greedy, "
+        f"transformers batch {args.batch_size}, vLLM dtype {vllm_dtype()}, {torch.get_num_threads()} threads"
+    )
 
     hf = TransformersBackend(model, tokenizer, args.batch_size)
     timed(hf, prompts[: args.batch_size], settings)  # warm-up
@@ -98,9 +100,13 @@ def vllm_vs_transformers(args: argparse.Namespace) -> None:
     engine.close()
     rate = {m: tokens[m] / statistics.median(walls[m]) for m in walls}
     for m in ("transformers", "vllm"):
-        print(f"  {m:>12}: {statistics.median(walls[m]):7.2f} s wall  {tokens[m]:6d} tokens  {rate[m]:8.1f} tokens/s")
+        print(
+            f"  {m:>12}: {statistics.median(walls[m]):7.2f} s wall  {tokens[m]:6d} tokens  {rate[m]:8.1f} tokens/s"
+        )
     same = sum(a == b for a, b in zip(outputs["vllm"], outputs["transformers"], strict=True))
-    print(f"  vLLM engine start ({'eager' if args.eager else 'compiled, cache warm if run before'}): {start:.1f} s")
+    print(
+        f"  vLLM engine start ({'eager' if args.eager else 'compiled, cache warm if run before'}): {start:.1f} s"
+    )
     print(f"  identical greedy outputs: {same}/{len(prompts)}")
     saved_per_token = 1 / rate["transformers"] - 1 / rate["vllm"]
     print(f"ratio vLLM/transformers tokens/s after engine start: {rate['vllm'] / rate['transformers']:.2f}x")

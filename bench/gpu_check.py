@@ -47,9 +47,19 @@ if str(ROOT) not in sys.path:  # run from a plain checkout (no `pip install -e .
     sys.path.insert(0, str(ROOT))
 
 # What the project code this check runs imports beyond torch/transformers/peft (module name: wheel name).
-NEEDED = {"pydantic": "pydantic", "yaml": "PyYAML", "fsspec": "fsspec", "rouge_score": "rouge-score",
-          "nltk": "nltk", "sacrebleu": "sacrebleu", "safetensors": "safetensors", "peft": "peft",
-          "transformers": "transformers", "numpy": "numpy", "tqdm": "tqdm"}
+NEEDED = {
+    "pydantic": "pydantic",
+    "yaml": "PyYAML",
+    "fsspec": "fsspec",
+    "rouge_score": "rouge-score",
+    "nltk": "nltk",
+    "sacrebleu": "sacrebleu",
+    "safetensors": "safetensors",
+    "peft": "peft",
+    "transformers": "transformers",
+    "numpy": "numpy",
+    "tqdm": "tqdm",
+}
 GiB = 2**30
 MARKERS = ["<|A|>", "<|B|>"]
 
@@ -70,8 +80,10 @@ class Report:
 
     def add(self, section: str, check: str, measured: str, expected: str = "", verdict: str = "info") -> None:
         self.rows.append(Row(section, check, measured, expected, verdict))
-        print(f"[{verdict}] {section}: {check}: {measured}" + (f" (expected {expected})" if expected else ""),
-              flush=True)
+        print(
+            f"[{verdict}] {section}: {check}: {measured}" + (f" (expected {expected})" if expected else ""),
+            flush=True,
+        )
 
     @property
     def failed(self) -> bool:
@@ -79,8 +91,9 @@ class Report:
 
     def markdown(self) -> str:
         head = "| section | check | measured | expected / predicted | verdict |\n|---|---|---|---|---|\n"
-        return head + "".join(f"| {r.section} | {r.check} | {r.measured} | {r.expected} | {r.verdict} |\n"
-                              for r in self.rows)
+        return head + "".join(
+            f"| {r.section} | {r.check} | {r.measured} | {r.expected} | {r.verdict} |\n" for r in self.rows
+        )
 
 
 def block_imports(names: set[str]) -> None:
@@ -106,10 +119,30 @@ class Sizes:
     steps: int
 
 
-REAL = Sizes(hidden=4096, heads=16, rotary=64, layers=2, vocab=50400, seq_len=4096, rl_prompts=4, rl_rollouts=8,
-             rl_new_tokens=48, steps=3)
-TINY = Sizes(hidden=64, heads=4, rotary=16, layers=2, vocab=1024, seq_len=64, rl_prompts=2, rl_rollouts=4,
-             rl_new_tokens=8, steps=3)
+REAL = Sizes(
+    hidden=4096,
+    heads=16,
+    rotary=64,
+    layers=2,
+    vocab=50400,
+    seq_len=4096,
+    rl_prompts=4,
+    rl_rollouts=8,
+    rl_new_tokens=48,
+    steps=3,
+)
+TINY = Sizes(
+    hidden=64,
+    heads=4,
+    rotary=16,
+    layers=2,
+    vocab=1024,
+    seq_len=64,
+    rl_prompts=2,
+    rl_rollouts=4,
+    rl_new_tokens=8,
+    steps=3,
+)
 
 
 def build_model(sizes: Sizes, folder: Path) -> None:
@@ -120,9 +153,17 @@ def build_model(sizes: Sizes, folder: Path) -> None:
 
     from cyclej.models.catalog import tiny_tokenizer_dir
 
-    cfg = GPTJConfig(vocab_size=sizes.vocab, n_positions=max(4096, sizes.seq_len), n_embd=sizes.hidden,
-                     n_layer=sizes.layers, n_head=sizes.heads, rotary_dim=sizes.rotary, bos_token_id=0,
-                     eos_token_id=0, tie_word_embeddings=False)
+    cfg = GPTJConfig(
+        vocab_size=sizes.vocab,
+        n_positions=max(4096, sizes.seq_len),
+        n_embd=sizes.hidden,
+        n_layer=sizes.layers,
+        n_head=sizes.heads,
+        rotary_dim=sizes.rotary,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # built on the GPU: initializing 800M parameters on a CPU takes a minute
@@ -160,16 +201,28 @@ def _gib(n: float) -> str:
 
 
 # ---- the LoRA trainer ------------------------------------------------------------------------------------
-def lora_config(sizes: Sizes, micro_batch: int, batch: int, steps: int, checkpointing: bool | None,
-                every: int = 1000) -> Any:
+def lora_config(
+    sizes: Sizes, micro_batch: int, batch: int, steps: int, checkpointing: bool | None, every: int = 1000
+) -> Any:
     from cyclej.config import TrainConfig
 
     extra: dict[str, Any] = {}
     if checkpointing is not None:
         extra["gradient_checkpointing"] = checkpointing
-    return TrainConfig(batch_size=batch, micro_batch_size=micro_batch, max_steps=steps, seq_len=sizes.seq_len,
-                       precision="bf16", lr=1e-4, warmup_ratio=0.0, eval_batches=1, eval_every_steps=1000,
-                       checkpoint_every_steps=every, checkpoint_every_minutes=1e6, **extra)
+    return TrainConfig(
+        batch_size=batch,
+        micro_batch_size=micro_batch,
+        max_steps=steps,
+        seq_len=sizes.seq_len,
+        precision="bf16",
+        lr=1e-4,
+        warmup_ratio=0.0,
+        eval_batches=1,
+        eval_every_steps=1000,
+        checkpoint_every_steps=every,
+        checkpoint_every_minutes=1e6,
+        **extra,
+    )
 
 
 def examples(sizes: Sizes, n: int) -> list[Any]:
@@ -199,9 +252,17 @@ def run_lora(folder: Path, sizes: Sizes, tcfg: Any, store_root: Path, stage: str
     store = ArtifactStore(str(store_root))
     _peak_reset()
     try:
-        result = train(model, train_examples=examples(sizes, 2 * tcfg.batch_size), tcfg=tcfg, store=store,
-                       stage=stage, fp="0" * 16, tokenizer=tok, marker_ids=ids,
-                       metrics_path=store_root / f"{stage}.jsonl")
+        result = train(
+            model,
+            train_examples=examples(sizes, 2 * tcfg.batch_size),
+            tcfg=tcfg,
+            store=store,
+            stage=stage,
+            fp="0" * 16,
+            tokenizer=tok,
+            marker_ids=ids,
+            metrics_path=store_root / f"{stage}.jsonl",
+        )
         peak = _peak()
         state = {k: v.detach().float().cpu().clone() for k, v in result.trainable_state.items()}
         return result.metrics, peak, state, _train_losses(store_root / f"{stage}.jsonl")
@@ -230,8 +291,9 @@ def predicted_lora(folder: Path, tcfg: Any, micro_batch: int) -> float | None:
     return float(sum(memory.values()))
 
 
-def _ratio_row(report: Report, section: str, check: str, measured: float, predicted: float | None,
-               on_gpu: bool) -> None:
+def _ratio_row(
+    report: Report, section: str, check: str, measured: float, predicted: float | None, on_gpu: bool
+) -> None:
     if not on_gpu:
         report.add(section, check, "n/a on CPU", f"plan {_gib(predicted)}" if predicted else "", "skip")
         return
@@ -254,31 +316,61 @@ def check_lora(report: Report, folder: Path, sizes: Sizes, work: Path, device: A
     losses: dict[bool, list[float]] = {}
     for checkpointing in (False, True):
         if checkpointing and not has_gc:
-            report.add(section, "gradient checkpointing", "no gradient_checkpointing option in TrainConfig",
-                       "an option that saves activation memory", "FAIL")
+            report.add(
+                section,
+                "gradient checkpointing",
+                "no gradient_checkpointing option in TrainConfig",
+                "an option that saves activation memory",
+                "FAIL",
+            )
             break
         tcfg = lora_config(sizes, 1, 2, sizes.steps, checkpointing if has_gc else None)
-        metrics, peak, _, loss = run_lora(folder, sizes, tcfg, work / f"lora-gc{int(checkpointing)}",
-                                          f"gpu_check_lora_gc{int(checkpointing)}", device)
+        metrics, peak, _, loss = run_lora(
+            folder,
+            sizes,
+            tcfg,
+            work / f"lora-gc{int(checkpointing)}",
+            f"gpu_check_lora_gc{int(checkpointing)}",
+            device,
+        )
         peaks[checkpointing], losses[checkpointing] = peak, loss
         label = "checkpointing on" if checkpointing else "checkpointing off"
-        _ratio_row(report, section, f"peak GPU memory, micro-batch 1, {label}", peak,
-                   predicted_lora(folder, tcfg, 1), on_gpu)
+        _ratio_row(
+            report,
+            section,
+            f"peak GPU memory, micro-batch 1, {label}",
+            peak,
+            predicted_lora(folder, tcfg, 1),
+            on_gpu,
+        )
         report.add(section, f"tokens/s, {label}", f"{metrics['tokens_per_s']:.0f}")
     if True in peaks:
         if on_gpu:
             saving = 1 - peaks[True] / peaks[False]
-            report.add(section, "gradient checkpointing's memory saving", f"{100 * saving:.0f}% of the peak",
-                       "> 0", "ok" if saving > 0 else "FAIL")
-        diff = max((abs(a - b) for a, b in zip(losses[False], losses[True], strict=True)), default=float("nan"))
+            report.add(
+                section,
+                "gradient checkpointing's memory saving",
+                f"{100 * saving:.0f}% of the peak",
+                "> 0",
+                "ok" if saving > 0 else "FAIL",
+            )
+        diff = max(
+            (abs(a - b) for a, b in zip(losses[False], losses[True], strict=True)), default=float("nan")
+        )
         tol = 2e-2  # bf16 compute: recomputation may reorder a reduction
-        report.add(section, "gradient checkpointing changes no loss", f"max |Δloss| {diff:.2e} over "
-                   f"{len(losses[True])} steps", f"≤ {tol}", "ok" if diff <= tol else "FAIL")
+        report.add(
+            section,
+            "gradient checkpointing changes no loss",
+            f"max |Δloss| {diff:.2e} over {len(losses[True])} steps",
+            f"≤ {tol}",
+            "ok" if diff <= tol else "FAIL",
+        )
     return peaks.get(False, 0.0)
 
 
-def check_oom(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any, on_gpu: bool,
-              peak_mb1: float) -> None:
+def check_oom(
+    report: Report, folder: Path, sizes: Sizes, work: Path, device: Any, on_gpu: bool, peak_mb1: float
+) -> None:
     """Micro-batch 4 where memory for about one sequence is free: the trainer must halve and finish."""
     import torch
 
@@ -312,8 +404,13 @@ def check_oom(report: Report, folder: Path, sizes: Sizes, work: Path, device: An
     try:
         metrics, _, _, _ = run_lora(folder, sizes, tcfg, work / "oom", stage, device)
     except Exception as exc:  # noqa: BLE001 - the row says what went wrong
-        report.add(section, f"micro-batch {batch} under memory pressure ({how})", f"failed: {str(exc)[:120]}",
-                   "halves and finishes", "FAIL")
+        report.add(
+            section,
+            f"micro-batch {batch} under memory pressure ({how})",
+            f"failed: {str(exc)[:120]}",
+            "halves and finishes",
+            "FAIL",
+        )
         return
     finally:
         os.environ.pop("CYCLEJ_FAULT", None)
@@ -321,10 +418,14 @@ def check_oom(report: Report, folder: Path, sizes: Sizes, work: Path, device: An
         _free()
     halved = metrics["oom_events"] >= 1 and metrics["micro_batch_size"] < batch
     same_batch = metrics["effective_batch"] == batch and metrics["steps"] == tcfg.max_steps
-    report.add(section, f"micro-batch {batch} under memory pressure ({how})",
-               f"{metrics['oom_events']} OOM(s), micro-batch {batch} → {metrics['micro_batch_size']}, "
-               f"{metrics['steps']} steps at effective batch {metrics['effective_batch']}",
-               f"halves, {tcfg.max_steps} steps at effective batch {batch}", "ok" if halved and same_batch else "FAIL")
+    report.add(
+        section,
+        f"micro-batch {batch} under memory pressure ({how})",
+        f"{metrics['oom_events']} OOM(s), micro-batch {batch} → {metrics['micro_batch_size']}, "
+        f"{metrics['steps']} steps at effective batch {metrics['effective_batch']}",
+        f"halves, {tcfg.max_steps} steps at effective batch {batch}",
+        "ok" if halved and same_batch else "FAIL",
+    )
 
 
 def check_lora_resume(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any) -> None:
@@ -347,9 +448,13 @@ def check_lora_resume(report: Report, folder: Path, sizes: Sizes, work: Path, de
     scale = max(float(v.abs().max()) for v in straight.values())
     ok = metrics["resumed_from"] == ["step-00000002"] and diff <= 1e-6 * max(scale, 1.0)
     same = "bit-identical" if diff == 0 else f"max |Δ| {diff:.1e} (scale {scale:.2f})"
-    report.add(section, "stopped at step 3, resumed from step 2, vs never stopped",
-               f"resumed from {metrics['resumed_from']}; adapters {same}", "resumed from step 2, equal",
-               "ok" if ok else "FAIL")
+    report.add(
+        section,
+        "stopped at step 3, resumed from step 2, vs never stopped",
+        f"resumed from {metrics['resumed_from']}; adapters {same}",
+        "resumed from step 2, equal",
+        "ok" if ok else "FAIL",
+    )
 
 
 # ---- the RL trainer ----------------------------------------------------------------------------------------
@@ -359,17 +464,36 @@ def rl_config(sizes: Sizes, lr: float, checkpointing: bool | None, offload: bool
     extra: dict[str, Any] = {}
     if checkpointing is not None:
         extra["gradient_checkpointing"] = checkpointing
-    return RLConfig(steps=2, prompts_per_step=sizes.rl_prompts, rollouts=sizes.rl_rollouts, rollout_micro_batch=1,
-                    lr=lr, warmup_ratio=0.0, max_grad_norm=1.0, max_new_tokens=sizes.rl_new_tokens,
-                    backend="transformers", precision="bf16", optimizer_offload=offload,
-                    rewards={"embedding": 0.0, "rouge": 1.0, "bleu": 1.0, "discriminator": 0.0}, **extra)
+    return RLConfig(
+        steps=2,
+        prompts_per_step=sizes.rl_prompts,
+        rollouts=sizes.rl_rollouts,
+        rollout_micro_batch=1,
+        lr=lr,
+        warmup_ratio=0.0,
+        max_grad_norm=1.0,
+        max_new_tokens=sizes.rl_new_tokens,
+        backend="transformers",
+        precision="bf16",
+        optimizer_offload=offload,
+        rewards={"embedding": 0.0, "rouge": 1.0, "bleu": 1.0, "discriminator": 0.0},
+        **extra,
+    )
 
 
 SOURCES = {
-    "a": ["the food was cold and the waiter ignored us", "terrible service , never again",
-          "the soup was bland and overpriced", "we waited an hour for a table"],
-    "b": ["great food and a lovely staff", "best pasta in town , we will come back",
-          "the dessert was perfect", "friendly people and quick service"],
+    "a": [
+        "the food was cold and the waiter ignored us",
+        "terrible service , never again",
+        "the soup was bland and overpriced",
+        "we waited an hour for a table",
+    ],
+    "b": [
+        "great food and a lovely staff",
+        "best pasta in town , we will come back",
+        "the dessert was perfect",
+        "friendly people and quick service",
+    ],
 }
 
 
@@ -395,8 +519,16 @@ def make_rl_trainer(folder: Path, rcfg: Any, device: Any) -> Any:
         spread = [sum(t % 2 == 0 for t in c) / max(1, len(c)) for c in ro.completion_ids]
         return {**cycle(ro), "spread": spread}
 
-    trainer = RLTrainer(rcfg, policy, tok, {"a": ida, "b": idb}, SOURCES, reward, weights,
-                        back_translate=cycle.needs_back_translation)
+    trainer = RLTrainer(
+        rcfg,
+        policy,
+        tok,
+        {"a": ida, "b": idb},
+        SOURCES,
+        reward,
+        weights,
+        back_translate=cycle.needs_back_translation,
+    )
     trainer.optimizer.set_masters(exact)
     return trainer
 
@@ -409,10 +541,19 @@ def predicted_rl(folder: Path, rcfg: Any) -> float | None:
 
     try:
         cfg = load_config(preset="gptj")
-        cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"base": str(folder)}), "rl": rcfg,
-                                     "data": cfg.data.model_copy(update={"max_tokens": 16})})
-        card = float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 80 * GiB
-        return float(sum(plan._rl_memory(cfg, rcfg.rollout_micro_batch, rcfg.optimizer_offload, card).values()))
+        cfg = cfg.model_copy(
+            update={
+                "models": cfg.models.model_copy(update={"base": str(folder)}),
+                "rl": rcfg,
+                "data": cfg.data.model_copy(update={"max_tokens": 16}),
+            }
+        )
+        card = (
+            float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 80 * GiB
+        )
+        return float(
+            sum(plan._rl_memory(cfg, rcfg.rollout_micro_batch, rcfg.optimizer_offload, card).values())
+        )
     except Exception as exc:  # noqa: BLE001 - reported as a row
         print(f"  (plan prediction failed: {exc})", flush=True)
         return None
@@ -433,7 +574,9 @@ def check_masters(report: Report, sizes: Sizes, device: Any) -> None:
     from cyclej.training.optim import MasterAdamW
 
     g = torch.Generator().manual_seed(0)
-    weight = (torch.randn(sizes.hidden, sizes.hidden, generator=g) * 0.02).to(device=device, dtype=torch.bfloat16)
+    weight = (torch.randn(sizes.hidden, sizes.hidden, generator=g) * 0.02).to(
+        device=device, dtype=torch.bfloat16
+    )
     param = torch.nn.Parameter(weight)
     opt = MasterAdamW([param], lr=1e-8, betas=(0.9, 0.95), eps=1e-6, state_device="cpu")
     param.grad = torch.randn(param.shape, generator=g).to(device=device, dtype=torch.bfloat16)
@@ -444,9 +587,14 @@ def check_masters(report: Report, sizes: Sizes, device: Any) -> None:
     moved = float((delta > 0).float().mean())
     unchanged = float((param.detach() == before).float().mean())
     ok = moved > 0.99 and 0.5e-8 <= float(delta.median()) <= 2e-8 and unchanged > 0.99
-    report.add("bf16 + fp32 masters", f"MasterAdamW, a 1e-8 step on a {sizes.hidden}² bf16 weight (state in CPU RAM)",
-               f"masters moved {100 * moved:.1f}% (median {float(delta.median()):.1e}); bf16 weights unchanged "
-               f"{100 * unchanged:.1f}%", "masters ~100% moved by ~1e-8, bf16 ~100% unchanged", "ok" if ok else "FAIL")
+    report.add(
+        "bf16 + fp32 masters",
+        f"MasterAdamW, a 1e-8 step on a {sizes.hidden}² bf16 weight (state in CPU RAM)",
+        f"masters moved {100 * moved:.1f}% (median {float(delta.median()):.1e}); bf16 weights unchanged "
+        f"{100 * unchanged:.1f}%",
+        "masters ~100% moved by ~1e-8, bf16 ~100% unchanged",
+        "ok" if ok else "FAIL",
+    )
 
 
 def _masters(trainer: Any) -> dict[Any, Any]:
@@ -463,8 +611,13 @@ def check_rl(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any
     section = "RL (full weights, MasterAdamW, optimizer offloaded)"
     has_gc = "gradient_checkpointing" in RLConfig.model_fields
     if not has_gc:
-        report.add(section, "gradient checkpointing", "no gradient_checkpointing option in RLConfig",
-                   "an option that saves activation memory", "FAIL")
+        report.add(
+            section,
+            "gradient checkpointing",
+            "no gradient_checkpointing option in RLConfig",
+            "an option that saves activation memory",
+            "FAIL",
+        )
     # 1. a 1e-8 step: the masters move, the bf16 copies (mostly) do not.
     rcfg = rl_config(sizes, 1e-8, True if has_gc else None, offload=True)
     trainer = make_rl_trainer(folder, rcfg, device)
@@ -480,28 +633,47 @@ def check_rl(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any
     moved = [(masters[p] - b).abs().float() for p, b in zip(watched, before_m, strict=True)]
     share_moved = sum(float((d > 0).float().sum()) for d in moved) / sum(d.numel() for d in moved)
     median = float(torch.cat([d.flatten() for d in moved]).median())
-    bf16_changed = sum(float((p.detach() != b).float().sum()) for p, b in zip(watched, before_w, strict=True)) / sum(
-        b.numel() for b in before_w)
+    bf16_changed = sum(
+        float((p.detach() != b).float().sum()) for p, b in zip(watched, before_w, strict=True)
+    ) / sum(b.numel() for b in before_w)
     compute = "bf16" if watched[0].dtype == torch.bfloat16 else str(watched[0].dtype).replace("torch.", "")
     ok = share_moved > 0.99 and 0.3e-8 <= median <= 3e-8 and (compute != "bf16" or bf16_changed < 0.05)
-    report.add(section, f"a 1e-8 step ({compute} weights, fp32 masters)",
-               f"masters moved: {100 * share_moved:.1f}%, median |Δ| {median:.1e}; {compute} copies changed: "
-               f"{100 * bf16_changed:.2f}%", "masters ~100% moved by ~1e-8; bf16 copies ~unchanged",
-               "ok" if ok else "FAIL")
-    _ratio_row(report, section, "peak GPU memory, one group per chunk", peak, predicted_rl(folder, rcfg), on_gpu)
+    report.add(
+        section,
+        f"a 1e-8 step ({compute} weights, fp32 masters)",
+        f"masters moved: {100 * share_moved:.1f}%, median |Δ| {median:.1e}; {compute} copies changed: "
+        f"{100 * bf16_changed:.2f}%",
+        "masters ~100% moved by ~1e-8; bf16 copies ~unchanged",
+        "ok" if ok else "FAIL",
+    )
+    _ratio_row(
+        report, section, "peak GPU memory, one group per chunk", peak, predicted_rl(folder, rcfg), on_gpu
+    )
     rollout_tokens = m["completion_tokens/mean"] * sizes.rl_prompts * sizes.rl_rollouts
-    report.add(section, "rollout tokens/s (transformers backend; vLLM skipped)",
-               f"{rollout_tokens / max(m['seconds/rollout'], 1e-9):.0f}")
-    report.add(section, "seconds per RL step (rollouts, back-translation, rewards, backward, offloaded AdamW)",
-               f"{step_s:.2f} s", f"{sizes.rl_prompts} prompts × {sizes.rl_rollouts} rollouts")
+    report.add(
+        section,
+        "rollout tokens/s (transformers backend; vLLM skipped)",
+        f"{rollout_tokens / max(m['seconds/rollout'], 1e-9):.0f}",
+    )
+    report.add(
+        section,
+        "seconds per RL step (rollouts, back-translation, rewards, backward, offloaded AdamW)",
+        f"{step_s:.2f} s",
+        f"{sizes.rl_prompts} prompts × {sizes.rl_rollouts} rollouts",
+    )
 
     # 2. checkpoint: save after step 1, step 2 straight; a fresh trainer loads the checkpoint and steps 2.
     ckpt = work / "rl-ckpt"
     trainer.save_state(ckpt)
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     n_params = sum(p.numel() for p in trainer.policy.parameters())
-    report.add(section, "checkpoint size", f"{size / n_params:.1f} bytes/parameter ({_gib(size)})",
-               "≈ 12 (fp32 masters + 2 moments; bf16 weights derived)", "ok" if size / n_params < 13 else "finding")
+    report.add(
+        section,
+        "checkpoint size",
+        f"{size / n_params:.1f} bytes/parameter ({_gib(size)})",
+        "≈ 12 (fp32 masters + 2 moments; bf16 weights derived)",
+        "ok" if size / n_params < 13 else "finding",
+    )
     trainer.step()
     straight = [_masters(trainer)[p].detach().clone() for p in _sample_params(trainer)]
     del trainer, masters, watched, before_m, before_w, moved
@@ -513,9 +685,13 @@ def check_rl(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any
     resumed = [_masters(fresh)[p].detach() for p in _sample_params(fresh)]
     diff = max(float((a - b).abs().max()) for a, b in zip(straight, resumed, strict=True))
     same = "bit-identical" if diff == 0 else f"max |Δ| {diff:.1e}"
-    report.add(section, "resumed from the step-1 checkpoint, step 2 vs never stopped",
-               f"loaded step {loaded_step}; masters after step 2 {same}", "equal (≤ 1e-6)",
-               "ok" if loaded_step == 1 and diff <= 1e-6 else "FAIL")
+    report.add(
+        section,
+        "resumed from the step-1 checkpoint, step 2 vs never stopped",
+        f"loaded step {loaded_step}; masters after step 2 {same}",
+        "equal (≤ 1e-6)",
+        "ok" if loaded_step == 1 and diff <= 1e-6 else "FAIL",
+    )
     del fresh
     _free()
 
@@ -538,8 +714,13 @@ def check_multi_gpu(report: Report, folder: Path, work: Path, device: Any, dry_r
     n = 2 if dry_run else torch.cuda.device_count()
     section = f"multi-GPU ({n} ranks, domain_train under torchrun)"
     if n < 2:
-        report.add("multi-GPU", "data-parallel LoRA stage", f"{n} GPU here", "≥ 2 GPUs (a pod: gpu_count > 1)",
-                   "skip")
+        report.add(
+            "multi-GPU",
+            "data-parallel LoRA stage",
+            f"{n} GPU here",
+            "≥ 2 GPUs (a pod: gpu_count > 1)",
+            "skip",
+        )
         return
     kind = "cpu" if dry_run else "cuda"
     results: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -551,15 +732,26 @@ def check_multi_gpu(report: Report, folder: Path, work: Path, device: Any, dry_r
         cfg = stage_config(root, str(folder), ranks, steps=3, device=kind, precision="fp32")
         ref = run_stage("domain_train", cfg, refs, store, Progress(show_bar=False))
         out = store.fetch(ref)
-        results[ranks] = (json.loads((out / "metrics.json").read_text()),
-                          load_file(str(out / "adapter" / "adapter_model.safetensors")))
+        results[ranks] = (
+            json.loads((out / "metrics.json").read_text()),
+            load_file(str(out / "adapter" / "adapter_model.safetensors")),
+        )
     (m1, a1), (mn, an) = results[1], results[n]
     diff = max(float((a1[k].float() - an[k].float()).abs().max()) for k in a1)
-    report.add(section, f"adapter on {n} ranks vs 1 rank", f"max |Δ| {diff:.2e}", "≤ 1e-4",
-               "ok" if diff <= 1e-4 and mn["world_size"] == n else "FAIL")
+    report.add(
+        section,
+        f"adapter on {n} ranks vs 1 rank",
+        f"max |Δ| {diff:.2e}",
+        "≤ 1e-4",
+        "ok" if diff <= 1e-4 and mn["world_size"] == n else "FAIL",
+    )
     ratio = mn["tokens_per_s"] / m1["tokens_per_s"]
-    report.add(section, "tokens/s, N ranks / 1 rank", f"{ratio:.2f}× ({mn['tokens_per_s']:.0f} vs "
-               f"{m1['tokens_per_s']:.0f})", f"near {n}× on {n} GPUs" + ("; below on shared CPU cores" if dry_run else ""))
+    report.add(
+        section,
+        "tokens/s, N ranks / 1 rank",
+        f"{ratio:.2f}× ({mn['tokens_per_s']:.0f} vs {m1['tokens_per_s']:.0f})",
+        f"near {n}× on {n} GPUs" + ("; below on shared CPU cores" if dry_run else ""),
+    )
 
 
 def environment(report: Report) -> Any:
@@ -572,22 +764,39 @@ def environment(report: Report) -> Any:
         with contextlib.suppress(Exception):
             import subprocess
 
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=20).stdout.strip() or driver
-        report.add("environment", "device", f"{props.name}, {_gib(props.total_memory)}, driver {driver}, "
-                   f"bf16 {torch.cuda.is_bf16_supported()}")
+            driver = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                ).stdout.strip()
+                or driver
+            )
+        report.add(
+            "environment",
+            "device",
+            f"{props.name}, {_gib(props.total_memory)}, driver {driver}, "
+            f"bf16 {torch.cuda.is_bf16_supported()}",
+        )
         device = torch.device("cuda")
     else:
         report.add("environment", "device", "CPU (no CUDA)")
         device = torch.device("cpu")
-    report.add("environment", "stack", f"torch {torch.__version__} (CUDA build {torch.version.cuda}), "
-               f"transformers {transformers.__version__}, python {sys.version.split()[0]}")
+    report.add(
+        "environment",
+        "stack",
+        f"torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+        f"transformers {transformers.__version__}, python {sys.version.split()[0]}",
+    )
     return device
 
 
 def skipped(report: Report) -> None:
-    for module, what in (("vllm", "paraphrase, vLLM rollouts and eval through a vLLM engine"),
-                         ("prefect", "the pipeline as a Prefect flow run (tasks, caching, retries)")):
+    for module, what in (
+        ("vllm", "paraphrase, vLLM rollouts and eval through a vLLM engine"),
+        ("prefect", "the pipeline as a Prefect flow run (tasks, caching, retries)"),
+    ):
         present = importlib.util.find_spec(module) is not None
         why = "not part of this check (see bench/README.md)" if present else f"{module} is not installed"
         report.add("skipped", what, why, "", "skip")
@@ -606,8 +815,11 @@ def main(argv: list[str] | None = None) -> int:
     block_imports(blocked)
     missing = [wheel for module, wheel in NEEDED.items() if importlib.util.find_spec(module) is None]
     if missing:
-        print(f"gpu_check: missing packages: {', '.join(missing)}; on a machine without a registry carry "
-              "them as wheels (bench/README.md, 'GPU check')", file=sys.stderr)
+        print(
+            f"gpu_check: missing packages: {', '.join(missing)}; on a machine without a registry carry "
+            "them as wheels (bench/README.md, 'GPU check')",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -615,8 +827,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = TINY if args.dry_run else REAL
     if args.layers or args.seq_len:
-        sizes = Sizes(**{**sizes.__dict__, "layers": args.layers or sizes.layers,
-                         "seq_len": args.seq_len or sizes.seq_len})
+        sizes = Sizes(
+            **{
+                **sizes.__dict__,
+                "layers": args.layers or sizes.layers,
+                "seq_len": args.seq_len or sizes.seq_len,
+            }
+        )
     report = Report()
     device = environment(report)
     if args.dry_run:
@@ -633,8 +850,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         build_model(sizes, folder)
         n_params = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // 4
-        report.add("model", "GPT-J architecture", f"{sizes.layers} layers × {sizes.hidden} hidden, {sizes.heads} heads,"
-                   f" vocab {sizes.vocab}: {n_params / 1e6:.1f}M parameters (built in {time.perf_counter() - t0:.0f} s)")
+        report.add(
+            "model",
+            "GPT-J architecture",
+            f"{sizes.layers} layers × {sizes.hidden} hidden, {sizes.heads} heads,"
+            f" vocab {sizes.vocab}: {n_params / 1e6:.1f}M parameters (built in {time.perf_counter() - t0:.0f} s)",
+        )
         sections = [
             ("lora", lambda: check_lora(report, folder, sizes, work, device, on_gpu)),
             ("oom", None),
@@ -657,19 +878,30 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     fn()  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - one section's failure is a row; the rest still run
-                report.add(name, "section", f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
-                           "", "FAIL")
+                report.add(
+                    name,
+                    "section",
+                    f"crashed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
+                    "",
+                    "FAIL",
+                )
             print(f"  ({name}: {time.perf_counter() - t1:.0f} s)", flush=True)
         skipped(report)
-    report.add("total", "wall time", f"{time.monotonic() - started:.0f} s", "≤ 480 s",
-               "ok" if time.monotonic() - started <= 480 else "finding")
+    report.add(
+        "total",
+        "wall time",
+        f"{time.monotonic() - started:.0f} s",
+        "≤ 480 s",
+        "ok" if time.monotonic() - started <= 480 else "finding",
+    )
     table = report.markdown()
     print("\n" + table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.md").write_text(table, encoding="utf-8")
-        (args.out / "gpu_check.json").write_text(json.dumps([r.__dict__ for r in report.rows], indent=1),
-                                                 encoding="utf-8")
+        (args.out / "gpu_check.json").write_text(
+            json.dumps([r.__dict__ for r in report.rows], indent=1), encoding="utf-8"
+        )
     return 1 if report.failed else 0
 
 

@@ -40,8 +40,15 @@ KILL_PAIRS: tuple[tuple[str, str], ...] = (
 )
 # Files whose bytes legitimately differ between identical runs: timings (metrics, paraphrase stats.json's
 # tokens/s), absolute paths (peft's adapter_config.json), creation times (manifests), image metadata.
-VOLATILE_NAMES = {"MANIFEST.json", "metrics.json", "metrics.jsonl", "stats.json", "README.md",
-                  "adapter_config.json", "model_card.md"}
+VOLATILE_NAMES = {
+    "MANIFEST.json",
+    "metrics.json",
+    "metrics.jsonl",
+    "stats.json",
+    "README.md",
+    "adapter_config.json",
+    "model_card.md",
+}
 VOLATILE_SUFFIXES = {".png"}
 WORKER_TIMEOUT_S = 900
 
@@ -51,18 +58,28 @@ def content_digest(artifact: Path) -> dict[str, str]:
     out = {}
     for f in sorted(artifact.rglob("*")):
         rel = f.relative_to(artifact)
-        if not f.is_file() or rel.parts[0] == "checkpoints" or f.name in VOLATILE_NAMES \
-                or f.suffix in VOLATILE_SUFFIXES:
+        if (
+            not f.is_file()
+            or rel.parts[0] == "checkpoints"
+            or f.name in VOLATILE_NAMES
+            or f.suffix in VOLATILE_SUFFIXES
+        ):
             continue
         out[rel.as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
 
-def run_stages(store: Path, until: str, *, preset: str = "tiny", threads: int | None = None,
-               fault: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_stages(
+    store: Path, until: str, *, preset: str = "tiny", threads: int | None = None, fault: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """One attempt: a fresh process runs the pipeline up to `until` on `store` (committed stages are
     reused, an interrupted one resumes). `fault` is a CYCLEJ_FAULT spec."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     env.pop("CYCLEJ_FAULT", None)
     if fault:
         env["CYCLEJ_FAULT"] = fault
@@ -122,15 +139,23 @@ class DrillResult:
         return self.killed_rc == -9 and not self.error and all(self.identical.values())
 
 
-def drill(reference: Path, work: Path, killed: str, step: int, following: str, *, preset: str = "tiny",
-          threads: int | None = None) -> DrillResult:
+def drill(
+    reference: Path,
+    work: Path,
+    killed: str,
+    step: int,
+    following: str,
+    *,
+    preset: str = "tiny",
+    threads: int | None = None,
+) -> DrillResult:
     """Kill `killed` at `step`, re-run through `following`, compare both with `reference`."""
     from cyclej.config import STAGES
 
     t0 = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for stage in STAGES[:STAGES.index(killed)]:  # what a retry finds committed
+    for stage in STAGES[: STAGES.index(killed)]:  # what a retry finds committed
         shutil.copytree(reference / stage, work / stage)
     dead = run_stages(work, following, preset=preset, threads=threads, fault=f"{killed}:{step}:kill")
     result = DrillResult(killed, step, following, dead.returncode, {}, 0.0)
@@ -142,8 +167,9 @@ def drill(reference: Path, work: Path, killed: str, step: int, following: str, *
             result.error = f"the resumed run failed (exit {resumed.returncode}): {resumed.stderr[-1500:]}"
         else:
             for stage in (killed, following):
-                result.identical[stage] = (content_digest(committed_dir(work, stage))
-                                           == content_digest(committed_dir(reference, stage)))
+                result.identical[stage] = content_digest(committed_dir(work, stage)) == content_digest(
+                    committed_dir(reference, stage)
+                )
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -160,8 +186,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random kill steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--pairs", default=",".join(k for k, _ in KILL_PAIRS),
-                    help="killed stages to drill (comma-separated), default all")
+    ap.add_argument(
+        "--pairs",
+        default=",".join(k for k, _ in KILL_PAIRS),
+        help="killed stages to drill (comma-separated), default all",
+    )
     args = ap.parse_args()
     chosen = [p for p in KILL_PAIRS if p[0] in args.pairs.split(",")]
     rng = random.Random(args.seed)
@@ -174,12 +203,22 @@ def main() -> None:
         for n in range(args.runs):
             for killed, following in chosen:
                 step = rng.choice(fault_points(reference, killed, args.preset))
-                r = drill(reference, Path(tmp) / "drill", killed, step, following, preset=args.preset,
-                          threads=args.threads)
+                r = drill(
+                    reference,
+                    Path(tmp) / "drill",
+                    killed,
+                    step,
+                    following,
+                    preset=args.preset,
+                    threads=args.threads,
+                )
                 results.append(r)
                 verdict = "bit-identical" if r.ok else (r.error or "DIFFERS: " + json.dumps(r.identical))
-                print(f"[{n + 1}/{args.runs}] kill {killed}:{step:<2d} then {following:12s} {r.seconds:6.1f} s  "
-                      f"{verdict}", flush=True)
+                print(
+                    f"[{n + 1}/{args.runs}] kill {killed}:{step:<2d} then {following:12s} {r.seconds:6.1f} s  "
+                    f"{verdict}",
+                    flush=True,
+                )
     ok = sum(r.ok for r in results)
     print(f"{ok}/{len(results)} kill drills ended bit-identical to the uninterrupted run")
     raise SystemExit(0 if ok == len(results) else 1)

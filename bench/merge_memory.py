@@ -98,8 +98,15 @@ def build(workdir: Path, hidden: int, layers: int, vocab: int, shard: str) -> tu
     base = workdir / "base"
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     tok.add_special_tokens({"additional_special_tokens": MARKERS})
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -113,13 +120,21 @@ def build(workdir: Path, hidden: int, layers: int, vocab: int, shard: str) -> tu
     stages = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=math.sqrt(8), target_modules="all-linear",
-                                                      init_lora_weights=False))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(r=8, lora_alpha=math.sqrt(8), target_modules="all-linear", init_lora_weights=False),
+        )
         stage = workdir / f"stage{seed}"
         peft_model.save_pretrained(stage / "adapter")
         model = peft_model.unload()
-        save_file({"token_ids": ids, "input_embeddings": torch.randn(len(ids), hidden),
-                   "output_embeddings": torch.randn(len(ids), hidden)}, stage / "marker_rows.safetensors")
+        save_file(
+            {
+                "token_ids": ids,
+                "input_embeddings": torch.randn(len(ids), hidden),
+                "output_embeddings": torch.randn(len(ids), hidden),
+            },
+            stage / "marker_rows.safetensors",
+        )
         stages.append(stage)
     return base, stages[0], stages[1]
 
@@ -134,7 +149,9 @@ def materialize(base: Path, stage: Path, out: Path) -> None:
 
 
 def measure(name: str, body: str, args: list[str]) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", _HEADER + body + _FOOTER, *args], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _HEADER + body + _FOOTER, *args], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,7 +175,8 @@ def compare_outputs(workdir: Path, others: list[str]) -> dict[str, float]:
         if missing:
             raise RuntimeError(f"{name}: tensors missing from its output: {sorted(missing)[:5]}")
         result[name] = max(
-            float((ours[k].double() - theirs[k].double()).abs().max() / ours[k].double().abs().max()) for k in ours
+            float((ours[k].double() - theirs[k].double()).abs().max() / ours[k].double().abs().max())
+            for k in ours
         )
     return result
 
@@ -187,34 +205,48 @@ def main() -> None:
     model_mb = sum(p.stat().st_size for p in shards) / 2**20
     largest_mb = max(p.stat().st_size for p in shards) / 2**20
     adapters_mb = sum((s / "adapter" / "adapter_model.safetensors").stat().st_size for s in (sa, sb)) / 2**20
-    print(f"base: {model_mb:.0f} MiB in {len(shards)} shards (largest {largest_mb:.0f} MiB), "
-          f"adapters {adapters_mb:.1f} MiB")
+    print(
+        f"base: {model_mb:.0f} MiB in {len(shards)} shards (largest {largest_mb:.0f} MiB), "
+        f"adapters {adapters_mb:.1f} MiB"
+    )
 
     results: dict[str, dict[str, float]] = {}
-    results["cyclej streaming"] = measure("cyclej", CYCLEJ, [str(base), str(sa), str(sb), str(workdir / "out_cyclej")])
-    results["naive two-model"] = measure("naive", NAIVE, [str(base), str(sa), str(sb), str(workdir / "out_naive")])
+    results["cyclej streaming"] = measure(
+        "cyclej", CYCLEJ, [str(base), str(sa), str(sb), str(workdir / "out_cyclej")]
+    )
+    results["naive two-model"] = measure(
+        "naive", NAIVE, [str(base), str(sa), str(sb), str(workdir / "out_naive")]
+    )
     if mergekit_available():
         t0 = time.monotonic()
         materialize(base, sa, workdir / "full_a")
         materialize(base, sb, workdir / "full_b")
         print(f"(mergekit input: two full models materialized in {time.monotonic() - t0:.1f} s, not counted)")
         results["mergekit linear"] = measure(
-            "mergekit", MERGEKIT, [str(workdir / "full_a"), str(workdir / "full_b"), str(workdir / "out_mergekit")]
+            "mergekit",
+            MERGEKIT,
+            [str(workdir / "full_a"), str(workdir / "full_b"), str(workdir / "out_mergekit")],
         )
     else:
         print("mergekit: not installed (pip install mergekit==0.1.5); skipped")
 
-    agreement = compare_outputs(workdir, [n for n in ("naive", "mergekit") if (workdir / f"out_{n}").is_dir()])
+    agreement = compare_outputs(
+        workdir, [n for n in ("naive", "mergekit") if (workdir / f"out_{n}").is_dir()]
+    )
 
     ours = results["cyclej streaming"]
     ours_extra = ours["peak"] - ours["baseline"]
-    print(f"\n{'method':<18} {'wall s':>7} {'cpu s':>7} {'peak RSS MiB':>13} {'above baseline MiB':>19} "
-          f"{'wall ratio':>11} {'cpu ratio':>10} {'extra-RSS ratio':>16}")
+    print(
+        f"\n{'method':<18} {'wall s':>7} {'cpu s':>7} {'peak RSS MiB':>13} {'above baseline MiB':>19} "
+        f"{'wall ratio':>11} {'cpu ratio':>10} {'extra-RSS ratio':>16}"
+    )
     for name, r in results.items():
         extra = r["peak"] - r["baseline"]
-        print(f"{name:<18} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} {r['peak'] / 2**20:>13.0f} "
-              f"{extra / 2**20:>19.0f} {r['seconds'] / ours['seconds']:>11.2f} "
-              f"{r['cpu_seconds'] / ours['cpu_seconds']:>10.2f} {extra / max(ours_extra, 1):>16.2f}")
+        print(
+            f"{name:<18} {r['seconds']:>7.2f} {r['cpu_seconds']:>7.2f} {r['peak'] / 2**20:>13.0f} "
+            f"{extra / 2**20:>19.0f} {r['seconds'] / ours['seconds']:>11.2f} "
+            f"{r['cpu_seconds'] / ours['cpu_seconds']:>10.2f} {extra / max(ours_extra, 1):>16.2f}"
+        )
     print("\nratios are relative to the cyclej streaming merge (peak RSS: above the post-import baseline)")
     for name, rel in agreement.items():
         print(f"largest relative difference, cyclej vs {name}: {rel:.2e}")

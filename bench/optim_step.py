@@ -34,8 +34,15 @@ class OldMasterAdamW(torch.optim.Optimizer):
     """The update as it was (cyclej/training/optim.py before issue 22): tensor by tensor, synchronous copies, a clone
     and two norms per tensor. Same math (torch's single-tensor AdamW)."""
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, state_device: str | None = None) -> None:
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_device: str | None = None,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.state_device = torch.device(state_device) if state_device is not None else None
 
@@ -75,13 +82,25 @@ class OldMasterAdamW(torch.optim.Optimizer):
 def gptj_shapes(n_params: float, width: int) -> list[tuple[int, ...]]:
     """GPT-J's tensors per layer at `width` (q, k, v, out, fc_in, fc_out + biases and a LayerNorm), layers
     until `n_params` is reached."""
-    layer = [(width, width)] * 4 + [(4 * width, width), (4 * width,), (width, 4 * width), (width,), (width,), (width,)]
+    layer = [(width, width)] * 4 + [
+        (4 * width, width),
+        (4 * width,),
+        (width, 4 * width),
+        (width,),
+        (width,),
+        (width,),
+    ]
     per_layer = sum(math.prod(s) for s in layer)
     return layer * max(1, round(n_params / per_layer))
 
 
-def alternated_steps(opts: list[torch.optim.Optimizer], params: list[list[torch.nn.Parameter]],
-                     grads: list[torch.Tensor], repeats: int, sync: bool) -> list[list[float]]:
+def alternated_steps(
+    opts: list[torch.optim.Optimizer],
+    params: list[list[torch.nn.Parameter]],
+    grads: list[torch.Tensor],
+    repeats: int,
+    sync: bool,
+) -> list[list[float]]:
     """Seconds of each optimizer's steps, the optimizers taking turns (a shared machine's load then weighs
     on both alike). Each has its own copy of the parameters; the gradients are the same tensors."""
     times: list[list[float]] = [[] for _ in opts]
@@ -127,17 +146,23 @@ def section(name: str, device: str, shapes: list[tuple[int, ...]], repeats: int,
         MasterAdamW(params[1], lr=1e-4, betas=(0.9, 0.95), state_device="cpu", chunk_numel=chunk),
     ]
     times = alternated_steps(opts, params, grads, repeats, sync)
-    diff = max(float((opts[0].state[p]["master"] - opts[1].state[q]["master"]).abs().max())
-               for p, q in zip(*params, strict=True))
-    print(f"\n## {name}: {n / 1e6:.0f}M bf16 parameters in {len(shapes)} tensors, state in host RAM, "
-          f"{repeats} steps each, alternated")
+    diff = max(
+        float((opts[0].state[p]["master"] - opts[1].state[q]["master"]).abs().max())
+        for p, q in zip(*params, strict=True)
+    )
+    print(
+        f"\n## {name}: {n / 1e6:.0f}M bf16 parameters in {len(shapes)} tensors, state in host RAM, "
+        f"{repeats} steps each, alternated"
+    )
     for label, ts in zip(labels, times, strict=True):
         med = statistics.median(ts)
         print(f"{label:28s} median {med:8.3f} s/step ({med / n * 1e9:6.2f} ns/param), best {min(ts):8.3f} s")
     old, new = (statistics.median(ts) for ts in times)
     best_old, best_new = (min(ts) for ts in times)
-    print(f"speed-up: median {old / new:.2f}x, best {best_old / best_new:.2f}x; masters after {repeats + 1} "
-          f"steps: max |old - new| = {diff:.3g}")
+    print(
+        f"speed-up: median {old / new:.2f}x, best {best_old / best_new:.2f}x; masters after {repeats + 1} "
+        f"steps: max |old - new| = {diff:.3g}"
+    )
     del opts, params
     gc.collect()
 
@@ -148,7 +173,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024, help="hidden size of the GPT-J-shaped tensors")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
-    ap.add_argument("--chunk", type=int, default=None, help="chunk_numel of ours (default: CPU_CHUNK / GPU_CHUNK)")
+    ap.add_argument(
+        "--chunk", type=int, default=None, help="chunk_numel of ours (default: CPU_CHUNK / GPU_CHUNK)"
+    )
     ap.add_argument("--no-cpu", action="store_true", help="only the GPU section")
     args = ap.parse_args()
     if args.threads:

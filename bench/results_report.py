@@ -32,10 +32,19 @@ def main() -> None:
     ap.add_argument("--wall-time", required=True, help="measured wall time of the run, with the machine kind")
     ap.add_argument("--out", default=None, help="default: docs/results/<preset>.md")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="a config override the run used (as for `cyclej run --set`), repeatable")
-    ap.add_argument("--notes", type=Path, default=None,
-                    help="a markdown file (targets, diagnosis, what was tried) put after the header")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="a config override the run used (as for `cyclej run --set`), repeatable",
+    )
+    ap.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        help="a markdown file (targets, diagnosis, what was tried) put after the header",
+    )
     args = ap.parse_args()
 
     cfg = load_config(preset=args.preset, storage=args.storage, overrides=args.overrides)
@@ -50,7 +59,9 @@ def main() -> None:
         raise SystemExit(f"eval {fps['eval']} is not complete in {args.storage}: finish the run first")
     eval_dir = store.fetch(eval_ref)
     report_md = (eval_dir / "report.md").read_text(encoding="utf-8")
-    examples = [json.loads(line) for line in (eval_dir / "examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    examples = [
+        json.loads(line) for line in (eval_dir / "examples.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
 
     plots: list[tuple[str, str]] = []
     for png in sorted(eval_dir.glob("*.png")):
@@ -68,20 +79,30 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     lines = [
-        f"# `{args.preset}` preset: results", "",
+        f"# `{args.preset}` preset: results",
+        "",
         f"- command: `{args.command}`",
         f"- wall time: {args.wall_time}",
         "- fingerprints: " + ", ".join(f"{s} `{fps[s]}`" for s in STAGES),
-        "", *([args.notes.read_text(encoding="utf-8"), ""] if args.notes else []),
-        "## Evaluation", "", report_md, "",
-        f"## {EXAMPLES_PER_DIRECTION} example translations per direction (seed {args.seed})", "",
+        "",
+        *([args.notes.read_text(encoding="utf-8"), ""] if args.notes else []),
+        "## Evaluation",
+        "",
+        report_md,
+        "",
+        f"## {EXAMPLES_PER_DIRECTION} example translations per direction (seed {args.seed})",
+        "",
     ]
     systems = list(examples[0]["systems"]) if examples else []
     for direction in ("a->b", "b->a"):
         pool = [e for e in examples if e["direction"] == direction]
         picked = sorted(rng.sample(range(len(pool)), min(EXAMPLES_PER_DIRECTION, len(pool))))
-        lines += [f"### {direction}", "", "| source | " + " | ".join(systems) + " |",
-                  "|---|" + "---|" * len(systems)]
+        lines += [
+            f"### {direction}",
+            "",
+            "| source | " + " | ".join(systems) + " |",
+            "|---|" + "---|" * len(systems),
+        ]
         for i in picked:
             e = pool[i]
             cells = [_cell(e["systems"][s]["translation"]) for s in systems]

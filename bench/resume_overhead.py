@@ -22,8 +22,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cyclej-bench-") as clean_store:
         clean, _ = timed_cli("run", "--preset", args.preset, "--storage", clean_store)
     with tempfile.TemporaryDirectory(prefix="cyclej-bench-") as store:
-        died, code = timed_cli("run", "--preset", args.preset, "--storage", store,
-                               env=cli_env(CYCLEJ_FAULT=args.fault), check=False)
+        died, code = timed_cli(
+            "run",
+            "--preset",
+            args.preset,
+            "--storage",
+            store,
+            env=cli_env(CYCLEJ_FAULT=args.fault),
+            check=False,
+        )
         if code == 0:
             raise SystemExit(f"the fault {args.fault} did not stop the run")
         resumed, _ = timed_cli("run", "--preset", args.preset, "--storage", store)
@@ -31,8 +38,10 @@ def main() -> None:
     print(f"uninterrupted run:                  {clean:8.1f} s")
     print(f"killed at {args.fault:24s} {died:8.1f} s (exit {code})")
     print(f"resumed run:                        {resumed:8.1f} s")
-    print(f"ratio (killed + resumed)/clean:     {total / clean:8.3f}  (+{total - clean:.1f} s: restart, Prefect"
-          " start, model loads, steps since the last checkpoint)")
+    print(
+        f"ratio (killed + resumed)/clean:     {total / clean:8.3f}  (+{total - clean:.1f} s: restart, Prefect"
+        " start, model loads, steps since the last checkpoint)"
+    )
     print(f"without resume, (killed + clean)/clean: {(died + clean) / clean:6.3f}  (starting over)")
 
 

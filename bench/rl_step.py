@@ -52,9 +52,18 @@ def yelp(n: int) -> dict[str, list[str]]:
 
 def rl_config(args: argparse.Namespace, steps: int) -> RLConfig:
     return RLConfig(
-        steps=steps, prompts_per_step=args.prompts, rollouts=args.rollouts, rollout_micro_batch=args.prompts,
-        lr=1e-5, max_grad_norm=1e-4, warmup_ratio=0.0, max_new_tokens=args.max_new_tokens, temperature=1.0,
-        top_p=1.0, backend="transformers", precision="fp32",
+        steps=steps,
+        prompts_per_step=args.prompts,
+        rollouts=args.rollouts,
+        rollout_micro_batch=args.prompts,
+        lr=1e-5,
+        max_grad_norm=1e-4,
+        warmup_ratio=0.0,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        backend="transformers",
+        precision="fp32",
     )
 
 
@@ -76,8 +85,16 @@ def time_ours(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[f
         return {"rouge": R.rouge_l(ro.sources, ro.translations), "bleu": R.bleu(ro.sources, ro.translations)}
 
     cfg = rl_config(args, args.steps + 1)
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, sources, text_rewards,
-                        {"rouge": 1.0, "bleu": 1.0}, back_translate=False)
+    trainer = RLTrainer(
+        cfg,
+        policy,
+        tok,
+        {"a": ida, "b": idb},
+        sources,
+        text_rewards,
+        {"rouge": 1.0, "bleu": 1.0},
+        back_translate=False,
+    )
     return seconds_per_step(trainer, cfg.steps)
 
 
@@ -91,7 +108,9 @@ def time_ours_full(args: argparse.Namespace, sources: dict[str, list[str]]) -> l
     disc = Discriminator("minilm", sources["a"], sources["b"], batch_size=32, buffer_size=1024)
     reward_fn = CycleDiscriminatorReward(weights, load_embedder("minilm"), disc)
     cfg = rl_config(args, args.steps + 1)
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, sources, reward_fn, weights, discriminator=disc)
+    trainer = RLTrainer(
+        cfg, policy, tok, {"a": ida, "b": idb}, sources, reward_fn, weights, discriminator=disc
+    )
     return seconds_per_step(trainer, cfg.steps)
 
 
@@ -105,10 +124,12 @@ def time_trl(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[fl
     marker = {"a": MARKERS[0], "b": MARKERS[1]}
     rows = [(d, s) for d in ("a", "b") for s in sources[d]]
     # The same `{DX} src {DY}` prompt as ours: the markers are special tokens, so the strings encode to them.
-    dataset = Dataset.from_dict({
-        "prompt": [f"{marker[d]}{s}{marker[other[d]]}" for d, s in rows],
-        "source": [s for _, s in rows],
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [f"{marker[d]}{s}{marker[other[d]]}" for d, s in rows],
+            "source": [s for _, s in rows],
+        }
+    )
 
     def rouge(prompts: list[str], completions: list[str], source: list[str], **_: object) -> list[float]:
         return R.rouge_l(source, [c.strip() for c in completions])
@@ -129,18 +150,45 @@ def time_trl(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[fl
     completions = args.prompts * args.rollouts
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, max_steps=args.steps + 1, per_device_train_batch_size=completions,
-            gradient_accumulation_steps=1, num_generations=args.rollouts, max_completion_length=args.max_new_tokens,
-            learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-6, weight_decay=0.0,
-            max_grad_norm=1e-4, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, num_iterations=1,
-            loss_type="dapo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
-            reward_weights=[1.0, 1.0], use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-            report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_dropout=True,
+            output_dir=out,
+            max_steps=args.steps + 1,
+            per_device_train_batch_size=completions,
+            gradient_accumulation_steps=1,
+            num_generations=args.rollouts,
+            max_completion_length=args.max_new_tokens,
+            learning_rate=1e-5,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_epsilon=1e-6,
+            weight_decay=0.0,
+            max_grad_norm=1e-4,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            beta=0.0,
+            num_iterations=1,
+            loss_type="dapo",
+            scale_rewards="group",
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            reward_weights=[1.0, 1.0],
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            fp16=False,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+            disable_dropout=True,
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
-            model=policy, reward_funcs=[rouge, bleu], args=config, train_dataset=dataset,
-            processing_class=tok, callbacks=[StepTimer()],
+            model=policy,
+            reward_funcs=[rouge, bleu],
+            args=config,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=[StepTimer()],
         )
         trainer.train()
     durations = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
@@ -161,8 +209,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sources = yelp(64)
-    print(f"model={args.model} step={args.prompts}x{args.rollouts} max_new_tokens={args.max_new_tokens} "
-          f"threads={torch.get_num_threads()} timed_steps={args.steps}")
+    print(
+        f"model={args.model} step={args.prompts}x{args.rollouts} max_new_tokens={args.max_new_tokens} "
+        f"threads={torch.get_num_threads()} timed_steps={args.steps}"
+    )
     # Alternate the two, `--repeats` times: on a shared machine the load drifts, and both should see it.
     ours: list[float] = []
     trl: list[float] = []
@@ -171,11 +221,15 @@ def main() -> None:
         trl += time_trl(args, sources)
     print(f"cyclej RLTrainer : {statistics.median(ours):8.2f} s/step (median)  {[round(t, 2) for t in ours]}")
     print(f"TRL GRPOTrainer  : {statistics.median(trl):8.2f} s/step (median)  {[round(t, 2) for t in trl]}")
-    print(f"ratio TRL / cyclej = {statistics.median(trl) / statistics.median(ours):.2f}  (> 1: cyclej is faster)")
+    print(
+        f"ratio TRL / cyclej = {statistics.median(trl) / statistics.median(ours):.2f}  (> 1: cyclej is faster)"
+    )
     if args.full:
         full = time_ours_full(args, sources)
-        print(f"cyclej full step (back-translation + MiniLM cosine + ROUGE/BLEU + discriminator): "
-              f"{statistics.mean(full):.2f} s/step")
+        print(
+            f"cyclej full step (back-translation + MiniLM cosine + ROUGE/BLEU + discriminator): "
+            f"{statistics.mean(full):.2f} s/step"
+        )
 
 
 if __name__ == "__main__":

@@ -54,19 +54,30 @@ def stage_inputs(store: ArtifactStore, base: str, lines: int) -> dict[str, Artif
     return {"context": context, "data": store.commit("data", "benchdata0000000", work)}
 
 
-def config(root: Path, base: str, ranks: int, steps: int, device: str, precision: str | None = None
-           ) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "device": device,
-        "storage": {"root": str(root)},
-        "domain_a": {"name": "negative", "marker": MARKERS[0], "train": [str(YELP / "train.0")]},
-        "domain_b": {"name": "positive", "marker": MARKERS[1], "train": [str(YELP / "train.1")]},
-        "models": {"base": base},
-        "domain_train": {"batch_size": 32, "micro_batch_size": 8, "max_steps": steps, "seq_len": 128,
-                         "precision": precision or ("fp32" if device == "cpu" else "bf16"), "lr": 1e-4,
-                         "checkpoint_every_steps": 10_000, "eval_every_steps": 10_000, "eval_batches": 1},
-        "resources": {"gpus": {"domain_train": ranks}},
-    })
+def config(
+    root: Path, base: str, ranks: int, steps: int, device: str, precision: str | None = None
+) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "device": device,
+            "storage": {"root": str(root)},
+            "domain_a": {"name": "negative", "marker": MARKERS[0], "train": [str(YELP / "train.0")]},
+            "domain_b": {"name": "positive", "marker": MARKERS[1], "train": [str(YELP / "train.1")]},
+            "models": {"base": base},
+            "domain_train": {
+                "batch_size": 32,
+                "micro_batch_size": 8,
+                "max_steps": steps,
+                "seq_len": 128,
+                "precision": precision or ("fp32" if device == "cpu" else "bf16"),
+                "lr": 1e-4,
+                "checkpoint_every_steps": 10_000,
+                "eval_every_steps": 10_000,
+                "eval_batches": 1,
+            },
+            "resources": {"gpus": {"domain_train": ranks}},
+        }
+    )
 
 
 def measure(base: str, ranks: int, steps: int, device: str) -> dict[str, Any]:
@@ -80,17 +91,25 @@ def measure(base: str, ranks: int, steps: int, device: str) -> dict[str, Any]:
         store = ArtifactStore(str(root))
         refs = stage_inputs(store, base, lines=400)
         t0 = time.perf_counter()
-        ref = run_stage("domain_train", config(root, base, ranks, steps, device), refs, store,
-                        Progress(show_bar=False))
+        ref = run_stage(
+            "domain_train", config(root, base, ranks, steps, device), refs, store, Progress(show_bar=False)
+        )
         wall = time.perf_counter() - t0
         metrics = json.loads((store.fetch(ref) / "metrics.json").read_text())
-    return {"ranks": ranks, "tokens_per_s": metrics["tokens_per_s"], "wall_s": wall,
-            "world_size": metrics["world_size"], "loss": metrics["final_train_loss"]}
+    return {
+        "ranks": ranks,
+        "tokens_per_s": metrics["tokens_per_s"],
+        "wall_s": wall,
+        "world_size": metrics["world_size"],
+        "loss": metrics["final_train_loss"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small", help="small (4-layer d=256 Llama), tiny-llama, smollm2, or a path")
+    ap.add_argument(
+        "--model", default="small", help="small (4-layer d=256 Llama), tiny-llama, smollm2, or a path"
+    )
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -105,8 +124,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in (one, many):
         print(f"| {r['ranks']} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} | {r['loss']:.4f} |")
-    print(f"ratio {args.ranks} ranks / 1 rank: {many['tokens_per_s'] / one['tokens_per_s']:.2f}× "
-          f"(ideal {args.ranks}×; on a CPU the ranks share its {cores} cores)")
+    print(
+        f"ratio {args.ranks} ranks / 1 rank: {many['tokens_per_s'] / one['tokens_per_s']:.2f}× "
+        f"(ideal {args.ranks}×; on a CPU the ranks share its {cores} cores)"
+    )
 
 
 if __name__ == "__main__":

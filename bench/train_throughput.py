@@ -42,9 +42,18 @@ def build_small_llama(out: Path) -> Path:
     from cyclej.models.catalog import tiny_tokenizer_dir
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir()).save_pretrained(out)
     return out
@@ -64,8 +73,16 @@ def run_ours(spec: str, examples: list[Example], cfg: TrainConfig) -> tuple[floa
     ids = marker_token_ids(tok, MARKERS)
     with tempfile.TemporaryDirectory() as d:
         t0, c0 = time.perf_counter(), time.process_time()
-        result = train(model, train_examples=examples, tcfg=cfg, store=ArtifactStore(d), stage="domain_train",
-                       fp="bench", tokenizer=tok, marker_ids=ids)
+        result = train(
+            model,
+            train_examples=examples,
+            tcfg=cfg,
+            store=ArtifactStore(d),
+            stage="domain_train",
+            fp="bench",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return seconds, cpu, int(result.metrics["tokens_seen"]), float(result.metrics["final_train_loss"])
 
@@ -77,8 +94,16 @@ def run_hf_trainer(spec: str, examples: list[Example], cfg: TrainConfig) -> tupl
     model, tok = load_model(spec, markers=MARKERS)
     assert cfg.lora is not None
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     seen = {"tokens": 0}
 
@@ -89,13 +114,27 @@ def run_hf_trainer(spec: str, examples: list[Example], cfg: TrainConfig) -> tupl
 
     with tempfile.TemporaryDirectory() as d:
         args = TrainingArguments(
-            output_dir=d, per_device_train_batch_size=cfg.micro_batch_size,
-            gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size, max_steps=cfg.max_steps,
-            learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
-            max_grad_norm=cfg.max_grad_norm, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
-            adam_epsilon=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed, use_cpu=True,
-            report_to=[], save_strategy="no", eval_strategy="no", logging_steps=cfg.max_steps,
-            disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+            output_dir=d,
+            per_device_train_batch_size=cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.lr,
+            warmup_steps=cfg.warmup_ratio,
+            lr_scheduler_type="cosine",
+            max_grad_norm=cfg.max_grad_norm,
+            adam_beta1=cfg.betas[0],
+            adam_beta2=cfg.betas[1],
+            adam_epsilon=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=cfg.max_steps,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
         )
         data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
@@ -107,12 +146,18 @@ def run_hf_trainer(spec: str, examples: list[Example], cfg: TrainConfig) -> tupl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", help="small (a 4-layer Llama built here), tiny-llama, smollm2")
+    ap.add_argument(
+        "--model", default="small", help="small (a 4-layer Llama built here), tiny-llama, smollm2"
+    )
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128, help="our packed row length")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="alternate the two runs this many times and keep each one's best rate (noisy hosts)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate the two runs this many times and keep each one's best rate (noisy hosts)",
+    )
     ap.add_argument("--lines", type=int, default=1500, help="Yelp lines per domain")
     args = ap.parse_args()
     if args.threads:
@@ -123,24 +168,42 @@ def main() -> None:
         model, tok = load_model(spec, markers=MARKERS)
         examples = examples_from_yelp(tok, marker_token_ids(tok, MARKERS), args.lines)
         del model
-        cfg = TrainConfig(batch_size=32, micro_batch_size=8, lr=1e-4, warmup_ratio=0.1, max_steps=args.steps,
-                          seq_len=args.seq_len, packing=True, precision="fp32", checkpoint_every_steps=10**6,
-                          checkpoint_every_minutes=10**6, eval_every_steps=10**6)
+        cfg = TrainConfig(
+            batch_size=32,
+            micro_batch_size=8,
+            lr=1e-4,
+            warmup_ratio=0.1,
+            max_steps=args.steps,
+            seq_len=args.seq_len,
+            packing=True,
+            precision="fp32",
+            checkpoint_every_steps=10**6,
+            checkpoint_every_minutes=10**6,
+            eval_every_steps=10**6,
+        )
         mean_len = sum(len(e.input_ids) for e in examples) / len(examples)
-        print(f"model {args.model}; {len(examples)} examples, mean {mean_len:.1f} tokens; "
-              f"batch 32 = 8 × 4, {args.steps} steps, torch threads {torch.get_num_threads()}")
+        print(
+            f"model {args.model}; {len(examples)} examples, mean {mean_len:.1f} tokens; "
+            f"batch 32 = 8 × 4, {args.steps} steps, torch threads {torch.get_num_threads()}"
+        )
 
         hf_runs, ours_runs = [], []
         for _ in range(args.repeats):
             hf_runs.append(run_hf_trainer(spec, examples, cfg))
             ours_runs.append(run_ours(spec, examples, cfg))
 
-    best = {name: min(runs, key=lambda r: r[0] / r[2]) for name, runs in (("hf", hf_runs), ("ours", ours_runs))}
-    for name, label in (("hf", "transformers Trainer (padding per batch)"),
-                        ("ours", f"cyclej trainer (packing, seq_len {args.seq_len})")):
+    best = {
+        name: min(runs, key=lambda r: r[0] / r[2]) for name, runs in (("hf", hf_runs), ("ours", ours_runs))
+    }
+    for name, label in (
+        ("hf", "transformers Trainer (padding per batch)"),
+        ("ours", f"cyclej trainer (packing, seq_len {args.seq_len})"),
+    ):
         wall, cpu, tokens, loss = best[name]
-        print(f"{label:42s} {tokens:7d} tokens in {wall:6.1f} s = {tokens / wall:7.0f} tokens/s "
-              f"({tokens / cpu:7.0f} per CPU-second; final loss {loss:.3f})")
+        print(
+            f"{label:42s} {tokens:7d} tokens in {wall:6.1f} s = {tokens / wall:7.0f} tokens/s "
+            f"({tokens / cpu:7.0f} per CPU-second; final loss {loss:.3f})"
+        )
     (hf_wall, hf_cpu, hf_tokens, _), (our_wall, our_cpu, our_tokens, _) = best["hf"], best["ours"]
     ratio = (our_tokens / our_wall) / (hf_tokens / hf_wall)
     cpu_ratio = (our_tokens / our_cpu) / (hf_tokens / hf_cpu)

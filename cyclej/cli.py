@@ -31,19 +31,29 @@ from cyclej.runtime import quiet
 # A process spawned by a quiet run (vLLM's engine core) imports this module as its main one, before vLLM.
 quiet.apply_if_inherited()
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="CYCLE_J: train one LM that rewrites domain A as B and back, from unpaired text.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="CYCLE_J: train one LM that rewrites domain A as B and back, from unpaired text.",
+)
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="pipeline config (YAML)", show_default=False)]
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="a shipped preset: tiny, demo, yelp or gptj")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: --set rl.steps=10")]
-StorageOpt = Annotated[str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")
+]
 # Read by main() before parsing (cyclej.runtime.quiet); declared here so the commands that load models accept it.
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
-                                          "(torch, transformers, vLLM)")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", help="also print third-party warnings and notices (torch, transformers, vLLM)"),
+]
 
 
-def _config(config: Path | None, preset: str | None, sets: list[str] | None, storage: str | None) -> PipelineConfig:
+def _config(
+    config: Path | None, preset: str | None, sets: list[str] | None, storage: str | None
+) -> PipelineConfig:
     return load_config(config, preset, sets or [], storage)
 
 
@@ -80,14 +90,20 @@ def _check_corpora(cfg: PipelineConfig, context_too: bool = True) -> str:
     parts = []
     for d in domains:
         raw = sum(len(f.lines) for f in d.train_files + d.dev_files)
-        parts.append(f"{d.cfg.name} {raw} lines in {len(d.train_files) + len(d.dev_files)} file(s), "
-                     f"{len(d.train)} train + {len(d.dev)} dev after cleaning")
+        parts.append(
+            f"{d.cfg.name} {raw} lines in {len(d.train_files) + len(d.dev_files)} file(s), "
+            f"{len(d.train)} train + {len(d.dev)} dev after cleaning"
+        )
     if tokenizer is None:
-        parts.append(f"line lengths not checked here (the tokenizer of {cfg.models.base} is not on this machine)")
+        parts.append(
+            f"line lengths not checked here (the tokenizer of {cfg.models.base} is not on this machine)"
+        )
     return "; ".join(parts)
 
 
-def _check_context_rows(cfg: PipelineConfig, tokenizer: object, train: list[list[str]], dev: list[list[str]]) -> None:
+def _check_context_rows(
+    cfg: PipelineConfig, tokenizer: object, train: list[list[str]], dev: list[list[str]]
+) -> None:
     """The `context` stage's own refusal, made here: it packs the clean lines of both domains into rows of
     context.seq_len tokens and needs at least one train row and one dev row. A small corpus (the 2 % held
     out of a few hundred lines) passed every other check and failed only after Prefect had started."""
@@ -96,9 +112,11 @@ def _check_context_rows(cfg: PipelineConfig, tokenizer: object, train: list[list
     seq_len = cfg.context.seq_len
     for which, lines in (("train", train), ("dev", dev)):
         if len(token_stream(tokenizer, [line for d in lines for line in d], seed=0)) < seq_len:  # type: ignore[arg-type]
-            raise BadInput(f"context: the {which} lines of both domains hold fewer tokens than one row of "
-                           f"context.seq_len={seq_len}; lower context.seq_len or add text"
-                           + (" (or give dev files)" if which == "dev" else ""))
+            raise BadInput(
+                f"context: the {which} lines of both domains hold fewer tokens than one row of "
+                f"context.seq_len={seq_len}; lower context.seq_len or add text"
+                + (" (or give dev files)" if which == "dev" else "")
+            )
 
 
 @app.command()
@@ -107,8 +125,10 @@ def validate(
     preset: PresetOpt = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
-    allow_warnings: Annotated[bool, typer.Option(
-        "--allow-warnings", help="exit 0 even when a stage's settings cannot change the model")] = False,
+    allow_warnings: Annotated[
+        bool,
+        typer.Option("--allow-warnings", help="exit 0 even when a stage's settings cannot change the model"),
+    ] = False,
 ) -> None:
     """Check the config, the corpora and the storage; exit 0, or 2 with a one-line reason (a stage whose
     settings cannot change the model is one, unless --allow-warnings)."""
@@ -124,8 +144,10 @@ def validate(
         typer.echo(f"warning: {warning}", err=True)
     if warned and not allow_warnings:
         stages = ", ".join(w.split(":", 1)[0] for w in warned)
-        raise BadInput(f"{stages}: the settings cannot change the model (warning above); fix them or pass "
-                       "--allow-warnings")
+        raise BadInput(
+            f"{stages}: the settings cannot change the model (warning above); fix them or pass "
+            "--allow-warnings"
+        )
 
 
 INIT_PRESETS = ("demo", "yelp", "gptj", "tiny")
@@ -134,9 +156,15 @@ INIT_PRESETS = ("demo", "yelp", "gptj", "tiny")
 @app.command()
 def init(
     path: Annotated[Path, typer.Argument(help="the config file to write, e.g. my.yaml", show_default=False)],
-    from_: Annotated[str, typer.Option("--from", help=f"the preset to start from: {', '.join(INIT_PRESETS)}")] = "demo",
-    a: Annotated[str | None, typer.Option("--a", help="domain A's text: a file or folder (default: data/a/)")] = None,
-    b: Annotated[str | None, typer.Option("--b", help="domain B's text: a file or folder (default: data/b/)")] = None,
+    from_: Annotated[
+        str, typer.Option("--from", help=f"the preset to start from: {', '.join(INIT_PRESETS)}")
+    ] = "demo",
+    a: Annotated[
+        str | None, typer.Option("--a", help="domain A's text: a file or folder (default: data/a/)")
+    ] = None,
+    b: Annotated[
+        str | None, typer.Option("--b", help="domain B's text: a file or folder (default: data/b/)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
 ) -> None:
     """Write a commented config for your own two corpora that inherits a preset (`base:`); edit it, then
@@ -168,11 +196,13 @@ def init_config_text(name: str, preset_name: str, preset: PipelineConfig, a: str
     def domain(key: str, letter: str, train: str) -> str:
         d = getattr(preset, key)
         folder = Path(train.rstrip("/")).stem or letter.lower()
-        return (f"{key}:\n"
-                f"  name: {flow(folder)}  # in reports and in the model card\n"
-                f"  marker: {flow(d.marker)}  # a new special token that asks for this domain's style\n"
-                f"  train: {flow([train])}  # files or folders: .txt (a text a line), .jsonl/.csv (text_field), .parquet\n"
-                f"  # dev: [held-out.txt]  # held-out lines; without them the data stage holds out a slice of train\n")
+        return (
+            f"{key}:\n"
+            f"  name: {flow(folder)}  # in reports and in the model card\n"
+            f"  marker: {flow(d.marker)}  # a new special token that asks for this domain's style\n"
+            f"  train: {flow([train])}  # files or folders: .txt (a text a line), .jsonl/.csv (text_field), .parquet\n"
+            f"  # dev: [held-out.txt]  # held-out lines; without them the data stage holds out a slice of train\n"
+        )
 
     return (
         f"# {name}: CYCLE_J on your own two corpora, starting from the `{preset_name}` preset.\n"
@@ -183,7 +213,8 @@ def init_config_text(name: str, preset_name: str, preset: PipelineConfig, a: str
         f"name: {flow(name)}  # names the runs (`<name>-<fingerprint>`)\n"
         "storage:\n"
         f"  root: {flow(preset.storage.root)}  # a folder, file://… or s3://bucket/prefix (credentials: AWS_* variables)\n"
-        + domain("domain_a", "A", a) + domain("domain_b", "B", b)
+        + domain("domain_a", "A", a)
+        + domain("domain_b", "B", b)
         + f"# Lines longer than data.max_tokens ({preset.data.max_tokens} tokens of the base model) are dropped:\n"
         f"# data: {{max_tokens: {preset.data.max_tokens}}}\n"
     )
@@ -196,9 +227,15 @@ def run(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     until: Annotated[str | None, typer.Option(help=f"stop after this stage ({', '.join(STAGES)})")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="also print third-party warnings and notices "
-                                          "(torch, transformers, vLLM) and Prefect's tracebacks of expected "
-                                          "failures (bad input, a store gone); they are in the run's UI log")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="also print third-party warnings and notices "
+            "(torch, transformers, vLLM) and Prefect's tracebacks of expected "
+            "failures (bad input, a store gone); they are in the run's UI log",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow run; finished stages come back cached."""
     cfg = _config(config, preset, set_, storage)
@@ -222,7 +259,9 @@ def run(
 
 
 @app.command()
-def status(config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
+def status(
+    config: ConfigArg = None, preset: PresetOpt = None, set_: SetOpt = None, storage: StorageOpt = None
+) -> None:
     """Each stage: fingerprint, complete / partial (last checkpoint) / missing, artifact URI."""
     from cyclej.pipeline.registry import plan_pipeline
     from cyclej.runtime.store import ArtifactStore
@@ -245,13 +284,20 @@ def translate(
     # Not required by typer, so that `cyclej translate` alone names the model first (checked below).
     to: Annotated[str | None, typer.Option("--to", help="target domain: a or b")] = None,
     file: Annotated[str, typer.Argument(help="input lines; - for stdin")] = "-",
-    model: Annotated[str | None, typer.Option("--model", help="model directory or artifact URI (s3://… too)")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="instead of --model: the final (rl) model of this config's run, from its storage")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="model directory or artifact URI (s3://… too)")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="instead of --model: the final (rl) model of this config's run, from its storage"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="lines per generation batch")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest output in tokens")] = 64,
     backend: Annotated[
-        str, typer.Option(help="auto (vLLM when installed and the input is large enough), vllm or transformers")
+        str,
+        typer.Option(help="auto (vLLM when installed and the input is large enough), vllm or transformers"),
     ] = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
@@ -275,9 +321,15 @@ def translate(
             raise BadInput(f"{file}: no such file")
         lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
     model_dir = local_model_dir(model if model is not None else _final_model(config))  # type: ignore[arg-type]
-    check_model_spec("--model", str(model_dir))  # a config.json that is not JSON: one line, before any backend
+    check_model_spec(
+        "--model", str(model_dir)
+    )  # a config.json that is not JSON: one line, before any backend
     out = translate_lines(
-        str(model_dir), lines, to, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        str(model_dir),
+        lines,
+        to,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
         backend=backend,  # type: ignore[arg-type]
     )
     for line in out:
@@ -294,8 +346,10 @@ def _final_model(config: Path) -> str:
     fp = fingerprints(cfg)["rl"]
     store = ArtifactStore.from_config(cfg.storage)
     if not store.exists("rl", fp):
-        raise BadInput(f"{config}: no finished model in {store.root_uri} (rl {fp}); run `cyclej run {config}` "
-                       "first (`cyclej status` shows how far it got)")
+        raise BadInput(
+            f"{config}: no finished model in {store.root_uri} (rl {fp}); run `cyclej run {config}` "
+            "first (`cyclej status` shows how far it got)"
+        )
     return f"{store.uri('rl', fp)}/model"
 
 

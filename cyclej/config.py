@@ -62,7 +62,9 @@ class StorageConfig(StrictModel):
         need fsspec back-ends that are not installed and have never been exercised here)."""
         scheme = root.split("://", 1)[0] if "://" in root else "file"
         if scheme not in STORAGE_SCHEMES:
-            raise ValueError(f"unsupported scheme {scheme}:// (use a local path, file://… or s3://bucket/prefix)")
+            raise ValueError(
+                f"unsupported scheme {scheme}:// (use a local path, file://… or s3://bucket/prefix)"
+            )
         if not root.split("://", 1)[-1].strip("/"):
             raise ValueError("no path or bucket after the scheme")
         return root
@@ -131,8 +133,9 @@ class TrainConfig(StrictModel):
     eval_every_steps: int = Field(50, gt=0)
     eval_batches: int = Field(4, gt=0)
     gradient_checkpointing: bool = Field(
-        False, description="recompute each layer's activations in the backward pass instead of keeping them "
-        "(~1/3 more compute, activation memory of one layer); the loss is the same"
+        False,
+        description="recompute each layer's activations in the backward pass instead of keeping them "
+        "(~1/3 more compute, activation memory of one layer); the loss is the same",
     )
     seed: int = 0
 
@@ -156,7 +159,9 @@ class TemplatePairsConfig(StrictModel):
     """Back-translated template pairs for para_train (cyclej/corpora/template_transfer.py says how they are made)."""
 
     per_domain: int = Field(1000, gt=0, description="pairs whose target is a real train line of each domain")
-    min_salience: float = Field(5.0, gt=1, description="marker n-gram: (count here + 1) / (count there + 1) ≥ this")
+    min_salience: float = Field(
+        5.0, gt=1, description="marker n-gram: (count here + 1) / (count there + 1) ≥ this"
+    )
     max_ngram: int = Field(3, ge=1, le=5)
     retrieve_top: int = Field(20, gt=0, description="nearest other-domain lines searched for markers")
 
@@ -164,15 +169,18 @@ class TemplatePairsConfig(StrictModel):
 class ParaTrainConfig(TrainConfig):
     seq_len: int = Field(1024, gt=0)
     match_source_surface: bool = Field(
-        True, description="write each paraphrase in its source's casing and tokenization before training on it"
+        True,
+        description="write each paraphrase in its source's casing and tokenization before training on it",
     )
     template_pairs: TemplatePairsConfig | None = Field(
-        None, description="null: paraphrase pairs only (the card); else also learn from back-translated "
-        "template pairs, a noisy source of one style → a real line of the other"
+        None,
+        description="null: paraphrase pairs only (the card); else also learn from back-translated "
+        "template pairs, a noisy source of one style → a real line of the other",
     )
     paraphrase_markers: Literal["across", "same"] = Field(
-        "across", description="across: {Dsrc} text {Dtgt} → paraphrase (the card); same: {Dsrc} text {Dsrc} → "
-        "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps the style"
+        "across",
+        description="across: {Dsrc} text {Dtgt} → paraphrase (the card); same: {Dsrc} text {Dsrc} → "
+        "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps the style",
     )
 
 
@@ -185,19 +193,25 @@ class VllmConfig(StrictModel):
     max_model_len: int = Field(4096, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enforce_eager: bool = Field(
-        False, description="skip torch.compile/CUDA graphs: starts in seconds instead of minutes, decodes slower"
+        False,
+        description="skip torch.compile/CUDA graphs: starts in seconds instead of minutes, decodes slower",
     )
 
 
 class RLVllmConfig(VllmConfig):
     max_model_len: int = Field(512, gt=0, description="prompt + rl.max_new_tokens must fit")
     gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="vLLM's share of the GPU in RL (the policy and its optimizer need the rest)"
+        0.3,
+        gt=0,
+        le=1,
+        description="vLLM's share of the GPU in RL (the policy and its optimizer need the rest)",
     )
 
 
 class ParaphraseConfig(StrictModel):
-    backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when it can serve the model here and the job repays its engine start"
+    )
     instruction: str = (
         "Paraphrase the following text. Keep its meaning, tone and style; change the wording. "
         "Reply with the paraphrase only."
@@ -266,17 +280,22 @@ class RLConfig(StrictModel):
     kl_coef: float = Field(0.0, ge=0)
     rewards: RewardWeights = Field(default_factory=RewardWeights)
     discriminator_reward: Literal["real_target", "style", "style_gain"] = Field(
-        "real_target", description="real_target: p(real target-domain text | y) (3 classes); style: p(target | y, "
+        "real_target",
+        description="real_target: p(real target-domain text | y) (3 classes); style: p(target | y, "
         "real), the real classes renormalized; style_gain: style(y) − style(source), so a copy earns 0 "
-        "(cyclej.reinforcement.discriminator.Discriminator.reward)"
+        "(cyclej.reinforcement.discriminator.Discriminator.reward)",
     )
     reward_combination: Literal["sum", "product"] = Field(
-        "sum", description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "
-        "rewards, so a copy of the source earns ~0 (cyclej.reinforcement.rewards.combine_product)"
+        "sum",
+        description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "
+        "rewards, so a copy of the source earns ~0 (cyclej.reinforcement.rewards.combine_product)",
     )
     content_floor: float = Field(
-        0.0, ge=0, lt=1, description="product only: the content factor is (mean - floor) / (1 - floor), clipped "
-        "at 0, so output whose cycle does not come back (babble, a generic line) earns 0 however styled it is"
+        0.0,
+        ge=0,
+        lt=1,
+        description="product only: the content factor is (mean - floor) / (1 - floor), clipped "
+        "at 0, so output whose cycle does not come back (babble, a generic line) earns 0 however styled it is",
     )
     discriminator_lr: float = Field(2e-5, gt=0)
     discriminator_warmup_steps: int = Field(
@@ -284,25 +303,33 @@ class RLConfig(StrictModel):
     )
     replay_buffer_size: int = Field(1024, gt=0)
     discriminator_batch: int = Field(32, gt=0)
-    discriminator_max_tokens: int = Field(128, gt=0, description="discriminator input length (its own tokens)")
+    discriminator_max_tokens: int = Field(
+        128, gt=0, description="discriminator input length (its own tokens)"
+    )
     discriminator_trust_remote_code: bool = Field(
-        True, description="run the hub code a remote-code encoder ships (its imports must be installed); "
-        "never used for NeoBERT, which cyclej.models.neobert builds")
+        True,
+        description="run the hub code a remote-code encoder ships (its imports must be installed); "
+        "never used for NeoBERT, which cyclej.models.neobert builds",
+    )
     # RL's own engine: it shares the GPU with the policy, its gradients and the discriminator, and its
     # sequences are short (prompt + rl.max_new_tokens), so it borrows nothing from paraphrase.vllm.
     vllm: RLVllmConfig = Field(default_factory=lambda: RLVllmConfig())
-    backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when it can serve the model here and the job repays its engine start"
+    )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     optimizer_offload: bool = Field(
-        False, description="keep the fp32 master weights and AdamW moments in CPU RAM (GPU keeps 4 bytes/param)"
+        False,
+        description="keep the fp32 master weights and AdamW moments in CPU RAM (GPU keeps 4 bytes/param)",
     )
     checkpoint_every_steps: int = Field(10, gt=0)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     sample_every_steps: int = Field(10, gt=0)
     gradient_checkpointing: bool = Field(
-        False, description="recompute the policy's layer activations in the backward pass (dropout stays off); "
-        "the gradient is the same"
+        False,
+        description="recompute the policy's layer activations in the backward pass (dropout stays off); "
+        "the gradient is the same",
     )
     seed: int = 0
 
@@ -320,8 +347,10 @@ class RLConfig(StrictModel):
                     "rl.rewards.discriminator and at least one of embedding/rouge/bleu a positive weight"
                 )
         elif self.content_floor > 0:
-            raise ValueError("content_floor applies to reward_combination product only: set "
-                             "rl.reward_combination=product or leave rl.content_floor at 0")
+            raise ValueError(
+                "content_floor applies to reward_combination product only: set "
+                "rl.reward_combination=product or leave rl.content_floor at 0"
+            )
         if self.backend != "transformers" and self.vllm.tensor_parallel_size > 1:
             # After every step the policy's weights go to the engine; vLLM 0.32 sends them to tensor-parallel
             # workers by pickling through its message queue (~12 GB per step for GPT-J).
@@ -337,9 +366,13 @@ class EvalConfig(StrictModel):
     max_examples: int = Field(200, gt=0, description="dev lines per domain to translate")
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
-    fluency_order: int = Field(3, ge=1, le=5, description="n of the target-domain n-gram LM that judges fluency")
+    fluency_order: int = Field(
+        3, ge=1, le=5, description="n of the target-domain n-gram LM that judges fluency"
+    )
     fluency_percentile: float = Field(
-        97.5, gt=50.0, le=100.0,
+        97.5,
+        gt=50.0,
+        le=100.0,
         description="fluent: perplexity at most this percentile, and SLOR at least 100 minus it, of held-out "
         "real train lines of the target domain",
     )
@@ -349,10 +382,13 @@ class EvalConfig(StrictModel):
         description="the dev files of the two domains are line-aligned translations of each other "
         "(e.g. shakespeare dev.original/dev.modern): report reference BLEU against them",
     )
-    backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM when it can serve the model here and the job repays its engine start")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when it can serve the model here and the job repays its engine start"
+    )
     template_baseline: bool = Field(
-        True, description="also report the template transfer (cyclej/corpora/template_transfer.py, no model; its "
-        "markers by para_train.template_pairs or the defaults) as a baseline row"
+        True,
+        description="also report the template transfer (cyclej/corpora/template_transfer.py, no model; its "
+        "markers by para_train.template_pairs or the defaults) as a baseline row",
     )
 
 
@@ -362,7 +398,9 @@ class OrchestrationConfig(StrictModel):
     retries: int = Field(1, ge=0, description="task retries (a retry resumes from the last checkpoint)")
     retry_delay_seconds: float = Field(5.0, ge=0)
     max_concurrent_stages: int = Field(
-        1, ge=1, description="in-process stages at once; >1 only makes sense when stages run on separate devices"
+        1,
+        ge=1,
+        description="in-process stages at once; >1 only makes sense when stages run on separate devices",
     )
     dispatch: bool = Field(False, description="run each stage as its own deployment run (run_deployment)")
     deployment_prefix: str = Field("cyclej-", description="stage deployments are '<prefix><stage>/<stage>'")
@@ -472,8 +510,10 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
         node[keys[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BadInput(f"--set {dotted}={raw}: the value is not valid YAML ({problem}); quote a string, "
-                       "e.g. --set 'a.b=\"[1,\"'") from None
+        raise BadInput(
+            f"--set {dotted}={raw}: the value is not valid YAML ({problem}); quote a string, "
+            "e.g. --set 'a.b=\"[1,\"'"
+        ) from None
 
 
 def preset_path(name: str) -> Path:

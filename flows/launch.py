@@ -82,7 +82,9 @@ def flow_run_parameters(cfg: PipelineConfig, until: str | None) -> dict[str, Any
     root = storage.root
     if storage_kind(cfg) == "local":
         root = "file://" + os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
-    cfg = cfg.model_copy(update={"storage": storage.model_copy(update={"root": root, "key": None, "secret": None})})
+    cfg = cfg.model_copy(
+        update={"storage": storage.model_copy(update={"root": root, "key": None, "secret": None})}
+    )
     return {"config": cfg.model_dump(mode="json"), "until": until}
 
 
@@ -109,17 +111,40 @@ def owned_server(timeout: float = 180.0) -> Iterator[str]:
     port = _free_port()
     address = f"http://127.0.0.1:{port}"
     print(f"Starting temporary server on {address}", file=sys.stderr, flush=True)
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
-        env=env, preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only; nothing else runs in the fork
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(prefect.__module_path__.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],
+        env=env,
+        preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only; nothing else runs in the fork
     )
     try:
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{address}/api/health", timeout=2) as resp:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{address}/api/health", timeout=2) as resp,
+            ):
                 if resp.status == 200:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -159,7 +184,9 @@ def pipeline_deployment() -> Any:
     from flows.pipeline_flow import cyclej_pipeline
 
     return cyclej_pipeline.to_deployment(
-        name=DEPLOYMENT_NAME, tags=["cyclej"], entrypoint_type=EntrypointType.MODULE_PATH,
+        name=DEPLOYMENT_NAME,
+        tags=["cyclej"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
         description="Runs of `cyclej run`, and their retries (executed by `cyclej serve`).",
     )
 
@@ -175,8 +202,11 @@ def create_flow_run(cfg: PipelineConfig, until: str | None) -> Any:
         # Pending, not Scheduled: a runner serving the deployment (`cyclej serve`) picks up Scheduled
         # runs and would execute this one a second time, beside the run process.
         return client.create_flow_run_from_deployment(
-            deployment_id, parameters=flow_run_parameters(cfg, until), name=run_name(cfg, until),
-            tags=run_tags(cfg), state=Pending(message="started by cyclej run"),
+            deployment_id,
+            parameters=flow_run_parameters(cfg, until),
+            name=run_name(cfg, until),
+            tags=run_tags(cfg),
+            state=Pending(message="started by cyclej run"),
         )
 
 
@@ -186,7 +216,9 @@ def _end_open_task_runs(client: Any, flow_run_id: UUID, state: Any) -> None:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     try:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
         for tr in task_runs:
             if tr.state is not None and not tr.state.is_final():
                 client.set_task_run_state(tr.id, state.model_copy(), force=True)
@@ -226,16 +258,23 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-                cancelled = Cancelled(message="cancelled; the run process was stopped, the next run resumes "
-                                              "from the last checkpoint")
+                cancelled = Cancelled(
+                    message="cancelled; the run process was stopped, the next run resumes "
+                    "from the last checkpoint"
+                )
                 client.set_flow_run_state(flow_run_id, cancelled, force=True)
                 _end_open_task_runs(client, flow_run_id, cancelled)
-                print("cyclej: run cancelled from Prefect; the next run resumes from the last checkpoint",
-                      file=sys.stderr, flush=True)
+                print(
+                    "cyclej: run cancelled from Prefect; the next run resumes from the last checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return EXIT_CANCELLED
         state = client.read_flow_run(flow_run_id).state
         if state is None or not state.is_final():
-            crashed = Crashed(message=f"the run process ended without finishing the run ({_describe_exit(returncode)})")
+            crashed = Crashed(
+                message=f"the run process ended without finishing the run ({_describe_exit(returncode)})"
+            )
             if state is not None and state.is_cancelling():
                 crashed = Cancelled(message=f"cancelled ({_describe_exit(returncode)})")
             client.set_flow_run_state(flow_run_id, crashed, force=True)
@@ -247,10 +286,15 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
 
 def crashed_message(returncode: int) -> str:
     """One line for a run process that a signal ended (it had no chance to explain itself)."""
-    why = (" (the kernel's out-of-memory killer sends SIGKILL: `dmesg | grep -i oom` tells)"
-           if returncode == -signal.SIGKILL else "")
-    return (f"the run process was {_describe_exit(returncode)}{why}; the run is marked Crashed. Finished stages "
-            "and checkpoints are kept: run the same command again to resume from the last checkpoint")
+    why = (
+        " (the kernel's out-of-memory killer sends SIGKILL: `dmesg | grep -i oom` tells)"
+        if returncode == -signal.SIGKILL
+        else ""
+    )
+    return (
+        f"the run process was {_describe_exit(returncode)}{why}; the run is marked Crashed. Finished stages "
+        "and checkpoints are kept: run the same command again to resume from the last checkpoint"
+    )
 
 
 def launch(cfg: PipelineConfig, until: str | None, argv: list[str]) -> int:
@@ -262,8 +306,9 @@ def launch(cfg: PipelineConfig, until: str | None, argv: list[str]) -> int:
         print(f"cyclej: flow run '{flow_run.name}' ({flow_run.id})", file=sys.stderr, flush=True)
         env = {**os.environ, "PREFECT_API_URL": api_url, FLOW_RUN_ENV: str(flow_run.id)}
         env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS)
-        child = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *argv], env=env, process_group=0,
-                                 preexec_fn=die_with_parent)  # noqa: PLW1509 - prctl only
+        child = subprocess.Popen(
+            [sys.executable, "-m", "cyclej.cli", *argv], env=env, process_group=0, preexec_fn=die_with_parent
+        )  # noqa: PLW1509 - prctl only
         # Ctrl-C and SIGTERM reach the launcher (the run process has its own process group, so the
         # cancel path can kill all of it): hand them on, and keep supervising until it has ended.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -334,7 +379,9 @@ def quiet_expected_failures() -> QuietExpectedFailures:
     return quiet
 
 
-def execute(cfg: PipelineConfig, until: str | None, flow_run_id: str, verbose: bool = False) -> dict[str, dict[str, Any]]:
+def execute(
+    cfg: PipelineConfig, until: str | None, flow_run_id: str, verbose: bool = False
+) -> dict[str, dict[str, Any]]:
     """Execute the launcher's flow run here, with the config as loaded (secrets included). Unless
     `verbose`, Prefect's tracebacks of expected failures stay off stderr (QuietExpectedFailures)."""
     from prefect.client.orchestration import get_client

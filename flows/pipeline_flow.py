@@ -40,7 +40,9 @@ def _resume_point(stage: PlannedStage, cfg: PipelineConfig) -> str | None:
 def submit_stage(stage: PlannedStage, cfg: PipelineConfig, refs: dict[str, dict[str, Any]]) -> Any:
     inputs = {k: refs[k] for k in stage.inputs}
     if cfg.orchestration.dispatch:
-        return dispatch_task.with_options(task_run_name=f"dispatch-{stage.run_name}").submit(stage, cfg, inputs)
+        return dispatch_task.with_options(task_run_name=f"dispatch-{stage.run_name}").submit(
+            stage, cfg, inputs
+        )
     if stage.sharded:
         _shards(stage, cfg, inputs)
     return configured_stage_task(stage, cfg).submit(stage, cfg, inputs)
@@ -68,7 +70,9 @@ def deployment_name(cfg: PipelineConfig, stage: str) -> str:
 
 
 @task(name="dispatch", retries=0)
-def dispatch_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def dispatch_task(
+    stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Run the stage as its own deployment run; the store, not the flow result, says what it made.
     A task, so that the stages of one level are submitted together and their deployment runs (each on
     its own worker) run at once; `run_deployment` itself waits for its run."""
@@ -76,13 +80,18 @@ def dispatch_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, di
     deployment = deployment_name(cfg, name)
     kind = "s3" if cfg.storage.root.startswith("s3://") else "local"
     run = run_deployment(
-        deployment, parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs}, timeout=None,
+        deployment,
+        parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs},
+        timeout=None,
         flow_run_name=stage.run_name,
         tags=["cyclej", f"stage:{name}", f"preset:{cfg.name}", f"storage:{kind}"],
     )
     if not run.state or not run.state.is_completed():
-        raise StageFailed(name, f"deployment run {run.name} ended {run.state.name if run.state else 'unknown'}",
-                          _resume_point(stage, cfg))
+        raise StageFailed(
+            name,
+            f"deployment run {run.name} ended {run.state.name if run.state else 'unknown'}",
+            _resume_point(stage, cfg),
+        )
     ref = store_for(cfg).ref(name, stage.fingerprint)
     if ref is None:
         raise StageFailed(name, f"deployment run {run.name} completed but left no committed artifact")

@@ -18,14 +18,18 @@ from flows.pipeline_flow import run_labelled, stage_result, submit_stage
 def _make_stage_flow(name: str) -> Flow[..., dict[str, Any]]:
     @flow(name=f"cyclej-{name}", log_prints=True)
     def stage_flow(config: PipelineConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        local = config.model_copy(update={"orchestration": config.orchestration.model_copy(update={"dispatch": False})})
+        local = config.model_copy(
+            update={"orchestration": config.orchestration.model_copy(update={"dispatch": False})}
+        )
         # Planned from the inputs it was handed (their fingerprints), not from the whole config: the
         # corpora the `data` fingerprint hashes need not be on this worker.
         stage = plan_stage(name, local, {k: v["fingerprint"] for k, v in inputs.items()})
         with run_labelled():
             return stage_result(stage, local, submit_stage(stage, local, inputs))
 
-    stage_flow.__doc__ = f"Run (or resume) the `{name}` stage; inputs are the ArtifactRefs of {name}'s inputs."
+    stage_flow.__doc__ = (
+        f"Run (or resume) the `{name}` stage; inputs are the ArtifactRefs of {name}'s inputs."
+    )
     return stage_flow
 
 

@@ -74,7 +74,20 @@ API_OUTAGE_SECONDS = 600
 TORCH_CUDA = "13.0"
 # RunPod's values for allowedCudaVersions (its API reference for creating a pod), newest first: the CUDA
 # version of the host's driver. Without the field RunPod rents any host.
-RUNPOD_CUDA_VERSIONS = ("13.0", "12.9", "12.8", "12.7", "12.6", "12.5", "12.4", "12.3", "12.2", "12.1", "12.0", "11.8")
+RUNPOD_CUDA_VERSIONS = (
+    "13.0",
+    "12.9",
+    "12.8",
+    "12.7",
+    "12.6",
+    "12.5",
+    "12.4",
+    "12.3",
+    "12.2",
+    "12.1",
+    "12.0",
+    "11.8",
+)
 
 
 def _cuda(version: str) -> tuple[int, int]:
@@ -93,8 +106,13 @@ DEFAULT_MIN_VCPUS = 4
 GPUS_ENV = "CYCLEJ_GPUS"
 # Env vars that must reach a pod as RunPod secrets (`secret_env`), never as plain values in its spec.
 SENSITIVE_ENV = (
-    "PREFECT_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "RUNPOD_API_KEY",
+    "PREFECT_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "RUNPOD_API_KEY",
 )
 
 
@@ -106,19 +124,26 @@ class RunpodJobConfiguration(BaseJobConfiguration):
     gpu_type_id: str = Field("NVIDIA A40", description="RunPod GPU type id, e.g. 'NVIDIA A100 80GB PCIe'")
     gpu_count: int = Field(1, ge=1)
     cloud_type: CloudType = "SECURE"
-    network_volume_id: str | None = Field(None, description="mounted at volume_mount_path; pins the data center")
+    network_volume_id: str | None = Field(
+        None, description="mounted at volume_mount_path; pins the data center"
+    )
     data_center_id: str | None = None
     container_disk_gb: int = Field(50, ge=1)
-    min_memory_in_gb: int = Field(DEFAULT_MIN_MEMORY_GB, ge=1, description="host RAM the pod gets at least (GB)")
+    min_memory_in_gb: int = Field(
+        DEFAULT_MIN_MEMORY_GB, ge=1, description="host RAM the pod gets at least (GB)"
+    )
     min_vcpu_count: int = Field(DEFAULT_MIN_VCPUS, ge=1, description="vCPUs the pod gets at least")
     allowed_cuda_versions: list[str] = Field(
-        list(DEFAULT_CUDA_VERSIONS), description="host CUDA (driver) versions to rent; the image's torch needs >= 13.0"
+        list(DEFAULT_CUDA_VERSIONS),
+        description="host CUDA (driver) versions to rent; the image's torch needs >= 13.0",
     )
     volume_in_gb: int = Field(0, ge=0, description="pod-local volume (0 when a network volume is used)")
     volume_mount_path: str = "/runpod-volume"
     poll_interval_seconds: float = Field(10.0, gt=0, description="how often the flow run's state is read")
     start_timeout_seconds: float = Field(
-        1800.0, gt=0, description="a run not started by then (image pull, capacity) is Crashed and its pod terminated"
+        1800.0,
+        gt=0,
+        description="a run not started by then (image pull, capacity) is Crashed and its pod terminated",
     )
     cancel_grace_seconds: float = Field(
         60.0, ge=0, description="a run still Cancelling after this long gets its pod terminated by the worker"
@@ -152,16 +177,24 @@ class RunpodVariables(BaseVariables):
     """The job variables a deployment may set (shown in the work pool's form in the UI)."""
 
     image: str = Field(DEFAULT_IMAGE, description="container image (built from infra/Dockerfile)")
-    gpu_type_id: str = Field("NVIDIA A40", description="RunPod GPU type id; `cyclej plan` suggests one per stage")
+    gpu_type_id: str = Field(
+        "NVIDIA A40", description="RunPod GPU type id; `cyclej plan` suggests one per stage"
+    )
     gpu_count: int = Field(1, ge=1)
     cloud_type: CloudType = Field("SECURE", description="SECURE, COMMUNITY or ALL")
     network_volume_id: str | None = Field(None, description="RunPod network volume id (artifacts, HF cache)")
     data_center_id: str | None = Field(None, description="defaults to the network volume's data center")
-    container_disk_gb: int = Field(50, ge=1, description="the pod's container disk (GB); `cyclej plan` sizes it")
-    min_memory_in_gb: int = Field(
-        DEFAULT_MIN_MEMORY_GB, ge=1, description="host RAM the pod gets at least (GB); `cyclej plan` says per stage"
+    container_disk_gb: int = Field(
+        50, ge=1, description="the pod's container disk (GB); `cyclej plan` sizes it"
     )
-    min_vcpu_count: int = Field(DEFAULT_MIN_VCPUS, ge=1, description="vCPUs the pod gets at least; `cyclej plan`")
+    min_memory_in_gb: int = Field(
+        DEFAULT_MIN_MEMORY_GB,
+        ge=1,
+        description="host RAM the pod gets at least (GB); `cyclej plan` says per stage",
+    )
+    min_vcpu_count: int = Field(
+        DEFAULT_MIN_VCPUS, ge=1, description="vCPUs the pod gets at least; `cyclej plan`"
+    )
     allowed_cuda_versions: list[str] = Field(
         list(DEFAULT_CUDA_VERSIONS),
         description=f"host CUDA (driver) versions RunPod may rent, from {', '.join(RUNPOD_CUDA_VERSIONS)}; the "
@@ -228,7 +261,7 @@ def pod_env(cfg: RunpodJobConfiguration) -> dict[str, str]:
         plain.pop(key, None)  # e.g. the worker's own PREFECT_API_KEY: replaced by the secret
     for key in SENSITIVE_ENV:
         if plain.get(key):
-            where = ("the worker's Prefect settings" if key == "PREFECT_API_KEY" else "the job variable env")
+            where = "the worker's Prefect settings" if key == "PREFECT_API_KEY" else "the job variable env"
             raise ValueError(
                 f"{key} from {where} would be plain text in the RunPod pod spec; store it as a RunPod secret "
                 f"and set the job variable secret_env: {{{key}: <secret name>}}"
@@ -241,14 +274,18 @@ def check_api_url(url: str | None, allow_local: bool = False) -> None:
     """Refuse, before renting a pod, a PREFECT_API_URL a pod on RunPod cannot reach: the pod would bill
     until the start timeout, then the run would be Crashed."""
     if not url:
-        raise ValueError("PREFECT_API_URL is not set for the worker: a pod would have no Prefect API to report to")
+        raise ValueError(
+            "PREFECT_API_URL is not set for the worker: a pod would have no Prefect API to report to"
+        )
     if allow_local:
         return
     host = urlparse(url).hostname or ""
     try:
         addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError):
-        raise ValueError(f"PREFECT_API_URL {url}: the host {host!r} does not resolve; pods could not reach it") from None
+        raise ValueError(
+            f"PREFECT_API_URL {url}: the host {host!r} does not resolve; pods could not reach it"
+        ) from None
     for addr in addrs:
         ip = ipaddress.ip_address(addr.split("%")[0])
         if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified:
@@ -263,10 +300,14 @@ def check_cuda_versions(versions: list[str]) -> None:
     driver cannot run the image's torch: the pod would start, torch would find no GPU, and the GPU would
     bill for a CPU run (a stage configured for a GPU refuses to start there, cyclej.runtime.device)."""
     if not versions:
-        raise ValueError(f"allowed_cuda_versions is empty; RunPod would rent no host: use {DEFAULT_CUDA_VERSIONS}")
+        raise ValueError(
+            f"allowed_cuda_versions is empty; RunPod would rent no host: use {DEFAULT_CUDA_VERSIONS}"
+        )
     for v in versions:
         newer = re.fullmatch(r"\d+\.\d+", v) is not None and _cuda(v) > _cuda(RUNPOD_CUDA_VERSIONS[0])
-        if v not in RUNPOD_CUDA_VERSIONS and not newer:  # a newer one: RunPod adds versions as drivers come out
+        if (
+            v not in RUNPOD_CUDA_VERSIONS and not newer
+        ):  # a newer one: RunPod adds versions as drivers come out
             raise ValueError(
                 f"allowed_cuda_versions: {v!r} is not a RunPod CUDA version ({', '.join(RUNPOD_CUDA_VERSIONS)})"
             )
@@ -298,7 +339,9 @@ def create_pod(cfg: RunpodJobConfiguration) -> str:
         data_center_id = cfg.data_center_id
         if cfg.network_volume_id and data_center_id is None:  # the volume pins the data center
             volumes = runpod.get_user()["networkVolumes"]
-            data_center_id = next((v["dataCenterId"] for v in volumes if v["id"] == cfg.network_volume_id), None)
+            data_center_id = next(
+                (v["dataCenterId"] for v in volumes if v["id"] == cfg.network_volume_id), None
+            )
         # The SDK's own mutation (what runpod.create_pod sends), plus the registry auth it has no argument for.
         mutation = generate_pod_deployment_mutation(
             name=_graphql_str(cfg.name or "cyclej-flow-run"),
@@ -322,7 +365,9 @@ def create_pod(cfg: RunpodJobConfiguration) -> str:
         if cfg.container_registry_auth_id:
             image_field = f'imageName: "{cfg.image}"'
             mutation = mutation.replace(
-                image_field, f'{image_field}, containerRegistryAuthId: "{_graphql_str(cfg.container_registry_auth_id)}"', 1
+                image_field,
+                f'{image_field}, containerRegistryAuthId: "{_graphql_str(cfg.container_registry_auth_id)}"',
+                1,
             )
         pod = run_graphql_query(mutation)["data"]["podFindAndDeployOnDemand"]
     return str(pod["id"])
@@ -390,12 +435,19 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
                 try:
                     terminate_pod(pod_id)
                 except Exception as exc:  # noqa: BLE001 - named so a person can terminate it
-                    self._logger.error(f"Could not terminate pod {pod_id}: {exc}; terminate it in the RunPod console")
+                    self._logger.error(
+                        f"Could not terminate pod {pod_id}: {exc}; terminate it in the RunPod console"
+                    )
             try:
                 with get_client(sync_client=True) as client:
-                    client.set_flow_run_state(run_id, Crashed(
-                        message=f"The RunPod worker was stopped ({reason}); pod {pod_id} terminated. "
-                                "Retry the run to resume it from its last checkpoint."), force=True)
+                    client.set_flow_run_state(
+                        run_id,
+                        Crashed(
+                            message=f"The RunPod worker was stopped ({reason}); pod {pod_id} terminated. "
+                            "Retry the run to resume it from its last checkpoint."
+                        ),
+                        force=True,
+                    )
             except Exception as exc:  # noqa: BLE001
                 self._logger.error(f"Could not mark flow run {run_id} Crashed: {exc}")
             stopped.append(pod_id)
@@ -444,7 +496,9 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
                 # A Prefect API blip must not kill a pod mid-run; a long outage ends the watch.
                 api_down_since = api_down_since or time.monotonic()
                 if time.monotonic() - api_down_since > API_OUTAGE_SECONDS:
-                    logger.error(f"Prefect API unreachable for {API_OUTAGE_SECONDS} s ({exc}); terminating pod {pod_id}")
+                    logger.error(
+                        f"Prefect API unreachable for {API_OUTAGE_SECONDS} s ({exc}); terminating pod {pod_id}"
+                    )
                     return 4
                 logger.warning(f"Cannot read the flow run ({exc}); retrying")
                 await anyio.sleep(cfg.poll_interval_seconds)
@@ -456,14 +510,21 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
             if state is not None and state.is_cancelling():
                 cancelling_since = cancelling_since or time.monotonic()
                 if time.monotonic() - cancelling_since > cfg.cancel_grace_seconds:
-                    logger.warning(f"Flow run still Cancelling after {cfg.cancel_grace_seconds:.0f} s; terminating pod")
+                    logger.warning(
+                        f"Flow run still Cancelling after {cfg.cancel_grace_seconds:.0f} s; terminating pod"
+                    )
                     await self._terminate(pod_id, logger)
                     await self._mark_flow_run_as_cancelled(
-                        run, state_updates={"message": f"Cancelled: RunPod pod {pod_id} terminated by the worker."}
+                        run,
+                        state_updates={
+                            "message": f"Cancelled: RunPod pod {pod_id} terminated by the worker."
+                        },
                     )
                     return 0
             elif run.start_time is None and time.monotonic() - submitted > cfg.start_timeout_seconds:
-                logger.error(f"Pod {pod_id} did not start the flow run within {cfg.start_timeout_seconds:.0f} s")
+                logger.error(
+                    f"Pod {pod_id} did not start the flow run within {cfg.start_timeout_seconds:.0f} s"
+                )
                 return 2
             try:
                 status = await anyio.to_thread.run_sync(pod_status, pod_id)
@@ -471,7 +532,9 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
                 logger.warning(f"Cannot read pod {pod_id} ({exc}); retrying")
                 status = "UNKNOWN"
             if status is None or status in POD_GONE_STATES:
-                logger.error(f"Pod {pod_id} is {status or 'gone'} while the flow run is {state and state.name}")
+                logger.error(
+                    f"Pod {pod_id} is {status or 'gone'} while the flow run is {state and state.name}"
+                )
                 if status is None:  # RunPod no longer knows it: nothing left to terminate
                     self._terminated_pods.add(pod_id)
                 return 3

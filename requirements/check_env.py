@@ -53,14 +53,17 @@ def _allowed(line: str, cpu: bool) -> bool:
 def pip_check_problems(output: str, cpu: bool) -> list[str]:
     """The lines of `pip check`'s output that are not known gaps (`cpu`: the CPU lock's allowances too)."""
     return [
-        f"pip check: {line}" for line in output.splitlines()
+        f"pip check: {line}"
+        for line in output.splitlines()
         if line.strip() and line.strip() != "No broken requirements found." and not _allowed(line, cpu)
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lock", type=Path, default=LOCK, help="the lock to check against (default: cpu.lock)")
+    parser.add_argument(
+        "--lock", type=Path, default=LOCK, help="the lock to check against (default: cpu.lock)"
+    )
     lock = parser.parse_args(argv).lock
     pins = locked_pins(lock)
     # The CPU lock is the one with vLLM's CPU build; the GPU lock pins `vllm` itself.

@@ -52,7 +52,9 @@ def forward_project_logs() -> None:
         project.setLevel(logging.INFO)
     for handler in logging.getLogger("prefect.extra").handlers:
         if handler not in project.handlers:
-            handler.addFilter(lambda _record: FlowRunContext.get() is not None or TaskRunContext.get() is not None)
+            handler.addFilter(
+                lambda _record: FlowRunContext.get() is not None or TaskRunContext.get() is not None
+            )
             project.addHandler(handler)
 
 
@@ -145,7 +147,9 @@ def _progress_listener() -> Any:
         last_tenths, last_time = logged.get(key, (-1, 0.0))
         if tenths > last_tenths or time.monotonic() - last_time >= LOG_EVERY_SECONDS:
             logged[key] = (tenths, time.monotonic())
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            shown = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+            )
             logger.info("%s: %s %d/%d %s", stage, desc, done, total, shown)
         try:
             if key not in artifact_ids:
@@ -172,12 +176,19 @@ def _sample_rows(store: ArtifactStore, ref: ArtifactRef, rel: str) -> list[dict[
         raw = store.read_file(ref, rel).decode("utf-8")
     except FileNotFoundError:
         return []
-    rows = json.loads(raw) if rel.endswith(".json") else [json.loads(x) for x in raw.splitlines() if x.strip()]
+    rows = (
+        json.loads(raw) if rel.endswith(".json") else [json.loads(x) for x in raw.splitlines() if x.strip()]
+    )
     rows = [r for r in rows if isinstance(r, dict)][-MAX_TABLE_ROWS:]
     ordered = [{k: r[k] for k in LEADING_COLUMNS if k in r} | r for r in rows]
     # table cells must be scalars
-    return [{k: (v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v)) for k, v in r.items()}
-            for r in ordered]
+    return [
+        {
+            k: (v if isinstance(v, int | float | str | bool) or v is None else json.dumps(v))
+            for k, v in r.items()
+        }
+        for r in ordered
+    ]
 
 
 def browser_links(store: ArtifactStore, ref: ArtifactRef) -> dict[str, str]:
@@ -192,7 +203,9 @@ def browser_links(store: ArtifactStore, ref: ArtifactRef) -> dict[str, str]:
         links["manifest"] = store.fs.sign(f"{bucket}/{key}/MANIFEST.json", expiration=PRESIGNED_LINK_SECONDS)
     except Exception:  # noqa: BLE001 - a store that cannot presign still gets the listing link
         pass
-    endpoint = (getattr(store.fs, "client_kwargs", None) or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (getattr(store.fs, "client_kwargs", None) or {}).get("endpoint_url") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
     prefix = urllib.parse.quote(f"{key}/")
     if endpoint:
         links["listing"] = f"{endpoint.rstrip('/')}/{bucket}?list-type=2&prefix={prefix}"
@@ -210,14 +223,20 @@ def post_training_signal(ref: ArtifactRef, store: ArtifactStore, key: str) -> No
         return
     records = [json.loads(x) for x in log_text.splitlines() if x.strip().startswith("{")]
     if rows := signal_table(records):
-        create_table_artifact(key=f"{key}-training-signal", table=rows,
-                              description=f"{ref.stage}: per-step update size ‖Δθ‖/‖θ‖, loss, rewards, KL, style share")
+        create_table_artifact(
+            key=f"{key}-training-signal",
+            table=rows,
+            description=f"{ref.stage}: per-step update size ‖Δθ‖/‖θ‖, loss, rewards, KL, style share",
+        )
     try:
         png = store.read_file(ref, TRAINING_PLOT)
     except FileNotFoundError:
         return
-    create_markdown_artifact(key=f"{key}-training-plot", markdown=plot_markdown(png, f"{ref.stage}: training signal"),
-                             description=f"{ref.stage}: training signal plot")
+    create_markdown_artifact(
+        key=f"{key}-training-plot",
+        markdown=plot_markdown(png, f"{ref.stage}: training signal"),
+        description=f"{ref.stage}: training signal plot",
+    )
 
 
 def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False) -> None:
@@ -226,24 +245,37 @@ def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False)
     key = ref.stage.replace("_", "-")
     links = browser_links(store, ref)
     origin = " (from the cache)" if cached else ""
-    create_link_artifact(key=f"{key}-uri", link=links.get("manifest", ref.uri), link_text=f"{ref.stage}/{ref.fingerprint}",
-                         description=f"Artifact of stage `{ref.stage}`{origin}: `{ref.uri}`")
+    create_link_artifact(
+        key=f"{key}-uri",
+        link=links.get("manifest", ref.uri),
+        link_text=f"{ref.stage}/{ref.fingerprint}",
+        description=f"Artifact of stage `{ref.stage}`{origin}: `{ref.uri}`",
+    )
     where = f"`{ref.uri}`" + "".join(f" · [{name}]({url})" for name, url in links.items())
     scalars = {k: v for k, v in ref.metrics.items() if isinstance(v, int | float | str | bool)}
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items())
+    rows = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()
+    )
     table = f"| metric | value |\n|---|---|\n{rows}\n" if scalars else ""
-    create_markdown_artifact(key=f"{key}-metrics", markdown=f"### {ref.stage}{origin}\n\n{where}\n\n{table}",
-                             description=f"Metrics of stage `{ref.stage}`")
+    create_markdown_artifact(
+        key=f"{key}-metrics",
+        markdown=f"### {ref.stage}{origin}\n\n{where}\n\n{table}",
+        description=f"Metrics of stage `{ref.stage}`",
+    )
     for name, table in ref.metrics.items():
         if isinstance(table, list) and table and all(isinstance(r, dict) for r in table):
-            create_table_artifact(key=f"{key}-{name.replace('_', '-')}", table=table,
-                                  description=f"{ref.stage}: {name}")
+            create_table_artifact(
+                key=f"{key}-{name.replace('_', '-')}", table=table, description=f"{ref.stage}: {name}"
+            )
     post_training_signal(ref, store, key)
     for rel in SAMPLE_FILES:
         rows = _sample_rows(store, ref, rel)
         if rows:
-            create_table_artifact(key=f"{key}-{rel.split('.')[0]}", table=rows,
-                                  description=f"{ref.stage}: {rel} (last {len(rows)} rows)")
+            create_table_artifact(
+                key=f"{key}-{rel.split('.')[0]}",
+                table=rows,
+                description=f"{ref.stage}: {rel} (last {len(rows)} rows)",
+            )
 
 
 def post_resume_point(stage: PlannedStage, cfg: PipelineConfig, error: BaseException) -> None:
@@ -259,8 +291,10 @@ def post_resume_point(stage: PlannedStage, cfg: PipelineConfig, error: BaseExcep
     reason = str(error).splitlines()[0] if str(error) else ""
     create_markdown_artifact(
         key=f"{name.replace('_', '-')}-resume-point",
-        markdown=(f"### `{name}` failed\n\n{type(error).__name__}: {reason}\n\nRetry resumes from **{point}**."
-                  f"\n\nCheckpoints: {', '.join(ckpts) or 'none'}"),
+        markdown=(
+            f"### `{name}` failed\n\n{type(error).__name__}: {reason}\n\nRetry resumes from **{point}**."
+            f"\n\nCheckpoints: {', '.join(ckpts) or 'none'}"
+        ),
         description=f"Where a retry of `{name}` resumes",
     )
 
@@ -314,7 +348,9 @@ def configured_stage_task(stage: PlannedStage, cfg: PipelineConfig) -> Any:
 
 
 @task(name="shard", task_run_name="{stage.name}-shard-{shard}")
-def shard_task(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], shard: int) -> int:
+def shard_task(
+    stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, dict[str, Any]], shard: int
+) -> int:
     """One shard of a sharded stage (paraphrase); mapped so several workers can share the stage."""
     run_shard(stage, cfg, refs_from(inputs), store_for(cfg), shard, Progress())
     return shard

@@ -25,7 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 YELP = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp" / "train.0"
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir())

@@ -79,7 +79,9 @@ def _hf(path: Path) -> TransformersBackend:
 
 def test_greedy_output_equals_the_transformers_backend(engine: VllmBackend, model_dir: Path) -> None:
     assert engine.generate(PROMPTS, GREEDY) == _hf(model_dir).generate(PROMPTS, GREEDY)
-    assert engine.last_generated_tokens == sum(len(c) for per in engine.generate(PROMPTS, GREEDY) for c in per)
+    assert engine.last_generated_tokens == sum(
+        len(c) for per in engine.generate(PROMPTS, GREEDY) for c in per
+    )
 
 
 def test_sampling_is_seeded(engine: VllmBackend) -> None:
@@ -87,12 +89,16 @@ def test_sampling_is_seeded(engine: VllmBackend) -> None:
     first = engine.generate(PROMPTS[:2], settings)
     assert [len(s) for s in first] == [3, 3]
     assert first == engine.generate(PROMPTS[:2], settings)
-    assert first != engine.generate(PROMPTS[:2], SamplingSettings(max_new_tokens=5, temperature=1.0, n=3, seed=6))
+    assert first != engine.generate(
+        PROMPTS[:2], SamplingSettings(max_new_tokens=5, temperature=1.0, n=3, seed=6)
+    )
     # More seeded prompts than one scheduler step holds (512 tokens): with chunked prefill vLLM 0.32 on a
     # CPU rewound a seeded generator and the engine died ("CPU Generator does not use offset").
     many = [[(7 * i + j) % 1000 + 1 for j in range(40)] for i in range(30)]
     big = engine.generate(many, SamplingSettings(max_new_tokens=4, temperature=1.0, n=2, seed=3))
-    assert len(big) == 30 and big == engine.generate(many, SamplingSettings(max_new_tokens=4, temperature=1.0, n=2, seed=3))
+    assert len(big) == 30 and big == engine.generate(
+        many, SamplingSettings(max_new_tokens=4, temperature=1.0, n=2, seed=3)
+    )
 
 
 def test_weight_push_reaches_the_engine_process(engine: VllmBackend, model_dir: Path, tmp_path: Path) -> None:
@@ -135,32 +141,55 @@ def test_weight_push_with_the_engine_in_this_process(model_dir: Path, tmp_path: 
     script_file = tmp_path / "in_process.py"
     script_file.write_text(script)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(script_file)], capture_output=True, text=True, env=env, timeout=400)
+    done = subprocess.run(
+        [sys.executable, str(script_file)], capture_output=True, text=True, env=env, timeout=400
+    )
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result_lines, done.stderr[-3000:]
-    assert json.loads(result_lines[-1][len("RESULT "):]) == {"changed": True, "equal": True}
+    assert json.loads(result_lines[-1][len("RESULT ") :]) == {"changed": True, "equal": True}
 
 
 def test_rl_rollouts_follow_the_policy_after_each_update(engine: VllmBackend, model_dir: Path) -> None:
     policy, tok = load_model(str(model_dir), markers=MARKERS)
     ida, idb = marker_token_ids(tok, MARKERS)
     engine.load_weights(policy.state_dict())  # the engine starts from the policy's weights
-    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=4, rollout_micro_batch=2, max_new_tokens=6, lr=1e-2,
-                   max_grad_norm=1.0, warmup_ratio=0.0, backend="vllm", precision="fp32")
+    cfg = RLConfig(
+        steps=2,
+        prompts_per_step=2,
+        rollouts=4,
+        rollout_micro_batch=2,
+        max_new_tokens=6,
+        lr=1e-2,
+        max_grad_norm=1.0,
+        warmup_ratio=0.0,
+        backend="vllm",
+        precision="fp32",
+    )
     sources = {"a": ["the food was cold", "terrible service"], "b": ["great food", "lovely staff"]}
 
     def spread(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 4) for i in range(len(ro))]}
 
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, sources, spread, {"c": 1.0}, backend=engine,
-                        back_translate=False)
+    trainer = RLTrainer(
+        cfg,
+        policy,
+        tok,
+        {"a": ida, "b": idb},
+        sources,
+        spread,
+        {"c": 1.0},
+        backend=engine,
+        back_translate=False,
+    )
     prompt = [[ida, *tok("great food", add_special_tokens=False)["input_ids"], idb]]
     start = engine.generate(prompt, GREEDY)
     try:
         for _ in range(2):
             trainer.step()
             # After each update the engine samples from the updated policy, not the start model.
-            assert engine.generate(prompt, GREEDY) == TransformersBackend(policy, tok).generate(prompt, GREEDY)
+            assert engine.generate(prompt, GREEDY) == TransformersBackend(policy, tok).generate(
+                prompt, GREEDY
+            )
         assert engine.generate(prompt, GREEDY) != start
     finally:
         engine.load_weights(_hf(model_dir).model.state_dict())
@@ -175,7 +204,9 @@ def test_evaluation_through_a_vllm_engine(engine: VllmBackend, model_dir: Path) 
     dev_a = ["the food was cold .", "terrible service .", "never again ."]
     dev_b = ["great food .", "lovely staff .", "best pasta in town ."]
     on_vllm = ModelTranslator(model=engine, tokenizer=tok, markers=tuple(MARKERS), max_new_tokens=6)
-    on_hf = ModelTranslator(model=_hf(model_dir).model, tokenizer=tok, markers=tuple(MARKERS), max_new_tokens=6)
+    on_hf = ModelTranslator(
+        model=_hf(model_dir).model, tokenizer=tok, markers=tuple(MARKERS), max_new_tokens=6
+    )
     assert on_vllm(dev_a, "b") == on_hf(dev_a, "b")
     report = evaluate({"vllm": on_vllm}, dev_a, dev_b, dev_a * 4, dev_b * 4, cfg)
     row = next(r for r in report.rows if r["system"] == "vllm")
@@ -189,8 +220,12 @@ def test_paraphrase_shard_through_vllm_equals_transformers(tmp_path: Path, model
 
     raw = {}
     for backend in ("vllm", "transformers"):
-        extra = [f"paraphrase.backend={backend}", "paraphrase.vllm.enforce_eager=true",
-                 "paraphrase.vllm.max_model_len=256", "paraphrase.use_embedder=false"]
+        extra = [
+            f"paraphrase.backend={backend}",
+            "paraphrase.vllm.enforce_eager=true",
+            "paraphrase.vllm.max_model_len=256",
+            "paraphrase.use_embedder=false",
+        ]
         cfg = _stage_cfg(tmp_path / backend, model_dir, *extra)
         store = ArtifactStore(cfg.storage.root)
         inputs = {"data": _data_artifact(store)}
@@ -208,9 +243,25 @@ def test_translate_cli_with_backend_vllm(tmp_path: Path, model_dir: Path) -> Non
     outs = {}
     for backend in ("vllm", "transformers"):
         done = subprocess.run(
-            [sys.executable, "-m", "cyclej.cli", "translate", "--model", str(model_dir), "--to", "b",
-             "--max-new-tokens", "6", "--backend", backend, str(tmp_path / "in.txt")],
-            capture_output=True, text=True, timeout=400, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "cyclej.cli",
+                "translate",
+                "--model",
+                str(model_dir),
+                "--to",
+                "b",
+                "--max-new-tokens",
+                "6",
+                "--backend",
+                backend,
+                str(tmp_path / "in.txt"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            cwd=REPO,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         outs[backend] = done.stdout.splitlines()
@@ -242,7 +293,9 @@ def test_vllm_that_does_not_import_names_the_fix(model_dir: Path, monkeypatch: p
 def test_make_backend_honours_max_model_len_and_dtype(model_dir: Path) -> None:
     """`paraphrase.vllm.max_model_len` reaches the engine through make_backend (it used to be dropped: the
     model's own length, 256 here, 32768 for Mistral), and so does the dtype."""
-    backend = make_backend("vllm", str(model_dir), max_model_len=200, dtype=torch.bfloat16, enforce_eager=True)
+    backend = make_backend(
+        "vllm", str(model_dir), max_model_len=200, dtype=torch.bfloat16, enforce_eager=True
+    )
     try:
         assert isinstance(backend, VllmBackend)
         config = backend.llm.llm_engine.model_config

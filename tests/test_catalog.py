@@ -11,7 +11,9 @@ import pytest
 from cyclej.models.catalog import resolve_model
 
 
-def test_built_model_folder_is_keyed_by_transformers_and_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_built_model_folder_is_keyed_by_transformers_and_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CYCLEJ_CACHE", str(tmp_path))
     # What an older release left: the unversioned folder name, marked complete, holding nothing usable.
     stale = tmp_path / "models" / "tiny-gptj-v1"

@@ -23,7 +23,6 @@ from tests.helpers.tiny_models import LINES, MARKERS, SOURCES
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
-
 def first_layer(model: torch.nn.Module) -> torch.nn.Module:
     """Decoder layer 0 of a GPT-J (transformer.h) or a Llama (model.layers), under peft or not."""
     for name, module in model.named_modules():
@@ -40,16 +39,36 @@ def count_forwards(model: torch.nn.Module) -> list[int]:
 
 
 # ---- the trainer (LoRA) --------------------------------------------------------------------------------
-def lora_step(spec: str, checkpointing: bool, tmp_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
+def lora_step(
+    spec: str, checkpointing: bool, tmp_path: Path
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
     model, tok = load_model(spec, markers=MARKERS)
     ids = marker_token_ids(tok, MARKERS)
     examples = [domain_example(tok, ids[i % 2], t) for i, t in enumerate(LINES)] * 2
     calls = count_forwards(model)
-    cfg = TrainConfig(batch_size=4, micro_batch_size=2, lr=1e-2, max_steps=1, seq_len=64, precision="fp32",
-                      packing=False, eval_batches=1, gradient_checkpointing=checkpointing)
+    cfg = TrainConfig(
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-2,
+        max_steps=1,
+        seq_len=64,
+        precision="fp32",
+        packing=False,
+        eval_batches=1,
+        gradient_checkpointing=checkpointing,
+    )
     store = ArtifactStore(str(tmp_path / f"store-{checkpointing}"))
-    result = train(model, train_examples=examples, dev_examples=examples[:2], tcfg=cfg, store=store,
-                   stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+    result = train(
+        model,
+        train_examples=examples,
+        dev_examples=examples[:2],
+        tcfg=cfg,
+        store=store,
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     return result.metrics, {k: v.clone() for k, v in result.trainable_state.items()}, calls[0]
 
 
@@ -69,22 +88,43 @@ def test_lora_step_with_checkpointing_recomputes_the_layers_and_keeps_loss_and_u
 
 
 # ---- RL -------------------------------------------------------------------------------------------------
-def rl_step(spec: str, checkpointing: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], int, torch.nn.Module]:
+def rl_step(
+    spec: str, checkpointing: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], int, torch.nn.Module]:
     policy, tok = load_model(spec, markers=MARKERS)
     for m in policy.modules():  # a policy with dropout configured: RL must not apply it either way
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.5
     ida, idb = marker_token_ids(tok, MARKERS)
-    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=4, rollout_micro_batch=1, max_new_tokens=5, lr=1e-3,
-                   max_grad_norm=1e6, warmup_ratio=0.0, backend="transformers", precision="fp32",
-                   gradient_checkpointing=checkpointing)
+    cfg = RLConfig(
+        steps=2,
+        prompts_per_step=2,
+        rollouts=4,
+        rollout_micro_batch=1,
+        max_new_tokens=5,
+        lr=1e-3,
+        max_grad_norm=1e6,
+        warmup_ratio=0.0,
+        backend="transformers",
+        precision="fp32",
+        gradient_checkpointing=checkpointing,
+    )
 
     def spread(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 3) for i in range(len(ro))]}
 
     backend = TransformersBackend(policy, tok, batch_size=8)
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, SOURCES, spread, {"c": 1.0}, backend=backend,
-                        back_translate=False)
+    trainer = RLTrainer(
+        cfg,
+        policy,
+        tok,
+        {"a": ida, "b": idb},
+        SOURCES,
+        spread,
+        {"c": 1.0},
+        backend=backend,
+        back_translate=False,
+    )
     grads: dict[str, torch.Tensor] = {}
     for name, p in policy.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
@@ -113,10 +153,24 @@ def test_the_trained_model_comes_back_without_checkpointing(tmp_path: Path) -> N
     model, tok = load_model("tiny-gptj", markers=MARKERS)
     ids = marker_token_ids(tok, MARKERS)
     examples = [domain_example(tok, ids[i % 2], t) for i, t in enumerate(LINES)]
-    cfg = TrainConfig(batch_size=2, micro_batch_size=2, max_steps=1, seq_len=64, precision="fp32",
-                      gradient_checkpointing=True)
-    result = train(model, train_examples=examples, tcfg=cfg, store=ArtifactStore(str(tmp_path)),
-                   stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+    cfg = TrainConfig(
+        batch_size=2,
+        micro_batch_size=2,
+        max_steps=1,
+        seq_len=64,
+        precision="fp32",
+        gradient_checkpointing=True,
+    )
+    result = train(
+        model,
+        train_examples=examples,
+        tcfg=cfg,
+        store=ArtifactStore(str(tmp_path)),
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     plain = result.merged_model()
     assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
     assert not getattr(plain, "_require_grads_hooks", None)

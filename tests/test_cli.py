@@ -14,8 +14,14 @@ SAMPLES = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
 
 
 def cyclej(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cyclej.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def write_config(tmp_path: Path, **changes: object) -> Path:
@@ -61,7 +67,10 @@ def test_validate_ok(tmp_path: Path) -> None:
         ({"rl__rollouts": 1}, ("rl.rollouts", "greater than or equal to 2")),
         ({"rl__rollout": 4}, ("rl.rollout", "unknown key")),
         ({"merge__weight": 1.5}, ("merge.weight",)),
-        ({"domain_train__batch_size": 30, "domain_train__micro_batch_size": 4}, ("domain_train", "not divisible")),
+        (
+            {"domain_train__batch_size": 30, "domain_train__micro_batch_size": 4},
+            ("domain_train", "not divisible"),
+        ),
         ({"domain_b__marker": "<|A|>"}, ("marker",)),
     ],
 )
@@ -83,7 +92,9 @@ def test_validate_binary_corpus(tmp_path: Path) -> None:
 
 
 def test_validate_same_file_both_domains(tmp_path: Path) -> None:
-    proc = cyclej("validate", str(write_config(tmp_path, domain_b__train=[str(SAMPLES / "train.0")])), cwd=tmp_path)
+    proc = cyclej(
+        "validate", str(write_config(tmp_path, domain_b__train=[str(SAMPLES / "train.0")])), cwd=tmp_path
+    )
     assert_bad_input(proc, "same file (identical content)")
 
 
@@ -95,9 +106,13 @@ def test_validate_unwritable_storage(tmp_path: Path) -> None:
 
 
 def test_bad_fault_spec_and_unknown_preset(tmp_path: Path) -> None:
-    assert_bad_input(cyclej("validate", str(write_config(tmp_path)), cwd=tmp_path, env={"CYCLEJ_FAULT": "rl:x:boom"}),
-                     "CYCLEJ_FAULT")
-    assert_bad_input(cyclej("run", "--preset", "huge", cwd=tmp_path), "--preset huge", "tiny, demo, yelp, gptj")
+    assert_bad_input(
+        cyclej("validate", str(write_config(tmp_path)), cwd=tmp_path, env={"CYCLEJ_FAULT": "rl:x:boom"}),
+        "CYCLEJ_FAULT",
+    )
+    assert_bad_input(
+        cyclej("run", "--preset", "huge", cwd=tmp_path), "--preset huge", "tiny, demo, yelp, gptj"
+    )
 
 
 def test_status_lists_every_stage(tmp_path: Path) -> None:
@@ -109,8 +124,11 @@ def test_status_lists_every_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # two runs with a temporary Prefect server each (~1 min)
-@pytest.mark.parametrize(("fault", "signal_after"), [("", "Beginning flow run"), ("context:2:hang", "context: train")],
-                         ids=["between-stages", "stuck-stage"])
+@pytest.mark.parametrize(
+    ("fault", "signal_after"),
+    [("", "Beginning flow run"), ("context:2:hang", "context: train")],
+    ids=["between-stages", "stuck-stage"],
+)
 def test_sigterm_stops_the_run_and_its_temporary_prefect_server(
     tmp_path: Path, fault: str, signal_after: str
 ) -> None:
@@ -129,9 +147,23 @@ def test_sigterm_stops_the_run_and_its_temporary_prefect_server(
     env["CYCLEJ_FAULT"], env["CYCLEJ_SIGTERM_GRACE"] = fault, "2"
     log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe could fill and block the run
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
-                                 str(tmp_path / "store")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cyclej.cli",
+                "run",
+                "--preset",
+                "tiny",
+                "--storage",
+                str(tmp_path / "store"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
     try:
         for _ in range(1200):  # wait until the run is where the signal should reach it
             text = log.read_text()

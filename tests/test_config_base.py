@@ -21,11 +21,22 @@ def _write(path: Path, data: dict[str, object]) -> Path:
 
 
 def test_merge_over_base_merges_mappings_and_replaces_everything_else() -> None:
-    base = {"rl": {"steps": 4, "rewards": {"bleu": 0.5, "rouge": 0.5}}, "merge": {"sweep": [0.3, 0.5]}, "x": 1}
+    base = {
+        "rl": {"steps": 4, "rewards": {"bleu": 0.5, "rouge": 0.5}},
+        "merge": {"sweep": [0.3, 0.5]},
+        "x": 1,
+    }
     user = {"rl": {"rewards": {"bleu": 1.0}}, "merge": {"sweep": [0.7]}, "x": None}
     out = merge_over_base(base, user)
-    assert out == {"rl": {"steps": 4, "rewards": {"bleu": 1.0, "rouge": 0.5}}, "merge": {"sweep": [0.7]}, "x": None}
-    assert base["rl"] == {"steps": 4, "rewards": {"bleu": 0.5, "rouge": 0.5}}  # the preset's mapping is not edited
+    assert out == {
+        "rl": {"steps": 4, "rewards": {"bleu": 1.0, "rouge": 0.5}},
+        "merge": {"sweep": [0.7]},
+        "x": None,
+    }
+    assert base["rl"] == {
+        "steps": 4,
+        "rewards": {"bleu": 0.5, "rouge": 0.5},
+    }  # the preset's mapping is not edited
 
 
 def test_a_base_alone_is_the_preset(tmp_path: Path) -> None:
@@ -36,12 +47,17 @@ def test_a_base_alone_is_the_preset(tmp_path: Path) -> None:
 
 def test_user_keys_override_the_base_and_corpora_come_as_a_unit(tmp_path: Path) -> None:
     (tmp_path / "corpora" / "a").mkdir(parents=True)
-    cfg = load_config(_write(tmp_path / "conf" / "my.yaml", {
-        "base": "tiny",
-        "name": "mine",
-        "domain_a": {"name": "formal", "train": ["../corpora/a/"]},
-        "rl": {"steps": 2},
-    }))
+    cfg = load_config(
+        _write(
+            tmp_path / "conf" / "my.yaml",
+            {
+                "base": "tiny",
+                "name": "mine",
+                "domain_a": {"name": "formal", "train": ["../corpora/a/"]},
+                "rl": {"steps": 2},
+            },
+        )
+    )
     tiny = load_config(preset="tiny")
     assert cfg.name == "mine" and cfg.rl.steps == 2
     assert cfg.rl.rollouts == tiny.rl.rollouts and cfg.models == tiny.models  # inherited
@@ -52,19 +68,26 @@ def test_user_keys_override_the_base_and_corpora_come_as_a_unit(tmp_path: Path) 
     assert cfg.domain_b == tiny.domain_b  # a domain the user did not name stays the preset's
 
 
-def test_user_storage_resolves_against_the_file_and_a_presets_against_the_working_directory(tmp_path: Path) -> None:
+def test_user_storage_resolves_against_the_file_and_a_presets_against_the_working_directory(
+    tmp_path: Path,
+) -> None:
     cfg = load_config(_write(tmp_path / "conf" / "my.yaml", {"base": "tiny", "storage": {"root": "./store"}}))
     assert cfg.storage.root == str(tmp_path / "conf" / "store")
     assert load_config(preset="tiny").storage.root == "./cyclej-store"  # as it always was
 
 
 @pytest.mark.parametrize("use_preset", [True, False])
-def test_set_paths_resolve_against_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         use_preset: bool) -> None:
+def test_set_paths_resolve_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_preset: bool
+) -> None:
     """`--set domain_a.train=[data/original.txt]` means ./data/original.txt where the command runs, with a
     preset (it used to mean cyclej/presets/data/original.txt) and with a file in another folder."""
     monkeypatch.chdir(tmp_path)
-    source = {"preset": "yelp"} if use_preset else {"path": _write(tmp_path / "elsewhere" / "my.yaml", {"base": "yelp"})}
+    source = (
+        {"preset": "yelp"}
+        if use_preset
+        else {"path": _write(tmp_path / "elsewhere" / "my.yaml", {"base": "yelp"})}
+    )
     cfg = load_config(**source, overrides=["domain_a.train=[data/original.txt]", "domain_b.dev=data/dev.txt"])
     assert cfg.domain_a.train == [str(tmp_path / "data" / "original.txt")]
     assert cfg.domain_b.dev == [str(tmp_path / "data" / "dev.txt")]
@@ -75,7 +98,9 @@ def test_set_paths_resolve_against_the_working_directory(tmp_path: Path, monkeyp
 
 def test_an_unknown_base_is_one_line_naming_the_file(tmp_path: Path) -> None:
     path = _write(tmp_path / "my.yaml", {"base": "yelpp"})
-    with pytest.raises(BadInput, match=r"my.yaml: base: 'yelpp' is not a preset \(one of tiny, demo, yelp, gptj\)"):
+    with pytest.raises(
+        BadInput, match=r"my.yaml: base: 'yelpp' is not a preset \(one of tiny, demo, yelp, gptj\)"
+    ):
         load_config(path)
 
 
@@ -88,7 +113,19 @@ def test_init_writes_a_commented_config_that_inherits_the_preset(tmp_path: Path,
 
     root = Path(__file__).resolve().parents[1]
     path = tmp_path / "my.yaml"
-    cmd = [sys.executable, "-m", "cyclej.cli", "init", str(path), "--from", preset, "--a", "x/formal/", "--b", "y.txt"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cyclej.cli",
+        "init",
+        str(path),
+        "--from",
+        preset,
+        "--a",
+        "x/formal/",
+        "--b",
+        "y.txt",
+    ]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = path.read_text(encoding="utf-8")
@@ -113,13 +150,23 @@ def test_translate_config_before_a_run_says_what_to_run(tmp_path: Path) -> None:
     import sys
 
     path = _write(tmp_path / "my.yaml", {"base": "tiny", "storage": {"root": "./store"}})
-    done = subprocess.run([sys.executable, "-m", "cyclej.cli", "translate", "--config", str(path), "--to", "b"],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, input="x\n",
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "cyclej.cli", "translate", "--config", str(path), "--to", "b"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        input="x\n",
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[-1].endswith(
-        f"no finished model in {tmp_path / 'store'} (rl {fingerprints(load_config(path))['rl']}); run "
-        f"`cyclej run {path}` first (`cyclej status` shows how far it got)")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"no finished model in {tmp_path / 'store'} (rl {fingerprints(load_config(path))['rl']}); run "
+            f"`cyclej run {path}` first (`cyclej status` shows how far it got)"
+        )
+    )
 
 
 def test_validate_refuses_corpora_too_small_for_one_context_row(tmp_path: Path) -> None:
@@ -132,18 +179,31 @@ def test_validate_refuses_corpora_too_small_for_one_context_row(tmp_path: Path) 
     for name, source in (("a.txt", "train.0"), ("b.txt", "train.1")):
         lines = (samples / source).read_text(encoding="utf-8").splitlines()[:240]
         (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    path = _write(tmp_path / "my.yaml", {"base": "tiny", "storage": {"root": "./store"},
-                                         "domain_a": {"train": ["a.txt"]}, "domain_b": {"train": ["b.txt"]}})
+    path = _write(
+        tmp_path / "my.yaml",
+        {
+            "base": "tiny",
+            "storage": {"root": "./store"},
+            "domain_a": {"train": ["a.txt"]},
+            "domain_b": {"train": ["b.txt"]},
+        },
+    )
 
     def validate(*sets: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cyclej.cli", "validate", str(path), *sets],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "cyclej.cli", "validate", str(path), *sets],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     small = validate()
     assert small.returncode == 2, small.stderr
     assert small.stderr.strip().splitlines()[-1] == (
         "cyclej: error: context: the dev lines of both domains hold fewer tokens than one row of "
-        "context.seq_len=256; lower context.seq_len or add text (or give dev files)")
+        "context.seq_len=256; lower context.seq_len or add text (or give dev files)"
+    )
     assert validate("--set", "context.seq_len=64").returncode == 0  # what the message suggests works
     # `cyclej run --until data` runs no context stage: its launcher does not refuse the corpora for it.
     from cyclej.cli import _check_inputs

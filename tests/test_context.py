@@ -73,7 +73,9 @@ def test_perplexity_is_exp_of_the_models_own_loss(spec: str) -> None:
     assert perplexity(model, rows, batch_size=2) == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
-def test_perplexity_out_of_memory_halves_the_batch_and_gives_the_same_value(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_perplexity_out_of_memory_halves_the_batch_and_gives_the_same_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A CUDA OOM (here the CUBLAS one, a plain RuntimeError) in the perplexity pass halved nothing before
     and failed the stage after its training; now the chunk is redone at half the batch (issue 22, point 10)."""
     from cyclej.runtime import faults

@@ -64,7 +64,10 @@ def client_for(env: dict[str, str]) -> Iterator[Any]:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
         yield client
 
 
@@ -77,18 +80,38 @@ def run_env(server_env: dict[str, str], **extra: str) -> dict[str, str]:
 
 
 def cyclej_args(store_root: str, context_steps: int) -> list[str]:
-    return ["run", "--preset", "tiny", "--storage", store_root, "--until", "context",
-            "--set", f"context.max_steps={context_steps}", "--set", "orchestration.retries=0"]
+    return [
+        "run",
+        "--preset",
+        "tiny",
+        "--storage",
+        store_root,
+        "--until",
+        "context",
+        "--set",
+        f"context.max_steps={context_steps}",
+        "--set",
+        "orchestration.retries=0",
+    ]
 
 
 def config(store_root: str, context_steps: int) -> PipelineConfig:
-    return load_config(preset="tiny", storage=store_root,
-                       overrides=[f"context.max_steps={context_steps}", "orchestration.retries=0"])
+    return load_config(
+        preset="tiny",
+        storage=store_root,
+        overrides=[f"context.max_steps={context_steps}", "orchestration.retries=0"],
+    )
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cyclej.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def flow_run_id_from(stderr: str) -> UUID:
@@ -105,7 +128,9 @@ def wait_for_state(env: dict[str, str], flow_run_id: UUID, types: set[str], time
             if run.state is not None and run.state.type.value in types:
                 return run
             if time.monotonic() > deadline:
-                pytest.fail(f"flow run {flow_run_id} still {run.state.name if run.state else None} after {timeout} s")
+                pytest.fail(
+                    f"flow run {flow_run_id} still {run.state.name if run.state else None} after {timeout} s"
+                )
             time.sleep(0.5)
 
 
@@ -124,8 +149,9 @@ def run_logs(env: dict[str, str], flow_run_id: UUID) -> list[str]:
     messages: list[str] = []
     with client_for(env) as client:
         while True:
-            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                    limit=200, offset=len(messages))
+            page = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=len(messages)
+            )
             messages += [log.message for log in page]
             if len(page) < 200:
                 return messages
@@ -136,7 +162,9 @@ def run_artifacts(env: dict[str, str], flow_run_id: UUID) -> dict[str, Any]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with client_for(env) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {a.key: a for a in sorted(arts, key=lambda a: a.created) if a.key}
 
 
@@ -160,16 +188,22 @@ def kill_all(launcher: subprocess.Popen[bytes]) -> None:
         os.killpg(launcher.pid, signal.SIGKILL)
 
 
-def start_run_hung_in_context(server_env: dict[str, str], store_root: str, context_steps: int,
-                              log: Path) -> subprocess.Popen[bytes]:
+def start_run_hung_in_context(
+    server_env: dict[str, str], store_root: str, context_steps: int, log: Path
+) -> subprocess.Popen[bytes]:
     """`cyclej run` in its own session with `context` hanging at step 3; returns once step 2 is checkpointed."""
     cfg = config(store_root, context_steps)
     store = ArtifactStore.from_config(cfg.storage)
     fp = fingerprints(cfg)["context"]
     with open(log, "w") as err:
-        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, context_steps)],
-                                    cwd=ROOT, env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "cyclej.cli", *cyclej_args(store_root, context_steps)],
+            cwd=ROOT,
+            env=run_env(server_env, CYCLEJ_FAULT="context:3:hang"),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 300
     while "step-00000002" not in store.list_checkpoints("context", fp):
         if launcher.poll() is not None or time.monotonic() > deadline:
@@ -190,9 +224,14 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
     it must not execute the `cyclej run` run a second time."""
     serve_log = tmp_path / "serve.log"
     with open(serve_log, "wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "serve"], cwd=tmp_path,
-                                 env=run_env(server_env), stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "cyclej.cli", "serve"],
+            cwd=tmp_path,
+            env=run_env(server_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         cfg = config(store_root, 4)
         fps = fingerprints(cfg)
@@ -207,7 +246,9 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
         assert {"cyclej", "preset:tiny", "storage:local"} <= set(run.tags)
         assert deployment.name == "cyclej-run"  # a deployment run: the UI shows Retry
         assert run.parameters["config"]["storage"]["root"].startswith("file:///")
-        assert stage_states(server_env, flow_run_id).get("context") == "Failed", stage_states(server_env, flow_run_id)
+        assert stage_states(server_env, flow_run_id).get("context") == "Failed", stage_states(
+            server_env, flow_run_id
+        )
         # executed once: by the run process only, although `cyclej serve` polls this deployment's runs
         assert "\n".join(run_logs(server_env, flow_run_id)).count("Beginning flow run") == 1
 
@@ -224,8 +265,10 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
 
         with client_for(server_env) as client:  # what the UI's Retry button sends
             result = client.set_flow_run_state(
-                flow_run_id, State(type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"),
-                force=False)
+                flow_run_id,
+                State(type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"),
+                force=False,
+            )
         assert result.status.value == "ACCEPT", result
         done = wait_for_state(server_env, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=300)
         assert done.state.type.value == "COMPLETED", serve_log.read_text()[-4000:]
@@ -234,13 +277,20 @@ def test_failed_run_is_named_tagged_logged_and_retried_from_the_ui_and_the_cli(
         ref = ArtifactStore.from_config(cfg.storage).ref("context", fps["context"])
         assert ref is not None and ref.metrics["resumed_from"] == ["step-00000002"]
         deadline = time.time() + 15
-        while not any("resuming from checkpoint step-00000002" in m for m in run_logs(server_env, flow_run_id)):
+        while not any(
+            "resuming from checkpoint step-00000002" in m for m in run_logs(server_env, flow_run_id)
+        ):
             assert time.time() < deadline, "the resume line never reached the run's log"
             time.sleep(1)
 
         retried_at = time.time()
-        cli_retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run_id)],
-                                   env=run_env(server_env), capture_output=True, text=True, timeout=120)
+        cli_retry = subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run_id)],
+            env=run_env(server_env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli_retry.returncode == 0, cli_retry.stdout + cli_retry.stderr
         deadline = time.monotonic() + 300
         while True:  # the run passes through Scheduled/Running again, then ends
@@ -299,8 +349,13 @@ def test_cancel_stops_the_run_within_seconds_and_the_next_run_resumes(
         run_processes = psutil.Process(launcher.pid).children(recursive=True)
         assert run_processes, "no run process"
         start = time.monotonic()
-        cancel = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "cancel", str(flow_run_id)],
-                                env=run_env(server_env), capture_output=True, text=True, timeout=120)
+        cancel = subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), "flow-run", "cancel", str(flow_run_id)],
+            env=run_env(server_env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
         assert launcher.wait(timeout=30) == 130, log.read_text()[-3000:]
         _, alive = psutil.wait_procs(run_processes, timeout=5)
@@ -322,19 +377,24 @@ def test_cancel_stops_the_run_within_seconds_and_the_next_run_resumes(
     assert "(from the cache)" in str(run_artifacts(server_env, new_run)["data-metrics"].data)
 
 
-def test_what_a_killed_run_process_started_does_not_outlive_it(server_env: dict[str, str], store_root: str) -> None:
+def test_what_a_killed_run_process_started_does_not_outlive_it(
+    server_env: dict[str, str], store_root: str
+) -> None:
     """The OOM killer SIGKILLs the run process, not what it started: after the yelp run was killed, its vLLM
     engine (5 GB) lived on, parented to init. The launcher's `supervise` ends the run process's group."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.launch import create_flow_run, supervise
 
-    started_then_killed = ("import os, subprocess, time; p = subprocess.Popen(['sleep', '600']); "
-                           "print(p.pid, flush=True); time.sleep(0.5); os.kill(os.getpid(), 9)")
+    started_then_killed = (
+        "import os, subprocess, time; p = subprocess.Popen(['sleep', '600']); "
+        "print(p.pid, flush=True); time.sleep(0.5); os.kill(os.getpid(), 9)"
+    )
     with temporary_settings({PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
         flow_run = create_flow_run(config(store_root, 6), None)
-        child = subprocess.Popen([sys.executable, "-c", started_then_killed], stdout=subprocess.PIPE, text=True,
-                                 process_group=0)  # as the launcher starts the run process
+        child = subprocess.Popen(
+            [sys.executable, "-c", started_then_killed], stdout=subprocess.PIPE, text=True, process_group=0
+        )  # as the launcher starts the run process
         assert child.stdout is not None
         engine = psutil.Process(int(child.stdout.readline()))
         try:
@@ -352,12 +412,28 @@ def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None
     """Issue 16: without PREFECT_API_URL the CLI starts a temporary server; SIGKILL the CLI (no atexit,
     no clean-up) mid-run and count what is left: no server process, nothing on its port, no run process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), CYCLEJ_FAULT="context:3:hang", OMP_NUM_THREADS="1")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), CYCLEJ_FAULT="context:3:hang", OMP_NUM_THREADS="1"
+    )
     log = tmp_path / "stderr.log"
     with open(log, "w") as err:
-        launcher = subprocess.Popen([sys.executable, "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
-                                     str(tmp_path / "store")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=err, start_new_session=True)
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cyclej.cli",
+                "run",
+                "--preset",
+                "tiny",
+                "--storage",
+                str(tmp_path / "store"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while "Beginning flow run" not in log.read_text():
@@ -375,7 +451,9 @@ def test_sigkilled_cli_leaves_no_temporary_server_behind(tmp_path: Path) -> None
         left = still_running(alive)
         assert not left, [p.cmdline() for p in left]
         with contextlib.closing(socket.socket()) as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on the server's port {port}"
+            assert s.connect_ex(("127.0.0.1", port)) != 0, (
+                f"something still listens on the server's port {port}"
+            )
     finally:
         kill_all(launcher)
 
@@ -393,7 +471,8 @@ def test_automations_file_creates_crash_detection_and_a_failure_notification(
 
     with temporary_settings({PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
         block_id = CustomWebhookNotificationBlock(name="cyclej-test", url="http://127.0.0.1:9/hook").save(
-            "cyclej-test-notify", overwrite=True)
+            "cyclej-test-notify", overwrite=True
+        )
     spec = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
     for automation in spec["automations"]:
         for action in automation["actions"]:
@@ -401,8 +480,13 @@ def test_automations_file_creates_crash_detection_and_a_failure_notification(
                 action["block_document_id"] = str(block_id)
     path = tmp_path / "automations.yaml"
     path.write_text(yaml.safe_dump(spec))
-    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "automation", "create", "--from-file",
-                              str(path)], env=run_env(server_env), capture_output=True, text=True, timeout=120)
+    created = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "automation", "create", "--from-file", str(path)],
+        env=run_env(server_env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stdout + created.stderr
     with client_for(server_env) as client:
         automations = {a.name: a for a in client.read_automations()}
@@ -429,8 +513,13 @@ def test_heartbeat_automation_crashes_a_run_whose_processes_all_died(
     crash = [a for a in spec["automations"] if a["name"] == "cyclej-crashed-when-heartbeats-stop"]
     path = tmp_path / "crash.yaml"
     path.write_text(yaml.safe_dump({"automations": crash}))
-    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "automation", "create", "--from-file",
-                              str(path)], env=run_env(server_env), capture_output=True, text=True, timeout=120)
+    created = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "automation", "create", "--from-file", str(path)],
+        env=run_env(server_env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stdout + created.stderr
 
     log = tmp_path / "stderr.log"

@@ -33,8 +33,14 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def _config(tmp_path: Path, a_train: list[str], b_train: list[str], **over: Any) -> PipelineConfig:
-    data = {"max_tokens": MAX_TOKENS, "min_lines": 8, "dev_fraction": 0.1, "dev_max_lines": 3,
-            "max_bad_utf8_fraction": 0.05, **over.pop("data", {})}
+    data = {
+        "max_tokens": MAX_TOKENS,
+        "min_lines": 8,
+        "dev_fraction": 0.1,
+        "dev_max_lines": 3,
+        "max_bad_utf8_fraction": 0.05,
+        **over.pop("data", {}),
+    }
     train = {"batch_size": 4, "micro_batch_size": 2}
     cfg = {
         "storage": {"root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
@@ -62,19 +68,25 @@ def _lines(prefix: str, n: int) -> list[str]:
 def test_run_data_counts_every_drop_exactly(tmp_path: Path, project_log: list[logging.LogRecord]) -> None:
     tok = load_tokenizer("tiny-gptj")
     a_lines = _lines("bad", 20) + [
-        "bad line 3",          # duplicate
-        "  bad   line\t5 ",    # duplicate once whitespace is normalized
-        "",                    # empty
-        "   \t ",              # empty after normalization
-        LONG,                  # too long
-        "shared text one",     # in both domains
-        "shared text two",     # in both domains
+        "bad line 3",  # duplicate
+        "  bad   line\t5 ",  # duplicate once whitespace is normalized
+        "",  # empty
+        "   \t ",  # empty after normalization
+        LONG,  # too long
+        "shared text one",  # in both domains
+        "shared text two",  # in both domains
         "spaced    out   text",  # kept, normalized
     ]
     a_file = _write(tmp_path / "a" / "train.txt", a_lines)
     with open(a_file, "ab") as f:
         f.write(b"caf\xe9 was awful\n")  # latin-1 byte: replaced and counted (1 of 29 lines < 5 %)
-    b_train = _lines("good", 15) + ["shared text one", "shared text two", "good " + LONG, LONG + " again", "good line 1"]
+    b_train = _lines("good", 15) + [
+        "shared text one",
+        "shared text two",
+        "good " + LONG,
+        LONG + " again",
+        "good line 1",
+    ]
     b_dev = [{"text": "good dev 0"}, {"text": "good dev 1"}, {"text": "good line 2"}, {"text": "good dev 0"}]
     _write(tmp_path / "b" / "train.txt", b_train)
     _write(tmp_path / "b" / "dev.jsonl", [json.dumps(o) for o in b_dev])
@@ -82,29 +94,59 @@ def test_run_data_counts_every_drop_exactly(tmp_path: Path, project_log: list[lo
     assert all(len(tok(x)["input_ids"]) <= MAX_TOKENS for x in short)
 
     cfg = _config(
-        tmp_path, [str(a_file)], [str(tmp_path / "b" / "train.txt")],
+        tmp_path,
+        [str(a_file)],
+        [str(tmp_path / "b" / "train.txt")],
         domain_b={"dev": [str(tmp_path / "b" / "dev.jsonl")]},
     )
     store, ref = _run(cfg)
-    assert any("2 lines occur in both domains" in r.getMessage() and r.levelno == logging.WARNING for r in project_log)
+    assert any(
+        "2 lines occur in both domains" in r.getMessage() and r.levelno == logging.WARNING
+        for r in project_log
+    )
     assert ref.fingerprint == stage_fingerprint("data", cfg, {})
     assert store.exists("data", ref.fingerprint)
     stats = json.loads((store.fetch(ref) / "stats.json").read_text())
 
     # A: 29 raw lines; 20 + "spaced out text" + "café was awful" = 22 clean; 10 % → 2 to dev, 20 train
     assert stats["a"]["train"] == {
-        "raw": 29, "bad_utf8": 1, "whitespace_normalized": 2, "empty": 2, "duplicates": 2,
-        "in_other_domain": 2, "too_long": 1, "to_dev": 2, "capped": 0, "kept": 20,
+        "raw": 29,
+        "bad_utf8": 1,
+        "whitespace_normalized": 2,
+        "empty": 2,
+        "duplicates": 2,
+        "in_other_domain": 2,
+        "too_long": 1,
+        "to_dev": 2,
+        "capped": 0,
+        "kept": 20,
     }
     assert stats["a"]["dev"] == {"source": "split", "raw": 2, "kept": 2}
     # B: 20 raw train lines: 15 + shared 2 + 2 long + a duplicate → 15 train; dev from its file
     assert stats["b"]["train"] == {
-        "raw": 20, "bad_utf8": 0, "whitespace_normalized": 0, "empty": 0, "duplicates": 1,
-        "in_other_domain": 2, "too_long": 2, "to_dev": 0, "capped": 0, "kept": 15,
+        "raw": 20,
+        "bad_utf8": 0,
+        "whitespace_normalized": 0,
+        "empty": 0,
+        "duplicates": 1,
+        "in_other_domain": 2,
+        "too_long": 2,
+        "to_dev": 0,
+        "capped": 0,
+        "kept": 15,
     }
     assert stats["b"]["dev"] == {
-        "source": "files", "raw": 4, "bad_utf8": 0, "whitespace_normalized": 0, "empty": 0, "duplicates": 1,
-        "in_train": 1, "in_other_domain": 0, "too_long": 0, "capped": 0, "kept": 2,
+        "source": "files",
+        "raw": 4,
+        "bad_utf8": 0,
+        "whitespace_normalized": 0,
+        "empty": 0,
+        "duplicates": 1,
+        "in_train": 1,
+        "in_other_domain": 0,
+        "too_long": 0,
+        "capped": 0,
+        "kept": 2,
     }
     assert stats["a"]["name"] == "neg" and stats["max_tokens"] == MAX_TOKENS
 
@@ -112,13 +154,17 @@ def test_run_data_counts_every_drop_exactly(tmp_path: Path, project_log: list[lo
     assert len(a_train) == 20 and len(a_dev) == 2
     assert set(a_train) | set(a_dev) == set(_lines("bad", 20)) | {"spaced out text", "caf\ufffd was awful"}
     assert not set(a_train) & set(a_dev)
-    assert a_train == sorted(a_train, key=(_lines("bad", 20) + ["spaced out text", "caf\ufffd was awful"]).index)
+    assert a_train == sorted(
+        a_train, key=(_lines("bad", 20) + ["spaced out text", "caf\ufffd was awful"]).index
+    )
     assert read_lines(store, ref, "b", "dev") == ["good dev 0", "good dev 1"]
     assert read_lines(store, ref, "b", "train") == _lines("good", 15)
     assert ref.metrics == {"a_train_lines": 20, "a_dev_lines": 2, "b_train_lines": 15, "b_dev_lines": 2}
 
     # Same config, another store: the same bytes (seeded split), the same fingerprint.
-    cfg2 = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path / "store2")})})
+    cfg2 = cfg.model_copy(
+        update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path / "store2")})}
+    )
     store2, ref2 = _run(cfg2)
     assert ref2.fingerprint == ref.fingerprint
     assert read_lines(store2, ref2, "a", "dev") == a_dev
@@ -128,8 +174,13 @@ def test_run_data_caps_train_and_given_dev(tmp_path: Path) -> None:
     a = _write(tmp_path / "a.txt", _lines("bad", 40))
     a_dev = _write(tmp_path / "a_dev.txt", _lines("bad dev", 10))
     b = _write(tmp_path / "b.txt", _lines("good", 40))
-    cfg = _config(tmp_path, [str(a)], [str(b)], data={"max_train_lines": 12, "dev_max_lines": 4},
-                  domain_a={"dev": [str(a_dev)]})
+    cfg = _config(
+        tmp_path,
+        [str(a)],
+        [str(b)],
+        data={"max_train_lines": 12, "dev_max_lines": 4},
+        domain_a={"dev": [str(a_dev)]},
+    )
     store, ref = _run(cfg)
     stats = json.loads((store.fetch(ref) / "stats.json").read_text())
     assert stats["a"]["train"]["capped"] == 28 and stats["a"]["train"]["kept"] == 12
@@ -152,8 +203,9 @@ def test_run_data_reads_folders_of_every_format(tmp_path: Path) -> None:
     _write(folder / ".hidden" / "x.txt", ["never read"])
     (folder / "notes.md").write_text("not a corpus file")
     b = _write(tmp_path / "b.txt", _lines("good", 20))
-    cfg = _config(tmp_path, [str(folder)], [str(b)], domain_a={"text_field": "body"},
-                  domain_b={"text_field": "body"})
+    cfg = _config(
+        tmp_path, [str(folder)], [str(b)], domain_a={"text_field": "body"}, domain_b={"text_field": "body"}
+    )
     store, ref = _run(cfg)
     every = read_lines(store, ref, "a", "train") + read_lines(store, ref, "a", "dev")
     want = _lines("txt", 4) + _lines("json", 4) + _lines("csv", 3) + ["csv with newline"] + _lines("pq", 4)
@@ -188,7 +240,9 @@ def test_empty_file(tmp_path: Path) -> None:
     b = _write(tmp_path / "b.txt", _lines("good", 20))
     assert "is empty" in _refused(_config(tmp_path, [str(a)], [str(b)]), "a.txt")
     (tmp_path / "zero.txt").write_bytes(b"")
-    assert "is empty" in _refused(_config(tmp_path, [str(b)], [str(tmp_path / "zero.txt")]), "zero.txt", "domain_b")
+    assert "is empty" in _refused(
+        _config(tmp_path, [str(b)], [str(tmp_path / "zero.txt")]), "zero.txt", "domain_b"
+    )
 
 
 def test_binary_files(tmp_path: Path) -> None:
@@ -207,8 +261,12 @@ def test_binary_files(tmp_path: Path) -> None:
 def test_too_many_non_utf8_lines(tmp_path: Path) -> None:
     b = _write(tmp_path / "b.txt", _lines("good", 20))
     latin = tmp_path / "latin1.txt"
-    latin.write_bytes("\n".join(f"caf\xe9 number {i}" if i < 3 else f"ok {i}" for i in range(20)).encode("latin-1"))
-    msg = _refused(_config(tmp_path, [str(latin)], [str(b)]), "latin1.txt", "3 of 20", "max_bad_utf8_fraction")
+    latin.write_bytes(
+        "\n".join(f"caf\xe9 number {i}" if i < 3 else f"ok {i}" for i in range(20)).encode("latin-1")
+    )
+    msg = _refused(
+        _config(tmp_path, [str(latin)], [str(b)]), "latin1.txt", "3 of 20", "max_bad_utf8_fraction"
+    )
     assert "UTF-8" in msg
     # under the limit: replaced and counted, not refused
     got = read_file(latin, "text", 0.2)
@@ -286,7 +344,9 @@ def test_run_data_on_s3_and_read_back_from_another_machine(tmp_path: Path, s3_bu
     """The artifact lands in a real S3 endpoint (moto on loopback); a store with an empty cache reads it."""
     a = _write(tmp_path / "a.txt", _lines("bad", 20))
     b = _write(tmp_path / "b.txt", _lines("good", 20))
-    cfg = _config(tmp_path, [str(a)], [str(b)], storage={"root": f"{s3_bucket}/runs", "cache_dir": str(tmp_path / "c1")})
+    cfg = _config(
+        tmp_path, [str(a)], [str(b)], storage={"root": f"{s3_bucket}/runs", "cache_dir": str(tmp_path / "c1")}
+    )
     store, ref = _run(cfg)
     assert ref.uri.startswith("s3://")
     other = ArtifactStore.from_config(cfg.storage.model_copy(update={"cache_dir": str(tmp_path / "c2")}))

@@ -82,17 +82,26 @@ def test_multi_gpu_deployments_ask_for_the_pod_cyclej_plan_prints_at_their_world
         assert dep["entrypoint"] == deps[stage]["entrypoint"] and dep["pull"] == deps[stage]["pull"], name
         assert dep["work_pool"]["name"] == "cyclej-gpu", name
         jv = dep["work_pool"]["job_variables"]
-        planned = {p.stage: p for p in plan(load_config(preset="gptj", overrides=[f"resources.gpus.{stage}={n}"]))}
+        planned = {
+            p.stage: p for p in plan(load_config(preset="gptj", overrides=[f"resources.gpus.{stage}={n}"]))
+        }
         assert {k: jv.get(k) for k in planned[stage].job_variables()} == planned[stage].job_variables(), name
         assert jv["gpu_count"] == n and jv.get("env", {}).get(GPUS_ENV, str(n)) == str(n), name
         single = deps[stage]["work_pool"]["job_variables"]
         # n ranks: n processes each loading the model on the host; one shared disk
-        assert jv["min_memory_in_gb"] > single["min_memory_in_gb"] and jv["container_disk_gb"] == single["container_disk_gb"]
+        assert (
+            jv["min_memory_in_gb"] > single["min_memory_in_gb"]
+            and jv["container_disk_gb"] == single["container_disk_gb"]
+        )
         assert dep["concurrency_limit"]["collision_strategy"] == "ENQUEUE", name
     # 4 ranks of RL shard the optimizer onto the GPUs: no offload, so 80 GB cards and no 68 GiB of masters in RAM
     rl4 = {p.stage: p for p in plan(load_config(preset="gptj", overrides=["resources.gpus.rl=4"]))}["rl"]
-    assert rl4.gpu is not None and rl4.gpu.memory_gb == 80 and rl4.job_variables() == {
-        k: deps["rl-4gpu"]["work_pool"]["job_variables"][k] for k in rl4.job_variables()}
+    assert (
+        rl4.gpu is not None
+        and rl4.gpu.memory_gb == 80
+        and rl4.job_variables()
+        == {k: deps["rl-4gpu"]["work_pool"]["job_variables"][k] for k in rl4.job_variables()}
+    )
     assert "optimizer" not in rl4.memory and not any("offloaded optimizer" in n for n in rl4.notes)
 
 
@@ -130,8 +139,9 @@ def test_every_entrypoint_loads_the_flow_dispatch_expects() -> None:
 def _prefect(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     from tests.helpers.local_prefect_server import VENV_BIN
 
-    return subprocess.run([str(VENV_BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _create_pools(env: dict[str, str]) -> None:
@@ -148,8 +158,13 @@ def _create_pools(env: dict[str, str]) -> None:
             async with get_client() as client:
                 for name, worker in (("cyclej-local", ProcessWorker), ("cyclej-gpu", RunpodWorker)):
                     if name not in {p.name for p in await client.read_work_pools()}:
-                        await client.create_work_pool(WorkPoolCreate(
-                            name=name, type=worker.type, base_job_template=worker.get_default_base_job_template()))
+                        await client.create_work_pool(
+                            WorkPoolCreate(
+                                name=name,
+                                type=worker.type,
+                                base_job_template=worker.get_default_base_job_template(),
+                            )
+                        )
 
     asyncio.run(create())
 
@@ -175,7 +190,11 @@ def test_deploy_and_run_the_data_stage_on_a_process_worker(tmp_path: Path) -> No
     with open(worker_log, "wb") as log:  # starts while `prefect deploy` runs
         worker = subprocess.Popen(
             [str(VENV_BIN / "prefect"), "worker", "start", "--pool", "cyclej-local", "--name", "deploy-test"],
-            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         r = _prefect(env, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--name", "data")
@@ -186,8 +205,19 @@ def test_deploy_and_run_the_data_stage_on_a_process_worker(tmp_path: Path) -> No
         cfg = load_config(preset="tiny", storage=str(tmp_path / "store"))
         params = json.dumps({"config": cfg.model_dump(mode="json"), "inputs": {}})
         start = time.monotonic()
-        r = _prefect(env, "deployment", "run", "cyclej-data/data", "--params", params, "--watch",
-                     "--watch-interval", "1", "--watch-timeout", "200")
+        r = _prefect(
+            env,
+            "deployment",
+            "run",
+            "cyclej-data/data",
+            "--params",
+            params,
+            "--watch",
+            "--watch-interval",
+            "1",
+            "--watch-timeout",
+            "200",
+        )
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-3000:] + "\nworker:\n" + worker_log.read_text()[-4000:]
         assert "Completed" in out, out[-3000:]
@@ -220,7 +250,8 @@ def test_deploy_all() -> None:
     assert limit is not None and limit.limit == 2
     assert deployed["rl@cyclej-gpu"].concurrency_options.collision_strategy == "ENQUEUE"
     assert deployed["context@cyclej-gpu"].pull_steps == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/cyclej"}}]
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/cyclej"}}
+    ]
     schedule = deployed["pipeline@cyclej-local"].schedules[0]
     assert schedule.active is False and schedule.schedule.cron == "0 3 * * 1"
 
@@ -252,30 +283,63 @@ def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         with get_client(sync_client=True) as client:
             if pool not in {p.name for p in client.read_work_pools()}:
-                client.create_work_pool(WorkPoolCreate(
-                    name=pool, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template()))
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool,
+                        type=ProcessWorker.type,
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                    )
+                )
         for name in ("data", "context", "paraphrase"):  # `cyclej-<stage>/<stage>`, as dispatch names them
             # `test_deploy_all` may have deployed these names from prefect.yaml onto the GPU pool, whose job
             # variables (CYCLEJ_DEVICE=cuda: no CPU fallback) the upsert below would keep: start clean.
             with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
-                client.delete_deployment(client.read_deployment_by_name(f"{STAGE_FLOWS[name].name}/{name}").id)
-            deployment = STAGE_FLOWS[name].to_deployment(name=name, work_pool_name=pool,
-                                                         entrypoint_type=EntrypointType.MODULE_PATH)
-            deployment.entrypoint = f"flows.stage_flows.{name}_flow"  # the yaml's; derived, it names the factory's inner function
+                client.delete_deployment(
+                    client.read_deployment_by_name(f"{STAGE_FLOWS[name].name}/{name}").id
+                )
+            deployment = STAGE_FLOWS[name].to_deployment(
+                name=name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH
+            )
+            deployment.entrypoint = (
+                f"flows.stage_flows.{name}_flow"  # the yaml's; derived, it names the factory's inner function
+            )
             deployment.apply()
     import os
 
     env["CYCLEJ_CACHE"] = os.environ["CYCLEJ_CACHE"]
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "wb") as log:
-        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--name", "dispatch"],
-                                  env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--name", "dispatch"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         store = str(tmp_path / "store")
         sets = ["orchestration.dispatch=true", "orchestration.retries=0"]
-        run = subprocess.run([str(VENV_BIN / "python"), "-m", "cyclej.cli", "run", "--preset", "tiny", "--storage",
-                              store, "--until", "paraphrase", *(x for s in sets for x in ("--set", s))],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+        run = subprocess.run(
+            [
+                str(VENV_BIN / "python"),
+                "-m",
+                "cyclej.cli",
+                "run",
+                "--preset",
+                "tiny",
+                "--storage",
+                store,
+                "--until",
+                "paraphrase",
+                *(x for s in sets for x in ("--set", s)),
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
         assert run.returncode == 0, run.stderr[-3000:] + "\nworker:\n" + worker_log.read_text()[-3000:]
     finally:
         worker.terminate()
@@ -285,16 +349,23 @@ def test_dispatched_stages_of_one_level_run_concurrently(tmp_path: Path) -> None
             worker.kill()
     fps = fingerprints(load_config(preset="tiny", storage=store, overrides=sets))
     windows, created = {}, {}
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
         for name in ("context", "paraphrase"):
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                name=FlowRunFilterName(any_=[f"{name}-{fps[name][:8]}"])))
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{name}-{fps[name][:8]}"]))
+            )
             assert len(runs) == 1 and runs[0].state is not None and runs[0].state.is_completed(), runs
             assert runs[0].deployment_id is not None  # a deployment run (on the worker), not a subflow
             windows[name] = (runs[0].start_time, runs[0].end_time)
             created[name] = runs[0].created
-        diagnostics = {r.name: (f"{r.created:%H:%M:%S}", r.state.name if r.state else None)
-                       for r in client.read_flow_runs() if r.created is not None}
+        diagnostics = {
+            r.name: (f"{r.created:%H:%M:%S}", r.state.name if r.state else None)
+            for r in client.read_flow_runs()
+            if r.created is not None
+        }
     (c0, c1), (p0, p1) = windows["context"], windows["paraphrase"]
     print(f"context {c0:%H:%M:%S}-{c1:%H:%M:%S}, paraphrase {p0:%H:%M:%S}-{p1:%H:%M:%S}")
     # Submitted together: each run was created before the other one ended (called one after the other,

@@ -34,7 +34,9 @@ def _run(tmp_path: Path, device: str) -> StageRun:
 
 
 @no_gpu
-def test_a_stage_configured_for_a_gpu_refuses_to_start_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stage_configured_for_a_gpu_refuses_to_start_on_a_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(DEVICE_ENV, raising=False)
     with pytest.raises(BadInput) as err:
         _ = _run(tmp_path, "cuda").device
@@ -47,7 +49,9 @@ def test_a_stage_configured_for_a_gpu_refuses_to_start_on_a_cpu(tmp_path: Path, 
 
 
 @no_gpu
-def test_auto_keeps_falling_back_and_the_env_overrides_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_keeps_falling_back_and_the_env_overrides_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(DEVICE_ENV, raising=False)
     assert _run(tmp_path, "auto").device == torch.device("cpu")  # today's behaviour for CPU presets
     monkeypatch.setenv(DEVICE_ENV, "cuda")  # what the GPU pods set (deployments/prefect.yaml)
@@ -66,14 +70,32 @@ def test_the_cli_run_of_a_gpu_config_on_a_cpu_exits_2_with_one_line(tmp_path: Pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop(DEVICE_ENV, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "cyclej.cli", "run", "--preset", "tiny", "--set", "device=cuda",
-         "--storage", str(tmp_path / "store"), "--until", "context"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cyclej.cli",
+            "run",
+            "--preset",
+            "tiny",
+            "--set",
+            "device=cuda",
+            "--storage",
+            str(tmp_path / "store"),
+            "--until",
+            "context",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     # The `data` stage ran (it needs no device); `context` refused before loading its model.
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("cyclej: error:")]
-    assert len(errors) == 1 and "stage 'context'" in errors[0] and "(device: cuda)" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and "stage 'context'" in errors[0] and "(device: cuda)" in errors[0], proc.stderr[
+        -2000:
+    ]
     assert "Traceback" not in proc.stderr
 
 
@@ -87,14 +109,18 @@ def test_gptj_asks_for_a_gpu_and_the_field_changes_no_fingerprint() -> None:
 
 
 def test_the_gpu_pods_never_fall_back() -> None:
-    gpu_vars = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["definitions"]["gpu_job_variables"]
+    gpu_vars = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["definitions"][
+        "gpu_job_variables"
+    ]
     assert gpu_vars["env"][DEVICE_ENV] == "cuda"
 
 
 def test_the_driver_version_is_read_from_the_kernel_module() -> None:
     # /proc/driver/nvidia/version on a RunPod host with a CUDA 12.8 driver (too old for torch's cu130).
-    text = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.124.06  Wed Feb 26 22:49:48 UTC 2025\n"
-            "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    text = (
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.124.06  Wed Feb 26 22:49:48 UTC 2025\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
     assert nvidia_driver_version(text) == "570.124.06"
     assert nvidia_driver_version("") is None
 
@@ -102,15 +128,20 @@ def test_the_driver_version_is_read_from_the_kernel_module() -> None:
 def test_the_refusal_names_a_driver_too_old_for_the_locked_torch() -> None:
     # What the GPU image's torch (2.13.0+cu130) says on a host with a CUDA 12.8 driver, and on a good one.
     old = describe_cuda("2.13.0+cu130", "13.0", "570.124.06")
-    assert old == "torch 2.13.0+cu130 is built for CUDA 13.0; NVIDIA driver 570.124.06, older than the 580 that CUDA 13.0 needs"
+    assert (
+        old
+        == "torch 2.13.0+cu130 is built for CUDA 13.0; NVIDIA driver 570.124.06, older than the 580 that CUDA 13.0 needs"
+    )
     assert "older" not in describe_cuda("2.13.0+cu130", "13.0", "580.65.06")
     assert describe_cuda("2.13.0+cpu", None, None) == (
-        "torch 2.13.0+cpu is a CPU-only build; no NVIDIA driver (no /proc/driver/nvidia/version, no nvidia-smi)")
+        "torch 2.13.0+cpu is a CPU-only build; no NVIDIA driver (no /proc/driver/nvidia/version, no nvidia-smi)"
+    )
 
 
 @no_gpu
-def test_stages_that_pick_their_device_inside_library_code_refuse_too(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stages_that_pick_their_device_inside_library_code_refuse_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """paraphrase and eval choose their engine's device themselves (generate, eval_scorers): run_stage and
     run_shard resolve the stage's device first, so a GPU config refuses there as well; data runs anywhere."""
     from cyclej.pipeline.registry import plan_stage, run_shard, run_stage
@@ -122,6 +153,17 @@ def test_stages_that_pick_their_device_inside_library_code_refuse_too(tmp_path: 
     with pytest.raises(BadInput, match="stage 'paraphrase' is configured for a GPU"):
         run_stage("paraphrase", cfg, {"data": data}, store, Progress(show_bar=False))
     with pytest.raises(BadInput, match="stage 'paraphrase' is configured for a GPU"):
-        run_shard(plan_stage("paraphrase", cfg, {"data": data.fingerprint}), cfg, {"data": data}, store, 0,
-                  Progress(show_bar=False))
-    assert store.list_checkpoints("paraphrase", plan_stage("paraphrase", cfg, {"data": data.fingerprint}).fingerprint) == []
+        run_shard(
+            plan_stage("paraphrase", cfg, {"data": data.fingerprint}),
+            cfg,
+            {"data": data},
+            store,
+            0,
+            Progress(show_bar=False),
+        )
+    assert (
+        store.list_checkpoints(
+            "paraphrase", plan_stage("paraphrase", cfg, {"data": data.fingerprint}).fingerprint
+        )
+        == []
+    )

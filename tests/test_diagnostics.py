@@ -55,8 +55,16 @@ def test_half_spacing() -> None:
 
 def test_signal_table_and_plot(tmp_path: Path) -> None:
     records = [{"event": "eval", "step": 0, "dev_loss": 3.0}] + [
-        {"step": s, "loss": 3.0 - 0.01 * s, "update_size": 1e-3 / s, "reward/total/mean": 0.1 * s,
-         "reward/total/std": 0.2, "kl": 0.001 * s, "style/target_share": s / 300, "seconds/step": 1.0}
+        {
+            "step": s,
+            "loss": 3.0 - 0.01 * s,
+            "update_size": 1e-3 / s,
+            "reward/total/mean": 0.1 * s,
+            "reward/total/std": 0.2,
+            "kl": 0.001 * s,
+            "style/target_share": s / 300,
+            "seconds/step": 1.0,
+        }
         for s in range(1, 251)
     ]
     rows = signal_table(records, max_rows=100)
@@ -68,8 +76,23 @@ def test_signal_table_and_plot(tmp_path: Path) -> None:
 
 
 def _validate(preset: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyclej.cli", "validate", "--preset", preset, "--storage",
-                           str(tmp_path / preset), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cyclej.cli",
+            "validate",
+            "--preset",
+            preset,
+            "--storage",
+            str(tmp_path / preset),
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_validate_refuses_the_cards_rl_update_size_unless_allowed(tmp_path: Path) -> None:
@@ -78,15 +101,23 @@ def test_validate_refuses_the_cards_rl_update_size_unless_allowed(tmp_path: Path
     refused = _validate("gptj", tmp_path)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
-        "cyclej: error: rl: the settings cannot change the model (warning above); fix them or pass --allow-warnings")
+        "cyclej: error: rl: the settings cannot change the model (warning above); fix them or pass --allow-warnings"
+    )
     proc = _validate("gptj", tmp_path, "--allow-warnings")
     print(proc.stderr)
     assert proc.returncode == 0, proc.stderr
     for out in (refused, proc):
         rl = [line for line in out.stderr.splitlines() if line.startswith("warning: rl:")]
         assert len(rl) == 1
-        for needle in ("lr 1e-05", "eps 1e-06", "max_grad_norm 0.0001", "6,053,381,344", "1.3e-08",
-                       "500 steps move a weight by at most 6.4e-06", "bf16 weights the forward uses never change"):
+        for needle in (
+            "lr 1e-05",
+            "eps 1e-06",
+            "max_grad_norm 0.0001",
+            "6,053,381,344",
+            "1.3e-08",
+            "500 steps move a weight by at most 6.4e-06",
+            "bf16 weights the forward uses never change",
+        ):
             assert needle in rl[0], needle
         assert "warning: para_train" not in out.stderr and "warning: domain_train" not in out.stderr
         assert out.stdout.startswith("ok: gptj")

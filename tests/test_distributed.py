@@ -42,18 +42,30 @@ def yelp_lines(name: str, n: int) -> list[str]:
 
 
 def config(root: Path, base: str, gpus: int, **train: Any) -> PipelineConfig:
-    section = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "seq_len": 64, "precision": "fp32",
-               "lr": 1e-2, "checkpoint_every_steps": 100, "eval_every_steps": 3, "eval_batches": 1,
-               "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, **train}
-    return PipelineConfig.model_validate({
-        "device": "cpu",
-        "storage": {"root": str(root)},
-        "domain_a": {"name": "negative", "marker": MARKERS[0], "train": [str(YELP / "train.0")]},
-        "domain_b": {"name": "positive", "marker": MARKERS[1], "train": [str(YELP / "train.1")]},
-        "models": {"base": base},
-        "domain_train": section,
-        "resources": {"gpus": {"domain_train": gpus}},
-    })
+    section = {
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "max_steps": 3,
+        "seq_len": 64,
+        "precision": "fp32",
+        "lr": 1e-2,
+        "checkpoint_every_steps": 100,
+        "eval_every_steps": 3,
+        "eval_batches": 1,
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        **train,
+    }
+    return PipelineConfig.model_validate(
+        {
+            "device": "cpu",
+            "storage": {"root": str(root)},
+            "domain_a": {"name": "negative", "marker": MARKERS[0], "train": [str(YELP / "train.0")]},
+            "domain_b": {"name": "positive", "marker": MARKERS[1], "train": [str(YELP / "train.1")]},
+            "models": {"base": base},
+            "domain_train": section,
+            "resources": {"gpus": {"domain_train": gpus}},
+        }
+    )
 
 
 def inputs(store: ArtifactStore, base: str) -> dict[str, ArtifactRef]:
@@ -79,8 +91,10 @@ def train_domain(root: Path, base: str, gpus: int, **train: Any) -> tuple[Artifa
 
 def adapter(store: ArtifactStore, ref: ArtifactRef) -> dict[str, torch.Tensor]:
     out = store.fetch(ref)
-    return {**load_file(str(out / "adapter" / "adapter_model.safetensors")),
-            **{f"rows.{k}": v for k, v in load_file(str(out / "marker_rows.safetensors")).items()}}
+    return {
+        **load_file(str(out / "adapter" / "adapter_model.safetensors")),
+        **{f"rows.{k}": v for k, v in load_file(str(out / "marker_rows.safetensors")).items()},
+    }
 
 
 def train_log(store: ArtifactStore, ref: ArtifactRef) -> list[dict[str, Any]]:
@@ -156,7 +170,9 @@ def test_a_killed_rank_fails_the_stage_and_the_rerun_resumes_bit_identical(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_gpus_come_from_the_pod_for_multi_gpu_stages_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_gpus_come_from_the_pod_for_multi_gpu_stages_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     cfg = config(tmp_path, "tiny-gptj", gpus=1)
     assert distributed.gpus_for(cfg, "domain_train") == 1
     monkeypatch.setenv(distributed.GPUS_ENV, "4")
@@ -173,7 +189,9 @@ def test_gpus_come_from_the_pod_for_multi_gpu_stages_only(monkeypatch: pytest.Mo
 
 
 @pytest.mark.slow
-def test_paraphrase_on_two_gpus_is_two_workers_over_the_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_paraphrase_on_two_gpus_is_two_workers_over_the_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Data parallel: worker r generates shards r, r+2, … (its own engine); the launching process
     assembles the same pairs one process would have."""
     from transformers import AutoTokenizer
@@ -188,15 +206,30 @@ def test_paraphrase_on_two_gpus_is_two_workers_over_the_shards(tmp_path: Path, m
     results = {}
     for gpus in (1, 2):
         root = tmp_path / f"store{gpus}"
-        cfg = load_config(preset="tiny", storage=str(root), overrides=[
-            f"models.paraphraser={paraphraser}", "paraphrase.max_texts_per_domain=4", "paraphrase.shard_size=2",
-            "paraphrase.max_new_tokens=6", "paraphrase.batch_size=4", "paraphrase.temperature=0.0",
-            "paraphrase.max_rejection_rate=1.0", "device=cpu", f"resources.gpus.paraphrase={gpus}"])
+        cfg = load_config(
+            preset="tiny",
+            storage=str(root),
+            overrides=[
+                f"models.paraphraser={paraphraser}",
+                "paraphrase.max_texts_per_domain=4",
+                "paraphrase.shard_size=2",
+                "paraphrase.max_new_tokens=6",
+                "paraphrase.batch_size=4",
+                "paraphrase.temperature=0.0",
+                "paraphrase.max_rejection_rate=1.0",
+                "device=cpu",
+                f"resources.gpus.paraphrase={gpus}",
+            ],
+        )
         store = ArtifactStore(str(root))
         data = run_stage("data", cfg, {}, store, Progress(show_bar=False))
         ref = run_stage("paraphrase", cfg, {"data": data}, store, Progress(show_bar=False))
-        workers = [json.loads((store.load_checkpoint("paraphrase", ref.fingerprint, name) / "stats.json")
-                              .read_text())["worker"] for name in store.list_checkpoints("paraphrase", ref.fingerprint)]
+        workers = [
+            json.loads(
+                (store.load_checkpoint("paraphrase", ref.fingerprint, name) / "stats.json").read_text()
+            )["worker"]
+            for name in store.list_checkpoints("paraphrase", ref.fingerprint)
+        ]
         results[gpus] = ((store.fetch(ref) / "pairs.jsonl").read_text(), workers)
     assert results[1][1] == [0] * len(results[1][1]) and len(results[1][1]) >= 2
     assert results[2][1] == [i % 2 for i in range(len(results[2][1]))]  # shard i by worker i mod 2

@@ -32,8 +32,14 @@ def drill_store(s3_endpoint: str) -> str:
     """A bucket on the session's moto server, shared by the drills of this module."""
     import s3fs
 
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_endpoint,
+        }
+    )
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("drills")
     return "s3://drills/tiny"
 
@@ -56,8 +62,14 @@ def _latest_flow_run_id() -> Any:
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=_cli_env(**env), timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "cyclej.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_cli_env(**env),
+        timeout=900,
+    )
 
 
 def _config(store: str, *sets: str) -> PipelineConfig:
@@ -71,7 +83,16 @@ def test_full_pipeline_then_all_cached(drill_store: str) -> None:
     first = cyclej_pipeline(config=cfg, return_state=True)
     assert first.is_completed(), first.message
     refs = first.result()
-    assert list(refs) == ["data", "context", "paraphrase", "para_train", "domain_train", "merge", "rl", "eval"]
+    assert list(refs) == [
+        "data",
+        "context",
+        "paraphrase",
+        "para_train",
+        "domain_train",
+        "merge",
+        "rl",
+        "eval",
+    ]
     assert {k: v["fingerprint"] for k, v in refs.items()} == fingerprints(cfg)
     store = ArtifactStore.from_config(cfg.storage)
     assert all(store.exists(name, ref["fingerprint"]) for name, ref in refs.items())
@@ -103,9 +124,21 @@ def test_failure_drill_retry_resumes_rl(drill_store: str, monkeypatch: pytest.Mo
     monkeypatch.delenv("CYCLEJ_FAULT")
 
     retry = subprocess.run(
-        [sys.executable, "-m", "prefect", "flow-run", "retry", str(flow_run_id),
-         "--entrypoint", "flows.pipeline_flow:cyclej_pipeline"],
-        cwd=ROOT, capture_output=True, text=True, env=_cli_env(), timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "flow-run",
+            "retry",
+            str(flow_run_id),
+            "--entrypoint",
+            "flows.pipeline_flow:cyclej_pipeline",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_cli_env(),
+        timeout=900,
     )
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     states = task_run_states(flow_run_id)  # the same flow run, now retried
@@ -120,7 +153,9 @@ def test_kill_drill_new_run_resumes_domain_train(drill_store: str) -> None:
     """The pipeline process is killed during domain_train (like a lost pod); a new `cyclej run` of the
     same config completes, earlier stages cached, domain_train resumed from its checkpoint."""
     sets = ["--set", "domain_train.checkpoint_every_steps=1", "--set", "orchestration.retries=0"]
-    killed = _cli("run", "--preset", "tiny", "--storage", drill_store, *sets, CYCLEJ_FAULT="domain_train:3:kill")
+    killed = _cli(
+        "run", "--preset", "tiny", "--storage", drill_store, *sets, CYCLEJ_FAULT="domain_train:3:kill"
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     cfg = _config(drill_store, "domain_train.checkpoint_every_steps=1")
     fp = fingerprints(cfg)["domain_train"]
@@ -150,8 +185,14 @@ def test_kill_drill_on_a_local_store_leaves_no_lock_behind(tmp_path: Path) -> No
     killed = _cli(*args, CYCLEJ_FAULT="context:3:kill")
     assert killed.returncode == -9, killed.stderr[-3000:]
     try:
-        resumed = subprocess.run([sys.executable, "-m", "cyclej.cli", *args], cwd=ROOT, capture_output=True,
-                                 text=True, env=_cli_env(), timeout=400)
+        resumed = subprocess.run(
+            [sys.executable, "-m", "cyclej.cli", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=_cli_env(),
+            timeout=400,
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the run after a kill is stuck: {str(exc.stderr)[-2000:]}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

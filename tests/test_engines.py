@@ -91,9 +91,19 @@ def test_a_real_vllm_engine_is_gone_and_its_memory_back_before_the_next_stage(
 
     # vLLM's CPU attention needs head_dim 64: hidden 128 over 2 heads.
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                 bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).save_pretrained(tmp_path / "m")
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir()).save_pretrained(tmp_path / "m")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
     eager = {"enforce_eager": True} if "enforce_eager" in inspect.signature(VllmBackend).parameters else {}

@@ -203,7 +203,9 @@ def test_packed_logits_equal_logits_alone(name: str) -> None:
                 labels = batch["labels"][r, start : start + n]
                 torch.testing.assert_close(
                     _token_losses(packed[r, start : start + n], labels).sum(),
-                    _token_losses(alone, labels).sum(), atol=1e-5, rtol=0,
+                    _token_losses(alone, labels).sum(),
+                    atol=1e-5,
+                    rtol=0,
                 )
                 leaked = max(leaked, float((plain[r, start : start + n] - alone).abs().max()))
                 start += n
@@ -223,7 +225,9 @@ def test_mamba_cannot_pack_and_gets_buckets() -> None:
     """A recurrent family ignores attention masks: supports_packing says so, and bucketed rows (one
     example each, 2D padding mask) still give every example its logits alone."""
     torch.manual_seed(0)
-    model = MambaForCausalLM(MambaConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
+    model = MambaForCausalLM(
+        MambaConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, state_size=8)
+    ).eval()
     assert not supports_packing(model)
     exs = [_ex(*range(10 + 20 * i, 10 + 20 * i + n)) for i, n in enumerate([5, 3, 6, 4])]
     batches = bucket(exs, max_tokens_per_batch=12)

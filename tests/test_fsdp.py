@@ -26,16 +26,34 @@ def launch(out: Path, cache: Path, *args: str, ranks: int = 2) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(SCRIPT), str(out), *args]
     if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "--max-restarts=0", *cmd[1:]]
-    env = {**os.environ, "CYCLEJ_DIST_TIMEOUT": "30", "CYCLEJ_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "--max-restarts=0",
+            *cmd[1:],
+        ]
+    env = {
+        **os.environ,
+        "CYCLEJ_DIST_TIMEOUT": "30",
+        "CYCLEJ_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     env.pop("CYCLEJ_FAULT", None)
     done = subprocess.run(cmd, cwd=REPO, env=env, timeout=180, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(ranks)]
-    return {"ranks": reports, "weights": load_file(out / "policy" / "model.safetensors"), "dir": out,
-            "log": done.stderr}
+    return {
+        "ranks": reports,
+        "weights": load_file(out / "policy" / "model.safetensors"),
+        "dir": out,
+        "log": done.stderr,
+    }
 
 
 def metrics(run: dict[str, Any], rank: int = 0) -> list[dict[str, Any]]:
@@ -58,8 +76,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[st
 
 
 @pytest.mark.parametrize("model", ["tiny-gptj", pytest.param("tiny-llama", marks=pytest.mark.slow)])
-def test_two_ranks_take_the_one_process_steps(model: str, runs: dict[str, dict[str, Any]], tmp_path: Path,
-                                              model_cache: Path) -> None:
+def test_two_ranks_take_the_one_process_steps(
+    model: str, runs: dict[str, dict[str, Any]], tmp_path: Path, model_cache: Path
+) -> None:
     if model == "tiny-gptj":
         one, two = runs["one"], runs["two"]
     else:  # tied embeddings and head: one parameter under two names
@@ -105,8 +124,9 @@ def test_gathered_weights_are_the_single_process_state_dict_and_load_with_transf
 
 
 @pytest.mark.slow
-def test_oom_on_one_rank_halves_on_both_and_matches_one_process(runs: dict[str, dict[str, Any]], tmp_path: Path,
-                                                               model_cache: Path) -> None:
+def test_oom_on_one_rank_halves_on_both_and_matches_one_process(
+    runs: dict[str, dict[str, Any]], tmp_path: Path, model_cache: Path
+) -> None:
     """Out of memory on rank 1 at step 2: both ranks drop the step, halve the micro-batch and take it again;
     the result is one process's with the same OOM, and step 1 is the uninterrupted run's."""
     two = launch(tmp_path / "two", model_cache, "--fault-rank", "1", "--fault-step", "2")
@@ -122,15 +142,18 @@ def test_oom_on_one_rank_halves_on_both_and_matches_one_process(runs: dict[str, 
 
 
 @pytest.mark.slow
-def test_resume_on_two_ranks_is_bit_identical(runs: dict[str, dict[str, Any]], tmp_path: Path,
-                                              model_cache: Path) -> None:
+def test_resume_on_two_ranks_is_bit_identical(
+    runs: dict[str, dict[str, Any]], tmp_path: Path, model_cache: Path
+) -> None:
     straight = runs["two"]
     ckpt = straight["dir"] / "ckpt"
     # The single-process format: 12 bytes per parameter in safetensors shards, rng.pt, plus every rank's RNG.
     n = sum(v.numel() for k, v in straight["weights"].items())
     tensor_bytes = sum(p.stat().st_size for p in ckpt.glob("optimizer-*.safetensors"))
     assert 12 * n <= tensor_bytes <= 12 * n + 64 * 1024
-    assert {"state.json", "rng.pt", "rng-ranks.pt", "scheduler.pt", "discriminator.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert {"state.json", "rng.pt", "rng-ranks.pt", "scheduler.pt", "discriminator.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     assert state["step"] == 1 and state["format"] == 2 and state["world_size"] == 2
     assert len(torch.load(ckpt / "rng-ranks.pt", weights_only=True)) == 2
@@ -139,14 +162,16 @@ def test_resume_on_two_ranks_is_bit_identical(runs: dict[str, dict[str, Any]], t
     a, b = straight["weights"], resumed["weights"]
     assert sorted(a) == sorted(b)
     assert not [k for k in a if not torch.equal(a[k], b[k])]
-    assert [json.dumps(m, sort_keys=True) for m in metrics(resumed)] == \
-        [json.dumps(m, sort_keys=True) for m in metrics(straight)]
+    assert [json.dumps(m, sort_keys=True) for m in metrics(resumed)] == [
+        json.dumps(m, sort_keys=True) for m in metrics(straight)
+    ]
     assert resumed["ranks"][0]["disc_sha"] == straight["ranks"][0]["disc_sha"]
 
 
 @pytest.mark.slow
-def test_rl_stage_on_two_ranks_commits_what_one_process_would(tmp_path: Path, model_cache: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rl_stage_on_two_ranks_commits_what_one_process_would(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The whole `rl` stage (tiny preset: discriminator reward, ROUGE/BLEU/embedding, a checkpoint at step 2)
     through run_stage with CYCLEJ_GPUS=2: torchrun, cyclej.pipeline.rank_worker, rank 0 commits. Step 1 is
     one process's to the float (the discriminator has not been updated yet: after that its dropout masks,
@@ -174,7 +199,12 @@ def test_rl_stage_on_two_ranks_commits_what_one_process_would(tmp_path: Path, mo
         assert (art / "discriminator" / "config.json").is_file()
     assert [r["step"] for r in rows[2]] == [1, 2, 3, 4]
     first1, first2 = rows[1][0], rows[2][0]
-    for key in ("reward/total/mean", "reward/discriminator/mean", "reward/rouge/mean", "completion_tokens/mean"):
+    for key in (
+        "reward/total/mean",
+        "reward/discriminator/mean",
+        "reward/rouge/mean",
+        "completion_tokens/mean",
+    ):
         assert first2[key] == pytest.approx(first1[key], rel=1e-6), key
     assert first2["grad_norm"] == pytest.approx(first1["grad_norm"], rel=1e-5)
     for a, b in zip(rows[1], rows[2], strict=True):

@@ -114,15 +114,17 @@ def violations(root: Path) -> list[str]:
             if top == "prefect":
                 out.setdefault((rel, imp.line, "prefect"), f"{where}: the library imports {imp.module}")
             if top in WRAPPER_PACKAGES and (rel, imp.function) not in WRAPPER_DOORS:
-                out.setdefault((rel, imp.line, "wrapper"), f"{where}: the library imports the wrapper layer ({imp.module})")
+                out.setdefault(
+                    (rel, imp.line, "wrapper"),
+                    f"{where}: the library imports the wrapper layer ({imp.module})",
+                )
             here, there = room_of(module_name(rel)), room_of(imp.module)
             if here and there and here != there:
                 if there not in LAYER_OF or here not in LAYER_OF:
                     out.setdefault((rel, imp.line, "room"), f"{where}: {imp.module} is in no room of LAYERS")
                 elif LAYER_OF[there] >= LAYER_OF[here]:
                     what = "a room of the same layer" if LAYER_OF[there] == LAYER_OF[here] else "upward"
-                    out.setdefault((rel, imp.line, "layer"),
-                                   f"{where}: {here} imports {imp.module} ({what})")
+                    out.setdefault((rel, imp.line, "layer"), f"{where}: {here} imports {imp.module} ({what})")
     return [*out.values(), *(f"import circle: {' -> '.join(c)}" for c in circles(root, files))]
 
 
@@ -142,7 +144,7 @@ def circles(root: Path, files: list[str]) -> list[list[str]]:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                found.append([*path[path.index(nxt):], nxt])
+                found.append([*path[path.index(nxt) :], nxt])
             elif nxt not in state:
                 walk(nxt, [*path, nxt])
         state[node] = 2
@@ -176,7 +178,9 @@ def test_the_rules_see_a_planted_violation(tmp_path: Path) -> None:
     (pkg / "cli.py").write_text("def run():\n    from flows.launch import launch\n")
     found = violations(tmp_path)
     assert any("evaluation imports cyclej.stages.eval (upward)" in v for v in found)
-    assert any("corpora/formats.py:1: corpora imports cyclej.models (a room of the same layer)" in v for v in found)
+    assert any(
+        "corpora/formats.py:1: corpora imports cyclej.models (a room of the same layer)" in v for v in found
+    )
     assert any("cyclej/runtime/store.py:1: the library imports prefect" in v for v in found)
     assert any("wrapper layer (flows.launch)" in v for v in found)
     assert any(v.startswith("import circle:") and "cyclej.evaluation.metrics" in v for v in found)

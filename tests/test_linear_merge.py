@@ -37,7 +37,6 @@ MARKERS = ["<|A|>", "<|B|>"]
 PI_KEY = "cyclej_position_interpolation"
 
 
-
 # ---- fixtures: a sharded base with markers, and trained-looking adapters --------------------------------
 def save_base(model: torch.nn.Module, tok: object, out: Path, max_shard_size: str) -> Path:
     """An INTERMEDIATE-1 look-alike: marker tokens added, the PI factor recorded, several shards."""
@@ -57,7 +56,12 @@ def make_base(spec: str, out: Path) -> Path:
 
 
 def make_adapter(
-    base_dir: Path, stage_dir: Path, seed: int, r: int = 8, model: torch.nn.Module | None = None, **lora_kwargs: object
+    base_dir: Path,
+    stage_dir: Path,
+    seed: int,
+    r: int = 8,
+    model: torch.nn.Module | None = None,
+    **lora_kwargs: object,
 ) -> None:
     """What para_train / domain_train commit: adapter/ (PEFT) + marker_rows.safetensors (final rows).
     `model`: the base already in memory (it is given back unchanged)."""
@@ -66,8 +70,9 @@ def make_adapter(
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(base_dir)
     # init_lora_weights=False: A and B both random (PEFT's default B = 0 would make every delta zero).
-    cfg = LoraConfig(r=r, lora_alpha=math.sqrt(8), target_modules="all-linear", init_lora_weights=False,
-                     **lora_kwargs)  # type: ignore[arg-type]
+    cfg = LoraConfig(
+        r=r, lora_alpha=math.sqrt(8), target_modules="all-linear", init_lora_weights=False, **lora_kwargs
+    )  # type: ignore[arg-type]
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(stage_dir / "adapter")
     model = peft_model.unload()
@@ -148,10 +153,13 @@ def test_merge_equals_naive_reference(tmp_path: Path, spec: str) -> None:
         assert stats.marker_rows == 4
 
     # Same shard names and index, config (PI factor) and tokenizer copied.
-    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in base.glob("*.safetensors"))
-    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == json.loads(
-        (base / "model.safetensors.index.json").read_text()
-    )["weight_map"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(
+        p.name for p in base.glob("*.safetensors")
+    )
+    assert (
+        json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     assert json.loads((out / "config.json").read_text())[PI_KEY] == 2.0
 
     # Plain transformers loads it (every weight from the files) and generates.
@@ -250,8 +258,10 @@ def test_bad_adapters_are_refused_with_the_file_named(tmp_path: Path) -> None:
         merge_lora_adapters(gptj, tmp_path / "out", [(load_adapter(sa), 1.0)])
 
     # Marker ids beyond the embedding.
-    save_file({"token_ids": torch.tensor([5000]), "input_embeddings": torch.randn(1, 64)},
-              sa / "marker_rows.safetensors")
+    save_file(
+        {"token_ids": torch.tensor([5000]), "input_embeddings": torch.randn(1, 64)},
+        sa / "marker_rows.safetensors",
+    )
     with pytest.raises(BadInput, match="fall outside"):
         merge_lora_adapters(base, tmp_path / "out2", [(load_adapter(sa), 1.0)])
     assert not list((tmp_path / "out2").glob("*.safetensors")), "checked before anything is written"
@@ -279,8 +289,15 @@ def test_peak_rss_stays_within_one_shard_plus_adapters(tmp_path: Path) -> None:
     tok.add_special_tokens({"additional_special_tokens": MARKERS})
     # ≈ 37 M fp32 parameters ≈ 150 MB in 4+ shards of ≤ 40 MB: large enough that holding a second shard,
     # or a whole model, would break the bound.
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu")
@@ -299,13 +316,18 @@ def test_peak_rss_stays_within_one_shard_plus_adapters(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     proc = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(base), str(tmp_path / "sa"), str(tmp_path / "sb"), str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     bound = got["baseline"] + 1.5 * (got["largest_shard_bytes"] + got["adapter_bytes"])
-    print(f"peak {got['peak'] / 2**20:.0f} MiB, baseline {got['baseline'] / 2**20:.0f} MiB, "
-          f"bound {bound / 2**20:.0f} MiB, model {total / 2**20:.0f} MiB")
+    print(
+        f"peak {got['peak'] / 2**20:.0f} MiB, baseline {got['baseline'] / 2**20:.0f} MiB, "
+        f"bound {bound / 2**20:.0f} MiB, model {total / 2**20:.0f} MiB"
+    )
     assert got["peak"] <= bound
     # Sanity: the merge really happened (and the bound is below a whole model).
     assert got["tensors_changed"] == 8 * 7 + 2
@@ -356,9 +378,14 @@ def test_merge_stage_sweep_keeps_the_best_weight(tmp_path: Path) -> None:
 
     # The kept model is the merge at the best weight, byte for byte.
     direct = tmp_path / "direct"
-    merge_lora_adapters(store.fetch(inputs["context"]) / "model", direct,
-                        [(load_adapter(store.fetch(inputs["para_train"])), best),
-                         (load_adapter(store.fetch(inputs["domain_train"])), 1 - best)])
+    merge_lora_adapters(
+        store.fetch(inputs["context"]) / "model",
+        direct,
+        [
+            (load_adapter(store.fetch(inputs["para_train"])), best),
+            (load_adapter(store.fetch(inputs["domain_train"])), 1 - best),
+        ],
+    )
     for shard in direct.glob("*.safetensors"):
         assert shard.read_bytes() == (out / "model" / shard.name).read_bytes()
     assert json.loads((out / "model" / "config.json").read_text())[PI_KEY] == 2.0
@@ -373,8 +400,14 @@ def test_merge_stage_task_arithmetic(tmp_path: Path) -> None:
     ref = run_stage("merge", cfg, inputs, store, Progress(show_bar=False))
     assert (ref.metrics["weight_a"], ref.metrics["weight_b"]) == (1.0, 0.5)
     out = store.fetch(ref) / "model"
-    assert_exact_merge(store.fetch(inputs["context"]) / "model", out,
-                       [store.fetch(inputs["para_train"]), store.fetch(inputs["domain_train"])], [1.0, 0.5])
+    assert_exact_merge(
+        store.fetch(inputs["context"]) / "model",
+        out,
+        [store.fetch(inputs["para_train"]), store.fetch(inputs["domain_train"])],
+        [1.0, 0.5],
+    )
     # A sweep and explicit task-arithmetic weights contradict each other: refused when the config loads.
     with pytest.raises(BadInput, match="merge: .*unset weight_a"):
-        load_config(preset="tiny", overrides=["merge.weight_a=1.0", "merge.weight_b=0.5", "merge.sweep=[0.5]"])
+        load_config(
+            preset="tiny", overrides=["merge.weight_a=1.0", "merge.weight_b=0.5", "merge.sweep=[0.5]"]
+        )

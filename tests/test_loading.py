@@ -114,7 +114,9 @@ def test_gptj_table_at_2p_equals_old_table_at_p() -> None:
 def test_interpolated_table_without_scaling_is_transformers_table() -> None:
     from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
 
-    torch.testing.assert_close(interpolated_sinusoidal_positions(64, 16, 1.0), create_sinusoidal_positions(64, 16))
+    torch.testing.assert_close(
+        interpolated_sinusoidal_positions(64, 16, 1.0), create_sinusoidal_positions(64, 16)
+    )
 
 
 def test_gptj_forward_past_the_old_limit() -> None:

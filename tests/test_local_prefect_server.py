@@ -22,8 +22,11 @@ def test_a_server_that_stopped_answering_is_replaced() -> None:
     env = lps.shared_prefect_server()
     assert lps.answers(env)
     port = urlparse(env["PREFECT_API_URL"]).port
-    server = next(p for p in psutil.Process().children(recursive=True)
-                  if "server" in p.cmdline() and str(port) in p.cmdline())
+    server = next(
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "server" in p.cmdline() and str(port) in p.cmdline()
+    )
     os.kill(server.pid, signal.SIGSTOP)
     try:
         assert not lps.answers(env, timeout=5)

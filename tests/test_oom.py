@@ -30,7 +30,6 @@ from tests.helpers.tiny_models import LINES, MARKERS, SOURCES
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
-
 def logged(records: list[logging.LogRecord]) -> str:
     """The messages conftest's `project_log` read straight off the `cyclej` loggers (caplog listens on the
     root, which earlier tests of a session can cut them off from)."""
@@ -47,8 +46,12 @@ def test_the_classifier_knows_allocation_failures_from_other_errors() -> None:
     assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
-    assert is_oom(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"))
-    assert not is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed"))
+    assert is_oom(
+        RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+    )
+    assert not is_oom(
+        RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed")
+    )
     assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_oom(ValueError("CUDA out of memory"))  # not a RuntimeError: a message, not a failure
 
@@ -58,16 +61,39 @@ def train_run(tmp_path: Path, name: str, **over: Any) -> tuple[dict[str, Any], l
     model, tok = load_model("tiny-gptj", markers=MARKERS)
     ids = marker_token_ids(tok, MARKERS)
     examples = [domain_example(tok, ids[i % 2], t) for i, t in enumerate(LINES)] * 2
-    cfg = TrainConfig(**{**dict(batch_size=4, micro_batch_size=4, lr=1e-2, max_steps=2, seq_len=64, precision="fp32",
-                                packing=False, eval_batches=2, eval_every_steps=1), **over})
-    result = train(model, train_examples=examples, dev_examples=examples[:8], tcfg=cfg,
-                   store=ArtifactStore(str(tmp_path / name)), stage="domain_train", fp="fp", tokenizer=tok,
-                   marker_ids=ids)
+    cfg = TrainConfig(
+        **{
+            **dict(
+                batch_size=4,
+                micro_batch_size=4,
+                lr=1e-2,
+                max_steps=2,
+                seq_len=64,
+                precision="fp32",
+                packing=False,
+                eval_batches=2,
+                eval_every_steps=1,
+            ),
+            **over,
+        }
+    )
+    result = train(
+        model,
+        train_examples=examples,
+        dev_examples=examples[:8],
+        tcfg=cfg,
+        store=ArtifactStore(str(tmp_path / name)),
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     return result.metrics, [k for k in faults._fired]
 
 
-def test_trainer_halves_the_micro_batch_on_cublas_alloc_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
+def test_trainer_halves_the_micro_batch_on_cublas_alloc_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plain, _ = train_run(tmp_path, "plain")
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:1:cublas")
     m, fired = train_run(tmp_path, "cublas")
@@ -109,17 +135,40 @@ class EngineCopy:
 def rl_trainer(rollout_micro_batch: int = 1, engine: bool = False, **over: Any) -> tuple[RLTrainer, dict]:
     policy, tok = load_model("tiny-gptj", markers=MARKERS)
     ida, idb = marker_token_ids(tok, MARKERS)
-    cfg = RLConfig(**{**dict(steps=3, prompts_per_step=2, rollouts=4, rollout_micro_batch=rollout_micro_batch,
-                             max_new_tokens=5, lr=1e-3, max_grad_norm=1e6, warmup_ratio=0.0,
-                             backend="transformers", precision="fp32"), **over})
+    cfg = RLConfig(
+        **{
+            **dict(
+                steps=3,
+                prompts_per_step=2,
+                rollouts=4,
+                rollout_micro_batch=rollout_micro_batch,
+                max_new_tokens=5,
+                lr=1e-3,
+                max_grad_norm=1e6,
+                warmup_ratio=0.0,
+                backend="transformers",
+                precision="fp32",
+            ),
+            **over,
+        }
+    )
 
     def spread(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 3) for i in range(len(ro))]}
 
     # The same generation batch whatever the micro-batch: the rollouts of both runs are the same.
     backend = EngineCopy("tiny-gptj") if engine else TransformersBackend(policy, tok, batch_size=8)
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, SOURCES, spread, {"c": 1.0}, backend=backend,
-                        back_translate=False)
+    trainer = RLTrainer(
+        cfg,
+        policy,
+        tok,
+        {"a": ida, "b": idb},
+        SOURCES,
+        spread,
+        {"c": 1.0},
+        backend=backend,
+        back_translate=False,
+    )
     grads: dict[str, torch.Tensor] = {}
     for name, p in policy.named_parameters():  # the step's final accumulated gradient
         p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))
@@ -127,7 +176,7 @@ def rl_trainer(rollout_micro_batch: int = 1, engine: bool = False, **over: Any) 
 
 
 def test_rl_at_one_group_per_micro_batch_splits_the_group_with_the_same_gradient(
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     plain, plain_grads = rl_trainer()
     plain_metrics = plain.step()
@@ -149,18 +198,23 @@ def test_rl_fails_with_one_line_only_at_one_row(monkeypatch: pytest.MonkeyPatch)
     trainer.step()
     trainer.step()
     assert trainer.micro_rows == 1 and trainer.step_done == 2
-    with pytest.raises(StageFailed, match=r"out of memory at step 3 with one rollout per micro-batch .*"
-                                          r"rl.gradient_checkpointing.*resumes from step 2"):
+    with pytest.raises(
+        StageFailed,
+        match=r"out of memory at step 3 with one rollout per micro-batch .*"
+        r"rl.gradient_checkpointing.*resumes from step 2",
+    ):
         trainer.step()
 
 
-def test_rl_releases_memory_only_after_the_failed_attempts_tensors_are_gone(monkeypatch: pytest.MonkeyPatch
-                                                                          ) -> None:
+def test_rl_releases_memory_only_after_the_failed_attempts_tensors_are_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     trainer, _ = rl_trainer(rollout_micro_batch=2)
     last_logits: list[weakref.ref] = []
     # The LM head's output of every forward; the fault fires right after the gradient pass's first one.
-    trainer.policy.lm_head.register_forward_hook(lambda _m, _a, out: last_logits.__setitem__(slice(None),
-                                                                                           [weakref.ref(out)]))
+    trainer.policy.lm_head.register_forward_hook(
+        lambda _m, _a, out: last_logits.__setitem__(slice(None), [weakref.ref(out)])
+    )
     alive_at_release: list[bool] = []
     empty_cache = torch.cuda.empty_cache
 
@@ -186,14 +240,17 @@ def test_rl_weight_push_out_of_memory_is_retried_once_then_fails_naming_the_knob
     assert engine.pushes == 1 and trainer.step_done == 1
     for name, p in trainer.policy.state_dict().items():
         assert torch.equal(engine.model.state_dict()[name], p)
-    with pytest.raises(StageFailed, match=r"pushing the weights into the engine after step 2, twice .*"
-                                          r"rl.vllm.gpu_memory_utilization"):
+    with pytest.raises(
+        StageFailed,
+        match=r"pushing the weights into the engine after step 2, twice .*"
+        r"rl.vllm.gpu_memory_utilization",
+    ):
         trainer.step()
 
 
 # ---- the discriminator and the embedder ------------------------------------------------------------------
 def test_discriminator_update_out_of_memory_splits_the_batch_then_fails_at_one_text(
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     d = Discriminator("tiny-bert", SOURCES["a"], SOURCES["b"], batch_size=6)
     before = {k: v.clone() for k, v in d.model.state_dict().items()}
@@ -204,7 +261,9 @@ def test_discriminator_update_out_of_memory_splits_the_batch_then_fails_at_one_t
     d.update(["a third"])
     assert d.micro_batch == 1 and d.updates == 2
     monkeypatch.setenv("CYCLEJ_FAULT", "discriminator:3:oom")
-    with pytest.raises(OutOfMemory, match=r"discriminator: out of memory at one text .*rl.discriminator_max_tokens"):
+    with pytest.raises(
+        OutOfMemory, match=r"discriminator: out of memory at one text .*rl.discriminator_max_tokens"
+    ):
         d.update(["a fourth"])
     assert d.updates == 2
 

@@ -21,7 +21,6 @@ def gptj_like_weights(n: int = 4096, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.02
 
 
-
 def step_both(step: int, *sides: tuple[torch.nn.Module, torch.optim.Optimizer]) -> None:
     """One optimizer step of each (model, optimizer) on the same seeded batch and loss."""
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
@@ -30,12 +29,15 @@ def step_both(step: int, *sides: tuple[torch.nn.Module, torch.optim.Optimizer]) 
         model(x).pow(2).mean().backward()
         opt.step()
 
+
 def test_fp32_parameters_step_exactly_like_torch_adamw() -> None:
     torch.manual_seed(0)
     a = torch.nn.Linear(32, 16)
     b = copy.deepcopy(a)
     ours = MasterAdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
-    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
+    ref = torch.optim.AdamW(
+        b.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False
+    )
     for step in range(5):
         step_both(step, (a, ours), (b, ref))
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
@@ -54,8 +56,15 @@ def test_chunked_update_equals_torch_adamw_over_steps(state_device: str | None) 
     def groups(m: torch.nn.Module) -> list[dict]:
         return [{"params": m[0].parameters()}, {"params": m[1].parameters(), "lr": 3e-3, "weight_decay": 0.0}]
 
-    ours = MasterAdamW(groups(a), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1,
-                       state_device=state_device, chunk_numel=100)
+    ours = MasterAdamW(
+        groups(a),
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-6,
+        weight_decay=0.1,
+        state_device=state_device,
+        chunk_numel=100,
+    )
     ref = torch.optim.AdamW(groups(b), lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, foreach=False)
     for step in range(6):
         step_both(step, (a, ours), (b, ref))
@@ -186,15 +195,26 @@ def bf16_trainer(**over: object) -> tuple[RLTrainer, torch.nn.Module]:
 
     policy, tok = load_model("tiny-gptj", markers=["<|A|>", "<|B|>"], dtype=torch.bfloat16)
     ida, idb = marker_token_ids(tok, ["<|A|>", "<|B|>"])
-    settings: dict = {"steps": 3, "prompts_per_step": 2, "rollouts": 2, "rollout_micro_batch": 2, "max_new_tokens": 3,
-                      "lr": 1e-8, "max_grad_norm": 1.0, "warmup_ratio": 0.0, "backend": "transformers",
-                      "precision": "bf16"}
+    settings: dict = {
+        "steps": 3,
+        "prompts_per_step": 2,
+        "rollouts": 2,
+        "rollout_micro_batch": 2,
+        "max_new_tokens": 3,
+        "lr": 1e-8,
+        "max_grad_norm": 1.0,
+        "warmup_ratio": 0.0,
+        "backend": "transformers",
+        "precision": "bf16",
+    }
     cfg = RLConfig(**{**settings, **over})
 
     def spread(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 2) for i in range(len(ro))]}
 
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, SOURCES, spread, {"c": 1.0}, back_translate=False)
+    trainer = RLTrainer(
+        cfg, policy, tok, {"a": ida, "b": idb}, SOURCES, spread, {"c": 1.0}, back_translate=False
+    )
     return trainer, policy
 
 

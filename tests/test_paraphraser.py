@@ -68,7 +68,6 @@ DROPS_SYSTEM_TEMPLATE = (
 )
 
 
-
 @pytest.fixture
 def tokenizer():  # type: ignore[no-untyped-def]
     from cyclej.models.catalog import tiny_tokenizer_dir
@@ -483,8 +482,9 @@ def test_a_shard_another_run_is_generating_is_waited_for_not_generated_again(
     # The other run: a live process of this host that is not this one (this process's own leftover leases
     # are taken over at once), here our parent.
     store.put_json(lease, {"owner": f"{_local_host()}:{os.getppid()}:other-run", "expires": time.time() + 60})
-    worker = threading.Thread(target=run_paraphrase_shard,
-                              args=(cfg, {"data": data}, store, 1, Progress(show_bar=False)))
+    worker = threading.Thread(
+        target=run_paraphrase_shard, args=(cfg, {"data": data}, store, 1, Progress(show_bar=False))
+    )
     worker.start()
     time.sleep(1.5)
     assert worker.is_alive() and store.list_checkpoints("paraphrase", fp) == []  # waiting, not generating
@@ -501,10 +501,16 @@ def test_a_shard_another_run_is_generating_is_waited_for_not_generated_again(
 @pytest.mark.parametrize(
     ("source", "paraphrase", "expected"),
     [
-        ("i should n't have to ask where my order is .", "I shouldn't have to ask where my order is.",
-         "i should n't have to ask where my order is ."),
-        ("service at this place is terrible .", "The service here is terrible, honestly!",
-         "the service here is terrible , honestly !"),
+        (
+            "i should n't have to ask where my order is .",
+            "I shouldn't have to ask where my order is.",
+            "i should n't have to ask where my order is .",
+        ),
+        (
+            "service at this place is terrible .",
+            "The service here is terrible, honestly!",
+            "the service here is terrible , honestly !",
+        ),
         ("The Service Was Great.", "The staff's service was great.", "The staff's service was great."),
         ("we 'll be back , it 's great", "We'll return; it's great", "we 'll return ; it 's great"),
     ],
@@ -513,4 +519,3 @@ def test_paraphrase_takes_the_source_surface_form(source: str, paraphrase: str, 
     from cyclej.generation.paraphraser import match_surface
 
     assert match_surface(source, paraphrase) == expected
-

@@ -14,8 +14,9 @@ from tests.conftest import task_run_states
 
 @pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_second_run_is_cached_and_a_data_option_reruns(where: str, tmp_path: Path,
-                                                       request: pytest.FixtureRequest) -> None:
+def test_second_run_is_cached_and_a_data_option_reruns(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     from flows.pipeline_flow import cyclej_pipeline
 
     root = str(tmp_path / "store") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/runs"
@@ -31,7 +32,9 @@ def test_second_run_is_cached_and_a_data_option_reruns(where: str, tmp_path: Pat
     from cyclej.runtime.store import ArtifactStore
 
     store = ArtifactStore.from_config(cfg.storage)
-    record = json.loads(store.fs.cat_file(f"{store.root}/_prefect/results/data-{refs['data']['fingerprint']}"))
+    record = json.loads(
+        store.fs.cat_file(f"{store.root}/_prefect/results/data-{refs['data']['fingerprint']}")
+    )
     assert record["metadata"]["serializer"]["type"] == "json"
     assert json.loads(record["result"]) == refs["data"]
 

@@ -44,7 +44,6 @@ MARKERS = ["<|A|>", "<|B|>"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 # ---- pure functions ------------------------------------------------------------------------------------
 def test_group_advantages_normalize_within_each_group() -> None:
     rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0]
@@ -78,7 +77,9 @@ def test_completion_mask_covers_exactly_the_completion_tokens() -> None:
 def test_completion_logits_match_an_unpadded_forward() -> None:
     policy, _, _ = tiny_policy()
     input_ids, attn, pos, comp = build_batch([[5, 6, 7, 8], [9]], [[1, 2], [3, 4, 10]], pad_id=0)
-    logprobs = token_logprobs(completion_logits(policy, input_ids, attn, pos, comp.shape[1]), input_ids[:, -3:])
+    logprobs = token_logprobs(
+        completion_logits(policy, input_ids, attn, pos, comp.shape[1]), input_ids[:, -3:]
+    )
     with torch.no_grad():
         alone = policy(input_ids=torch.tensor([[9, 3, 4, 10]])).logits  # row 1 without padding
     expected = torch.log_softmax(alone[0, :-1], -1).gather(-1, torch.tensor([[3], [4], [10]])).squeeze(-1)
@@ -115,7 +116,9 @@ def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it() -> None:
 
 
 def test_lr_warms_up_then_decays_to_zero() -> None:
-    def f(done: int) -> float:  # RL's count of the schedule (cyclej.training.schedule), by optimizer steps done
+    def f(
+        done: int,
+    ) -> float:  # RL's count of the schedule (cyclej.training.schedule), by optimizer steps done
         return lr_factor(done + 1, 10, 2, decay_counts_current_step=False)
 
     values = [f(i) for i in range(10)]
@@ -146,10 +149,20 @@ def test_policy_learns_a_token_frequency_reward() -> None:
         return {"target": [sum(t in target for t in c) / max(1, len(c)) for c in ro.completion_ids]}
 
     cfg = RLConfig(
-        steps=24, prompts_per_step=2, rollouts=8, rollout_micro_batch=1, lr=1e-2, max_grad_norm=1.0,
-        warmup_ratio=0.0, max_new_tokens=6, backend="transformers", precision="fp32",
+        steps=24,
+        prompts_per_step=2,
+        rollouts=8,
+        rollout_micro_batch=1,
+        lr=1e-2,
+        max_grad_norm=1.0,
+        warmup_ratio=0.0,
+        max_new_tokens=6,
+        backend="transformers",
+        precision="fp32",
     )
-    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, target_share, {"target": 1.0}, back_translate=False)
+    trainer = RLTrainer(
+        cfg, policy, tok, markers, SOURCES, target_share, {"target": 1.0}, back_translate=False
+    )
     means = [trainer.step()["reward/target/mean"] for _ in range(cfg.steps)]
     first, last = sum(means[:6]) / 6, sum(means[-6:]) / 6
     assert last > first + 0.12, means
@@ -157,8 +170,15 @@ def test_policy_learns_a_token_frequency_reward() -> None:
 
 def test_oom_at_one_row_per_micro_batch_fails_with_the_resume_point(monkeypatch: pytest.MonkeyPatch) -> None:
     policy, tok, markers = tiny_policy()
-    cfg = RLConfig(steps=4, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3,
-                   backend="transformers", precision="fp32")
+    cfg = RLConfig(
+        steps=4,
+        prompts_per_step=2,
+        rollouts=2,
+        rollout_micro_batch=2,
+        max_new_tokens=3,
+        backend="transformers",
+        precision="fp32",
+    )
 
     def const(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 2) for i in range(len(ro))]}
@@ -182,16 +202,28 @@ def test_oom_at_one_row_per_micro_batch_fails_with_the_resume_point(monkeypatch:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_checkpoint_holds_masters_and_moments_only_and_resumes_exactly(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_checkpoint_holds_masters_and_moments_only_and_resumes_exactly(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
     """No bf16 copy of the policy: 12 bytes per parameter (fp32 master + two moments; an fp32 parameter is
     its own master and is saved once), and a fresh trainer loaded from it has the same weights, masters
     and moments to the bit and takes the same next step."""
+
     def make() -> RLTrainer:
         policy, tok, markers = tiny_policy()
         exact = {p: p.detach() for p in policy.parameters()}
         policy.to(dtype)
-        cfg = RLConfig(steps=4, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3, lr=1e-2,
-                       warmup_ratio=0.0, backend="transformers", precision="bf16" if dtype == torch.bfloat16 else "fp32")
+        cfg = RLConfig(
+            steps=4,
+            prompts_per_step=2,
+            rollouts=2,
+            rollout_micro_batch=2,
+            max_new_tokens=3,
+            lr=1e-2,
+            warmup_ratio=0.0,
+            backend="transformers",
+            precision="bf16" if dtype == torch.bfloat16 else "fp32",
+        )
         spread = lambda ro: {"c": [float(i % 2) for i in range(len(ro))]}  # noqa: E731
         trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, spread, {"c": 1.0}, back_translate=False)
         if dtype != torch.float32:
@@ -223,9 +255,12 @@ def test_checkpoint_holds_masters_and_moments_only_and_resumes_exactly(tmp_path:
     m2 = second.step()
     set_rng_state(rng)
     m1 = first.step()
-    assert {k: v for k, v in m1.items() if not k.startswith("seconds/")} == \
-        {k: v for k, v in m2.items() if not k.startswith("seconds/")}
-    assert all(torch.equal(p, q) for p, q in zip(first.policy.parameters(), second.policy.parameters(), strict=True))
+    assert {k: v for k, v in m1.items() if not k.startswith("seconds/")} == {
+        k: v for k, v in m2.items() if not k.startswith("seconds/")
+    }
+    assert all(
+        torch.equal(p, q) for p, q in zip(first.policy.parameters(), second.policy.parameters(), strict=True)
+    )
 
 
 def test_final_save_frees_the_moments_and_hands_the_masters_over_without_a_copy() -> None:
@@ -236,10 +271,28 @@ def test_final_save_frees_the_moments_and_hands_the_masters_over_without_a_copy(
     policy, tok, markers = tiny_policy()
     exact = {p: p.detach() for p in policy.parameters()}
     policy.to(torch.bfloat16)
-    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=2, rollout_micro_batch=2, max_new_tokens=3, lr=1e-2,
-                   warmup_ratio=0.0, backend="transformers", precision="bf16", optimizer_offload=True)
-    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, lambda ro: {"c": [float(i % 2) for i in range(len(ro))]},
-                        {"c": 1.0}, back_translate=False)
+    cfg = RLConfig(
+        steps=2,
+        prompts_per_step=2,
+        rollouts=2,
+        rollout_micro_batch=2,
+        max_new_tokens=3,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        backend="transformers",
+        precision="bf16",
+        optimizer_offload=True,
+    )
+    trainer = RLTrainer(
+        cfg,
+        policy,
+        tok,
+        markers,
+        SOURCES,
+        lambda ro: {"c": [float(i % 2) for i in range(len(ro))]},
+        {"c": 1.0},
+        back_translate=False,
+    )
     trainer.optimizer.set_masters(exact)
     trainer.step()
     masters = {id(p): (m.data_ptr(), m.clone()) for p, m in trainer.optimizer.masters().items()}
@@ -256,14 +309,26 @@ def test_kl_to_the_reference_is_zero_until_the_policy_moves() -> None:
     policy, tok, markers = tiny_policy()
     reference, _, _ = tiny_policy()
     reference.requires_grad_(False)
-    cfg = RLConfig(steps=2, prompts_per_step=2, rollouts=4, rollout_micro_batch=2, max_new_tokens=4, lr=1e-2,
-                   max_grad_norm=1.0, warmup_ratio=0.0, kl_coef=0.1, backend="transformers", precision="fp32")
+    cfg = RLConfig(
+        steps=2,
+        prompts_per_step=2,
+        rollouts=4,
+        rollout_micro_batch=2,
+        max_new_tokens=4,
+        lr=1e-2,
+        max_grad_norm=1.0,
+        warmup_ratio=0.0,
+        kl_coef=0.1,
+        backend="transformers",
+        precision="fp32",
+    )
 
     def spread(ro: Rollouts) -> dict[str, list[float]]:
         return {"c": [float(i % 4) for i in range(len(ro))]}
 
-    trainer = RLTrainer(cfg, policy, tok, markers, SOURCES, spread, {"c": 1.0}, reference=reference,
-                        back_translate=False)
+    trainer = RLTrainer(
+        cfg, policy, tok, markers, SOURCES, spread, {"c": 1.0}, reference=reference, back_translate=False
+    )
     assert trainer.step()["kl"] == 0.0  # the same weights: the k3 estimate is exactly 0
     assert trainer.step()["kl"] > 0.0
 
@@ -302,8 +367,14 @@ def run_in_subprocess(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], fault
         run_rl(StageRun.start("rl", cfg, refs, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False)))
         """
     )
-    env = {**os.environ, "CYCLEJ_FAULT": fault, "CYCLEJ_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "CYCLEJ_FAULT": fault,
+        "CYCLEJ_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, timeout=300).returncode
 
 
@@ -375,8 +446,9 @@ def test_rl_stage_writes_cycle_j_logs_and_samples(uninterrupted: tuple[PipelineC
     assert metrics["reward_total_last"] == pytest.approx(sum(totals[2:]) / 2)
 
 
-def test_discriminator_warm_up_runs_before_the_first_step(tmp_path: Path, model_cache: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discriminator_warm_up_runs_before_the_first_step(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """rl.discriminator_warmup_steps: the stage warms the discriminator up on real text before step 1, so
     step 1's discriminator reward is no longer the fresh head's 1/3; metrics.json records the warm-up."""
     monkeypatch.setenv("CYCLEJ_CACHE", str(model_cache))
@@ -446,4 +518,3 @@ def test_injected_oom_halves_the_rollout_micro_batch_and_finishes(
 
 
 # RL rollouts on a vLLM engine: tests/test_backends_vllm.py.
-

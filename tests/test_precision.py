@@ -15,7 +15,9 @@ def test_auto_on_cpu_follows_native_bf16(native: bool) -> None:
     cpu = torch.device("cpu")
     assert precision.use_bf16("auto", cpu, native) is native
     assert precision.use_bf16("fp32", cpu, native) is False
-    assert precision.use_bf16("bf16", cpu, native) is True  # asked for explicitly: honoured (warned if emulated)
+    assert (
+        precision.use_bf16("bf16", cpu, native) is True
+    )  # asked for explicitly: honoured (warned if emulated)
 
 
 def test_cuda_auto_is_bf16() -> None:

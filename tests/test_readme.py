@@ -60,7 +60,7 @@ def _corpus_folder(folder: Path, source: Path, start: int) -> None:
     folder.mkdir(parents=True)
     lines = source.read_text(encoding="utf-8").splitlines()
     for i in range(3):
-        chunk = lines[start + 300 * i: start + 300 * (i + 1)]
+        chunk = lines[start + 300 * i : start + 300 * (i + 1)]
         (folder / f"part{i}.txt").write_text("\n".join(chunk) + "\n", encoding="utf-8")
 
 
@@ -88,8 +88,14 @@ def test_readme_own_corpora_commands_run_as_written(tmp_path: Path) -> None:
 
     outputs = []
     for command in commands:
-        proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=tmp_path, capture_output=True,
-                              text=True, env=env, timeout=900)
+        proc = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
         outputs.append(proc)
     config = (tmp_path / "my.yaml").read_text(encoding="utf-8")

@@ -12,7 +12,12 @@ from cyclej.runtime.store import ArtifactStore
 def test_levels_follow_the_inputs_of_the_specs() -> None:
     plan = plan_pipeline(load_config(preset="tiny"))
     assert [[s.name for s in level] for level in levels(plan)] == [
-        ["data"], ["context", "paraphrase"], ["para_train", "domain_train"], ["merge"], ["rl"], ["eval"],
+        ["data"],
+        ["context", "paraphrase"],
+        ["para_train", "domain_train"],
+        ["merge"],
+        ["rl"],
+        ["eval"],
     ]
     for stage in plan.values():
         assert all(plan[k].level < stage.level for k in stage.inputs)
@@ -24,7 +29,9 @@ def test_plan_fingerprints_chain_the_inputs_and_stop_at_until() -> None:
     plan = plan_pipeline(cfg)
     assert list(plan) == list(STAGES)
     for name, stage in plan.items():
-        assert stage.fingerprint == stage_fingerprint(name, cfg, {k: plan[k].fingerprint for k in stage.inputs})
+        assert stage.fingerprint == stage_fingerprint(
+            name, cfg, {k: plan[k].fingerprint for k in stage.inputs}
+        )
         assert stage.inputs == {k: plan[k].fingerprint for k in SPECS[name].inputs}
         assert stage.run_name == f"{name}-{stage.fingerprint[:8]}"
     assert fingerprints(cfg) == {n: s.fingerprint for n, s in plan.items()}

@@ -105,10 +105,18 @@ def test_product_makes_a_copy_worth_nothing_where_the_sum_prefers_it() -> None:
 
 
 # ---- the discriminator reward ---------------------------------------------------------------------------
-REAL_A = ["the food was cold and bland", "terrible service and rude staff", "we waited an hour, never again",
-          "the soup was salty and the bread stale"]
-REAL_B = ["lovely staff and great coffee", "the best pasta in town", "friendly service, we will be back",
-          "amazing desserts and a cozy room"]
+REAL_A = [
+    "the food was cold and bland",
+    "terrible service and rude staff",
+    "we waited an hour, never again",
+    "the soup was salty and the bread stale",
+]
+REAL_B = [
+    "lovely staff and great coffee",
+    "the best pasta in town",
+    "friendly service, we will be back",
+    "amazing desserts and a cozy room",
+]
 GENERATED = ["zq xv kkp", "## ## ## ##", "lll mmm nnn", "qq qq qq"]
 
 
@@ -195,9 +203,18 @@ def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
     from cyclej.pipeline.registry import SPECS, fingerprints
 
     cfg = load_config(preset="tiny")
-    on = cfg.model_copy(update={"rl": cfg.rl.model_copy(
-        update={"discriminator_warmup_steps": 5, "reward_combination": "product", "discriminator_reward": "style",
-                "content_floor": 0.4})})
+    on = cfg.model_copy(
+        update={
+            "rl": cfg.rl.model_copy(
+                update={
+                    "discriminator_warmup_steps": 5,
+                    "reward_combination": "product",
+                    "discriminator_reward": "style",
+                    "content_floor": 0.4,
+                }
+            )
+        }
+    )
     off_keys = {"discriminator_warmup_steps", "reward_combination", "discriminator_reward", "content_floor"}
     assert not off_keys & set(SPECS["rl"].config_slice(cfg)["rl"])
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_reward"] == "style"
@@ -220,7 +237,9 @@ def test_style_reward_ignores_the_generated_class(one_thread: None) -> None:
     as_b, as_a = disc.reward(worded, ["b"] * 3, "style"), disc.reward(worded, ["a"] * 3, "style")
     assert all(abs(b + a - 1.0) < 1e-5 for a, b in zip(as_a, as_b, strict=True))  # the real classes only
     real_b_target, real_b_style = disc.reward(REAL_B, ["b"] * 4), disc.reward(REAL_B, ["b"] * 4, "style")
-    assert min(real_b_style) > 0.9 and all(s > t + 0.1 for s, t in zip(real_b_style, real_b_target, strict=True))
+    assert min(real_b_style) > 0.9 and all(
+        s > t + 0.1 for s, t in zip(real_b_style, real_b_target, strict=True)
+    )
     assert max(disc.reward(REAL_A, ["b"] * 4, "style")) < 0.1  # a copy of A as a translation into B
 
 
@@ -249,8 +268,13 @@ def test_the_rl_reward_gives_the_discriminator_each_rollouts_source(one_thread: 
     disc = discriminator()
     disc.warm_up(20)
     reward_fn = CycleDiscriminatorReward({"discriminator": 1.0}, None, disc, "style_gain")
-    rollouts = Rollouts(group_size=2, sources=[REAL_A[0]] * 2, source_domains=["a"] * 2,
-                        target_domains=["b"] * 2, translations=[REAL_A[0], REAL_B[0]])
+    rollouts = Rollouts(
+        group_size=2,
+        sources=[REAL_A[0]] * 2,
+        source_domains=["a"] * 2,
+        target_domains=["b"] * 2,
+        translations=[REAL_A[0], REAL_B[0]],
+    )
     copy, transfer = reward_fn(rollouts)["discriminator"]
     assert copy == 0.0 and transfer > 0.5
 

@@ -46,7 +46,9 @@ def _run(coro: Any) -> Any:
 
 
 class Stack:
-    def __init__(self, env: dict[str, str], standin: Any, worker: subprocess.Popen[bytes], worker_log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], standin: Any, worker: subprocess.Popen[bytes], worker_log: Path
+    ) -> None:
         self.env, self.standin, self.worker, self.worker_log = env, standin, worker, worker_log
         self.runs: dict[str, UUID] = {}
 
@@ -78,9 +80,13 @@ class Stack:
     def wait_terminated(self, pod_id: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         # TERMINATED is set once the stand-in has stopped the pod's processes (SIGTERM, then SIGKILL).
-        while not (any(r.input and r.input.get("podId") == pod_id for r in self.standin.ops("podTerminate"))
-                   and self.standin.pods[pod_id].desired_status == "TERMINATED"):
-            assert time.monotonic() < deadline, f"pod {pod_id} never terminated:\n{self.worker_log.read_text()[-3000:]}"
+        while not (
+            any(r.input and r.input.get("podId") == pod_id for r in self.standin.ops("podTerminate"))
+            and self.standin.pods[pod_id].desired_status == "TERMINATED"
+        ):
+            assert time.monotonic() < deadline, (
+                f"pod {pod_id} never terminated:\n{self.worker_log.read_text()[-3000:]}"
+            )
             time.sleep(0.3)
 
 
@@ -106,34 +112,66 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         props["env"]["default"] = {"POOL_VAR": "from-pool", "TRICKY": TRICKY_VALUE}
         stack_env = {**env, "RUNPOD_API_BASE_URL": standin.url, "RUNPOD_API_KEY": standin.api_key}
         probe = Stack(stack_env, standin, None, tmp / "worker.log")  # type: ignore[arg-type]
-        probe.call(lambda c: c.create_work_pool(WorkPoolCreate(name=POOL, type="runpod", base_job_template=template)))
+        probe.call(
+            lambda c: c.create_work_pool(WorkPoolCreate(name=POOL, type="runpod", base_job_template=template))
+        )
         with open(tmp / "worker.log", "wb") as log:
             worker = subprocess.Popen(
-                [str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "runpod", "--name", "rp-test"],
-                env=stack_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
+                [
+                    str(VENV_BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    POOL,
+                    "--type",
+                    "runpod",
+                    "--name",
+                    "rp-test",
+                ],
+                env=stack_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
+                start_new_session=True,
             )
         try:
             st = Stack(stack_env, standin, worker, tmp / "worker.log")
             # All runs start at once (the worker runs them concurrently): the drill's wall time is the
             # slowest run's, not the sum.
             # The pod's RAM, vCPU, disk and host CUDA as `cyclej plan` would ask for an RL stage.
-            quick = _deploy(st, quick_flow, "quick", {"gpu_type_id": "NVIDIA A100 80GB PCIe", "container_disk_gb": 150,
-                                                      "min_memory_in_gb": 96, "min_vcpu_count": 16,
-                                                      "allowed_cuda_versions": ["13.0"],
-                                                      "env": {"DEPLOYMENT_VAR": "from-deployment"}})
+            quick = _deploy(
+                st,
+                quick_flow,
+                "quick",
+                {
+                    "gpu_type_id": "NVIDIA A100 80GB PCIe",
+                    "container_disk_gb": 150,
+                    "min_memory_in_gb": 96,
+                    "min_vcpu_count": 16,
+                    "allowed_cuda_versions": ["13.0"],
+                    "env": {"DEPLOYMENT_VAR": "from-deployment"},
+                },
+            )
             sleepy = _deploy(st, sleepy_flow, "sleepy", {"gpu_type_id": "NVIDIA A40"})
             st.runs = {
-                "quick": st.call(lambda c: c.create_flow_run_from_deployment(
-                    quick, parameters={"x": 41}, job_variables={"gpu_count": 2})).id,
+                "quick": st.call(
+                    lambda c: c.create_flow_run_from_deployment(
+                        quick, parameters={"x": 41}, job_variables={"gpu_count": 2}
+                    )
+                ).id,
                 "cancel": st.call(lambda c: c.create_flow_run_from_deployment(sleepy)).id,
                 "vanish": st.call(lambda c: c.create_flow_run_from_deployment(sleepy)).id,
             }
             # A pod whose command never starts the run (a broken image would do the same).
             hang = _deploy(st, sleepy_flow, "hang", {"command": "sleep 300", "cancel_grace_seconds": 1})
-            st.runs["never_starts"] = st.call(lambda c: c.create_flow_run_from_deployment(
-                hang, job_variables={"start_timeout_seconds": 5})).id
-            st.runs["cancel_pending"] = st.call(lambda c: c.create_flow_run_from_deployment(
-                hang, job_variables={"start_timeout_seconds": 300})).id
+            st.runs["never_starts"] = st.call(
+                lambda c: c.create_flow_run_from_deployment(hang, job_variables={"start_timeout_seconds": 5})
+            ).id
+            st.runs["cancel_pending"] = st.call(
+                lambda c: c.create_flow_run_from_deployment(
+                    hang, job_variables={"start_timeout_seconds": 300}
+                )
+            ).id
             yield st
         finally:
             worker.terminate()
@@ -149,7 +187,11 @@ def _deploy(stack: Stack, fn: Any, name: str, job_variables: dict[str, Any]) -> 
     async def create(c: Any) -> UUID:
         flow_id = await c.create_flow_from_name(fn.name)
         return await c.create_deployment(
-            flow_id=flow_id, name=name, work_pool_name=POOL, entrypoint=entry, job_variables=job_variables,
+            flow_id=flow_id,
+            name=name,
+            work_pool_name=POOL,
+            entrypoint=entry,
+            job_variables=job_variables,
             pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}],
         )
 
@@ -161,14 +203,19 @@ def test_run_starts_pod_with_job_variables_completes_and_terminates_pod(stack: S
     done = stack.wait_run(run_id, lambda r: r.state is not None and r.state.is_final(), timeout=90)
     assert done.state.is_completed(), done.state
 
-    deploys = [r for r in stack.standin.ops("podFindAndDeployOnDemand") if any(
-        e["key"] == "PREFECT__FLOW_RUN_ID" and e["value"] == str(run_id) for e in r.input["env"])]
+    deploys = [
+        r
+        for r in stack.standin.ops("podFindAndDeployOnDemand")
+        if any(e["key"] == "PREFECT__FLOW_RUN_ID" and e["value"] == str(run_id) for e in r.input["env"])
+    ]
     assert len(deploys) == 1, "exactly one pod per flow run"
     spec = deploys[0].input
     env = {e["key"]: e["value"] for e in spec["env"]}
     assert spec["gpuTypeId"] == "NVIDIA A100 80GB PCIe"  # deployment job variable
     assert spec["gpuCount"] == 2  # flow-run job variable
-    assert env["CYCLEJ_GPUS"] == "2"  # the stage in the pod runs one rank per GPU (cyclej.runtime.distributed)
+    assert (
+        env["CYCLEJ_GPUS"] == "2"
+    )  # the stage in the pod runs one rank per GPU (cyclej.runtime.distributed)
     assert spec["imageName"] == "cyclej-gpu:test"  # pool default
     assert spec["networkVolumeId"] == "vol-standin"
     assert spec["dataCenterId"] == "EU-RO-1"  # looked up from the volume by the SDK
@@ -191,8 +238,9 @@ def test_cancelled_run_terminates_its_pod(stack: Stack) -> None:
     from prefect.states import Cancelling
 
     run_id = stack.runs["cancel"]
-    running = stack.wait_run(run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()),
-                             timeout=90)
+    running = stack.wait_run(
+        run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()), timeout=90
+    )
     assert running.state.is_running(), running.state
     pod_id = str(running.infrastructure_pid)
     assert stack.standin.process_alive(pod_id)
@@ -207,8 +255,9 @@ def test_run_whose_pod_vanishes_is_crashed(stack: Stack) -> None:
     """A spot pod reclaimed (or deleted in RunPod's console) mid-run: the worker notices and the run is Crashed,
     so a retry can resume it, instead of the run staying Running forever."""
     run_id = stack.runs["vanish"]
-    running = stack.wait_run(run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()),
-                             timeout=90)
+    running = stack.wait_run(
+        run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()), timeout=90
+    )
     assert running.state.is_running(), running.state
     pod_id = str(running.infrastructure_pid)
     # Deleted on RunPod's side: from then on RunPod answers queries about it with a generic error, which
@@ -242,7 +291,9 @@ def test_run_cancelled_before_it_started_terminates_its_pod(stack: Stack) -> Non
     assert not stack.standin.process_alive(pod_id)
 
 
-def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prefect calls kill_infrastructure for a run cancelled before it started (it has a pod id only)."""
     from prefect.exceptions import InfrastructureNotFound
 
@@ -253,7 +304,9 @@ def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: 
     with RunpodStandin(VENV_BIN, tmp_path) as standin:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", standin.url)
         monkeypatch.setenv("RUNPOD_API_KEY", standin.api_key)
-        cfg = RunpodJobConfiguration(gpu_type_id="NVIDIA RTX A6000", command="sleep 60", name="pending-run", **LOCAL)
+        cfg = RunpodJobConfiguration(
+            gpu_type_id="NVIDIA RTX A6000", command="sleep 60", name="pending-run", **LOCAL
+        )
         pod_id = create_pod(cfg)
         assert standin.process_alive(pod_id)
         worker = RunpodWorker(work_pool_name=POOL)
@@ -264,7 +317,9 @@ def test_kill_infrastructure_terminates_pod_and_reports_a_missing_one(tmp_path: 
             _run(worker.kill_infrastructure(pod_id, cfg))
 
 
-def test_unknown_gpu_type_and_wrong_key_fail_before_any_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_gpu_type_and_wrong_key_fail_before_any_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from infra.runpod_worker import RunpodJobConfiguration, create_pod
     from tests.helpers.local_prefect_server import VENV_BIN
     from tests.helpers.runpod_standin import RunpodStandin

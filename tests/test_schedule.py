@@ -44,7 +44,9 @@ def test_both_loops_keep_their_schedules_to_the_bit(total: int, ratio: float) ->
     assert rl_warmup == math.ceil(ratio * total)
     for step in range(1, total + 1):
         assert lr_factor(step, total, trainer_warmup) == _trainer_before(step, total, ratio)
-        assert lr_factor(step, total, rl_warmup, decay_counts_current_step=False) == _rl_before(step - 1, total, rl_warmup)
+        assert lr_factor(step, total, rl_warmup, decay_counts_current_step=False) == _rl_before(
+            step - 1, total, rl_warmup
+        )
 
 
 def test_rng_state_round_trip_covers_python_numpy_and_torch() -> None:

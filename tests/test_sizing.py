@@ -34,7 +34,10 @@ def test_gptj_plans_every_stage() -> None:
 
 def test_vllm_tensor_parallel_splits_the_paraphraser_over_gpus() -> None:
     one = {p.stage: p for p in plan(load_config(preset="gptj"))}["paraphrase"]
-    two = {p.stage: p for p in plan(load_config(preset="gptj", overrides=["paraphrase.vllm.tensor_parallel_size=2"]))}
+    two = {
+        p.stage: p
+        for p in plan(load_config(preset="gptj", overrides=["paraphrase.vllm.tensor_parallel_size=2"]))
+    }
     assert two["paraphrase"].gpu_count == 2 and one.gpu_count == 1
     assert two["paraphrase"].memory["vllm"] < 0.6 * one.memory["vllm"]
     assert two["paraphrase"].job_variables()["gpu_count"] == 2
@@ -52,8 +55,18 @@ def test_micro_batch_that_fits_no_card_is_halved_and_said() -> None:
 def test_gradient_checkpointing_lets_the_gptj_lora_stages_train_at_their_micro_batch() -> None:
     """Without recomputation GPT-J's eager attention keeps 4096² fp32 scores per head and layer (~59 GiB
     at one 4k row): the preset's micro-batch 4 fit no 80 GB card. With it (the gptj preset) it fits."""
-    off = {s.stage: s for s in plan(load_config(preset="gptj", overrides=[
-        f"{k}.gradient_checkpointing=false" for k in ("context", "para_train", "domain_train", "rl")]))}
+    off = {
+        s.stage: s
+        for s in plan(
+            load_config(
+                preset="gptj",
+                overrides=[
+                    f"{k}.gradient_checkpointing=false"
+                    for k in ("context", "para_train", "domain_train", "rl")
+                ],
+            )
+        )
+    }
     on = {s.stage: s for s in plan(load_config(preset="gptj"))}
     for stage in ("context", "para_train", "domain_train"):
         assert on[stage].micro_batch == load_config(preset="gptj").model_dump()[stage]["micro_batch_size"]
@@ -87,16 +100,25 @@ def test_activation_estimate_scales_as_documented() -> None:
     assert activation_bytes(gptj, 2, 1024, 2) == pytest.approx(2 * activation_bytes(gptj, 1, 1024, 2))
     no_logits = activation_bytes(llama, 1, 2048, 2, lm_head=False)
     assert no_logits == pytest.approx(2 * activation_bytes(llama, 1, 1024, 2, lm_head=False))
-    eager_ratio = activation_bytes(gptj, 1, 2048, 2, lm_head=False) / activation_bytes(gptj, 1, 1024, 2, lm_head=False)
+    eager_ratio = activation_bytes(gptj, 1, 2048, 2, lm_head=False) / activation_bytes(
+        gptj, 1, 1024, 2, lm_head=False
+    )
     assert eager_ratio > 2.5
     # fp32 activations cost twice the bf16 ones for the linear term.
     assert activation_bytes(llama, 1, 512, 4, lm_head=False) == pytest.approx(2 * no_logits / 4)
 
 
 def test_smallest_fitting_card_and_price_table(tmp_path: Path) -> None:
-    table = PriceTable("today", "test", (
-        GpuType("BIG", 80, 2.0), GpuType("MID-CHEAP", 48, 0.4), GpuType("MID", 48, 0.5), GpuType("SMALL", 24, 0.2),
-    ))
+    table = PriceTable(
+        "today",
+        "test",
+        (
+            GpuType("BIG", 80, 2.0),
+            GpuType("MID-CHEAP", 48, 0.4),
+            GpuType("MID", 48, 0.5),
+            GpuType("SMALL", 24, 0.2),
+        ),
+    )
     assert smallest_fitting(10 * GiB, table).id == "SMALL"
     assert smallest_fitting(30 * GiB, table).id == "MID-CHEAP"
     assert smallest_fitting(23.5 * GiB, table).id == "MID-CHEAP"  # 1 GiB context + 5 % headroom
@@ -104,7 +126,9 @@ def test_smallest_fitting_card_and_price_table(tmp_path: Path) -> None:
     assert smallest_fitting(60 * GiB, table, max_gb=48) is None
     shipped = load_prices()
     assert shipped.date and "approximate" in shipped.source
-    assert {"NVIDIA A40", "NVIDIA RTX A6000", "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3"} <= {g.id for g in shipped.gpus}
+    assert {"NVIDIA A40", "NVIDIA RTX A6000", "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3"} <= {
+        g.id for g in shipped.gpus
+    }
     bad = tmp_path / "prices.yaml"
     bad.write_text("gpus: [{id: X}]\n")
     with pytest.raises(BadInput, match="prices.yaml"):
@@ -154,13 +178,21 @@ def test_gptj_pods_get_the_ram_disk_and_vcpus_their_stage_needs() -> None:
     for p in plans.values():
         if p.device == "gpu":
             jv = p.job_variables()
-            assert list(jv) == ["gpu_type_id", "gpu_count", "min_memory_in_gb", "min_vcpu_count", "container_disk_gb"]
+            assert list(jv) == [
+                "gpu_type_id",
+                "gpu_count",
+                "min_memory_in_gb",
+                "min_vcpu_count",
+                "container_disk_gb",
+            ]
             assert all(isinstance(jv[k], int) and jv[k] > 0 for k in list(jv)[1:]), (p.stage, jv)
         assert p.host_bytes > 0 and p.disk_bytes > 0 and p.vcpus > 0, p.stage
 
 
 def test_a_checkpoint_interval_that_costs_more_than_a_few_percent_is_flagged() -> None:
-    cfg = load_config(preset="gptj", overrides=["rl.checkpoint_every_minutes=10", "rl.checkpoint_every_steps=10"])
+    cfg = load_config(
+        preset="gptj", overrides=["rl.checkpoint_every_minutes=10", "rl.checkpoint_every_steps=10"]
+    )
     rl = {p.stage: p for p in plan(cfg)}["rl"]
     assert any("set rl.checkpoint_every_minutes:" in n for n in rl.notes), rl.notes
     assert any("set rl.checkpoint_every_steps: 500" in n for n in rl.notes), rl.notes

@@ -73,11 +73,22 @@ MEASURE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_rl_plan_matches_the_measured_peak_of_the_same_code(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "CYCLEJ_CACHE": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CYCLEJ_CACHE": str(tmp_path / "cache"),
+    }
     env.pop("CYCLEJ_FAULT", None)
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "model")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "model")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     predicted = sum(result["predicted"].values())
@@ -86,7 +97,11 @@ def test_rl_plan_matches_the_measured_peak_of_the_same_code(tmp_path: Path) -> N
     # The plan is for exactly these parts: weights, gradients, AdamW moments, one chunk's activations and
     # the rollout KV cache (no discriminator, no embedder: their rewards have weight 0).
     assert set(result["predicted"]) == {"weights", "gradients", "optimizer", "activations", "kv_cache"}
-    assert abs(predicted - measured) / measured < 0.20, (predicted / 2**20, measured / 2**20, result["predicted"])
+    assert abs(predicted - measured) / measured < 0.20, (
+        predicted / 2**20,
+        measured / 2**20,
+        result["predicted"],
+    )
 
 
 def test_gptj_rl_is_planned_onto_one_80gb_card_with_implemented_options() -> None:

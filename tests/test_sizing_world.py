@@ -35,8 +35,13 @@ def test_world_size_one_spelled_out_is_the_single_gpu_plan() -> None:
     ones = _plans(*(f"resources.gpus.{s}=1" for s in sorted(MULTI_GPU_STAGES)))
     for stage, p in default.items():
         q = ones[stage]
-        assert (q.memory, q.host, q.disk, q.vcpus, q.job_variables()) == (p.memory, p.host, p.disk, p.vcpus,
-                                                                         p.job_variables()), stage
+        assert (q.memory, q.host, q.disk, q.vcpus, q.job_variables()) == (
+            p.memory,
+            p.host,
+            p.disk,
+            p.vcpus,
+            p.job_variables(),
+        ), stage
         if p.device == "gpu":
             assert p.job_variables()["gpu_count"] == (p.gpu_count if stage == "paraphrase" else 1)
 
@@ -49,7 +54,10 @@ def test_a_lora_stage_on_four_ranks_takes_its_share_of_the_batch_and_one_all_red
     # Activations are linear in the micro-batch (checkpointing keeps layer inputs + one layer + logits).
     assert four.memory["activations"] == pytest.approx(one.memory["activations"] / 2)
     assert four.memory["weights"] == one.memory["weights"]  # every rank holds the whole base
-    assert four.memory["all-reduce buffer"] == four.trainable_params * 4 and "all-reduce buffer" not in one.memory
+    assert (
+        four.memory["all-reduce buffer"] == four.trainable_params * 4
+        and "all-reduce buffer" not in one.memory
+    )
     assert four.gpu is not None and four.gpu_count == 4
     assert four.hourly_usd == pytest.approx(4 * four.gpu.hourly_usd)
     jv = four.job_variables()
@@ -77,7 +85,10 @@ def test_rl_on_four_ranks_shards_weights_gradients_and_moments_onto_80gb_cards()
     assert four.disk == one.disk and four.checkpoint_bytes == one.checkpoint_bytes
     jv = four.job_variables()
     assert jv["gpu_count"] == 4 and jv["gpu_type_id"] == four.gpu.id
-    assert jv["min_memory_in_gb"] == math.ceil(four.host_bytes / GiB) and jv["container_disk_gb"] == one.job_variables()["container_disk_gb"]
+    assert (
+        jv["min_memory_in_gb"] == math.ceil(four.host_bytes / GiB)
+        and jv["container_disk_gb"] == one.job_variables()["container_disk_gb"]
+    )
     # On two ranks the shards (8 bytes/parameter, 45 GiB) + the gathered weights + vLLM's quarter overflow 80 GB.
     two = _plans("resources.gpus.rl=2")["rl"]
     assert two.gpu is not None and two.gpu.memory_gb > 80 and two.gpu_count == 2
@@ -87,7 +98,9 @@ def test_the_smallest_pod_without_offload_is_named_for_rl_and_only_differing_pod
     cfg = load_config(preset="gptj")
     plans = {p.stage: p for p in plan(cfg)}
     # the training stages, whose memory per GPU falls with N; paraphrase's N workers each hold a whole engine
-    assert {s for s, p in plans.items() if p.smallest_pod is not None} == MULTI_GPU_STAGES - DATA_PARALLEL_STAGES
+    assert {
+        s for s, p in plans.items() if p.smallest_pod is not None
+    } == MULTI_GPU_STAGES - DATA_PARALLEL_STAGES
     rl = plans["rl"]
     pod = rl.smallest_pod
     assert pod is not None and pod.gpu is not None
@@ -108,7 +121,9 @@ def test_the_smallest_pod_without_offload_is_named_for_rl_and_only_differing_pod
     assert "set resources.gpus.para_train: 1" in wide
 
 
-def test_cyclej_gpus_on_the_machine_sets_every_multi_gpu_stages_world(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cyclej_gpus_on_the_machine_sets_every_multi_gpu_stages_world(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv(GPUS_ENV, "4")
     plans = {p.stage: p for p in plan(load_config(preset="gptj"))}
     for stage in MULTI_GPU_STAGES:

@@ -59,7 +59,9 @@ def test_write_commit_read_round_trip(store: ArtifactStore) -> None:
 def test_uncommitted_directory_is_not_an_artifact(store: ArtifactStore) -> None:
     work = _write(store, "merge", "f00", {"model/weights.bin": b"x" * 10})
     if not store.is_local:  # a remote artifact half-uploaded: files there, no manifest
-        store.fs.put_file(str(work / "model/weights.bin"), _raw_path(store, "merge", "f00", "model/weights.bin"))
+        store.fs.put_file(
+            str(work / "model/weights.bin"), _raw_path(store, "merge", "f00", "model/weights.bin")
+        )
     assert not store.exists("merge", "f00")
     assert store.ref("merge", "f00") is None
     with pytest.raises(FileNotFoundError):
@@ -71,8 +73,11 @@ def test_corrupt_file_is_detected_on_read(store: ArtifactStore) -> None:
     ref = store.commit("context", "c0ffee", work)
     store.fs.pipe_file(_raw_path(store, "context", "c0ffee", "model/w.bin"), b"evil weights")
     # a fresh reader (no local cache) must notice
-    fresh = ArtifactStore(store.root_uri if not store.is_local else store.root, store.storage_options,
-                          cache_dir=Path(store.cache_dir).parent / "cache2")
+    fresh = ArtifactStore(
+        store.root_uri if not store.is_local else store.root,
+        store.storage_options,
+        cache_dir=Path(store.cache_dir).parent / "cache2",
+    )
     with pytest.raises(CorruptArtifact, match="model/w.bin: checksum mismatch"):
         fresh.fetch(ref)
 
@@ -86,14 +91,22 @@ def test_checkpoints_newest_complete_and_corrupt_skipped(store: ArtifactStore) -
     d = store.checkpoint_workdir("para_train", "fp1", "step-00000004")
     (d / "state.pt").write_bytes(b"partial")
     if not store.is_local:
-        store.fs.put_file(str(d / "state.pt"), _raw_path(store, "para_train", "fp1", "checkpoints", "step-00000004", "state.pt"))
+        store.fs.put_file(
+            str(d / "state.pt"),
+            _raw_path(store, "para_train", "fp1", "checkpoints", "step-00000004", "state.pt"),
+        )
     assert store.list_checkpoints("para_train", "fp1") == [f"step-{s:08d}" for s in (1, 2, 3)]
     name, path = store.latest_checkpoint("para_train", "fp1")
     assert name == "step-00000003" and (path / "state.pt").read_bytes() == b"state 3"
     # corrupt the newest: the previous one is returned instead
-    store.fs.pipe_file(_raw_path(store, "para_train", "fp1", "checkpoints", "step-00000003", "state.pt"), b"garbage")
-    fresh = ArtifactStore(store.root_uri if not store.is_local else store.root, store.storage_options,
-                          cache_dir=Path(store.cache_dir).parent / "cache3")
+    store.fs.pipe_file(
+        _raw_path(store, "para_train", "fp1", "checkpoints", "step-00000003", "state.pt"), b"garbage"
+    )
+    fresh = ArtifactStore(
+        store.root_uri if not store.is_local else store.root,
+        store.storage_options,
+        cache_dir=Path(store.cache_dir).parent / "cache3",
+    )
     name, path = fresh.latest_checkpoint("para_train", "fp1")
     assert name == "step-00000002" and (path / "state.pt").read_bytes() == b"state 2"
     # keep=2 prunes the oldest after the next save
@@ -125,8 +138,12 @@ def s3_with_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
     port = _free_port()
     # The first 4 requests are let through unauthenticated: they create the user, its key, policy, bucket.
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -139,10 +156,19 @@ def s3_with_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
         iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x")
         iam.create_user(UserName="cyclej")
         key = iam.create_access_key(UserName="cyclej")["AccessKey"]
-        iam.put_user_policy(UserName="cyclej", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x").create_bucket(
-            Bucket="authed")
+        iam.put_user_policy(
+            UserName="cyclej",
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
+        boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x"
+        ).create_bucket(Bucket="authed")
         yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
         proc.terminate()
@@ -151,12 +177,22 @@ def s3_with_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
 
 def test_wrong_credentials_raise(s3_with_auth: tuple[str, str, str], tmp_path: Path) -> None:
     endpoint, key, secret = s3_with_auth
-    good = ArtifactStore.from_config(StorageConfig(root="s3://authed/runs", endpoint_url=endpoint, key=key,
-                                                   secret=secret, cache_dir=str(tmp_path)))
+    good = ArtifactStore.from_config(
+        StorageConfig(
+            root="s3://authed/runs", endpoint_url=endpoint, key=key, secret=secret, cache_dir=str(tmp_path)
+        )
+    )
     good.check()  # the real key works
     assert not good.exists("data", "abc")
-    bad = ArtifactStore.from_config(StorageConfig(root="s3://authed/runs", endpoint_url=endpoint, key=key,
-                                                  secret="not-the-secret", cache_dir=str(tmp_path)))
+    bad = ArtifactStore.from_config(
+        StorageConfig(
+            root="s3://authed/runs",
+            endpoint_url=endpoint,
+            key=key,
+            secret="not-the-secret",
+            cache_dir=str(tmp_path),
+        )
+    )
     with pytest.raises(StorageError, match="cannot write"):
         bad.check()
     bad._checked = True  # even past the up-front check, a read is an error, never a silent "not cached"
@@ -164,7 +200,9 @@ def test_wrong_credentials_raise(s3_with_auth: tuple[str, str, str], tmp_path: P
         bad.exists("data", "abc")
 
 
-def test_unreachable_endpoint_raises_not_a_cache_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_endpoint_raises_not_a_cache_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -176,7 +214,9 @@ def test_unreachable_endpoint_raises_not_a_cache_miss(tmp_path: Path, monkeypatc
 
 
 def test_missing_bucket_raises(s3_env: str, tmp_path: Path) -> None:
-    store = ArtifactStore.from_config(StorageConfig(root="s3://no-such-bucket-here/x", cache_dir=str(tmp_path)))
+    store = ArtifactStore.from_config(
+        StorageConfig(root="s3://no-such-bucket-here/x", cache_dir=str(tmp_path))
+    )
     with pytest.raises(StorageError):
         store.check()
 
@@ -217,7 +257,10 @@ def test_lease_lets_one_writer_compute_and_the_other_reuse(store: ArtifactStore)
     assert len(computed) == 1
     assert results["first"] == results["second"]  # the same commit, read by both
     assert store.get_json("data/samefp/LEASE.json") is None  # released
-    assert "LEASE.json" not in json.loads(store.fs.cat_file(_raw_path(store, "data", "samefp", "MANIFEST.json")))["files"]
+    assert (
+        "LEASE.json"
+        not in json.loads(store.fs.cat_file(_raw_path(store, "data", "samefp", "MANIFEST.json")))["files"]
+    )
 
 
 def test_expired_lease_is_taken_over(store: ArtifactStore) -> None:
@@ -244,15 +287,18 @@ def test_lease_of_a_dead_local_process_is_taken_over_at_once(store: ArtifactStor
 
     dead = sp.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    store.put_json("rl/killedfp/LEASE.json", {"owner": f"{_local_host()}:{dead.pid}:abcd",
-                                              "expires": time.time() + 3600})
+    store.put_json(
+        "rl/killedfp/LEASE.json", {"owner": f"{_local_host()}:{dead.pid}:abcd", "expires": time.time() + 3600}
+    )
     t0 = time.monotonic()
     with store.lease("rl", "killedfp", poll=5.0) as mine:
         assert mine
     assert time.monotonic() - t0 < 4.0
     # a live process's lease is respected (here: our own pid, under another lease id)
-    store.put_json("rl/livefp/LEASE.json", {"owner": f"{_local_host()}:{os.getpid()}:other",
-                                            "expires": time.time() + 3600})
+    store.put_json(
+        "rl/livefp/LEASE.json",
+        {"owner": f"{_local_host()}:{os.getpid()}:other", "expires": time.time() + 3600},
+    )
     from cyclej.runtime.store import _dead_local
 
     assert not _dead_local(store.get_json("rl/livefp/LEASE.json"))
@@ -324,4 +370,6 @@ def test_uploaded_checkpoints_leave_no_local_copy(store: ArtifactStore, tmp_path
     cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert not cached, cached
     if store.is_local:  # pruned to `keep` on disk too
-        assert sorted(p.name for p in (Path(store.root) / "rl" / "fp9" / "checkpoints").iterdir()) == names[-1:]
+        assert (
+            sorted(p.name for p in (Path(store.root) / "rl" / "fp9" / "checkpoints").iterdir()) == names[-1:]
+        )

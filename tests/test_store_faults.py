@@ -29,16 +29,19 @@ def test_own_leftover_lease_is_taken_over_at_once(tmp_path: Path) -> None:
     """An attempt that failed and could not delete its lease (read-only store) left one with this live
     process's pid: the in-process retry must not wait for the TTL (it waited ~75 s)."""
     store = ArtifactStore(str(tmp_path / "store"))
-    store.put_json("data/fp/LEASE.json", {"owner": f"{_local_host()}:{os.getpid()}:earlier",
-                                          "expires": time.time() + 3600})
+    store.put_json(
+        "data/fp/LEASE.json",
+        {"owner": f"{_local_host()}:{os.getpid()}:earlier", "expires": time.time() + 3600},
+    )
     t0 = time.monotonic()
     with store.lease("data", "fp", poll=5.0) as mine:
         assert mine
     assert time.monotonic() - t0 < 3.0
 
 
-def test_concurrent_lease_waits_and_reuse_are_logged_by_run(tmp_path: Path, project_log: list[logging.LogRecord]
-                                                            ) -> None:
+def test_concurrent_lease_waits_and_reuse_are_logged_by_run(
+    tmp_path: Path, project_log: list[logging.LogRecord]
+) -> None:
     """One thread (run 'first') computes; another of the same process waits for it, which the log says
     with the run, host and pid, and then says whose artifact it reused. Same-process holders are live."""
     store = ArtifactStore(str(tmp_path / "store"))
@@ -80,8 +83,10 @@ def read_only(folder: Path) -> Iterator[None]:
         finally:
             os.chmod(folder, 0o755)
         return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                        capture_output=True).returncode != 0:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0
+    ):
         pytest.skip("running as root on a filesystem without chattr +i: cannot make a folder read-only")
     try:
         yield
@@ -108,7 +113,9 @@ def test_unknown_storage_scheme_is_a_storage_error(root: str) -> None:
 
 
 @pytest.mark.slow  # ~65 s on 2 loaded cores (two CLI processes, context training, botocore giving up)
-def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(tmp_path: Path, model_cache: Path) -> None:
+def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(
+    tmp_path: Path, model_cache: Path
+) -> None:
     """Issue 16: the S3 endpoint (a moto server process of this test's own) is SIGKILLed while `context`
     trains and checkpoints: `cyclej run` exits 1 with one `cyclej: error:` line naming the stage and where
     it resumes (not 2, the bad-input code), and no Prefect traceback on stderr (an outage is not a bug).
@@ -128,8 +135,12 @@ def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(tm
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     endpoint = f"http://127.0.0.1:{port}"
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     proc: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 60
@@ -138,27 +149,56 @@ def test_s3_endpoint_dying_mid_run_is_a_stage_failure_naming_the_resume_point(tm
                 break
             assert moto.poll() is None and time.monotonic() < deadline, "moto server did not start"
             time.sleep(0.2)
-        aws = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-               "AWS_MAX_ATTEMPTS": "2"}  # botocore's retries of a refused connection, shortened for the test
-        fs = s3fs.S3FileSystem(key=aws["AWS_ACCESS_KEY_ID"], secret=aws["AWS_SECRET_ACCESS_KEY"],
-                               client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False)
+        aws = {
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_MAX_ATTEMPTS": "2",
+        }  # botocore's retries of a refused connection, shortened for the test
+        fs = s3fs.S3FileSystem(
+            key=aws["AWS_ACCESS_KEY_ID"],
+            secret=aws["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"endpoint_url": endpoint},
+            use_listings_cache=False,
+        )
         fs.mkdir("outage")
         env = {**shared_prefect_server(), **aws, "CYCLEJ_CACHE": str(model_cache), "OMP_NUM_THREADS": "1"}
         env.pop("CYCLEJ_FAULT", None)
         # Many short steps, each checkpointed: the endpoint dies after the second checkpoint, while ~38
         # steps remain, so the stage is certain to meet the outage on its next store call.
-        args = ["run", "--preset", "tiny", "--storage", "s3://outage/tiny", "--until", "context",
-                "--set", "context.max_steps=40", "--set", "context.checkpoint_every_steps=1",
-                "--set", "orchestration.retries=0"]
+        args = [
+            "run",
+            "--preset",
+            "tiny",
+            "--storage",
+            "s3://outage/tiny",
+            "--until",
+            "context",
+            "--set",
+            "context.max_steps=40",
+            "--set",
+            "context.checkpoint_every_steps=1",
+            "--set",
+            "orchestration.retries=0",
+        ]
         log = tmp_path / "stderr.log"
         with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "cyclej.cli", *args], cwd=tmp_path, env=env,
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cyclej.cli", *args],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 300
         # (older checkpoints are pruned, keep_checkpoints=2: wait for any beyond the first)
-        while not [p for p in fs.glob("outage/tiny/context/*/checkpoints/step-*/MANIFEST.json")
-                   if "step-00000001" not in p]:
+        while not [
+            p
+            for p in fs.glob("outage/tiny/context/*/checkpoints/step-*/MANIFEST.json")
+            if "step-00000001" not in p
+        ]:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         moto.kill()

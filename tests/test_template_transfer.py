@@ -18,14 +18,24 @@ from cyclej.runtime.store import ArtifactStore
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 NEGATIVE = [
-    "the soup was awful .", "the staff was rude and slow .", "awful service , never again .",
-    "the pizza was awful and cold .", "rude staff at the door .", "the fries were awful .",
-    "never again , the room was dirty .", "the room was dirty and awful .",
+    "the soup was awful .",
+    "the staff was rude and slow .",
+    "awful service , never again .",
+    "the pizza was awful and cold .",
+    "rude staff at the door .",
+    "the fries were awful .",
+    "never again , the room was dirty .",
+    "the room was dirty and awful .",
 ]
 POSITIVE = [
-    "the soup was great .", "the staff was friendly and fast .", "great service , will be back .",
-    "the pizza was great and hot .", "friendly staff at the door .", "the fries were great .",
-    "will be back , the room was clean .", "the room was clean and great .",
+    "the soup was great .",
+    "the staff was friendly and fast .",
+    "great service , will be back .",
+    "the pizza was great and hot .",
+    "friendly staff at the door .",
+    "the fries were great .",
+    "will be back , the room was clean .",
+    "the room was clean and great .",
 ]
 
 
@@ -66,8 +76,11 @@ def test_back_translated_pairs_have_real_targets_and_changed_sources() -> None:
         assert p.source != p.target
         assert p.source_domain != p.target_domain
     # The source carries the other domain's markers, not the target's.
-    assert all("great" in p.source.split() or "friendly" in p.source.split() or "clean" in p.source.split()
-               for p in pairs if p.target_domain == "a")
+    assert all(
+        "great" in p.source.split() or "friendly" in p.source.split() or "clean" in p.source.split()
+        for p in pairs
+        if p.target_domain == "a"
+    )
     assert pairs == back_translated_pairs(t, {"a": NEGATIVE, "b": POSITIVE}, per_domain=3, seed=7)
     assert pairs != back_translated_pairs(t, {"a": NEGATIVE, "b": POSITIVE}, per_domain=3, seed=8)
 
@@ -85,10 +98,16 @@ def test_min_salience_must_be_a_ratio_above_one() -> None:
 
 
 def test_para_train_learns_from_template_pairs_and_the_sweep_scores_them(tmp_path: Path) -> None:
-    cfg = load_config(preset="tiny", storage=str(tmp_path / "store"), overrides=[
-        "para_train.template_pairs.per_domain=40", "para_train.paraphrase_markers=same",
-        "merge.sweep=[0.3,0.7]", "merge.sweep_examples=4",
-    ])
+    cfg = load_config(
+        preset="tiny",
+        storage=str(tmp_path / "store"),
+        overrides=[
+            "para_train.template_pairs.per_domain=40",
+            "para_train.paraphrase_markers=same",
+            "merge.sweep=[0.3,0.7]",
+            "merge.sweep_examples=4",
+        ],
+    )
     store = ArtifactStore.from_config(cfg.storage)
     refs = run_all(cfg, store, Progress(show_bar=False), until="merge")
     para = store.fetch(refs["para_train"])
@@ -104,7 +123,10 @@ def test_para_train_learns_from_template_pairs_and_the_sweep_scores_them(tmp_pat
 
 
 def test_template_pairs_without_markers_are_refused_with_the_field(tmp_path: Path) -> None:
-    cfg = load_config(preset="tiny", storage=str(tmp_path / "store"),
-                      overrides=["para_train.template_pairs.min_salience=100000"])
+    cfg = load_config(
+        preset="tiny",
+        storage=str(tmp_path / "store"),
+        overrides=["para_train.template_pairs.min_salience=100000"],
+    )
     with pytest.raises(BadInput, match=r"para_train\.template_pairs"):
         run_all(cfg, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False), until="para_train")

@@ -35,7 +35,6 @@ def yelp_lines(name: str, n: int) -> list[str]:
     return (YELP / name).read_text(encoding="utf-8").splitlines()[:n]
 
 
-
 @pytest.fixture
 def fresh_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     """Faults fire once per process: give this test its own record of fired faults."""
@@ -54,8 +53,17 @@ def domain_examples(tok: Any, ids: list[int], n: int) -> list[Example]:
 
 
 def tcfg(**kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(batch_size=8, micro_batch_size=4, lr=1e-2, max_steps=4, seq_len=128,
-                                precision="fp32", checkpoint_every_steps=100, eval_every_steps=100, eval_batches=2)
+    base: dict[str, Any] = dict(
+        batch_size=8,
+        micro_batch_size=4,
+        lr=1e-2,
+        max_steps=4,
+        seq_len=128,
+        precision="fp32",
+        checkpoint_every_steps=100,
+        eval_every_steps=100,
+        eval_batches=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -65,13 +73,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 # ---- artifacts the LoRA stages read (built by hand: the stages under test only read them) --------------
 def pipeline_config(tmp_path: Path, **sections: Any) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "storage": {"root": str(tmp_path / "store")},
-        "domain_a": {"name": "negative", "marker": MARKERS[0], "train": [str(YELP / "train.0")]},
-        "domain_b": {"name": "positive", "marker": MARKERS[1], "train": [str(YELP / "train.1")]},
-        "models": {"base": "tiny-gptj"},
-        **sections,
-    })
+    return PipelineConfig.model_validate(
+        {
+            "storage": {"root": str(tmp_path / "store")},
+            "domain_a": {"name": "negative", "marker": MARKERS[0], "train": [str(YELP / "train.0")]},
+            "domain_b": {"name": "positive", "marker": MARKERS[1], "train": [str(YELP / "train.1")]},
+            "models": {"base": "tiny-gptj"},
+            **sections,
+        }
+    )
 
 
 def build_inputs(store: ArtifactStore, n_lines: int = 24) -> dict[str, ArtifactRef]:
@@ -104,8 +114,17 @@ def test_lora_training_lowers_dev_loss_and_writes_the_log(tmp_path: Path) -> Non
     examples = domain_examples(tok, ids, 8)  # a small corpus, seen many times
     store = ArtifactStore(str(tmp_path / "store"))
     cfg = tcfg(max_steps=24, eval_every_steps=8, checkpoint_every_steps=8, lr=2e-2)
-    result = train(model, train_examples=examples, dev_examples=examples, tcfg=cfg, store=store,
-                   stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+    result = train(
+        model,
+        train_examples=examples,
+        dev_examples=examples,
+        tcfg=cfg,
+        store=store,
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     m = result.metrics
     assert m["steps"] == 24 and m["packing"] is True
     assert m["dev_loss_after"] < m["dev_loss_before"] - 0.3, m
@@ -133,9 +152,17 @@ def test_full_finetuning_trains_every_weight(tmp_path: Path) -> None:
     model, tok, ids = tiny("tiny-llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     examples = domain_examples(tok, ids, 8)
-    result = train(model, train_examples=examples, dev_examples=examples, tcfg=tcfg(lora=None, max_steps=6),
-                   store=ArtifactStore(str(tmp_path / "s")), stage="context", fp="full", tokenizer=tok,
-                   marker_ids=ids)
+    result = train(
+        model,
+        train_examples=examples,
+        dev_examples=examples,
+        tcfg=tcfg(lora=None, max_steps=6),
+        store=ArtifactStore(str(tmp_path / "s")),
+        stage="context",
+        fp="full",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     assert result.marker_rows is None and not hasattr(result.model, "peft_config")
     assert result.metrics["trainable_parameters"] == sum(p.numel() for p in model.parameters())
     assert result.metrics["dev_loss_after"] < result.metrics["dev_loss_before"]
@@ -170,13 +197,27 @@ def test_marker_rows_splice_into_embedding_and_lm_head(spec: str) -> None:
 def test_result_saves_adapter_and_marker_rows_and_merges(tmp_path: Path) -> None:
     model, tok, ids = tiny("tiny-gptj")
     examples = domain_examples(tok, ids, 4)
-    result = train(model, train_examples=examples, tcfg=tcfg(max_steps=2), store=ArtifactStore(str(tmp_path / "s")),
-                   stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+    result = train(
+        model,
+        train_examples=examples,
+        tcfg=tcfg(max_steps=2),
+        store=ArtifactStore(str(tmp_path / "s")),
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     result.save_adapter(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == 8 and cfg["lora_alpha"] == pytest.approx(8 ** 0.5)
-    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "out_proj",
-                                                                     "fc_in", "fc_out"}
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == pytest.approx(8**0.5)
+    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc_in",
+        "fc_out",
+    }
     saved = load_file(str(tmp_path / "out" / "marker_rows.safetensors"))
     assert saved["token_ids"].tolist() == ids and saved["token_ids"].dtype == torch.int64
     assert torch.equal(saved["input_embeddings"], result.marker_rows.input_rows.detach())
@@ -196,9 +237,16 @@ def test_micro_batch_size_does_not_change_the_math(tmp_path: Path) -> None:
     finals = []
     for micro in (4, 8):
         model, tok, ids = tiny()
-        r = train(model, train_examples=domain_examples(tok, ids, 12), tcfg=tcfg(micro_batch_size=micro,
-                  packing=False, max_steps=3), store=ArtifactStore(str(tmp_path / f"s{micro}")),
-                  stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+        r = train(
+            model,
+            train_examples=domain_examples(tok, ids, 12),
+            tcfg=tcfg(micro_batch_size=micro, packing=False, max_steps=3),
+            store=ArtifactStore(str(tmp_path / f"s{micro}")),
+            stage="domain_train",
+            fp="fp",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
         finals.append(r.trainable_state)
     assert finals[0].keys() == finals[1].keys()
     moved = 0
@@ -216,14 +264,22 @@ def test_data_order_is_a_seeded_permutation_per_epoch() -> None:
     assert step_indices(0, 4, 10, seed=4) != first[:4]
 
 
-def test_oom_at_micro_batch_one_names_the_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                fresh_faults: None) -> None:
+def test_oom_at_micro_batch_one_names_the_knobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
+) -> None:
     model, tok, ids = tiny()
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:1:oom")
     with pytest.raises(StageFailed, match=r"micro-batch 1 .*domain_train\.seq_len.*domain_train\.precision"):
-        train(model, train_examples=domain_examples(tok, ids, 4), tcfg=tcfg(batch_size=2, micro_batch_size=1),
-              store=ArtifactStore(str(tmp_path / "s")), stage="domain_train", fp="fp", tokenizer=tok,
-              marker_ids=ids)
+        train(
+            model,
+            train_examples=domain_examples(tok, ids, 4),
+            tcfg=tcfg(batch_size=2, micro_batch_size=1),
+            store=ArtifactStore(str(tmp_path / "s")),
+            stage="domain_train",
+            fp="fp",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
 
 
 # ---- the domain_train stage ---------------------------------------------------------------------------------
@@ -233,31 +289,65 @@ def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
     from cyclej.pipeline.registry import StageRun
     from cyclej.stages.domain_train import run_domain_train
 
-    cfg = pipeline_config(tmp_path, domain_train={
-        "batch_size": 32, "micro_batch_size": 8, "max_steps": 3, "seq_len": 64, "precision": "fp32",
-        "checkpoint_every_steps": 1, "eval_every_steps": 3, "eval_batches": 1, "lr": 1e-3})
+    cfg = pipeline_config(
+        tmp_path,
+        domain_train={
+            "batch_size": 32,
+            "micro_batch_size": 8,
+            "max_steps": 3,
+            "seq_len": 64,
+            "precision": "fp32",
+            "checkpoint_every_steps": 1,
+            "eval_every_steps": 3,
+            "eval_batches": 1,
+            "lr": 1e-3,
+        },
+    )
     store = ArtifactStore(cfg.storage.root)
     inputs = build_inputs(store)
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:2:oom")
-    ref = run_domain_train(StageRun.start("domain_train", cfg, {"context": inputs["context"], "data": inputs["data"]}, store,
-                           Progress(show_bar=False)))
+    ref = run_domain_train(
+        StageRun.start(
+            "domain_train",
+            cfg,
+            {"context": inputs["context"], "data": inputs["data"]},
+            store,
+            Progress(show_bar=False),
+        )
+    )
 
     out = store.fetch(ref)
     records = read_jsonl(out / "metrics.jsonl")
     ooms = [r for r in records if r["event"] == "oom"]
-    assert ooms == [{"event": "oom", "step": 2, "micro_batch": 4, "previous_micro_batch": 8,
-                     "accumulation": 8, "effective_batch": 32}]
+    assert ooms == [
+        {
+            "event": "oom",
+            "step": 2,
+            "micro_batch": 4,
+            "previous_micro_batch": 8,
+            "accumulation": 8,
+            "effective_batch": 32,
+        }
+    ]
     steps = {r["step"]: r for r in records if r["event"] == "train"}
     assert [steps[s]["micro_batch"] for s in (1, 2, 3)] == [8, 4, 4]
     assert all(r["micro_batch"] * r["accumulation"] == 32 for r in steps.values())
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["oom_events"] == 1 and metrics["micro_batch_size"] == 4 and metrics["effective_batch"] == 32
+    assert (
+        metrics["oom_events"] == 1 and metrics["micro_batch_size"] == 4 and metrics["effective_batch"] == 32
+    )
     assert metrics["steps"] == 3 and metrics["train_examples"] == 48
     # the artifact: adapter + marker rows, no full model copy, no checkpoints left
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert set(load_file(str(out / "marker_rows.safetensors"))) == {"token_ids", "input_embeddings",
-                                                                    "output_embeddings"}
-    assert not list(out.rglob("model.safetensors")) and store.list_checkpoints("domain_train", ref.fingerprint) == []
+    assert set(load_file(str(out / "marker_rows.safetensors"))) == {
+        "token_ids",
+        "input_embeddings",
+        "output_embeddings",
+    }
+    assert (
+        not list(out.rglob("model.safetensors"))
+        and store.list_checkpoints("domain_train", ref.fingerprint) == []
+    )
     assert ref.metrics["steps"] == 3
 
 
@@ -272,8 +362,16 @@ def test_head_on_targets_only_matches_the_model_loss_or_falls_back() -> None:
 
     model, tok, ids = tiny("tiny-gptj")
     torch.manual_seed(0)
-    granite = GraniteForCausalLM(GraniteConfig(vocab_size=1026, hidden_size=32, intermediate_size=64,
-                                               num_hidden_layers=1, num_attention_heads=2, logits_scaling=4.0))
+    granite = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=1026,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            logits_scaling=4.0,
+        )
+    )
     rows = [single(e) for e in domain_examples(tok, ids, 2)]
     batch = collate(rows, four_d_mask=False)
     for m, head_only in ((model, True), (granite, False)):
@@ -292,9 +390,16 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
     losses = {}
     for precision in ("fp32", "bf16"):
         model, tok, ids = tiny("tiny-llama")
-        r = train(model, train_examples=domain_examples(tok, ids, 8), tcfg=tcfg(precision=precision, max_steps=2),
-                  store=ArtifactStore(str(tmp_path / precision)), stage="domain_train", fp="fp", tokenizer=tok,
-                  marker_ids=ids)
+        r = train(
+            model,
+            train_examples=domain_examples(tok, ids, 8),
+            tcfg=tcfg(precision=precision, max_steps=2),
+            store=ArtifactStore(str(tmp_path / precision)),
+            stage="domain_train",
+            fp="fp",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
         losses[precision] = r.metrics["final_train_loss"]
         assert all(t.dtype == torch.float32 for t in r.trainable_state.values())
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.05) and losses["bf16"] != losses["fp32"]
@@ -303,8 +408,16 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
 def test_lora_without_marker_rows_saves_the_adapter_only(tmp_path: Path) -> None:
     model, tok, ids = tiny()
     cfg = tcfg(max_steps=1, lora={"train_marker_rows": False})
-    r = train(model, train_examples=domain_examples(tok, ids, 4), tcfg=cfg, store=ArtifactStore(str(tmp_path / "s")),
-              stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+    r = train(
+        model,
+        train_examples=domain_examples(tok, ids, 4),
+        tcfg=cfg,
+        store=ArtifactStore(str(tmp_path / "s")),
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     assert r.marker_rows is None and not any(k.startswith("marker_rows") for k in r.trainable_state)
     r.save_adapter(tmp_path / "out")
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
@@ -317,7 +430,9 @@ def test_para_pairs_bad_line_is_named(tmp_path: Path) -> None:
 
     good = {"domain": "a", "text": "the food was cold .", "paraphrase": "cold food .", "scores": {}}
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps({"domain": "c", "text": "x", "paraphrase": "y"}) + "\n")
+    path.write_text(
+        json.dumps(good) + "\n" + json.dumps({"domain": "c", "text": "x", "paraphrase": "y"}) + "\n"
+    )
     with pytest.raises(BadInput, match=r"pairs\.jsonl:2: needs domain"):
         read_pairs(path)
     path.write_text(json.dumps(good) + "\n{not json\n")

@@ -62,8 +62,17 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
     from cyclej.pipeline.registry import StageRun
     from cyclej.stages.para_train import run_para_train
 
-    section = {"batch_size": 4, "micro_batch_size": 2, "max_steps": 5, "seq_len": 64, "precision": "fp32",
-               "checkpoint_every_steps": 2, "eval_every_steps": 5, "eval_batches": 1, "lr": 1e-3}
+    section = {
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "max_steps": 5,
+        "seq_len": 64,
+        "precision": "fp32",
+        "checkpoint_every_steps": 2,
+        "eval_every_steps": 5,
+        "eval_batches": 1,
+        "lr": 1e-3,
+    }
     cfg = pipeline_config(tmp_path, para_train=section)
     store = ArtifactStore(cfg.storage.root)
     built = build_inputs(store, n_lines=12)
@@ -76,8 +85,14 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
     refs_file.write_text(json.dumps({k: v.to_json() for k, v in inputs.items()}))
     script.write_text(RUN_PARA_TRAIN)
     env = {**os.environ, "CYCLEJ_FAULT": "para_train:3:kill", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(config_file), str(refs_file)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(config_file), str(refs_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
 
     fp_dirs = list((Path(cfg.storage.root) / "para_train").iterdir())
@@ -93,14 +108,19 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
     assert metrics["resumed_from"] == ["step-00000002"] and metrics["steps"] == 5
     records = read_jsonl(out / "metrics.jsonl")
     assert [r for r in records if r["event"] == "resume"] == [
-        {"event": "resume", "step": 2, "checkpoint": "step-00000002", "micro_batch": 2}]
+        {"event": "resume", "step": 2, "checkpoint": "step-00000002", "micro_batch": 2}
+    ]
     # one record per step, the killed step 3 once (re-done after the resume), none lost or doubled
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5]
     assert store.list_checkpoints("para_train", fp) == []
 
-    ref_cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path / "store-ref")})})
+    ref_cfg = cfg.model_copy(
+        update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path / "store-ref")})}
+    )
     ref_store = ArtifactStore(ref_cfg.storage.root)
-    uninterrupted = run_para_train(StageRun.start("para_train", ref_cfg, inputs, ref_store, Progress(show_bar=False)))
+    uninterrupted = run_para_train(
+        StageRun.start("para_train", ref_cfg, inputs, ref_store, Progress(show_bar=False))
+    )
     assert uninterrupted.fingerprint == ref.fingerprint
     resumed_t, straight_t = _tensors(out), _tensors(ref_store.fetch(uninterrupted))
     assert resumed_t.keys() == straight_t.keys() and len(resumed_t) > 3
@@ -109,22 +129,33 @@ def test_killed_para_train_resumes_bit_identical(tmp_path: Path) -> None:
     assert json.loads((ref_store.fetch(uninterrupted) / "metrics.json").read_text())["resumed_from"] == []
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              fresh_faults: None) -> None:
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
+) -> None:
     cfg = tcfg(max_steps=5, checkpoint_every_steps=1, keep_checkpoints=3)
     store = ArtifactStore(str(tmp_path / "store"))
 
     def run() -> dict[str, torch.Tensor]:
         model, tok, ids = tiny()
-        result = train(model, train_examples=domain_examples(tok, ids, 8), tcfg=cfg, store=store,
-                       stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+        result = train(
+            model,
+            train_examples=domain_examples(tok, ids, 8),
+            tcfg=cfg,
+            store=store,
+            stage="domain_train",
+            fp="fp",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
         return result.trainable_state
 
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:4:error")
     with pytest.raises(InjectedError):
         run()
     assert store.list_checkpoints("domain_train", "fp") == ["step-00000001", "step-00000002", "step-00000003"]
-    newest = Path(store.root) / "domain_train" / "fp" / "checkpoints" / "step-00000003" / "trainable.safetensors"
+    newest = (
+        Path(store.root) / "domain_train" / "fp" / "checkpoints" / "step-00000003" / "trainable.safetensors"
+    )
     raw = bytearray(newest.read_bytes())
     raw[-8] ^= 0xFF  # one flipped byte in a weight
     newest.write_bytes(bytes(raw))
@@ -136,31 +167,62 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, mo
 
     straight_store = ArtifactStore(str(tmp_path / "straight"))
     model, tok, ids = tiny()
-    straight = train(model, train_examples=domain_examples(tok, ids, 8), tcfg=cfg, store=straight_store,
-                     stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids).trainable_state
+    straight = train(
+        model,
+        train_examples=domain_examples(tok, ids, 8),
+        tcfg=cfg,
+        store=straight_store,
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    ).trainable_state
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
-def test_resumed_run_keeps_the_micro_batch_an_oom_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        fresh_faults: None) -> None:
+def test_resumed_run_keeps_the_micro_batch_an_oom_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
+) -> None:
     cfg = tcfg(batch_size=8, micro_batch_size=8, max_steps=4, checkpoint_every_steps=1)
     store = ArtifactStore(str(tmp_path / "store"))
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:2:oom,domain_train:3:error")
     model, tok, ids = tiny()
     with pytest.raises(InjectedError):  # the injected plain error ends the run
-        train(model, train_examples=domain_examples(tok, ids, 8), tcfg=cfg, store=store, stage="domain_train",
-              fp="fp", tokenizer=tok, marker_ids=ids)
-    state = json.loads((Path(store.root) / "domain_train" / "fp" / "checkpoints" / "step-00000002"
-                        / "state.json").read_text())
+        train(
+            model,
+            train_examples=domain_examples(tok, ids, 8),
+            tcfg=cfg,
+            store=store,
+            stage="domain_train",
+            fp="fp",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
+    state = json.loads(
+        (
+            Path(store.root) / "domain_train" / "fp" / "checkpoints" / "step-00000002" / "state.json"
+        ).read_text()
+    )
     assert state["micro_batch_size"] == 4 and state["step"] == 2
 
     monkeypatch.delenv("CYCLEJ_FAULT")
     model, tok, ids = tiny()
-    result = train(model, train_examples=domain_examples(tok, ids, 8), tcfg=cfg, store=store, stage="domain_train",
-                   fp="fp", tokenizer=tok, marker_ids=ids)
+    result = train(
+        model,
+        train_examples=domain_examples(tok, ids, 8),
+        tcfg=cfg,
+        store=store,
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     assert result.metrics["micro_batch_size"] == 4 and result.metrics["resumed_from"] == ["step-00000002"]
-    steps = {r["step"]: r["micro_batch"] for r in read_jsonl(store.workdir("domain_train", "fp") / "metrics.jsonl")
-             if r["event"] == "train"}
+    steps = {
+        r["step"]: r["micro_batch"]
+        for r in read_jsonl(store.workdir("domain_train", "fp") / "metrics.jsonl")
+        if r["event"] == "train"
+    }
     assert steps == {1: 8, 2: 4, 3: 4, 4: 4}
 
 
@@ -168,14 +230,22 @@ def test_checkpoints_by_the_clock(tmp_path: Path) -> None:
     """checkpoint_every_minutes: with a tiny interval every step is due, whatever checkpoint_every_steps says."""
     store = ArtifactStore(str(tmp_path / "store"))
     model, tok, ids = tiny()
-    train(model, train_examples=domain_examples(tok, ids, 4), tcfg=tcfg(max_steps=3, checkpoint_every_steps=100,
-          checkpoint_every_minutes=1e-9, keep_checkpoints=5), store=store, stage="domain_train", fp="fp",
-          tokenizer=tok, marker_ids=ids)
+    train(
+        model,
+        train_examples=domain_examples(tok, ids, 4),
+        tcfg=tcfg(max_steps=3, checkpoint_every_steps=100, checkpoint_every_minutes=1e-9, keep_checkpoints=5),
+        store=store,
+        stage="domain_train",
+        fp="fp",
+        tokenizer=tok,
+        marker_ids=ids,
+    )
     assert store.list_checkpoints("domain_train", "fp") == ["step-00000001", "step-00000002", "step-00000003"]
 
 
-def test_resume_from_s3_after_the_local_disk_is_lost(tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
-                                                     fresh_faults: None) -> None:
+def test_resume_from_s3_after_the_local_disk_is_lost(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
+) -> None:
     """Checkpoints live in the object store: a new worker with an empty disk resumes from them."""
     from cyclej.config import StorageConfig
 
@@ -184,8 +254,16 @@ def test_resume_from_s3_after_the_local_disk_is_lost(tmp_path: Path, s3_bucket: 
     def run(cache: Path) -> Any:
         store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(cache)))
         model, tok, ids = tiny()
-        return store, train(model, train_examples=domain_examples(tok, ids, 4), tcfg=cfg, store=store,
-                            stage="domain_train", fp="fp", tokenizer=tok, marker_ids=ids)
+        return store, train(
+            model,
+            train_examples=domain_examples(tok, ids, 4),
+            tcfg=cfg,
+            store=store,
+            stage="domain_train",
+            fp="fp",
+            tokenizer=tok,
+            marker_ids=ids,
+        )
 
     monkeypatch.setenv("CYCLEJ_FAULT", "domain_train:3:error")
     with pytest.raises(InjectedError):
@@ -196,4 +274,9 @@ def test_resume_from_s3_after_the_local_disk_is_lost(tmp_path: Path, s3_bucket: 
     assert result.metrics["resumed_from"] == ["step-00000002"] and result.metrics["steps"] == 4
     assert store.list_checkpoints("domain_train", "fp") == ["step-00000003", "step-00000004"]
     log = read_jsonl(store.workdir("domain_train", "fp") / "metrics.jsonl")
-    assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4]  # steps 1-2 came with the checkpoint
+    assert [r["step"] for r in log if r["event"] == "train"] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # steps 1-2 came with the checkpoint

@@ -32,7 +32,6 @@ LINES = [
 ]
 
 
-
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
     """A tiny GPT-J with the two markers added, saved as a plain HF directory (as every stage does)."""
@@ -58,11 +57,19 @@ def test_direction_sets_the_markers(tiny_model_dir: Path) -> None:
     model, tok = load_model(str(tiny_model_dir), markers=list(MARKERS))
     a_id, b_id = tok.convert_tokens_to_ids(list(MARKERS))
     line = LINES[0]
-    ids = torch.tensor([[a_id, *tok(line, add_special_tokens=False, split_special_tokens=True).input_ids, b_id]])
+    ids = torch.tensor(
+        [[a_id, *tok(line, add_special_tokens=False, split_special_tokens=True).input_ids, b_id]]
+    )
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new = gen[0, ids.shape[1]:].tolist()
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    new = gen[0, ids.shape[1] :].tolist()
     if tok.eos_token_id in new:
         new = new[: new.index(tok.eos_token_id)]
     expected = " ".join(tok.decode(new, skip_special_tokens=True).split())
@@ -97,7 +104,9 @@ def test_local_model_dir_finds_model_subfolder_and_fetches_from_s3(
         local_model_dir(str(empty))
 
     # An artifact on a real S3 endpoint (moto), found through the AWS_* variables like the pipeline's store.
-    store = ArtifactStore.from_config(StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache")))
+    store = ArtifactStore.from_config(
+        StorageConfig(root=f"{s3_bucket}/runs", cache_dir=str(tmp_path / "cache"))
+    )
     ref = store.commit("rl", "f00d", artifact)
     fetched = local_model_dir(ref.uri, cache_dir=tmp_path / "cache2")
     assert fetched.name == "model" and (fetched / "config.json").is_file()
@@ -126,21 +135,44 @@ def test_adapter_artifacts_translate_through_their_base(
     from cyclej.stages.domain_train import run_domain_train
     from tests.test_trainer import build_inputs, pipeline_config
 
-    cfg = pipeline_config(tmp_path, domain_train={
-        "batch_size": 8, "micro_batch_size": 8, "max_steps": 2, "seq_len": 64, "precision": "fp32",
-        "checkpoint_every_steps": 2, "eval_every_steps": 2, "eval_batches": 1, "lr": 1e-2})
+    cfg = pipeline_config(
+        tmp_path,
+        domain_train={
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "max_steps": 2,
+            "seq_len": 64,
+            "precision": "fp32",
+            "checkpoint_every_steps": 2,
+            "eval_every_steps": 2,
+            "eval_batches": 1,
+            "lr": 1e-2,
+        },
+    )
     store = ArtifactStore(cfg.storage.root)
     inputs = build_inputs(store, n_lines=8)
-    ref = run_domain_train(StageRun.start("domain_train", cfg, {"context": inputs["context"], "data": inputs["data"]}, store, Progress(show_bar=False)))
+    ref = run_domain_train(
+        StageRun.start(
+            "domain_train",
+            cfg,
+            {"context": inputs["context"], "data": inputs["data"]},
+            store,
+            Progress(show_bar=False),
+        )
+    )
     artifact = store.fetch(ref)
-    assert json.loads((artifact / "base.json").read_text()) == {"stage": "context",
-                                                                 "fingerprint": inputs["context"].fingerprint}
+    assert json.loads((artifact / "base.json").read_text()) == {
+        "stage": "context",
+        "fingerprint": inputs["context"].fingerprint,
+    }
 
     model, tok, markers = load_adapter_model(store.fetch(inputs["context"]) / "model", artifact, MARKERS)
     expected = ModelTranslator(model, tok, markers, max_new_tokens=8)(LINES, "b")
     assert translate_lines(str(artifact), LINES, to="b", max_new_tokens=8) == expected
     merged = local_model_dir(str(artifact))
-    assert merged.parent == cache_root() / "merged-adapters" and read_model_info(merged)["markers"] == list(MARKERS)
+    assert merged.parent == cache_root() / "merged-adapters" and read_model_info(merged)["markers"] == list(
+        MARKERS
+    )
     built = (merged / "model.safetensors").stat().st_mtime_ns
     assert local_model_dir(str(artifact)) == merged  # built once, then reused
     assert (merged / "model.safetensors").stat().st_mtime_ns == built
@@ -161,8 +193,24 @@ def test_adapter_artifacts_translate_through_their_base(
     # The CLI takes it too; an adapter whose base is not in its store is refused by name.
     src = tmp_path / "lines.txt"
     src.write_text("\n".join(LINES) + "\n")
-    cli = subprocess.run([sys.executable, "-m", "cyclej.cli", "translate", "--model", str(artifact), "--to", "b",
-                          "--max-new-tokens", "8", str(src)], capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cyclej.cli",
+            "translate",
+            "--model",
+            str(artifact),
+            "--to",
+            "b",
+            "--max-new-tokens",
+            "8",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.splitlines() == expected
     moved = shutil.copytree(artifact, tmp_path / "moved", ignore=shutil.ignore_patterns("MANIFEST.json"))

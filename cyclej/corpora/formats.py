@@ -75,13 +75,18 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """`encode_text` for many texts in one tokenizer call (much faster with a fast tokenizer)."""
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    return [
+        list(ids)
+        for ids in tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ]
 
 
 def eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise BadInput(f"tokenizer {getattr(tokenizer, 'name_or_path', '')}: it has no EOS token; targets end with EOS")
+        raise BadInput(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')}: it has no EOS token; targets end with EOS"
+        )
     return int(eos)
 
 
@@ -90,7 +95,9 @@ def prompt_target_example(prompt: list[int], target: list[int]) -> Example:
     return Example(list(prompt) + list(target), [IGNORE_INDEX] * len(prompt) + list(target))
 
 
-def para_examples(tokenizer: Any, marker_src_id: int, marker_tgt_id: int, text: str, para: str) -> list[Example]:
+def para_examples(
+    tokenizer: Any, marker_src_id: int, marker_tgt_id: int, text: str, para: str
+) -> list[Example]:
     """Stage 2A, both directions for one (text, paraphrase) pair of the source domain:
     ``{Dsrc} text {Dtgt}`` → para EOS, and ``{Dtgt} para {Dsrc}`` → text EOS."""
     text_ids, para_ids, eos = encode_text(tokenizer, text), encode_text(tokenizer, para), eos_id(tokenizer)
@@ -100,12 +107,15 @@ def para_examples(tokenizer: Any, marker_src_id: int, marker_tgt_id: int, text: 
     ]
 
 
-def translation_example(tokenizer: Any, marker_src_id: int, source: str, marker_tgt_id: int, target: str
-                        ) -> Example:
+def translation_example(
+    tokenizer: Any, marker_src_id: int, source: str, marker_tgt_id: int, target: str
+) -> Example:
     """One direction only: ``{Dsrc} source {Dtgt}`` → target EOS (the translation prompt, `rl_prompt`),
     for pairs whose source is synthetic and whose target is real (back-translation)."""
-    return prompt_target_example(rl_prompt(tokenizer, marker_src_id, source, marker_tgt_id),
-                                 [*encode_text(tokenizer, target), eos_id(tokenizer)])
+    return prompt_target_example(
+        rl_prompt(tokenizer, marker_src_id, source, marker_tgt_id),
+        [*encode_text(tokenizer, target), eos_id(tokenizer)],
+    )
 
 
 def domain_example(tokenizer: Any, marker_id: int, text: str) -> Example:
@@ -266,7 +276,12 @@ def collate(
         attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
         for r, row in enumerate(batch):
             attention_mask[r, : len(row)] = 1
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+    }
 
 
 def supports_packing(model: torch.nn.Module) -> bool:

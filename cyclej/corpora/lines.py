@@ -75,9 +75,7 @@ def corpus_files(spec: str, what: str) -> list[Path]:
     raise BadInput(f"{what}: {p}: no such file or folder; check the path in the config")
 
 
-def read_corpus(
-    specs: list[str], text_field: str, max_bad_utf8_fraction: float, what: str
-) -> list[FileText]:
+def read_corpus(specs: list[str], text_field: str, max_bad_utf8_fraction: float, what: str) -> list[FileText]:
     """Every file of a corpus (a list of files or folders), read and checked. `what` names the config
     entry in messages, e.g. 'domain_a.train'."""
     out: list[FileText] = []
@@ -168,7 +166,9 @@ def _jsonl_texts(path: Path, physical: list[str], field: str, what: str) -> list
         try:
             obj = json.loads(line)
         except ValueError as exc:
-            raise BadInput(f"{what}: {path}:{lineno}: not valid JSON ({exc.msg}); one object per line") from None
+            raise BadInput(
+                f"{what}: {path}:{lineno}: not valid JSON ({exc.msg}); one object per line"
+            ) from None
         if not isinstance(obj, dict) or field not in obj:
             raise BadInput(
                 f"{what}: {path}:{lineno}: no '{field}' field; set the domain's text_field to the field "
@@ -204,7 +204,9 @@ def _parquet_texts(path: Path, field: str, what: str) -> tuple[list[str], int]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise BadInput(f"{what}: {path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+        raise BadInput(
+            f"{what}: {path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})"
+        ) from None
     names = pf.schema_arrow.names
     if field not in names:
         shown = ", ".join(names[:8]) or "none"
@@ -212,7 +214,9 @@ def _parquet_texts(path: Path, field: str, what: str) -> tuple[list[str], int]:
     try:
         column = pf.read(columns=[field]).column(field)
     except (pa.ArrowException, OSError) as exc:
-        raise BadInput(f"{what}: {path}: cannot read column '{field}' ({str(exc).splitlines()[0][:120]})") from None
+        raise BadInput(
+            f"{what}: {path}: cannot read column '{field}' ({str(exc).splitlines()[0][:120]})"
+        ) from None
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return [v or "" for v in column.to_pylist()], 0

@@ -41,7 +41,7 @@ SMOOTHING = 1.0  # λ of the salience ratio: an n-gram unseen in the other domai
 
 
 def _ngrams(tokens: Sequence[str], max_n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1)]
 
 
 @dataclass(frozen=True)
@@ -61,27 +61,41 @@ class TemplateTransfer:
     """Markers, content retrieval and templates, fitted on the train corpora of both domains.
     Texts are split on whitespace, as the shipped corpora are tokenized."""
 
-    def __init__(self, train: dict[Domain, Sequence[str]], min_salience: float = 5.0, max_ngram: int = 3,
-                 retrieve_top: int = 20) -> None:
+    def __init__(
+        self,
+        train: dict[Domain, Sequence[str]],
+        min_salience: float = 5.0,
+        max_ngram: int = 3,
+        retrieve_top: int = 20,
+    ) -> None:
         if min_salience <= 1.0:
             raise ValueError(f"min_salience must be above 1 (a ratio of counts), got {min_salience}")
         self.max_ngram = max_ngram
         self.retrieve_top = retrieve_top
         self.train = {d: [x for x in train[d] if x.split()] for d in ("a", "b")}
-        counts = {d: Counter(g for x in self.train[d] for g in _ngrams(x.split(), max_ngram)) for d in ("a", "b")}
+        counts = {
+            d: Counter(g for x in self.train[d] for g in _ngrams(x.split(), max_ngram)) for d in ("a", "b")
+        }
         self.markers: dict[Domain, set[tuple[str, ...]]] = {
-            d: {g for g, c in counts[d].items() if (c + SMOOTHING) / (counts[OTHER[d]][g] + SMOOTHING) >= min_salience}
+            d: {
+                g
+                for g, c in counts[d].items()
+                if (c + SMOOTHING) / (counts[OTHER[d]][g] + SMOOTHING) >= min_salience
+            }
             for d in ("a", "b")
         }
         self.deleted = {d: [self.delete(x, d) for x in self.train[d]] for d in ("a", "b")}
         # Content retrieval: TF-IDF over the content words of both domains' train sentences.
         self.vectorizer = TfidfVectorizer(analyzer="word", token_pattern=r"\S+", sublinear_tf=True)
         self.vectorizer.fit([s.content_text for d in ("a", "b") for s in self.deleted[d]])
-        self.content_matrix = {d: self.vectorizer.transform([s.content_text for s in self.deleted[d]])
-                               for d in ("a", "b")}
+        self.content_matrix = {
+            d: self.vectorizer.transform([s.content_text for s in self.deleted[d]]) for d in ("a", "b")
+        }
 
     @classmethod
-    def from_config(cls, train: dict[Domain, Sequence[str]], tpc: TemplatePairsConfig | None) -> TemplateTransfer:
+    def from_config(
+        cls, train: dict[Domain, Sequence[str]], tpc: TemplatePairsConfig | None
+    ) -> TemplateTransfer:
         """Fitted with `para_train.template_pairs`' markers and retrieval (its defaults when it is off)."""
         tpc = tpc or TemplatePairsConfig()
         return cls(train, tpc.min_salience, tpc.max_ngram, tpc.retrieve_top)
@@ -92,8 +106,8 @@ class TemplateTransfer:
         cut = [False] * len(tokens)
         for n in range(self.max_ngram, 0, -1):
             for i in range(len(tokens) - n + 1):
-                if not any(cut[i:i + n]) and tuple(tokens[i:i + n]) in self.markers[domain]:
-                    cut[i:i + n] = [True] * n
+                if not any(cut[i : i + n]) and tuple(tokens[i : i + n]) in self.markers[domain]:
+                    cut[i : i + n] = [True] * n
         content: list[str | None] = []
         slots: list[list[str]] = []
         i = 0
@@ -147,8 +161,9 @@ class BackTranslatedPair:
         return OTHER[self.target_domain]
 
 
-def back_translated_pairs(transfer: TemplateTransfer, targets: dict[Domain, Sequence[str]], per_domain: int,
-                          seed: int | None = None) -> list[BackTranslatedPair]:
+def back_translated_pairs(
+    transfer: TemplateTransfer, targets: dict[Domain, Sequence[str]], per_domain: int, seed: int | None = None
+) -> list[BackTranslatedPair]:
     """Up to `per_domain` pairs whose targets are lines of `targets[d]` for each domain, in order, or in a
     seeded shuffle when `seed` is given; lines whose template is empty or unchanged are skipped. Domains
     alternate (a, b, a, …)."""

@@ -187,7 +187,9 @@ class DomainFluency:
         held = lines[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
         fitted = [x for i, x in enumerate(lines) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
         if not held or not fitted:
-            raise ValueError(f"fluency LM: need at least {HELD_OUT_EVERY} non-empty train lines, got {len(lines)}")
+            raise ValueError(
+                f"fluency LM: need at least {HELD_OUT_EVERY} non-empty train lines, got {len(lines)}"
+            )
         lm = KneserNeyLM(fitted, order)
         scores = [score(lm, x) for x in held]
         judge = cls(
@@ -203,8 +205,12 @@ class DomainFluency:
         return judge
 
     def is_fluent(self, s: SentenceFluency) -> bool:
-        return (math.isfinite(s.perplexity) and s.perplexity <= self.max_perplexity and s.slor >= self.min_slor
-                and not s.loop)
+        return (
+            math.isfinite(s.perplexity)
+            and s.perplexity <= self.max_perplexity
+            and s.slor >= self.min_slor
+            and not s.loop
+        )
 
     def score(self, lines: Sequence[str]) -> list[SentenceFluency]:
         return [score(self.lm, x) for x in lines]

@@ -97,7 +97,8 @@ def _row(system: str, runs: list[_Run]) -> dict[str, Any]:
     with_refs = [r for r in runs if r.references is not None]
     ref_bleu = (
         bleu([o for r in with_refs for o in r.outputs], [x for r in with_refs for x in r.references or []])
-        if with_refs else None
+        if with_refs
+        else None
     )
     return {
         "system": system,
@@ -175,8 +176,18 @@ def evaluate(
                 bar.update(1)
                 back = _checked(system(outputs, source_domain), outputs, name)  # type: ignore[arg-type]
                 bar.update(1)
-                runs.append(_Run(name, f"{source_domain}->{target}", target, sources, outputs, back,  # type: ignore[arg-type]
-                                 refs.get(source_domain), runaway))  # type: ignore[arg-type]
+                runs.append(
+                    _Run(
+                        name,
+                        f"{source_domain}->{target}",
+                        target,
+                        sources,
+                        outputs,
+                        back,  # type: ignore[arg-type]
+                        refs.get(source_domain),
+                        runaway,
+                    )
+                )  # type: ignore[arg-type]
             release = getattr(system, "release", None)
             if callable(release):
                 release()
@@ -198,8 +209,10 @@ def evaluate(
         judge_of_target = fluency[r.target]
         r.fluency = judge_of_target.score(r.outputs)
         ran_away = r.runaway or [False] * len(r.outputs)
-        r.fluent = [1.0 if judge_of_target.is_fluent(s) and not gone else 0.0
-                    for s, gone in zip(r.fluency, ran_away, strict=True)]
+        r.fluent = [
+            1.0 if judge_of_target.is_fluent(s) and not gone else 0.0
+            for s, gone in zip(r.fluency, ran_away, strict=True)
+        ]
 
     rows = [_row(name, [r for r in runs if r.system == name]) for name in systems]
     direction_rows = [{**_row(r.system, [r]), "direction": r.direction} for r in runs]

@@ -19,8 +19,15 @@ def write_plots(rows: list[dict[str, Any]], rl_log: list[dict[str, Any]], out_di
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    shown = [("style_acc", 1.0), ("similarity", 1.0), ("fluent", 1.0), ("runaway", 1.0), ("J", 1.0),
-             ("self_bleu", 100.0), ("cycle_bleu", 100.0)]
+    shown = [
+        ("style_acc", 1.0),
+        ("similarity", 1.0),
+        ("fluent", 1.0),
+        ("runaway", 1.0),
+        ("J", 1.0),
+        ("self_bleu", 100.0),
+        ("cycle_bleu", 100.0),
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(shown))

@@ -26,8 +26,16 @@ J_DEFINITION = (
     "held-out train lines of the domain, which the LM was not fitted on ({thresholds})."
 )
 METRICS: tuple[str, ...] = (
-    "style_acc", "self_bleu", "similarity", "ref_bleu", "perplexity", "fluent", "runaway", "length_ratio",
-    "cycle_bleu", "J",
+    "style_acc",
+    "self_bleu",
+    "similarity",
+    "ref_bleu",
+    "perplexity",
+    "fluent",
+    "runaway",
+    "length_ratio",
+    "cycle_bleu",
+    "J",
 )
 
 
@@ -52,7 +60,9 @@ class EvalReport:
             f"{name}: perplexity ≤ {f.get('max_perplexity', math.inf):.1f}, SLOR ≥ {f.get('min_slor', -math.inf):.3f}"
             for name, f in zip(self.domains, self.fluency.values(), strict=False)
         )
-        return J_DEFINITION.format(order=first.get("order", 3), pct=pct, low=100.0 - pct, thresholds=thresholds)
+        return J_DEFINITION.format(
+            order=first.get("order", 3), pct=pct, low=100.0 - pct, thresholds=thresholds
+        )
 
     def table_markdown(self, rows: list[dict[str, Any]] | None = None) -> str:
         rows = self.rows if rows is None else rows
@@ -69,39 +79,44 @@ class EvalReport:
 
     def to_markdown(self) -> str:
         a, b = self.domains
-        return "\n".join([
-            "# CYCLE_J evaluation",
-            "",
-            f"Domains: **a** = {a}, **b** = {b}. Greedy translations of the dev sets, both directions.",
-            "",
-            "## Overall (both directions pooled)",
-            "",
-            self.table_markdown(),
-            "",
-            "## Per direction",
-            "",
-            self.table_markdown(self.direction_rows),
-            "",
-            "## Definitions",
-            "",
-            f"- **Style judge**: logistic regression on TF-IDF word (1–2-gram) and character (2–5-gram) features, "
-            f"trained on the train corpora of both domains, independent of the RL discriminator. "
-            f"**Judge dev accuracy: {self.judge_dev_accuracy:.4f}** ({a}: {self.judge_dev_accuracy_a:.4f}, "
-            f"{b}: {self.judge_dev_accuracy_b:.4f}). style_acc = share of outputs judged to be in the target domain.",
-            "- **self_bleu**: sacrebleu corpus BLEU of the outputs against their sources; **ref_bleu**: against "
-            "line-aligned human references (empty when the dev sets have none); **cycle_bleu**: of the "
-            "back-translations against the sources.",
-            f"- **similarity**: mean cosine similarity of sentence embeddings of output and source ({self.embedder}).",
-            "- **perplexity**: per-word perplexity (end of line counted) of the outputs under a Kneser-Ney "
-            "n-gram LM of the target domain's train lines; **fluent**: share of outputs judged fluent text of "
-            "the target domain (definition under J). Fluency LMs: "
-            + "; ".join(f"{name}: {_fluency_text(f)}" for name, f in zip(self.domains, self.fluency.values(),
-                                                                         strict=False)) + ".",
-            "- **runaway**: share of outputs whose generation reached its token limit without an EOS or a line "
-            "break (– for systems that do not report it); **length_ratio**: mean of output words / source words.",
-            f"- **{self.j_definition}**",
-            "",
-        ])
+        return "\n".join(
+            [
+                "# CYCLE_J evaluation",
+                "",
+                f"Domains: **a** = {a}, **b** = {b}. Greedy translations of the dev sets, both directions.",
+                "",
+                "## Overall (both directions pooled)",
+                "",
+                self.table_markdown(),
+                "",
+                "## Per direction",
+                "",
+                self.table_markdown(self.direction_rows),
+                "",
+                "## Definitions",
+                "",
+                f"- **Style judge**: logistic regression on TF-IDF word (1–2-gram) and character (2–5-gram) features, "
+                f"trained on the train corpora of both domains, independent of the RL discriminator. "
+                f"**Judge dev accuracy: {self.judge_dev_accuracy:.4f}** ({a}: {self.judge_dev_accuracy_a:.4f}, "
+                f"{b}: {self.judge_dev_accuracy_b:.4f}). style_acc = share of outputs judged to be in the target domain.",
+                "- **self_bleu**: sacrebleu corpus BLEU of the outputs against their sources; **ref_bleu**: against "
+                "line-aligned human references (empty when the dev sets have none); **cycle_bleu**: of the "
+                "back-translations against the sources.",
+                f"- **similarity**: mean cosine similarity of sentence embeddings of output and source ({self.embedder}).",
+                "- **perplexity**: per-word perplexity (end of line counted) of the outputs under a Kneser-Ney "
+                "n-gram LM of the target domain's train lines; **fluent**: share of outputs judged fluent text of "
+                "the target domain (definition under J). Fluency LMs: "
+                + "; ".join(
+                    f"{name}: {_fluency_text(f)}"
+                    for name, f in zip(self.domains, self.fluency.values(), strict=False)
+                )
+                + ".",
+                "- **runaway**: share of outputs whose generation reached its token limit without an EOS or a line "
+                "break (– for systems that do not report it); **length_ratio**: mean of output words / source words.",
+                f"- **{self.j_definition}**",
+                "",
+            ]
+        )
 
     def write(self, out_dir: str | Path) -> list[Path]:
         """report.md, report.csv, examples.jsonl, metrics.json and the PNG plots."""
@@ -113,7 +128,9 @@ class EvalReport:
             writer = csv.DictWriter(f, fieldnames=["system", "direction", "n", *METRICS])
             writer.writeheader()
             for r in self.rows + self.direction_rows:
-                writer.writerow({k: r.get(k, "overall" if k == "direction" else None) for k in writer.fieldnames})
+                writer.writerow(
+                    {k: r.get(k, "overall" if k == "direction" else None) for k in writer.fieldnames}
+                )
         with open(written[2], "w", encoding="utf-8") as f:
             for ex in self.examples:
                 f.write(json.dumps(ex, ensure_ascii=False) + "\n")
@@ -137,9 +154,11 @@ class EvalReport:
 
 
 def _fluency_text(f: dict[str, Any]) -> str:
-    return (f"{f.get('order')}-gram, {f.get('vocabulary')} words, fitted on {f.get('fitted_lines')} train lines, "
-            f"thresholds set on {f.get('held_out_lines')} held-out ones (of which {f.get('held_out_fluent', 0):.1%} "
-            "are judged fluent)")
+    return (
+        f"{f.get('order')}-gram, {f.get('vocabulary')} words, fitted on {f.get('fitted_lines')} train lines, "
+        f"thresholds set on {f.get('held_out_lines')} held-out ones (of which {f.get('held_out_fluent', 0):.1%} "
+        "are judged fluent)"
+    )
 
 
 def _fmt(v: Any) -> str:

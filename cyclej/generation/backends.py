@@ -219,7 +219,9 @@ class TransformersBackend:
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
-def _cpu_scheduling(model_path: str, max_model_len: int | None, max_num_batched_tokens: int | None) -> dict[str, Any]:
+def _cpu_scheduling(
+    model_path: str, max_model_len: int | None, max_num_batched_tokens: int | None
+) -> dict[str, Any]:
     """No chunked prefill on a CPU: vLLM 0.32 rewinds a seeded request's generator when a prefill chunk's
     sample is discarded (`set_offset`), which CPU generators refuse ("CPU Generator does not use offset":
     the engine dies as soon as seeded prompts exceed one step's token budget). Unchunked, every prompt is
@@ -281,8 +283,10 @@ def vllm_engine_args(
         **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}),
         # max_model_len None: the model's own. Smaller warm-up/profiling batches start faster.
         **(
-            {"max_model_len": max_model_len,
-             **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {})}
+            {
+                "max_model_len": max_model_len,
+                **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
+            }
             if torch.cuda.is_available()
             else _cpu_scheduling(model_path, max_model_len, max_num_batched_tokens)
         ),
@@ -321,7 +325,9 @@ class VllmBackend:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         # vLLM logs every engine detail to stdout at INFO; stdout is where `cyclej translate` writes.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings (no tcmalloc, …) are noise here
+        os.environ.setdefault(
+            "VLLM_LOGGING_LEVEL", "ERROR"
+        )  # its CPU warnings (no tcmalloc, …) are noise here
         # vLLM >= 0.9 refuses to pickle the callable `apply_model` sends to a separate engine process
         # unless this is set; the channel is a local socket between this process and its own engine.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -336,8 +342,16 @@ class VllmBackend:
             ) from None
         self._vllm = vllm
         self.llm: Any = vllm.LLM(
-            **vllm_engine_args(model_path, tensor_parallel_size, max_model_len, gpu_memory_utilization, seed,
-                               dtype, enforce_eager, max_num_batched_tokens)
+            **vllm_engine_args(
+                model_path,
+                tensor_parallel_size,
+                max_model_len,
+                gpu_memory_utilization,
+                seed,
+                dtype,
+                enforce_eager,
+                max_num_batched_tokens,
+            )
         )
         tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(tokenizer)
@@ -383,7 +397,8 @@ class VllmBackend:
         items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
         weights = [(name, t.detach().cpu() if t.device.type != "cuda" else t.detach()) for name, t in items]
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": _PickledWeights(weights), "is_checkpoint_format": True}
+            "reload_weights",
+            kwargs={"weights_iterator": _PickledWeights(weights), "is_checkpoint_format": True},
         )
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
@@ -450,7 +465,9 @@ def vllm_unsupported_reason(model_path: str) -> str | None:
     return None
 
 
-def choose_backend(kind: BackendKind, model_path: str, expected_tokens: int) -> Literal["transformers", "vllm"]:
+def choose_backend(
+    kind: BackendKind, model_path: str, expected_tokens: int
+) -> Literal["transformers", "vllm"]:
     """`auto` → vLLM when it can serve the model here and the job repays its engine start
     (`expected_tokens` ≥ VLLM_BREAK_EVEN_TOKENS), else transformers; an explicit kind is kept."""
     if kind != "auto":

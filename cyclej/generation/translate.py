@@ -61,7 +61,9 @@ def local_model_dir(
         artifact = text.removesuffix("/model")
         parts = artifact.rsplit("/", 2)
         if len(parts) != 3 or "://" not in parts[0]:
-            raise BadInput(f"model {uri}: expected an artifact URI like s3://bucket/prefix/<stage>/<fingerprint>")
+            raise BadInput(
+                f"model {uri}: expected an artifact URI like s3://bucket/prefix/<stage>/<fingerprint>"
+            )
         root, stage, fp = parts
         if storage_options is None:
             # Endpoint and credentials from the AWS_* variables, exactly as the pipeline's store does.
@@ -113,11 +115,15 @@ def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> P
             base = json.loads(named.read_text(encoding="utf-8"))
             stage, fp = str(base["stage"]), str(base["fingerprint"])
         except (ValueError, KeyError, TypeError):
-            raise BadInput(f"{named}: not a JSON object with stage and fingerprint; re-run the "
-                           f"{artifact.parent.name} stage") from None
+            raise BadInput(
+                f"{named}: not a JSON object with stage and fingerprint; re-run the "
+                f"{artifact.parent.name} stage"
+            ) from None
         where = store.root_uri if store is not None else str(artifact.resolve().parent.parent)
-        missing = BadInput(f"model {uri}: its base artifact {stage}/{fp} is not in {where}; translate with "
-                           "the merge or rl artifact instead")
+        missing = BadInput(
+            f"model {uri}: its base artifact {stage}/{fp} is not in {where}; translate with "
+            "the merge or rl artifact instead"
+        )
         if store is None:
             local = artifact.resolve().parent.parent / stage / fp
             if not (local / "MANIFEST.json").is_file():
@@ -131,8 +137,10 @@ def adapter_base_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> P
     recorded = config.get("base_model_name_or_path")
     if recorded and Path(recorded).is_dir():
         return _model_subdir(Path(recorded), uri)
-    raise BadInput(f"model {uri}: an adapter artifact whose base model cannot be found (no {ADAPTER_BASE}); "
-                   "translate with the merge or rl artifact instead")
+    raise BadInput(
+        f"model {uri}: an adapter artifact whose base model cannot be found (no {ADAPTER_BASE}); "
+        "translate with the merge or rl artifact instead"
+    )
 
 
 def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) -> Path:
@@ -141,10 +149,17 @@ def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) ->
     base path in adapter_config.json), so a cache hit fetches nothing and a re-trained adapter is merged
     again. Concurrent builders each write a private folder and the first to publish wins."""
     digest = hashlib.sha256()
-    for rel in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", MARKER_ROWS_FILE, ADAPTER_BASE):
+    for rel in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        MARKER_ROWS_FILE,
+        ADAPTER_BASE,
+    ):
         if (artifact / rel).is_file():
             digest.update((artifact / rel).read_bytes())
-    out = cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{digest.hexdigest()[:16]}"
+    out = (
+        cache_root() / "merged-adapters" / f"{artifact.parent.name}-{artifact.name}-{digest.hexdigest()[:16]}"
+    )
     if (out / "config.json").is_file():
         return out
     base_dir = adapter_base_dir(artifact, uri, store)
@@ -168,7 +183,10 @@ def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) ->
 
 
 def load_adapter_model(
-    base_dir: str | Path, adapter_artifact: str | Path, markers: tuple[str, str], dtype: torch.dtype = torch.float32
+    base_dir: str | Path,
+    adapter_artifact: str | Path,
+    markers: tuple[str, str],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, tuple[str, str]]:
     """The base (INTERMEDIATE-1) with a `para_train`/`domain_train` artifact applied: its final marker rows
     written into the embeddings, then its LoRA merged into the weights (peft `merge_and_unload`)."""
@@ -178,9 +196,13 @@ def load_adapter_model(
     artifact = Path(adapter_artifact)
     adapter_dir = artifact / "adapter" if (artifact / "adapter").is_dir() else artifact
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise BadInput(f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)")
+        raise BadInput(
+            f"adapter {artifact}: no adapter/adapter_config.json (not a para_train/domain_train artifact)"
+        )
     model, tokenizer = load_model(str(base_dir), markers=list(markers), dtype=dtype)
-    rows_file = next((p for p in (artifact / MARKER_ROWS_FILE, adapter_dir / MARKER_ROWS_FILE) if p.is_file()), None)
+    rows_file = next(
+        (p for p in (artifact / MARKER_ROWS_FILE, adapter_dir / MARKER_ROWS_FILE) if p.is_file()), None
+    )
     if rows_file is not None:
         rows = load_file(str(rows_file))
         ids = rows["token_ids"].long()
@@ -243,7 +265,11 @@ def load_for_translation(
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         marker_token_ids(tokenizer, list(pair))  # vLLM cannot add tokens: they must be in the folder already
         # Short-lived engines: on a CPU, torch.compile would cost more than the whole job (minutes).
-        return make_backend("vllm", str(model_dir), enforce_eager=not torch.cuda.is_available()), tokenizer, pair
+        return (
+            make_backend("vllm", str(model_dir), enforce_eager=not torch.cuda.is_available()),
+            tokenizer,
+            pair,
+        )
     on_gpu = torch.cuda.is_available()
     dtype = weights_dtype("auto", torch.device("cuda" if on_gpu else "cpu"))
     model, tokenizer = load_model(str(model_dir), markers=list(pair), dtype=dtype)
@@ -285,11 +311,15 @@ class ModelTranslator:
             self._set(model, tokenizer, (markers[0], markers[1]))
 
     def _set(
-        self, model: PreTrainedModel | GenerationBackend, tokenizer: PreTrainedTokenizerBase, markers: tuple[str, str]
+        self,
+        model: PreTrainedModel | GenerationBackend,
+        tokenizer: PreTrainedTokenizerBase,
+        markers: tuple[str, str],
     ) -> None:
         self.backend = (
             TransformersBackend(model, tokenizer, batch_size=self.batch_size)
-            if isinstance(model, torch.nn.Module) else model
+            if isinstance(model, torch.nn.Module)
+            else model
         )
         self.tokenizer, self.markers = tokenizer, markers
 

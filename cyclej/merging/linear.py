@@ -54,7 +54,9 @@ _UNSUPPORTED_OPTIONS = {
 }
 # Adapter-file keys that carry nothing the merge needs: marker_rows.safetensors holds the final marker rows
 # (PEFT's trainable-token deltas and resized-embedding copies describe the same rows).
-_IGNORED_KEY = re.compile(r"(\.token_adapter\.trainable_tokens_\w+$)|((embed_tokens|wte|lm_head|embed_out)\.weight$)")
+_IGNORED_KEY = re.compile(
+    r"(\.token_adapter\.trainable_tokens_\w+$)|((embed_tokens|wte|lm_head|embed_out)\.weight$)"
+)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
@@ -120,7 +122,9 @@ class MergeStats:
         return dict(self.__dict__)
 
 
-def merge_weights(weight: float, weight_a: float | None = None, weight_b: float | None = None) -> tuple[float, float]:
+def merge_weights(
+    weight: float, weight_a: float | None = None, weight_b: float | None = None
+) -> tuple[float, float]:
     """(w_a, w_b): the task-arithmetic pair when given, otherwise (w, 1 − w)."""
     if weight_a is not None and weight_b is not None:
         return float(weight_a), float(weight_b)
@@ -174,14 +178,18 @@ def load_adapter(stage_dir: str | Path) -> Adapter:
     except ValueError as exc:
         raise BadInput(f"{config_path}: not valid JSON ({exc})") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise BadInput(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA merges exactly")
+        raise BadInput(
+            f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA merges exactly"
+        )
     for option, what in _UNSUPPORTED_OPTIONS.items():
         if config.get(option):
             raise BadInput(f"{config_path}: {option} is set; the merge does not support {what}")
     if config.get("bias", "none") != "none":
         raise BadInput(f"{config_path}: bias={config['bias']!r}; the merge supports bias='none' only")
     if config.get("modules_to_save"):
-        raise BadInput(f"{config_path}: modules_to_save {config['modules_to_save']} is not supported by the merge")
+        raise BadInput(
+            f"{config_path}: modules_to_save {config['modules_to_save']} is not supported by the merge"
+        )
 
     state = load_file(str(weights_path))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -192,7 +200,9 @@ def load_adapter(stage_dir: str | Path) -> Adapter:
             if _IGNORED_KEY.search(key):
                 ignored.append(key)
                 continue
-            raise BadInput(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights can be merged)")
+            raise BadInput(
+                f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights can be merged)"
+            )
         module = m["module"].removeprefix(PEFT_PREFIX)
         pairs.setdefault(module, {})[m["which"]] = tensor
 
@@ -370,13 +380,21 @@ def plan_merge(base_dir: str | Path, adapters: Sequence[tuple[Adapter, float]]) 
         for module, factors in adapter.factors.items():
             key = f"{module}.weight"
             if key not in stored:
-                raise BadInput(f"{adapter.source}: LoRA module {module} has no weight {key} in the base {base_dir}")
+                raise BadInput(
+                    f"{adapter.source}: LoRA module {module} has no weight {key} in the base {base_dir}"
+                )
             if factors.shape() != shapes[key]:
-                raise BadInput(f"{adapter.source}: the LoRA delta of {module} has shape {factors.shape()}, "
-                               f"the base's {key} has {shapes[key]}")
+                raise BadInput(
+                    f"{adapter.source}: the LoRA delta of {module} has shape {factors.shape()}, "
+                    f"the base's {key} has {shapes[key]}"
+                )
             updates.setdefault(key, []).append((factors, w))
     row_updates: dict[str, Any] = {}
-    notes = [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA adapter tensors" for a, _ in adapters if a.ignored_keys]
+    notes = [
+        f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA adapter tensors"
+        for a, _ in adapters
+        if a.ignored_keys
+    ]
     if (rows := _row_plan(adapters, "input_rows")) is not None:
         row_updates[inp_key] = rows
     if (rows := _row_plan(adapters, "output_rows")) is not None:
@@ -389,10 +407,16 @@ def plan_merge(base_dir: str | Path, adapters: Sequence[tuple[Adapter, float]]) 
     for key, (ids, per_adapter) in row_updates.items():
         n_rows, width = shapes[key]
         if int(ids.max()) >= n_rows or int(ids.min()) < 0:
-            raise BadInput(f"marker_rows.safetensors: token ids {ids.tolist()} fall outside {key} ({n_rows} rows)")
+            raise BadInput(
+                f"marker_rows.safetensors: token ids {ids.tolist()} fall outside {key} ({n_rows} rows)"
+            )
         if any(rows.shape[1] != width for _, rows, _ in per_adapter):
-            raise BadInput(f"marker_rows.safetensors: rows of width {per_adapter[0][1].shape[1]}, {key} has {width}")
-    widen = any(v["dtype"] in WIDENED for _, h in headers.values() for k, v in h.items() if k != "__metadata__")
+            raise BadInput(
+                f"marker_rows.safetensors: rows of width {per_adapter[0][1].shape[1]}, {key} has {width}"
+            )
+    widen = any(
+        v["dtype"] in WIDENED for _, h in headers.values() for k, v in h.items() if k != "__metadata__"
+    )
     return MergePlan(base_dir, adapters, shards, headers, updates, row_updates, widen, notes)
 
 
@@ -416,10 +440,13 @@ def write_merge(plan: MergePlan, out_dir: str | Path, progress: Progress | None 
         prefix, header = plan.headers[shard_name]
         out_prefix, out_header = _widened_header(header) if widen else (prefix, header)
         entries = sorted(
-            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+            ((k, v) for k, v in header.items() if k != "__metadata__"),
+            key=lambda kv: kv[1]["data_offsets"][0],
         )
         with open(src, "rb") as fin, open(dst, "wb") as fout:
-            fout.write(out_prefix)  # same names, shapes and order; dtypes and offsets widened for 16-bit bases
+            fout.write(
+                out_prefix
+            )  # same names, shapes and order; dtypes and offsets widened for 16-bit bases
             for key, info in entries:
                 begin, end = out_header[key]["data_offsets"]
                 out_bytes += end - begin
@@ -428,7 +455,9 @@ def write_merge(plan: MergePlan, out_dir: str | Path, progress: Progress | None 
                     merged = _merge_tensor(src, key, updates.get(key, []), row_updates.get(key), widen)
                     data = merged.contiguous().view(torch.uint8).numpy()
                     if data.nbytes != end - begin:
-                        raise RuntimeError(f"{key}: merged tensor has {data.nbytes} bytes, expected {end - begin}")
+                        raise RuntimeError(
+                            f"{key}: merged tensor has {data.nbytes} bytes, expected {end - begin}"
+                        )
                     fout.write(memoryview(data))
                     changed += merge_here
                     del merged, data
@@ -444,7 +473,9 @@ def write_merge(plan: MergePlan, out_dir: str | Path, progress: Progress | None 
     bar.close()
     if widen:
         _record_fp32(out_dir, out_bytes)
-        notes.append("the base is stored in 16-bit floats: the merge is written in fp32 so its deltas survive")
+        notes.append(
+            "the base is stored in 16-bit floats: the merge is written in fp32 so its deltas survive"
+        )
     n_rows = sum(len(p[0]) for p in row_updates.values())
     return MergeStats(
         shards=len(plan.shards),
@@ -539,7 +570,7 @@ def dev_loss(model: torch.nn.Module, examples: Sequence[Any], batch_size: int = 
     total, count = 0.0, 0
     rows = sorted((formats.single(e) for e in examples), key=len)  # similar lengths share a batch
     for start in range(0, len(rows), batch_size):
-        batch = formats.collate(rows[start:start + batch_size], four_d_mask=False)
+        batch = formats.collate(rows[start : start + batch_size], four_d_mask=False)
         loss_sum, n = target_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
         total, count = total + float(loss_sum), count + n
     if count == 0:

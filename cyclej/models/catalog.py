@@ -42,7 +42,9 @@ def resolve_model(spec: str) -> str:
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
-            raise BadInput(f"model {spec}: the directory has no config.json (not a Hugging Face model folder)")
+            raise BadInput(
+                f"model {spec}: the directory has no config.json (not a Hugging Face model folder)"
+            )
         return str(p.resolve())
     if spec.startswith(("/", "./", "../", "~")):
         raise BadInput(f"model {spec}: no such directory")
@@ -62,8 +64,12 @@ def _builtin(name: str) -> Path:
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    {"tiny-gptj": _build_tiny_gptj, "tiny-llama": _build_tiny_llama, "tiny-bert": _build_tiny_bert,
-     "smollm2": _convert_smollm2}[name](tmp)
+    {
+        "tiny-gptj": _build_tiny_gptj,
+        "tiny-llama": _build_tiny_llama,
+        "tiny-bert": _build_tiny_bert,
+        "smollm2": _convert_smollm2,
+    }[name](tmp)
     (tmp / ".complete").write_text("ok")
     if out.exists():  # another process won the race; keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,8 +102,15 @@ def _build_tiny_gptj(tmp: Path) -> None:
 
     torch.manual_seed(TINY_SEED)
     cfg = GPTJConfig(
-        vocab_size=1024, n_positions=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=16,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+        vocab_size=1024,
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
     )
     _save_tiny(GPTJForCausalLM(cfg), tmp)
 
@@ -108,8 +121,15 @@ def _build_tiny_llama(tmp: Path) -> None:
 
     torch.manual_seed(TINY_SEED)
     cfg = LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
         tie_word_embeddings=True,
     )
     _save_tiny(LlamaForCausalLM(cfg), tmp)
@@ -123,8 +143,12 @@ def _build_tiny_bert(tmp: Path) -> None:
     # MiniLM's WordPiece tokenizer (shipped by a package) so the tiny encoder sees real word pieces.
     tok = AutoTokenizer.from_pretrained(_builtin("minilm"))
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     BertModel(cfg).save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -160,7 +184,9 @@ def load_tokenizer(spec: str):  # type: ignore[no-untyped-def]
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
-        raise BadInput(f"model {spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})") from None
+        raise BadInput(
+            f"model {spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})"
+        ) from None
     return tok
 
 
@@ -194,8 +220,10 @@ def check_model_spec(field: str, spec: str) -> str:
 
     if isinstance(try_to_load_from_cache(spec, "config.json"), str):
         return f"hub id {spec} (cached)"
-    raise BadInput(f"{field}: '{spec}' is not a built-in model ({', '.join(BUILTIN)}), a local folder or a hub "
-                   "id (org/name)")
+    raise BadInput(
+        f"{field}: '{spec}' is not a built-in model ({', '.join(BUILTIN)}), a local folder or a hub "
+        "id (org/name)"
+    )
 
 
 def tokenizer_if_available(spec: str):  # type: ignore[no-untyped-def]

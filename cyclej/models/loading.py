@@ -63,8 +63,10 @@ MODEL_FOLDER_ERRORS = _model_folder_errors()
 def cannot_load(spec: str, exc: BaseException) -> BadInput:
     """The one-line error for a model folder (or hub id) that does not load."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    return BadInput(f"model {spec}: cannot load ({type(exc).__name__}: {first}); give a local model directory, "
-                    "a built-in name or a hub id reachable from this machine")
+    return BadInput(
+        f"model {spec}: cannot load ({type(exc).__name__}: {first}); give a local model directory, "
+        "a built-in name or a hub id reachable from this machine"
+    )
 
 
 def load_model(
@@ -127,7 +129,9 @@ def add_markers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mark
     unregistered = [m for m in markers if m not in tokenizer.get_added_vocab()]
     old_len = len(tokenizer)
     if unregistered:
-        tokenizer.add_special_tokens({"extra_special_tokens": unregistered}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": unregistered}, replace_extra_special_tokens=False
+        )
     ids = marker_token_ids(tokenizer, markers)
     new_ids = [i for m, i in zip(markers, ids, strict=True) if m in missing]
 

@@ -120,26 +120,32 @@ class SwiGLU(nn.Module):
 class EncoderBlock(nn.Module):
     def __init__(self, config: NeoBERTConfig) -> None:
         super().__init__()
-        self.heads, self.head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        self.heads, self.head_dim = (
+            config.num_attention_heads,
+            config.hidden_size // config.num_attention_heads,
+        )
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.ffn = SwiGLU(config.hidden_size, config.ffn_size, config.hidden_size)
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self._attention(self.attention_norm(x), key_mask, cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
-    def _attention(self, x: torch.Tensor, key_mask: torch.Tensor | None, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
+    def _attention(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         b, n, _ = x.shape
         # Per head [q | k | v], as the checkpoint's qkv rows are laid out (not all q rows, then all k rows).
         q, k, v = self.qkv(x).view(b, n, self.heads, 3 * self.head_dim).chunk(3, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=key_mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask
+        )
         return self.wo(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
@@ -166,7 +172,9 @@ class NeoBERT(NeoBERTPreTrainedModel):
     def __init__(self, config: NeoBERTConfig) -> None:
         super().__init__(config)
         self.encoder = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.transformer_encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
+        self.transformer_encoder = nn.ModuleList(
+            EncoderBlock(config) for _ in range(config.num_hidden_layers)
+        )
         self.layer_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
@@ -195,8 +203,12 @@ class NeoBERTLMHead(NeoBERTPreTrainedModel):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> MaskedLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MaskedLMOutput:
         logits = self.decoder(self.model(input_ids, attention_mask).last_hidden_state)
         loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         return MaskedLMOutput(loss=loss, logits=logits)
@@ -227,8 +239,12 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
         hidden = self.model(input_ids, attention_mask).last_hidden_state
         x = self.dropout(hidden[:, 0])
         x = self.dropout(torch.tanh(self.dense(x)))

@@ -42,7 +42,11 @@ class ModelShape:
     def layer_params(self) -> int:
         """Parameters of one transformer layer (attention + MLP projections; norms are negligible)."""
         kv = self.kv_heads * self.head_dim
-        return 2 * self.hidden * self.hidden + 2 * self.hidden * kv + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return (
+            2 * self.hidden * self.hidden
+            + 2 * self.hidden * kv
+            + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        )
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -75,8 +79,13 @@ KNOWN_MODELS: dict[str, ModelShape] = {
 
 # Bytes per parameter of the weights as published, for the hub models the recipe names that are not
 # stored in 16 bits (a stage downloads them whole): GPT-J-6B's main revision is fp32 (24.2 GB).
-STORED_FP32 = {"EleutherAI/gpt-j-6b", "EleutherAI/gpt-j-6B", "chandar-lab/NeoBERT",
-               "sentence-transformers/all-MiniLM-L6-v2", "minilm"}
+STORED_FP32 = {
+    "EleutherAI/gpt-j-6b",
+    "EleutherAI/gpt-j-6B",
+    "chandar-lab/NeoBERT",
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "minilm",
+}
 
 
 def stored_bytes(spec: str) -> float:
@@ -132,7 +141,9 @@ def shape_from_config(cfg: dict, params: int | None = None) -> ModelShape:
         mlp = (3 if gated else 2) * hidden * intermediate
         emb = vocab * hidden * (1 if cfg.get("tie_word_embeddings", True) else 2)
         params = emb + layers * (attn + mlp)
-    return ModelShape(params, layers, hidden, heads, kv_heads, intermediate, vocab, gated, model_type == "gptj")
+    return ModelShape(
+        params, layers, hidden, heads, kv_heads, intermediate, vocab, gated, model_type == "gptj"
+    )
 
 
 def _safetensors_params(path: Path) -> int | None:

@@ -74,8 +74,13 @@ def run_rank(spec_path: Path, progress: Progress | None = None) -> None:
             dist.destroy_process_group()
 
 
-def run_shards_of_worker(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef],
-                         store: ArtifactStore, progress: Progress) -> None:
+def run_shards_of_worker(
+    stage: PlannedStage,
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: ArtifactStore,
+    progress: Progress,
+) -> None:
     """Worker r of N of a sharded stage: shards r, r+N, … on its own GPU, each saved as the stage's
     checkpoint (a shard already saved, or leased by another run, is skipped or waited for)."""
     from cyclej.pipeline.registry import run_shard, shard_count
@@ -89,7 +94,10 @@ def run_shards_of_worker(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m torch.distributed.run … -m cyclej.pipeline.rank_worker STAGE_SPEC.json", file=sys.stderr)
+        print(
+            "usage: python -m torch.distributed.run … -m cyclej.pipeline.rank_worker STAGE_SPEC.json",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if int(os.environ.get("RANK", "0")) != 0:

@@ -62,7 +62,9 @@ def _dump(model: Any, exclude: set[str] | None = None) -> Any:
 # RL options added after runs existed, with their "off" values: left out of the fingerprint while off,
 # since then the stage computes exactly what it did before they existed and those runs' artifacts stay valid.
 _OFF_BY_DEFAULT_RL: dict[str, object] = {
-    "discriminator_warmup_steps": 0, "reward_combination": "sum", "discriminator_reward": "real_target",
+    "discriminator_warmup_steps": 0,
+    "reward_combination": "sum",
+    "discriminator_reward": "real_target",
     "content_floor": 0.0,
 }
 
@@ -74,7 +76,10 @@ _MEMORY_ONLY = {"gradient_checkpointing"}
 # They were in the RL slice when runs existed, all presets at these defaults: the slice records these
 # values whatever is set, so those fingerprints stay and a new interval re-runs nothing.
 # (`checkpoint_every_steps` stays in as set: the presets fingerprinted it with different values.)
-_RL_CHECKPOINTING_AS_FINGERPRINTED: dict[str, object] = {"checkpoint_every_minutes": 10.0, "keep_checkpoints": 2}
+_RL_CHECKPOINTING_AS_FINGERPRINTED: dict[str, object] = {
+    "checkpoint_every_minutes": 10.0,
+    "keep_checkpoints": 2,
+}
 
 
 def _domains(cfg: PipelineConfig) -> dict[str, Any]:
@@ -98,17 +103,27 @@ SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec(
-            "data", 1, (),
+            "data",
+            1,
+            (),
             lambda c: {"domains": _domains(c), "data": _dump(c.data), "base": c.models.base},
             "cyclej.stages.data:run_data",
         ),
         StageSpec(
-            "context", 1, ("data",),
-            lambda c: {"base": c.models.base, "markers": _markers(c), "context": _dump(c.context, exclude=_MEMORY_ONLY)},
+            "context",
+            1,
+            ("data",),
+            lambda c: {
+                "base": c.models.base,
+                "markers": _markers(c),
+                "context": _dump(c.context, exclude=_MEMORY_ONLY),
+            },
             "cyclej.stages.context:run_context",
         ),
         StageSpec(
-            "paraphrase", 1, ("data",),
+            "paraphrase",
+            1,
+            ("data",),
             lambda c: {
                 "paraphraser": c.models.paraphraser,
                 "embedder": c.models.embedder if c.paraphrase.use_embedder else None,
@@ -119,35 +134,54 @@ SPECS: dict[str, StageSpec] = {
             shards=("cyclej.stages.paraphrase:plan_shards", "cyclej.stages.paraphrase:run_paraphrase_shard"),
         ),
         StageSpec(
-            "para_train", 1, ("context", "paraphrase", "data"),
+            "para_train",
+            1,
+            ("context", "paraphrase", "data"),
             lambda c: {"para_train": _dump(c.para_train, exclude=_MEMORY_ONLY)},
             "cyclej.stages.para_train:run_para_train",
         ),
         StageSpec(
-            "domain_train", 1, ("context", "data"),
+            "domain_train",
+            1,
+            ("context", "data"),
             lambda c: {"domain_train": _dump(c.domain_train, exclude=_MEMORY_ONLY)},
             "cyclej.stages.domain_train:run_domain_train",
         ),
         StageSpec(
-            "merge", 1, ("context", "para_train", "domain_train", "data"),
+            "merge",
+            1,
+            ("context", "para_train", "domain_train", "data"),
             lambda c: {"merge": _dump(c.merge)},
             "cyclej.stages.merge:run_merge",
         ),
         StageSpec(
-            "rl", 1, ("merge", "data"),
+            "rl",
+            1,
+            ("merge", "data"),
             lambda c: {
-                "rl": {**_dump(c.rl, exclude={"backend"} | _MEMORY_ONLY
-                               | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off}),
-                       **_RL_CHECKPOINTING_AS_FINGERPRINTED},
+                "rl": {
+                    **_dump(
+                        c.rl,
+                        exclude={"backend"}
+                        | _MEMORY_ONLY
+                        | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off},
+                    ),
+                    **_RL_CHECKPOINTING_AS_FINGERPRINTED,
+                },
                 "embedder": c.models.embedder,
                 "discriminator": c.models.discriminator,
             },
             "cyclej.stages.rl:run_rl",
         ),
         StageSpec(
-            "eval", 2, ("data", "context", "para_train", "merge", "rl"),  # 2: the template-baseline row
-            lambda c: {"eval": _dump(c.eval, exclude={"backend", "batch_size"}), "base": c.models.base,
-                       "embedder": c.models.embedder},
+            "eval",
+            2,
+            ("data", "context", "para_train", "merge", "rl"),  # 2: the template-baseline row
+            lambda c: {
+                "eval": _dump(c.eval, exclude={"backend", "batch_size"}),
+                "base": c.models.base,
+                "embedder": c.models.embedder,
+            },
             "cyclej.stages.eval:run_eval",
         ),
     ]
@@ -253,12 +287,23 @@ class StageRun:
     progress: Progress
 
     @classmethod
-    def start(cls, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-              progress: Progress | None = None) -> StageRun:
+    def start(
+        cls,
+        name: str,
+        cfg: PipelineConfig,
+        inputs: dict[str, ArtifactRef],
+        store: ArtifactStore,
+        progress: Progress | None = None,
+    ) -> StageRun:
         """A run of stage `name` planned from its inputs (for calling a stage directly, as tests do)."""
         stage = plan_stage(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
-        return cls(cfg, stage, {k: inputs[k] for k in stage.inputs}, store,
-                   (progress or Progress(show_bar=False)).for_stage(name))
+        return cls(
+            cfg,
+            stage,
+            {k: inputs[k] for k in stage.inputs},
+            store,
+            (progress or Progress(show_bar=False)).for_stage(name),
+        )
 
     @property
     def name(self) -> str:
@@ -311,14 +356,16 @@ class StageRun:
         self.store.save_checkpoint(self.name, self.fingerprint, checkpoint, local_dir, keep=keep)
 
     # ---- the ending ----
-    def commit(self, summary: dict[str, Any], metrics: dict[str, Any] | None = None,
-               drop_checkpoints: bool = False) -> ArtifactRef:
+    def commit(
+        self, summary: dict[str, Any], metrics: dict[str, Any] | None = None, drop_checkpoints: bool = False
+    ) -> ArtifactRef:
         """Write `metrics` (the stage's whole record) as metrics.json into the work directory, commit the
         artifact with `summary` in its reference (what the UI shows), and with `drop_checkpoints` delete
         the checkpoints the committed artifact supersedes."""
         if metrics is not None:
-            (self.workdir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True),
-                                                      encoding="utf-8")
+            (self.workdir / "metrics.json").write_text(
+                json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8"
+            )
         ref = self.store.commit(self.name, self.fingerprint, self.workdir, metrics=summary)
         if drop_checkpoints:
             self.store.delete_checkpoints(self.name, self.fingerprint)
@@ -334,7 +381,9 @@ def stage_function(name: str) -> Callable[..., ArtifactRef]:
     return _load(SPECS[name].entry)
 
 
-def shard_count(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore) -> int:
+def shard_count(
+    stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore
+) -> int:
     """How many shards a sharded stage has (known once its inputs are committed)."""
     shards = SPECS[stage.name].shards
     assert shards is not None, f"stage {stage.name} has no shards"
@@ -342,7 +391,11 @@ def shard_count(stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, Arti
 
 
 def run_shard(
-    stage: PlannedStage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore, index: int,
+    stage: PlannedStage,
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: ArtifactStore,
+    index: int,
     progress: Progress,
 ) -> None:
     """Compute one shard of a sharded stage (nothing to do when it is saved already)."""
@@ -364,7 +417,11 @@ def run_stage(
 ) -> ArtifactRef:
     """The committed artifact if there is one; otherwise run (or resume) the stage and commit it.
     `name`: the stage's name, or its plan (then its fingerprint is not computed again)."""
-    stage = name if isinstance(name, PlannedStage) else plan_stage(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
+    stage = (
+        name
+        if isinstance(name, PlannedStage)
+        else plan_stage(name, cfg, {k: v.fingerprint for k, v in inputs.items()})
+    )
     got = {k: inputs[k].fingerprint for k in stage.inputs}
     assert got == stage.inputs, f"stage {stage.name} planned on inputs {stage.inputs}, given {got}"
     name, fp = stage.name, stage.fingerprint

@@ -142,9 +142,13 @@ def load_prices(path: str | Path | None = None) -> PriceTable:
     src = Path(path) if path else Path(str(resources.files("cyclej") / "assets" / "gpu_prices.yaml"))
     try:
         data = yaml.safe_load(src.read_text(encoding="utf-8"))
-        gpus = tuple(GpuType(str(g["id"]), float(g["memory_gb"]), float(g["hourly_usd"])) for g in data["gpus"])
+        gpus = tuple(
+            GpuType(str(g["id"]), float(g["memory_gb"]), float(g["hourly_usd"])) for g in data["gpus"]
+        )
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise BadInput(f"{src}: not a GPU price table ({type(exc).__name__}: {exc}); see cyclej/assets/gpu_prices.yaml") from None
+        raise BadInput(
+            f"{src}: not a GPU price table ({type(exc).__name__}: {exc}); see cyclej/assets/gpu_prices.yaml"
+        ) from None
     if not gpus:
         raise BadInput(f"{src}: the price table lists no GPUs")
     return PriceTable(str(data.get("date", "?")), str(data.get("source", "?")), gpus)
@@ -223,9 +227,13 @@ class StagePlan:
         rounded up."""
         if self.gpu is None:
             return {}
-        return {"gpu_type_id": self.gpu.id, "gpu_count": self.gpu_count,
-                "min_memory_in_gb": _gib_up(self.host_bytes), "min_vcpu_count": self.vcpus,
-                "container_disk_gb": _gib_up(self.disk_bytes)}
+        return {
+            "gpu_type_id": self.gpu.id,
+            "gpu_count": self.gpu_count,
+            "min_memory_in_gb": _gib_up(self.host_bytes),
+            "min_vcpu_count": self.vcpus,
+            "container_disk_gb": _gib_up(self.disk_bytes),
+        }
 
 
 def _gib_up(n: float) -> int:
@@ -237,8 +245,13 @@ def _bf16(precision: str) -> bool:
 
 
 def activation_bytes(
-    shape: ModelShape, micro_batch: int, seq_len: int, act_bytes: int, lm_head: bool = True,
-    logits_tokens: int | None = None, checkpointing: bool = False,
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    act_bytes: int,
+    lm_head: bool = True,
+    logits_tokens: int | None = None,
+    checkpointing: bool = False,
 ) -> float:
     """Stored activations of one micro-batch (see the module docstring); `logits_tokens`: the columns the
     LM head runs on when fewer than `seq_len` (RL keeps only the completion's); `checkpointing`: every
@@ -253,17 +266,23 @@ def activation_bytes(
     return shape.layers * per_layer + logits
 
 
-def _train_memory(shape: ModelShape, tcfg: TrainConfig, micro_batch: int,
-                  world: int = 1) -> tuple[dict[str, float], int]:
+def _train_memory(
+    shape: ModelShape, tcfg: TrainConfig, micro_batch: int, world: int = 1
+) -> tuple[dict[str, float], int]:
     w = 2 if _bf16(tcfg.precision) else 4
     if tcfg.lora is not None:
         trainable = shape.lora_params(tcfg.lora.rank)
-        mem = {"weights": shape.params * w + trainable * 4, "gradients": trainable * 4, "optimizer": trainable * 8}
+        mem = {
+            "weights": shape.params * w + trainable * 4,
+            "gradients": trainable * 4,
+            "optimizer": trainable * 8,
+        }
     else:
         trainable = shape.params
         mem = {"weights": shape.params * w, "gradients": shape.params * w, "optimizer": shape.params * 8}
-    mem["activations"] = activation_bytes(shape, micro_batch, tcfg.seq_len, w,
-                                          checkpointing=tcfg.gradient_checkpointing)
+    mem["activations"] = activation_bytes(
+        shape, micro_batch, tcfg.seq_len, w, checkpointing=tcfg.gradient_checkpointing
+    )
     if world > 1:  # sum_tensors packs every trainable gradient into one fp32 buffer for the all-reduce
         mem["all-reduce buffer"] = trainable * 4.0
     return mem, trainable
@@ -280,11 +299,16 @@ def _halvings(n: int) -> list[int]:
 def _rank_micro_batch(tcfg: TrainConfig, world: int) -> int:
     """A rank's micro-batch: its share of a step's rows (the rank with the most), at most micro_batch_size;
     one GPU: micro_batch_size, as the single-process plan always counted."""
-    return tcfg.micro_batch_size if world == 1 else min(tcfg.micro_batch_size, math.ceil(tcfg.batch_size / world))
+    return (
+        tcfg.micro_batch_size
+        if world == 1
+        else min(tcfg.micro_batch_size, math.ceil(tcfg.batch_size / world))
+    )
 
 
-def _fit_training(shape: ModelShape, tcfg: TrainConfig, prices: PriceTable,
-                  world: int) -> tuple[GpuType | None, dict[str, float], int, int]:
+def _fit_training(
+    shape: ModelShape, tcfg: TrainConfig, prices: PriceTable, world: int
+) -> tuple[GpuType | None, dict[str, float], int, int]:
     """(card, memory per GPU, micro-batch, trainable parameters): the rank's micro-batch on a common card if
     it fits; else the largest halved micro-batch that does (the effective batch is unchanged); else the
     largest card of the table at micro-batch 1."""
@@ -304,8 +328,10 @@ def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable,
     gpu, plan.memory, mb, plan.trainable_params = _fit_training(shape, tcfg, prices, world)
     plan.gpu, plan.micro_batch = gpu, mb
     kind = f"LoRA r={tcfg.lora.rank}" if tcfg.lora is not None else "full fine-tuning"
-    plan.notes.append(f"{kind}, {tcfg.precision}, micro-batch {mb} × {tcfg.seq_len} tokens"
-                      + (" per rank" if world > 1 else ""))
+    plan.notes.append(
+        f"{kind}, {tcfg.precision}, micro-batch {mb} × {tcfg.seq_len} tokens"
+        + (" per rank" if world > 1 else "")
+    )
     if world > 1:
         plan.notes.append(
             f"{world} ranks (data parallel): each holds the whole model, trains on ⌈{tcfg.batch_size} / {world}⌉ = "
@@ -321,13 +347,18 @@ def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable,
     if gpu is None:
         plan.notes.append(
             f"even micro-batch 1 needs {_gib(plan.total_bytes)} GiB: shorten {stage}.seq_len"
-            + (" (GPT-J's eager attention keeps an s² fp32 matrix per head and layer)" if shape.eager_attention else "")
+            + (
+                " (GPT-J's eager attention keeps an s² fp32 matrix per head and layer)"
+                if shape.eager_attention
+                else ""
+            )
         )
     for n in WORLD_SIZES:  # no optimizer offload in a LoRA stage: the smallest pod is the first that fits
         pod, mem, pod_mb, _ = _fit_training(shape, tcfg, prices, n)
         if pod is not None:
-            plan.smallest_pod = Alternative(f"resources.gpus.{stage}: {n}", mem, gpu_count=n, gpu=pod,
-                                            note=f"micro-batch {pod_mb}")
+            plan.smallest_pod = Alternative(
+                f"resources.gpus.{stage}: {n}", mem, gpu_count=n, gpu=pod, note=f"micro-batch {pod_mb}"
+            )
             break
     return plan
 
@@ -367,12 +398,15 @@ def _plan_paraphrase(cfg: PipelineConfig, prices: PriceTable, workers: int = 1) 
     plan.gpu = smallest_fitting(need, prices)
     if workers > 1:
         plan.gpu_count *= workers
-        plan.notes.append(f"{workers} data-parallel workers, one engine per GPU, shard i on worker i mod {workers}")
+        plan.notes.append(
+            f"{workers} data-parallel workers, one engine per GPU, shard i on worker i mod {workers}"
+        )
     return plan
 
 
-def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: float,
-               world: int = 1) -> dict[str, float]:
+def _rl_memory(
+    cfg: PipelineConfig, groups: int, offload: bool, card_bytes: float, world: int = 1
+) -> dict[str, float]:
     """Bytes on one GPU of `card_bytes` for the RL stage with `groups` prompt groups per forward/backward
     chunk: what `cyclej.stages.rl` and `cyclej.reinforcement.policy_gradient.RLTrainer` allocate with these settings.
 
@@ -394,26 +428,33 @@ def _rl_memory(cfg: PipelineConfig, groups: int, offload: bool, card_bytes: floa
     seq = cfg.data.max_tokens + 2 + r.max_new_tokens
     if world > 1:
         # fp32 shards: the parameters (the masters), their fp32-reduced gradients, AdamW's two moments.
-        mem = {"weights shard (fp32)": shape.params * 4.0 / world, "gradients shard (fp32)": shape.params * 4.0 / world,
-               "optimizer shard": shape.params * 8.0 / world}
+        mem = {
+            "weights shard (fp32)": shape.params * 4.0 / world,
+            "gradients shard (fp32)": shape.params * 4.0 / world,
+            "optimizer shard": shape.params * 8.0 / world,
+        }
         # Unsharded at once: the whole model in the compute dtype for the rollouts, or, in the forward and
         # backward, the prefetched layers' weights + their gradients + the fp32 copy reduce-scattered.
         unsharded_layers = FSDP_PREFETCH_LAYERS * shape.layer_params * (2.0 * w + 4.0)
-        mem[f"gathered weights ({'bf16' if w == 2 else 'fp32'})"] = max(shape.params * float(w), unsharded_layers)
+        mem[f"gathered weights ({'bf16' if w == 2 else 'fp32'})"] = max(
+            shape.params * float(w), unsharded_layers
+        )
     else:
         per_param = optimizer_bytes_per_param(w, offload)
         mem = {"weights": shape.params * float(w), "gradients": shape.params * float(w)}
         if per_param["device"] > w:
             mem["optimizer"] = shape.params * (per_param["device"] - w)
     rows = groups * r.rollouts
-    mem["activations"] = activation_bytes(shape, rows, seq, w, logits_tokens=r.max_new_tokens + 1,
-                                          checkpointing=r.gradient_checkpointing)
+    mem["activations"] = activation_bytes(
+        shape, rows, seq, w, logits_tokens=r.max_new_tokens + 1, checkpointing=r.gradient_checkpointing
+    )
     if r.kl_coef > 0:
         mem["reference"] = shape.params * float(w)
     if r.rewards.discriminator > 0:
         disc = model_shape(cfg.models.discriminator)
         mem["discriminator"] = disc.params * 16.0 + activation_bytes(
-            disc, r.discriminator_batch, r.discriminator_max_tokens, 4, lm_head=False)
+            disc, r.discriminator_batch, r.discriminator_max_tokens, 4, lm_head=False
+        )
     if r.rewards.embedding > 0:
         mem["embedder"] = model_shape(cfg.models.embedder).params * 4.0
     if r.backend != "transformers":
@@ -452,7 +493,11 @@ def _rank_groups(cfg: PipelineConfig, world: int) -> int:
     the most), at most rl.rollout_micro_batch; one GPU: rl.rollout_micro_batch, as the single-process plan
     always counted."""
     r = cfg.rl
-    return r.rollout_micro_batch if world == 1 else min(r.rollout_micro_batch, math.ceil(r.prompts_per_step / world))
+    return (
+        r.rollout_micro_batch
+        if world == 1
+        else min(r.rollout_micro_batch, math.ceil(r.prompts_per_step / world))
+    )
 
 
 def _smallest_rl_pod(cfg: PipelineConfig, prices: PriceTable) -> Alternative | None:
@@ -480,8 +525,9 @@ def _plan_rl(cfg: PipelineConfig, prices: PriceTable, world: int = 1) -> StagePl
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2 if _bf16(r.precision) else 4
-    plan = StagePlan("rl", cfg.models.base, "gpu", params=shape.params, trainable_params=shape.params,
-                     gpu_count=world)
+    plan = StagePlan(
+        "rl", cfg.models.base, "gpu", params=shape.params, trainable_params=shape.params, gpu_count=world
+    )
     offload_cfg = r.optimizer_offload and world == 1
     ways = [(offload_cfg, "as configured")]
     if not offload_cfg and world == 1:
@@ -509,8 +555,10 @@ def _plan_rl(cfg: PipelineConfig, prices: PriceTable, world: int = 1) -> StagePl
         )
         if r.optimizer_offload:
             # MasterAdamW's offload is the one-GPU answer to 16 bytes per parameter; sharded they fit.
-            plan.notes.append(f"rl.optimizer_offload is not counted on {world} ranks: the sharded fp32 weights and "
-                              "AdamW moments are on the GPUs")
+            plan.notes.append(
+                f"rl.optimizer_offload is not counted on {world} ranks: the sharded fp32 weights and "
+                "AdamW moments are on the GPUs"
+            )
     else:
         per_param = optimizer_bytes_per_param(w, r.optimizer_offload)
         plan.notes.append(
@@ -519,13 +567,17 @@ def _plan_rl(cfg: PipelineConfig, prices: PriceTable, world: int = 1) -> StagePl
             f"parameter on the GPU = {_gib(shape.params * (per_param['device'] + w))} GiB before activations"
         )
     if r.backend != "transformers":
-        plan.notes.append(f"vLLM takes rl.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization} of the card"
-                          + (" on every rank" if world > 1 else ""))
+        plan.notes.append(
+            f"vLLM takes rl.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization} of the card"
+            + (" on every rank" if world > 1 else "")
+        )
     plan.smallest_pod = _smallest_rl_pod(cfg, prices)
     if chosen is None:
         plan.memory = _rl_memory(cfg, start, offload_cfg, COMMON_MAX_GB * GiB, world)
-        plan.notes.append("nothing in the price table fits: lower rl.max_new_tokens, rl.rollouts or "
-                          "rl.vllm.gpu_memory_utilization")
+        plan.notes.append(
+            "nothing in the price table fits: lower rl.max_new_tokens, rl.rollouts or "
+            "rl.vllm.gpu_memory_utilization"
+        )
         return plan
     gpu, mem, groups, offload, name = chosen
     plan.memory, plan.gpu, plan.micro_batch = mem, gpu, groups
@@ -551,7 +603,9 @@ def _plan_eval(cfg: PipelineConfig, prices: PriceTable) -> StagePlan:
     plan.memory["discriminator"] = model_shape(cfg.models.discriminator).params * 4.0
     plan.memory["embedder"] = model_shape(cfg.models.embedder).params * 4.0
     plan.gpu = smallest_fitting(plan.total_bytes, prices)
-    plan.notes.append(f"translation of {e.batch_size} sequences × {tokens} tokens at a time, then n-gram fluency on the CPU")
+    plan.notes.append(
+        f"translation of {e.batch_size} sequences × {tokens} tokens at a time, then n-gram fluency on the CPU"
+    )
     return plan
 
 
@@ -563,11 +617,23 @@ def _remote_store(cfg: PipelineConfig) -> bool:
 
 def _checkpoint_seconds(nbytes: float, remote: bool) -> float:
     """GPU time one checkpoint costs: written, checksummed for its manifest, uploaded (remote store)."""
-    return nbytes / DISK_BYTES_PER_S + nbytes / HASH_BYTES_PER_S + (nbytes / UPLOAD_BYTES_PER_S if remote else 0.0)
+    return (
+        nbytes / DISK_BYTES_PER_S
+        + nbytes / HASH_BYTES_PER_S
+        + (nbytes / UPLOAD_BYTES_PER_S if remote else 0.0)
+    )
 
 
-def _schedule_checkpoints(p: StagePlan, cfg: PipelineConfig, section: str, nbytes: float, every_steps: int,
-                          every_minutes: float, steps: int, keep: int) -> float:
+def _schedule_checkpoints(
+    p: StagePlan,
+    cfg: PipelineConfig,
+    section: str,
+    nbytes: float,
+    every_steps: int,
+    every_minutes: float,
+    steps: int,
+    keep: int,
+) -> float:
     """Size the stage's checkpoints, flag an interval they would take more than CHECKPOINT_BUDGET of;
     returns the bytes of checkpoints on the pod's disk at once."""
     remote = _remote_store(cfg)
@@ -575,8 +641,11 @@ def _schedule_checkpoints(p: StagePlan, cfg: PipelineConfig, section: str, nbyte
     cost = _checkpoint_seconds(nbytes, remote)
     need_minutes = cost / CHECKPOINT_BUDGET / 60
     p.checkpoint_minutes = max(10.0, math.ceil(need_minutes / 10) * 10.0)
-    how = (f"written, checksummed and uploaded at {UPLOAD_BYTES_PER_S / 1e6:.0f} MB/s" if remote
-           else "written and checksummed")
+    how = (
+        f"written, checksummed and uploaded at {UPLOAD_BYTES_PER_S / 1e6:.0f} MB/s"
+        if remote
+        else "written and checksummed"
+    )
     took = f"{cost / 60:.1f} min" if cost >= 120 else f"{cost:.0f} s"
     p.notes.append(f"a checkpoint is {_gib(nbytes)} GiB, ~{took} of GPU time ({how})")
     if every_minutes < need_minutes:
@@ -632,8 +701,16 @@ def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConf
     p.host["load the model"] = _load_peak(shape, read, w)
     trainable = p.trainable_params
     nbytes = trainable * 12.0  # fp32 trainable weights (LoRA: the adapters) + two AdamW moments
-    p.disk["checkpoints"] = _schedule_checkpoints(p, cfg, stage, nbytes, tcfg.checkpoint_every_steps,
-                                                  tcfg.checkpoint_every_minutes, tcfg.max_steps, tcfg.keep_checkpoints)
+    p.disk["checkpoints"] = _schedule_checkpoints(
+        p,
+        cfg,
+        stage,
+        nbytes,
+        tcfg.checkpoint_every_steps,
+        tcfg.checkpoint_every_minutes,
+        tcfg.max_steps,
+        tcfg.keep_checkpoints,
+    )
     _finish_pod(p, GPU_VCPUS, world)
 
 
@@ -656,14 +733,19 @@ def _pod_paraphrase(p: StagePlan, cfg: PipelineConfig, workers: int = 1) -> None
 def _pod_merge(p: StagePlan, cfg: PipelineConfig) -> None:
     shape = model_shape(cfg.models.base)
     ctx = 2.0 if _bf16(cfg.context.precision) else 4.0
-    adapters = shape.lora_params(cfg.para_train.lora.rank if cfg.para_train.lora else 0) * 4.0 + \
-        shape.lora_params(cfg.domain_train.lora.rank if cfg.domain_train.lora else 0) * 4.0
+    adapters = (
+        shape.lora_params(cfg.para_train.lora.rank if cfg.para_train.lora else 0) * 4.0
+        + shape.lora_params(cfg.domain_train.lora.rank if cfg.domain_train.lora else 0) * 4.0
+    )
     largest = 4.0 * max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
     p.host["streaming merge"] = MERGE_TENSOR_COPIES * largest + adapters
     if cfg.merge.sweep:
         p.host["sweep: one candidate in fp32"] = shape.params * 4.0
-    p.disk = {"input: context model": shape.params * ctx, "input: adapters": adapters,
-              "output: model (fp32)": shape.params * 4.0}
+    p.disk = {
+        "input: context model": shape.params * ctx,
+        "input: adapters": adapters,
+        "output: model (fp32)": shape.params * 4.0,
+    }
     _finish_pod(p, 4)
     p.disk.pop("image")  # the local pool: no pod image
 
@@ -672,7 +754,9 @@ def _pod_rl(p: StagePlan, cfg: PipelineConfig, world: int = 1) -> None:
     r = cfg.rl
     shape = model_shape(cfg.models.base)
     w = 2.0 if _bf16(r.precision) else 4.0
-    offload = r.optimizer_offload and world == 1  # on several ranks the optimizer state is sharded on the GPUs
+    offload = (
+        r.optimizer_offload and world == 1
+    )  # on several ranks the optimizer state is sharded on the GPUs
     if world == 1:
         host_opt = optimizer_bytes_per_param(int(w), offload)["host"]
         # The merge's fp32 weights (4) are loaded on the CPU and become the masters; with offload the moments
@@ -697,8 +781,16 @@ def _pod_rl(p: StagePlan, cfg: PipelineConfig, world: int = 1) -> None:
         p.disk["hub: " + cfg.models.embedder] = emb.params * stored_bytes(cfg.models.embedder)
         p.host["embedder"] = emb.params * 8.0
     nbytes = shape.params * 12.0 + disc_bytes
-    p.disk["checkpoints"] = _schedule_checkpoints(p, cfg, "rl", nbytes, r.checkpoint_every_steps,
-                                                  r.checkpoint_every_minutes, r.steps, r.keep_checkpoints)
+    p.disk["checkpoints"] = _schedule_checkpoints(
+        p,
+        cfg,
+        "rl",
+        nbytes,
+        r.checkpoint_every_steps,
+        r.checkpoint_every_minutes,
+        r.steps,
+        r.keep_checkpoints,
+    )
     p.disk["output: model (fp32) + discriminator"] = shape.params * 4.0 + disc_bytes / 3
     _finish_pod(p, RL_OFFLOAD_VCPUS if offload else GPU_VCPUS, world)
 
@@ -731,14 +823,22 @@ def plan(cfg: PipelineConfig, prices: PriceTable | None = None) -> list[StagePla
     # stage that cannot use several GPUs but is given them is refused now, as the run would refuse it.
     world = {s: gpus_for(cfg, s) for s in STAGES}
     plans = {
-        "data": StagePlan("data", None, "cpu", notes=["cleaning and tokenizing: CPU only (the process pool)"]),
+        "data": StagePlan(
+            "data", None, "cpu", notes=["cleaning and tokenizing: CPU only (the process pool)"]
+        ),
         "context": _plan_training("context", cfg.models.base, cfg.context, prices, world["context"]),
         "paraphrase": _plan_paraphrase(cfg, prices, world["paraphrase"]),
-        "para_train": _plan_training("para_train", cfg.models.base, cfg.para_train, prices, world["para_train"]),
-        "domain_train": _plan_training("domain_train", cfg.models.base, cfg.domain_train, prices,
-                                       world["domain_train"]),
+        "para_train": _plan_training(
+            "para_train", cfg.models.base, cfg.para_train, prices, world["para_train"]
+        ),
+        "domain_train": _plan_training(
+            "domain_train", cfg.models.base, cfg.domain_train, prices, world["domain_train"]
+        ),
         "merge": StagePlan(
-            "merge", cfg.models.base, "cpu", params=merge_shape.params,
+            "merge",
+            cfg.models.base,
+            "cpu",
+            params=merge_shape.params,
             notes=["no training: a streaming merge, tensor by tensor (cyclej.merging.linear); CPU is enough"],
         ),
         "rl": _plan_rl(cfg, prices, world["rl"]),
@@ -767,13 +867,27 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
-                fingerprints: dict[str, str] | None = None) -> str:
+def format_plan(
+    plans: list[StagePlan], prices: PriceTable | None = None, fingerprints: dict[str, str] | None = None
+) -> str:
     """The table `cyclej plan` prints; with `fingerprints` (the pipeline plan's, cyclej.pipeline.registry), each
     stage's fingerprint beside its name."""
     prices = prices or load_prices()
-    rows = [("stage", "model", "params", "trainable", "GiB/GPU", "GPU", "$/hour", "RAM GiB", "vCPU", "disk GiB",
-             "ckpt GiB")]
+    rows = [
+        (
+            "stage",
+            "model",
+            "params",
+            "trainable",
+            "GiB/GPU",
+            "GPU",
+            "$/hour",
+            "RAM GiB",
+            "vCPU",
+            "disk GiB",
+            "ckpt GiB",
+        )
+    ]
     for p in plans:
         if p.device == "cpu":
             gpu, cost = "CPU (no GPU)", "-"
@@ -781,15 +895,25 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
             gpu, cost = "none fits (see below)", "-"
         else:
             gpu, cost = f"{p.gpu_count}× {p.gpu.id}", f"{p.hourly_usd:.2f}"
-        rows.append((
-            p.stage, p.model or "-", _count(p.params) if p.params else "-",
-            _count(p.trainable_params) if p.trainable_params else "-",
-            _gib(p.total_bytes) if p.memory else "-", gpu, cost,
-            str(_gib_up(p.host_bytes)) if p.host else "-", str(p.vcpus) if p.vcpus else "-",
-            str(_gib_up(p.disk_bytes)) if p.disk else "-", _gib(p.checkpoint_bytes) if p.checkpoint_bytes else "-",
-        ))
+        rows.append(
+            (
+                p.stage,
+                p.model or "-",
+                _count(p.params) if p.params else "-",
+                _count(p.trainable_params) if p.trainable_params else "-",
+                _gib(p.total_bytes) if p.memory else "-",
+                gpu,
+                cost,
+                str(_gib_up(p.host_bytes)) if p.host else "-",
+                str(p.vcpus) if p.vcpus else "-",
+                str(_gib_up(p.disk_bytes)) if p.disk else "-",
+                _gib(p.checkpoint_bytes) if p.checkpoint_bytes else "-",
+            )
+        )
     if fingerprints is not None:
-        rows = [(rows[0][0], "fingerprint", *rows[0][1:])] + [(r[0], fingerprints[r[0]], *r[1:]) for r in rows[1:]]
+        rows = [(rows[0][0], "fingerprint", *rows[0][1:])] + [
+            (r[0], fingerprints[r[0]], *r[1:]) for r in rows[1:]
+        ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -808,13 +932,19 @@ def format_plan(plans: list[StagePlan], prices: PriceTable | None = None,
         if pod is not None and pod.gpu is not None and (pod.gpu_count, pod.gpu) != (p.gpu_count, p.gpu):
             # Only where it is not the pod planned above (a LoRA stage on one GPU is its own smallest pod).
             what = "smallest pod without optimizer offload" if p.stage == "rl" else "smallest pod"
-            lines.append(f"    {what}: {pod.gpu_count}× {pod.gpu.id} at ${pod.hourly_usd:.2f}/h, "
-                         f"{_gib(pod.need_bytes)} GiB per GPU ({pod.note}): set {pod.name}")
+            lines.append(
+                f"    {what}: {pod.gpu_count}× {pod.gpu.id} at ${pod.hourly_usd:.2f}/h, "
+                f"{_gib(pod.need_bytes)} GiB per GPU ({pod.note}): set {pod.name}"
+            )
     total = sum(p.hourly_usd or 0.0 for p in plans)
     lines.append("")
-    lines.append(f"all GPU stages one after another: ${total:.2f} per hour of each; prices {prices.date}, "
-                 f"{prices.source}")
-    lines.append(f"RAM, vCPU and disk: what each stage's pod asks for (`job_variables`, GiB rounded up); disk "
-                 f"counts the image, no network volume; checkpoints at {UPLOAD_BYTES_PER_S / 1e6:.0f} MB/s upload, "
-                 f"≤ {CHECKPOINT_BUDGET:.0%} of a stage's time (cyclej/pipeline/sizing.py)")
+    lines.append(
+        f"all GPU stages one after another: ${total:.2f} per hour of each; prices {prices.date}, "
+        f"{prices.source}"
+    )
+    lines.append(
+        f"RAM, vCPU and disk: what each stage's pod asks for (`job_variables`, GiB rounded up); disk "
+        f"counts the image, no network volume; checkpoints at {UPLOAD_BYTES_PER_S / 1e6:.0f} MB/s upload, "
+        f"≤ {CHECKPOINT_BUDGET:.0%} of a stage's time (cyclej/pipeline/sizing.py)"
+    )
     return "\n".join(lines)

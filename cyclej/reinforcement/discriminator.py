@@ -45,13 +45,20 @@ def _load_classifier(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.
     """The tokenizer and a fresh 3-class head on the encoder at `path`. A NeoBERT checkpoint (config
     model_type "neobert", e.g. chandar-lab/NeoBERT) is built by cyclej.models.neobert and never by its hub code,
     whatever `trust_remote_code` says: that code imports xformers, which no lock of ours has."""
-    head = {"num_labels": 3, "id2label": LABELS, "label2id": {v: k for k, v in LABELS.items()},
-            "ignore_mismatched_sizes": True, "dtype": torch.float32}
+    head = {
+        "num_labels": 3,
+        "id2label": LABELS,
+        "label2id": {v: k for k, v in LABELS.items()},
+        "ignore_mismatched_sizes": True,
+        "dtype": torch.float32,
+    }
     if PretrainedConfig.get_config_dict(path)[0].get("model_type") == neobert.MODEL_TYPE:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         return tokenizer, neobert.NeoBERTForSequenceClassification.from_pretrained(path, **head)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **head)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, trust_remote_code=trust_remote_code, **head
+    )
     return tokenizer, model
 
 
@@ -104,10 +111,10 @@ class Discriminator:
         self.model.to(self.device)
         params = inspect.signature(self.model.forward).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._forward_args = (
-            {"input_ids", "attention_mask", "token_type_ids"} if takes_any else set(params)
+        self._forward_args = {"input_ids", "attention_mask", "token_type_ids"} if takes_any else set(params)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0
         )
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.replay: deque[str] = deque(maxlen=buffer_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.updates = 0
@@ -128,15 +135,23 @@ class Discriminator:
         try:
             # An OOM halves the batch and scores that part again (cyclej.training.oom.map_halving).
             chunks = map_halving(
-                lambda chunk: self.model(**self._encode(chunk)).logits.float().softmax(-1).cpu(), texts,
-                batch_size, point="discriminator-scores", knob="rl.discriminator_max_tokens",
+                lambda chunk: self.model(**self._encode(chunk)).logits.float().softmax(-1).cpu(),
+                texts,
+                batch_size,
+                point="discriminator-scores",
+                knob="rl.discriminator_max_tokens",
             )
         finally:
             self.model.train(was_training)
         return torch.cat(chunks) if chunks else torch.zeros(0, 3)
 
-    def reward(self, texts: Sequence[str], target_domains: Sequence[DomainKey],
-               kind: DiscriminatorRewardKind = "real_target", sources: Sequence[str] | None = None) -> list[float]:
+    def reward(
+        self,
+        texts: Sequence[str],
+        target_domains: Sequence[DomainKey],
+        kind: DiscriminatorRewardKind = "real_target",
+        sources: Sequence[str] | None = None,
+    ) -> list[float]:
         """real_target: p(real text of the target domain | text). style: p(target | text, real), the two real
         classes renormalized, so the "generated" logit does not count. Why style: online, the head soon
         tells generated from real text (any rollout of this policy), p(real target) falls for every
@@ -168,16 +183,19 @@ class Discriminator:
         before = dict(zip(pairs, style[: len(pairs)], strict=True))
         # A verbatim copy gets exactly 0: the same text padded into another batch row differs in the last
         # float bits, and in a group of copies that noise would become an advantage.
-        return [0.0 if text == s or not _has_words(text) else y - before[(s, d)]
-                for text, y, s, d in zip(texts, style[len(pairs):], sources, target_domains, strict=True)]
+        return [
+            0.0 if text == s or not _has_words(text) else y - before[(s, d)]
+            for text, y, s, d in zip(texts, style[len(pairs) :], sources, target_domains, strict=True)
+        ]
 
     def _style(self, texts: Sequence[str], target_domains: Sequence[DomainKey]) -> list[float]:
         """p(target | text, real); a text without words scores 0 (see `reward`)."""
         probs = self._target_probability(texts, target_domains, real_only=True)
         return [p if _has_words(t) else 0.0 for p, t in zip(probs, texts, strict=True)]
 
-    def _target_probability(self, texts: Sequence[str], target_domains: Sequence[DomainKey],
-                            real_only: bool) -> list[float]:
+    def _target_probability(
+        self, texts: Sequence[str], target_domains: Sequence[DomainKey], real_only: bool
+    ) -> list[float]:
         """p(real target-domain text | text) over the 3 classes, or over the two real classes (`real_only`)."""
         if not texts:
             return []
@@ -199,7 +217,11 @@ class Discriminator:
         per_class = max(1, self.batch_size // 3)
         texts: list[str] = []
         labels: list[int] = []
-        for label, pool in ((REAL_A, self.real[REAL_A]), (REAL_B, self.real[REAL_B]), (GENERATED, self.replay)):
+        for label, pool in (
+            (REAL_A, self.real[REAL_A]),
+            (REAL_B, self.real[REAL_B]),
+            (GENERATED, self.replay),
+        ):
             if not pool:
                 continue
             texts += self._sample(list(pool) if label == GENERATED else pool, per_class)
@@ -260,8 +282,10 @@ class Discriminator:
                 release_memory()
                 size = self.micro_batch or len(texts)
                 if size <= 1:
-                    raise OutOfMemory(f"discriminator: out of memory at one text per batch ({failure}); lower "
-                                      "rl.discriminator_max_tokens")
+                    raise OutOfMemory(
+                        f"discriminator: out of memory at one text per batch ({failure}); lower "
+                        "rl.discriminator_max_tokens"
+                    )
                 self.micro_batch = size // 2
             if n_ranks > 1:
                 loss, hit_share = self._sum_over_ranks(loss, hits, n_batch)
@@ -274,8 +298,10 @@ class Discriminator:
                 if failure is None:
                     raise
             if failure is not None:
-                raise OutOfMemory(f"discriminator: out of memory in its optimizer step ({failure}); lower "
-                                  "rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch")
+                raise OutOfMemory(
+                    f"discriminator: out of memory in its optimizer step ({failure}); lower "
+                    "rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch"
+                )
         finally:
             self.model.eval()
         self.updates += 1
@@ -291,8 +317,9 @@ class Discriminator:
             p.grad = g
         return float(total[0]), float(total[1]) / n_batch
 
-    def _gradients(self, texts: list[str], labels: list[int], dropout_seed: int,
-                   n_batch: int | None = None) -> tuple[float, torch.Tensor]:
+    def _gradients(
+        self, texts: list[str], labels: list[int], dropout_seed: int, n_batch: int | None = None
+    ) -> tuple[float, torch.Tensor]:
         """Gradients of the mean cross-entropy over `texts`, `micro_batch` texts per forward/backward (all
         at once by default, exactly the loss of one forward); the loss and each text's hit. `n_batch`: the
         whole batch's size when `texts` is this rank's share of it (the mean is the whole batch's)."""

@@ -44,14 +44,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise BadInput(f"rl on several GPUs: {type(model).__name__} names no decoder layer class "
-                       "(_no_split_modules) to shard by")
+        raise BadInput(
+            f"rl on several GPUs: {type(model).__name__} names no decoder layer class "
+            "(_no_split_modules) to shard by"
+        )
     return layers
 
 
 def shard_policy(model: torch.nn.Module, bf16: bool) -> None:
     """Shard `model` in place: every decoder layer, then the root (embeddings, final norm, head)."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -67,7 +71,9 @@ def full_state_dict(model: torch.nn.Module, cpu_offload: bool) -> dict[str, torc
     """The full weights by their single-process names. A collective: every rank calls it. With
     `cpu_offload` only rank 0 gets them (in RAM, one tensor gathered at a time); without, every rank does
     (on its device), e.g. to refresh its own rollout copy."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+    )
 
 
 def full_optimizer_tensors(
@@ -76,8 +82,9 @@ def full_optimizer_tensors(
     """What cyclej.reinforcement.policy_gradient's `_optimizer_tensors` returns for a single-process run, built from the full fp32
     weights (the masters) and AdamW moments gathered to rank 0's RAM (empty on the other ranks). A collective."""
     weights = full_state_dict(model, cpu_offload=True)
-    osd = get_optimizer_state_dict(model, optimizer,
-                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    osd = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if not is_main():
         return {}, {}
     names = [n for n, _ in model.named_parameters()]  # parameters() order, tied weights once
@@ -92,8 +99,10 @@ def full_optimizer_tensors(
         tensors[f"{i}/exp_avg"] = st["exp_avg"]
         tensors[f"{i}/exp_avg_sq"] = st["exp_avg_sq"]
         steps[str(i)] = int(st["step"])
-    groups = [{k: list(g[k]) if isinstance(g[k], tuple) else g[k] for k in GROUP_KEYS if k in g}
-              for g in optimizer.param_groups]
+    groups = [
+        {k: list(g[k]) if isinstance(g[k], tuple) else g[k] for k in GROUP_KEYS if k in g}
+        for g in optimizer.param_groups
+    ]
     return tensors, {"groups": groups, "steps": steps, "params": len(names)}
 
 
@@ -105,7 +114,9 @@ def load_full_training_state(
     shard (`broadcast_from_rank0`). A collective."""
     names = [n for n, _ in model.named_parameters()]
     if int(meta["params"]) != len(names):
-        raise BadInput(f"{src}: the checkpoint holds {meta['params']} parameters, the policy has {len(names)}")
+        raise BadInput(
+            f"{src}: the checkpoint holds {meta['params']} parameters, the policy has {len(names)}"
+        )
     steps = {int(i): n for i, n in meta["steps"].items()}
     weights: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -126,7 +137,10 @@ def load_full_training_state(
     for group, saved in zip(optimizer.param_groups, meta["groups"], strict=True):
         group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
     if steps:
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-                  for g in optimizer.param_groups]
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups} if is_main() else {},
-                                 options=options)
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
+            for g in optimizer.param_groups
+        ]
+        set_optimizer_state_dict(
+            model, optimizer, {"state": state, "param_groups": groups} if is_main() else {}, options=options
+        )

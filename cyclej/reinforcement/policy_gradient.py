@@ -135,8 +135,9 @@ class CycleDiscriminatorReward:
         out = R.cycle_rewards(self.embedder, rollouts.sources, rollouts.back_translations, self.cycle_names)
         if self.use_discriminator:
             assert self.discriminator is not None
-            out["discriminator"] = self.discriminator.reward(rollouts.translations, rollouts.target_domains,
-                                                             self.discriminator_reward, rollouts.sources)
+            out["discriminator"] = self.discriminator.reward(
+                rollouts.translations, rollouts.target_domains, self.discriminator_reward, rollouts.sources
+            )
         if not out:
             raise BadInput("rl.rewards: every reward weight is 0; give at least one reward a positive weight")
         return out
@@ -144,7 +145,9 @@ class CycleDiscriminatorReward:
 
 # ---- the pure parts: advantages, batch layout, loss --------------------------------------------------
 def group_advantages(
-    rewards: torch.Tensor | Sequence[float], group_size: int, mode: Literal["group", "loo"] = "group",
+    rewards: torch.Tensor | Sequence[float],
+    group_size: int,
+    mode: Literal["group", "loo"] = "group",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Advantages normalized within each group of `group_size` consecutive rollouts.
@@ -200,7 +203,10 @@ def build_batch(
 
 
 def completion_logits(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
     completion_width: int,
 ) -> torch.Tensor:
     """[B, C, V]: the logits that predict the C completion columns (the LM head skips the prompts when
@@ -208,7 +214,9 @@ def completion_logits(
     kwargs: dict[str, Any] = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = completion_width + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+    ).logits
     return logits[:, -(completion_width + 1) : -1]
 
 
@@ -267,7 +275,9 @@ class RLTrainer:
     ) -> None:
         for d in ("a", "b"):
             if not sources.get(d):
-                raise BadInput(f"rl: no source texts for domain {d} (the data artifact's {d}/train.txt is empty)")
+                raise BadInput(
+                    f"rl: no source texts for domain {d} (the data artifact's {d}/train.txt is empty)"
+                )
         if cfg.kl_coef > 0 and reference is None:
             raise ValueError("rl.kl_coef > 0 needs the reference policy")
         self.cfg = cfg
@@ -315,14 +325,19 @@ class RLTrainer:
         if self.distributed:
             # Sharded fp32 parameters are their own masters: torch's AdamW on the local shards (DTensors),
             # the single-tensor algorithm MasterAdamW reproduces; no offload (the state is already 1/W).
-            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                               weight_decay=0.0)
+            self.optimizer = torch.optim.AdamW(
+                self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0
+            )
         else:
             # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in CPU
             # RAM with rl.optimizer_offload; stepped tensor by tensor (no foreach temporary). On fp32 parameters
             # it is torch's AdamW exactly.
             self.optimizer = MasterAdamW(
-                self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
+                self.policy.parameters(),
+                lr=cfg.lr,
+                betas=cfg.betas,
+                eps=cfg.eps,
+                weight_decay=0.0,
                 state_device="cpu" if cfg.optimizer_offload else None,
             )
         self._relative_update = 0.0  # ‖Δθ‖/‖θ‖ of the last sharded step (MasterAdamW measures its own)
@@ -358,14 +373,21 @@ class RLTrainer:
         bytes per parameter per rank (bf16), generation on it needs no communication at all, and a
         pushed engine (vLLM) gets the same gathered weights instead."""
         if self.cfg.prompts_per_step % self.world:
-            raise BadInput(f"rl.prompts_per_step {self.cfg.prompts_per_step} on {self.world} GPUs: give a multiple "
-                           f"of {self.world}, so that every rank trains on as many groups (the same number of "
-                           "FSDP forwards and backwards on every rank)")
+            raise BadInput(
+                f"rl.prompts_per_step {self.cfg.prompts_per_step} on {self.world} GPUs: give a multiple "
+                f"of {self.world}, so that every rank trains on as many groups (the same number of "
+                "FSDP forwards and backwards on every rank)"
+            )
         if any(p.dtype != torch.float32 for p in policy.parameters()):
-            raise ValueError("rl on several ranks: the policy's parameters must be fp32 (they are the masters)")
+            raise ValueError(
+                "rl on several ranks: the policy's parameters must be fp32 (they are the masters)"
+            )
         if self.cfg.optimizer_offload:
-            log.warning("rl: optimizer_offload is ignored on %d ranks (the sharded state is 1/%d per GPU)",
-                        self.world, self.world)
+            log.warning(
+                "rl: optimizer_offload is ignored on %d ranks (the sharded state is 1/%d per GPU)",
+                self.world,
+                self.world,
+            )
         self.rollout_policy = copy.deepcopy(policy).to(weights_dtype(self.cfg.precision, self.device))
         self.rollout_policy.eval().requires_grad_(False)
 
@@ -394,8 +416,12 @@ class RLTrainer:
         # A translation is one line: a line break ends it, as EOS does (and EOS is what gets trained).
         line_end = newline_token_ids(self.tokenizer)
         settings = SamplingSettings(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=G,
-            seed=(cfg.seed * 1_000_003 + step) * 1009, stop_ids=line_end,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            n=G,
+            seed=(cfg.seed * 1_000_003 + step) * 1009,
+            stop_ids=line_end,
         )
         groups = self._generate(prompts, settings)
         ro = Rollouts(group_size=G)
@@ -414,9 +440,13 @@ class RLTrainer:
                 [self.marker_ids[t], *self._strip_eos(c), self.marker_ids[s]]
                 for c, s, t in zip(ro.completion_ids, ro.source_domains, ro.target_domains, strict=True)
             ]
-            greedy = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1, stop_ids=line_end)
+            greedy = SamplingSettings(
+                max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1, stop_ids=line_end
+            )
             back = self._generate(back_prompts, greedy)
-            ro.back_translations = [self.tokenizer.decode(b[0], skip_special_tokens=True).strip() for b in back]
+            ro.back_translations = [
+                self.tokenizer.decode(b[0], skip_special_tokens=True).strip() for b in back
+            ]
         else:
             ro.back_translations = [""] * len(ro)
         return ro
@@ -504,7 +534,9 @@ class RLTrainer:
             with self._checkpointing():  # the recompute runs in the backward pass
                 loss.backward()
             # The policy's mean log-prob of its own sampled tokens (free: computed for the loss anyway).
-            stats["sampled_logprob/mean"] = float((logprobs.detach() * comp.to(logprobs.dtype)).sum()) / n_tokens
+            stats["sampled_logprob/mean"] = (
+                float((logprobs.detach() * comp.to(logprobs.dtype)).sum()) / n_tokens
+            )
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         if self.distributed:  # each rank's terms are its share of the step's (same normaliser): their sum
@@ -517,12 +549,16 @@ class RLTrainer:
         self, ro: Rollouts, advantages: torch.Tensor, sl: slice, step: int, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
         """The forward of rows `sl` and their share of the step's loss: (loss, log-probs, completion mask, terms)."""
-        batch = [t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)]
+        batch = [
+            t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)
+        ]
         input_ids, attn, pos, comp = batch
         width = comp.shape[1]
         targets = input_ids[:, -width:]
-        with self._checkpointing(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.autocast_bf16):
+        with (
+            self._checkpointing(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16),
+        ):
             logits = completion_logits(self.policy, input_ids, attn, pos, width)
         logprobs = token_logprobs(logits, targets)
         del logits
@@ -531,8 +567,9 @@ class RLTrainer:
             maybe_fault("rl", step)
         ref_logprobs = None
         if self.reference is not None and self.cfg.kl_coef > 0:
-            with torch.no_grad(), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16),
             ):
                 ref_logits = completion_logits(self.reference, input_ids, attn, pos, width)
                 ref_logprobs = token_logprobs(ref_logits, targets)
@@ -677,7 +714,9 @@ class RLTrainer:
         KV cache off under checkpointing."""
         if not self.cfg.gradient_checkpointing:
             return contextlib.nullcontext()
-        return _training_flag([m for m in self.policy.modules() if getattr(m, "gradient_checkpointing", False)])
+        return _training_flag(
+            [m for m in self.policy.modules() if getattr(m, "gradient_checkpointing", False)]
+        )
 
     def _recover_from_oom(self, step: int, failure: str) -> None:
         """After an OOM in the step (outside the except block): drop the gradients and whatever an in-process
@@ -698,8 +737,13 @@ class RLTrainer:
         self.micro_rows = old // 2
         if self.owns_backend:
             self.backend = self._transformers_backend()
-        log.warning("rl: out of memory at step %d (%s); rows per micro-batch %d → %d, the step again",
-                    step, failure, old, self.micro_rows)
+        log.warning(
+            "rl: out of memory at step %d (%s); rows per micro-batch %d → %d, the step again",
+            step,
+            failure,
+            old,
+            self.micro_rows,
+        )
 
     def _push_weights(self, step: int) -> None:
         """The updated weights into an engine that holds its own copy (vLLM). An OOM there is retried once
@@ -726,8 +770,10 @@ class RLTrainer:
             release_memory()
             if attempt == 2:
                 raise StageFailed(
-                    "rl", f"out of memory pushing the weights into the engine after step {step}, twice ({failure}); "
-                    "lower rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch", f"step {self.step_done}",
+                    "rl",
+                    f"out of memory pushing the weights into the engine after step {step}, twice ({failure}); "
+                    "lower rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch",
+                    f"step {self.step_done}",
                 )
             log.warning("rl: out of memory pushing the weights after step %d (%s); again", step, failure)
 
@@ -823,8 +869,12 @@ class RLTrainer:
             torch.save(ranks_rng, out / RANKS_RNG)
         _write_jsonl(out / "metrics.jsonl", self.metrics_log)
         _write_jsonl(out / "samples.jsonl", self.samples_log)
-        state: dict[str, Any] = {"step": self.step_done, "rollout_micro_batch": self.micro_batch,
-                                 "format": STATE_FORMAT, "optimizer": {**meta, "shards": shards}}
+        state: dict[str, Any] = {
+            "step": self.step_done,
+            "rollout_micro_batch": self.micro_batch,
+            "format": STATE_FORMAT,
+            "optimizer": {**meta, "shards": shards},
+        }
         if ranks_rng is not None:
             state["world_size"] = self.world
         (out / "state.json").write_text(json.dumps(state), encoding="utf-8")
@@ -833,8 +883,10 @@ class RLTrainer:
         state = json.loads((src / "state.json").read_text(encoding="utf-8"))
         if self.distributed:
             if state.get("format") != STATE_FORMAT:
-                raise BadInput(f"{src}: RL checkpoint format {state.get('format', 1)} cannot resume on several GPUs; "
-                               "resume it on one GPU, or delete the stage's checkpoints to start over")
+                raise BadInput(
+                    f"{src}: RL checkpoint format {state.get('format', 1)} cannot resume on several GPUs; "
+                    "resume it on one GPU, or delete the stage's checkpoints to start over"
+                )
             from cyclej.reinforcement.fsdp import load_full_training_state
 
             load_full_training_state(self.policy, self.optimizer, src, state["optimizer"])
@@ -845,14 +897,18 @@ class RLTrainer:
             assert isinstance(self.optimizer, MasterAdamW)
             _load_optimizer_tensors(self.optimizer, src, state["optimizer"])
         else:
-            raise BadInput(f"{src}: RL checkpoint format {state['format']} is not known to this version; delete "
-                           "the stage's checkpoints to start it over, or resume with the version that wrote it")
+            raise BadInput(
+                f"{src}: RL checkpoint format {state['format']} is not known to this version; delete "
+                "the stage's checkpoints to start it over, or resume with the version that wrote it"
+            )
         self.scheduler.load_state_dict(_load(src / "scheduler.pt", "cpu"))
         if self.discriminator is not None:
             if not (src / "discriminator.pt").is_file():
                 raise BadInput(f"{src}: the checkpoint has no discriminator state but this run trains one")
             self.discriminator.load_state_dict(_load(src / "discriminator.pt", self.discriminator.device))
-        ranks_rng = _load(src / RANKS_RNG, "cpu") if self.distributed and (src / RANKS_RNG).is_file() else None
+        ranks_rng = (
+            _load(src / RANKS_RNG, "cpu") if self.distributed and (src / RANKS_RNG).is_file() else None
+        )
         if ranks_rng is not None and len(ranks_rng) == self.world:
             set_rng_state(ranks_rng[rank()])
         else:  # one process, or another world size: rank 0's
@@ -874,8 +930,15 @@ def _select_groups(ro: Rollouts, groups: Sequence[int]) -> Rollouts:
     G = ro.group_size
     rows = [g * G + j for g in groups for j in range(G)]
     out = Rollouts(group_size=G)
-    for name in ("prompt_ids", "completion_ids", "sources", "source_domains", "target_domains", "translations",
-                 "back_translations"):
+    for name in (
+        "prompt_ids",
+        "completion_ids",
+        "sources",
+        "source_domains",
+        "target_domains",
+        "translations",
+        "back_translations",
+    ):
         values = getattr(ro, name)
         setattr(out, name, [values[i] for i in rows])
     return out
@@ -887,15 +950,17 @@ def sample_rows(
     """The first rollout of every group: source, translation, back-translation and each reward."""
     rows = []
     for i in range(0, len(ro), ro.group_size):
-        rows.append({
-            "step": step,
-            "direction": f"{ro.source_domains[i]}->{ro.target_domains[i]}",
-            "source": ro.sources[i],
-            "translation": ro.translations[i],
-            "back_translation": ro.back_translations[i],
-            **{f"reward/{k}": float(v[i]) for k, v in parts.items()},
-            "reward/total": float(total[i]),
-        })
+        rows.append(
+            {
+                "step": step,
+                "direction": f"{ro.source_domains[i]}->{ro.target_domains[i]}",
+                "source": ro.sources[i],
+                "translation": ro.translations[i],
+                "back_translation": ro.back_translations[i],
+                **{f"reward/{k}": float(v[i]) for k, v in parts.items()},
+                "reward/total": float(total[i]),
+            }
+        )
     return rows
 
 
@@ -908,7 +973,9 @@ def _load(path: Path | io.BytesIO, device: str | torch.device) -> Any:
 # ---- the optimizer's tensors in a checkpoint (save_state / load_state) ----------------------------------
 STATE_FORMAT = 2  # 1 (no "format" key): policy.pt + optimizer.pt, pickled, with a bf16 copy of the policy
 RANKS_RNG = "rng-ranks.pt"  # N ranks: every rank's RNG state, in rank order (rng.pt is rank 0's)
-STATE_SHARD_BYTES = 4 * 2**30  # one shard's tensors at most (a GPU-resident state is copied to RAM shard by shard)
+STATE_SHARD_BYTES = (
+    4 * 2**30
+)  # one shard's tensors at most (a GPU-resident state is copied to RAM shard by shard)
 
 
 def _optimizer_tensors(opt: MasterAdamW) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -929,8 +996,10 @@ def _optimizer_tensors(opt: MasterAdamW) -> tuple[dict[str, torch.Tensor], dict[
         tensors[f"{i}/exp_avg"] = st["exp_avg"]
         tensors[f"{i}/exp_avg_sq"] = st["exp_avg_sq"]
         steps[str(i)] = int(st["step"])
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
-              for g in opt.param_groups]
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
+        for g in opt.param_groups
+    ]
     return tensors, {"groups": groups, "steps": steps, "params": len(params)}
 
 
@@ -966,7 +1035,9 @@ def _load_optimizer_tensors(opt: MasterAdamW, src: Path, meta: Mapping[str, Any]
     parameter from its master exactly as `MasterAdamW` does after an update (`p.copy_(master)`)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     if int(meta["params"]) != len(params):
-        raise BadInput(f"{src}: the checkpoint holds {meta['params']} parameters, the policy has {len(params)}")
+        raise BadInput(
+            f"{src}: the checkpoint holds {meta['params']} parameters, the policy has {len(params)}"
+        )
     for group, saved in zip(opt.param_groups, meta["groups"], strict=True):
         group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
     steps = {int(i): n for i, n in meta["steps"].items()}

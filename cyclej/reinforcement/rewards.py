@@ -47,9 +47,16 @@ def embedding_similarity(
     # halves (then quarters, …, down to one text a call) and encodes the part that failed again.
     texts = [*sources, *outputs]
     parts = map_halving(
-        lambda chunk: embedder.encode(list(chunk), batch_size=min(batch_size, len(chunk)), convert_to_tensor=True,
-                                      normalize_embeddings=True, show_progress_bar=False),
-        texts, len(texts), point="embedder",
+        lambda chunk: embedder.encode(
+            list(chunk),
+            batch_size=min(batch_size, len(chunk)),
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        ),
+        texts,
+        len(texts),
+        point="embedder",
         knob="what else holds the GPU (a vLLM engine's gpu_memory_utilization, rl.rollout_micro_batch)",
     )
     emb = torch.cat(parts)
@@ -114,8 +121,12 @@ def combine(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float]
     return total.tolist()
 
 
-def combine_product(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float],
-                    style: str = "discriminator", content_floor: float = 0.0) -> list[float]:
+def combine_product(
+    rewards: Mapping[str, Sequence[float]],
+    weights: Mapping[str, float],
+    style: str = "discriminator",
+    content_floor: float = 0.0,
+) -> list[float]:
     """style · content per rollout: the `style` reward times the weighted mean of the other (cycle) rewards,
     each clipped to [0, 1]. Why: under the weighted sum, a copy of the source collects the full cycle reward
     and loses only the style term, so the copy is a strong local optimum (both yelp runs drifted to it);

@@ -40,8 +40,12 @@ def nvidia_driver_version(proc_text: str | None = None) -> str | None:
     if proc_text or smi is None:
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.split()
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.split()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out[0] if out else None
@@ -50,13 +54,19 @@ def nvidia_driver_version(proc_text: str | None = None) -> str | None:
 def describe_cuda(torch_version: str, cuda: str | None, driver: str | None) -> str:
     """Why torch sees no GPU, in a few words, from its version, its CUDA build (`torch.version.cuda`,
     None for a CPU build) and the NVIDIA driver found (None: none)."""
-    built = f"torch {torch_version} is built for CUDA {cuda}" if cuda else f"torch {torch_version} is a CPU-only build"
+    built = (
+        f"torch {torch_version} is built for CUDA {cuda}"
+        if cuda
+        else f"torch {torch_version} is a CPU-only build"
+    )
     if driver is None:
         return f"{built}; no NVIDIA driver (no /proc/driver/nvidia/version, no nvidia-smi)"
     need = MIN_DRIVER.get(int(cuda.split(".")[0])) if cuda else None
     if need is not None and int(driver.split(".")[0]) < need:
         return f"{built}; NVIDIA driver {driver}, older than the {need} that CUDA {cuda} needs"
-    return f"{built}; NVIDIA driver {driver}, yet no usable GPU (CUDA_VISIBLE_DEVICES empty, or the GPU failed?)"
+    return (
+        f"{built}; NVIDIA driver {driver}, yet no usable GPU (CUDA_VISIBLE_DEVICES empty, or the GPU failed?)"
+    )
 
 
 def cuda_diagnosis() -> str:

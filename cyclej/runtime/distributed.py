@@ -93,11 +93,17 @@ def gpus_for(cfg: PipelineConfig, stage: str) -> int:
         n = int(env) if stage in MULTI_GPU_STAGES else 1
     else:
         n = cfg.resources.gpus.get(stage, 1)
-    if stage == "paraphrase" and cfg.paraphrase.backend == "vllm" and cfg.paraphrase.vllm.tensor_parallel_size > 1:
+    if (
+        stage == "paraphrase"
+        and cfg.paraphrase.backend == "vllm"
+        and cfg.paraphrase.vllm.tensor_parallel_size > 1
+    ):
         return 1  # one engine over tensor_parallel_size GPUs already; its workers would each want them all
     if n > 1 and stage not in MULTI_GPU_STAGES:
-        raise BadInput(f"resources.gpus.{stage}: {n}, but {stage} runs on one device "
-                       f"(several GPUs: {', '.join(sorted(MULTI_GPU_STAGES))})")
+        raise BadInput(
+            f"resources.gpus.{stage}: {n}, but {stage} runs on one device "
+            f"(several GPUs: {', '.join(sorted(MULTI_GPU_STAGES))})"
+        )
     return n
 
 
@@ -181,7 +187,7 @@ def sum_tensors(tensors: Sequence[torch.Tensor], device: torch.device | None = N
     out, start = [], 0
     for t in tensors:
         n = t.numel()
-        out.append(flat[start:start + n].view(t.shape).to(t.device, t.dtype))
+        out.append(flat[start : start + n].view(t.shape).to(t.device, t.dtype))
         start += n
     return out
 
@@ -235,8 +241,14 @@ def _collective_device(device: torch.device | None) -> torch.device:
 # ---- the launcher ----------------------------------------------------------------------------------------
 
 
-def launch_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-                 nproc: int, resume_point: Callable[[], str | None] = lambda: None) -> None:
+def launch_stage(
+    stage: str,
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: ArtifactStore,
+    nproc: int,
+    resume_point: Callable[[], str | None] = lambda: None,
+) -> None:
     """Run `stage` on `nproc` ranks under torchrun, in a child process; returns when rank 0 has committed.
     A failed rank fails the stage: StageFailed naming the exit code and the checkpoint a retry resumes from
     (`resume_point()`, asked once the ranks are gone); the rank's own error is on stderr above it."""
@@ -245,25 +257,42 @@ def launch_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]
         # The store travels as its root and options (credentials included), not through cfg.storage.
         "config": cfg.model_dump(mode="json"),
         "inputs": {k: json.loads(v.to_json()) for k, v in inputs.items()},
-        "store": {"root": _store_root(store), "storage_options": store.storage_options,
-                  "cache_dir": str(store.cache_dir)},
+        "store": {
+            "root": _store_root(store),
+            "storage_options": store.storage_options,
+            "cache_dir": str(store.cache_dir),
+        },
     }
     # The spec may hold storage credentials: a file only this user reads, gone when the launch ends.
     with tempfile.TemporaryDirectory(prefix="cyclej-launch-") as tmp:
         path = Path(tmp) / "stage.json"
         path.touch(mode=0o600)
         path.write_text(json.dumps(spec), encoding="utf-8")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--max-restarts=0", "-m", "cyclej.pipeline.rank_worker", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+            "-m",
+            "cyclej.pipeline.rank_worker",
+            str(path),
+        ]
         log.info("%s: %d ranks under torchrun", stage, nproc)
         # OMP threads per rank: torchrun would set 1 and warn; the cores are shared between the ranks.
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                                  str(max(1, (os.cpu_count() or 1) // nproc)))}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+        }
         env.pop(GPUS_ENV, None)  # the ranks run the stage itself, not another launch
         done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
-        raise StageFailed(stage, f"a rank of the {nproc}-rank run exited with code {done.returncode} "
-                          "(its error is above)", resume_point())
+        raise StageFailed(
+            stage,
+            f"a rank of the {nproc}-rank run exited with code {done.returncode} (its error is above)",
+            resume_point(),
+        )
 
 
 def _store_root(store: ArtifactStore) -> str:

@@ -40,8 +40,12 @@ def parse(spec: str) -> list[tuple[str, int, str, int | None]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
         kind, _, on_rank = parts[-1].partition("@") if len(parts) == 3 else ("", "", "")
-        if (len(parts) != 3 or kind not in KINDS or not parts[1].isdigit()
-                or (on_rank and not on_rank.isdigit())):
+        if (
+            len(parts) != 3
+            or kind not in KINDS
+            or not parts[1].isdigit()
+            or (on_rank and not on_rank.isdigit())
+        ):
             raise BadInput(f"CYCLEJ_FAULT: '{item}' is not <stage>:<step>:<{'|'.join(KINDS)}>[@rank]")
         faults.append((parts[0], int(parts[1]), kind, int(on_rank) if on_rank else None))
     return faults

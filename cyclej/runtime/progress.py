@@ -14,14 +14,21 @@ Listener = Callable[[str, str, int, int, dict[str, Any]], None]
 
 
 class Bar:
-    def __init__(self, progress: Progress, desc: str, total: int, initial: int = 0, unit: str = "step") -> None:
+    def __init__(
+        self, progress: Progress, desc: str, total: int, initial: int = 0, unit: str = "step"
+    ) -> None:
         self._progress = progress
         self.desc = desc
         self.total = total
         self.done = initial
         self._tqdm = tqdm(
-            total=total, initial=initial, desc=f"{progress.stage}: {desc}" if progress.stage else desc,
-            unit=unit, disable=not progress.show_bar, dynamic_ncols=True, leave=True,
+            total=total,
+            initial=initial,
+            desc=f"{progress.stage}: {desc}" if progress.stage else desc,
+            unit=unit,
+            disable=not progress.show_bar,
+            dynamic_ncols=True,
+            leave=True,
         )
         self._last_emit = 0.0
 

@@ -26,7 +26,11 @@ from collections.abc import Sequence
 VERBOSE_FLAG = "--verbose"
 # What Python itself hides by default (developer news), plus FutureWarning, which libraries use the same way.
 DEVELOPER_WARNINGS: tuple[type[Warning], ...] = (
-    DeprecationWarning, PendingDeprecationWarning, FutureWarning, ImportWarning, ResourceWarning,
+    DeprecationWarning,
+    PendingDeprecationWarning,
+    FutureWarning,
+    ImportWarning,
+    ResourceWarning,
 )
 # Set by `configure` for the processes this one starts: "1" quiet, "0" verbose.
 QUIET_ENV_FLAG = "CYCLEJ_QUIET"

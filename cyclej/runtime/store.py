@@ -109,8 +109,10 @@ class ArtifactStore:
         try:
             self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **self.storage_options)
         except (ValueError, ImportError) as exc:  # an unknown scheme, or its fsspec back-end is missing
-            raise StorageError(f"storage {root}: unsupported ({_one_line(exc)}); use a local path, file://… "
-                               "or s3://bucket/prefix") from None
+            raise StorageError(
+                f"storage {root}: unsupported ({_one_line(exc)}); use a local path, file://… "
+                "or s3://bucket/prefix"
+            ) from None
         self.root = self.fs._strip_protocol(root).rstrip("/")
         self.is_local = protocol in ("file", "local")
         default_cache = Path(os.environ.get("CYCLEJ_CACHE", Path.home() / ".cache" / "cyclej")) / "store"
@@ -122,8 +124,10 @@ class ArtifactStore:
         """Build from a `StorageConfig`; S3 endpoint/credentials fall back to the AWS_* variables."""
         opts: dict[str, Any] = {}
         if storage.root.startswith("s3://"):
-            endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-                "AWS_ENDPOINT_URL"
+            endpoint = (
+                storage.endpoint_url
+                or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL")
             )
             if endpoint:
                 opts["client_kwargs"] = {"endpoint_url": endpoint}
@@ -232,10 +236,14 @@ class ArtifactStore:
         try:
             return fn(*args, **kwargs)
         except OSError as exc:
-            raise StorageError(f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: "
-                               f"{exc.strerror or _one_line(exc)}); check that it is writable and has space") from None
+            raise StorageError(
+                f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: "
+                f"{exc.strerror or _one_line(exc)}); check that it is writable and has space"
+            ) from None
 
-    def commit(self, stage: str, fp: str, local_dir: Path, metrics: dict[str, Any] | None = None) -> ArtifactRef:
+    def commit(
+        self, stage: str, fp: str, local_dir: Path, metrics: dict[str, Any] | None = None
+    ) -> ArtifactRef:
         """Upload `local_dir` (checkpoints excluded) and write the manifest last."""
         self._ensure_checked()
         files = _scan(Path(local_dir), exclude_top=(CHECKPOINTS,))
@@ -290,7 +298,11 @@ class ArtifactStore:
             return local
         for rel, meta in manifest["files"].items():
             target = local / rel
-            if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
+            if (
+                target.is_file()
+                and target.stat().st_size == meta["size"]
+                and sha256_file(target) == meta["sha256"]
+            ):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             # Download beside the target, then rename: another process (or thread) fetching the same
@@ -329,7 +341,9 @@ class ArtifactStore:
             raise FileNotFoundError(f"{ref.stage}/{ref.fingerprint}/{rel}: not in the artifact")
         data = self._call(f"read {rel}", self.fs.cat_file, f"{dir_path}/{rel}")
         if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CorruptArtifact(f"{ref.stage}/{ref.fingerprint}/{rel}: checksum mismatch (the file is corrupt)")
+            raise CorruptArtifact(
+                f"{ref.stage}/{ref.fingerprint}/{rel}: checksum mismatch (the file is corrupt)"
+            )
         return data
 
     # ---- leases: one writer per artifact, across processes and machines -------------------------
@@ -349,7 +363,11 @@ class ArtifactStore:
 
         # A checkpoint's lease sits beside it; list_checkpoints ignores it (no manifest) and the commit
         # of the artifact leaves the checkpoints folder out.
-        rel = f"{stage}/{fp}/{LEASE}" if checkpoint is None else f"{stage}/{fp}/{CHECKPOINTS}/{checkpoint}.{LEASE}"
+        rel = (
+            f"{stage}/{fp}/{LEASE}"
+            if checkpoint is None
+            else f"{stage}/{fp}/{CHECKPOINTS}/{checkpoint}.{LEASE}"
+        )
         me = f"{_local_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         what = stage if checkpoint is None else f"{stage} {checkpoint}"
         waited_for: dict[str, Any] | None = None  # the last other holder we saw (for the logs)
@@ -373,8 +391,13 @@ class ArtifactStore:
                 yield False
                 return
             held = self.get_json(rel)
-            if held is None or held.get("owner") == me or held.get("expires", 0) < time.time() \
-                    or _dead_local(held) or _orphaned_here(held):
+            if (
+                held is None
+                or held.get("owner") == me
+                or held.get("expires", 0) < time.time()
+                or _dead_local(held)
+                or _orphaned_here(held)
+            ):
                 _HELD_LEASES.add(me)  # from the claim on: another thread of ours must not take it as orphaned
                 try:
                     self.put_json(rel, claim())
@@ -393,8 +416,11 @@ class ArtifactStore:
                     yield False
                     return
                 _HELD_LEASES.discard(me)
-            if held is not None and held.get("owner") != me and (
-                    waited_for is None or waited_for.get("owner") != held.get("owner")):
+            if (
+                held is not None
+                and held.get("owner") != me
+                and (waited_for is None or waited_for.get("owner") != held.get("owner"))
+            ):
                 waited_for = held
                 log.info("waiting for run %s computing stage %s", _describe_run(held), what)
             time.sleep(poll)
@@ -427,7 +453,9 @@ class ArtifactStore:
         return None if got is None else got[0].get("run")
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self, stage: str, fp: str, name: str, local_dir: Path, keep: int | None = None) -> None:
+    def save_checkpoint(
+        self, stage: str, fp: str, name: str, local_dir: Path, keep: int | None = None
+    ) -> None:
         """Commit `local_dir` as checkpoint `name` (names sort by age: 'step-00000012', 'shard-00003').
 
         With `keep`, older checkpoints beyond the newest `keep` are deleted after this one commits (on a
@@ -441,10 +469,14 @@ class ArtifactStore:
         if not (self.is_local and Path(local_dir).resolve() == Path(dest)):
             for rel in files:
                 self._put(Path(local_dir) / rel, f"{dest}/{rel}")
-        raw = json.dumps({"name": name, "files": files, "created": time.time(), "run": run_label()},
-                         sort_keys=True).encode()
+        raw = json.dumps(
+            {"name": name, "files": files, "created": time.time(), "run": run_label()}, sort_keys=True
+        ).encode()
         self._write_bytes(f"{dest}/{MANIFEST}", raw)
-        if not self.is_local and Path(local_dir).resolve() == self._checkpoint_work(stage, fp, name).resolve():
+        if (
+            not self.is_local
+            and Path(local_dir).resolve() == self._checkpoint_work(stage, fp, name).resolve()
+        ):
             self.drop_local_checkpoint(stage, fp, name)
         if keep is not None:
             for old in self.list_checkpoints(stage, fp)[:-keep]:
@@ -492,7 +524,9 @@ class ArtifactStore:
 
     def load_checkpoint(self, stage: str, fp: str, name: str) -> Path:
         """A local, verified copy of one checkpoint (raises CorruptArtifact on a bad file)."""
-        return self._fetch_dir(self._path(stage, fp, CHECKPOINTS, name), f"{stage}/{fp}/{CHECKPOINTS}/{name}", True)
+        return self._fetch_dir(
+            self._path(stage, fp, CHECKPOINTS, name), f"{stage}/{fp}/{CHECKPOINTS}/{name}", True
+        )
 
     def latest_checkpoint(self, stage: str, fp: str, prefix: str = "") -> tuple[str, Path] | None:
         """The newest checkpoint that is complete and passes its checksums; corrupt ones are skipped."""
@@ -588,8 +622,11 @@ def _orphaned_here(lease: dict[str, Any]) -> bool:
     e.g. on a store that turned read-only): stale at once. The process is alive, so neither its pid nor,
     for ttl seconds, the expiry would say so, and an in-process retry waited ~75 s on itself."""
     host, _, rest = str(lease.get("owner", "")).partition(":")
-    return host == _local_host() and rest.partition(":")[0] == str(os.getpid()) \
+    return (
+        host == _local_host()
+        and rest.partition(":")[0] == str(os.getpid())
         and lease.get("owner") not in _HELD_LEASES
+    )
 
 
 def _dead_local(lease: dict[str, Any]) -> bool:

@@ -47,7 +47,9 @@ def run_context(run: StageRun) -> ArtifactRef | None:
     # On a GPU the frozen base sits in bf16 (LoRA's adapter weights stay fp32); on a CPU it stays fp32 and
     # `precision: bf16` means autocast, as in the trainer.
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
-    model, tokenizer = load_model(cfg.models.base, markers=markers, dtype=weights_dtype(ccfg.precision, device))
+    model, tokenizer = load_model(
+        cfg.models.base, markers=markers, dtype=weights_dtype(ccfg.precision, device)
+    )
     old_len = int(model.config.max_position_embeddings)
     new_len = int(math.ceil(old_len * ccfg.factor))
     seq_len = ccfg.seq_len
@@ -65,7 +67,11 @@ def run_context(run: StageRun) -> ArtifactRef | None:
     if len(eval_rows) < ccfg.eval_sequences:
         log.warning(
             "context: the dev lines hold %d rows of %d tokens, fewer than context.eval_sequences=%d; "
-            "perplexity uses %d", len(eval_rows), seq_len, ccfg.eval_sequences, len(eval_rows),
+            "perplexity uses %d",
+            len(eval_rows),
+            seq_len,
+            ccfg.eval_sequences,
+            len(eval_rows),
         )
     eval_rows = eval_rows[: ccfg.eval_sequences]
     if not train_rows or not eval_rows:
@@ -119,8 +125,14 @@ def run_context(run: StageRun) -> ArtifactRef | None:
     }
     summary = {k: metrics[k] for k in ("ppl_before", "ppl_after", "ppl_base_old_len", "ppl_after_old_len")}
     # resumed_from in the summary, as in the other training stages: the UI shows a retry resumed
-    return run.commit({**summary, "new_context": metrics["new_context"],
-                       "resumed_from": train_metrics.get("resumed_from", [])}, metrics)
+    return run.commit(
+        {
+            **summary,
+            "new_context": metrics["new_context"],
+            "resumed_from": train_metrics.get("resumed_from", []),
+        },
+        metrics,
+    )
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -136,7 +148,9 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, lines: list[str], seed: int
     return stream
 
 
-def long_rows(tokenizer: PreTrainedTokenizerBase, lines: list[str], seq_len: int, seed: int) -> list[list[int]]:
+def long_rows(
+    tokenizer: PreTrainedTokenizerBase, lines: list[str], seq_len: int, seed: int
+) -> list[list[int]]:
     """The stream cut into full rows of `seq_len` tokens (the short tail is dropped)."""
     stream = token_stream(tokenizer, lines, seed)
     return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
@@ -144,7 +158,9 @@ def long_rows(tokenizer: PreTrainedTokenizerBase, lines: list[str], seq_len: int
 
 # ---- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, rows: list[list[int]], batch_size: int, precision: str = "fp32") -> float:
+def perplexity(
+    model: PreTrainedModel, rows: list[list[int]], batch_size: int, precision: str = "fp32"
+) -> float:
     """exp(mean next-token loss) over every predicted token of the rows (all rows the same length)."""
     if not rows:
         raise ValueError("perplexity needs at least one row")

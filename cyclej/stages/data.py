@@ -72,14 +72,18 @@ def run_data(run: StageRun) -> ArtifactRef:
     for d in domains:
         (out / d.key).mkdir(parents=True, exist_ok=True)
         for split, lines in (("train", d.train), ("dev", d.dev)):
-            (out / d.key / f"{split}.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            (out / d.key / f"{split}.txt").write_text(
+                "".join(f"{line}\n" for line in lines), encoding="utf-8"
+            )
     stats = {
         "tokenizer": cfg.models.base,
         "max_tokens": cfg.data.max_tokens,
         **{d.key: {"name": d.cfg.name, **d.stats} for d in domains},
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True), encoding="utf-8")
-    metrics = {f"{d.key}_{split}_lines": len(getattr(d, split)) for d in domains for split in ("train", "dev")}
+    metrics = {
+        f"{d.key}_{split}_lines": len(getattr(d, split)) for d in domains for split in ("train", "dev")
+    }
     return run.commit(summary=metrics)
 
 
@@ -172,7 +176,9 @@ def _clean_split(d: _Domain, split: Split, lines: list[str]) -> list[str]:
     stats = d.stats[split]
     stats["raw"] = len(lines)
     normalized = [normalize_whitespace(line) for line in lines]
-    stats["whitespace_normalized"] = sum(1 for old, new in zip(lines, normalized, strict=True) if old != new and new)
+    stats["whitespace_normalized"] = sum(
+        1 for old, new in zip(lines, normalized, strict=True) if old != new and new
+    )
     non_empty = [line for line in normalized if line]
     stats["empty"] = len(normalized) - len(non_empty)
     unique = list(dict.fromkeys(non_empty))
@@ -197,7 +203,10 @@ def _drop_cross_domain(a: _Domain, b: _Domain) -> None:
             setattr(d, split, kept)
     if shared:
         log.warning(
-            "data: %d lines occur in both domains (%s, %s); dropped from both", len(shared), a.files(), b.files()
+            "data: %d lines occur in both domains (%s, %s); dropped from both",
+            len(shared),
+            a.files(),
+            b.files(),
         )
 
 
@@ -210,7 +219,9 @@ def _drop_too_long(
     with progress.bar(f"{d.label}.{split}: token lengths", len(lines), unit="line") as bar:
         for start in range(0, len(lines), _TOKENIZE_BATCH):
             chunk = lines[start : start + _TOKENIZE_BATCH]
-            ids = tokenizer(chunk, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            ids = tokenizer(chunk, add_special_tokens=False, split_special_tokens=True, verbose=False)[
+                "input_ids"
+            ]
             kept.extend(line for line, toks in zip(chunk, ids, strict=True) if len(toks) <= max_tokens)
             bar.update(len(chunk))
     d.stats[split]["too_long"] = len(lines) - len(kept)
@@ -220,7 +231,9 @@ def _drop_too_long(
 def _split_off(lines: list[str], n: int, rng: random.Random) -> tuple[list[str], list[str]]:
     """(held-out, rest): a seeded sample of n lines, both parts in their original order."""
     picked = set(rng.sample(range(len(lines)), n))
-    return [x for i, x in enumerate(lines) if i in picked], [x for i, x in enumerate(lines) if i not in picked]
+    return [x for i, x in enumerate(lines) if i in picked], [
+        x for i, x in enumerate(lines) if i not in picked
+    ]
 
 
 def _sample(lines: list[str], cap: int, rng: random.Random) -> tuple[list[str], int]:

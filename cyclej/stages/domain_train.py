@@ -28,6 +28,13 @@ def run_domain_train(run: StageRun) -> ArtifactRef | None:
         [domain_example(tokenizer, marker_b, t) for t in run.lines("b", "dev")],
     )
 
-    return train_and_commit_adapter(run, base, train_examples, dev_examples, {
-        "train_examples": len(train_examples), "dev_examples": len(dev_examples),
-    })
+    return train_and_commit_adapter(
+        run,
+        base,
+        train_examples,
+        dev_examples,
+        {
+            "train_examples": len(train_examples),
+            "dev_examples": len(dev_examples),
+        },
+    )

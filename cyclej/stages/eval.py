@@ -53,8 +53,13 @@ def baselines(cfg: PipelineConfig, train_a: list[str], train_b: list[str]) -> di
 
 
 def pipeline_systems(
-    context_model: Path, para_artifact: Path, merge_model: Path, rl_model: Path, cfg: PipelineConfig,
-    train_a: list[str], train_b: list[str],
+    context_model: Path,
+    para_artifact: Path,
+    merge_model: Path,
+    rl_model: Path,
+    cfg: PipelineConfig,
+    train_a: list[str],
+    train_b: list[str],
 ) -> dict[str, System | str | Path]:
     """The baselines and the three models, each model loaded only when its turn comes."""
     markers = (cfg.domain_a.marker, cfg.domain_b.marker)
@@ -124,7 +129,14 @@ def run_eval(run: StageRun) -> ArtifactRef:
         train_b,
     )
     report = evaluate(
-        systems, dev_a, dev_b, train_a, train_b, cfg, references=references, progress=run.progress,
+        systems,
+        dev_a,
+        dev_b,
+        train_a,
+        train_b,
+        cfg,
+        references=references,
+        progress=run.progress,
         rl_log=read_jsonl(rl_artifact / "metrics.jsonl"),
     )
     report.write(out)  # its own metrics.json: the table as a list of dicts
@@ -142,13 +154,18 @@ def summary_metrics(report: EvalReport) -> dict[str, Any]:
     for row in report.rows:
         out[f"J/{row['system']}"] = round(row["J"], 4)
     out["table"] = [
-        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in report.metrics()["table"]
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        for row in report.metrics()["table"]
     ]
     return out
 
 
 def _model_card(
-    report: EvalReport, cfg: PipelineConfig, stats: dict[str, Any], model_dir: Path, store: ArtifactStore,
+    report: EvalReport,
+    cfg: PipelineConfig,
+    stats: dict[str, Any],
+    model_dir: Path,
+    store: ArtifactStore,
     rl_ref: ArtifactRef,
 ) -> Path:
     """README.md + cyclej.json into the final model's folder. For a local store that folder is the rl

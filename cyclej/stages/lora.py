@@ -32,7 +32,6 @@ def interleave(*lists: Sequence[Any]) -> list[Any]:
     return out
 
 
-
 @dataclass
 class LoraModel:
     """What both LoRA stages (para_train, domain_train) start from: INTERMEDIATE-1 with its markers."""
@@ -48,12 +47,16 @@ def load_lora_base(run: StageRun, tcfg: TrainConfig) -> LoraModel:
     """Refuse full fine-tuning (the merge combines LoRA deltas) and load INTERMEDIATE-1 (the `context`
     artifact's model) with the two domain markers."""
     if tcfg.lora is None:
-        raise BadInput(f"{run.name}.lora: null (full fine-tuning) is not supported here; the merge stage "
-                       f"combines LoRA adapters, so set {run.name}.lora (e.g. rank 8)")
+        raise BadInput(
+            f"{run.name}.lora: null (full fine-tuning) is not supported here; the merge stage "
+            f"combines LoRA adapters, so set {run.name}.lora (e.g. rank 8)"
+        )
     cfg = run.cfg
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
     base_dir = run.input_dir("context") / "model"
-    model, tokenizer = load_model(str(base_dir), markers=markers, dtype=weights_dtype(tcfg.precision, run.device))
+    model, tokenizer = load_model(
+        str(base_dir), markers=markers, dtype=weights_dtype(tcfg.precision, run.device)
+    )
     marker_a, marker_b = marker_token_ids(tokenizer, markers)
     return LoraModel(tcfg, model.to(run.device), tokenizer, marker_a, marker_b)
 
@@ -70,10 +73,19 @@ def train_and_commit_adapter(
     can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then drop the checkpoints
     (the committed artifact supersedes them). None on ranks 1…N-1 of a stage on N GPUs."""
     work = run.workdir
-    result = train(base.model, train_examples=train_examples, dev_examples=dev_examples, tcfg=base.tcfg,
-                   store=run.store, stage=run.name, fp=run.fingerprint, tokenizer=base.tokenizer,
-                   marker_ids=[base.marker_a, base.marker_b], progress=run.progress,
-                   metrics_path=work / "metrics.jsonl")
+    result = train(
+        base.model,
+        train_examples=train_examples,
+        dev_examples=dev_examples,
+        tcfg=base.tcfg,
+        store=run.store,
+        stage=run.name,
+        fp=run.fingerprint,
+        tokenizer=base.tokenizer,
+        marker_ids=[base.marker_a, base.marker_b],
+        progress=run.progress,
+        metrics_path=work / "metrics.jsonl",
+    )
     if not run.is_main:  # on N GPUs, ranks 1…N-1 are done: rank 0 writes and commits the adapter
         return None
     result.save_adapter(work)
@@ -81,8 +93,18 @@ def train_and_commit_adapter(
     adapter_base = {"stage": context.stage, "fingerprint": context.fingerprint}
     (work / ADAPTER_BASE).write_text(json.dumps(adapter_base, indent=1) + "\n", encoding="utf-8")
     metrics = {**result.metrics, **extra}
-    write_training_plot(read_metrics_log(work / "metrics.jsonl"), work / TRAINING_PLOT,
-                        f"{run.name}: loss and update size")
-    summary = {k: metrics[k] for k in ("dev_loss_before", "dev_loss_after", "final_train_loss", "steps",
-                                       "resumed_from", "micro_batch_size")}
+    write_training_plot(
+        read_metrics_log(work / "metrics.jsonl"), work / TRAINING_PLOT, f"{run.name}: loss and update size"
+    )
+    summary = {
+        k: metrics[k]
+        for k in (
+            "dev_loss_before",
+            "dev_loss_after",
+            "final_train_loss",
+            "steps",
+            "resumed_from",
+            "micro_batch_size",
+        )
+    }
     return run.commit(summary, metrics, drop_checkpoints=True)

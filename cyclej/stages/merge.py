@@ -56,15 +56,20 @@ def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[E
         transfer = TemplateTransfer.from_config({d: run.lines(d, "train") for d in ("a", "b")}, tpc)
         dev = {d: run.lines(d, "dev") for d in ("a", "b")}
         for p in back_translated_pairs(transfer, dev, cfg.merge.sweep_examples):
-            para_style.append(translation_example(tokenizer, marker[p.source_domain], p.source,
-                                                  marker[p.target_domain], p.target))
+            para_style.append(
+                translation_example(
+                    tokenizer, marker[p.source_domain], p.source, marker[p.target_domain], p.target
+                )
+            )
         para_style = para_style[: 2 * cfg.merge.sweep_examples]
     if not para_style:
         # No template pairs on (or no dev line with a marker to swap): the content-preservation format.
         for domain, (src, tgt) in (("a", (marker_a, marker_b)), ("b", (marker_b, marker_a))):
             for text in texts[domain]:
                 para_style += para_examples(tokenizer, src, tgt, text, text)
-    domain_style = domain_examples(tokenizer, marker_a, texts["a"]) + domain_examples(tokenizer, marker_b, texts["b"])
+    domain_style = domain_examples(tokenizer, marker_a, texts["a"]) + domain_examples(
+        tokenizer, marker_b, texts["b"]
+    )
     return para_style, domain_style
 
 
@@ -99,21 +104,25 @@ def run_merge(run: StageRun) -> ArtifactRef:
         weight_a, weight_b = best.weight, 1.0 - best.weight
     else:
         weight_a, weight_b = merge_weights(mcfg.weight, mcfg.weight_a, mcfg.weight_b)
-        stats = merge_lora_adapters(base_dir, model_dir, [(adapter_a, weight_a), (adapter_b, weight_b)], progress)
+        stats = merge_lora_adapters(
+            base_dir, model_dir, [(adapter_a, weight_a), (adapter_b, weight_b)], progress
+        )
 
-    metrics.update({
-        "weight_a": weight_a,
-        "weight_b": weight_b,
-        "shards": stats.shards,
-        "tensors": stats.tensors,
-        "tensors_changed": stats.tensors_changed,
-        "lora_modules": stats.lora_modules,
-        "marker_rows": stats.marker_rows,
-        "merge_seconds": stats.seconds,
-        "largest_shard_mb": round(stats.largest_shard_bytes / 2**20, 2),
-        "adapters_mb": round(stats.adapter_bytes / 2**20, 2),
-        "notes": stats.notes,
-    })
+    metrics.update(
+        {
+            "weight_a": weight_a,
+            "weight_b": weight_b,
+            "shards": stats.shards,
+            "tensors": stats.tensors,
+            "tensors_changed": stats.tensors_changed,
+            "lora_modules": stats.lora_modules,
+            "marker_rows": stats.marker_rows,
+            "merge_seconds": stats.seconds,
+            "largest_shard_mb": round(stats.largest_shard_bytes / 2**20, 2),
+            "adapters_mb": round(stats.adapter_bytes / 2**20, 2),
+            "notes": stats.notes,
+        }
+    )
     summary = {k: metrics[k] for k in ("weight_a", "weight_b", "tensors_changed", "merge_seconds")}
     if mcfg.sweep:
         # A list of row dicts: the Prefect layer posts it as a table artifact in the UI.

@@ -47,12 +47,19 @@ def run_para_train(run: StageRun) -> ArtifactRef | None:
     train_pairs, dev_pairs = split_dev(pairs, n_dev, tcfg.seed)
 
     def examples(selected: list[dict[str, Any]]) -> list[Example]:
-        return [ex for p in selected for ex in para_examples(tokenizer, *direction[p["domain"]], p["text"],
-                                                             _surface(p))]
+        return [
+            ex
+            for p in selected
+            for ex in para_examples(tokenizer, *direction[p["domain"]], p["text"], _surface(p))
+        ]
 
     def _surface(pair: dict[str, Any]) -> str:
         # Casing and tokenization are not the style being transferred: the paraphrase takes the source's.
-        return match_surface(pair["text"], pair["paraphrase"]) if tcfg.match_source_surface else pair["paraphrase"]
+        return (
+            match_surface(pair["text"], pair["paraphrase"])
+            if tcfg.match_source_surface
+            else pair["paraphrase"]
+        )
 
     train_examples = examples(train_pairs)
     dev_examples = examples(dev_pairs)
@@ -64,8 +71,12 @@ def run_para_train(run: StageRun) -> ArtifactRef | None:
         k = min(n_dev // 2, int(len(templates) * MAX_DEV_FRACTION))
 
         def bt_examples(selected: list[BackTranslatedPair]) -> list[Example]:
-            return [translation_example(tokenizer, marker[p.source_domain], p.source, marker[p.target_domain],
-                                        p.target) for p in selected]
+            return [
+                translation_example(
+                    tokenizer, marker[p.source_domain], p.source, marker[p.target_domain], p.target
+                )
+                for p in selected
+            ]
 
         # Shuffled in among the paraphrase examples, so every batch holds both kinds.
         train_examples += bt_examples(templates[k:])
@@ -93,12 +104,17 @@ def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[B
         pairs = back_translated_pairs(transfer, train, tpc.per_domain, seed)
         bar.update(1)
     if not pairs:
-        raise BadInput("para_train.template_pairs: no train line has a marker n-gram; lower "
-                       "para_train.template_pairs.min_salience or set template_pairs: null")
+        raise BadInput(
+            "para_train.template_pairs: no train line has a marker n-gram; lower "
+            "para_train.template_pairs.min_salience or set template_pairs: null"
+        )
     if run.is_main:  # every rank builds the same pairs; rank 0 alone writes the artifact's copy
         with open(run.workdir / TEMPLATE_PAIRS, "w", encoding="utf-8") as out:
             for p in pairs:
-                out.write(json.dumps({"target_domain": p.target_domain, "source": p.source, "target": p.target}) + "\n")
+                out.write(
+                    json.dumps({"target_domain": p.target_domain, "source": p.source, "target": p.target})
+                    + "\n"
+                )
     return pairs
 
 
@@ -112,18 +128,24 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
             pair = json.loads(line)
         except ValueError:
             raise BadInput(f"{path}:{n}: not a JSON object; re-run the paraphrase stage") from None
-        if (not isinstance(pair, dict) or pair.get("domain") not in ("a", "b")
-                or not isinstance(pair.get("text"), str) or not isinstance(pair.get("paraphrase"), str)):
-            raise BadInput(f"{path}:{n}: needs domain 'a'|'b', text and paraphrase strings; "
-                           "re-run the paraphrase stage")
+        if (
+            not isinstance(pair, dict)
+            or pair.get("domain") not in ("a", "b")
+            or not isinstance(pair.get("text"), str)
+            or not isinstance(pair.get("paraphrase"), str)
+        ):
+            raise BadInput(
+                f"{path}:{n}: needs domain 'a'|'b', text and paraphrase strings; re-run the paraphrase stage"
+            )
         pairs.append(pair)
     if not pairs:
         raise BadInput(f"{path}: no pairs; the paraphrase stage kept nothing to train on")
     return pairs
 
 
-def split_dev(pairs: list[dict[str, Any]], n_dev_examples: int, seed: int
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_dev(
+    pairs: list[dict[str, Any]], n_dev_examples: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Hold out a seeded slice of each domain's pairs (two examples each, at most 10 % of the pairs),
     interleaved so the dev slice holds both domains. Returns (train pairs, dev pairs)."""
     per_domain = max(1, n_dev_examples // 4)

@@ -70,10 +70,16 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
         # missing an import) fails in seconds as one BadInput line, not after minutes of loading GPT-J-6B.
         # Its head comes from its own seeded stream, so the order changes no number.
         discriminator = Discriminator(
-            cfg.models.discriminator, sources["a"], sources["b"],
-            lr=rcfg.discriminator_lr, batch_size=rcfg.discriminator_batch, buffer_size=rcfg.replay_buffer_size,
-            max_tokens=rcfg.discriminator_max_tokens, trust_remote_code=rcfg.discriminator_trust_remote_code,
-            seed=rcfg.seed, device=device,
+            cfg.models.discriminator,
+            sources["a"],
+            sources["b"],
+            lr=rcfg.discriminator_lr,
+            batch_size=rcfg.discriminator_batch,
+            buffer_size=rcfg.replay_buffer_size,
+            max_tokens=rcfg.discriminator_max_tokens,
+            trust_remote_code=rcfg.discriminator_trust_remote_code,
+            seed=rcfg.seed,
+            device=device,
         )
 
     markers = [cfg.domain_a.marker, cfg.domain_b.marker]
@@ -86,7 +92,9 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     reference = None
     if rcfg.kl_coef > 0:
         # in the compute dtype on every rank (frozen, never sharded: its forward needs no communication)
-        reference, _ = load_model(str(merged_dir), markers=markers, dtype=weights_dtype(rcfg.precision, device))
+        reference, _ = load_model(
+            str(merged_dir), markers=markers, dtype=weights_dtype(rcfg.precision, device)
+        )
         reference.to(device).eval().requires_grad_(False)
     id_a, id_b = marker_token_ids(tokenizer, markers)
 
@@ -94,12 +102,27 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     reward_fn = CycleDiscriminatorReward(weights, embedder, discriminator, rcfg.discriminator_reward)
     # The evaluation's style judge (TF-IDF + logistic regression, seconds to fit on a few thousand lines)
     # says which share of the rollouts is in the target style, step by step.
-    style_judge = train_judge(sources["a"][:STYLE_JUDGE_LINES], sources["b"][:STYLE_JUDGE_LINES],
-                              run.lines("a", "dev"), run.lines("b", "dev"), seed=rcfg.seed)
+    style_judge = train_judge(
+        sources["a"][:STYLE_JUDGE_LINES],
+        sources["b"][:STYLE_JUDGE_LINES],
+        run.lines("a", "dev"),
+        run.lines("b", "dev"),
+        seed=rcfg.seed,
+    )
     trainer = RLTrainer(
-        rcfg, policy, tokenizer, {"a": id_a, "b": id_b}, sources, reward_fn, weights,
-        discriminator=discriminator, backend=_backend(cfg, merged_dir), reference=reference,
-        back_translate=reward_fn.needs_back_translation, log_dir=work, style_judge=style_judge,
+        rcfg,
+        policy,
+        tokenizer,
+        {"a": id_a, "b": id_b},
+        sources,
+        reward_fn,
+        weights,
+        discriminator=discriminator,
+        backend=_backend(cfg, merged_dir),
+        reference=reference,
+        back_translate=reward_fn.needs_back_translation,
+        log_dir=work,
+        style_judge=style_judge,
     )
     if exact:
         trainer.optimizer.set_masters(exact)  # type: ignore[union-attr]  # MasterAdamW: one process only
@@ -129,8 +152,13 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
         _push_weights(trainer)
     elif discriminator is not None and rcfg.discriminator_warmup_steps:
         # A resumed run has the warmed-up discriminator in its checkpoint; a fresh one warms it up first.
-        warmup = warm_up_discriminator(discriminator, rcfg.discriminator_warmup_steps,
-                                       run.lines("a", "dev"), run.lines("b", "dev"), progress)
+        warmup = warm_up_discriminator(
+            discriminator,
+            rcfg.discriminator_warmup_steps,
+            run.lines("a", "dev"),
+            run.lines("b", "dev"),
+            progress,
+        )
 
     last_save = time.monotonic()
     with progress.bar("RL steps", total=rcfg.steps, initial=trainer.step_done) as bar:
@@ -157,7 +185,9 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     # in place (the moments freed first): the host never holds more than training did (cyclej.training.optim).
     final = trainer.final_policy()  # on N ranks a collective: the full weights gathered to rank 0
     if not run.is_main:
-        return None  # ranks 1…N-1: their share is done; rank 0 writes and commits (cyclej.pipeline.rank_worker)
+        return (
+            None  # ranks 1…N-1: their share is done; rank 0 writes and commits (cyclej.pipeline.rank_worker)
+        )
     assert final is not None
     save_model(final, tokenizer, work / "model")
     if discriminator is not None:
@@ -168,13 +198,16 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     metrics["resumed_from"] = resumed_from
     if warmup:
         metrics["discriminator_warmup"] = warmup
-    write_training_plot(trainer.metrics_log, work / TRAINING_PLOT, "rl: rewards, update size, KL, style share")
+    write_training_plot(
+        trainer.metrics_log, work / TRAINING_PLOT, "rl: rewards, update size, KL, style share"
+    )
     summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     return run.commit(summary, metrics, drop_checkpoints=True)
 
 
-def warm_up_discriminator(discriminator: Discriminator, steps: int, dev_a: list[str], dev_b: list[str],
-                          progress: Progress) -> dict[str, float]:
+def warm_up_discriminator(
+    discriminator: Discriminator, steps: int, dev_a: list[str], dev_b: list[str], progress: Progress
+) -> dict[str, float]:
     """`steps` discriminator updates on real A vs real B; its accuracy on the dev lines before and after."""
     before = discriminator.domain_accuracy(dev_a, dev_b)
     chunk = 10
@@ -185,10 +218,18 @@ def warm_up_discriminator(discriminator: Discriminator, steps: int, dev_a: list[
             last = discriminator.warm_up(n)
             bar.update(n, loss=last["disc/loss"])
     after = discriminator.domain_accuracy(dev_a, dev_b)
-    log.info("rl: discriminator warmed up in %d steps on real text: dev accuracy (A vs B) %.3f -> %.3f",
-             steps, before, after)
-    return {"steps": steps, "loss_last": last["disc/loss"], "dev_accuracy_before": before,
-            "dev_accuracy_after": after}
+    log.info(
+        "rl: discriminator warmed up in %d steps on real text: dev accuracy (A vs B) %.3f -> %.3f",
+        steps,
+        before,
+        after,
+    )
+    return {
+        "steps": steps,
+        "loss_last": last["disc/loss"],
+        "dev_accuracy_before": before,
+        "dev_accuracy_after": after,
+    }
 
 
 def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
@@ -205,8 +246,11 @@ def _backend(cfg: PipelineConfig, model_dir: Path) -> GenerationBackend | None:
     # The policy, its optimizer and the discriminator share the GPU with the engine (its own settings:
     # tensor parallel 1, short sequences, a third of the card; see `cyclej plan`).
     return VllmBackend(
-        str(model_dir), tensor_parallel_size=v.tensor_parallel_size, max_model_len=v.max_model_len,
-        gpu_memory_utilization=v.gpu_memory_utilization, seed=r.seed,
+        str(model_dir),
+        tensor_parallel_size=v.tensor_parallel_size,
+        max_model_len=v.max_model_len,
+        gpu_memory_utilization=v.gpu_memory_utilization,
+        seed=r.seed,
         enforce_eager=v.enforce_eager,
     )
 

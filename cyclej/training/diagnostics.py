@@ -76,22 +76,30 @@ class StepEstimate:
 
     def warnings(self) -> list[str]:
         s, g = self.step_per_weight, self.grad_per_weight
-        head = (f"{self.stage}: lr {self.lr:g}, eps {self.eps:g}, max_grad_norm {self.max_grad_norm:g} over "
-                f"{self.params:,} trainable weights: per-weight |g| <= {g:.2g}"
-                + (f" (<< eps, so AdamW steps ~ lr*|g|/eps = {s:.2g})" if g < self.eps else f", steps ~ {s:.2g}"))
+        head = (
+            f"{self.stage}: lr {self.lr:g}, eps {self.eps:g}, max_grad_norm {self.max_grad_norm:g} over "
+            f"{self.params:,} trainable weights: per-weight |g| <= {g:.2g}"
+            + (f" (<< eps, so AdamW steps ~ lr*|g|/eps = {s:.2g})" if g < self.eps else f", steps ~ {s:.2g}")
+        )
         reasons = []
         resolution = half_spacing(TYPICAL_WEIGHT, self.dtype)
         if s < resolution:
-            reasons.append(f"below half a {self.dtype} step at |w| = {TYPICAL_WEIGHT} ({resolution:.2g}), every "
-                           "update is rounded away")
+            reasons.append(
+                f"below half a {self.dtype} step at |w| = {TYPICAL_WEIGHT} ({resolution:.2g}), every "
+                "update is rounded away"
+            )
         if self.total_change < MIN_RELATIVE_CHANGE * TYPICAL_WEIGHT:
-            reasons.append(f"{self.steps} steps move a weight by at most {self.total_change:.2g} = "
-                           f"{self.total_change / TYPICAL_WEIGHT:.2g} of |w| = {TYPICAL_WEIGHT}: the model cannot "
-                           "change (raise max_grad_norm or lr, or lower eps)")
+            reasons.append(
+                f"{self.steps} steps move a weight by at most {self.total_change:.2g} = "
+                f"{self.total_change / TYPICAL_WEIGHT:.2g} of |w| = {TYPICAL_WEIGHT}: the model cannot "
+                "change (raise max_grad_norm or lr, or lower eps)"
+            )
         compute_resolution = half_spacing(TYPICAL_WEIGHT, self.compute_dtype)
         if self.compute_dtype != self.dtype and self.total_change < compute_resolution:
-            reasons.append(f"that is below half a {self.compute_dtype} step at |w| = {TYPICAL_WEIGHT} "
-                           f"({compute_resolution:.2g}): the {self.compute_dtype} weights the forward uses never change")
+            reasons.append(
+                f"that is below half a {self.compute_dtype} step at |w| = {TYPICAL_WEIGHT} "
+                f"({compute_resolution:.2g}): the {self.compute_dtype} weights the forward uses never change"
+            )
         return [f"{head}; " + "; ".join(reasons)] if reasons else []
 
 
@@ -145,12 +153,16 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # kl: to the start model (the frozen reference, loaded when rl.kl_coef > 0); without it, the policy's
     # mean log-prob of its own samples, a drift indicator, not a KL.
     ("KL to the start model / sampled-token log-prob", ("kl", "sampled_logprob/mean")),
-    ("share of rollouts in the target style", ("style/target_share", "style/target_share/to_a",
-                                               "style/target_share/to_b")),
+    (
+        "share of rollouts in the target style",
+        ("style/target_share", "style/target_share/to_a", "style/target_share/to_b"),
+    ),
 )
 
 
-def training_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+def training_curves(
+    records: Sequence[dict[str, Any]],
+) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
     """Panel title → {column: (steps, values)} for the columns present in per-step records."""
     panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for rec in records:
@@ -196,8 +208,16 @@ def write_training_plot(records: Sequence[dict[str, Any]], path: Path, title: st
 
 
 # ---- for the UI ----------------------------------------------------------------------------------------
-SIGNAL_COLUMNS = ("step", "loss", "dev_loss", "update_size", "grad_norm", "kl", "sampled_logprob/mean",
-                  "style/target_share")
+SIGNAL_COLUMNS = (
+    "step",
+    "loss",
+    "dev_loss",
+    "update_size",
+    "grad_norm",
+    "kl",
+    "sampled_logprob/mean",
+    "style/target_share",
+)
 
 
 def signal_table(records: Sequence[dict[str, Any]], max_rows: int = 100) -> list[dict[str, Any]]:

@@ -116,8 +116,13 @@ def map_halving(
         release_memory()
         if size == 1:
             raise OutOfMemory(f"{point}: out of memory at one item per batch ({failure}); lower {knob}")
-        log.warning("%s: out of memory at batch %d (%s); batch → %d and that part again",
-                    point, size, failure, size // 2)
+        log.warning(
+            "%s: out of memory at batch %d (%s); batch → %d and that part again",
+            point,
+            size,
+            failure,
+            size // 2,
+        )
         size //= 2
     return out
 

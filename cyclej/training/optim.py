@@ -115,7 +115,9 @@ class MasterAdamW(torch.optim.Optimizer):
         # by chunk during the update): `relative_update`.
         self._update_sq = 0.0
         self._param_sq = 0.0
-        self._pending: list[torch.Tensor] = []  # per chunk of this call: (‖θ‖², ‖Δθ‖²), on the update's device
+        self._pending: list[
+            torch.Tensor
+        ] = []  # per chunk of this call: (‖θ‖², ‖Δθ‖²), on the update's device
 
     # ---- where things live -----------------------------------------------------------------------------
     def _where(self, p: torch.Tensor) -> torch.device:
@@ -331,8 +333,10 @@ class MasterAdamW(torch.optim.Optimizer):
         params: list[torch.Tensor] = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             if len(group["params"]) != len(saved["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
-                                 "optimizer's group")
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of "
+                    "optimizer's group"
+                )
             group.update({k: v for k, v in saved.items() if k != "params"})
             params += group["params"]
         flat_ids = [pid for saved in saved_groups for pid in saved["params"]]

@@ -30,8 +30,10 @@ def cpu_has_native_bf16() -> bool:
 
 @functools.cache
 def _warn_emulated() -> None:
-    log.warning("precision bf16 on a CPU without native bf16 (avx512_bf16/amx): PyTorch emulates it and runs "
-                "many times slower than fp32; set precision: auto or fp32")
+    log.warning(
+        "precision bf16 on a CPU without native bf16 (avx512_bf16/amx): PyTorch emulates it and runs "
+        "many times slower than fp32; set precision: auto or fp32"
+    )
 
 
 def gpu_has_bf16() -> bool:

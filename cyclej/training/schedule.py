@@ -86,8 +86,9 @@ def lr_factor(step: int, total_steps: int, warmup: int, decay_counts_current_ste
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int,
-                 decay_counts_current_step: bool = True) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, decay_counts_current_step: bool = True
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_factor`; LambdaLR passes the steps done so far, so step = done + 1."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda done: lr_factor(done + 1, total_steps, warmup, decay_counts_current_step)

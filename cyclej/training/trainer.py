@@ -133,7 +133,9 @@ class MarkerRows(nn.Module):
         hidden = args[0]
         rows = self.input_rows if self.output_rows is None else self.output_rows
         bias = module.bias[self.token_ids] if getattr(module, "bias", None) is not None else None
-        marker_logits = F.linear(hidden, rows.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+        marker_logits = F.linear(
+            hidden, rows.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+        )
         return output.index_copy(output.dim() - 1, self.token_ids, marker_logits.to(output.dtype))
 
     def state(self) -> dict[str, Tensor]:
@@ -254,8 +256,9 @@ def _backbone(model: nn.Module) -> nn.Module:
     return _inner(model).base_model
 
 
-def target_loss_sum(model: nn.Module, batch: dict[str, Tensor], head_on_targets_only: bool = True
-                    ) -> tuple[Tensor, int]:
+def target_loss_sum(
+    model: nn.Module, batch: dict[str, Tensor], head_on_targets_only: bool = True
+) -> tuple[Tensor, int]:
     """Summed cross-entropy over target tokens, and their count.
 
     With `head_on_targets_only` the LM head runs only on the positions that have a target: prompts and
@@ -371,8 +374,10 @@ class _Trainer:
         if not is_main():
             return
         d = self.store.checkpoint_workdir(self.stage, self.fp, name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.named_trainable.items()},
-                  str(d / "trainable.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.named_trainable.items()},
+            str(d / "trainable.safetensors"),
+        )
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
         torch.save(rng, d / "rng.pt")
@@ -405,10 +410,21 @@ class _Trainer:
                 self.metrics_path.unlink(missing_ok=True)
         self.state.resumed_from.append(name)
         self.last_checkpoint = name
-        log.info("%s: resuming from checkpoint %s (step %d, micro-batch %d)",
-                 self.stage, name, self.state.step, self.state.micro_batch_size)
-        self._log({"event": "resume", "step": self.state.step, "checkpoint": name,
-                   "micro_batch": self.state.micro_batch_size})
+        log.info(
+            "%s: resuming from checkpoint %s (step %d, micro-batch %d)",
+            self.stage,
+            name,
+            self.state.step,
+            self.state.micro_batch_size,
+        )
+        self._log(
+            {
+                "event": "resume",
+                "step": self.state.step,
+                "checkpoint": name,
+                "micro_batch": self.state.micro_batch_size,
+            }
+        )
 
     def _own_rng(self, saved: dict[str, Any], checkpoint: str) -> dict[str, Any]:
         """This rank's RNG state from a checkpoint (written by one rank or by N)."""
@@ -416,15 +432,21 @@ class _Trainer:
         if ranks is None:
             ranks = [saved]
         if len(ranks) != self.world:
-            log.warning("%s: checkpoint %s was written by %d rank(s), resumed on %d: the data order and the "
-                        "weights go on exactly, the dropout streams do not", self.stage, checkpoint,
-                        len(ranks), self.world)
+            log.warning(
+                "%s: checkpoint %s was written by %d rank(s), resumed on %d: the data order and the "
+                "weights go on exactly, the dropout streams do not",
+                self.stage,
+                checkpoint,
+                len(ranks),
+                self.world,
+            )
         return ranks[self.rank % len(ranks)]
 
     def _batch(self, rows: Sequence[Any]) -> dict[str, Tensor]:
         """Packed rows get formats' block-diagonal 4D mask; unpacked ones a 2D padding mask."""
-        batch = formats.collate(rows, pad_id=self.pad_token_id, four_d_mask=self.packing,
-                                mask_dtype=self.mask_dtype)
+        batch = formats.collate(
+            rows, pad_id=self.pad_token_id, four_d_mask=self.packing, mask_dtype=self.mask_dtype
+        )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ---- evaluation ----
@@ -443,15 +465,21 @@ class _Trainer:
         self.model.eval()
         failure = None
         try:  # on N ranks each scores its share of the slice; the sums are added below
-            parts = map_halving(loss_of, self.dev_sequences[self.rank::self.world], self.state.micro_batch_size,
-                                point=f"{self.stage}-dev_loss", knob=f"{self.stage}.seq_len")
+            parts = map_halving(
+                loss_of,
+                self.dev_sequences[self.rank :: self.world],
+                self.state.micro_batch_size,
+                point=f"{self.stage}-dev_loss",
+                knob=f"{self.stage}.seq_len",
+            )
         except OutOfMemory as exc:
             failure, parts = str(exc), []
         finally:
             self.model.train()
         if any_rank(failure is not None):
-            raise StageFailed(self.stage, failure or "out of memory in the dev loss on another rank",
-                              self.last_checkpoint)
+            raise StageFailed(
+                self.stage, failure or "out of memory in the dev loss on another rank", self.last_checkpoint
+            )
         total = torch.tensor([sum(t for t, _ in parts), sum(n for _, n in parts)], dtype=torch.float64)
         loss_sum, n = (float(x) for x in sum_tensors([total], self.device)[0])
         return loss_sum / max(1.0, n)
@@ -481,7 +509,7 @@ class _Trainer:
         loss, the token count and whether any rank ran out of memory (module docstring)."""
         loss_total, tokens, failure = 0.0, 0, None
         try:
-            for chunk in _chunks(batch_seqs[self.rank::self.world], self.state.micro_batch_size):
+            for chunk in _chunks(batch_seqs[self.rank :: self.world], self.state.micro_batch_size):
                 batch = self._batch(chunk)
                 with autocast(self.cfg.precision, self.device):
                     loss_sum, _ = target_loss_sum(self.model, batch, self.head_on_targets_only)
@@ -550,7 +578,9 @@ class _Trainer:
     def _halve_micro_batch(self, step_no: int, failure: str) -> None:
         old = self.state.micro_batch_size
         if old <= 1:
-            checkpointing = "" if self.cfg.gradient_checkpointing else f"set {self.stage}.gradient_checkpointing: true, "
+            checkpointing = (
+                "" if self.cfg.gradient_checkpointing else f"set {self.stage}.gradient_checkpointing: true, "
+            )
             raise StageFailed(
                 self.stage,
                 f"out of memory at micro-batch 1 (step {step_no}, seq_len {self.cfg.seq_len}, precision "
@@ -562,11 +592,26 @@ class _Trainer:
         self.state.oom_events += 1
         accumulation = math.ceil(self.cfg.batch_size / (self.state.micro_batch_size * self.world))
         who = f"{self.stage} (rank {self.rank} of {self.world})" if self.world > 1 else self.stage
-        log.warning("%s: out of memory at step %d (%s); micro-batch %d → %d, accumulation %d (effective batch %d)",
-                    who, step_no, failure, old, self.state.micro_batch_size, accumulation, self.cfg.batch_size)
-        self._log({"event": "oom", "step": step_no, "micro_batch": self.state.micro_batch_size,
-                   "previous_micro_batch": old, "accumulation": accumulation,
-                   "effective_batch": self.cfg.batch_size})
+        log.warning(
+            "%s: out of memory at step %d (%s); micro-batch %d → %d, accumulation %d (effective batch %d)",
+            who,
+            step_no,
+            failure,
+            old,
+            self.state.micro_batch_size,
+            accumulation,
+            self.cfg.batch_size,
+        )
+        self._log(
+            {
+                "event": "oom",
+                "step": step_no,
+                "micro_batch": self.state.micro_batch_size,
+                "previous_micro_batch": old,
+                "accumulation": accumulation,
+                "effective_batch": self.cfg.batch_size,
+            }
+        )
 
     # ---- the loop ----
     def run(self) -> TrainResult:
@@ -581,8 +626,10 @@ class _Trainer:
         with self.progress.bar("train", total=cfg.max_steps, initial=self.state.step) as bar:
             while self.state.step < cfg.max_steps:
                 step_no = self.state.step + 1
-                batch_seqs = [self.sequences[i] for i in
-                              step_indices(self.state.step, cfg.batch_size, len(self.sequences), cfg.seed)]
+                batch_seqs = [
+                    self.sequences[i]
+                    for i in step_indices(self.state.step, cfg.batch_size, len(self.sequences), cfg.seed)
+                ]
                 snapshot = self._snapshot()
                 started = time.perf_counter()
                 while True:
@@ -601,15 +648,23 @@ class _Trainer:
                 seconds = time.perf_counter() - started
                 # ‖Δθ‖/‖θ‖ of the trainable tensors, against the pre-step copy a LoRA step keeps anyway (a
                 # full fine-tune keeps none: copying every weight each step would double its memory).
-                update_size = (relative_update(snapshot["params"], self.params)
-                               if snapshot is not None and "params" in snapshot else None)
+                update_size = (
+                    relative_update(snapshot["params"], self.params)
+                    if snapshot is not None and "params" in snapshot
+                    else None
+                )
                 self.state.step = step_no
                 self.state.tokens_seen += int(stats["tokens"])
                 self.state.train_seconds += seconds
                 self.state.last_loss = stats["loss"]
                 record = {
-                    "event": "train", "step": step_no, "loss": stats["loss"], "lr": stats["lr"],
-                    "grad_norm": stats["grad_norm"], "update_size": update_size, "tokens": int(stats["tokens"]),
+                    "event": "train",
+                    "step": step_no,
+                    "loss": stats["loss"],
+                    "lr": stats["lr"],
+                    "grad_norm": stats["grad_norm"],
+                    "update_size": update_size,
+                    "tokens": int(stats["tokens"]),
                     "tokens_per_s": stats["tokens"] / max(seconds, 1e-9),
                     "micro_batch": self.state.micro_batch_size,
                     "accumulation": math.ceil(cfg.batch_size / (self.state.micro_batch_size * self.world)),
@@ -661,7 +716,9 @@ def enable_gradient_checkpointing(model: nn.Module, stage: str) -> None:
     gradients as no checkpointing."""
     inner = _inner(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
-        raise BadInput(f"{stage}.gradient_checkpointing: {type(inner).__name__} does not support it; set it false")
+        raise BadInput(
+            f"{stage}.gradient_checkpointing: {type(inner).__name__} does not support it; set it false"
+        )
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -672,8 +729,9 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
     inner.disable_input_require_grads()
 
 
-def _make_trainable(model: nn.Module, cfg: TrainConfig, marker_token_ids: Sequence[int]
-                    ) -> tuple[nn.Module, MarkerRows | None]:
+def _make_trainable(
+    model: nn.Module, cfg: TrainConfig, marker_token_ids: Sequence[int]
+) -> tuple[nn.Module, MarkerRows | None]:
     """LoRA + marker rows, or every weight (full fine-tuning) when `cfg.lora` is None."""
     if cfg.lora is None:
         for p in model.parameters():
@@ -706,7 +764,7 @@ def _trainable_parameters(model: nn.Module, rows: MarkerRows | None) -> dict[str
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def train(
@@ -738,7 +796,16 @@ def train(
     if metrics_path is None:
         metrics_path = store.workdir(stage, fp) / "metrics.jsonl"
     trainer = _Trainer(
-        model, train_examples, dev_examples, tcfg, store, stage, fp, marker_ids,
-        progress or Progress(stage, show_bar=False), metrics_path, int(pad),
+        model,
+        train_examples,
+        dev_examples,
+        tcfg,
+        store,
+        stage,
+        fp,
+        marker_ids,
+        progress or Progress(stage, show_bar=False),
+        metrics_path,
+        int(pad),
     )
     return trainer.run()

@@ -63,9 +63,19 @@ def main() -> None:
     policy, tok = load_model(args.model, markers=MARKERS)
     original = {k: v.clone() for k, v in policy.state_dict().items()}
     ida, idb = marker_token_ids(tok, MARKERS)
-    cfg = RLConfig(steps=args.steps, prompts_per_step=4, rollouts=2, rollout_micro_batch=1, max_new_tokens=4,
-                   lr=1e-2, max_grad_norm=1.0, warmup_ratio=0.0, backend="transformers", precision="fp32",
-                   discriminator_batch=6)
+    cfg = RLConfig(
+        steps=args.steps,
+        prompts_per_step=4,
+        rollouts=2,
+        rollout_micro_batch=1,
+        max_new_tokens=4,
+        lr=1e-2,
+        max_grad_norm=1.0,
+        warmup_ratio=0.0,
+        backend="transformers",
+        precision="fp32",
+        discriminator_batch=6,
+    )
     # A real discriminator, updated every step (its reward weight 0: the policy's numbers do not depend on
     # its dropout masks, which differ between one process and a rank's share of its batch).
     disc = Discriminator("tiny-bert", SOURCES["a"], SOURCES["b"], lr=1e-3, batch_size=6, seed=0)
@@ -75,15 +85,26 @@ def main() -> None:
         share = [sum(t in TARGET for t in c) / max(1, len(c)) for c in ro.completion_ids]
         return {**cycle(ro), "target": share}
 
-    trainer = RLTrainer(cfg, policy, tok, {"a": ida, "b": idb}, SOURCES, reward, {"rouge": 1.0, "target": 1.0},
-                        discriminator=disc, back_translate=True)
+    trainer = RLTrainer(
+        cfg,
+        policy,
+        tok,
+        {"a": ida, "b": idb},
+        SOURCES,
+        reward,
+        {"rouge": 1.0, "target": 1.0},
+        discriminator=disc,
+        back_translate=True,
+    )
     gathered_equal = None
     if is_distributed():
         from cyclej.reinforcement.fsdp import full_state_dict
 
         full = full_state_dict(trainer.policy, cpu_offload=True)
         if is_main():
-            gathered_equal = list(full) == list(original) and all(torch.equal(full[k], original[k]) for k in original)
+            gathered_equal = list(full) == list(original) and all(
+                torch.equal(full[k], original[k]) for k in original
+            )
     if args.resume is not None:
         trainer.load_state(args.resume)
     while trainer.step_done < cfg.steps:
@@ -97,9 +118,15 @@ def main() -> None:
     if is_main():
         assert final is not None
         final.save_pretrained(args.out / "policy")
-    report = {"metrics": [{k: v for k, v in m.items() if not k.startswith("seconds/")} for m in trainer.metrics_log],
-              "micro_rows": trainer.micro_rows, "disc_sha": digest.hexdigest(), "disc_updates": disc.updates,
-              "gathered_equal": gathered_equal}
+    report = {
+        "metrics": [
+            {k: v for k, v in m.items() if not k.startswith("seconds/")} for m in trainer.metrics_log
+        ],
+        "micro_rows": trainer.micro_rows,
+        "disc_sha": digest.hexdigest(),
+        "disc_updates": disc.updates,
+        "gathered_equal": gathered_equal,
+    }
     (args.out / f"rank{rank()}.json").write_text(json.dumps(report), encoding="utf-8")
     if is_distributed():
         torch.distributed.destroy_process_group()

@@ -62,13 +62,18 @@ def prefect_server(home: Path, timeout: float = 90.0) -> Iterator[dict[str, str]
         "PREFECT_UI_ENABLED": "false",
         # Services on (task runs reach the database through the task-run recorder, automations through
         # the triggers and actions services), but not the ones that only cost CPU in a test.
-        **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
-           for name in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "DB_VACUUM")},
+        **{
+            f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+            for name in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "DB_VACUUM")
+        },
     }
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
     proc = subprocess.Popen(
         [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=server_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -80,7 +85,9 @@ def prefect_server(home: Path, timeout: float = 90.0) -> Iterator[dict[str, str]
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield env
     finally:
@@ -100,8 +107,12 @@ _shared_home: Path | None = None
 
 def answers(env: dict[str, str], timeout: float = 20.0) -> bool:
     """Does the server answer a request that needs its database (`/health` does not)?"""
-    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flows/filter", data=b'{"limit": 1}',
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}/flows/filter",
+        data=b'{"limit": 1}',
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return bool(resp.status == 200)
@@ -120,8 +131,10 @@ def shared_prefect_server() -> dict[str, str]:
     if _shared_env is not None and not answers(_shared_env):
         assert _shared_stack is not None and _shared_home is not None
         tail = (_shared_home / "server.log").read_text(errors="replace")[-4000:]
-        warnings.warn(f"the shared Prefect server stopped answering; starting a new one. Its log ends:\n{tail}",
-                      stacklevel=2)
+        warnings.warn(
+            f"the shared Prefect server stopped answering; starting a new one. Its log ends:\n{tail}",
+            stacklevel=2,
+        )
         _shared_stack.close()
         _shared_env = None
     if _shared_env is None:

@@ -49,7 +49,20 @@ UNKNOWN_POD_MESSAGE = "Something went wrong. Please try again later or contact s
 SECRET_REF = re.compile(r"\{\{\s*RUNPOD_SECRET_([A-Za-z0-9_.-]+)\s*\}\}")
 # The values RunPod's API takes for allowedCudaVersions (its pod-creation reference: "a list of acceptable
 # CUDA versions on the Pod. If not set, any CUDA version is acceptable").
-CUDA_VERSIONS = ("13.0", "12.9", "12.8", "12.7", "12.6", "12.5", "12.4", "12.3", "12.2", "12.1", "12.0", "11.8")
+CUDA_VERSIONS = (
+    "13.0",
+    "12.9",
+    "12.8",
+    "12.7",
+    "12.6",
+    "12.5",
+    "12.4",
+    "12.3",
+    "12.2",
+    "12.1",
+    "12.0",
+    "11.8",
+)
 
 
 # ---- a small parser for GraphQL input values (what the SDK writes inside `input: {...}`) ----------
@@ -66,7 +79,7 @@ class _Parser:
     def _next(self) -> tuple[str, str]:
         m = _TOKEN.match(self.text, self.pos)
         if not m:
-            raise ValueError(f"cannot parse GraphQL at {self.text[self.pos:self.pos + 40]!r}")
+            raise ValueError(f"cannot parse GraphQL at {self.text[self.pos : self.pos + 40]!r}")
         self.pos = m.end()
         kind = m.lastgroup or ""
         return kind, m.group(kind)
@@ -213,13 +226,23 @@ class RunpodStandin:
             self.requests.append(Request(op, inp, query))
         if op == "gpuTypes":
             ids = [inp["id"]] if inp else list(GPU_TYPES)
-            return {"data": {"gpuTypes": [
-                {"id": i, "displayName": i, "memoryInGb": GPU_TYPES[i], "maxGpuCount": 8} for i in ids if i in GPU_TYPES
-            ]}}
+            return {
+                "data": {
+                    "gpuTypes": [
+                        {"id": i, "displayName": i, "memoryInGb": GPU_TYPES[i], "maxGpuCount": 8}
+                        for i in ids
+                        if i in GPU_TYPES
+                    ]
+                }
+            }
         if op == "myself":
-            vols = [{"id": k, "name": k, "size": 100, "dataCenterId": v} for k, v in self.network_volumes.items()]
+            vols = [
+                {"id": k, "name": k, "size": 100, "dataCenterId": v} for k, v in self.network_volumes.items()
+            ]
             pods = [self._describe(p) for p in self.pods.values() if p.desired_status != "TERMINATED"]
-            return {"data": {"myself": {"id": "user-standin", "pubKey": "", "networkVolumes": vols, "pods": pods}}}
+            return {
+                "data": {"myself": {"id": "user-standin", "pubKey": "", "networkVolumes": vols, "pods": pods}}
+            }
         if op == "podFindAndDeployOnDemand":
             assert inp is not None
             return {"data": {op: self._deploy(inp)}}
@@ -242,7 +265,9 @@ class RunpodStandin:
     def _deploy(self, spec: dict[str, Any]) -> dict[str, Any]:
         gpu = spec.get("gpuTypeId")
         if gpu not in GPU_TYPES:
-            raise ValueError(f"There are no longer any instances available with the requested specifications ({gpu})")
+            raise ValueError(
+                f"There are no longer any instances available with the requested specifications ({gpu})"
+            )
         vol = spec.get("networkVolumeId")
         if vol is not None and vol not in self.network_volumes:
             raise ValueError(f"network volume {vol} not found")
@@ -254,10 +279,14 @@ class RunpodStandin:
         if allowed is not None:
             unknown = [v for v in allowed if v not in CUDA_VERSIONS]
             if unknown or not allowed:
-                raise ValueError(f"allowedCudaVersions: {allowed!r} is not a list of {', '.join(CUDA_VERSIONS)}")
+                raise ValueError(
+                    f"allowedCudaVersions: {allowed!r} is not a list of {', '.join(CUDA_VERSIONS)}"
+                )
         host = next((h for h in self.host_cuda_versions if allowed is None or h in allowed), None)
         if host is None:
-            raise ValueError(f"There are no longer any instances available with the requested specifications ({allowed})")
+            raise ValueError(
+                f"There are no longer any instances available with the requested specifications ({allowed})"
+            )
         pod_id = uuid.uuid4().hex[:14]
         env = {e["key"]: e["value"] for e in spec.get("env") or []}
         for value in env.values():
@@ -268,8 +297,13 @@ class RunpodStandin:
         pod = Pod(pod_id, spec, env, command, self.workdir / f"pod-{pod_id}.log", host_cuda=host)
         self.pods[pod_id] = pod
         self._start(pod)
-        return {"id": pod_id, "imageName": spec.get("imageName"), "env": [f"{k}={v}" for k, v in env.items()],
-                "machineId": "machine-standin", "machine": {"podHostId": f"{pod_id}-host"}}
+        return {
+            "id": pod_id,
+            "imageName": spec.get("imageName"),
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "machineId": "machine-standin",
+            "machine": {"podHostId": f"{pod_id}-host"},
+        }
 
     def _start(self, pod: Pod) -> None:
         if not pod.command:
@@ -303,12 +337,20 @@ class RunpodStandin:
     def _describe(self, pod: Pod) -> dict[str, Any]:
         s = pod.spec
         return {
-            "id": pod.id, "name": s.get("name"), "imageName": s.get("imageName"),
-            "desiredStatus": pod.desired_status, "gpuCount": s.get("gpuCount"),
-            "containerDiskInGb": s.get("containerDiskInGb"), "volumeInGb": s.get("volumeInGb"),
-            "memoryInGb": s.get("minMemoryInGb"), "vcpuCount": s.get("minVcpuCount"),
-            "volumeMountPath": s.get("volumeMountPath"), "dockerArgs": s.get("dockerArgs"),
-            "env": [f"{k}={v}" for k, v in pod.env.items()], "costPerHr": 0.0, "machine": {"gpuDisplayName": s.get("gpuTypeId")},
+            "id": pod.id,
+            "name": s.get("name"),
+            "imageName": s.get("imageName"),
+            "desiredStatus": pod.desired_status,
+            "gpuCount": s.get("gpuCount"),
+            "containerDiskInGb": s.get("containerDiskInGb"),
+            "volumeInGb": s.get("volumeInGb"),
+            "memoryInGb": s.get("minMemoryInGb"),
+            "vcpuCount": s.get("minVcpuCount"),
+            "volumeMountPath": s.get("volumeMountPath"),
+            "dockerArgs": s.get("dockerArgs"),
+            "env": [f"{k}={v}" for k, v in pod.env.items()],
+            "costPerHr": 0.0,
+            "machine": {"gpuDisplayName": s.get("gpuTypeId")},
         }
 
     def delete_pod(self, pod_id: str) -> None:

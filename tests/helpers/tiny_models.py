@@ -8,9 +8,14 @@ from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausa
 
 # A few review-like lines of both domains, for trainer and RL tests on the tiny models.
 MARKERS = ["<|A|>", "<|B|>"]
-LINES = ["the food was cold and the staff was rude", "never again , not even for free",
-         "great food and lovely staff", "the best pizza in town , we will be back",
-         "slow service and a dirty table", "friendly people and fair prices"]
+LINES = [
+    "the food was cold and the staff was rude",
+    "never again , not even for free",
+    "great food and lovely staff",
+    "the best pizza in town , we will be back",
+    "slow service and a dirty table",
+    "friendly people and fair prices",
+]
 SOURCES = {"a": LINES[:2] + LINES[4:5], "b": LINES[2:4] + LINES[5:]}
 
 
