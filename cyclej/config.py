@@ -93,19 +93,23 @@ class ModelsConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    max_tokens: int = Field(256, gt=0, description="lines longer than this (base tokenizer) are dropped")
-    dev_fraction: float = Field(0.02, gt=0, lt=0.5)
-    dev_max_lines: int = Field(500, gt=0)
-    max_train_lines: int | None = Field(None, gt=0, description="cap per domain after cleaning (sampled)")
-    min_lines: int = Field(32, gt=0, description="refuse a domain with fewer clean lines than this")
-    max_bad_utf8_fraction: float = Field(0.01, ge=0, le=1)
+    max_tokens: int = Field(
+        default=256, gt=0, description="lines longer than this (base tokenizer) are dropped"
+    )
+    dev_fraction: float = Field(default=0.02, gt=0, lt=0.5)
+    dev_max_lines: int = Field(default=500, gt=0)
+    max_train_lines: int | None = Field(
+        default=None, gt=0, description="cap per domain after cleaning (sampled)"
+    )
+    min_lines: int = Field(default=32, gt=0, description="refuse a domain with fewer clean lines than this")
+    max_bad_utf8_fraction: float = Field(default=0.01, ge=0, le=1)
     seed: int = 0
 
 
 class LoraConfig(StrictModel):
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(math.sqrt(8), gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=math.sqrt(8), gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     # "all-linear": every attention and MLP projection.
     target_modules: str | list[str] = "all-linear"
     train_marker_rows: bool = True
@@ -114,26 +118,28 @@ class LoraConfig(StrictModel):
 class TrainConfig(StrictModel):
     """The trainer's knobs, shared by `context`, `para_train` and `domain_train`."""
 
-    batch_size: int = Field(32, gt=0, description="effective batch in sequences (micro-batch × accumulation)")
-    micro_batch_size: int = Field(4, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(
+        default=32, gt=0, description="effective batch in sequences (micro-batch × accumulation)"
+    )
+    micro_batch_size: int = Field(default=4, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_steps: int = Field(200, gt=0)
-    seq_len: int = Field(4096, gt=0, description="tokens per packed sequence")
+    eps: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_steps: int = Field(default=200, gt=0)
+    seq_len: int = Field(default=4096, gt=0, description="tokens per packed sequence")
     packing: bool = True
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null: full fine-tuning")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    checkpoint_every_steps: int = Field(50, gt=0)
-    checkpoint_every_minutes: float = Field(10.0, gt=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    eval_every_steps: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
+    checkpoint_every_steps: int = Field(default=50, gt=0)
+    checkpoint_every_minutes: float = Field(default=10.0, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    eval_every_steps: int = Field(default=50, gt=0)
+    eval_batches: int = Field(default=4, gt=0)
     gradient_checkpointing: bool = Field(
-        False,
+        default=False,
         description="recompute each layer's activations in the backward pass instead of keeping them "
         "(~1/3 more compute, activation memory of one layer); the loss is the same",
     )
@@ -151,57 +157,61 @@ class TrainConfig(StrictModel):
 
 
 class ContextConfig(TrainConfig):
-    factor: float = Field(2.0, ge=1.0, description="context extension factor (2: GPT-J 2048 → 4096)")
-    eval_sequences: int = Field(8, gt=0, description="held-out sequences of the new length for perplexity")
+    factor: float = Field(default=2.0, ge=1.0, description="context extension factor (2: GPT-J 2048 → 4096)")
+    eval_sequences: int = Field(
+        default=8, gt=0, description="held-out sequences of the new length for perplexity"
+    )
 
 
 class TemplatePairsConfig(StrictModel):
     """Back-translated template pairs for para_train (cyclej/corpora/template_transfer.py says how they are made)."""
 
-    per_domain: int = Field(1000, gt=0, description="pairs whose target is a real train line of each domain")
-    min_salience: float = Field(
-        5.0, gt=1, description="marker n-gram: (count here + 1) / (count there + 1) ≥ this"
+    per_domain: int = Field(
+        default=1000, gt=0, description="pairs whose target is a real train line of each domain"
     )
-    max_ngram: int = Field(3, ge=1, le=5)
-    retrieve_top: int = Field(20, gt=0, description="nearest other-domain lines searched for markers")
+    min_salience: float = Field(
+        default=5.0, gt=1, description="marker n-gram: (count here + 1) / (count there + 1) ≥ this"
+    )
+    max_ngram: int = Field(default=3, ge=1, le=5)
+    retrieve_top: int = Field(default=20, gt=0, description="nearest other-domain lines searched for markers")
 
 
 class ParaTrainConfig(TrainConfig):
-    seq_len: int = Field(1024, gt=0)
+    seq_len: int = Field(default=1024, gt=0)
     match_source_surface: bool = Field(
-        True,
+        default=True,
         description="write each paraphrase in its source's casing and tokenization before training on it",
     )
     template_pairs: TemplatePairsConfig | None = Field(
-        None,
+        default=None,
         description="null: paraphrase pairs only (the card); else also learn from back-translated "
         "template pairs, a noisy source of one style → a real line of the other",
     )
     paraphrase_markers: Literal["across", "same"] = Field(
-        "across",
+        default="across",
         description="across: {Dsrc} text {Dtgt} → paraphrase (the card); same: {Dsrc} text {Dsrc} → "
         "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps the style",
     )
 
 
 class DomainTrainConfig(TrainConfig):
-    seq_len: int = Field(1024, gt=0)
+    seq_len: int = Field(default=1024, gt=0)
 
 
 class VllmConfig(StrictModel):
-    tensor_parallel_size: int = Field(1, gt=0)
-    max_model_len: int = Field(4096, gt=0)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    max_model_len: int = Field(default=4096, gt=0)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     enforce_eager: bool = Field(
-        False,
+        default=False,
         description="skip torch.compile/CUDA graphs: starts in seconds instead of minutes, decodes slower",
     )
 
 
 class RLVllmConfig(VllmConfig):
-    max_model_len: int = Field(512, gt=0, description="prompt + rl.max_new_tokens must fit")
+    max_model_len: int = Field(default=512, gt=0, description="prompt + rl.max_new_tokens must fit")
     gpu_memory_utilization: float = Field(
-        0.3,
+        default=0.3,
         gt=0,
         le=1,
         description="vLLM's share of the GPU in RL (the policy and its optimizer need the rest)",
@@ -210,40 +220,44 @@ class RLVllmConfig(VllmConfig):
 
 class ParaphraseConfig(StrictModel):
     backend: Literal["auto", "transformers", "vllm"] = Field(
-        "auto", description="auto: vLLM when it can serve the model here and the job repays its engine start"
+        default="auto",
+        description="auto: vLLM when it can serve the model here and the job repays its engine start",
     )
     instruction: str = (
         "Paraphrase the following text. Keep its meaning, tone and style; change the wording. "
         "Reply with the paraphrase only."
     )
     system_prompt: str | None = Field(
-        "You rewrite text faithfully.", description="used only where the chat template has a system role"
+        default="You rewrite text faithfully.",
+        description="used only where the chat template has a system role",
     )
-    n_candidates: int = Field(1, gt=0)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(64, gt=0)
-    shard_size: int = Field(512, gt=0)
-    max_texts_per_domain: int | None = Field(None, gt=0)
+    n_candidates: int = Field(default=1, gt=0)
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_new_tokens: int = Field(default=128, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    shard_size: int = Field(default=512, gt=0)
+    max_texts_per_domain: int | None = Field(default=None, gt=0)
     # Filters.
-    min_length_ratio: float = Field(0.3, gt=0)
-    max_length_ratio: float = Field(3.0, gt=0)
-    max_copy_bleu: float = Field(0.9, gt=0, le=1, description="self-BLEU above this is a copy")
-    min_similarity: float = Field(0.5, ge=-1, le=1, description="embedding similarity floor (meaning drift)")
+    min_length_ratio: float = Field(default=0.3, gt=0)
+    max_length_ratio: float = Field(default=3.0, gt=0)
+    max_copy_bleu: float = Field(default=0.9, gt=0, le=1, description="self-BLEU above this is a copy")
+    min_similarity: float = Field(
+        default=0.5, ge=-1, le=1, description="embedding similarity floor (meaning drift)"
+    )
     use_embedder: bool = True
-    max_rejection_rate: float = Field(0.5, ge=0, le=1)
+    max_rejection_rate: float = Field(default=0.5, ge=0, le=1)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     seed: int = 0
 
 
 class MergeConfig(StrictModel):
-    weight: float = Field(0.5, ge=0, le=1, description="w in 1 + w·Δ2A + (1−w)·Δ2B")
+    weight: float = Field(default=0.5, ge=0, le=1, description="w in 1 + w·Δ2A + (1−w)·Δ2B")
     # Task arithmetic: set both to weight the deltas independently (their sum need not be 1).
-    weight_a: float | None = Field(None, ge=0)
-    weight_b: float | None = Field(None, ge=0)
+    weight_a: float | None = Field(default=None, ge=0)
+    weight_b: float | None = Field(default=None, ge=0)
     sweep: list[float] = Field(default_factory=list, description="weights to try; the best on dev is kept")
-    sweep_examples: int = Field(32, gt=0)
+    sweep_examples: int = Field(default=32, gt=0)
 
     @model_validator(mode="after")
     def _weights(self) -> MergeConfig:
@@ -257,57 +271,59 @@ class MergeConfig(StrictModel):
 
 
 class RewardWeights(StrictModel):
-    embedding: float = Field(1.0, ge=0)
-    rouge: float = Field(0.5, ge=0)
-    bleu: float = Field(0.5, ge=0)
-    discriminator: float = Field(1.0, ge=0)
+    embedding: float = Field(default=1.0, ge=0)
+    rouge: float = Field(default=0.5, ge=0)
+    bleu: float = Field(default=0.5, ge=0)
+    discriminator: float = Field(default=1.0, ge=0)
 
 
 class RLConfig(StrictModel):
-    steps: int = Field(200, gt=0)
-    prompts_per_step: int = Field(8, gt=0)
-    rollouts: int = Field(16, ge=2, description="sampled translations per prompt (one group)")
-    rollout_micro_batch: int = Field(8, gt=0, description="groups per forward/backward chunk")
-    lr: float = Field(1e-5, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1e-4, gt=0)
+    steps: int = Field(default=200, gt=0)
+    prompts_per_step: int = Field(default=8, gt=0)
+    rollouts: int = Field(default=16, ge=2, description="sampled translations per prompt (one group)")
+    rollout_micro_batch: int = Field(default=8, gt=0, description="groups per forward/backward chunk")
+    lr: float = Field(default=1e-5, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-6, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    eps: float = Field(default=1e-6, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
     advantage: Literal["group", "loo"] = "group"
-    kl_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(default=0.0, ge=0)
     rewards: RewardWeights = Field(default_factory=RewardWeights)
     discriminator_reward: Literal["real_target", "style", "style_gain"] = Field(
-        "real_target",
+        default="real_target",
         description="real_target: p(real target-domain text | y) (3 classes); style: p(target | y, "
         "real), the real classes renormalized; style_gain: style(y) − style(source), so a copy earns 0 "
         "(cyclej.reinforcement.discriminator.Discriminator.reward)",
     )
     reward_combination: Literal["sum", "product"] = Field(
-        "sum",
+        default="sum",
         description="sum: Σ weight·reward (the card); product: discriminator × weighted mean of the cycle "
         "rewards, so a copy of the source earns ~0 (cyclej.reinforcement.rewards.combine_product)",
     )
     content_floor: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         lt=1,
         description="product only: the content factor is (mean - floor) / (1 - floor), clipped "
         "at 0, so output whose cycle does not come back (babble, a generic line) earns 0 however styled it is",
     )
-    discriminator_lr: float = Field(2e-5, gt=0)
+    discriminator_lr: float = Field(default=2e-5, gt=0)
     discriminator_warmup_steps: int = Field(
-        0, ge=0, description="discriminator steps on real A vs real B before RL's first step (0: none)"
+        default=0,
+        ge=0,
+        description="discriminator steps on real A vs real B before RL's first step (0: none)",
     )
-    replay_buffer_size: int = Field(1024, gt=0)
-    discriminator_batch: int = Field(32, gt=0)
+    replay_buffer_size: int = Field(default=1024, gt=0)
+    discriminator_batch: int = Field(default=32, gt=0)
     discriminator_max_tokens: int = Field(
-        128, gt=0, description="discriminator input length (its own tokens)"
+        default=128, gt=0, description="discriminator input length (its own tokens)"
     )
     discriminator_trust_remote_code: bool = Field(
-        True,
+        default=True,
         description="run the hub code a remote-code encoder ships (its imports must be installed); "
         "never used for NeoBERT, which cyclej.models.neobert builds",
     )
@@ -315,19 +331,20 @@ class RLConfig(StrictModel):
     # sequences are short (prompt + rl.max_new_tokens), so it borrows nothing from paraphrase.vllm.
     vllm: RLVllmConfig = Field(default_factory=lambda: RLVllmConfig())
     backend: Literal["auto", "transformers", "vllm"] = Field(
-        "auto", description="auto: vLLM when it can serve the model here and the job repays its engine start"
+        default="auto",
+        description="auto: vLLM when it can serve the model here and the job repays its engine start",
     )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     optimizer_offload: bool = Field(
-        False,
+        default=False,
         description="keep the fp32 master weights and AdamW moments in CPU RAM (GPU keeps 4 bytes/param)",
     )
-    checkpoint_every_steps: int = Field(10, gt=0)
-    checkpoint_every_minutes: float = Field(10.0, gt=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    sample_every_steps: int = Field(10, gt=0)
+    checkpoint_every_steps: int = Field(default=10, gt=0)
+    checkpoint_every_minutes: float = Field(default=10.0, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    sample_every_steps: int = Field(default=10, gt=0)
     gradient_checkpointing: bool = Field(
-        False,
+        default=False,
         description="recompute the policy's layer activations in the backward pass (dropout stays off); "
         "the gradient is the same",
     )
@@ -363,30 +380,33 @@ class RLConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    max_examples: int = Field(200, gt=0, description="dev lines per domain to translate")
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(16, gt=0)
+    max_examples: int = Field(default=200, gt=0, description="dev lines per domain to translate")
+    max_new_tokens: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=16, gt=0)
     fluency_order: int = Field(
-        3, ge=1, le=5, description="n of the target-domain n-gram LM that judges fluency"
+        default=3, ge=1, le=5, description="n of the target-domain n-gram LM that judges fluency"
     )
     fluency_percentile: float = Field(
-        97.5,
+        default=97.5,
         gt=50.0,
         le=100.0,
         description="fluent: perplexity at most this percentile, and SLOR at least 100 minus it, of held-out "
         "real train lines of the target domain",
     )
-    fluency_max_lines: int = Field(50_000, ge=20, description="train lines per domain the fluency LM reads")
+    fluency_max_lines: int = Field(
+        default=50_000, ge=20, description="train lines per domain the fluency LM reads"
+    )
     references: bool = Field(
-        False,
+        default=False,
         description="the dev files of the two domains are line-aligned translations of each other "
         "(e.g. shakespeare dev.original/dev.modern): report reference BLEU against them",
     )
     backend: Literal["auto", "transformers", "vllm"] = Field(
-        "auto", description="auto: vLLM when it can serve the model here and the job repays its engine start"
+        default="auto",
+        description="auto: vLLM when it can serve the model here and the job repays its engine start",
     )
     template_baseline: bool = Field(
-        True,
+        default=True,
         description="also report the template transfer (cyclej/corpora/template_transfer.py, no model; its "
         "markers by para_train.template_pairs or the defaults) as a baseline row",
     )
@@ -395,15 +415,21 @@ class EvalConfig(StrictModel):
 class OrchestrationConfig(StrictModel):
     """How Prefect runs the stages. Not part of any fingerprint: it changes where work runs, not results."""
 
-    retries: int = Field(1, ge=0, description="task retries (a retry resumes from the last checkpoint)")
-    retry_delay_seconds: float = Field(5.0, ge=0)
+    retries: int = Field(
+        default=1, ge=0, description="task retries (a retry resumes from the last checkpoint)"
+    )
+    retry_delay_seconds: float = Field(default=5.0, ge=0)
     max_concurrent_stages: int = Field(
-        1,
+        default=1,
         ge=1,
         description="in-process stages at once; >1 only makes sense when stages run on separate devices",
     )
-    dispatch: bool = Field(False, description="run each stage as its own deployment run (run_deployment)")
-    deployment_prefix: str = Field("cyclej-", description="stage deployments are '<prefix><stage>/<stage>'")
+    dispatch: bool = Field(
+        default=False, description="run each stage as its own deployment run (run_deployment)"
+    )
+    deployment_prefix: str = Field(
+        default="cyclej-", description="stage deployments are '<prefix><stage>/<stage>'"
+    )
 
 
 class ResourcesConfig(StrictModel):
@@ -435,7 +461,8 @@ class PipelineConfig(StrictModel):
     # Where the GPU stages compute; in no fingerprint (where, not what). The env var CYCLEJ_DEVICE
     # overrides it on the machine that runs a stage (cyclej.runtime.device).
     device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto: the GPU when torch sees one; cuda: refuse to start without one; cpu"
+        default="auto",
+        description="auto: the GPU when torch sees one; cuda: refuse to start without one; cpu",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     domain_a: DomainConfig
