@@ -236,8 +236,9 @@ class MasterAdamW(torch.optim.Optimizer):
                     offsets.append(offsets[-1] + pc.numel)
                 on_gpu = [[buf[k, a:b] for a, b in zip(offsets, offsets[1:], strict=False)] for k in range(3)]
                 with torch.cuda.stream(h2d):
-                    if copied_out[i % 2] is not None:
-                        h2d.wait_event(copied_out[i % 2])
+                    done = copied_out[i % 2]
+                    if done is not None:
+                        h2d.wait_event(done)
                     for k in range(3):  # one contiguous range of the buffer per kind
                         for dst, src in zip(on_gpu[k], host[k], strict=True):
                             dst.copy_(src, non_blocking=True)

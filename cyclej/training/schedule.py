@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,10 @@ def seed_all(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG a loop may draw from, as tensors and plain values (torch.save/load weights_only)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # The legacy (default) form: numpy's stubs type it as a tuple or a dict.
+    name, keys, pos, has_gauss, cached = cast(
+        "tuple[str, np.ndarray, int, int, float]", np.random.get_state()
+    )
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached),

@@ -44,13 +44,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 from cyclej.config import TrainConfig
 from cyclej.corpora import formats
@@ -82,8 +86,11 @@ ADAPTER_BASE = "base.json"  # in an adapter artifact: the `context` artifact it 
 class TokenExample(Protocol):
     """What the trainer reads from a `formats.Example` (and from a packed sequence)."""
 
-    input_ids: list[int]
-    labels: list[int]
+    # Read-only (properties), so that a frozen `formats.Example` matches.
+    @property
+    def input_ids(self) -> list[int]: ...
+    @property
+    def labels(self) -> list[int]: ...
 
 
 # ---- marker rows --------------------------------------------------------------------------------------
@@ -99,10 +106,15 @@ class MarkerRows(nn.Module):
     rows serves both sides, as the tied matrix does.
     """
 
+    # Buffers (register_buffer below); declared so that they read as tensors, not `Tensor | Module`.
+    token_ids: Tensor
+    slot: Tensor
+
     def __init__(self, model: nn.Module, token_ids: Sequence[int]) -> None:
         super().__init__()
-        embed = model.get_input_embeddings()
-        head = model.get_output_embeddings()
+        lm = cast("PreTrainedModel", model)
+        embed = cast(nn.Embedding, lm.get_input_embeddings())
+        head: nn.Linear | None = lm.get_output_embeddings()
         ids = torch.tensor(list(token_ids), dtype=torch.long, device=embed.weight.device)
         self.register_buffer("token_ids", ids, persistent=False)
         # slot[token] = index of that token's row here, or -1: one gather finds the marker positions.
@@ -112,7 +124,10 @@ class MarkerRows(nn.Module):
         # fp32 master copies whatever the model's dtype (like peft's adapter weights).
         self.input_rows = nn.Parameter(embed.weight.detach()[ids].clone().float())
         self.tied = head is None or head.weight is embed.weight
-        self.output_rows = None if self.tied else nn.Parameter(head.weight.detach()[ids].clone().float())
+        # Untied means there is a head (`tied` is true when there is none).
+        self.output_rows = (
+            None if self.tied else nn.Parameter(cast(nn.Linear, head).weight.detach()[ids].clone().float())
+        )
         self._embed, self._head = embed, head
         self._handles = [embed.register_forward_hook(self._embed_hook)]
         if head is not None:
@@ -132,7 +147,9 @@ class MarkerRows(nn.Module):
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         hidden = args[0]
         rows = self.input_rows if self.output_rows is None else self.output_rows
-        bias = module.bias[self.token_ids] if getattr(module, "bias", None) is not None else None
+        bias = (
+            cast(Tensor, module.bias)[self.token_ids] if getattr(module, "bias", None) is not None else None
+        )
         marker_logits = F.linear(
             hidden, rows.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
         )
@@ -150,6 +167,7 @@ class MarkerRows(nn.Module):
         """Copy the trained rows into the model's matrices and remove the hooks (for merging/saving)."""
         self._embed.weight[self.token_ids] = self.input_rows.to(self._embed.weight.dtype)
         if self.output_rows is not None:
+            assert self._head is not None  # untied rows exist only with a head
             self._head.weight[self.token_ids] = self.output_rows.to(self._head.weight.dtype)
         self.remove_hooks()
 
@@ -182,7 +200,7 @@ class TrainResult:
         if not hasattr(self.model, "peft_config"):
             raise ValueError("save_adapter needs a LoRA run (cfg.lora set)")
         # The vocabulary is the base's (markers were added by the context stage): no embedding copy.
-        self.model.save_pretrained(str(out_dir / "adapter"), save_embedding_layers=False)
+        cast("PeftModel", self.model).save_pretrained(str(out_dir / "adapter"), save_embedding_layers=False)
         if self.marker_rows is not None:
             save_marker_rows(self.marker_rows, out_dir / MARKER_ROWS_FILE)
 
@@ -194,7 +212,11 @@ class TrainResult:
         weights (~0.02, spacing ~1.2e-4) would lose about a third of their entries to rounding."""
         if any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.float()  # the frozen base widened in place; the merge below then sums in fp32
-        model = self.model.merge_and_unload() if hasattr(self.model, "peft_config") else self.model
+        model = (
+            cast("PeftModel", self.model).merge_and_unload()
+            if hasattr(self.model, "peft_config")
+            else self.model
+        )
         if self.marker_rows is not None:
             self.marker_rows.write_into_weights()
         for p in model.parameters():
@@ -240,15 +262,17 @@ def prepare_sequences(examples: Sequence[TokenExample], seq_len: int, packing: b
     if packing:
         order = list(examples)
         random.Random(seed).shuffle(order)
-        rows: list[Any] = formats.pack(order, seq_len)
+        # The examples are `formats.Example`s (TokenExample is the trainer's read-only view of them).
+        rows: list[Any] = formats.pack(cast("list[formats.Example]", order), seq_len)
     else:
-        rows = [formats.single(e, seq_len) for e in examples if len(e.input_ids)]
+        rows = [formats.single(cast(formats.Example, e), seq_len) for e in examples if len(e.input_ids)]
     return [r for r in rows if count_targets(r) > 0]
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def _inner(model: nn.Module) -> PreTrainedModel:
     """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "peft_config") else model
+    inner = cast("PeftModel", model).get_base_model() if hasattr(model, "peft_config") else model
+    return cast("PreTrainedModel", inner)
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -544,7 +568,7 @@ class _Trainer:
         self.updating = False
         return {"loss": loss_total / targets, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
 
-    def _snapshot(self) -> dict[str, Any] | None:
+    def _snapshot(self) -> dict[str, Any]:
         """The state a step starts from, to retry it after an OOM in the update itself. Only for LoRA
         (a few MB); a full fine-tune would double its memory for it."""
         rng = rng_state()
@@ -743,7 +767,7 @@ def _make_trainable(
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(
         r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias="none",
