@@ -552,7 +552,8 @@ def load_causal_lm(
     if dtype is None:
         dtype = weights_dtype("auto", torch.device(device))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
 

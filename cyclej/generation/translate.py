@@ -274,7 +274,8 @@ def load_for_translation(
     dtype = weights_dtype("auto", torch.device("cuda" if on_gpu else "cpu"))
     model, tokenizer = load_model(str(model_dir), markers=list(pair), dtype=dtype)
     if on_gpu:
-        model.to("cuda")
+        # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+        model.to("cuda")  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer, pair
 

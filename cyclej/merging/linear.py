@@ -606,7 +606,8 @@ def sweep_weights(
         shutil.rmtree(candidate, ignore_errors=True)
         stats = merge_lora_adapters(base_dir, candidate, [(adapter_a, w), (adapter_b, 1.0 - w)])
         model, _ = load_model(str(candidate), dtype=dtype)  # load_model re-applies GPT-J's interpolation
-        model.to(device)
+        # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+        model.to(device)  # type: ignore[arg-type]
         para, domain = dev_loss(model, para_style), dev_loss(model, domain_style)
         del model
         row = SweepRow(w, para, domain, (para + domain) / 2)

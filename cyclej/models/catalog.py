@@ -19,8 +19,12 @@ import os
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from cyclej.errors import BadInput
+
+if TYPE_CHECKING:
+    from transformers.quantizers import HfQuantizer
 
 BUILTIN = ("tiny-gptj", "tiny-llama", "tiny-bert", "smollm2", "minilm")
 TINY_SEED = 0
@@ -172,7 +176,7 @@ def _convert_smollm2(tmp: Path) -> None:
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+        cast("HfQuantizer", model.hf_quantizer).remove_quantization_config(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
 

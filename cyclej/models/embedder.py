@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def load_embedder(spec: str, device: str | torch.device | None = None) -> SentenceTransformer:
     """A SentenceTransformer for a model spec (built-in name, local directory or hub id), on `device`
     (default: the GPU when there is one)."""
-    from sentence_transformers import SentenceTransformer, models
+    # `models` is a deprecated alias that sentence-transformers installs at import time; no stub knows it.
+    from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined]
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

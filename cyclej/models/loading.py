@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cyclej.errors import BadInput
 from cyclej.models.catalog import resolve_model
+
+if TYPE_CHECKING:
+    from transformers.quantizers import HfQuantizer
 
 PI_KEY = "cyclej_position_interpolation"
 GPTJ_ROPE_THETA = 10000.0  # hard-coded in transformers' create_sinusoidal_positions
@@ -90,7 +94,7 @@ def load_model(
         raise cannot_load(path_or_spec, exc) from None
     if gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # GGUF weights are dequantized on load; drop the quantizer so save_pretrained writes plain tensors.
-        model.hf_quantizer.remove_quantization_config(model)
+        cast("HfQuantizer", model.hf_quantizer).remove_quantization_config(model)
 
     factor = getattr(model.config, PI_KEY, None)
     if factor is not None and model.config.model_type == "gptj":
@@ -135,7 +139,7 @@ def add_markers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mark
     ids = marker_token_ids(tokenizer, markers)
     new_ids = [i for m, i in zip(markers, ids, strict=True) if m in missing]
 
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    if cast(torch.nn.Embedding, model.get_input_embeddings()).weight.shape[0] < len(tokenizer):
         # Some checkpoints pad the vocabulary (GPT-J: 50400 rows for 50257 tokens); grow only when
         # the new ids do not fit, never shrink.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -152,7 +156,7 @@ def _init_rows_to_mean(model: PreTrainedModel, row_ids: list[int], n_real_rows: 
     padding rows beyond the tokenizer (GPT-J) are left out of the mean.
     """
     idx = torch.tensor(row_ids)
-    inp = model.get_input_embeddings().weight
+    inp = cast(torch.nn.Embedding, model.get_input_embeddings()).weight
     inp[idx] = inp[:n_real_rows].mean(dim=0, keepdim=True).to(inp.dtype)
     out = model.get_output_embeddings()
     if out is None or out.weight.data_ptr() == inp.data_ptr():
@@ -222,9 +226,11 @@ def _set_gptj_tables(model: PreTrainedModel, factor: float) -> None:
     for module in model.modules():
         if type(module).__name__ not in GPTJ_TABLE_HOLDERS or not hasattr(module, "embed_positions"):
             continue
-        old = module.embed_positions
+        old = cast(torch.Tensor, module.embed_positions)
         # Built in float32 whatever the model dtype: the forward casts to the activations' dtype anyway.
-        table = interpolated_sinusoidal_positions(n_positions, module.pos_embd_dim, factor).to(old.device)
+        table = interpolated_sinusoidal_positions(n_positions, cast(int, module.pos_embd_dim), factor).to(
+            old.device
+        )
         module.embed_positions = table  # a registered (non-persistent) buffer: assignment replaces it
         module.max_positions = n_positions
         tables += 1
@@ -250,7 +256,7 @@ def _rebuild_rotary_embeddings(model: PreTrainedModel) -> None:
             if not type(child).__name__.endswith("RotaryEmbedding") or not hasattr(child, "inv_freq"):
                 continue
             fresh = type(child)(config=model.config)
-            fresh.to(child.inv_freq.device)
+            fresh.to(cast(torch.Tensor, child.inv_freq).device)
             setattr(parent, name, fresh)
 
 

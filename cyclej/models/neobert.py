@@ -34,6 +34,8 @@ The tokenizer is the hub's own files (bert-base-uncased WordPiece, `BertTokenize
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -181,8 +183,8 @@ class NeoBERT(NeoBERTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.encoder = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.encoder = cast(nn.Embedding, value)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutput:
         x = self.encoder(input_ids)
@@ -211,7 +213,7 @@ class NeoBERTLMHead(NeoBERTPreTrainedModel):
     ) -> MaskedLMOutput:
         logits = self.decoder(self.model(input_ids, attention_mask).last_hidden_state)
         loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        return MaskedLMOutput(loss=loss, logits=logits)
+        return MaskedLMOutput(loss=cast("torch.FloatTensor | None", loss), logits=logits)
 
 
 class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
@@ -227,6 +229,7 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         dropout = getattr(config, "classifier_dropout", None)
         self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        assert config.num_labels is not None  # a classification config always has its labels
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -250,7 +253,7 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         x = self.dropout(torch.tanh(self.dense(x)))
         logits = self.classifier(x)
         loss = None if labels is None else F.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=cast("torch.FloatTensor | None", loss), logits=logits)
 
 
 # Importing this module makes "neobert" a model type transformers knows; exist_ok: re-imports are fine.

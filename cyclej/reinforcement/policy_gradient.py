@@ -388,7 +388,8 @@ class RLTrainer:
                 self.world,
                 self.world,
             )
-        self.rollout_policy = copy.deepcopy(policy).to(weights_dtype(self.cfg.precision, self.device))
+        # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+        self.rollout_policy = copy.deepcopy(policy).to(weights_dtype(self.cfg.precision, self.device))  # type: ignore[arg-type]
         self.rollout_policy.eval().requires_grad_(False)
 
     # ---- 1-3: prompts, rollouts, back-translations ---------------------------------------------------
@@ -806,7 +807,8 @@ class RLTrainer:
         full = full_state_dict(self.policy, cpu_offload=True)
         if not is_main():
             return None
-        model = self.rollout_policy.to(device="cpu", dtype=torch.float32)
+        # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+        model = self.rollout_policy.to(device="cpu", dtype=torch.float32)  # type: ignore[call-arg]
         with torch.no_grad():
             model.load_state_dict(full)
         return model

@@ -87,7 +87,8 @@ def run_context(run: StageRun) -> ArtifactRef | None:
         eval_tokens[i : i + old_eval_len] for i in range(0, len(eval_tokens) - old_eval_len + 1, old_eval_len)
     ]
 
-    model.to(device)
+    # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+    model.to(device)  # type: ignore[arg-type]
     batch = ccfg.micro_batch_size
     with progress.bar("perplexity before", total=2, unit="eval") as bar:
         ppl_base_old_len = perplexity(model, old_rows, batch, ccfg.precision)
@@ -105,7 +106,8 @@ def run_context(run: StageRun) -> ArtifactRef | None:
     ppl_after = perplexity(model, eval_rows, batch, ccfg.precision)
     ppl_after_old_len = perplexity(model, old_rows, batch, ccfg.precision)
 
-    save_model(model.to("cpu"), tokenizer, work / "model")
+    # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+    save_model(model.to("cpu"), tokenizer, work / "model")  # type: ignore[arg-type]
     # Marker tokens and domain names beside the weights, so `cyclej translate --model` needs no config.
     write_model_info(work / "model", markers, [cfg.domain_a.name, cfg.domain_b.name])
     metrics: dict[str, Any] = {

@@ -58,7 +58,8 @@ def load_lora_base(run: StageRun, tcfg: TrainConfig) -> LoraModel:
         str(base_dir), markers=markers, dtype=weights_dtype(tcfg.precision, run.device)
     )
     marker_a, marker_b = marker_token_ids(tokenizer, markers)
-    return LoraModel(tcfg, model.to(run.device), tokenizer, marker_a, marker_b)
+    # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+    return LoraModel(tcfg, model.to(run.device), tokenizer, marker_a, marker_b)  # type: ignore[arg-type]
 
 
 def train_and_commit_adapter(

@@ -88,14 +88,16 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     # the bf16 copy the forward uses is made after (rounding the merge's small deltas only there).
     policy, tokenizer = load_model(str(merged_dir), markers=markers, dtype=torch.float32)
     exact = {p: p.detach() for p in policy.parameters()} if dtype != torch.float32 else {}
-    policy.to(device=device, dtype=dtype)
+    # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+    policy.to(device=device, dtype=dtype)  # type: ignore[call-arg]
     reference = None
     if rcfg.kl_coef > 0:
         # in the compute dtype on every rank (frozen, never sharded: its forward needs no communication)
         reference, _ = load_model(
             str(merged_dir), markers=markers, dtype=weights_dtype(rcfg.precision, device)
         )
-        reference.to(device).eval().requires_grad_(False)
+        # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
+        reference.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     id_a, id_b = marker_token_ids(tokenizer, markers)
 
     embedder = load_embedder(cfg.models.embedder, device) if weights["embedding"] > 0 else None
