@@ -23,7 +23,7 @@ import inspect
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
@@ -35,6 +35,9 @@ from cyclej.runtime.distributed import rank, sum_tensors, world_size
 from cyclej.runtime.faults import maybe_fault
 from cyclej.training.oom import OutOfMemory, map_halving, oom_message, release_memory
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 REAL_A, REAL_B, GENERATED = 0, 1, 2
 LABELS = {REAL_A: "real_a", REAL_B: "real_b", GENERATED: "generated"}
 DomainKey = Literal["a", "b"]
@@ -45,7 +48,7 @@ def _load_classifier(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.
     """The tokenizer and a fresh 3-class head on the encoder at `path`. A NeoBERT checkpoint (config
     model_type "neobert", e.g. chandar-lab/NeoBERT) is built by cyclej.models.neobert and never by its hub code,
     whatever `trust_remote_code` says: that code imports xformers, which no lock of ours has."""
-    head = {
+    head: dict[str, Any] = {
         "num_labels": 3,
         "id2label": LABELS,
         "label2id": {v: k for k, v in LABELS.items()},
@@ -369,6 +372,6 @@ class Discriminator:
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """A plain HF sequence-classification directory (usable later as a domain classifier)."""
         out = Path(out_dir)
-        self.model.save_pretrained(out)
+        cast("PreTrainedModel", self.model).save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return out

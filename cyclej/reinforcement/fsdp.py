@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -71,9 +71,9 @@ def full_state_dict(model: torch.nn.Module, cpu_offload: bool) -> dict[str, torc
     """The full weights by their single-process names. A collective: every rank calls it. With
     `cpu_offload` only rank 0 gets them (in RAM, one tensor gathered at a time); without, every rank does
     (on its device), e.g. to refresh its own rollout copy."""
-    return get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
-    )
+    # torch types the values as any state-dict value; a model's full state dict holds tensors.
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+    return cast("dict[str, torch.Tensor]", sd)
 
 
 def full_optimizer_tensors(
@@ -91,7 +91,7 @@ def full_optimizer_tensors(
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, int] = {}
     for i, name in enumerate(names):
-        st = osd["state"].get(name)
+        st = cast("dict[str, dict[str, Any]]", osd["state"]).get(name)  # per-parameter state, by name
         if not st:
             tensors[f"{i}/param"] = weights[name]
             continue
@@ -133,7 +133,7 @@ def load_full_training_state(
                         st[what] = f.get_tensor(key)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     # strict=False: a tied head (Llama) is one parameter under two names; the checkpoint names it once.
-    set_model_state_dict(model, weights, options=options)
+    set_model_state_dict(model, cast("dict[str, Any]", weights), options=options)
     for group, saved in zip(optimizer.param_groups, meta["groups"], strict=True):
         group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
     if steps:
@@ -142,5 +142,8 @@ def load_full_training_state(
             for g in optimizer.param_groups
         ]
         set_optimizer_state_dict(
-            model, optimizer, {"state": state, "param_groups": groups} if is_main() else {}, options=options
+            model,
+            optimizer,
+            {"state": cast("dict[str, Any]", state), "param_groups": groups} if is_main() else {},
+            options=options,
         )

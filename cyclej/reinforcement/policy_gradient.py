@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from safetensors import safe_open
@@ -435,7 +435,7 @@ class RLTrainer:
                 ro.sources.append(text)
                 ro.source_domains.append(d)
                 ro.target_domains.append(OTHER[d])
-                ro.translations.append(self.tokenizer.decode(c, skip_special_tokens=True).strip())
+                ro.translations.append(cast(str, self.tokenizer.decode(c, skip_special_tokens=True)).strip())
         if self.back_translate:
             back_prompts = [
                 [self.marker_ids[t], *self._strip_eos(c), self.marker_ids[s]]
@@ -446,7 +446,7 @@ class RLTrainer:
             )
             back = self._generate(back_prompts, greedy)
             ro.back_translations = [
-                self.tokenizer.decode(b[0], skip_special_tokens=True).strip() for b in back
+                cast(str, self.tokenizer.decode(b[0], skip_special_tokens=True)).strip() for b in back
             ]
         else:
             ro.back_translations = [""] * len(ro)
@@ -470,7 +470,7 @@ class RLTrainer:
             else:
                 own = range(r, len(prompts), self.world)
                 out = self.backend.generate([prompts[i] for i in own], settings)
-                mine = [[None] * n for _ in prompts]  # type: ignore[misc]
+                mine = [[None] * n for _ in prompts]  # type: ignore[list-item]
                 for i, completions in zip(own, out, strict=True):
                     mine[i] = completions
         except Exception as exc:
@@ -691,7 +691,9 @@ class RLTrainer:
             **loss_terms,
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             # ‖Δθ‖/‖θ‖ of this step on the fp32 masters: does the optimizer move the model at all?
-            "update_size": self._relative_update if self.distributed else self.optimizer.relative_update,
+            "update_size": self._relative_update
+            if self.distributed
+            else cast(MasterAdamW, self.optimizer).relative_update,
             **R.summarize(parts, total),
             "completion_tokens/mean": sum(len(c) for c in ro.completion_ids) / len(ro),
             "rollout_micro_batch": self.micro_batch,
@@ -801,7 +803,7 @@ class RLTrainer:
             from cyclej.training.optim import fp32_with_masters
 
             assert isinstance(self.optimizer, MasterAdamW)
-            return fp32_with_masters(self.policy, self.optimizer)
+            return cast(PreTrainedModel, fp32_with_masters(self.policy, self.optimizer))
         from cyclej.reinforcement.fsdp import full_state_dict
 
         full = full_state_dict(self.policy, cpu_offload=True)
