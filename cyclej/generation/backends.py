@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 
@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("cyclej")
+
+
+class _Generates(Protocol):
+    """A causal LM's `generate` (GenerationMixin's; PreTrainedModel itself does not declare it)."""
+
+    def generate(self, **kwargs: Any) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,7 @@ class TransformersBackend:
         )
         device = self.device
         with torch.no_grad():
-            out = self.model.generate(
+            out = cast(_Generates, self.model).generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 position_ids=position_ids.to(device),
@@ -354,7 +360,8 @@ class VllmBackend:
             )
         )
         tokenizer = self.llm.get_tokenizer()
-        self.stop_ids = stop_token_ids(tokenizer)
+        # vLLM's tokenizer is the model's Hugging Face one (only its eos_token_id is read).
+        self.stop_ids = stop_token_ids(cast("PreTrainedTokenizerBase", tokenizer))
         self.pad_id = tokenizer.pad_token_id
         self.last_generated_tokens = 0
         self.last_stopped: list[list[bool]] = []
@@ -568,4 +575,7 @@ def generate_text(
     """Text in, text out: n decoded completions per prompt (special tokens dropped, ends stripped)."""
     ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     out = backend.generate(ids, settings)
-    return [[tokenizer.decode(c, skip_special_tokens=True).strip() for c in per_prompt] for per_prompt in out]
+    return [
+        [cast(str, tokenizer.decode(c, skip_special_tokens=True)).strip() for c in per_prompt]
+        for per_prompt in out
+    ]

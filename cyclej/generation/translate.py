@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -207,7 +207,7 @@ def load_adapter_model(
         rows = load_file(str(rows_file))
         ids = rows["token_ids"].long()
         with torch.no_grad():
-            inp = model.get_input_embeddings().weight
+            inp = cast(torch.nn.Embedding, model.get_input_embeddings()).weight
             inp[ids] = rows["input_embeddings"].to(inp.dtype)
             out = model.get_output_embeddings()
             if "output_embeddings" in rows and out is not None and out.weight.data_ptr() != inp.data_ptr():
@@ -262,7 +262,7 @@ def load_for_translation(
     if choose_backend(backend, str(model_dir), expected_tokens) == "vllm":
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(model_dir))
         marker_token_ids(tokenizer, list(pair))  # vLLM cannot add tokens: they must be in the folder already
         # Short-lived engines: on a CPU, torch.compile would cost more than the whole job (minutes).
         return (
@@ -386,7 +386,7 @@ def translate_detailed(
         tokens = per_prompt[0] if per_prompt else []
         # The batch ran to the longest limit; a line that went past its own limit ran away.
         runaway = len(tokens) > limit or (not ended[0] and len(tokens) >= limit)
-        text = _one_line(tokenizer.decode(tokens[:limit], skip_special_tokens=True))
+        text = _one_line(cast(str, tokenizer.decode(tokens[:limit], skip_special_tokens=True)))
         out.append(Translation(text, runaway))
     return out
 
