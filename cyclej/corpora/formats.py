@@ -25,11 +25,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from cyclej.errors import BadInput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100  # label of a token the loss skips (PyTorch cross-entropy's ignore_index)
 
@@ -291,7 +294,8 @@ def supports_packing(model: torch.nn.Module) -> bool:
     cached = getattr(model, "_cyclej_supports_packing", None)
     if cached is not None:
         return bool(cached)
-    vocab = model.get_input_embeddings().num_embeddings
+    embed = cast("PreTrainedModel", model).get_input_embeddings()
+    vocab = cast(torch.nn.Embedding, embed).num_embeddings
     first = Example([3 % vocab, 5 % vocab, 7 % vocab, 11 % vocab], [IGNORE_INDEX] * 4)
     second = Example([13 % vocab, 17 % vocab, 19 % vocab], [IGNORE_INDEX] * 3)
     param = next(model.parameters())
@@ -310,7 +314,8 @@ def supports_packing(model: torch.nn.Module) -> bool:
         ok = False  # the family rejects a 4D mask or position ids
     finally:
         model.train(was_training)
-    model._cyclej_supports_packing = ok
+    # nn.Module's stub allows only tensors and modules here; any attribute value works at runtime.
+    model._cyclej_supports_packing = ok  # type: ignore[assignment]
     return ok
 
 

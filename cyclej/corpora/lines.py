@@ -24,7 +24,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from cyclej.errors import BadInput
 
@@ -167,7 +167,7 @@ def _jsonl_texts(path: Path, physical: list[str], field: str, what: str) -> list
             obj = json.loads(line)
         except ValueError as exc:
             raise BadInput(
-                f"{what}: {path}:{lineno}: not valid JSON ({exc.msg}); one object per line"
+                f"{what}: {path}:{lineno}: not valid JSON ({cast(json.JSONDecodeError, exc).msg}); one object per line"
             ) from None
         if not isinstance(obj, dict) or field not in obj:
             raise BadInput(

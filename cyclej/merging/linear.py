@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -280,10 +280,10 @@ def embedding_keys(base_dir: Path, stored: set[str]) -> tuple[str, str | None]:
     names = {id(m): n for n, m in model.named_modules()}
     inp = names[id(model.get_input_embeddings())] + ".weight"
     out_module = model.get_output_embeddings()
-    out = names[id(out_module)] + ".weight" if out_module is not None else None
+    out_name = names[id(out_module)] + ".weight" if out_module is not None else None
     if inp not in stored:
         raise BadInput(f"{base_dir}: the input embedding {inp} is not in the checkpoint")
-    return inp, (out if out in stored else None)
+    return inp, (out_name if out_name in stored else None)
 
 
 def _read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
@@ -320,7 +320,11 @@ def _row_plan(
     adapters: Sequence[tuple[Adapter, float]], attr: str
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]] | None:
     """All marker ids touched by any adapter, and per adapter (positions into those ids, its rows, weight)."""
-    parts = [(a.marker_ids, getattr(a, attr), w) for a, w in adapters if getattr(a, attr) is not None]
+    # An adapter with marker rows has their marker ids.
+    parts = cast(
+        "list[tuple[torch.Tensor, torch.Tensor, float]]",
+        [(a.marker_ids, getattr(a, attr), w) for a, w in adapters if getattr(a, attr) is not None],
+    )
     if not parts:
         return None
     ids = torch.unique(torch.cat([p[0] for p in parts]))
@@ -458,7 +462,8 @@ def write_merge(plan: MergePlan, out_dir: str | Path, progress: Progress | None 
                         raise RuntimeError(
                             f"{key}: merged tensor has {data.nbytes} bytes, expected {end - begin}"
                         )
-                    fout.write(memoryview(data))
+                    # A numpy array exports the buffer protocol; numpy's stubs do not declare it.
+                    fout.write(memoryview(data))  # type: ignore[arg-type]
                     changed += merge_here
                     del merged, data
                 else:
