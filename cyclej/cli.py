@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 
@@ -327,7 +327,7 @@ def translate(
     out = translate_lines(
         str(model_dir),
         lines,
-        to,
+        cast(Literal["a", "b"], to),  # checked above (typer has no Literal options)
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         backend=backend,  # type: ignore[arg-type]

@@ -169,7 +169,8 @@ def evaluate(
             # Both directions, each translated and translated back.
             expected_tokens = 2 * (len(src["a"]) + len(src["b"])) * ev.max_new_tokens
             system = as_system(spec, markers, ev.batch_size, ev.max_new_tokens, ev.backend, expected_tokens)
-            for source_domain, target in (("a", "b"), ("b", "a")):
+            directions: tuple[tuple[Domain, Domain], ...] = (("a", "b"), ("b", "a"))
+            for source_domain, target in directions:
                 sources = src[source_domain]
                 outputs = _checked(system(sources, target), sources, name)  # type: ignore[arg-type]
                 runaway = _runaway_flags(system, len(outputs))

@@ -272,7 +272,7 @@ def _train_memory(
     w = 2 if _bf16(tcfg.precision) else 4
     if tcfg.lora is not None:
         trainable = shape.lora_params(tcfg.lora.rank)
-        mem = {
+        mem: dict[str, float] = {
             "weights": shape.params * w + trainable * 4,
             "gradients": trainable * 4,
             "optimizer": trainable * 8,
@@ -873,7 +873,7 @@ def format_plan(
     """The table `cyclej plan` prints; with `fingerprints` (the pipeline plan's, cyclej.pipeline.registry), each
     stage's fingerprint beside its name."""
     prices = prices or load_prices()
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             "stage",
             "model",

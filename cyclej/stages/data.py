@@ -75,7 +75,7 @@ def run_data(run: StageRun) -> ArtifactRef:
             (out / d.key / f"{split}.txt").write_text(
                 "".join(f"{line}\n" for line in lines), encoding="utf-8"
             )
-    stats = {
+    stats: dict[str, Any] = {
         "tokenizer": cfg.models.base,
         "max_tokens": cfg.data.max_tokens,
         **{d.key: {"name": d.cfg.name, **d.stats} for d in domains},

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from cyclej.corpora.formats import Example, domain_examples, para_examples, translation_example
 from cyclej.corpora.template_transfer import TemplateTransfer, back_translated_pairs
@@ -54,7 +55,7 @@ def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[E
         # 2A learned to change the style: score it on what it learned, template pairs of the dev lines.
         marker = {"a": marker_a, "b": marker_b}
         transfer = TemplateTransfer.from_config({d: run.lines(d, "train") for d in ("a", "b")}, tpc)
-        dev = {d: run.lines(d, "dev") for d in ("a", "b")}
+        dev: dict[Literal["a", "b"], Sequence[str]] = {d: run.lines(d, "dev") for d in ("a", "b")}
         for p in back_translated_pairs(transfer, dev, cfg.merge.sweep_examples):
             para_style.append(
                 translation_example(

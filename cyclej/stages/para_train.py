@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cyclej.config import TemplatePairsConfig
 from cyclej.corpora.formats import Example, para_examples, translation_example
@@ -99,7 +100,7 @@ def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[B
     """The back-translated template pairs of the data stage's train lines, written beside the adapter
     (`template_pairs.jsonl`) so a reader can see what the model was shown."""
     with run.progress.bar("template pairs", total=1, unit="fit") as bar:
-        train = {d: run.lines(d, "train") for d in ("a", "b")}
+        train: dict[Literal["a", "b"], Sequence[str]] = {d: run.lines(d, "train") for d in ("a", "b")}
         transfer = TemplateTransfer.from_config(train, tpc)
         pairs = back_translated_pairs(transfer, train, tpc.per_domain, seed)
         bar.update(1)

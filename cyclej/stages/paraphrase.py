@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +50,9 @@ from cyclej.pipeline.registry import StageRun, stage_fingerprint
 from cyclej.runtime.faults import maybe_fault
 from cyclej.runtime.progress import Progress
 from cyclej.runtime.store import ArtifactRef, ArtifactStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STAGE = "paraphrase"
 log = logging.getLogger("cyclej")
@@ -117,7 +120,9 @@ def _paraphraser(cfg: PipelineConfig, n_texts: int) -> _Paraphraser:
         if backend_kind == "vllm":
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.paraphraser))
+            tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+                resolve_model(cfg.models.paraphraser)
+            )
             backend = make_backend(
                 "vllm",
                 cfg.models.paraphraser,
@@ -281,7 +286,7 @@ def _samples(pairs: list[dict[str, Any]], k: int = N_SAMPLES) -> list[dict[str, 
     by_domain = {d: [p for p in pairs if p["domain"] == d] for d in ("a", "b")}
     n_b = min(len(by_domain["b"]), k - min(len(by_domain["a"]), k // 2))
     n_a = min(len(by_domain["a"]), k - n_b)
-    out = []
+    out: list[dict[str, Any]] = []
     for rows, n in ((by_domain["a"], n_a), (by_domain["b"], n_b)):
         out.extend(rows[i * len(rows) // n] for i in range(n))
     return out

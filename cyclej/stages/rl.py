@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -62,7 +62,7 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     if sharded:
         dtype = torch.float32
 
-    sources = {d: run.lines(d, "train") for d in ("a", "b")}
+    sources: dict[Literal["a", "b"], list[str]] = {d: run.lines(d, "train") for d in ("a", "b")}
     weights = rcfg.rewards.model_dump()
     discriminator = None
     if weights["discriminator"] > 0:
@@ -87,7 +87,9 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     # Loaded in fp32 (the merge is stored in fp32) and those exact values become the optimizer's masters;
     # the bf16 copy the forward uses is made after (rounding the merge's small deltas only there).
     policy, tokenizer = load_model(str(merged_dir), markers=markers, dtype=torch.float32)
-    exact = {p: p.detach() for p in policy.parameters()} if dtype != torch.float32 else {}
+    exact: dict[torch.Tensor, torch.Tensor] = (
+        {p: p.detach() for p in policy.parameters()} if dtype != torch.float32 else {}
+    )
     # transformers types PreTrainedModel.to as @wraps(nn.Module.to): unbound, so mypy misreads it
     policy.to(device=device, dtype=dtype)  # type: ignore[call-arg]
     reference = None

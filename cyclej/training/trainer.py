@@ -204,7 +204,7 @@ class TrainResult:
         if self.marker_rows is not None:
             save_marker_rows(self.marker_rows, out_dir / MARKER_ROWS_FILE)
 
-    def merged_model(self) -> nn.Module:
+    def merged_model(self) -> PreTrainedModel:
         """A plain transformers model: LoRA merged into the weights, marker rows written into the
         embedding matrices. The result of this call replaces `model` (peft wrapper removed).
 
@@ -221,7 +221,7 @@ class TrainResult:
             self.marker_rows.write_into_weights()
         for p in model.parameters():
             p.requires_grad_(False)
-        return model
+        return cast("PreTrainedModel", model)
 
 
 # ---- the data order --------------------------------------------------------------------
