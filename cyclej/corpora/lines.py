@@ -69,7 +69,8 @@ def corpus_files(spec: str, what: str) -> list[Path]:
         )
         if not found:
             raise BadInput(
-                f"{what}: folder {p} holds no {'/'.join(SUPPORTED_SUFFIXES)} files; point at the files themselves"
+                f"{what}: folder {p} holds no {'/'.join(SUPPORTED_SUFFIXES)} files; point at the files "
+                "themselves"
             )
         return found
     raise BadInput(f"{what}: {p}: no such file or folder; check the path in the config")
@@ -123,7 +124,8 @@ def _refuse_binary(path: Path, raw: bytes, what: str) -> None:
         controls = sum(1 for b in sample if b in _CONTROL_BYTES)
         if controls / len(sample) > _BINARY_CONTROL_FRACTION:
             raise BadInput(
-                f"{what}: {path} is a binary file ({controls / len(sample):.0%} control bytes): give UTF-8 text"
+                f"{what}: {path} is a binary file ({controls / len(sample):.0%} control bytes): give UTF-8 "
+                "text"
             )
 
 
@@ -167,7 +169,8 @@ def _jsonl_texts(path: Path, physical: list[str], field: str, what: str) -> list
             obj = json.loads(line)
         except ValueError as exc:
             raise BadInput(
-                f"{what}: {path}:{lineno}: not valid JSON ({cast(json.JSONDecodeError, exc).msg}); one object per line"
+                f"{what}: {path}:{lineno}: not valid JSON ({cast(json.JSONDecodeError, exc).msg}); one "
+                "object per line"
             ) from None
         if not isinstance(obj, dict) or field not in obj:
             raise BadInput(
