@@ -42,7 +42,8 @@ def words(line: str) -> list[str]:
 
 
 def _discount(counts: Counter[tuple[str, ...]]) -> float:
-    """Ney's absolute discount n1 / (n1 + 2·n2) from the count-of-counts (0.75 when it cannot be estimated)."""
+    """Ney's absolute discount n1 / (n1 + 2·n2) from the count-of-counts
+    (0.75 when it cannot be estimated)."""
     histogram = Counter(counts.values())
     n1, n2 = histogram.get(1, 0), histogram.get(2, 0)
     return n1 / (n1 + 2 * n2) if n1 and n2 else 0.75

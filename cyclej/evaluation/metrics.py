@@ -2,8 +2,9 @@
 
 Per system and direction (a→b, b→a) and pooled over both ("overall"):
 
-- style_acc   the share of outputs the style judge (cyclej.evaluation.judge, TF-IDF + logistic regression, trained
-              on the train corpora, independent of the RL discriminator) assigns to the target domain;
+- style_acc   the share of outputs the style judge (cyclej.evaluation.judge, TF-IDF + logistic regression,
+              trained on the train corpora, independent of the RL discriminator) assigns to the target
+              domain;
 - self_bleu   corpus BLEU (sacrebleu) of the outputs against their sources (content kept, or copied);
 - similarity  mean cosine similarity of output and source sentence embeddings (cfg.models.embedder);
 - ref_bleu    corpus BLEU against human references, when the dev sets are line-aligned translations;
@@ -20,8 +21,9 @@ Per system and direction (a→b, b→a) and pooled over both ("overall"):
 Systems are callables `system(lines, to) -> lines` or model directories; models are loaded one at a time
 and released before the next, then the embedder and the fluency LM are loaded once each.
 
-This module runs the systems and gathers the per-sentence scores; the scorers are in cyclej.evaluation.scorers,
-the report (tables, files, J's definition) in cyclej.evaluation.report, its plots in cyclej.evaluation.plots.
+This module runs the systems and gathers the per-sentence scores; the scorers are in
+cyclej.evaluation.scorers, the report (tables, files, J's definition) in cyclej.evaluation.report, its plots
+in cyclej.evaluation.plots.
 """
 
 from __future__ import annotations
@@ -232,7 +234,8 @@ def evaluate(
 
 
 def model_label(model_dir: Path) -> str:
-    """A row name for a model folder: `<stage>/<fingerprint>` for an artifact's model/, else the folder name."""
+    """A row name for a model folder: `<stage>/<fingerprint>` for an artifact's model/,
+    else the folder name."""
     p = Path(model_dir)
     return f"{p.parent.parent.name}/{p.parent.name}" if p.name == "model" else p.name
 

@@ -64,7 +64,8 @@ def _save(fig: Any, ax: Any, path: Path) -> Path:
 
 def _reward_curves(log: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
     """Every numeric column whose name mentions 'reward', against 'step' (or the record index). When the
-    log has per-reward means (`reward/<name>/mean`, as cyclej.reinforcement.policy_gradient writes), only those are drawn."""
+    log has per-reward means (`reward/<name>/mean`, as cyclej.reinforcement.policy_gradient writes),
+    only those are drawn."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for i, rec in enumerate(log):
         step = rec.get("step", i + 1)

@@ -1,5 +1,5 @@
-"""The evaluation report (cyclej.evaluation.metrics computes it): the tables, report.md, report.csv, examples.jsonl,
-metrics.json, the plots (cyclej.evaluation.plots) and the definition of J.
+"""The evaluation report (cyclej.evaluation.metrics computes it): the tables, report.md, report.csv,
+examples.jsonl, metrics.json, the plots (cyclej.evaluation.plots) and the definition of J.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class EvalReport:
         first = next(iter(self.fluency.values()), {})
         pct = float(first.get("percentile", 0.0))
         thresholds = "; ".join(
-            f"{name}: perplexity ≤ {f.get('max_perplexity', math.inf):.1f}, SLOR ≥ {f.get('min_slor', -math.inf):.3f}"
+            f"{name}: perplexity ≤ {f.get('max_perplexity', math.inf):.1f}, SLOR ≥ "
+            f"{f.get('min_slor', -math.inf):.3f}"
             for name, f in zip(self.domains, self.fluency.values(), strict=False)
         )
         return J_DEFINITION.format(
@@ -95,24 +96,27 @@ class EvalReport:
                 "",
                 "## Definitions",
                 "",
-                f"- **Style judge**: logistic regression on TF-IDF word (1–2-gram) and character (2–5-gram) features, "
-                f"trained on the train corpora of both domains, independent of the RL discriminator. "
-                f"**Judge dev accuracy: {self.judge_dev_accuracy:.4f}** ({a}: {self.judge_dev_accuracy_a:.4f}, "
-                f"{b}: {self.judge_dev_accuracy_b:.4f}). style_acc = share of outputs judged to be in the target domain.",
-                "- **self_bleu**: sacrebleu corpus BLEU of the outputs against their sources; **ref_bleu**: against "
-                "line-aligned human references (empty when the dev sets have none); **cycle_bleu**: of the "
-                "back-translations against the sources.",
-                f"- **similarity**: mean cosine similarity of sentence embeddings of output and source ({self.embedder}).",
-                "- **perplexity**: per-word perplexity (end of line counted) of the outputs under a Kneser-Ney "
-                "n-gram LM of the target domain's train lines; **fluent**: share of outputs judged fluent text of "
-                "the target domain (definition under J). Fluency LMs: "
+                "- **Style judge**: logistic regression on TF-IDF word (1–2-gram) and character (2–5-gram) "
+                "features, trained on the train corpora of both domains, independent of the RL "
+                f"discriminator. **Judge dev accuracy: {self.judge_dev_accuracy:.4f}** ({a}: "
+                f"{self.judge_dev_accuracy_a:.4f}, {b}: {self.judge_dev_accuracy_b:.4f}). style_acc = share "
+                "of outputs judged to be in the target domain.",
+                "- **self_bleu**: sacrebleu corpus BLEU of the outputs against their sources; "
+                "**ref_bleu**: against line-aligned human references (empty when the dev sets have none); "
+                "**cycle_bleu**: of the back-translations against the sources.",
+                "- **similarity**: mean cosine similarity of sentence embeddings of output and source "
+                f"({self.embedder}).",
+                "- **perplexity**: per-word perplexity (end of line counted) of the outputs under a "
+                "Kneser-Ney n-gram LM of the target domain's train lines; **fluent**: share of outputs "
+                "judged fluent text of the target domain (definition under J). Fluency LMs: "
                 + "; ".join(
                     f"{name}: {_fluency_text(f)}"
                     for name, f in zip(self.domains, self.fluency.values(), strict=False)
                 )
                 + ".",
-                "- **runaway**: share of outputs whose generation reached its token limit without an EOS or a line "
-                "break (– for systems that do not report it); **length_ratio**: mean of output words / source words.",
+                "- **runaway**: share of outputs whose generation reached its token limit without an EOS "
+                "or a line break (– for systems that do not report it); **length_ratio**: mean of output "
+                "words / source words.",
                 f"- **{self.j_definition}**",
                 "",
             ]
@@ -156,8 +160,8 @@ class EvalReport:
 def _fluency_text(f: dict[str, Any]) -> str:
     return (
         f"{f.get('order')}-gram, {f.get('vocabulary')} words, fitted on {f.get('fitted_lines')} train lines, "
-        f"thresholds set on {f.get('held_out_lines')} held-out ones (of which {f.get('held_out_fluent', 0):.1%} "
-        "are judged fluent)"
+        f"thresholds set on {f.get('held_out_lines')} held-out ones (of which "
+        f"{f.get('held_out_fluent', 0):.1%} are judged fluent)"
     )
 
 
