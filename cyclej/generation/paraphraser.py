@@ -54,7 +54,8 @@ def user_message(instruction: str, text: str) -> str:
 def build_messages(
     text: str, instruction: str, system_prompt: str | None, system_role: bool
 ) -> list[dict[str, str]]:
-    """The chat turns for one text: the instruction always in the user turn, a system turn only where allowed."""
+    """The chat turns for one text: the instruction always in the user turn,
+    a system turn only where allowed."""
     messages = []
     if system_role and system_prompt:
         messages.append({"role": "system", "content": system_prompt})
@@ -163,7 +164,8 @@ _REFUSALS = [
 
 
 def is_refusal(source: str, candidate: str) -> bool:
-    """A refusal phrase in the output that the source does not contain itself (a review may say 'I'm sorry')."""
+    """A refusal phrase in the output that the source does not contain itself
+    (a review may say 'I'm sorry')."""
     return any(p.search(candidate) and not p.search(source) for p in _REFUSALS)
 
 

@@ -3,8 +3,9 @@
 A model is a local HF directory, an artifact directory (its `model/` is used), an `s3://…` artifact URI
 (fetched through the artifact store) or a built-in spec. An adapter artifact (`para_train`,
 `domain_train`) is applied to the `context` model it names in `base.json` and merged once into a plain HF
-directory in the model cache, so it translates (and loads in vLLM) like any other stage's model. Its marker tokens are read from `cyclej.json`
-beside the weights, else from the tokenizer's extra special tokens (the markers are the last two added).
+directory in the model cache, so it translates (and loads in vLLM) like any other stage's model. Its marker
+tokens are read from `cyclej.json` beside the weights, else from the tokenizer's extra special tokens (the
+markers are the last two added).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def merged_adapter_dir(artifact: Path, uri: str, store: ArtifactStore | None) ->
         return out
     base_dir = adapter_base_dir(artifact, uri, store)
     markers = model_markers(base_dir)
-    # fp32 whatever the base's stored dtype: a LoRA delta merged into bf16 weights loses ~a third of its entries.
+    # fp32 whatever the base's stored dtype: a LoRA delta merged into bf16 weights loses ~a third of its
+    # entries.
     model, tokenizer, _ = load_adapter_model(base_dir, artifact, markers, dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
