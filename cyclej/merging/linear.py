@@ -162,7 +162,8 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def load_adapter(stage_dir: str | Path) -> Adapter:
-    """Read a `para_train`/`domain_train` artifact: `adapter/` (PEFT save_pretrained) + `marker_rows.safetensors`.
+    """Read a `para_train`/`domain_train` artifact: `adapter/` (PEFT save_pretrained)
+    + `marker_rows.safetensors`.
 
     A stage directory without `marker_rows.safetensors` (marker rows not trained) contributes no row changes.
     """
@@ -638,6 +639,7 @@ def sweep_markdown(rows: Sequence[SweepRow], best: float) -> str:
     for r in rows:
         mark = "**best**" if r.weight == best else ""
         lines.append(
-            f"| {r.weight:g} | {1 - r.weight:g} | {r.para_loss:.4f} | {r.domain_loss:.4f} | {r.score:.4f} | {mark} |"
+            f"| {r.weight:g} | {1 - r.weight:g} | {r.para_loss:.4f} | {r.domain_loss:.4f} | {r.score:.4f} | "
+            f"{mark} |"
         )
     return "\n".join(lines) + "\n"
