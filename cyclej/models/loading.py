@@ -202,11 +202,13 @@ def extend_context(model: PreTrainedModel, factor: float) -> None:
     rope = getattr(cfg, "rope_parameters", None)
     if not isinstance(rope, dict) or "rope_type" not in rope:
         raise BadInput(
-            f"context.factor: model type '{cfg.model_type}' has no RoPE parameters to scale; set context.factor: 1"
+            f"context.factor: model type '{cfg.model_type}' has no RoPE parameters to scale; "
+            "set context.factor: 1"
         )
     if rope["rope_type"] not in ("default", "linear"):
         raise BadInput(
-            f"context.factor: the model already uses '{rope['rope_type']}' RoPE scaling; set context.factor: 1"
+            f"context.factor: the model already uses '{rope['rope_type']}' RoPE scaling; "
+            "set context.factor: 1"
         )
     total = float(rope.get("factor", 1.0)) * factor if rope["rope_type"] == "linear" else factor
     cfg.rope_parameters = {**rope, "rope_type": "linear", "factor": total}

@@ -7,7 +7,8 @@ every such module before it runs the file and raises ImportError for a missing o
 our locks (NeoBERT's README pins xformers 0.0.28.post3, a build for torch 2.5). So "chandar-lab/NeoBERT"
 cannot load through remote code here. This module implements the same network with the same parameter
 names, registered with transformers' Auto classes under the hub's `model_type` "neobert", and
-`cyclej.reinforcement.discriminator` always loads a "neobert" checkpoint through it, never through the hub's code.
+`cyclej.reinforcement.discriminator` always loads a "neobert" checkpoint through it,
+never through the hub's code.
 
 The network, as the hub's model.py and rotary.py compute it (checked against a restatement of that code in
 tests/test_neobert.py):
@@ -86,7 +87,8 @@ class NeoBERTConfig(PretrainedConfig):
 
     @property
     def ffn_size(self) -> int:
-        """The SwiGLU width: 2/3 of intermediate_size, rounded up to a multiple of 8 (the hub's EncoderBlock)."""
+        """The SwiGLU width: 2/3 of intermediate_size, rounded up to a multiple of 8
+        (the hub's EncoderBlock)."""
         f = int(2 * self.intermediate_size / 3)
         return 8 * ((f + 7) // 8)
 
@@ -157,7 +159,8 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EncoderBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The hub's init (uniform within the init ranges); only what a checkpoint did not provide is touched."""
+        """The hub's init (uniform within the init ranges);
+        only what a checkpoint did not provide is touched."""
         if isinstance(module, nn.Linear):
             init.uniform_(module.weight, -self.config.decoder_init_range, self.config.decoder_init_range)
             if module.bias is not None:

@@ -55,8 +55,8 @@ class ModelShape:
 _GPTJ = ModelShape(6_053_381_344, 28, 4096, 16, 16, 16384, 50400, eager_attention=True)
 _MISTRAL = ModelShape(7_241_732_096, 32, 4096, 32, 8, 14336, 32000, gated_mlp=True)
 _QWEN = ModelShape(7_615_616_512, 28, 3584, 28, 4, 18944, 152064, gated_mlp=True)
-# As the discriminator loads it (cyclej.models.neobert, a 3-class head instead of the checkpoint's MLM decoder),
-# with the SwiGLU width the checkpoint has: 2/3 of its config's intermediate_size 3072, i.e. 2048.
+# As the discriminator loads it (cyclej.models.neobert, a 3-class head instead of the checkpoint's MLM
+# decoder), with the SwiGLU width the checkpoint has: 2/3 of its config's intermediate_size 3072, i.e. 2048.
 _NEOBERT = ModelShape(222_258_435, 28, 768, 12, 12, 2048, 30522, gated_mlp=True)
 _MINILM = ModelShape(22_713_216, 6, 384, 12, 12, 1536, 30522)
 _SMOLLM2 = ModelShape(134_515_008, 30, 576, 9, 3, 1536, 49152, gated_mlp=True)
