@@ -1,8 +1,8 @@
 """One rank of a stage on N GPUs: what `python -m torch.distributed.run … -m cyclej.pipeline.rank_worker SPEC`
-runs in each process that cyclej.runtime.distributed.launch_stage starts. It rebuilds the config, the inputs and
-the store from the spec file, joins the process group and calls the stage function, as `run_stage` would
-in a single process (whose lease covers this run). A sharded stage (paraphrase) joins no group: each rank
-is a worker generating its share of the shards on its own GPU, and the launching process assembles them."""
+runs in each process that cyclej.runtime.distributed.launch_stage starts. It rebuilds the config, the inputs
+and the store from the spec file, joins the process group and calls the stage function, as `run_stage` would
+in a single process (whose lease covers this run). A sharded stage (paraphrase) joins no group: each rank is a
+worker generating its share of the shards on its own GPU, and the launching process assembles them."""
 
 from __future__ import annotations
 

@@ -435,14 +435,16 @@ def run_stage(
             ref = store.ref(name, fp)
             assert ref is not None
             return ref
-        # No stage starts while another stage's generation engine holds the device (cyclej.generation.engines).
+        # No stage starts while another stage's generation engine holds the device
+        # (cyclej.generation.engines).
         engines.release_all(starting=name)
         run = StageRun(cfg, stage, {k: inputs[k] for k in stage.inputs}, store, progress)
         if name in GPU_STAGES:
             run.device  # noqa: B018 - resolving it refuses a CPU-only host before the stage computes
         nproc = gpus_for(cfg, name)
         if nproc > 1 and not is_distributed():
-            # N ranks under torchrun in a child process; this process keeps the lease (cyclej.runtime.distributed).
+            # N ranks under torchrun in a child process; this process keeps the lease
+            # (cyclej.runtime.distributed).
             launch_stage(name, cfg, run.inputs, store, nproc, lambda: stage.resume_point(store))
             if stage.sharded:  # the workers saved every shard; this process assembles and commits them
                 return stage_function(name)(run)

@@ -9,11 +9,12 @@ Memory model (bytes; GiB = 2**30 in the output, which is how "80GB" cards are co
   parameters = rank × (in + out) for every attention and MLP projection of every layer; they are kept
   in fp32 (× 4), their gradients × 4, AdamW's two moments × 8. Full fine-tuning (`lora: null`):
   gradients in the weight dtype, AdamW moments in fp32 (× 8).
-- RL (full weights): the bytes `cyclej.training.optim.optimizer_bytes_per_param` gives, which is what the trainer's
-  MasterAdamW allocates: bf16 weights (2) + bf16 gradients (2) + fp32 masters (4) + fp32 AdamW moments (8)
-  = 16 bytes per parameter on the GPU, or 4 on the GPU and 12 in CPU RAM with `rl.optimizer_offload`. A
-  reference policy (kl_coef > 0) adds bf16 weights; the discriminator (only with a discriminator reward)
-  trains in fp32 (16 bytes per parameter) at `rl.discriminator_max_tokens`; the embedder only runs (4).
+- RL (full weights): the bytes `cyclej.training.optim.optimizer_bytes_per_param` gives, which is what the
+  trainer's MasterAdamW allocates: bf16 weights (2) + bf16 gradients (2) + fp32 masters (4) + fp32 AdamW
+  moments (8) = 16 bytes per parameter on the GPU, or 4 on the GPU and 12 in CPU RAM with
+  `rl.optimizer_offload`. A reference policy (kl_coef > 0) adds bf16 weights; the discriminator (only with a
+  discriminator reward) trains in fp32 (16 bytes per parameter) at `rl.discriminator_max_tokens`; the embedder
+  only runs (4).
 - activations, per transformer layer, without activation recomputation (Korthikanti et al. 2022,
   "Reducing Activation Recomputation in Large Transformer Models", eq. 2, at 2-byte activations):
       34 · s · b · h · (k / 2)  +  6 · a · s² · b   (the second term only for eager attention)
@@ -38,36 +39,37 @@ rounded up; a GiB is the larger unit, so a request is never short):
   * loading a model (`cyclej.models.loading.load_model` builds it on the CPU, then moves it): the published or
     committed weights read in (`stored_bytes`: GPT-J-6B's hub weights are fp32) + the model in its dtype;
   * a vLLM engine in the process: `VLLM_HOST_RAM` (its CPU swap space, 4 GiB by default, and its workers);
-  * RL: MasterAdamW's host bytes (`cyclej.training.optim.optimizer_bytes_per_param`: fp32 masters + two moments =
-    12 per parameter with `rl.optimizer_offload`, 67.7 GiB for GPT-J-6B). The merge's fp32 weights the
-    stage loads become the masters (no second copy); the final save (`cyclej.training.optim.fp32_with_masters`)
-    frees the moments and hands the masters over as the CPU model, so it peaks at the same 12 bytes;
-  * merge (CPU, streaming, cyclej.merging.linear): a few (`MERGE_TENSOR_COPIES`) fp32 copies of the largest tensor
-    + both adapters in fp32, + one fp32 model per sweep candidate (scored with load_model).
+  * RL: MasterAdamW's host bytes (`cyclej.training.optim.optimizer_bytes_per_param`: fp32 masters + two
+    moments = 12 per parameter with `rl.optimizer_offload`, 67.7 GiB for GPT-J-6B). The merge's fp32 weights
+    the stage loads become the masters (no second copy); the final save
+    (`cyclej.training.optim.fp32_with_masters`) frees the moments and hands the masters over as the CPU model,
+    so it peaks at the same 12 bytes;
+  * merge (CPU, streaming, cyclej.merging.linear): a few (`MERGE_TENSOR_COPIES`) fp32 copies of the largest
+    tensor + both adapters in fp32, + one fp32 model per sweep candidate (scored with load_model).
 - vCPU: not derived from bytes; `GPU_VCPUS` for every GPU stage (tokenizers, vLLM's scheduler and
   detokenizer, data loading), `RL_OFFLOAD_VCPUS` for RL with the optimizer in RAM (its AdamW step runs on
   the CPU over 12 bytes per parameter: torch's intra-op threads and memory bandwidth).
 - disk (the container disk: `HF_HOME` and `CYCLEJ_CACHE` both live there when the pod has no network
   volume) = the image (`IMAGE_DISK`) + the hub models the stage downloads + its input artifacts as fetched
   (`stored`/committed bytes) + the checkpoints on disk at once + its output before the upload + logs.
-  With an S3 store a checkpoint's local copy is deleted once uploaded (cyclej.runtime.store), so one is on disk
-  at a time; with a local root `keep_checkpoints` + 1 (the new one is written before the oldest goes).
+  With an S3 store a checkpoint's local copy is deleted once uploaded (cyclej.runtime.store), so one is on
+  disk at a time; with a local root `keep_checkpoints` + 1 (the new one is written before the oldest goes).
 - checkpoint size: RL: 12 bytes per policy parameter (fp32 master + two moments; the bf16 weights are
-  derived, cyclej.reinforcement.policy_gradient.RLTrainer.save_state) + the discriminator's fp32 weights and moments (12); LoRA
-  stages: the adapters in fp32 + their two moments (12 per adapter parameter). Its cost in GPU time:
-  written (`DISK_BYTES_PER_S`), checksummed for the manifest (`HASH_BYTES_PER_S`) and uploaded
-  (`UPLOAD_BYTES_PER_S`, an assumption: s3fs's 10 concurrent 50 MiB parts to an S3 endpoint near the
-  pod), one after the other, while the GPU waits. An interval (`checkpoint_every_minutes`) at which that
-  exceeds `CHECKPOINT_BUDGET` of the time is flagged, with the interval (a multiple of 10 minutes) that
-  keeps it under; a step interval shorter than the run is flagged for such large checkpoints too, since
-  the plan does not know a step's time.
+  derived, cyclej.reinforcement.policy_gradient.RLTrainer.save_state) + the discriminator's fp32 weights and
+  moments (12); LoRA stages: the adapters in fp32 + their two moments (12 per adapter parameter). Its cost in
+  GPU time: written (`DISK_BYTES_PER_S`), checksummed for the manifest (`HASH_BYTES_PER_S`) and uploaded
+  (`UPLOAD_BYTES_PER_S`, an assumption: s3fs's 10 concurrent 50 MiB parts to an S3 endpoint near the pod), one
+  after the other, while the GPU waits. An interval (`checkpoint_every_minutes`) at which that exceeds
+  `CHECKPOINT_BUDGET` of the time is flagged, with the interval (a multiple of 10 minutes) that keeps it
+  under; a step interval shorter than the run is flagged for such large checkpoints too, since the plan does
+  not know a step's time.
 
-World size (`cyclej.runtime.distributed.gpus_for`: `resources.gpus.<stage>`, or CYCLEJ_GPUS where it is set): a
-stage on N ranks runs on a pod of N GPUs of one type; memory is per GPU, the price the pod's (N × the
-hourly price of the type). World size 1 is the single-process model above, unchanged.
+World size (`cyclej.runtime.distributed.gpus_for`: `resources.gpus.<stage>`, or CYCLEJ_GPUS where it is set):
+a stage on N ranks runs on a pod of N GPUs of one type; memory is per GPU, the price the pod's (N × the hourly
+price of the type). World size 1 is the single-process model above, unchanged.
 
-- LoRA stages on N ranks (data parallel, cyclej.training.trainer): every rank holds the whole base and the adapters
-  and trains on its share of a step's rows (⌈batch_size / N⌉), in micro-batches of at most
+- LoRA stages on N ranks (data parallel, cyclej.training.trainer): every rank holds the whole base and the
+  adapters and trains on its share of a step's rows (⌈batch_size / N⌉), in micro-batches of at most
   `micro_batch_size`: per GPU, the single-GPU memory at that micro-batch, plus the one fp32 buffer the
   trainable gradients are packed into for their all-reduce (`cyclej.runtime.distributed.sum_tensors`).
 - RL on N ranks (FSDP2): the fp32 parameters, sharded, are the masters; their gradients are
@@ -334,8 +336,9 @@ def _plan_training(stage: str, spec: str, tcfg: TrainConfig, prices: PriceTable,
     )
     if world > 1:
         plan.notes.append(
-            f"{world} ranks (data parallel): each holds the whole model, trains on ⌈{tcfg.batch_size} / {world}⌉ = "
-            f"{math.ceil(tcfg.batch_size / world)} rows of a step and all-reduces the trainable gradients"
+            f"{world} ranks (data parallel): each holds the whole model, trains on ⌈{tcfg.batch_size} / "
+            f"{world}⌉ = {math.ceil(tcfg.batch_size / world)} rows of a step and all-reduces the trainable "
+            "gradients"
         )
     start = _rank_micro_batch(tcfg, world)
     if mb != start:
@@ -408,7 +411,8 @@ def _rl_memory(
     cfg: PipelineConfig, groups: int, offload: bool, card_bytes: float, world: int = 1
 ) -> dict[str, float]:
     """Bytes on one GPU of `card_bytes` for the RL stage with `groups` prompt groups per forward/backward
-    chunk: what `cyclej.stages.rl` and `cyclej.reinforcement.policy_gradient.RLTrainer` allocate with these settings.
+    chunk: what `cyclej.stages.rl` and `cyclej.reinforcement.policy_gradient.RLTrainer` allocate with these
+    settings.
 
     - policy weights in the compute dtype; gradients in the same dtype; MasterAdamW's fp32 masters (when
       the weights are not fp32) and fp32 moments on the GPU, or in CPU RAM with `rl.optimizer_offload`
@@ -509,8 +513,8 @@ def _smallest_rl_pod(cfg: PipelineConfig, prices: PriceTable) -> Alternative | N
             for groups in _halvings(_rank_groups(cfg, n)):
                 gpu, mem = _fit_rl(cfg, groups, False, prices, limit, n)
                 if gpu is not None:
-                    # On N > 1 ranks the trainer ignores optimizer_offload (FSDP2's shards are on the GPUs), so
-                    # only one GPU needs it off (which re-runs RL: it is in the stage's fingerprint).
+                    # On N > 1 ranks the trainer ignores optimizer_offload (FSDP2's shards are on the GPUs),
+                    # so only one GPU needs it off (which re-runs RL: it is in the stage's fingerprint).
                     off = ", rl.optimizer_offload: false" if cfg.rl.optimizer_offload and n == 1 else ""
                     name = f"resources.gpus.rl: {n}{off}"
                     return Alternative(name, mem, gpu_count=n, gpu=gpu, note=f"{groups} group(s) per chunk")
@@ -549,9 +553,10 @@ def _plan_rl(cfg: PipelineConfig, prices: PriceTable, world: int = 1) -> StagePl
             break
     if world > 1:
         plan.notes.append(
-            f"{world} ranks (FSDP2): fp32 weights, fp32 gradients and AdamW moments sharded, 16 / {world} bytes per "
-            f"parameter = {_gib(shape.params * 16.0 / world)} GiB per GPU, + the {w}-byte weights gathered for the "
-            f"rollouts ({_gib(shape.params * float(w))} GiB); ⌈{r.prompts_per_step} / {world}⌉ prompt groups per rank"
+            f"{world} ranks (FSDP2): fp32 weights, fp32 gradients and AdamW moments sharded, 16 / {world} "
+            f"bytes per parameter = {_gib(shape.params * 16.0 / world)} GiB per GPU, + the {w}-byte weights "
+            f"gathered for the rollouts ({_gib(shape.params * float(w))} GiB); ⌈{r.prompts_per_step} / "
+            f"{world}⌉ prompt groups per rank"
         )
         if r.optimizer_offload:
             # MasterAdamW's offload is the one-GPU answer to 16 bytes per parameter; sharded they fit.
@@ -563,8 +568,9 @@ def _plan_rl(cfg: PipelineConfig, prices: PriceTable, world: int = 1) -> StagePl
         per_param = optimizer_bytes_per_param(w, r.optimizer_offload)
         plan.notes.append(
             f"full weights: {w}-byte weights and gradients, fp32 masters and AdamW moments "
-            f"({'in CPU RAM' if r.optimizer_offload else 'on the GPU'}): {per_param['device'] + w:.0f} bytes per "
-            f"parameter on the GPU = {_gib(shape.params * (per_param['device'] + w))} GiB before activations"
+            f"({'in CPU RAM' if r.optimizer_offload else 'on the GPU'}): {per_param['device'] + w:.0f} bytes "
+            f"per parameter on the GPU = {_gib(shape.params * (per_param['device'] + w))} GiB before "
+            "activations"
         )
     if r.backend != "transformers":
         plan.notes.append(
@@ -650,9 +656,9 @@ def _schedule_checkpoints(
     p.notes.append(f"a checkpoint is {_gib(nbytes)} GiB, ~{took} of GPU time ({how})")
     if every_minutes < need_minutes:
         p.notes.append(
-            f"{section}.checkpoint_every_minutes {every_minutes:g} spends {cost / (every_minutes * 60):.0%} of the "
-            f"stage on checkpoints: set {section}.checkpoint_every_minutes: {p.checkpoint_minutes:g} (≤ "
-            f"{CHECKPOINT_BUDGET:.0%}) and keep_checkpoints: 1"
+            f"{section}.checkpoint_every_minutes {every_minutes:g} spends {cost / (every_minutes * 60):.0%} "
+            f"of the stage on checkpoints: set {section}.checkpoint_every_minutes: {p.checkpoint_minutes:g} "
+            f"(≤ {CHECKPOINT_BUDGET:.0%}) and keep_checkpoints: 1"
         )
     if nbytes >= LARGE_CHECKPOINT and every_steps < steps:
         p.notes.append(
@@ -760,7 +766,8 @@ def _pod_rl(p: StagePlan, cfg: PipelineConfig, world: int = 1) -> None:
     if world == 1:
         host_opt = optimizer_bytes_per_param(int(w), offload)["host"]
         # The merge's fp32 weights (4) are loaded on the CPU and become the masters; with offload the moments
-        # join them (12 in all), and the final save never holds more (cyclej.training.optim.fp32_with_masters).
+        # join them (12 in all), and the final save never holds more
+        # (cyclej.training.optim.fp32_with_masters).
         p.host["policy: fp32 load, masters + moments"] = shape.params * max(4.0, host_opt)
     else:  # each rank loads the merge's fp32 weights, then keeps only its shard (on its GPU)
         p.host["policy: fp32 load"] = shape.params * 4.0
@@ -870,8 +877,8 @@ def _count(n: int) -> str:
 def format_plan(
     plans: list[StagePlan], prices: PriceTable | None = None, fingerprints: dict[str, str] | None = None
 ) -> str:
-    """The table `cyclej plan` prints; with `fingerprints` (the pipeline plan's, cyclej.pipeline.registry), each
-    stage's fingerprint beside its name."""
+    """The table `cyclej plan` prints; with `fingerprints` (the pipeline plan's, cyclej.pipeline.registry),
+    each stage's fingerprint beside its name."""
     prices = prices or load_prices()
     rows: list[tuple[str, ...]] = [
         (
