@@ -46,8 +46,8 @@ DiscriminatorRewardKind = Literal["real_target", "style", "style_gain"]  # rl.di
 
 def _load_classifier(path: str, trust_remote_code: bool) -> tuple[Any, torch.nn.Module]:
     """The tokenizer and a fresh 3-class head on the encoder at `path`. A NeoBERT checkpoint (config
-    model_type "neobert", e.g. chandar-lab/NeoBERT) is built by cyclej.models.neobert and never by its hub code,
-    whatever `trust_remote_code` says: that code imports xformers, which no lock of ours has."""
+    model_type "neobert", e.g. chandar-lab/NeoBERT) is built by cyclej.models.neobert and never by its hub
+    code, whatever `trust_remote_code` says: that code imports xformers, which no lock of ours has."""
     head: dict[str, Any] = {
         "num_labels": 3,
         "id2label": LABELS,
@@ -108,8 +108,8 @@ class Discriminator:
                 raise BadInput(
                     f"models.discriminator {spec}: cannot load as a sequence classifier "
                     f"({type(exc).__name__}: {first}); give a local Hugging Face folder or a hub id whose "
-                    "model transformers builds (NeoBERT is built in: cyclej.models.neobert), or install what its "
-                    "remote code imports (rl.discriminator_trust_remote_code)"
+                    "model transformers builds (NeoBERT is built in: cyclej.models.neobert), or install "
+                    "what its remote code imports (rl.discriminator_trust_remote_code)"
                 ) from None
         self.model.to(self.device)
         params = inspect.signature(self.model.forward).parameters
@@ -199,7 +199,8 @@ class Discriminator:
     def _target_probability(
         self, texts: Sequence[str], target_domains: Sequence[DomainKey], real_only: bool
     ) -> list[float]:
-        """p(real target-domain text | text) over the 3 classes, or over the two real classes (`real_only`)."""
+        """p(real target-domain text | text) over the 3 classes, or over the two real classes
+        (`real_only`)."""
         if not texts:
             return []
         probs = self.probabilities(texts)
@@ -257,10 +258,10 @@ class Discriminator:
 
     def _train_on(self, texts: list[str], labels: list[int]) -> dict[str, float]:
         """One optimizer step on `texts` with class `labels`. An OOM in the forward/backward drops the
-        gradients, releases the memory (outside the except block, cyclej.training.oom) and redoes the update in
-        chunks of half as many texts, accumulated to the same mean loss, down to one text; then, or in
-        the optimizer step itself (AdamW may have moved some tensors: not safe to redo), it fails with
-        one line (`OutOfMemory`)."""
+        gradients, releases the memory (outside the except block, cyclej.training.oom) and redoes the update
+        in chunks of half as many texts, accumulated to the same mean loss, down to one text; then, or in the
+        optimizer step itself (AdamW may have moved some tensors: not safe to redo), it fails with one line
+        (`OutOfMemory`)."""
         # Dropout draws from a stream seeded by our own generator: the result depends on our state only.
         dropout_seed = int(torch.randint(2**62, (1,), generator=self.generator))
         # On N ranks every rank drew the same batch (same generator, same replay buffer): each computes the

@@ -10,7 +10,8 @@ of its single-process optimizer when a process group is up (cyclej.runtime.distr
   the whole step's completion-token count, so the sum of the ranks' gradients is world size 1's gradient.
 - `full_state_dict` / `full_optimizer_tensors` / `load_full_training_state`: the full (unsharded) weights
   and AdamW state through torch.distributed.checkpoint.state_dict, in the single-process checkpoint format
-  of cyclej.reinforcement.policy_gradient (`<index>/master|exp_avg|exp_avg_sq`, index = the parameter's place in `parameters()`).
+  of cyclej.reinforcement.policy_gradient (`<index>/master|exp_avg|exp_avg_sq`,
+  index = the parameter's place in `parameters()`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from cyclej.errors import BadInput
 from cyclej.runtime.distributed import is_main
 
 # The optimizer hyper-parameters a single-process checkpoint holds (MasterAdamW's, plus the scheduler's
-# initial_lr); torch.optim.AdamW's other group keys (foreach, fused, …) are not saved, so the format stays one.
+# initial_lr); torch.optim.AdamW's other group keys (foreach, fused, …) are not saved,
+# so the format stays one.
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "initial_lr")
 
 
@@ -79,8 +81,9 @@ def full_state_dict(model: torch.nn.Module, cpu_offload: bool) -> dict[str, torc
 def full_optimizer_tensors(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """What cyclej.reinforcement.policy_gradient's `_optimizer_tensors` returns for a single-process run, built from the full fp32
-    weights (the masters) and AdamW moments gathered to rank 0's RAM (empty on the other ranks). A collective."""
+    """What cyclej.reinforcement.policy_gradient's `_optimizer_tensors` returns for a single-process run,
+    built from the full fp32 weights (the masters) and AdamW moments gathered to rank 0's RAM (empty on the
+    other ranks). A collective."""
     weights = full_state_dict(model, cpu_offload=True)
     osd = get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)

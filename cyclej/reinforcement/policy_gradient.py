@@ -9,9 +9,9 @@ One step (`RLTrainer.step`):
    generation backend, on the live policy (transformers) or on an engine the weights are pushed to
    after each update (vLLM).
 3. Back-translate each y greedily: `{DY} y {DX}` → x̂.
-4. Rewards (`reward_fn`, pluggable): by default the cycle terms of cyclej.reinforcement.rewards on (x, x̂) and the
-   discriminator's p(real target-domain text | y), computed *before* the discriminator's update on
-   this batch; weighted by `rl.rewards` into the total.
+4. Rewards (`reward_fn`, pluggable): by default the cycle terms of cyclej.reinforcement.rewards on (x, x̂) and
+   the discriminator's p(real target-domain text | y), computed *before* the discriminator's update on this
+   batch; weighted by `rl.rewards` into the total.
 5. Advantages normalized within each group (`group_advantages`): (r − mean) / std of the group, or
    leave-one-out r − mean of the others.
 6. Token-level policy-gradient loss on the completion tokens only (`policy_gradient_loss`):
@@ -25,11 +25,12 @@ One step (`RLTrainer.step`):
 7. Clip the gradient norm to `rl.max_grad_norm`, AdamW step, warm-up + cosine LR.
 8. Update the discriminator on real text of both domains vs the replay buffer of generated text.
 
-Out of memory anywhere in the step (cyclej.training.oom: `torch.OutOfMemoryError` or cuBLAS's allocation failure,
-also injected by `maybe_fault("rl", step)`): the gradients are dropped, the memory is released outside
-the except block, the rollout micro-batch halves — in rows, below one group too, down to one row — and
+Out of memory anywhere in the step (cyclej.training.oom: `torch.OutOfMemoryError` or cuBLAS's allocation
+failure, also injected by `maybe_fault("rl", step)`): the gradients are dropped, the memory is released
+outside the except block, the rollout micro-batch halves — in rows, below one group too, down to one row — and
 the step runs again from its pre-step state (nothing is updated before the optimizer step, and the step's
-samples are seeded by (seed, step), so the retry sees the same prompts). The weight push and the discriminator handle their own OOMs.
+samples are seeded by (seed, step), so the retry sees the same prompts). The weight push and the discriminator
+handle their own OOMs.
 
 The trainer's whole state — the optimizer's fp32 masters and moments (the policy's weights are derived
 from the masters, not saved again), scheduler, discriminator and its optimizer, replay buffer, RNG
@@ -290,7 +291,8 @@ class RLTrainer:
         self.discriminator = discriminator
         self.reference = reference
         self.back_translate = back_translate
-        # The evaluation's style judge (cyclej.evaluation.judge), to log the share of rollouts in the target style.
+        # The evaluation's style judge (cyclej.evaluation.judge),
+        # to log the share of rollouts in the target style.
         self.style_judge = style_judge
         self.device = next(policy.parameters()).device
         self.autocast_bf16 = use_bf16(cfg.precision, self.device)
@@ -302,8 +304,9 @@ class RLTrainer:
         self.micro_rows = cfg.rollout_micro_batch * cfg.rollouts
         # Dropout off: the log-probs we train must be those of the policy that sampled.
         self.policy.eval()
-        # On N ranks (a process group is up): the policy is sharded with FSDP2 (cyclej.reinforcement.fsdp), each rank
-        # trains on its share of the step's groups and generates from `rollout_policy`, see `_setup_sharded`.
+        # On N ranks (a process group is up): the policy is sharded with FSDP2 (cyclej.reinforcement.fsdp),
+        # each rank trains on its share of the step's groups and generates from `rollout_policy`, see
+        # `_setup_sharded`.
         self.world = world_size()
         self.distributed = self.world > 1
         self.rollout_policy: PreTrainedModel = self.policy
@@ -329,9 +332,9 @@ class RLTrainer:
                 self.policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0
             )
         else:
-            # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in CPU
-            # RAM with rl.optimizer_offload; stepped tensor by tensor (no foreach temporary). On fp32 parameters
-            # it is torch's AdamW exactly.
+            # fp32 master weights and moments (bf16 parameters would round the card's ~1e-8 steps away), in
+            # CPU RAM with rl.optimizer_offload; stepped tensor by tensor (no foreach temporary). On fp32
+            # parameters it is torch's AdamW exactly.
             self.optimizer = MasterAdamW(
                 self.policy.parameters(),
                 lr=cfg.lr,
@@ -341,7 +344,8 @@ class RLTrainer:
                 state_device="cpu" if cfg.optimizer_offload else None,
             )
         self._relative_update = 0.0  # ‖Δθ‖/‖θ‖ of the last sharded step (MasterAdamW measures its own)
-        # RL's count of the schedule: warm-up rounded up, cosine over the steps done (cyclej.training.schedule).
+        # RL's count of the schedule: warm-up rounded up, cosine over the steps done
+        # (cyclej.training.schedule).
         warmup = warmup_steps(cfg.warmup_ratio, cfg.steps, "ceil")
         self.scheduler = lr_scheduler(self.optimizer, cfg.steps, warmup, decay_counts_current_step=False)
         self.step_done = 0
@@ -549,7 +553,8 @@ class RLTrainer:
     def _chunk_loss(
         self, ro: Rollouts, advantages: torch.Tensor, sl: slice, step: int, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        """The forward of rows `sl` and their share of the step's loss: (loss, log-probs, completion mask, terms)."""
+        """The forward of rows `sl` and their share of the step's loss:
+        (loss, log-probs, completion mask, terms)."""
         batch = [
             t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)
         ]
@@ -774,8 +779,8 @@ class RLTrainer:
             if attempt == 2:
                 raise StageFailed(
                     "rl",
-                    f"out of memory pushing the weights into the engine after step {step}, twice ({failure}); "
-                    "lower rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch",
+                    f"out of memory pushing the weights into the engine after step {step}, twice "
+                    f"({failure}); lower rl.vllm.gpu_memory_utilization or rl.rollout_micro_batch",
                     f"step {self.step_done}",
                 )
             log.warning("rl: out of memory pushing the weights after step %d (%s); again", step, failure)
@@ -796,9 +801,9 @@ class RLTrainer:
 
     def final_policy(self) -> PreTrainedModel | None:
         """The trained policy as a plain fp32 CPU model for `save_pretrained`. One process: the fp32 masters
-        become the model (cyclej.training.optim.fp32_with_masters, no copy). N ranks: the full weights gathered to rank
-        0 into its rollout copy, which is a single-process model of the same layout (its names and shapes);
-        None on the other ranks. A collective on N ranks."""
+        become the model (cyclej.training.optim.fp32_with_masters, no copy). N ranks: the full weights
+        gathered to rank 0 into its rollout copy, which is a single-process model of the same layout (its
+        names and shapes); None on the other ranks. A collective on N ranks."""
         if not self.distributed:
             from cyclej.training.optim import fp32_with_masters
 

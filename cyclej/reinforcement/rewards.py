@@ -8,8 +8,9 @@ float per pair:
 - `rouge_l`: ROUGE-L F-measure over sentences (rougeLsum, rouge-score), in [0, 1];
 - `bleu`: smoothed sentence BLEU (sacrebleu), divided by 100 so it lies in [0, 1].
 
-The discriminator reward lives in `cyclej.reinforcement.discriminator`; `combine` weights any set of named rewards
-into the total the RL loop optimizes (`combine_product`: style times content instead), and `summarize` gives the per-reward mean and spread it logs.
+The discriminator reward lives in `cyclej.reinforcement.discriminator`; `combine` weights any set of named
+rewards into the total the RL loop optimizes (`combine_product`: style times content instead), and `summarize`
+gives the per-reward mean and spread it logs.
 """
 
 from __future__ import annotations
