@@ -94,7 +94,7 @@ def resolve_device(configured: str, stage: str | None = None) -> torch.device:
     source = f"{DEVICE_ENV}=cuda" if env else "device: cuda"
     who = f"stage '{stage}'" if stage else "this run"
     raise BadInput(
-        f"{who} is configured for a GPU ({source}) but torch finds none: {cuda_diagnosis()}. Run it on a host "
-        f"whose NVIDIA driver runs torch's CUDA (on RunPod: the job variable allowed_cuda_versions), or set "
-        f"device: cpu / {DEVICE_ENV}=cpu to run it on the CPU on purpose"
+        f"{who} is configured for a GPU ({source}) but torch finds none: {cuda_diagnosis()}. Run it on a "
+        "host whose NVIDIA driver runs torch's CUDA (on RunPod: the job variable allowed_cuda_versions), or "
+        f"set device: cpu / {DEVICE_ENV}=cpu to run it on the CPU on purpose"
     )

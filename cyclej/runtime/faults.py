@@ -1,4 +1,5 @@
-"""Fault injection for tests and drills: ``CYCLEJ_FAULT=<point>:<step>:<oom|cublas|error|kill|hang>[@rank][,…]``.
+"""Fault injection for tests and drills:
+``CYCLEJ_FAULT=<point>:<step>:<oom|cublas|error|kill|hang>[@rank][,…]``.
 
 When the named stage reaches that optimizer step (for `paraphrase`: that shard), `maybe_fault` raises a
 CUDA out-of-memory error (`oom`, once per process), raises cuBLAS's allocation failure as torch does, a
@@ -8,8 +9,8 @@ stuck GPU: for drills of what a SIGTERM or a timeout does to a stage that never 
 from the environment; does nothing when the variable is unset. `@rank` limits a fault to one rank of a
 stage on several GPUs (torchrun's RANK; cyclej.runtime.distributed): `context:3:oom@1` fails rank 1 alone.
 
-Points besides the stages' steps (cyclej.training.oom lists the out-of-memory paths): `rl-push:<step>` (the weight
-push into the engine), `discriminator:<update>` (its training step), and the chunked no-grad passes of
+Points besides the stages' steps (cyclej.training.oom lists the out-of-memory paths): `rl-push:<step>` (the
+weight push into the engine), `discriminator:<update>` (its training step), and the chunked no-grad passes of
 `cyclej.training.oom.map_halving`, whose step is the chunk of the call: `<stage>-dev_loss`, `embedder`,
 `discriminator-scores`, `perplexity`.
 """

@@ -46,7 +46,8 @@ QUIET_ENV = {
     # from this file: every warning there comes from a library.
     "PYTHONWARNINGS": "ignore",
 }
-# With --verbose vLLM logs at its own default level; cyclej.generation.backends would otherwise lower it to ERROR.
+# With --verbose vLLM logs at its own default level;
+# cyclej.generation.backends would otherwise lower it to ERROR.
 VERBOSE_ENV = {"VLLM_LOGGING_LEVEL": "INFO"}
 
 
@@ -87,7 +88,7 @@ def apply() -> None:
         warnings.filterwarnings("default", module=PROJECT_MODULES)
         # Checked first (each call inserts at the front): a library's deprecation is attributed to the
         # line that calls it, often ours (sentence_transformers' warns at cyclej/models/embedder.py's import;
-        # zmq's unclosed-context ResourceWarning at cyclej/generation/backends.py's engine shutdown), and is news
-        # for the project's developers, who see it under pytest, not for a user.
+        # zmq's unclosed-context ResourceWarning at cyclej/generation/backends.py's engine shutdown), and is
+        # news for the project's developers, who see it under pytest, not for a user.
         for category in DEVELOPER_WARNINGS:
             warnings.filterwarnings("ignore", category=category)
