@@ -1,7 +1,8 @@
 """The `data` stage: both domains' corpora, cleaned, split and counted.
 
 For each domain, in this order:
-1. read the train (and dev) files (cyclej/corpora/lines.py refuses missing, empty, binary and non-UTF-8 files);
+1. read the train (and dev) files (cyclej/corpora/lines.py refuses missing, empty,
+   binary and non-UTF-8 files);
 2. normalize whitespace (every run of whitespace, newlines included, becomes one space; ends stripped);
 3. drop empty lines, then duplicates (the first occurrence stays), then dev lines that are also train lines;
 4. drop lines that occur in both domains, from both (a style transfer pair cannot be its own target);
@@ -118,15 +119,17 @@ def clean_corpora(cfg: PipelineConfig, tokenizer: Any | None, progress: Progress
         clean = len(d.train)
         if clean < data.min_lines:
             raise BadInput(
-                f"{d.label}.train ({d.files()}): {clean} clean lines, fewer than data.min_lines={data.min_lines} "
-                f"(dropped: {_drop_summary(d.stats['train'])}); add text or lower data.min_lines"
+                f"{d.label}.train ({d.files()}): {clean} clean lines, fewer than "
+                f"data.min_lines={data.min_lines} (dropped: {_drop_summary(d.stats['train'])}); "
+                "add text or lower data.min_lines"
             )
         rng = random.Random(f"{data.seed}:{d.key}")
         if d.dev_files:
             if not d.dev:
                 raise BadInput(
                     f"{d.label}.dev ({d.files('dev')}): no clean lines left (dropped: "
-                    f"{_drop_summary(d.stats['dev'])}); give other dev text or none (a slice of train is held out)"
+                    f"{_drop_summary(d.stats['dev'])}); give other dev text or none (a slice of train is "
+                    "held out)"
                 )
             d.dev, d.stats["dev"]["capped"] = _sample(d.dev, data.dev_max_lines, rng)
         else:
@@ -166,8 +169,8 @@ def _refuse_shared_files(a: _Domain, b: _Domain) -> None:
     for f in b.train_files + b.dev_files:
         if f.sha256 in seen:
             raise BadInput(
-                f"domain_a and domain_b: {seen[f.sha256]} and {f.path} are the same file (identical content); "
-                "give each domain its own text"
+                f"domain_a and domain_b: {seen[f.sha256]} and {f.path} are the same file (identical "
+                "content); give each domain its own text"
             )
 
 
@@ -191,7 +194,8 @@ def _drop_cross_domain(a: _Domain, b: _Domain) -> None:
     lines_a, lines_b = set(a.train) | set(a.dev), set(b.train) | set(b.dev)
     if lines_a == lines_b:
         raise BadInput(
-            f"domain_a ({a.files()}) and domain_b ({b.files()}) hold the same lines; give two different domains"
+            f"domain_a ({a.files()}) and domain_b ({b.files()}) hold the same lines; give two different "
+            "domains"
         )
     shared = lines_a & lines_b
     for d in (a, b):

@@ -4,7 +4,8 @@ max p(text_A | "{DA}") + p(text_B | "{DB}").
 Input artifacts: `context` (its `model/`) and `data` (`a/train.txt`, `b/train.txt`; the dev files give
 the dev loss). Output: `adapter/` (PEFT), `marker_rows.safetensors`, `metrics.json`, `metrics.jsonl` —
 the adapter and the trained marker rows, never a full model copy. Checkpoints and resume are the
-trainer's (cyclej.training.trainer), under this stage's fingerprint; they are deleted once the artifact commits.
+trainer's (cyclej.training.trainer), under this stage's fingerprint;
+they are deleted once the artifact commits.
 """
 
 from __future__ import annotations

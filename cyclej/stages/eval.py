@@ -1,11 +1,12 @@
 """Stage `eval`: what each stage adds, measured on the dev sets of both domains.
 
 Rows: the copy-the-input baseline, the template baseline (`eval.template_baseline`: markers swapped by
-string substitution, cyclej.corpora.template_transfer, no model), INTERMEDIATE-2A (the context model with the paraphrase adapter and its
-trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL model). Metrics and the J
-definition: cyclej.evaluation.metrics and cyclej.evaluation.report. The artifact holds report.md, report.csv,
-examples.jsonl, the PNG plots, metrics.json (the table as a list of dicts, for the UI) and model_card.md;
-the card is also written as README.md (with cyclej.json) into the final model's folder.
+string substitution, cyclej.corpora.template_transfer, no model), INTERMEDIATE-2A (the context model with the
+paraphrase adapter and its trained marker rows applied), INTERMEDIATE-3 (the merge) and CYCLE-J (the RL
+model). Metrics and the J definition: cyclej.evaluation.metrics and cyclej.evaluation.report. The artifact
+holds report.md, report.csv, examples.jsonl, the PNG plots, metrics.json (the table as a list of dicts, for
+the UI) and model_card.md; the card is also written as README.md (with cyclej.json) into the final model's
+folder.
 
 Also `evaluate_model_dir`, what `cyclej eval` runs: any model beside the copy baseline, on the dev sets of
 the `data` stage (which it runs when the store does not have it yet). It lives here, not in

@@ -1,8 +1,8 @@
 """What the two LoRA stages (`para_train`, `domain_train`) share: start from INTERMEDIATE-1 with its
 markers, train an adapter with cyclej.training.trainer, write the adapter artifact and commit it.
 
-Stage glue, so it lives among the stages: the trainer (cyclej.training.trainer) knows nothing of stages, configs
-of the whole pipeline or fingerprints.
+Stage glue, so it lives among the stages: the trainer (cyclej.training.trainer) knows nothing of stages,
+configs of the whole pipeline or fingerprints.
 """
 
 from __future__ import annotations

@@ -54,10 +54,12 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
         return done
     work = run.workdir
     # bf16 weights on a GPU (full-weight RL of a 6B model does not fit in fp32 with AdamW; the optimizer
-    # keeps fp32 masters, see cyclej.training.optim); on a CPU the weights stay fp32 and bf16 only autocasts the forward.
+    # keeps fp32 masters, see cyclej.training.optim);
+    # on a CPU the weights stay fp32 and bf16 only autocasts the forward.
     dtype = weights_dtype(rcfg.precision, device)
     # On N ranks the policy stays fp32: FSDP2 shards it and the shards are the masters; the bf16 compute
-    # copies are FSDP's per-layer gathers and the rollout copy (cyclej.reinforcement.fsdp, RLTrainer._setup_sharded).
+    # copies are FSDP's per-layer gathers and the rollout copy (cyclej.reinforcement.fsdp,
+    # RLTrainer._setup_sharded).
     sharded = world_size() > 1
     if sharded:
         dtype = torch.float32
