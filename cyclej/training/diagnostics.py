@@ -122,7 +122,8 @@ def step_estimates(cfg: PipelineConfig) -> list[StepEstimate]:
         dtype = "bf16" if t.lora is None and t.precision == "bf16" else "fp32"
         out.append(StepEstimate(stage, params, t.lr, t.eps, t.max_grad_norm, t.max_steps, dtype, dtype))
     r = cfg.rl
-    # RL updates fp32 masters (cyclej.training.optim.MasterAdamW); the forward runs on bf16 weights with precision bf16.
+    # RL updates fp32 masters (cyclej.training.optim.MasterAdamW);
+    # the forward runs on bf16 weights with precision bf16.
     compute = "bf16" if r.precision == "bf16" else "fp32"
     out.append(StepEstimate("rl", shape.params, r.lr, r.eps, r.max_grad_norm, r.steps, "fp32", compute))
     return out

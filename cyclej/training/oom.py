@@ -128,9 +128,9 @@ def map_halving(
 
 
 def abort_engine_requests(backend: Any) -> int:
-    """After an out-of-memory error inside an in-process vLLM engine (cyclej.generation.backends.VllmBackend): abort
-    the requests the failed `generate` left in the engine. Why: vLLM's `LLM.generate` runs the engine until
-    *every* unfinished request is done and returns all of them sorted by request id, so a retried call
+    """After an out-of-memory error inside an in-process vLLM engine (cyclej.generation.backends.VllmBackend):
+    abort the requests the failed `generate` left in the engine. Why: vLLM's `LLM.generate` runs the engine
+    until *every* unfinished request is done and returns all of them sorted by request id, so a retried call
     would get the failed call's requests back as well as its own. Returns how many were aborted; 0 for a
     backend without an engine (transformers)."""
     engine = getattr(getattr(backend, "llm", None), "llm_engine", None)

@@ -1,9 +1,9 @@
 """Which precision to compute in, and which dtype to hold weights in: one rule for every stage.
 
 `precision: auto` means bf16 autocast on a CUDA GPU that supports bf16 (Ampere and later), and on a CPU
-only when the CPU does bf16 natively (AVX512-BF16 or AMX). Without those instructions PyTorch emulates bf16 and a training step gets an order
-of magnitude *slower* (measured: SmolLM2 LoRA step 4×256 tokens, 15 s fp32 vs 238 s bf16 on an AMD EPYC
-without avx512_bf16), while CPUs that have them run 1.6–1.7× faster in bf16.
+only when the CPU does bf16 natively (AVX512-BF16 or AMX). Without those instructions PyTorch emulates bf16
+and a training step gets an order of magnitude *slower* (measured: SmolLM2 LoRA step 4×256 tokens, 15 s fp32
+vs 238 s bf16 on an AMD EPYC without avx512_bf16), while CPUs that have them run 1.6–1.7× faster in bf16.
 """
 
 from __future__ import annotations

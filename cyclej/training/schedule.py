@@ -1,9 +1,9 @@
 """What every training loop shares: the trainer of the LoRA/context stages (cyclej.training.trainer) and RL
-(cyclej.reinforcement.policy_gradient) both take their seeding, RNG state, LR schedule and checkpoint names from here, so a
-resume restores the same things in both and a checkpoint is named the same way in both.
+(cyclej.reinforcement.policy_gradient) both take their seeding, RNG state, LR schedule and checkpoint names
+from here, so a resume restores the same things in both and a checkpoint is named the same way in both.
 
-(The precision rule, which dtype to compute and to hold weights in, is cyclej.training.precision's: generation,
-translation and the merge use it too, and they are not training.)
+(The precision rule, which dtype to compute and to hold weights in, is cyclej.training.precision's:
+generation, translation and the merge use it too, and they are not training.)
 """
 
 from __future__ import annotations

@@ -16,15 +16,15 @@ Read it top to bottom like nanoGPT's train.py:
    minutes. With `gradient_checkpointing` each layer's activations are recomputed in the backward pass
    (HF's non-reentrant checkpointing; the loss and gradient are the same, memory is one layer's).
 
-On N ranks (a stage with `resources.gpus` > 1, launched by cyclej.runtime.distributed): data parallel. Every rank
-holds the whole base and the same adapter; the step's rows are split by rank (rank r takes rows r, r+N, …),
-each rank accumulates its share's gradient of the same step-normalised loss over its micro-batches, and
-one all-reduce sums the trainable gradients (a few MB for LoRA) together with an out-of-memory flag, so
-every rank clips and steps on the same gradient and the weights stay equal without being sent. Why not
-DDP's reducer: it all-reduces inside backward, so a rank that runs out of memory mid-backward would leave
-the others blocked in a bucket's all-reduce; here nobody communicates until every rank has finished or
-failed its share, then all of them halve the micro-batch together. Rank 0 alone logs and writes
-checkpoints, which hold every rank's RNG state.
+On N ranks (a stage with `resources.gpus` > 1, launched by cyclej.runtime.distributed): data parallel. Every
+rank holds the whole base and the same adapter; the step's rows are split by rank (rank r takes rows r, r+N,
+…), each rank accumulates its share's gradient of the same step-normalised loss over its micro-batches, and
+one all-reduce sums the trainable gradients (a few MB for LoRA) together with an out-of-memory flag, so every
+rank clips and steps on the same gradient and the weights stay equal without being sent. Why not DDP's
+reducer: it all-reduces inside backward, so a rank that runs out of memory mid-backward would leave the others
+blocked in a bucket's all-reduce; here nobody communicates until every rank has finished or failed its share,
+then all of them halve the micro-batch together. Rank 0 alone logs and writes checkpoints, which hold every
+rank's RNG state.
 
 Exactness: everything that decides the next update (trainable weights, AdamW moments, the scheduler,
 the python/numpy/torch RNGs, the step and the micro-batch) is in the checkpoint, and nothing else draws
@@ -228,8 +228,8 @@ class TrainResult:
 
 
 def trainer_warmup_steps(cfg: TrainConfig) -> int:
-    """The trainer's warm-up: `warmup_ratio` of `max_steps`, rounded to nearest (cyclej.training.schedule says why
-    RL rounds up)."""
+    """The trainer's warm-up: `warmup_ratio` of `max_steps`, rounded to nearest
+    (cyclej.training.schedule says why RL rounds up)."""
     return warmup_steps(cfg.warmup_ratio, cfg.max_steps, "round")
 
 
