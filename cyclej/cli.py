@@ -44,7 +44,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 StorageOpt = Annotated[
     str | None, typer.Option("--storage", help="artifact store: a path, file://… or s3://bucket/prefix")
 ]
-# Read by main() before parsing (cyclej.runtime.quiet); declared here so the commands that load models accept it.
+# Read by main() before parsing (cyclej.runtime.quiet);
+# declared here so the commands that load models accept it.
 VerboseOpt = Annotated[
     bool,
     typer.Option("--verbose", help="also print third-party warnings and notices (torch, transformers, vLLM)"),
@@ -200,22 +201,29 @@ def init_config_text(name: str, preset_name: str, preset: PipelineConfig, a: str
             f"{key}:\n"
             f"  name: {flow(folder)}  # in reports and in the model card\n"
             f"  marker: {flow(d.marker)}  # a new special token that asks for this domain's style\n"
-            f"  train: {flow([train])}  # files or folders: .txt (a text a line), .jsonl/.csv (text_field), .parquet\n"
-            f"  # dev: [held-out.txt]  # held-out lines; without them the data stage holds out a slice of train\n"
+            f"  train: {flow([train])}  # files or folders: .txt (a text a line), .jsonl/.csv (text_field), "
+            ".parquet\n"
+            "  # dev: [held-out.txt]  # held-out lines; without them the data stage holds out a slice of "
+            "train\n"
         )
 
     return (
         f"# {name}: CYCLE_J on your own two corpora, starting from the `{preset_name}` preset.\n"
-        f"# Edit the domains and the storage below; every other setting is the preset's (`base: {preset_name}`,\n"
-        "# cyclej/presets/ and docs/recipe-options.md): add a section to change one, e.g. `rl: {steps: 20}`.\n"
-        "# Relative paths are relative to this file's folder. Check with `cyclej validate`, run with `cyclej run`.\n"
+        "# Edit the domains and the storage below; every other setting is the preset's (`base: "
+        f"{preset_name}`,\n"
+        "# cyclej/presets/ and docs/recipe-options.md): add a section to change one, e.g. `rl: {steps: "
+        "20}`.\n"
+        "# Relative paths are relative to this file's folder. Check with `cyclej validate`, run with "
+        "`cyclej run`.\n"
         f"base: {preset_name}\n"
         f"name: {flow(name)}  # names the runs (`<name>-<fingerprint>`)\n"
         "storage:\n"
-        f"  root: {flow(preset.storage.root)}  # a folder, file://… or s3://bucket/prefix (credentials: AWS_* variables)\n"
+        f"  root: {flow(preset.storage.root)}  # a folder, file://… or s3://bucket/prefix (credentials: "
+        "AWS_* variables)\n"
         + domain("domain_a", "A", a)
         + domain("domain_b", "B", b)
-        + f"# Lines longer than data.max_tokens ({preset.data.max_tokens} tokens of the base model) are dropped:\n"
+        + f"# Lines longer than data.max_tokens ({preset.data.max_tokens} tokens of the base model) "
+        "are dropped:\n"
         f"# data: {{max_tokens: {preset.data.max_tokens}}}\n"
     )
 
@@ -450,7 +458,8 @@ def _watch_for_sigterm() -> None:
 def main() -> None:
     """Entry point: map CYCLE_J errors to exit codes with a one-line message."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Before any command imports torch, transformers or vLLM: their notices are noise to a user (cyclej.runtime.quiet).
+    # Before any command imports torch, transformers or vLLM: their notices are noise to a user
+    # (cyclej.runtime.quiet).
     quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
     # SIGTERM (a pod being stopped, `kill`) ends through Python's exit path, so the atexit hook of
     # Prefect's temporary server (our child process) stops it; under the default handler the process

@@ -164,7 +164,8 @@ class ContextConfig(TrainConfig):
 
 
 class TemplatePairsConfig(StrictModel):
-    """Back-translated template pairs for para_train (cyclej/corpora/template_transfer.py says how they are made)."""
+    """Back-translated template pairs for para_train
+    (cyclej/corpora/template_transfer.py says how they are made)."""
 
     per_domain: int = Field(
         default=1000, gt=0, description="pairs whose target is a real train line of each domain"
@@ -190,7 +191,8 @@ class ParaTrainConfig(TrainConfig):
     paraphrase_markers: Literal["across", "same"] = Field(
         default="across",
         description="across: {Dsrc} text {Dtgt} → paraphrase (the card); same: {Dsrc} text {Dsrc} → "
-        "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps the style",
+        "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps "
+        "the style",
     )
 
 
@@ -309,7 +311,8 @@ class RLConfig(StrictModel):
         ge=0,
         lt=1,
         description="product only: the content factor is (mean - floor) / (1 - floor), clipped "
-        "at 0, so output whose cycle does not come back (babble, a generic line) earns 0 however styled it is",
+        "at 0, so output whose cycle does not come back (babble, a generic line) earns 0 however styled "
+        "it is",
     )
     discriminator_lr: float = Field(default=2e-5, gt=0)
     discriminator_warmup_steps: int = Field(
@@ -360,8 +363,9 @@ class RLConfig(StrictModel):
             cycle = (self.rewards.embedding, self.rewards.rouge, self.rewards.bleu)
             if self.rewards.discriminator <= 0 or not any(w > 0 for w in cycle):
                 raise ValueError(
-                    "reward_combination product multiplies the discriminator reward by the cycle rewards: give "
-                    "rl.rewards.discriminator and at least one of embedding/rouge/bleu a positive weight"
+                    "reward_combination product multiplies the discriminator reward by the cycle rewards: "
+                    "give rl.rewards.discriminator and at least one of embedding/rouge/bleu a positive "
+                    "weight"
                 )
         elif self.content_floor > 0:
             raise ValueError(
@@ -493,8 +497,9 @@ class PipelineConfig(StrictModel):
         need = self.data.max_tokens + 2 + self.rl.max_new_tokens
         if self.rl.backend != "transformers" and self.rl.vllm.max_model_len < need:
             raise ValueError(
-                f"rl.vllm.max_model_len {self.rl.vllm.max_model_len} is shorter than a rollout (data.max_tokens "
-                f"{self.data.max_tokens} + 2 markers + rl.max_new_tokens {self.rl.max_new_tokens} = {need})"
+                f"rl.vllm.max_model_len {self.rl.vllm.max_model_len} is shorter than a rollout "
+                f"(data.max_tokens {self.data.max_tokens} + 2 markers + rl.max_new_tokens "
+                f"{self.rl.max_new_tokens} = {need})"
             )
         return self
 
