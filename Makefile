@@ -53,6 +53,7 @@ tiny: setup
 # `timing` tests (wall-clock overlap of separate processes, flaky on a loaded machine; `pytest -m timing`).
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not timing"
 
 test-slow: setup

@@ -101,11 +101,13 @@ def vllm_vs_transformers(args: argparse.Namespace) -> None:
     rate = {m: tokens[m] / statistics.median(walls[m]) for m in walls}
     for m in ("transformers", "vllm"):
         print(
-            f"  {m:>12}: {statistics.median(walls[m]):7.2f} s wall  {tokens[m]:6d} tokens  {rate[m]:8.1f} tokens/s"
+            f"  {m:>12}: {statistics.median(walls[m]):7.2f} s wall  {tokens[m]:6d} tokens  "
+            f"{rate[m]:8.1f} tokens/s"
         )
     same = sum(a == b for a, b in zip(outputs["vllm"], outputs["transformers"], strict=True))
     print(
-        f"  vLLM engine start ({'eager' if args.eager else 'compiled, cache warm if run before'}): {start:.1f} s"
+        f"  vLLM engine start ({'eager' if args.eager else 'compiled, cache warm if run before'}): "
+        f"{start:.1f} s"
     )
     print(f"  identical greedy outputs: {same}/{len(prompts)}")
     saved_per_token = 1 / rate["transformers"] - 1 / rate["vllm"]
@@ -151,7 +153,8 @@ def main() -> None:
     }
     print(
         f"model {args.model}: {args.prompts} paraphrase prompts of {lengths[0]}-{lengths[-1]} tokens "
-        f"(median {statistics.median(lengths):.0f}; texts of 1-{args.max_sentences} Yelp lines), batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+        f"(median {statistics.median(lengths):.0f}; texts of 1-{args.max_sentences} Yelp lines), "
+        f"batch {args.batch_size}, {args.max_new_tokens} new tokens, "
         f"greedy, {torch.get_num_threads()} threads"
     )
     timed(backends["sorted"], prompts[: args.batch_size], settings)  # warm-up

@@ -5,8 +5,9 @@
 
 It builds a GPT-J-architecture model in-process at GPT-J-6B's real width (4096 hidden, 16 heads, rotary 64,
 16384 MLP, 50400 vocabulary) with only a few layers, and runs the project's own training code on it (no
-copy of the loops here): the LoRA trainer of `context`/`para_train`/`domain_train` (`cyclej.training.trainer`) and the
-RL trainer (`cyclej.reinforcement.policy_gradient.RLTrainer` with `cyclej.training.optim.MasterAdamW`). It measures, and prints as one table:
+copy of the loops here): the LoRA trainer of `context`/`para_train`/`domain_train`
+(`cyclej.training.trainer`) and the RL trainer (`cyclej.reinforcement.policy_gradient.RLTrainer` with
+`cyclej.training.optim.MasterAdamW`). It measures, and prints as one table:
 
 - each training stage's peak GPU memory against `cyclej plan`'s prediction for that very shape;
 - bf16 compute with fp32 masters: a 1e-8 step moves the masters (and leaves the bf16 copies);
@@ -429,7 +430,8 @@ def check_oom(
 
 
 def check_lora_resume(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any) -> None:
-    """4 steps, checkpoint every 2; a run stopped at step 3 and resumed ends equal to one that never stopped."""
+    """4 steps, checkpoint every 2; a run stopped at step 3 and resumed ends equal to one that never
+    stopped."""
     from cyclej.runtime import faults
     from cyclej.runtime.faults import InjectedError
 
@@ -696,7 +698,7 @@ def check_rl(report: Report, folder: Path, sizes: Sizes, work: Path, device: Any
     _free()
 
 
-# ---- main ----------------------------------------------------------------------------------------------------
+# ---- main --------------------------------------------------------------------------------------------------
 def check_multi_gpu(report: Report, folder: Path, work: Path, device: Any, dry_run: bool) -> None:
     """The `domain_train` stage on every GPU of the machine (torchrun, NCCL) against one GPU: the same
     adapter, and the throughput ratio. On one GPU it says so and skips; the dry run uses 2 gloo ranks."""
@@ -854,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
             "model",
             "GPT-J architecture",
             f"{sizes.layers} layers × {sizes.hidden} hidden, {sizes.heads} heads,"
-            f" vocab {sizes.vocab}: {n_params / 1e6:.1f}M parameters (built in {time.perf_counter() - t0:.0f} s)",
+            f" vocab {sizes.vocab}: {n_params / 1e6:.1f}M parameters"
+            f" (built in {time.perf_counter() - t0:.0f} s)",
         )
         sections = [
             ("lora", lambda: check_lora(report, folder, sizes, work, device, on_gpu)),

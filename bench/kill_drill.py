@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the project's packages come from the checkout
     sys.path.insert(0, str(ROOT))
 
-# Stages with a fault point (`cyclej.runtime.faults.maybe_fault`) and the stage that runs after each in one process.
+# Stages with a fault point (`cyclej.runtime.faults.maybe_fault`) and the stage that runs after each in
+# one process.
 KILL_PAIRS: tuple[tuple[str, str], ...] = (
     ("context", "paraphrase"),
     ("paraphrase", "para_train"),
@@ -215,8 +216,8 @@ def main() -> None:
                 results.append(r)
                 verdict = "bit-identical" if r.ok else (r.error or "DIFFERS: " + json.dumps(r.identical))
                 print(
-                    f"[{n + 1}/{args.runs}] kill {killed}:{step:<2d} then {following:12s} {r.seconds:6.1f} s  "
-                    f"{verdict}",
+                    f"[{n + 1}/{args.runs}] kill {killed}:{step:<2d} then {following:12s} "
+                    f"{r.seconds:6.1f} s  {verdict}",
                     flush=True,
                 )
     ok = sum(r.ok for r in results)

@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/merge_memory.py [--hidden 512 --layers 8 --vocab 8192 --shard 40MB --workdir DIR]
 
-Builds a random Llama base (sharded safetensors) and two random LoRA adapters (r=8, all-linear, trained-looking
-marker rows), then runs each merge in its own subprocess and reads its peak RSS (VmHWM) beside the RSS
-right after its imports (the interpreter's baseline):
+Builds a random Llama base (sharded safetensors) and two random LoRA adapters (r=8, all-linear,
+trained-looking marker rows), then runs each merge in its own subprocess and reads its peak RSS (VmHWM)
+beside the RSS right after its imports (the interpreter's baseline):
 
 - cyclej: `cyclej.merging.linear.merge_lora_adapters`, shard by shard;
 - naive: PEFT merge_and_unload of each adapter into its own copy of the base (two full models), weighted
@@ -80,7 +80,10 @@ t0, c0 = time.monotonic(), time.process_time()
 full_a, full_b, out = sys.argv[1:4]
 config = MergeConfiguration.model_validate({
     "merge_method": "linear",
-    "models": [{"model": full_a, "parameters": {"weight": 0.5}}, {"model": full_b, "parameters": {"weight": 0.5}}],
+    "models": [
+        {"model": full_a, "parameters": {"weight": 0.5}},
+        {"model": full_b, "parameters": {"weight": 0.5}},
+    ],
     "dtype": "float32",
 })
 run_merge(config, out, options=MergeOptions(lazy_unpickle=True, copy_tokenizer=True))

@@ -1,10 +1,10 @@
 """Seconds per step of MasterAdamW with the state offloaded (fp32 masters + moments in host RAM, bf16
 weights and gradients where the model is): the tensor-by-tensor update it had before (kept below as the
-baseline, `OldMasterAdamW`) vs the chunked one in `cyclej.training.optim`, on the same GPT-J-shaped parameters and
-the same gradients, with the masters of both compared at the end.
+baseline, `OldMasterAdamW`) vs the chunked one in `cyclej.training.optim`, on the same GPT-J-shaped
+parameters and the same gradients, with the masters of both compared at the end.
 
-    .venv/bin/python bench/optim_step.py --params 200e6 --threads 2      # CPU: weights on the CPU too
-    python bench/optim_step.py --params 1e9                              # + the GPU section when CUDA is there
+    .venv/bin/python bench/optim_step.py --params 200e6 --threads 2  # CPU: weights on the CPU too
+    python bench/optim_step.py --params 1e9                          # + the GPU section when CUDA is there
 
 The CPU section runs everywhere (weights, gradients and state on the CPU). The GPU section runs only with
 CUDA: weights and gradients on the GPU, state in host RAM, the baseline copying each gradient to the host,
@@ -31,8 +31,8 @@ from cyclej.training.optim import CPU_CHUNK, GPU_CHUNK, MasterAdamW  # noqa: E40
 
 
 class OldMasterAdamW(torch.optim.Optimizer):
-    """The update as it was (cyclej/training/optim.py before issue 22): tensor by tensor, synchronous copies, a clone
-    and two norms per tensor. Same math (torch's single-tensor AdamW)."""
+    """The update as it was (cyclej/training/optim.py before issue 22): tensor by tensor, synchronous
+    copies, a clone and two norms per tensor. Same math (torch's single-tensor AdamW)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Seconds per RL step: CYCLE_J's loop (cyclej.reinforcement.policy_gradient.RLTrainer) vs TRL's GRPOTrainer, in one run.
+"""Seconds per RL step, in one run: CYCLE_J's loop (policy_gradient.RLTrainer) vs TRL's GRPOTrainer.
 
 Same model (the tiny random GPT-J or SmolLM2-135M, markers added), same prompts (`{DX} src {DY}` from
 the shipped Yelp sample), same step (8 prompts × 16 rollouts = 128 completions, one optimizer step,
@@ -6,9 +6,9 @@ all 128 rows in one forward/backward), same sampling (temperature 1, top-p 1, no
 family (token-level, normalized by the step's completion tokens — TRL's default `dapo` — group-scaled
 advantages, no KL), same optimizer (AdamW lr 1e-5, betas (0.9, 0.95), eps 1e-6, clip 1e-4), and the
 same reward functions: ROUGE-L and smoothed BLEU of the translation against its source
-(cyclej.reinforcement.rewards). Cycle rewards need a back-translation, which GRPOTrainer has no place for, so the
-comparison scores y against x; `--full` also times CYCLE_J's real step (back-translation, MiniLM
-cosine, discriminator) on its own, outside the ratio.
+(cyclej.reinforcement.rewards). Cycle rewards need a back-translation, which GRPOTrainer has no place
+for, so the comparison scores y against x; `--full` also times CYCLE_J's real step (back-translation,
+MiniLM cosine, discriminator) on its own, outside the ratio.
 
 The first step of each (warm-up, lazy init) is not timed. Prints the seconds per step of both and the
 ratio TRL / ours (> 1: ours is faster); `--repeats` alternates the two runs and reports medians.
@@ -222,7 +222,8 @@ def main() -> None:
     print(f"cyclej RLTrainer : {statistics.median(ours):8.2f} s/step (median)  {[round(t, 2) for t in ours]}")
     print(f"TRL GRPOTrainer  : {statistics.median(trl):8.2f} s/step (median)  {[round(t, 2) for t in trl]}")
     print(
-        f"ratio TRL / cyclej = {statistics.median(trl) / statistics.median(ours):.2f}  (> 1: cyclej is faster)"
+        f"ratio TRL / cyclej = {statistics.median(trl) / statistics.median(ours):.2f}  "
+        "(> 1: cyclej is faster)"
     )
     if args.full:
         full = time_ours_full(args, sources)

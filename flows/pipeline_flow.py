@@ -3,11 +3,11 @@
     data → {context, paraphrase} → {para_train, domain_train} → merge → rl → eval
 
 The flow plans the run once (`cyclej.stages.plan_pipeline`: fingerprints, levels, run names, resume
-points) and follows that plan. Stages of one level may run at once (`orchestration.max_concurrent_stages`, or `dispatch` to run each
-stage as its own deployment run on its own worker: the deployment runs of one level are submitted
-together and run concurrently). Every stage task is cached by its fingerprint, so a
-retry or a new run of the same config shows finished stages as `Cached` and resumes the broken one from
-its checkpoint.
+points) and follows that plan. Stages of one level may run at once
+(`orchestration.max_concurrent_stages`, or `dispatch` to run each stage as its own deployment run on its
+own worker: the deployment runs of one level are submitted together and run concurrently). Every stage
+task is cached by its fingerprint, so a retry or a new run of the same config shows finished stages as
+`Cached` and resumes the broken one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -125,10 +125,11 @@ def stage_result(stage: PlannedStage, cfg: PipelineConfig, future: Any) -> dict[
 
 @contextlib.contextmanager
 def run_labelled() -> Iterator[None]:
-    """Name the running Prefect flow run in the store's leases, checkpoints and manifests (`cyclej.runtime.store`
-    knows nothing of Prefect), so two runs of one config log "waiting for run <name> (host, pid) computing
-    stage S" and "reused S from run <name>" with the names the UI shows. Reset afterwards: a process that
-    runs several flows (a test session, `cyclej serve`) must not lend one run's name to the next."""
+    """Name the running Prefect flow run in the store's leases, checkpoints and manifests
+    (`cyclej.runtime.store` knows nothing of Prefect), so two runs of one config log "waiting for run
+    <name> (host, pid) computing stage S" and "reused S from run <name>" with the names the UI shows.
+    Reset afterwards: a process that runs several flows (a test session, `cyclej serve`) must not lend
+    one run's name to the next."""
     from prefect.runtime import flow_run
 
     from cyclej.runtime.store import set_run_label

@@ -101,8 +101,9 @@ DEFAULT_CUDA_VERSIONS = [v for v in RUNPOD_CUDA_VERSIONS if _cuda(v) >= _cuda(TO
 # default is 1 GB and 1 vCPU, too little to load a model, and any RunPod GPU host has this much.
 DEFAULT_MIN_MEMORY_GB = 16
 DEFAULT_MIN_VCPUS = 4
-# How many ranks the stage in a pod runs: cyclej.runtime.distributed.GPUS_ENV (not imported: Prefect imports this
-# module whenever it loads its collections; tests/test_runpod_pods.py checks the two names agree).
+# How many ranks the stage in a pod runs: cyclej.runtime.distributed.GPUS_ENV (not imported: Prefect
+# imports this module whenever it loads its collections; tests/test_runpod_pods.py checks the two names
+# agree).
 GPUS_ENV = "CYCLEJ_GPUS"
 # Env vars that must reach a pod as RunPod secrets (`secret_env`), never as plain values in its spec.
 SENSITIVE_ENV = (
@@ -197,8 +198,8 @@ class RunpodVariables(BaseVariables):
     )
     allowed_cuda_versions: list[str] = Field(
         list(DEFAULT_CUDA_VERSIONS),
-        description=f"host CUDA (driver) versions RunPod may rent, from {', '.join(RUNPOD_CUDA_VERSIONS)}; the "
-        f"image's torch (requirements/gpu.lock) needs {TORCH_CUDA} or newer",
+        description=f"host CUDA (driver) versions RunPod may rent, from {', '.join(RUNPOD_CUDA_VERSIONS)}; "
+        f"the image's torch (requirements/gpu.lock) needs {TORCH_CUDA} or newer",
     )
     volume_in_gb: int = Field(0, ge=0)
     volume_mount_path: str = "/runpod-volume"
@@ -250,10 +251,11 @@ def pod_env(cfg: RunpodJobConfiguration) -> dict[str, str]:
     plain = {k: v for k, v in cfg.env.items() if v is not None}
     ranks = plain.setdefault(GPUS_ENV, str(cfg.gpu_count))
     if not ranks.isdigit() or not 1 <= int(ranks) <= cfg.gpu_count:
-        # A rank beyond the GPUs would ask for a device the pod lacks (cuda:LOCAL_RANK), after the pod is paid.
+        # A rank beyond the GPUs would ask for a device the pod lacks (cuda:LOCAL_RANK), after the pod is
+        # paid.
         raise ValueError(
-            f"env {GPUS_ENV}={ranks!r} on a pod of gpu_count {cfg.gpu_count}: give 1 to {cfg.gpu_count} ranks, or "
-            f"leave it out (the worker sets it to gpu_count)"
+            f"env {GPUS_ENV}={ranks!r} on a pod of gpu_count {cfg.gpu_count}: "
+            f"give 1 to {cfg.gpu_count} ranks, or leave it out (the worker sets it to gpu_count)"
         )
     for key, secret in cfg.secret_env.items():
         if not secret or any(c in secret for c in "{} "):
@@ -309,13 +311,14 @@ def check_cuda_versions(versions: list[str]) -> None:
             v not in RUNPOD_CUDA_VERSIONS and not newer
         ):  # a newer one: RunPod adds versions as drivers come out
             raise ValueError(
-                f"allowed_cuda_versions: {v!r} is not a RunPod CUDA version ({', '.join(RUNPOD_CUDA_VERSIONS)})"
+                f"allowed_cuda_versions: {v!r} is not a RunPod CUDA version "
+                f"({', '.join(RUNPOD_CUDA_VERSIONS)})"
             )
         if _cuda(v) < _cuda(TORCH_CUDA):
             raise ValueError(
-                f"allowed_cuda_versions: a CUDA {v} host cannot run the image's torch, built for CUDA {TORCH_CUDA} "
-                f"(requirements/gpu.lock; NVIDIA driver >= 580): torch would find no GPU. Allow only "
-                f"{TORCH_CUDA} and newer, e.g. {DEFAULT_CUDA_VERSIONS}"
+                f"allowed_cuda_versions: a CUDA {v} host cannot run the image's torch, "
+                f"built for CUDA {TORCH_CUDA} (requirements/gpu.lock; NVIDIA driver >= 580): "
+                f"torch would find no GPU. Allow only {TORCH_CUDA} and newer, e.g. {DEFAULT_CUDA_VERSIONS}"
             )
 
 
@@ -342,7 +345,8 @@ def create_pod(cfg: RunpodJobConfiguration) -> str:
             data_center_id = next(
                 (v["dataCenterId"] for v in volumes if v["id"] == cfg.network_volume_id), None
             )
-        # The SDK's own mutation (what runpod.create_pod sends), plus the registry auth it has no argument for.
+        # The SDK's own mutation (what runpod.create_pod sends), plus the registry auth it has no argument
+        # for.
         mutation = generate_pod_deployment_mutation(
             name=_graphql_str(cfg.name or "cyclej-flow-run"),
             image_name=cfg.image,
@@ -497,7 +501,8 @@ class RunpodWorker(BaseWorker[RunpodJobConfiguration, RunpodVariables, RunpodWor
                 api_down_since = api_down_since or time.monotonic()
                 if time.monotonic() - api_down_since > API_OUTAGE_SECONDS:
                     logger.error(
-                        f"Prefect API unreachable for {API_OUTAGE_SECONDS} s ({exc}); terminating pod {pod_id}"
+                        f"Prefect API unreachable for {API_OUTAGE_SECONDS} s ({exc}); "
+                        f"terminating pod {pod_id}"
                     )
                     return 4
                 logger.warning(f"Cannot read the flow run ({exc}); retrying")

@@ -152,8 +152,8 @@ def project_log() -> Iterator[list[logging.LogRecord]]:
 
     logger = logging.getLogger("cyclej")
     handler, saved = Collect(level=logging.DEBUG), (logger.level, logger.disabled)
-    # Children (`cyclej.reinforcement.policy_gradient`, ...) too: a dictConfig with disable_existing_loggers drops their records
-    # before they reach this handler.
+    # Children (`cyclej.reinforcement.policy_gradient`, ...) too: a dictConfig with
+    # disable_existing_loggers drops their records before they reach this handler.
     children = {n: logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith("cyclej.")}
     saved_children = {n: (c.level, c.disabled) for n, c in children.items()}
     logging.disable(logging.NOTSET)

@@ -1,4 +1,5 @@
-"""Generation backends: left padding, EOS handling, determinism, sampling, and the vLLM backend where it imports."""
+"""Generation backends: left padding, EOS handling, determinism, sampling, and the vLLM backend where it
+imports."""
 
 from __future__ import annotations
 

@@ -92,8 +92,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
             "--model",
             broken_model(
                 t,
-                '{"model_type": "gptj", "n_embd": 64, "n_layer": 1, "n_head": 4, "rotary_dim": 16, "vocab_size": 1024, '
-                '"bos_token_id": 0, "eos_token_id": 0}',
+                '{"model_type": "gptj", "n_embd": 64, "n_layer": 1, "n_head": 4, "rotary_dim": 16, '
+                '"vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0}',
                 os.urandom(3000),
             ),
             "--to",

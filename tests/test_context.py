@@ -77,7 +77,8 @@ def test_perplexity_out_of_memory_halves_the_batch_and_gives_the_same_value(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A CUDA OOM (here the CUBLAS one, a plain RuntimeError) in the perplexity pass halved nothing before
-    and failed the stage after its training; now the chunk is redone at half the batch (issue 22, point 10)."""
+    and failed the stage after its training; now the chunk is redone at half the batch (issue 22,
+    point 10)."""
     from cyclej.runtime import faults
 
     model, _ = load_model("tiny-gptj")

@@ -191,7 +191,8 @@ def kill_all(launcher: subprocess.Popen[bytes]) -> None:
 def start_run_hung_in_context(
     server_env: dict[str, str], store_root: str, context_steps: int, log: Path
 ) -> subprocess.Popen[bytes]:
-    """`cyclej run` in its own session with `context` hanging at step 3; returns once step 2 is checkpointed."""
+    """`cyclej run` in its own session with `context` hanging at step 3; returns once step 2 is
+    checkpointed."""
     cfg = config(store_root, context_steps)
     store = ArtifactStore.from_config(cfg.storage)
     fp = fingerprints(cfg)["context"]

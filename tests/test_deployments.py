@@ -94,7 +94,8 @@ def test_multi_gpu_deployments_ask_for_the_pod_cyclej_plan_prints_at_their_world
             and jv["container_disk_gb"] == single["container_disk_gb"]
         )
         assert dep["concurrency_limit"]["collision_strategy"] == "ENQUEUE", name
-    # 4 ranks of RL shard the optimizer onto the GPUs: no offload, so 80 GB cards and no 68 GiB of masters in RAM
+    # 4 ranks of RL shard the optimizer onto the GPUs: no offload, so 80 GB cards and no 68 GiB of masters
+    # in RAM
     rl4 = {p.stage: p for p in plan(load_config(preset="gptj", overrides=["resources.gpus.rl=4"]))}["rl"]
     assert (
         rl4.gpu is not None

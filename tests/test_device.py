@@ -128,13 +128,14 @@ def test_the_driver_version_is_read_from_the_kernel_module() -> None:
 def test_the_refusal_names_a_driver_too_old_for_the_locked_torch() -> None:
     # What the GPU image's torch (2.13.0+cu130) says on a host with a CUDA 12.8 driver, and on a good one.
     old = describe_cuda("2.13.0+cu130", "13.0", "570.124.06")
-    assert (
-        old
-        == "torch 2.13.0+cu130 is built for CUDA 13.0; NVIDIA driver 570.124.06, older than the 580 that CUDA 13.0 needs"
+    assert old == (
+        "torch 2.13.0+cu130 is built for CUDA 13.0; NVIDIA driver 570.124.06, older than the 580 that "
+        "CUDA 13.0 needs"
     )
     assert "older" not in describe_cuda("2.13.0+cu130", "13.0", "580.65.06")
     assert describe_cuda("2.13.0+cpu", None, None) == (
-        "torch 2.13.0+cpu is a CPU-only build; no NVIDIA driver (no /proc/driver/nvidia/version, no nvidia-smi)"
+        "torch 2.13.0+cpu is a CPU-only build; "
+        "no NVIDIA driver (no /proc/driver/nvidia/version, no nvidia-smi)"
     )
 
 

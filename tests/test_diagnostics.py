@@ -101,7 +101,8 @@ def test_validate_refuses_the_cards_rl_update_size_unless_allowed(tmp_path: Path
     refused = _validate("gptj", tmp_path)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
-        "cyclej: error: rl: the settings cannot change the model (warning above); fix them or pass --allow-warnings"
+        "cyclej: error: rl: the settings cannot change the model (warning above); "
+        "fix them or pass --allow-warnings"
     )
     proc = _validate("gptj", tmp_path, "--allow-warnings")
     print(proc.stderr)

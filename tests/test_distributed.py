@@ -1,4 +1,5 @@
-"""A LoRA stage on two ranks (cyclej.runtime.distributed): real torchrun, real gloo, two processes on two cores.
+"""A LoRA stage on two ranks (cyclej.runtime.distributed): real torchrun, real gloo, two processes on
+two cores.
 
 Each test runs `run_stage` as a user's run does: `resources.gpus.domain_train: 2` makes it launch
 `python -m torch.distributed.run --nproc-per-node 2 … cyclej.pipeline.rank_worker` in a child process,

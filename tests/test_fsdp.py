@@ -1,6 +1,7 @@
-"""The RL trainer on 2 ranks (FSDP2, gloo, CPU) against one process: the same step, the gathered weights, an
-out-of-memory error on one rank, and a resume. Each run is tests/helpers/dist_rl_script.py, launched with torchrun
-(2 ranks) or plain python (world size 1: today's code path); the tests compare what the runs wrote."""
+"""The RL trainer on 2 ranks (FSDP2, gloo, CPU) against one process: the same step, the gathered weights,
+an out-of-memory error on one rank, and a resume. Each run is tests/helpers/dist_rl_script.py, launched
+with torchrun (2 ranks) or plain python (world size 1: today's code path); the tests compare what the
+runs wrote."""
 
 from __future__ import annotations
 

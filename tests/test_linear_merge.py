@@ -1,4 +1,5 @@
-"""The streaming merge equals the naive two-model merge, tensor by tensor, and stays within its memory bound."""
+"""The streaming merge equals the naive two-model merge, tensor by tensor, and stays within its memory
+bound."""
 
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ def test_bf16_base_is_merged_into_fp32(tmp_path: Path) -> None:
     assert torch.equal(loaded.state_dict()[key], merged[key])
 
 
-# ---- bad input ----------------------------------------------------------------------------------------------
+# ---- bad input ---------------------------------------------------------------------------------------------
 def test_bad_adapters_are_refused_with_the_file_named(tmp_path: Path) -> None:
     base, sa, _ = base_and_adapters(tmp_path, "tiny-llama")
     with pytest.raises(BadInput, match="adapter_config.json: missing"):
@@ -267,7 +268,7 @@ def test_bad_adapters_are_refused_with_the_file_named(tmp_path: Path) -> None:
     assert not list((tmp_path / "out2").glob("*.safetensors")), "checked before anything is written"
 
 
-# ---- memory ---------------------------------------------------------------------------------------------------
+# ---- memory ------------------------------------------------------------------------------------------------
 _MEASURE = textwrap.dedent(
     """
     import json, sys
@@ -337,7 +338,7 @@ def test_peak_rss_stays_within_one_shard_plus_adapters(tmp_path: Path) -> None:
     assert any(not torch.equal(merged[k], original[k]) for k in original)
 
 
-# ---- the stage ------------------------------------------------------------------------------------------------
+# ---- the stage ---------------------------------------------------------------------------------------------
 def committed_inputs(tmp_path: Path, store: ArtifactStore) -> dict[str, ArtifactRef]:
     """context / para_train / domain_train / data artifacts as the upstream stages commit them."""
     ctx = tmp_path / "ctx"

@@ -96,7 +96,8 @@ def hub_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_tokenizer(out: Path) -> None:
-    """MiniLM's WordPiece files, declared as the hub's tokenizer declares itself (BertTokenizer, no token types)."""
+    """MiniLM's WordPiece files, declared as the hub's tokenizer declares itself (BertTokenizer, no token
+    types)."""
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(out)
@@ -160,7 +161,8 @@ def reference_logits(hidden: torch.Tensor, head: dict[str, torch.Tensor]) -> tor
 
 
 def test_the_hub_neobert_loads_without_its_remote_code_and_every_weight_lands(hub_neobert: Path) -> None:
-    """trust_remote_code stays as the gptj preset has it (True): the hub's model.py (xformers) is never run."""
+    """trust_remote_code stays as the gptj preset has it (True): the hub's model.py (xformers) is never
+    run."""
     disc = Discriminator(str(hub_neobert), REAL_A, REAL_B, trust_remote_code=True)
     from cyclej.models.neobert import NeoBERTForSequenceClassification
 

@@ -1,7 +1,7 @@
-"""Out of GPU memory on every path (cyclej.training.oom), with faults injected through CYCLEJ_FAULT on CPU: the
-classifier, the trainer (cuBLAS's allocation failure, the dev loss), RL below one group per micro-batch
-(the same gradient as unsplit), the memory released only once the failed attempt's tensors are gone, the
-weight push, the discriminator's update and scores, and the reward embedder."""
+"""Out of GPU memory on every path (cyclej.training.oom), with faults injected through CYCLEJ_FAULT on
+CPU: the classifier, the trainer (cuBLAS's allocation failure, the dev loss), RL below one group per
+micro-batch (the same gradient as unsplit), the memory released only once the failed attempt's tensors
+are gone, the weight push, the discriminator's update and scores, and the reward embedder."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_dev_loss_out_of_memory_halves_the_eval_batch_not_the_result(
     assert m["micro_batch_size"] == 4 and m["oom_events"] == 0  # training's micro-batch is not eval's
 
 
-# ---- RL ------------------------------------------------------------------------------------------------------
+# ---- RL ----------------------------------------------------------------------------------------------------
 class EngineCopy:
     """An engine with its own copy of the weights (as vLLM holds one): generates with a second model and
     takes the policy's weights through `load_weights` after each update."""

@@ -309,7 +309,8 @@ def test_kill_at_shard_then_resume_generates_only_missing_shards(
         "from cyclej.runtime.store import ArtifactRef, ArtifactStore\n"
         "cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())\n"
         "data = ArtifactRef.from_json(open(sys.argv[2]).read())\n"
-        "run_stage('paraphrase', cfg, {'data': data}, ArtifactStore(cfg.storage.root), Progress(show_bar=False))\n"
+        "run_stage('paraphrase', cfg, {'data': data}, ArtifactStore(cfg.storage.root), "
+        "Progress(show_bar=False))\n"
     )
     env = {**os.environ, "CYCLEJ_FAULT": "paraphrase:1:kill", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -354,6 +354,7 @@ def build_inputs(cfg: PipelineConfig, store: ArtifactStore) -> dict[str, Artifac
 
 
 def run_in_subprocess(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], fault: str, cache: Path) -> int:
+    refs_json = json.dumps({k: v.to_json() for k, v in inputs.items()})
     script = textwrap.dedent(
         f"""
         import json, yaml
@@ -363,8 +364,9 @@ def run_in_subprocess(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], fault
         from cyclej.stages.rl import run_rl
         from cyclej.runtime.store import ArtifactRef, ArtifactStore
         cfg = PipelineConfig.model_validate(yaml.safe_load({cfg.to_yaml()!r}))
-        refs = {{k: ArtifactRef.from_json(v) for k, v in json.loads({json.dumps({k: v.to_json() for k, v in inputs.items()})!r}).items()}}
-        run_rl(StageRun.start("rl", cfg, refs, ArtifactStore.from_config(cfg.storage), Progress(show_bar=False)))
+        refs = {{k: ArtifactRef.from_json(v) for k, v in json.loads({refs_json!r}).items()}}
+        store = ArtifactStore.from_config(cfg.storage)
+        run_rl(StageRun.start("rl", cfg, refs, store, Progress(show_bar=False)))
         """
     )
     env = {

@@ -1,5 +1,5 @@
-"""Quiet by default (cyclej/runtime/quiet.py): third-party warnings and notices a user cannot act on are filtered,
-`--verbose` shows them; progress bars and the project's own lines stay."""
+"""Quiet by default (cyclej/runtime/quiet.py): third-party warnings and notices a user cannot act on are
+filtered, `--verbose` shows them; progress bars and the project's own lines stay."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ PROBE = r"""
 import logging, sys, warnings
 from cyclej.runtime import quiet
 quiet.configure(verbose=quiet.wants_verbose(sys.argv[1:]))
-warnings.warn_explicit("torch thing is deprecated", FutureWarning, "/site-packages/torch/x.py", 1, module="torch.x")
+warnings.warn_explicit("torch thing is deprecated", FutureWarning, "/site-packages/torch/x.py", 1,
+                       module="torch.x")
 warnings.warn_explicit("ours", UserWarning, "/repo/cyclej/train.py", 2, module="cyclej.training.trainer")
 warnings.warn_explicit("models is deprecated", DeprecationWarning, "/repo/cyclej/embedder.py", 3,
                        module="cyclej.models.embedder")
 warnings.warn_explicit("Unclosed context <zmq.Context()>", ResourceWarning, "/repo/cyclej/generate.py", 4,
                        module="cyclej.generation.backends")
-logging.getLogger("vllm.triton_utils.importing").warning("Triton is installed, but doesn't include CPU backend.")
+logging.getLogger("vllm.triton_utils.importing").warning(
+    "Triton is installed, but doesn't include CPU backend.")
 import transformers
 transformers.utils.logging.get_logger("transformers.modeling_utils").warning("LOAD REPORT from: x")
 """
@@ -59,8 +61,9 @@ def test_third_party_notices_are_filtered_unless_verbose(verbose: bool) -> None:
     noise = ("FutureWarning: torch thing is deprecated", "Triton is installed", "LOAD REPORT")
     for needle in noise:
         assert (needle in proc.stderr) == verbose, (needle, proc.stderr)
-    # A library's deprecation pointing at our line (sentence_transformers' at cyclej/models/embedder.py's import):
-    # hidden although it names a project file (verbose leaves it to Python's default, which hides it too).
+    # A library's deprecation pointing at our line (sentence_transformers' at cyclej/models/embedder.py's
+    # import): hidden although it names a project file (verbose leaves it to Python's default, which hides
+    # it too).
     assert "DeprecationWarning: models is deprecated" not in proc.stderr
     assert "ResourceWarning: Unclosed context" not in proc.stderr  # zmq's, at vLLM engine shutdown
 

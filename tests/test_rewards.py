@@ -280,8 +280,8 @@ def test_the_rl_reward_gives_the_discriminator_each_rollouts_source(one_thread: 
 
 
 def test_style_rewards_pay_an_empty_or_punctuation_output_nothing(one_thread: None) -> None:
-    """The renormalized head cannot see the 'generated' verdict; the yelp style_gain run learned to answer with
-    an immediate EOS because the head judged the empty string target-style. No words, no style."""
+    """The renormalized head cannot see the 'generated' verdict; the yelp style_gain run learned to answer
+    with an immediate EOS because the head judged the empty string target-style. No words, no style."""
     disc = discriminator()
     disc.warm_up(20)
     outputs = ["", "  ", " . !", REAL_B[0]]

@@ -321,7 +321,8 @@ def test_every_gpu_stage_pod_gets_what_cyclej_plan_prints_for_it(standin: Runpod
     assert {e["key"]: e["value"] for e in spec["env"]}["CYCLEJ_GPUS"] == "4"
 
 
-# What the stage inside a pod reads for its world size: cyclej.runtime.distributed.gpus_for, with the pod's env only.
+# What the stage inside a pod reads for its world size: cyclej.runtime.distributed.gpus_for, with the
+# pod's env only.
 RANKS_PROBE = (
     'python -c "from cyclej.config import load_config; from cyclej.runtime.distributed import gpus_for; '
     "cfg = load_config(preset='tiny', overrides=['resources.gpus.rl=4']); "

@@ -252,8 +252,8 @@ def test_cancelled_run_terminates_its_pod(stack: Stack) -> None:
 
 
 def test_run_whose_pod_vanishes_is_crashed(stack: Stack) -> None:
-    """A spot pod reclaimed (or deleted in RunPod's console) mid-run: the worker notices and the run is Crashed,
-    so a retry can resume it, instead of the run staying Running forever."""
+    """A spot pod reclaimed (or deleted in RunPod's console) mid-run: the worker notices and the run is
+    Crashed, so a retry can resume it, instead of the run staying Running forever."""
     run_id = stack.runs["vanish"]
     running = stack.wait_run(
         run_id, lambda r: r.state is not None and (r.state.is_running() or r.state.is_final()), timeout=90

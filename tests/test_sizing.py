@@ -155,7 +155,8 @@ def test_cli_plan_prints_every_stage() -> None:
 
 
 def test_gptj_pods_get_the_ram_disk_and_vcpus_their_stage_needs() -> None:
-    """Host RAM, vCPU and disk per stage, from the same accounting as the code (cyclej.pipeline.sizing docstring)."""
+    """Host RAM, vCPU and disk per stage, from the same accounting as the code (cyclej.pipeline.sizing
+    docstring)."""
     cfg = load_config(preset="gptj")
     plans = {p.stage: p for p in plan(cfg)}
     rl, params = plans["rl"], plans["rl"].params

@@ -89,7 +89,8 @@ def test_rl_on_four_ranks_shards_weights_gradients_and_moments_onto_80gb_cards()
         jv["min_memory_in_gb"] == math.ceil(four.host_bytes / GiB)
         and jv["container_disk_gb"] == one.job_variables()["container_disk_gb"]
     )
-    # On two ranks the shards (8 bytes/parameter, 45 GiB) + the gathered weights + vLLM's quarter overflow 80 GB.
+    # On two ranks the shards (8 bytes/parameter, 45 GiB) + the gathered weights + vLLM's quarter overflow
+    # 80 GB.
     two = _plans("resources.gpus.rl=2")["rl"]
     assert two.gpu is not None and two.gpu.memory_gb > 80 and two.gpu_count == 2
 

@@ -1,7 +1,7 @@
 """The trainer (cyclej.training.trainer) and the `domain_train` stage on tiny random GPT-J and Llama models.
 
-Real parts throughout: models from cyclej.models.loading, examples from cyclej.corpora.formats, a local ArtifactStore,
-faults injected through CYCLEJ_FAULT exactly as a drill would.
+Real parts throughout: models from cyclej.models.loading, examples from cyclej.corpora.formats, a local
+ArtifactStore, faults injected through CYCLEJ_FAULT exactly as a drill would.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def test_oom_at_micro_batch_one_names_the_knobs(
         )
 
 
-# ---- the domain_train stage ---------------------------------------------------------------------------------
+# ---- the domain_train stage --------------------------------------------------------------------------------
 def test_domain_train_stage_adapts_to_oom_and_keeps_the_effective_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_faults: None
 ) -> None:

@@ -47,7 +47,8 @@ RUN_PARA_TRAIN = textwrap.dedent("""
 
     cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
     refs = {k: ArtifactRef.from_json(v) for k, v in json.load(open(sys.argv[2])).items()}
-    ref = run_para_train(StageRun.start("para_train", cfg, refs, ArtifactStore(cfg.storage.root), Progress(show_bar=False)))
+    store = ArtifactStore(cfg.storage.root)
+    ref = run_para_train(StageRun.start("para_train", cfg, refs, store, Progress(show_bar=False)))
     print(ref.to_json())
 """)
 
@@ -227,7 +228,8 @@ def test_resumed_run_keeps_the_micro_batch_an_oom_chose(
 
 
 def test_checkpoints_by_the_clock(tmp_path: Path) -> None:
-    """checkpoint_every_minutes: with a tiny interval every step is due, whatever checkpoint_every_steps says."""
+    """checkpoint_every_minutes: with a tiny interval every step is due, whatever checkpoint_every_steps
+    says."""
     store = ArtifactStore(str(tmp_path / "store"))
     model, tok, ids = tiny()
     train(

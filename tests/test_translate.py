@@ -1,4 +1,5 @@
-"""cyclej.generation.translate: one output line per input line, greedy and deterministic, models found by URI."""
+"""cyclej.generation.translate: one output line per input line, greedy and deterministic, models found
+by URI."""
 
 from __future__ import annotations
 

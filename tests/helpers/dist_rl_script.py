@@ -1,14 +1,17 @@
-"""One RL run of a few steps for tests/test_fsdp.py: on one process (`python tests/helpers/dist_rl_script.py OUT …`)
-or on N ranks (`python -m torch.distributed.run --standalone --nproc-per-node N tests/helpers/dist_rl_script.py OUT …`),
-through the same RLTrainer; the test compares what the runs leave in OUT.
+"""One RL run of a few steps for tests/test_fsdp.py, through the same RLTrainer on one process or on N
+ranks; the test compares what the runs leave in OUT:
+
+    python tests/helpers/dist_rl_script.py OUT …
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/helpers/dist_rl_script.py OUT …
 
 OUT/rank<r>.json   every rank: its metrics log, micro-batch, a fingerprint of its discriminator's weights
                    and, at the start, whether the gathered full weights equalled the unsharded model's
 OUT/policy/        rank 0: the final policy, saved with save_pretrained from `RLTrainer.final_policy`
 OUT/ckpt/          with --save-at K: the trainer's checkpoint after step K (`save_state`)
 
---fault-rank R --fault-step S: an out-of-memory error injected (cyclej.runtime.faults, CYCLEJ_FAULT=rl:S:oom) on
-rank R only, where the trainer's own injection point is (the first chunk's forward).
+--fault-rank R --fault-step S: an out-of-memory error injected (cyclej.runtime.faults,
+CYCLEJ_FAULT=rl:S:oom) on rank R only, where the trainer's own injection point is (the first chunk's
+forward).
 """
 
 from __future__ import annotations
