@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lock demo tiny test test-slow lint bench clean-store
+.PHONY: setup lock demo tiny test smoke test-slow lint bench clean-store
 
 setup: $(STAMP)
 
@@ -48,13 +48,22 @@ demo: setup
 tiny: setup
 	$(BIN)/cyclej run --preset tiny
 
-# Everything, the `slow` tests included (vLLM engines in their own processes, SmolLM2, UI and kill drills):
-# what CI runs (.ci/run). A bare `pytest` runs the default subset (under ~10 minutes on 2 cores). Left out:
+# ruff, mypy (cyclej/, [tool.mypy] in pyproject.toml) and every test, the `slow` tests included (vLLM
+# engines in their own processes, SmolLM2, UI and kill drills): what CI runs (.ci/run). A bare `pytest`
+# runs the default subset (under ~10 minutes on 2 cores). Left out:
 # `timing` tests (wall-clock overlap of separate processes, flaky on a loaded machine; `pytest -m timing`).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not timing"
+
+# A quick loop while editing (under 2 minutes on 2 cores): ruff and the fast unit tests (import rules,
+# config, formats, schedule, registry, sizing, device checks, README links). `make test` before a push.
+SMOKE_TESTS := tests/test_import_rules.py tests/test_schedule.py tests/test_formats.py tests/test_registry.py \
+	tests/test_config_base.py tests/test_readme.py tests/test_sizing.py tests/test_device.py
+smoke: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow and not timing" $(SMOKE_TESTS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -236,6 +236,7 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
     """Wait for the run process, acting on a cancel request; end a run its process left open as Crashed.
     Returns the run process's return code, or EXIT_CANCELLED."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import State
     from prefect.states import Cancelled, Crashed
 
     with get_client(sync_client=True) as client:
@@ -258,7 +259,7 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-                cancelled = Cancelled(
+                cancelled: State = Cancelled(
                     message="cancelled; the run process was stopped, the next run resumes "
                     "from the last checkpoint"
                 )
@@ -272,7 +273,7 @@ def supervise(child: subprocess.Popen[bytes], flow_run_id: UUID) -> int:
                 return EXIT_CANCELLED
         state = client.read_flow_run(flow_run_id).state
         if state is None or not state.is_final():
-            crashed = Crashed(
+            crashed: State = Crashed(
                 message=f"the run process ended without finishing the run ({_describe_exit(returncode)})"
             )
             if state is not None and state.is_cancelling():
@@ -352,7 +353,11 @@ class QuietExpectedFailures(logging.Filter):
         from cyclej.errors import CyclejError
 
         def subclasses(cls: type) -> list[type]:
-            return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+            out: list[type] = [cls]
+            children: list[type] = cls.__subclasses__()
+            for child in children:
+                out.extend(subclasses(child))
+            return out
 
         # A task's state names only its exception's class; a task-level StageFailed (a dispatched
         # stage's deployment run that failed) has no cause, so every CyclejError class is expected there.

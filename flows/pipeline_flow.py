@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
@@ -79,7 +80,8 @@ def dispatch_task(
     name = stage.name
     deployment = deployment_name(cfg, name)
     kind = "s3" if cfg.storage.root.startswith("s3://") else "local"
-    run = run_deployment(
+    # Called from sync code: prefect's async_dispatch gives the FlowRun itself, not a coroutine.
+    run: FlowRun = run_deployment(  # type: ignore[assignment]
         deployment,
         parameters={"config": json.loads(cfg.model_dump_json()), "inputs": inputs},
         timeout=None,

@@ -253,13 +253,13 @@ def post_artifacts(ref: ArtifactRef, store: ArtifactStore, cached: bool = False)
     )
     where = f"`{ref.uri}`" + "".join(f" · [{name}]({url})" for name, url in links.items())
     scalars = {k: v for k, v in ref.metrics.items() if isinstance(v, int | float | str | bool)}
-    rows = "\n".join(
+    lines = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()
     )
-    table = f"| metric | value |\n|---|---|\n{rows}\n" if scalars else ""
+    metrics_md = f"| metric | value |\n|---|---|\n{lines}\n" if scalars else ""
     create_markdown_artifact(
         key=f"{key}-metrics",
-        markdown=f"### {ref.stage}{origin}\n\n{where}\n\n{table}",
+        markdown=f"### {ref.stage}{origin}\n\n{where}\n\n{metrics_md}",
         description=f"Metrics of stage `{ref.stage}`",
     )
     for name, table in ref.metrics.items():
