@@ -393,20 +393,6 @@ def translate_detailed(
     return out
 
 
-def translate_with_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    lines: list[str],
-    to: Domain,
-    markers: tuple[str, str] | list[str],
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-) -> list[str]:
-    """`translate_detailed` on an in-memory model, the lines only."""
-    backend = TransformersBackend(model, tokenizer, batch_size=batch_size)
-    return [t.text for t in translate_detailed(backend, tokenizer, lines, to, markers, max_new_tokens)]
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 

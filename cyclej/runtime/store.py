@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -571,13 +570,6 @@ class ArtifactStore:
             self._call("delete", self._delete, self._path(rel))
         except FileNotFoundError:
             pass
-
-
-@contextmanager
-def temporary_store() -> Iterator[ArtifactStore]:
-    """A throw-away local store (for `cyclej eval` on a bare model directory)."""
-    with tempfile.TemporaryDirectory(prefix="cyclej-store-") as d:
-        yield ArtifactStore(d, cache_dir=Path(d) / ".cache")
 
 
 @functools.cache
