@@ -513,33 +513,32 @@ class _Trainer:
         """Forward/backward over micro-batches, then clip and update. Raises OutOfMemoryError with
         `self.updating` telling whether the weights may already have been touched."""
         targets = sum(count_targets(s) for s in batch_seqs)
-        loss_total, tokens = 0.0, 0
         self.updating = False
         if self.world > 1:
             return self._train_step_of_rank(batch_seqs, step_no, targets)
-        for chunk in _chunks(batch_seqs, self.state.micro_batch_size):
+        loss_total, tokens = self._accumulate(batch_seqs, targets)
+        maybe_fault(self.stage, step_no)
+        return self._update(loss_total, tokens, targets)
+
+    def _accumulate(self, rows: Sequence[Any], targets: int) -> tuple[float, int]:
+        """Forward/backward over `rows` in micro-batches; the summed loss and the tokens seen. Normalised
+        by the step's target tokens: the gradient is the same for any micro-batch split (or rank split)."""
+        loss_total, tokens = 0.0, 0
+        for chunk in _chunks(rows, self.state.micro_batch_size):
             batch = self._batch(chunk)
             with autocast(self.cfg.precision, self.device):
                 loss_sum, _ = target_loss_sum(self.model, batch, self.head_on_targets_only)
-            # Normalised by the step's target tokens: the gradient is the same for any micro-batch split.
             (loss_sum / targets).backward()
             loss_total += float(loss_sum.detach())
             tokens += sum(len(row.input_ids) for row in chunk)
-        maybe_fault(self.stage, step_no)
-        return self._update(loss_total, tokens, targets)
+        return loss_total, tokens
 
     def _train_step_of_rank(self, batch_seqs: list[Any], step_no: int, targets: int) -> dict[str, float]:
         """`train_step` on one of N ranks: this rank's rows, then one all-reduce of the gradients, the
         loss, the token count and whether any rank ran out of memory (module docstring)."""
         loss_total, tokens, failure = 0.0, 0, None
         try:
-            for chunk in _chunks(batch_seqs[self.rank :: self.world], self.state.micro_batch_size):
-                batch = self._batch(chunk)
-                with autocast(self.cfg.precision, self.device):
-                    loss_sum, _ = target_loss_sum(self.model, batch, self.head_on_targets_only)
-                (loss_sum / targets).backward()
-                loss_total += float(loss_sum.detach())
-                tokens += sum(len(row.input_ids) for row in chunk)
+            loss_total, tokens = self._accumulate(batch_seqs[self.rank :: self.world], targets)
             maybe_fault(self.stage, step_no)
         except Exception as exc:
             failure = oom_message(exc)
