@@ -168,6 +168,34 @@ def test_policy_learns_a_token_frequency_reward() -> None:
     assert last > first + 0.12, means
 
 
+def test_adaptive_prompt_mix_gives_the_lagging_direction_more_prompts() -> None:
+    """Even until both directions have a logged style share; then prompts in proportion to each direction's
+    miss rate, each direction kept between 1/4 and 3/4; `even` ignores the logs."""
+    policy, tok, markers = tiny_policy()
+
+    def const(ro: Rollouts) -> dict[str, list[float]]:
+        return {"c": [0.0] * len(ro)}
+
+    def trainer(mix: str) -> RLTrainer:
+        cfg = RLConfig(
+            prompts_per_step=4, rollouts=2, backend="transformers", precision="fp32", prompt_mix=mix
+        )
+        return RLTrainer(cfg, policy, tok, markers, SOURCES, const, {"c": 1.0}, back_translate=False)
+
+    adaptive, even = trainer("adaptive"), trainer("even")
+    assert adaptive.prompts_from_a() == 2  # nothing logged yet
+    # to_b (rollouts of A prompts) hits 20 %, to_a 80 %: A's miss rate is 4× B's → 3 of 4 from A (capped)
+    log = [{"style/target_share/to_b": 0.2, "style/target_share/to_a": 0.8}] * 10
+    adaptive.metrics_log = even.metrics_log = list(log)
+    assert adaptive.prompts_from_a() == 3 and even.prompts_from_a() == 2
+    assert [d for d, _ in adaptive.pick_sources(7)] == ["a", "a", "a", "b"]
+    adaptive.metrics_log = [{"style/target_share/to_b": 0.9, "style/target_share/to_a": 0.3}] * 10
+    assert adaptive.prompts_from_a() == 1
+    # only the last 10 steps count: old lag in front of them changes nothing
+    adaptive.metrics_log = log + [{"style/target_share/to_b": 0.5, "style/target_share/to_a": 0.5}] * 10
+    assert adaptive.prompts_from_a() == 2
+
+
 def test_oom_at_one_row_per_micro_batch_fails_with_the_resume_point(monkeypatch: pytest.MonkeyPatch) -> None:
     policy, tok, markers = tiny_policy()
     cfg = RLConfig(

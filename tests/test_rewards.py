@@ -211,12 +211,23 @@ def test_rl_options_that_are_off_keep_the_rl_fingerprint() -> None:
                     "reward_combination": "product",
                     "discriminator_reward": "style",
                     "content_floor": 0.4,
+                    "prompt_mix": "adaptive",
+                    "rewards": cfg.rl.rewards.model_copy(update={"self_bleu": 1.0}),
                 }
             )
         }
     )
-    off_keys = {"discriminator_warmup_steps", "reward_combination", "discriminator_reward", "content_floor"}
+    off_keys = {
+        "discriminator_warmup_steps",
+        "reward_combination",
+        "discriminator_reward",
+        "content_floor",
+        "prompt_mix",
+    }
     assert not off_keys & set(SPECS["rl"].config_slice(cfg)["rl"])
+    assert "self_bleu" not in SPECS["rl"].config_slice(cfg)["rl"]["rewards"]
+    assert SPECS["rl"].config_slice(on)["rl"]["rewards"]["self_bleu"] == 1.0
+    assert SPECS["rl"].config_slice(on)["rl"]["prompt_mix"] == "adaptive"
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_reward"] == "style"
     assert SPECS["rl"].config_slice(on)["rl"]["discriminator_warmup_steps"] == 5
     assert SPECS["rl"].config_slice(on)["rl"]["reward_combination"] == "product"
@@ -277,6 +288,25 @@ def test_the_rl_reward_gives_the_discriminator_each_rollouts_source(one_thread: 
     )
     copy, transfer = reward_fn(rollouts)["discriminator"]
     assert copy == 0.0 and transfer > 0.5
+
+
+def test_self_bleu_reward_scores_the_translation_against_its_source_not_the_cycle() -> None:
+    """rl.rewards.self_bleu: BLEU of y vs x (a minimal edit keeps most of it), whatever x̂ is."""
+    from cyclej.reinforcement.policy_gradient import CycleDiscriminatorReward, Rollouts
+
+    src = "the food was cold and the service was slow ."
+    rollouts = Rollouts(
+        group_size=2,
+        sources=[src] * 2,
+        source_domains=["a"] * 2,
+        target_domains=["b"] * 2,
+        translations=["the food was hot and the service was fast .", "i love this place so much !"],
+        back_translations=[src] * 2,
+    )
+    out = CycleDiscriminatorReward({"rouge": 1.0, "self_bleu": 1.0}, None, None)(rollouts)
+    assert out["rouge"] == [1.0, 1.0]  # both cycles came back
+    minimal, rewrite = out["self_bleu"]
+    assert minimal > 0.2 and rewrite < 0.05
 
 
 def test_style_rewards_pay_an_empty_or_punctuation_output_nothing(one_thread: None) -> None:

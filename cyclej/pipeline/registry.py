@@ -66,7 +66,20 @@ _OFF_BY_DEFAULT_RL: dict[str, object] = {
     "reward_combination": "sum",
     "discriminator_reward": "real_target",
     "content_floor": 0.0,
+    "prompt_mix": "even",
 }
+
+
+def _rl_slice(c: PipelineConfig) -> dict[str, Any]:
+    rl = _dump(
+        c.rl,
+        exclude={"backend"}
+        | _MEMORY_ONLY
+        | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off},
+    )
+    if c.rl.rewards.self_bleu == 0:  # added after runs existed; off, the stage computes what it did before
+        del rl["rewards"]["self_bleu"]
+    return {**rl, **_RL_CHECKPOINTING_AS_FINGERPRINTED}
 
 
 # Options that change memory (and speed), never what a stage computes: left out of every fingerprint.
@@ -122,7 +135,7 @@ SPECS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "paraphrase",
-            1,
+            2,  # 2: "I'll rephrase it to:" lead-ins stripped (they leaked into 2A and CYCLE-J on yelp)
             ("data",),
             lambda c: {
                 "paraphraser": c.models.paraphraser,
@@ -159,15 +172,7 @@ SPECS: dict[str, StageSpec] = {
             1,
             ("merge", "data"),
             lambda c: {
-                "rl": {
-                    **_dump(
-                        c.rl,
-                        exclude={"backend"}
-                        | _MEMORY_ONLY
-                        | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off},
-                    ),
-                    **_RL_CHECKPOINTING_AS_FINGERPRINTED,
-                },
+                "rl": _rl_slice(c),
                 "embedder": c.models.embedder,
                 "discriminator": c.models.discriminator,
             },

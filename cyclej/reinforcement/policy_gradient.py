@@ -3,7 +3,8 @@ an online discriminator. One file, plain PyTorch, read top to bottom.
 
 One step (`RLTrainer.step`):
 
-1. Pick `prompts_per_step` source texts, half from domain A (to be written as B), half from B (as A),
+1. Pick `prompts_per_step` source texts, half from domain A (to be written as B), half from B (as A)
+   (or, with `rl.prompt_mix: adaptive`, more from the direction that lags),
    from a generator seeded by (seed, step) — so a resumed run picks the same ones.
 2. Prompt `{DX} src {DY}`; sample `rollouts` translations y per prompt (one *group*) through the
    generation backend, on the live policy (transformers) or on an engine the weights are pushed to
@@ -119,6 +120,7 @@ class CycleDiscriminatorReward:
         discriminator_reward: DiscriminatorRewardKind = "real_target",
     ) -> None:
         self.cycle_names = [n for n in ("embedding", "rouge", "bleu") if weights.get(n, 0.0) > 0]
+        self.use_self_bleu = weights.get("self_bleu", 0.0) > 0
         self.use_discriminator = weights.get("discriminator", 0.0) > 0
         if "embedding" in self.cycle_names and embedder is None:
             raise ValueError("the embedding reward has a weight but no embedder was given")
@@ -134,6 +136,8 @@ class CycleDiscriminatorReward:
 
     def __call__(self, rollouts: Rollouts) -> dict[str, list[float]]:
         out = R.cycle_rewards(self.embedder, rollouts.sources, rollouts.back_translations, self.cycle_names)
+        if self.use_self_bleu:  # y against x, not x̂ against x: how much of the source the edit kept
+            out["self_bleu"] = R.bleu(rollouts.sources, rollouts.translations)
         if self.use_discriminator:
             assert self.discriminator is not None
             out["discriminator"] = self.discriminator.reward(
@@ -398,18 +402,39 @@ class RLTrainer:
 
     # ---- 1-3: prompts, rollouts, back-translations ---------------------------------------------------
     def pick_sources(self, step: int) -> list[tuple[DomainKey, str]]:
-        """Half the prompts from each domain, without replacement within a domain, seeded by (seed, step)."""
+        """The step's prompts, without replacement within a domain, seeded by (seed, step): half from each
+        domain, or with `rl.prompt_mix: adaptive` the share `prompts_from_a` gives."""
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
-        half = self.cfg.prompts_per_step // 2
+        n_a = self.prompts_from_a()
         picked: list[tuple[DomainKey, str]] = []
-        for d in ("a", "b"):
+        counts: dict[DomainKey, int] = {"a": n_a, "b": self.cfg.prompts_per_step - n_a}
+        for d, n in counts.items():
             pool = self.sources[d]
-            if len(pool) >= half:
-                idx = rng.sample(range(len(pool)), half)
+            if len(pool) >= n:
+                idx = rng.sample(range(len(pool)), n)
             else:  # a tiny corpus: with replacement
-                idx = [rng.randrange(len(pool)) for _ in range(half)]
+                idx = [rng.randrange(len(pool)) for _ in range(n)]
             picked += [(d, pool[i]) for i in idx]
         return picked
+
+    def prompts_from_a(self, window: int = 10) -> int:
+        """How many of the step's prompts come from domain A (to be written as B).
+
+        Adaptive: in proportion to each direction's miss rate, 1 − the share of its rollouts the style
+        judge put in the target domain over the last `window` steps, kept between 1/4 and 3/4 of the
+        prompts. Why: with an even mix the yelp run's weak direction (negative → positive) was still
+        climbing when the strong one had levelled off; its prompts are where the reward has room to move.
+        The shares come from the logs, which a resumed run restores, so a resume picks the same prompts."""
+        P = self.cfg.prompts_per_step
+        recent = self.metrics_log[-window:]
+        to_b = [m["style/target_share/to_b"] for m in recent if "style/target_share/to_b" in m]
+        to_a = [m["style/target_share/to_a"] for m in recent if "style/target_share/to_a" in m]
+        if self.cfg.prompt_mix == "even" or not to_a or not to_b:
+            return P // 2
+        miss_b, miss_a = 1 - sum(to_b) / len(to_b), 1 - sum(to_a) / len(to_a)
+        share_a = 0.5 if miss_a + miss_b == 0 else miss_b / (miss_a + miss_b)
+        share_a = min(0.75, max(0.25, share_a))
+        return min(P - 1, max(1, round(P * share_a)))
 
     def rollout(self, step: int) -> Rollouts:
         cfg, G = self.cfg, self.cfg.rollouts
