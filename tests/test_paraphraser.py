@@ -133,9 +133,6 @@ def test_no_chat_template_gets_a_plain_prompt(tokenizer) -> None:  # type: ignor
         ('The original text is: "The soup was cold."', "The soup was cold."),
         ("The paraphrased sentence reads: The soup was cold.", "The soup was cold."),
         ("Here is a paraphrase:", ""),
-        ("I'll rephrase it to: The soup was cold.", "The soup was cold."),
-        ("i 'll rephrase it to : i 'll rephrase it to :", ""),
-        ("i will be back .", "i will be back ."),
     ],
 )
 def test_clean_output(raw: str, clean: str) -> None:

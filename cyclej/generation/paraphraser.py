@@ -91,12 +91,6 @@ class PromptBuilder:
 _OPENERS = re.compile(r"^(?:sure|certainly|of course|okay|ok|absolutely)\b[!,.]*\s*", re.IGNORECASE)
 # "Here is a paraphrase of the text:", "Here's the rewritten version:" (a short lead-in ending in ':').
 _HERE_IS = re.compile(r"^here(?:'s|’s| is| are)\b[^:\n]{0,80}:\s*", re.IGNORECASE)
-# "I'll rephrase it to:", "Let me reword that:" (SmolLM2's lead-in on yelp; it leaked into 2A and CYCLE-J).
-_I_WILL = re.compile(
-    r"^(?:i\s*(?:'|’)?\s*ll|i will|i would|i can|let me)\s+(?:rephrase|paraphrase|rewrite|reword)\b"
-    r"[^:\n]{0,60}:\s*",
-    re.IGNORECASE,
-)
 # Labels: "Paraphrase:", "Paraphrased text:", "Rewritten version:", "Output:", "**Paraphrase:**",
 # "The original text is:" (small models quote the source; stripped, it is then caught as a copy).
 _LABEL = re.compile(
@@ -122,7 +116,6 @@ def clean_output(raw: str) -> str:
         before = text
         text = _OPENERS.sub("", text, count=1).strip()
         text = _HERE_IS.sub("", text, count=1).strip()
-        text = _I_WILL.sub("", text, count=1).strip()
         text = _LABEL.sub("", text, count=1).strip()
         if text == before:
             break

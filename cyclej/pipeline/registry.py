@@ -135,7 +135,7 @@ SPECS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "paraphrase",
-            2,  # 2: "I'll rephrase it to:" lead-ins stripped (they leaked into 2A and CYCLE-J on yelp)
+            1,
             ("data",),
             lambda c: {
                 "paraphraser": c.models.paraphraser,
