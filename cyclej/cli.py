@@ -20,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Literal, cast
+from typing import Annotated, cast
 
 import typer
 
-from cyclej.config import STAGES, PipelineConfig, load_config
+from cyclej.config import DOMAIN_KEYS, STAGES, DomainKey, PipelineConfig, load_config
 from cyclej.errors import BadInput, CyclejError
 from cyclej.runtime import quiet
 
@@ -317,7 +317,7 @@ def translate(
         raise BadInput("give --model DIR_OR_URI or --config CONFIG (one of them)")
     if to is None:
         raise BadInput("missing option --to (a or b)")
-    if to not in ("a", "b"):
+    if to not in DOMAIN_KEYS:
         raise BadInput(f"--to {to}: must be a or b")
     if backend not in ("auto", "vllm", "transformers"):
         raise BadInput(f"--backend {backend}: must be auto, vllm or transformers")
@@ -335,7 +335,7 @@ def translate(
     out = translate_lines(
         str(model_dir),
         lines,
-        cast(Literal["a", "b"], to),  # checked above (typer has no Literal options)
+        cast(DomainKey, to),  # checked above (typer has no Literal options)
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         backend=backend,  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from cyclej.errors import BadInput
+from cyclej.errors import BadInput, first_line
 
 STAGES: tuple[str, ...] = (
     "data",
@@ -35,6 +35,12 @@ STAGES: tuple[str, ...] = (
     "eval",
 )
 PRESETS: tuple[str, ...] = ("tiny", "demo", "yelp", "gptj")
+
+
+# The two domains' keys, everywhere in the library: `a` is `domain_a`, `b` is `domain_b`.
+DomainKey = Literal["a", "b"]
+DOMAIN_KEYS: tuple[DomainKey, DomainKey] = ("a", "b")
+OTHER: dict[DomainKey, DomainKey] = {"a": "b", "b": "a"}
 
 
 class StrictModel(BaseModel):
@@ -471,6 +477,11 @@ class PipelineConfig(StrictModel):
     """CYCLE_J: the whole pipeline. Each stage section only changes that stage's fingerprint
     (and the fingerprints of the stages after it)."""
 
+    @property
+    def markers(self) -> tuple[str, str]:
+        """[domain_a.marker, domain_b.marker]: the two tokens added to the vocabulary, in that order."""
+        return (self.domain_a.marker, self.domain_b.marker)
+
     name: str = "cyclej"
     # Where the GPU stages compute; in no fingerprint (where, not what). The env var CYCLEJ_DEVICE
     # overrides it on the machine that runs a stage (cyclej.runtime.device).
@@ -551,7 +562,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
     try:
         node[keys[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc, 10_000)
         raise BadInput(
             f"--set {dotted}={raw}: the value is not valid YAML ({problem}); quote a string, "
             "e.g. --set 'a.b=\"[1,\"'"
@@ -610,7 +621,7 @@ def _read_yaml(src: Path, label: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise BadInput(f"{label}: not valid YAML ({first_line(exc, 10_000)})") from None
     if not isinstance(data, dict):
         raise BadInput(f"{label}: the top level must be a mapping of sections")
     return data

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error's message, at most `limit` characters ("" for none): how a
+    library's multi-line exception goes into a one-line CYCLE_J message."""
+    for line in str(error).strip().splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return ""
+
+
 class CyclejError(Exception):
     """Base class: the message is one line meant for the user."""
 

@@ -24,7 +24,7 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 
 from cyclej.config import PipelineConfig
-from cyclej.errors import CyclejError, StageFailed, StorageError
+from cyclej.errors import CyclejError, StageFailed, StorageError, first_line
 from cyclej.pipeline.registry import PlannedStage, levels, plan_pipeline, shard_count
 from cyclej.runtime.distributed import gpus_for
 from tasks.stage_tasks import configured_stage_task, post_artifacts, refs_from, shard_task, store_for
@@ -121,7 +121,7 @@ def stage_result(stage: PlannedStage, cfg: PipelineConfig, future: Any) -> dict[
             resume = "its newest complete checkpoint in the store, once the store is reachable"
         raise StageFailed(name, str(exc), resume) from exc
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {first_line(exc, 10_000)}"
         raise StageFailed(name, reason, _resume_point(stage, cfg)) from exc
 
 

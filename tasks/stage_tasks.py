@@ -32,7 +32,7 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.logging import get_run_logger
 
 from cyclej.config import PipelineConfig
-from cyclej.errors import BadInput, StorageError
+from cyclej.errors import BadInput, StorageError, first_line
 from cyclej.pipeline.registry import PlannedStage, run_shard, run_stage
 from cyclej.runtime.progress import Progress
 from cyclej.runtime.store import ArtifactRef, ArtifactStore
@@ -288,7 +288,7 @@ def post_resume_point(stage: PlannedStage, cfg: PipelineConfig, error: BaseExcep
         get_run_logger().warning("resume point of %s unknown: %s", name, exc)
         return
     point = ckpts[-1] if ckpts else "the beginning (no checkpoint yet)"
-    reason = str(error).splitlines()[0] if str(error) else ""
+    reason = first_line(error, 10_000)
     create_markdown_artifact(
         key=f"{name.replace('_', '-')}-resume-point",
         markdown=(

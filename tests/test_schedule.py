@@ -69,3 +69,18 @@ def test_rng_state_without_numpy_restores_the_rest() -> None:
 def test_checkpoint_names_sort_in_step_order() -> None:
     names = [checkpoint_name(s) for s in (2, 10, 100)]
     assert names == sorted(names) and names[0] == "step-00000002"
+
+
+def test_checkpoint_clock_saves_every_n_steps_or_after_m_minutes() -> None:
+    import time
+
+    from cyclej.training.schedule import CheckpointClock
+
+    slow = CheckpointClock(every_steps=4, every_minutes=60)
+    assert [s for s in range(1, 13) if slow.due(s)] == [4, 8, 12]  # steps rule only: an hour never passes
+    fast = CheckpointClock(every_steps=1000, every_minutes=0.05 / 60)  # 50 ms
+    assert not fast.due(1)
+    time.sleep(0.08)
+    assert fast.late() and fast.due(2)  # minutes rule, off the step grid
+    fast.saved()
+    assert not fast.due(3)  # the clock restarts at each save

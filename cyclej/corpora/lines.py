@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-from cyclej.errors import BadInput
+from cyclej.config import DOMAIN_KEYS, DomainKey
+from cyclej.errors import BadInput, first_line
 
 if TYPE_CHECKING:  # read_lines only calls the store it is handed
     from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
-DomainKey = Literal["a", "b"]
 Split = Literal["train", "dev"]
-DOMAIN_KEYS: tuple[DomainKey, ...] = ("a", "b")
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
 # Bytes that never occur in text (NUL aside, checked on its own): C0 controls but \t \n \v \f \r, and DEL.
@@ -207,9 +206,7 @@ def _parquet_texts(path: Path, field: str, what: str) -> tuple[list[str], int]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise BadInput(
-            f"{what}: {path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})"
-        ) from None
+        raise BadInput(f"{what}: {path}: not a readable parquet file ({first_line(exc, 120)})") from None
     names = pf.schema_arrow.names
     if field not in names:
         shown = ", ".join(names[:8]) or "none"
@@ -217,9 +214,7 @@ def _parquet_texts(path: Path, field: str, what: str) -> tuple[list[str], int]:
     try:
         column = pf.read(columns=[field]).column(field)
     except (pa.ArrowException, OSError) as exc:
-        raise BadInput(
-            f"{what}: {path}: cannot read column '{field}' ({str(exc).splitlines()[0][:120]})"
-        ) from None
+        raise BadInput(f"{what}: {path}: cannot read column '{field}' ({first_line(exc, 120)})") from None
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return [v or "" for v in column.to_pylist()], 0

@@ -28,15 +28,12 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from cyclej.config import TemplatePairsConfig
+from cyclej.config import DOMAIN_KEYS, OTHER, DomainKey, TemplatePairsConfig
 
-Domain = Literal["a", "b"]
-OTHER: dict[Domain, Domain] = {"a": "b", "b": "a"}
 SMOOTHING = 1.0  # λ of the salience ratio: an n-gram unseen in the other domain needs min_salience − 1 uses
 
 
@@ -63,7 +60,7 @@ class TemplateTransfer:
 
     def __init__(
         self,
-        train: dict[Domain, Sequence[str]],
+        train: dict[DomainKey, Sequence[str]],
         min_salience: float = 5.0,
         max_ngram: int = 3,
         retrieve_top: int = 20,
@@ -72,35 +69,35 @@ class TemplateTransfer:
             raise ValueError(f"min_salience must be above 1 (a ratio of counts), got {min_salience}")
         self.max_ngram = max_ngram
         self.retrieve_top = retrieve_top
-        self.train = {d: [x for x in train[d] if x.split()] for d in ("a", "b")}
+        self.train = {d: [x for x in train[d] if x.split()] for d in DOMAIN_KEYS}
         counts = {
-            d: Counter(g for x in self.train[d] for g in _ngrams(x.split(), max_ngram)) for d in ("a", "b")
+            d: Counter(g for x in self.train[d] for g in _ngrams(x.split(), max_ngram)) for d in DOMAIN_KEYS
         }
-        self.markers: dict[Domain, set[tuple[str, ...]]] = {
+        self.markers: dict[DomainKey, set[tuple[str, ...]]] = {
             d: {
                 g
                 for g, c in counts[d].items()
                 if (c + SMOOTHING) / (counts[OTHER[d]][g] + SMOOTHING) >= min_salience
             }
-            for d in ("a", "b")
+            for d in DOMAIN_KEYS
         }
-        self.deleted = {d: [self.delete(x, d) for x in self.train[d]] for d in ("a", "b")}
+        self.deleted = {d: [self.delete(x, d) for x in self.train[d]] for d in DOMAIN_KEYS}
         # Content retrieval: TF-IDF over the content words of both domains' train sentences.
         self.vectorizer = TfidfVectorizer(analyzer="word", token_pattern=r"\S+", sublinear_tf=True)
-        self.vectorizer.fit([s.content_text for d in ("a", "b") for s in self.deleted[d]])
+        self.vectorizer.fit([s.content_text for d in DOMAIN_KEYS for s in self.deleted[d]])
         self.content_matrix = {
-            d: self.vectorizer.transform([s.content_text for s in self.deleted[d]]) for d in ("a", "b")
+            d: self.vectorizer.transform([s.content_text for s in self.deleted[d]]) for d in DOMAIN_KEYS
         }
 
     @classmethod
     def from_config(
-        cls, train: dict[Domain, Sequence[str]], tpc: TemplatePairsConfig | None
+        cls, train: dict[DomainKey, Sequence[str]], tpc: TemplatePairsConfig | None
     ) -> TemplateTransfer:
         """Fitted with `para_train.template_pairs`' markers and retrieval (its defaults when it is off)."""
         tpc = tpc or TemplatePairsConfig()
         return cls(train, tpc.min_salience, tpc.max_ngram, tpc.retrieve_top)
 
-    def delete(self, text: str, domain: Domain) -> Deleted:
+    def delete(self, text: str, domain: DomainKey) -> Deleted:
         """Cut `domain`'s markers out of `text`, longest n-grams first."""
         tokens = text.split()
         cut = [False] * len(tokens)
@@ -124,7 +121,7 @@ class TemplateTransfer:
             i = j
         return Deleted(content, slots)
 
-    def transfer(self, text: str, to: Domain) -> str | None:
+    def transfer(self, text: str, to: DomainKey) -> str | None:
         """`text` (of the other domain) with its markers replaced by those of the nearest `to` sentence;
         None when it has no markers, or no near `to` sentence has any (nothing to swap)."""
         source = self.delete(text, OTHER[to])
@@ -152,23 +149,26 @@ class BackTranslatedPair:
     """Train `{D_source} source {D_target}` → target: `target` is a real sentence of `target_domain`,
     `source` its template in the other domain."""
 
-    target_domain: Domain
+    target_domain: DomainKey
     source: str
     target: str
 
     @property
-    def source_domain(self) -> Domain:
+    def source_domain(self) -> DomainKey:
         return OTHER[self.target_domain]
 
 
 def back_translated_pairs(
-    transfer: TemplateTransfer, targets: dict[Domain, Sequence[str]], per_domain: int, seed: int | None = None
+    transfer: TemplateTransfer,
+    targets: dict[DomainKey, Sequence[str]],
+    per_domain: int,
+    seed: int | None = None,
 ) -> list[BackTranslatedPair]:
     """Up to `per_domain` pairs whose targets are lines of `targets[d]` for each domain, in order, or in a
     seeded shuffle when `seed` is given; lines whose template is empty or unchanged are skipped. Domains
     alternate (a, b, a, …)."""
-    by_domain: dict[Domain, list[BackTranslatedPair]] = {}
-    for d in ("a", "b"):
+    by_domain: dict[DomainKey, list[BackTranslatedPair]] = {}
+    for d in DOMAIN_KEYS:
         lines = [y for y in targets[d] if y.split()]
         if seed is not None:
             random.Random(f"{seed}-template-{d}").shuffle(lines)
@@ -182,7 +182,7 @@ def back_translated_pairs(
         by_domain[d] = pairs
     out: list[BackTranslatedPair] = []
     for i in range(max(len(p) for p in by_domain.values())):
-        out.extend(by_domain[d][i] for d in ("a", "b") if i < len(by_domain[d]))
+        out.extend(by_domain[d][i] for d in DOMAIN_KEYS if i < len(by_domain[d]))
     return out
 
 
@@ -194,6 +194,6 @@ class TemplateSystem:
         self.transfer = transfer
         self.last_runaway: list[bool] = []
 
-    def __call__(self, lines: list[str], to: Domain) -> list[str]:
+    def __call__(self, lines: list[str], to: DomainKey) -> list[str]:
         self.last_runaway = [False] * len(lines)
         return [self.transfer.transfer(x, to) or x for x in lines]

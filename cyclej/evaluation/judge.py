@@ -9,13 +9,13 @@ reader can tell how far to trust them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_union
 
+from cyclej.config import DomainKey
 from cyclej.errors import BadInput
 
 
@@ -32,10 +32,10 @@ class StyleJudge:
             return np.zeros(0)
         return self.pipeline.predict_proba(texts)[:, 1]
 
-    def predict(self, texts: list[str]) -> list[Literal["a", "b"]]:
+    def predict(self, texts: list[str]) -> list[DomainKey]:
         return ["b" if p >= 0.5 else "a" for p in self.prob_b(texts)]
 
-    def accuracy(self, texts: list[str], domain: Literal["a", "b"]) -> list[float]:
+    def accuracy(self, texts: list[str], domain: DomainKey) -> list[float]:
         """1.0 where the judge assigns the text to `domain`, else 0.0."""
         return [1.0 if d == domain else 0.0 for d in self.predict(texts)]
 

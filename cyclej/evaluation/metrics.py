@@ -28,7 +28,6 @@ in cyclej.evaluation.plots.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cyclej.config import PipelineConfig
+from cyclej.config import DOMAIN_KEYS, DomainKey, PipelineConfig
 from cyclej.evaluation.fluency import DomainFluency, SentenceFluency, corpus_perplexity
 from cyclej.evaluation.judge import StyleJudge, train_judge
 from cyclej.evaluation.report import EvalReport
@@ -45,8 +44,7 @@ from cyclej.evaluation.scorers import Embedder, bleu, j_score, length_ratio
 from cyclej.generation.translate import ModelTranslator, load_for_translation, local_model_dir
 from cyclej.runtime.progress import Progress
 
-Domain = Literal["a", "b"]
-System = Callable[[list[str], Domain], list[str]]
+System = Callable[[list[str], DomainKey], list[str]]
 
 SYSTEM_COPY = "copy-input"
 SYSTEM_TEMPLATE = "template-baseline"
@@ -61,7 +59,7 @@ class CopySystem:
     def __init__(self) -> None:
         self.last_runaway: list[bool] = []
 
-    def __call__(self, lines: list[str], to: Domain) -> list[str]:
+    def __call__(self, lines: list[str], to: DomainKey) -> list[str]:
         self.last_runaway = [False] * len(lines)
         return list(lines)
 
@@ -76,7 +74,7 @@ class _Run:
 
     system: str
     direction: str  # "a->b" or "b->a"
-    target: Domain
+    target: DomainKey
     sources: list[str]
     outputs: list[str]
     back: list[str]
@@ -145,7 +143,7 @@ def evaluate(
     train_a: list[str],
     train_b: list[str],
     cfg: PipelineConfig,
-    references: dict[Domain, list[str]] | None = None,
+    references: dict[DomainKey, list[str]] | None = None,
     progress: Progress | None = None,
     judge: StyleJudge | None = None,
     rl_log: list[dict[str, Any]] | None = None,
@@ -157,10 +155,10 @@ def evaluate(
         raise ValueError("evaluate: no systems given")
     progress = progress or Progress(show_bar=False)
     ev = cfg.eval
-    markers = (cfg.domain_a.marker, cfg.domain_b.marker)
+    markers = cfg.markers
     n = ev.max_examples
     src = {"a": list(dev_a[:n]), "b": list(dev_b[:n])}
-    refs = {d: list(references[d][:n]) for d in ("a", "b") if references and references.get(d)}
+    refs = {d: list(references[d][:n]) for d in DOMAIN_KEYS if references and references.get(d)}
     if judge is None:
         judge = train_judge(train_a, train_b, dev_a, dev_b, seed=cfg.data.seed)
 
@@ -171,7 +169,7 @@ def evaluate(
             # Both directions, each translated and translated back.
             expected_tokens = 2 * (len(src["a"]) + len(src["b"])) * ev.max_new_tokens
             system = as_system(spec, markers, ev.batch_size, ev.max_new_tokens, ev.backend, expected_tokens)
-            directions: tuple[tuple[Domain, Domain], ...] = (("a", "b"), ("b", "a"))
+            directions: tuple[tuple[DomainKey, DomainKey], ...] = (("a", "b"), ("b", "a"))
             for source_domain, target in directions:
                 sources = src[source_domain]
                 outputs = _checked(system(sources, target), sources, name)  # type: ignore[arg-type]
@@ -281,16 +279,3 @@ def _examples(runs: list[_Run], names: list[str]) -> list[dict[str, Any]]:
 
 def _finite(v: float) -> float | None:
     return round(v, 3) if math.isfinite(v) else None
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a torn last line of a killed run
-    return out

@@ -24,6 +24,7 @@ from typing import Any, Literal, cast
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cyclej.config import DOMAIN_KEYS, DomainKey
 from cyclej.corpora.formats import rl_prompt
 from cyclej.errors import BadInput
 from cyclej.generation.backends import (
@@ -41,8 +42,6 @@ from cyclej.models.loading import MODEL_FOLDER_ERRORS, cannot_load, load_model, 
 from cyclej.runtime.store import ArtifactStore
 from cyclej.training.precision import weights_dtype
 from cyclej.training.trainer import ADAPTER_BASE, MARKER_ROWS_FILE
-
-Domain = Literal["a", "b"]
 
 
 # ---- where a model is ---------------------------------------------------------------------------------
@@ -335,7 +334,7 @@ class ModelTranslator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def __call__(self, lines: list[str], to: Domain) -> list[str]:
+    def __call__(self, lines: list[str], to: DomainKey) -> list[str]:
         if self.backend is None:
             assert self.loader is not None
             self._set(*self.loader())
@@ -364,13 +363,13 @@ def translate_detailed(
     backend: GenerationBackend,
     tokenizer: PreTrainedTokenizerBase,
     lines: list[str],
-    to: Domain,
+    to: DomainKey,
     markers: tuple[str, str] | list[str],
     max_new_tokens: int = 64,
 ) -> list[Translation]:
     """Greedy `{D_src}{line}{D_tgt}` completions, batched by the backend, one line each: generation stops
     at EOS or at a line break, and each line may take `output_token_limit` of its source's tokens."""
-    if to not in ("a", "b"):
+    if to not in DOMAIN_KEYS:
         raise BadInput(f"--to {to}: choose a or b")
     if not lines:
         return []
@@ -400,7 +399,7 @@ def _one_line(text: str) -> str:
 def translate_lines(
     model_dir_or_spec: str,
     lines: list[str],
-    to: Domain,
+    to: DomainKey,
     markers: tuple[str, str] | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 64,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ def _data_section(cfg: PipelineConfig, stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_model_info(model_dir: str | Path, markers: list[str] | tuple[str, str], domains: list[str]) -> None:
+def write_model_info(model_dir: str | Path, markers: Sequence[str], domains: list[str]) -> None:
     """`cyclej.json` beside the weights: the marker tokens [A, B] and the domain names."""
     info = {"markers": list(markers), "domains": list(domains)}
     (Path(model_dir) / MODEL_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from cyclej.errors import BadInput
+from cyclej.errors import BadInput, first_line
 
 if TYPE_CHECKING:
     from transformers.quantizers import HfQuantizer
@@ -190,9 +190,7 @@ def load_tokenizer(spec: str):  # type: ignore[no-untyped-def]
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
-        raise BadInput(
-            f"model {spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})"
-        ) from None
+        raise BadInput(f"model {spec}: cannot load its tokenizer ({first_line(exc, 160)})") from None
     return tok
 
 
@@ -218,7 +216,7 @@ def check_model_spec(field: str, spec: str) -> str:
             try:
                 json.loads(config.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
-                raise BadInput(f"{field}: {config} is not valid JSON ({str(exc).splitlines()[0]})") from None
+                raise BadInput(f"{field}: {config} is not valid JSON ({first_line(exc, 10_000)})") from None
         return str(resolved)
     if "/" in spec.strip("/") and not spec.endswith("/"):
         return f"hub id {spec}"  # resolved by a worker with network (or this machine's HF cache)

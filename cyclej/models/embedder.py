@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cyclej.errors import BadInput
+from cyclej.errors import BadInput, first_line
 from cyclej.models.catalog import resolve_model
 
 if TYPE_CHECKING:
@@ -41,4 +41,4 @@ def load_embedder(spec: str, device: str | torch.device | None = None) -> Senten
     try:
         return SentenceTransformer(path, device=str(device))
     except OSError as exc:
-        raise BadInput(f"models.embedder {spec}: cannot load ({str(exc).splitlines()[0][:160]})") from None
+        raise BadInput(f"models.embedder {spec}: cannot load ({first_line(exc, 160)})") from None

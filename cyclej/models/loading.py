@@ -31,13 +31,14 @@ p / factor, so every position the model sees lies in the range it was trained on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cyclej.errors import BadInput
+from cyclej.errors import BadInput, first_line
 from cyclej.models.catalog import resolve_model
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ MODEL_FOLDER_ERRORS = _model_folder_errors()
 
 def cannot_load(spec: str, exc: BaseException) -> BadInput:
     """The one-line error for a model folder (or hub id) that does not load."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = first_line(exc, 160) or type(exc).__name__
     return BadInput(
         f"model {spec}: cannot load ({type(exc).__name__}: {first}); give a local model directory, "
         "a built-in name or a hub id reachable from this machine"
@@ -75,7 +76,7 @@ def cannot_load(spec: str, exc: BaseException) -> BadInput:
 
 def load_model(
     path_or_spec: str,
-    markers: list[str] | None = None,
+    markers: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a built-in name, a local directory, a `.gguf` file or a hub id.
@@ -125,7 +126,9 @@ def _locate(spec: str) -> tuple[str, str | None]:
 
 
 # ---- marker tokens ----------------------------------------------------------------------------------
-def add_markers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, markers: list[str]) -> list[int]:
+def add_markers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, markers: Sequence[str]
+) -> list[int]:
     """Add the missing markers as special tokens (once) and grow the embeddings; returns their ids."""
     missing = [m for m in markers if m not in tokenizer.get_vocab()]
     # A spelling that is in the vocabulary but not an added token could still be split by the
@@ -166,7 +169,7 @@ def _init_rows_to_mean(model: PreTrainedModel, row_ids: list[int], n_real_rows: 
         out.bias[idx] = out.bias[:n_real_rows].mean()
 
 
-def marker_token_ids(tokenizer: PreTrainedTokenizerBase, markers: list[str]) -> list[int]:
+def marker_token_ids(tokenizer: PreTrainedTokenizerBase, markers: Sequence[str]) -> list[int]:
     """The id of each marker; BadInput when a marker is not a single token of this tokenizer."""
     vocab = tokenizer.get_vocab()
     missing = [m for m in markers if m not in vocab]

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cyclej.config import STAGES, PipelineConfig
-from cyclej.corpora.lines import DomainKey, Split, read_lines
+from cyclej.config import STAGES, DomainKey, PipelineConfig
+from cyclej.corpora.lines import Split, read_lines
 from cyclej.errors import StageFailed
 from cyclej.generation import engines
 from cyclej.runtime.distributed import gpus_for, is_distributed, launch_stage
@@ -108,10 +108,6 @@ def _domains(cfg: PipelineConfig) -> dict[str, Any]:
     return out
 
 
-def _markers(cfg: PipelineConfig) -> list[str]:
-    return [cfg.domain_a.marker, cfg.domain_b.marker]
-
-
 SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
@@ -128,7 +124,7 @@ SPECS: dict[str, StageSpec] = {
             ("data",),
             lambda c: {
                 "base": c.models.base,
-                "markers": _markers(c),
+                "markers": list(c.markers),
                 "context": _dump(c.context, exclude=_MEMORY_ONLY),
             },
             "cyclej.stages.context:run_context",

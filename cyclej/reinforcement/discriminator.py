@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from cyclej.errors import BadInput
+from cyclej.config import DomainKey
+from cyclej.errors import BadInput, first_line
 from cyclej.models import neobert
 from cyclej.models.catalog import resolve_model
 from cyclej.runtime.distributed import rank, sum_tensors, world_size
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 REAL_A, REAL_B, GENERATED = 0, 1, 2
 LABELS = {REAL_A: "real_a", REAL_B: "real_b", GENERATED: "generated"}
-DomainKey = Literal["a", "b"]
 DiscriminatorRewardKind = Literal["real_target", "style", "style_gain"]  # rl.discriminator_reward
 
 
@@ -104,12 +104,11 @@ class Discriminator:
                 self.tokenizer, self.model = _load_classifier(path, trust_remote_code)
             except Exception as exc:  # remote code raises anything (ImportError, NameError, ...)
                 # One line, before the caller loads anything big (the rl stage loads this first).
-                first = (str(exc).strip().splitlines() or [""])[0][:200]
                 raise BadInput(
                     f"models.discriminator {spec}: cannot load as a sequence classifier "
-                    f"({type(exc).__name__}: {first}); give a local Hugging Face folder or a hub id whose "
-                    "model transformers builds (NeoBERT is built in: cyclej.models.neobert), or install "
-                    "what its remote code imports (rl.discriminator_trust_remote_code)"
+                    f"({type(exc).__name__}: {first_line(exc)}); give a local Hugging Face folder or a hub "
+                    "id whose model transformers builds (NeoBERT is built in: cyclej.models.neobert), or "
+                    "install what its remote code imports (rl.discriminator_trust_remote_code)"
                 ) from None
         self.model.to(self.device)
         params = inspect.signature(self.model.forward).parameters

@@ -59,7 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cyclej.config import RLConfig
+from cyclej.config import OTHER, DomainKey, RLConfig
 from cyclej.corpora.formats import encode_text, eos_id
 from cyclej.errors import BadInput, StageFailed
 from cyclej.generation.backends import (
@@ -72,6 +72,7 @@ from cyclej.reinforcement import rewards as R
 from cyclej.reinforcement.discriminator import Discriminator, DiscriminatorRewardKind
 from cyclej.runtime.distributed import gather_objects, is_main, rank, sum_tensors, world_size
 from cyclej.runtime.faults import maybe_fault
+from cyclej.runtime.jsonl import read_jsonl, write_jsonl
 from cyclej.training.oom import abort_engine_requests, oom_message, release_memory
 from cyclej.training.optim import MASTER_KEY, MasterAdamW
 from cyclej.training.precision import use_bf16, weights_dtype
@@ -81,8 +82,6 @@ if TYPE_CHECKING:
     from cyclej.evaluation.judge import StyleJudge
 
 log = logging.getLogger("cyclej.reinforcement.policy_gradient")
-DomainKey = Literal["a", "b"]
-OTHER: dict[DomainKey, DomainKey] = {"a": "b", "b": "a"}
 
 
 # ---- rollouts and rewards -----------------------------------------------------------------------------
@@ -862,8 +861,8 @@ class RLTrainer:
     def _write_logs(self) -> None:
         if self.log_dir is None or not is_main():  # one rank writes; every rank holds the same logs
             return
-        _write_jsonl(self.log_dir / "metrics.jsonl", self.metrics_log)
-        _write_jsonl(self.log_dir / "samples.jsonl", self.samples_log)
+        write_jsonl(self.log_dir / "metrics.jsonl", self.metrics_log)
+        write_jsonl(self.log_dir / "samples.jsonl", self.samples_log)
 
     # ---- state --------------------------------------------------------------------------------------------
     def save_state(self, out: Path) -> None:
@@ -901,8 +900,8 @@ class RLTrainer:
         torch.save(rng_state() if ranks_rng is None else ranks_rng[0], out / "rng.pt")
         if ranks_rng is not None:  # beside rng.pt, which stays rank 0's: the single-process format unchanged
             torch.save(ranks_rng, out / RANKS_RNG)
-        _write_jsonl(out / "metrics.jsonl", self.metrics_log)
-        _write_jsonl(out / "samples.jsonl", self.samples_log)
+        write_jsonl(out / "metrics.jsonl", self.metrics_log)
+        write_jsonl(out / "samples.jsonl", self.samples_log)
         state: dict[str, Any] = {
             "step": self.step_done,
             "rollout_micro_batch": self.micro_batch,
@@ -947,8 +946,8 @@ class RLTrainer:
             set_rng_state(ranks_rng[rank()])
         else:  # one process, or another world size: rank 0's
             set_rng_state(_load(src / "rng.pt", "cpu"))
-        self.metrics_log = _read_jsonl(src / "metrics.jsonl")
-        self.samples_log = _read_jsonl(src / "samples.jsonl")
+        self.metrics_log = read_jsonl(src / "metrics.jsonl")
+        self.samples_log = read_jsonl(src / "samples.jsonl")
         self.step_done = int(state["step"])
         if float(state["rollout_micro_batch"]) != self.micro_batch:  # a fraction once an OOM split a group
             self.micro_batch = float(state["rollout_micro_batch"])
@@ -1099,18 +1098,6 @@ def _load_optimizer_tensors(opt: MasterAdamW, src: Path, meta: Mapping[str, Any]
                     st[what].copy_(value)
                     if what == MASTER_KEY:
                         p.copy_(st[what])  # the compute-dtype weights, rounded from the master
-
-
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

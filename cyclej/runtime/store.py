@@ -32,7 +32,7 @@ from typing import Any
 
 import fsspec
 
-from cyclej.errors import CorruptArtifact, StorageError
+from cyclej.errors import CorruptArtifact, StorageError, first_line
 
 log = logging.getLogger("cyclej")
 
@@ -109,7 +109,7 @@ class ArtifactStore:
             self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **self.storage_options)
         except (ValueError, ImportError) as exc:  # an unknown scheme, or its fsspec back-end is missing
             raise StorageError(
-                f"storage {root}: unsupported ({_one_line(exc)}); use a local path, file://… "
+                f"storage {root}: unsupported ({first_line(exc)}); use a local path, file://… "
                 "or s3://bucket/prefix"
             ) from None
         self.root = self.fs._strip_protocol(root).rstrip("/")
@@ -165,7 +165,7 @@ class ArtifactStore:
             self._delete(probe)
         except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
             raise StorageError(
-                f"storage {self.root_uri}: cannot write ({type(exc).__name__}: {_one_line(exc)}); "
+                f"storage {self.root_uri}: cannot write ({type(exc).__name__}: {first_line(exc)}); "
                 "check storage.root, the endpoint and the AWS_* credentials"
             ) from None
         self._checked = True
@@ -191,7 +191,7 @@ class ArtifactStore:
             raise
         except Exception as exc:  # noqa: BLE001
             raise StorageError(
-                f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: {_one_line(exc)})"
+                f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: {first_line(exc)})"
             ) from None
 
     # ---- manifests ------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class ArtifactStore:
         except OSError as exc:
             raise StorageError(
                 f"storage {self.root_uri}: {what} failed ({type(exc).__name__}: "
-                f"{exc.strerror or _one_line(exc)}); check that it is writable and has space"
+                f"{exc.strerror or first_line(exc)}); check that it is writable and has space"
             ) from None
 
     def commit(
@@ -657,8 +657,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _safe(root: str) -> str:
     return root.strip("/").replace("/", "__").replace(":", "_")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""

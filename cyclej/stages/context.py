@@ -46,7 +46,7 @@ def run_context(run: StageRun) -> ArtifactRef | None:
 
     # On a GPU the frozen base sits in bf16 (LoRA's adapter weights stay fp32); on a CPU it stays fp32 and
     # `precision: bf16` means autocast, as in the trainer.
-    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    markers = cfg.markers
     model, tokenizer = load_model(
         cfg.models.base, markers=markers, dtype=weights_dtype(ccfg.precision, device)
     )
@@ -210,7 +210,7 @@ def _train(
         fp=run.fingerprint,
         tokenizer=tokenizer,
         dev_examples=dev_examples,
-        marker_ids=marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker]),
+        marker_ids=marker_token_ids(tokenizer, cfg.markers),
         progress=run.progress,
         metrics_path=run.workdir / "metrics.jsonl",
     )

@@ -25,8 +25,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from cyclej.config import DomainConfig, PipelineConfig
-from cyclej.corpora.lines import DOMAIN_KEYS, DomainKey, FileText, Split, read_corpus
+from cyclej.config import DOMAIN_KEYS, DomainConfig, DomainKey, PipelineConfig
+from cyclej.corpora.lines import FileText, Split, read_corpus
 from cyclej.errors import BadInput
 from cyclej.models.catalog import load_tokenizer
 from cyclej.pipeline.registry import StageRun

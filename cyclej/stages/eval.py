@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from cyclej.config import PipelineConfig
+from cyclej.config import DomainKey, PipelineConfig
 from cyclej.corpora.lines import read_corpus, read_lines
 from cyclej.corpora.template_transfer import TemplateSystem, TemplateTransfer
 from cyclej.errors import BadInput
@@ -34,12 +34,12 @@ from cyclej.evaluation.metrics import (
     copy_system,
     evaluate,
     model_label,
-    read_jsonl,
 )
 from cyclej.evaluation.report import EvalReport
 from cyclej.generation.translate import ModelTranslator, load_adapter_model, local_model_dir
 from cyclej.models.card import write_model_card
 from cyclej.pipeline.registry import StageRun, run_stage
+from cyclej.runtime.jsonl import read_jsonl
 from cyclej.runtime.progress import Progress
 from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
@@ -63,7 +63,7 @@ def pipeline_systems(
     train_b: list[str],
 ) -> dict[str, System | str | Path]:
     """The baselines and the three models, each model loaded only when its turn comes."""
-    markers = (cfg.domain_a.marker, cfg.domain_b.marker)
+    markers = cfg.markers
     return {
         **baselines(cfg, train_a, train_b),
         SYSTEM_2A: ModelTranslator(
@@ -79,7 +79,7 @@ def pipeline_systems(
 # ---- dev sets ------------------------------------------------------------------------------------------
 def eval_dev_sets(
     cfg: PipelineConfig, store: ArtifactStore, data: ArtifactRef
-) -> tuple[list[str], list[str], dict[Literal["a", "b"], list[str]] | None]:
+) -> tuple[list[str], list[str], dict[DomainKey, list[str]] | None]:
     """The cleaned dev sets of the data artifact; with `eval.references`, the users' dev files read as
     line-aligned pairs instead (pairs with an empty side dropped), each side the other's reference."""
     if not cfg.eval.references:

@@ -18,8 +18,9 @@ from cyclej.config import TrainConfig
 from cyclej.errors import BadInput
 from cyclej.models.loading import load_model, marker_token_ids
 from cyclej.pipeline.registry import StageRun
+from cyclej.runtime.jsonl import read_jsonl
 from cyclej.runtime.store import ArtifactRef
-from cyclej.training.diagnostics import TRAINING_PLOT, read_metrics_log, write_training_plot
+from cyclej.training.diagnostics import TRAINING_PLOT, write_training_plot
 from cyclej.training.precision import weights_dtype
 from cyclej.training.trainer import ADAPTER_BASE, TokenExample, train
 
@@ -52,7 +53,7 @@ def load_lora_base(run: StageRun, tcfg: TrainConfig) -> LoraModel:
             f"combines LoRA adapters, so set {run.name}.lora (e.g. rank 8)"
         )
     cfg = run.cfg
-    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    markers = cfg.markers
     base_dir = run.input_dir("context") / "model"
     model, tokenizer = load_model(
         str(base_dir), markers=markers, dtype=weights_dtype(tcfg.precision, run.device)
@@ -95,7 +96,7 @@ def train_and_commit_adapter(
     (work / ADAPTER_BASE).write_text(json.dumps(adapter_base, indent=1) + "\n", encoding="utf-8")
     metrics = {**result.metrics, **extra}
     write_training_plot(
-        read_metrics_log(work / "metrics.jsonl"), work / TRAINING_PLOT, f"{run.name}: loss and update size"
+        read_jsonl(work / "metrics.jsonl"), work / TRAINING_PLOT, f"{run.name}: loss and update size"
     )
     summary = {
         k: metrics[k]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
+from cyclej.config import DOMAIN_KEYS, DomainKey
 from cyclej.corpora.formats import Example, domain_examples, para_examples, translation_example
 from cyclej.corpora.template_transfer import TemplateTransfer, back_translated_pairs
 from cyclej.merging.linear import (
@@ -45,7 +46,7 @@ STAGE = "merge"
 def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[Example]]:
     """(2A-style, 2B-style) examples from the first dev lines of both domains (see the module docstring)."""
     cfg = run.cfg
-    marker_a, marker_b = marker_token_ids(tokenizer, [cfg.domain_a.marker, cfg.domain_b.marker])
+    marker_a, marker_b = marker_token_ids(tokenizer, cfg.markers)
     n_a = (cfg.merge.sweep_examples + 1) // 2
     n_b = cfg.merge.sweep_examples - n_a
     texts = {"a": run.lines("a", "dev")[:n_a], "b": run.lines("b", "dev")[:n_b]}
@@ -54,8 +55,8 @@ def sweep_examples(run: StageRun, tokenizer: Any) -> tuple[list[Example], list[E
     if tpc is not None:
         # 2A learned to change the style: score it on what it learned, template pairs of the dev lines.
         marker = {"a": marker_a, "b": marker_b}
-        transfer = TemplateTransfer.from_config({d: run.lines(d, "train") for d in ("a", "b")}, tpc)
-        dev: dict[Literal["a", "b"], Sequence[str]] = {d: run.lines(d, "dev") for d in ("a", "b")}
+        transfer = TemplateTransfer.from_config({d: run.lines(d, "train") for d in DOMAIN_KEYS}, tpc)
+        dev: dict[DomainKey, Sequence[str]] = {d: run.lines(d, "dev") for d in DOMAIN_KEYS}
         for p in back_translated_pairs(transfer, dev, cfg.merge.sweep_examples):
             para_style.append(
                 translation_example(

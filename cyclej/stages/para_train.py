@@ -20,9 +20,9 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from cyclej.config import TemplatePairsConfig
+from cyclej.config import DOMAIN_KEYS, OTHER, DomainKey, TemplatePairsConfig
 from cyclej.corpora.formats import Example, para_examples, translation_example
 from cyclej.corpora.template_transfer import BackTranslatedPair, TemplateTransfer, back_translated_pairs
 from cyclej.errors import BadInput
@@ -92,15 +92,14 @@ def run_para_train(run: StageRun) -> ArtifactRef | None:
 def paraphrase_markers(marker: dict[str, int], mode: str) -> dict[str, tuple[int, int]]:
     """(source marker, marker the paraphrase is trained under) by the domain the original text is in:
     the other domain's (`across`, the card) or its own (`same`)."""
-    other = {"a": "b", "b": "a"}
-    return {d: (marker[d], marker[d] if mode == "same" else marker[other[d]]) for d in ("a", "b")}
+    return {d: (marker[d], marker[d] if mode == "same" else marker[OTHER[d]]) for d in DOMAIN_KEYS}
 
 
 def template_pairs(run: StageRun, tpc: TemplatePairsConfig, seed: int) -> list[BackTranslatedPair]:
     """The back-translated template pairs of the data stage's train lines, written beside the adapter
     (`template_pairs.jsonl`) so a reader can see what the model was shown."""
     with run.progress.bar("template pairs", total=1, unit="fit") as bar:
-        train: dict[Literal["a", "b"], Sequence[str]] = {d: run.lines(d, "train") for d in ("a", "b")}
+        train: dict[DomainKey, Sequence[str]] = {d: run.lines(d, "train") for d in DOMAIN_KEYS}
         transfer = TemplateTransfer.from_config(train, tpc)
         pairs = back_translated_pairs(transfer, train, tpc.per_domain, seed)
         bar.update(1)
@@ -131,7 +130,7 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
             raise BadInput(f"{path}:{n}: not a JSON object; re-run the paraphrase stage") from None
         if (
             not isinstance(pair, dict)
-            or pair.get("domain") not in ("a", "b")
+            or pair.get("domain") not in DOMAIN_KEYS
             or not isinstance(pair.get("text"), str)
             or not isinstance(pair.get("paraphrase"), str)
         ):
@@ -152,7 +151,7 @@ def split_dev(
     per_domain = max(1, n_dev_examples // 4)
     train_pairs: list[dict[str, Any]] = []
     dev_by_domain = []
-    for domain in ("a", "b"):
+    for domain in DOMAIN_KEYS:
         mine = [p for p in pairs if p["domain"] == domain]
         random.Random(f"{seed}-{domain}").shuffle(mine)
         k = min(per_domain, int(len(mine) * MAX_DEV_FRACTION))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cyclej.config import PipelineConfig
+from cyclej.config import DOMAIN_KEYS, PipelineConfig
 from cyclej.corpora.lines import read_lines
 from cyclej.errors import StageFailed
 from cyclej.generation import engines
@@ -48,6 +48,7 @@ from cyclej.generation.paraphraser import (
 from cyclej.models.catalog import resolve_model
 from cyclej.pipeline.registry import StageRun, stage_fingerprint
 from cyclej.runtime.faults import maybe_fault
+from cyclej.runtime.jsonl import read_jsonl
 from cyclej.runtime.progress import Progress
 from cyclej.runtime.store import ArtifactRef, ArtifactStore
 
@@ -74,7 +75,7 @@ def input_texts(
     """(domain, text) for every text to paraphrase, in a fixed order: domain a's train lines, then b's."""
     cap = cfg.paraphrase.max_texts_per_domain
     items: list[tuple[str, str]] = []
-    for domain in ("a", "b"):
+    for domain in DOMAIN_KEYS:
         lines = read_lines(store, inputs["data"], domain, "train")  # type: ignore[arg-type]
         items.extend((domain, line) for line in lines[:cap])
     return items
@@ -277,13 +278,13 @@ def _generate_adapting(
 
 def _read_shard(store: ArtifactStore, fp: str, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     d = store.load_checkpoint(STAGE, fp, shard_name(index))
-    records = [json.loads(line) for line in (d / "shard.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = read_jsonl(d / "shard.jsonl")
     return records, json.loads((d / "stats.json").read_text(encoding="utf-8"))
 
 
 def _samples(pairs: list[dict[str, Any]], k: int = N_SAMPLES) -> list[dict[str, Any]]:
     """k pairs spread evenly over the dataset, half from each domain when both have enough."""
-    by_domain = {d: [p for p in pairs if p["domain"] == d] for d in ("a", "b")}
+    by_domain = {d: [p for p in pairs if p["domain"] == d] for d in DOMAIN_KEYS}
     n_b = min(len(by_domain["b"]), k - min(len(by_domain["a"]), k // 2))
     n_a = min(len(by_domain["a"]), k - n_b)
     out: list[dict[str, Any]] = []
@@ -326,7 +327,7 @@ def run_paraphrase(run: StageRun) -> ArtifactRef:
     stats = {
         **counts.as_dict(),
         "pairs": len(pairs),
-        "pairs_per_domain": {d: sum(p["domain"] == d for p in pairs) for d in ("a", "b")},
+        "pairs_per_domain": {d: sum(p["domain"] == d for p in pairs) for d in DOMAIN_KEYS},
         "generated_tokens": tokens,
         "generation_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens_per_second, 2),

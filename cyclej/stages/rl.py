@@ -20,13 +20,12 @@ online discriminator (the loop itself is cyclej.reinforcement.policy_gradient).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from cyclej.config import PipelineConfig
+from cyclej.config import DOMAIN_KEYS, DomainKey, PipelineConfig
 from cyclej.evaluation.judge import train_judge
 from cyclej.generation import engines
 from cyclej.generation.backends import GenerationBackend, choose_backend, close_backend
@@ -40,7 +39,7 @@ from cyclej.runtime.progress import Progress
 from cyclej.runtime.store import ArtifactRef
 from cyclej.training.diagnostics import TRAINING_PLOT, write_training_plot
 from cyclej.training.precision import weights_dtype
-from cyclej.training.schedule import CHECKPOINT_PREFIX, checkpoint_name
+from cyclej.training.schedule import CHECKPOINT_PREFIX, CheckpointClock, checkpoint_name
 
 STAGE = "rl"
 STYLE_JUDGE_LINES = 20_000  # train lines per domain for the style judge that watches the rollouts
@@ -64,7 +63,7 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
     if sharded:
         dtype = torch.float32
 
-    sources: dict[Literal["a", "b"], list[str]] = {d: run.lines(d, "train") for d in ("a", "b")}
+    sources: dict[DomainKey, list[str]] = {d: run.lines(d, "train") for d in DOMAIN_KEYS}
     weights = rcfg.rewards.model_dump()
     discriminator = None
     if weights["discriminator"] > 0:
@@ -84,7 +83,7 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
             device=device,
         )
 
-    markers = [cfg.domain_a.marker, cfg.domain_b.marker]
+    markers = cfg.markers
     merged_dir = run.input_dir("merge") / "model"
     # Loaded in fp32 (the merge is stored in fp32) and those exact values become the optimizer's masters;
     # the bf16 copy the forward uses is made after (rounding the merge's small deltas only there).
@@ -166,13 +165,12 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
             progress,
         )
 
-    last_save = time.monotonic()
+    clock = CheckpointClock(rcfg.checkpoint_every_steps, rcfg.checkpoint_every_minutes)
     with progress.bar("RL steps", total=rcfg.steps, initial=trainer.step_done) as bar:
         while trainer.step_done < rcfg.steps:
             m = trainer.step()
             bar.update(1, reward=m["reward/total/mean"], loss=m.get("pg_loss", 0.0))
-            due = trainer.step_done % rcfg.checkpoint_every_steps == 0
-            late = time.monotonic() - last_save >= rcfg.checkpoint_every_minutes * 60
+            due, late = clock.on_step(trainer.step_done), clock.late()
             if sharded:  # the clocks differ: saving is a collective, so the ranks agree on it
                 late = any_rank(late)
             if (due or late) and trainer.step_done < rcfg.steps:
@@ -183,7 +181,7 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
                 trainer.save_state(ckpt)
                 if run.is_main:
                     run.save_checkpoint(name, ckpt, keep=rcfg.keep_checkpoints)
-                last_save = time.monotonic()
+                clock.saved()
 
     engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval
     # Saved from the fp32 masters: bf16 weights would round away the updates smaller than half a bf16 step

@@ -15,7 +15,6 @@ and the plots of a stage's metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -131,19 +130,6 @@ def step_estimates(cfg: PipelineConfig) -> list[StepEstimate]:
 
 def update_size_warnings(cfg: PipelineConfig) -> list[str]:
     return [w for e in step_estimates(cfg) for w in e.warnings()]
-
-
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (a torn last line of a killed run skipped); [] when absent."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 # ---- plots ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from cyclej.errors import CyclejError
+from cyclej.errors import CyclejError, first_line
 from cyclej.runtime.faults import maybe_fault
 
 log = logging.getLogger("cyclej")
@@ -71,8 +71,7 @@ def oom_message(exc: BaseException) -> str | None:
     is not one. A string, so that nothing keeps the exception (and its traceback's tensors) alive."""
     if not is_oom(exc):
         return None
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+    return first_line(exc) or type(exc).__name__
 
 
 def release_memory() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Mapping
 from typing import Any, Literal, cast
 
@@ -18,6 +19,31 @@ import torch
 
 # ---- checkpoint names -----------------------------------------------------------------------------------
 CHECKPOINT_PREFIX = "step-"
+
+
+class CheckpointClock:
+    """When a long loop saves: every `every_steps` steps, or once `every_minutes` have passed since the last
+    save, whichever comes first. Why both: the steps make checkpoints land on the same steps in every run
+    (a resume is comparable), the minutes bound what a crash on a slow machine or a preempted pod loses."""
+
+    def __init__(self, every_steps: int, every_minutes: float) -> None:
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60
+        self.last_save = time.monotonic()
+
+    def on_step(self, step: int) -> bool:
+        """`step` is one of every `every_steps`."""
+        return step % self.every_steps == 0
+
+    def late(self) -> bool:
+        """`every_minutes` have passed since the last save (or since the clock started)."""
+        return time.monotonic() - self.last_save >= self.every_seconds
+
+    def due(self, step: int) -> bool:
+        return self.on_step(step) or self.late()
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
 
 def checkpoint_name(step: int) -> str:

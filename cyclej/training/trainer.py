@@ -68,6 +68,7 @@ from cyclej.training.oom import OutOfMemory, map_halving, oom_message, release_m
 from cyclej.training.precision import autocast
 from cyclej.training.schedule import (
     CHECKPOINT_PREFIX,
+    CheckpointClock,
     checkpoint_name,
     lr_scheduler,
     rng_state,
@@ -645,7 +646,7 @@ class _Trainer:
             self.state.dev_loss_last = self.state.dev_loss_before
             self._log({"event": "eval", "step": 0, "dev_loss": self.state.dev_loss_before})
         self.model.train()
-        last_save = time.monotonic()
+        clock = CheckpointClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes)
         with self.progress.bar("train", total=cfg.max_steps, initial=self.state.step) as bar:
             while self.state.step < cfg.max_steps:
                 step_no = self.state.step + 1
@@ -697,10 +698,9 @@ class _Trainer:
                     record["dev_loss"] = self.state.dev_loss_last
                 self._log(record)
                 bar.update(1, loss=stats["loss"], lr=stats["lr"], mb=self.state.micro_batch_size)
-                due = time.monotonic() - last_save >= cfg.checkpoint_every_minutes * 60
-                if step_no % cfg.checkpoint_every_steps == 0 or due or step_no == cfg.max_steps:
+                if clock.due(step_no) or step_no == cfg.max_steps:
                     self.save_checkpoint()
-                    last_save = time.monotonic()
+                    clock.saved()
         if cfg.gradient_checkpointing:  # the trained model goes on (merge, perplexity, saving) as a plain one
             disable_gradient_checkpointing(self.model)
         return TrainResult(
