@@ -243,7 +243,7 @@ def examples(sizes: Sizes, n: int) -> list[Any]:
 def run_lora(folder: Path, sizes: Sizes, tcfg: Any, store_root: Path, stage: str, device: Any) -> Any:
     """The project's LoRA trainer on the model in `folder` (loaded as the stages load it)."""
     from cyclej.models.loading import load_model, marker_token_ids
-    from cyclej.runtime.store import ArtifactStore
+    from cyclej.runtime.store import ArtifactStore, StageCheckpoints
     from cyclej.training.precision import weights_dtype
     from cyclej.training.trainer import train
 
@@ -257,9 +257,7 @@ def run_lora(folder: Path, sizes: Sizes, tcfg: Any, store_root: Path, stage: str
             model,
             train_examples=examples(sizes, 2 * tcfg.batch_size),
             tcfg=tcfg,
-            store=store,
-            stage=stage,
-            fp="0" * 16,
+            checkpoints=StageCheckpoints(store, stage, "0" * 16),
             tokenizer=tok,
             marker_ids=ids,
             metrics_path=store_root / f"{stage}.jsonl",

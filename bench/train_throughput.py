@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from cyclej.config import TrainConfig  # noqa: E402
 from cyclej.corpora.formats import Example, domain_example  # noqa: E402
 from cyclej.models.loading import load_model, marker_token_ids  # noqa: E402
-from cyclej.runtime.store import ArtifactStore  # noqa: E402
+from cyclej.runtime.store import ArtifactStore, StageCheckpoints  # noqa: E402
 from cyclej.training.trainer import train  # noqa: E402
 
 MARKERS = ["<|A|>", "<|B|>"]
@@ -77,9 +77,7 @@ def run_ours(spec: str, examples: list[Example], cfg: TrainConfig) -> tuple[floa
             model,
             train_examples=examples,
             tcfg=cfg,
-            store=ArtifactStore(d),
-            stage="domain_train",
-            fp="bench",
+            checkpoints=StageCheckpoints(ArtifactStore(d), "domain_train", "bench"),
             tokenizer=tok,
             marker_ids=ids,
         )

@@ -35,7 +35,7 @@ from cyclej.config import PipelineConfig
 from cyclej.errors import BadInput, StorageError, first_line
 from cyclej.pipeline.registry import PlannedStage, run_shard, run_stage
 from cyclej.runtime.progress import Progress
-from cyclej.runtime.store import ArtifactRef, ArtifactStore
+from cyclej.runtime.store import ArtifactRef, ArtifactStore, StageCheckpoints
 from cyclej.training.diagnostics import TRAINING_PLOT, plot_markdown, signal_table
 
 RESULTS_DIR = "_prefect/results"
@@ -283,7 +283,7 @@ def post_resume_point(stage: PlannedStage, cfg: PipelineConfig, error: BaseExcep
     Called from the task body (a hook gets no parameters: Prefect's TaskRun has none)."""
     name = stage.name
     try:
-        ckpts = store_for(cfg).list_checkpoints(name, stage.fingerprint)
+        ckpts = StageCheckpoints(store_for(cfg), name, stage.fingerprint).names()
     except Exception as exc:  # noqa: BLE001 - an unreachable store is reported by the failure itself
         get_run_logger().warning("resume point of %s unknown: %s", name, exc)
         return

@@ -16,7 +16,7 @@ from cyclej.corpora.formats import domain_example
 from cyclej.generation.backends import TransformersBackend
 from cyclej.models.loading import load_model, marker_token_ids
 from cyclej.reinforcement.policy_gradient import RLTrainer, Rollouts
-from cyclej.runtime.store import ArtifactStore
+from cyclej.runtime.store import ArtifactStore, StageCheckpoints
 from cyclej.training.trainer import train
 from tests.helpers.tiny_models import LINES, MARKERS, SOURCES
 
@@ -63,9 +63,7 @@ def lora_step(
         train_examples=examples,
         dev_examples=examples[:2],
         tcfg=cfg,
-        store=store,
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(store, "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )
@@ -165,9 +163,7 @@ def test_the_trained_model_comes_back_without_checkpointing(tmp_path: Path) -> N
         model,
         train_examples=examples,
         tcfg=cfg,
-        store=ArtifactStore(str(tmp_path)),
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path)), "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )

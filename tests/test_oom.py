@@ -22,7 +22,7 @@ from cyclej.reinforcement.discriminator import Discriminator
 from cyclej.reinforcement.policy_gradient import RLTrainer, Rollouts
 from cyclej.reinforcement.rewards import embedding_similarity
 from cyclej.runtime import faults
-from cyclej.runtime.store import ArtifactStore
+from cyclej.runtime.store import ArtifactStore, StageCheckpoints
 from cyclej.training.oom import OutOfMemory, is_oom
 from cyclej.training.trainer import train
 from tests.helpers.tiny_models import LINES, MARKERS, SOURCES
@@ -82,9 +82,7 @@ def train_run(tmp_path: Path, name: str, **over: Any) -> tuple[dict[str, Any], l
         train_examples=examples,
         dev_examples=examples[:8],
         tcfg=cfg,
-        store=ArtifactStore(str(tmp_path / name)),
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / name)), "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )

@@ -21,7 +21,7 @@ from cyclej.errors import StageFailed
 from cyclej.models.loading import load_model, marker_token_ids, save_model
 from cyclej.runtime import faults
 from cyclej.runtime.progress import Progress
-from cyclej.runtime.store import ArtifactRef, ArtifactStore
+from cyclej.runtime.store import ArtifactRef, ArtifactStore, StageCheckpoints
 from cyclej.training.schedule import lr_factor, warmup_steps
 from cyclej.training.trainer import MarkerRows, step_indices, train
 
@@ -119,9 +119,7 @@ def test_lora_training_lowers_dev_loss_and_writes_the_log(tmp_path: Path) -> Non
         train_examples=examples,
         dev_examples=examples,
         tcfg=cfg,
-        store=store,
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(store, "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )
@@ -157,9 +155,7 @@ def test_full_finetuning_trains_every_weight(tmp_path: Path) -> None:
         train_examples=examples,
         dev_examples=examples,
         tcfg=tcfg(lora=None, max_steps=6),
-        store=ArtifactStore(str(tmp_path / "s")),
-        stage="context",
-        fp="full",
+        checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / "s")), "context", "full"),
         tokenizer=tok,
         marker_ids=ids,
     )
@@ -201,9 +197,7 @@ def test_result_saves_adapter_and_marker_rows_and_merges(tmp_path: Path) -> None
         model,
         train_examples=examples,
         tcfg=tcfg(max_steps=2),
-        store=ArtifactStore(str(tmp_path / "s")),
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / "s")), "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )
@@ -241,9 +235,7 @@ def test_micro_batch_size_does_not_change_the_math(tmp_path: Path) -> None:
             model,
             train_examples=domain_examples(tok, ids, 12),
             tcfg=tcfg(micro_batch_size=micro, packing=False, max_steps=3),
-            store=ArtifactStore(str(tmp_path / f"s{micro}")),
-            stage="domain_train",
-            fp="fp",
+            checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / f"s{micro}")), "domain_train", "fp"),
             tokenizer=tok,
             marker_ids=ids,
         )
@@ -274,9 +266,7 @@ def test_oom_at_micro_batch_one_names_the_knobs(
             model,
             train_examples=domain_examples(tok, ids, 4),
             tcfg=tcfg(batch_size=2, micro_batch_size=1),
-            store=ArtifactStore(str(tmp_path / "s")),
-            stage="domain_train",
-            fp="fp",
+            checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / "s")), "domain_train", "fp"),
             tokenizer=tok,
             marker_ids=ids,
         )
@@ -394,9 +384,7 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
             model,
             train_examples=domain_examples(tok, ids, 8),
             tcfg=tcfg(precision=precision, max_steps=2),
-            store=ArtifactStore(str(tmp_path / precision)),
-            stage="domain_train",
-            fp="fp",
+            checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / precision)), "domain_train", "fp"),
             tokenizer=tok,
             marker_ids=ids,
         )
@@ -412,9 +400,7 @@ def test_lora_without_marker_rows_saves_the_adapter_only(tmp_path: Path) -> None
         model,
         train_examples=domain_examples(tok, ids, 4),
         tcfg=cfg,
-        store=ArtifactStore(str(tmp_path / "s")),
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(ArtifactStore(str(tmp_path / "s")), "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )

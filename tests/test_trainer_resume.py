@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from cyclej.runtime.faults import InjectedError
 from cyclej.runtime.progress import Progress
-from cyclej.runtime.store import ArtifactStore
+from cyclej.runtime.store import ArtifactStore, StageCheckpoints
 from cyclej.training.trainer import train
 from tests.test_trainer import (
     build_inputs,
@@ -142,9 +142,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
             model,
             train_examples=domain_examples(tok, ids, 8),
             tcfg=cfg,
-            store=store,
-            stage="domain_train",
-            fp="fp",
+            checkpoints=StageCheckpoints(store, "domain_train", "fp"),
             tokenizer=tok,
             marker_ids=ids,
         )
@@ -172,9 +170,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
         model,
         train_examples=domain_examples(tok, ids, 8),
         tcfg=cfg,
-        store=straight_store,
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(straight_store, "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     ).trainable_state
@@ -193,9 +189,7 @@ def test_resumed_run_keeps_the_micro_batch_an_oom_chose(
             model,
             train_examples=domain_examples(tok, ids, 8),
             tcfg=cfg,
-            store=store,
-            stage="domain_train",
-            fp="fp",
+            checkpoints=StageCheckpoints(store, "domain_train", "fp"),
             tokenizer=tok,
             marker_ids=ids,
         )
@@ -212,9 +206,7 @@ def test_resumed_run_keeps_the_micro_batch_an_oom_chose(
         model,
         train_examples=domain_examples(tok, ids, 8),
         tcfg=cfg,
-        store=store,
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(store, "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )
@@ -236,9 +228,7 @@ def test_checkpoints_by_the_clock(tmp_path: Path) -> None:
         model,
         train_examples=domain_examples(tok, ids, 4),
         tcfg=tcfg(max_steps=3, checkpoint_every_steps=100, checkpoint_every_minutes=1e-9, keep_checkpoints=5),
-        store=store,
-        stage="domain_train",
-        fp="fp",
+        checkpoints=StageCheckpoints(store, "domain_train", "fp"),
         tokenizer=tok,
         marker_ids=ids,
     )
@@ -260,9 +250,7 @@ def test_resume_from_s3_after_the_local_disk_is_lost(
             model,
             train_examples=domain_examples(tok, ids, 4),
             tcfg=cfg,
-            store=store,
-            stage="domain_train",
-            fp="fp",
+            checkpoints=StageCheckpoints(store, "domain_train", "fp"),
             tokenizer=tok,
             marker_ids=ids,
         )

@@ -37,7 +37,7 @@ from cyclej.errors import StageFailed
 from cyclej.generation import engines
 from cyclej.runtime.distributed import gpus_for, is_distributed, launch_stage
 from cyclej.runtime.progress import Progress
-from cyclej.runtime.store import ArtifactRef, ArtifactStore, fingerprint
+from cyclej.runtime.store import ArtifactRef, ArtifactStore, StageCheckpoints, fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -243,7 +243,7 @@ class PlannedStage:
 
     def resume_point(self, store: ArtifactStore) -> str | None:
         """The newest complete checkpoint a (re)run of this stage resumes from, None for the beginning."""
-        checkpoints = store.list_checkpoints(self.name, self.fingerprint)
+        checkpoints = StageCheckpoints(store, self.name, self.fingerprint).names()
         return checkpoints[-1] if checkpoints else None
 
 
@@ -345,16 +345,10 @@ class StageRun:
         return read_lines(self.store, self.inputs["data"], domain, split)
 
     # ---- checkpoints (names: cyclej.training.schedule.checkpoint_name) ----
-    def latest_checkpoint(self, prefix: str = "") -> tuple[str, Path] | None:
-        """The newest complete checkpoint whose name starts with `prefix`, and its local folder."""
-        return self.store.latest_checkpoint(self.name, self.fingerprint, prefix=prefix)
-
-    def checkpoint_dir(self, checkpoint: str) -> Path:
-        """Where to write checkpoint `checkpoint` before `save_checkpoint`."""
-        return self.store.checkpoint_workdir(self.name, self.fingerprint, checkpoint)
-
-    def save_checkpoint(self, checkpoint: str, local_dir: Path, keep: int | None = None) -> None:
-        self.store.save_checkpoint(self.name, self.fingerprint, checkpoint, local_dir, keep=keep)
+    @property
+    def checkpoints(self) -> StageCheckpoints:
+        """This run's checkpoints: how the stage (and the trainer it hands them to) saves and resumes."""
+        return StageCheckpoints(self.store, self.name, self.fingerprint)
 
     # ---- the ending ----
     def commit(
@@ -369,7 +363,7 @@ class StageRun:
             )
         ref = self.store.commit(self.name, self.fingerprint, self.workdir, metrics=summary)
         if drop_checkpoints:
-            self.store.delete_checkpoints(self.name, self.fingerprint)
+            self.checkpoints.delete_all()
         return ref
 
 

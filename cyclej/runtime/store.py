@@ -657,3 +657,39 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _safe(root: str) -> str:
     return root.strip("/").replace("/", "__").replace(":", "_")
+
+
+@dataclass(frozen=True)
+class StageCheckpoints:
+    """The checkpoints of one stage run, `<stage>/<fingerprint>/checkpoints/<name>/` in `store`: the one
+    way a stage saves, finds and reads its own checkpoints. A stage gets it as `run.checkpoints`
+    (cyclej.pipeline.registry.StageRun) and hands it to what checkpoints for it: the LoRA trainer, the RL
+    loop, the paraphrase shards. Write into `workdir(name)`, then `save(name, that folder)`: the upload is
+    complete or absent, never half there (ArtifactStore.save_checkpoint)."""
+
+    store: ArtifactStore
+    stage: str
+    fingerprint: str
+
+    def names(self) -> list[str]:
+        """The complete checkpoints, oldest first."""
+        return self.store.list_checkpoints(self.stage, self.fingerprint)
+
+    def latest(self, prefix: str = "") -> tuple[str, Path] | None:
+        """The newest complete checkpoint whose name starts with `prefix`, and its local folder."""
+        return self.store.latest_checkpoint(self.stage, self.fingerprint, prefix=prefix)
+
+    def workdir(self, name: str) -> Path:
+        """An empty local folder to write checkpoint `name` into before `save`."""
+        return self.store.checkpoint_workdir(self.stage, self.fingerprint, name)
+
+    def save(self, name: str, local_dir: Path, keep: int | None = None) -> None:
+        """Upload `local_dir` as checkpoint `name`; with `keep`, only the newest `keep` checkpoints stay."""
+        self.store.save_checkpoint(self.stage, self.fingerprint, name, local_dir, keep=keep)
+
+    def load(self, name: str) -> Path:
+        """The local folder of checkpoint `name` (downloaded from a remote store), checksums verified."""
+        return self.store.load_checkpoint(self.stage, self.fingerprint, name)
+
+    def delete_all(self) -> None:
+        self.store.delete_checkpoints(self.stage, self.fingerprint)

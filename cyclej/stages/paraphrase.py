@@ -50,7 +50,7 @@ from cyclej.pipeline.registry import StageRun, stage_fingerprint
 from cyclej.runtime.faults import maybe_fault
 from cyclej.runtime.jsonl import read_jsonl
 from cyclej.runtime.progress import Progress
-from cyclej.runtime.store import ArtifactRef, ArtifactStore
+from cyclej.runtime.store import ArtifactRef, ArtifactStore, StageCheckpoints
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -215,7 +215,8 @@ def _generate_shard(
 
     counts = RejectionStats()
     counts.add(judged, pc.n_candidates)
-    out = store.checkpoint_workdir(STAGE, fp, name)
+    shards = StageCheckpoints(store, STAGE, fp)  # a shard is a checkpoint of the stage
+    out = shards.workdir(name)
     with open(out / "shard.jsonl", "w", encoding="utf-8") as f:
         for (domain, _), j, cands in zip(shard, judged, raw, strict=True):
             record = {
@@ -238,7 +239,7 @@ def _generate_shard(
         "worker": int(os.environ.get("RANK", "0")),
     }
     (out / "stats.json").write_text(json.dumps(shard_stats, indent=1), encoding="utf-8")
-    store.save_checkpoint(STAGE, fp, name, out)
+    shards.save(name, out)
     with progress.bar(f"shard {shard_index}", total=len(shard), unit="text") as bar:
         bar.update(
             len(shard),
@@ -276,8 +277,8 @@ def _generate_adapting(
 # ---- the stage ------------------------------------------------------------------------------------
 
 
-def _read_shard(store: ArtifactStore, fp: str, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    d = store.load_checkpoint(STAGE, fp, shard_name(index))
+def _read_shard(shards: StageCheckpoints, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    d = shards.load(shard_name(index))
     records = read_jsonl(d / "shard.jsonl")
     return records, json.loads((d / "stats.json").read_text(encoding="utf-8"))
 
@@ -295,9 +296,9 @@ def _samples(pairs: list[dict[str, Any]], k: int = N_SAMPLES) -> list[dict[str, 
 
 def run_paraphrase(run: StageRun) -> ArtifactRef:
     """Generate the missing shards, assemble the pairs dataset and commit it (or fail on too many rejects)."""
-    cfg, inputs, store, progress, fp = run.cfg, run.inputs, run.store, run.progress, run.fingerprint
+    cfg, inputs, store, progress = run.cfg, run.inputs, run.store, run.progress
     n_shards = plan_shards(cfg, inputs, store)
-    done = set(store.list_checkpoints(STAGE, fp))
+    done = set(run.checkpoints.names())
     todo = [i for i in range(n_shards) if shard_name(i) not in done]
     with progress.bar("shards", total=n_shards, initial=n_shards - len(todo), unit="shard") as bar:
         for i in todo:
@@ -309,7 +310,7 @@ def run_paraphrase(run: StageRun) -> ArtifactRef:
     tokens, seconds = 0, 0.0
     rejected_examples: dict[str, list[dict[str, str]]] = {r: [] for r in REASONS}
     for i in range(n_shards):
-        records, shard_stats = _read_shard(store, fp, i)
+        records, shard_stats = _read_shard(run.checkpoints, i)
         tokens += shard_stats["generated_tokens"]
         seconds += shard_stats["generation_seconds"]
         counts.texts += shard_stats["texts"]

@@ -136,11 +136,11 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
         engines.hold(STAGE, lambda: close_backend(trainer.backend))
 
     # Rank 0 first: a remote store's checkpoint is downloaded once into the cache the ranks share.
-    latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX) if run.is_main else None
+    latest = run.checkpoints.latest(prefix=CHECKPOINT_PREFIX) if run.is_main else None
     if sharded:
         barrier()
         if not run.is_main:
-            latest = run.latest_checkpoint(prefix=CHECKPOINT_PREFIX)
+            latest = run.checkpoints.latest(prefix=CHECKPOINT_PREFIX)
     resumed_from: list[str] = []  # shown in metrics so a retry visibly resumed rather than restarted
     warmup: dict[str, float] = {}
     if latest is not None:
@@ -177,10 +177,10 @@ def run_rl(run: StageRun) -> ArtifactRef | None:
                 name = checkpoint_name(trainer.step_done)
                 # On N ranks the state is gathered by all and written by rank 0 alone: only it (re)creates the
                 # folder, which the others would clear under its feet.
-                ckpt = run.checkpoint_dir(name) if run.is_main else run.workdir / "unused-by-this-rank"
+                ckpt = run.checkpoints.workdir(name) if run.is_main else run.workdir / "unused-by-this-rank"
                 trainer.save_state(ckpt)
                 if run.is_main:
-                    run.save_checkpoint(name, ckpt, keep=rcfg.keep_checkpoints)
+                    run.checkpoints.save(name, ckpt, keep=rcfg.keep_checkpoints)
                 clock.saved()
 
     engines.release(STAGE)  # the engine's share of the GPU back before saving and before eval

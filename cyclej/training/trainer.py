@@ -62,7 +62,7 @@ from cyclej.errors import BadInput, StageFailed
 from cyclej.runtime.distributed import any_rank, gather_objects, is_main, rank, sum_tensors, world_size
 from cyclej.runtime.faults import maybe_fault
 from cyclej.runtime.progress import Progress
-from cyclej.runtime.store import ArtifactStore
+from cyclej.runtime.store import StageCheckpoints
 from cyclej.training.diagnostics import relative_update
 from cyclej.training.oom import OutOfMemory, map_halving, oom_message, release_memory
 from cyclej.training.precision import autocast
@@ -343,15 +343,13 @@ class _Trainer:
         examples: Sequence[TokenExample],
         dev_examples: Sequence[TokenExample],
         cfg: TrainConfig,
-        store: ArtifactStore,
-        stage: str,
-        fingerprint: str,
+        checkpoints: StageCheckpoints,
         marker_token_ids: Sequence[int],
         progress: Progress,
         metrics_path: Path | None,
         pad_token_id: int,
     ) -> None:
-        self.cfg, self.store, self.stage, self.fp = cfg, store, stage, fingerprint
+        self.cfg, self.checkpoints, self.stage = cfg, checkpoints, checkpoints.stage
         self.progress, self.metrics_path, self.pad_token_id = progress, metrics_path, pad_token_id
         self.device = next(model.parameters()).device
         # Asked of the plain model (a real forward check), before peft wraps it.
@@ -365,7 +363,7 @@ class _Trainer:
         if self.rank > 0:  # its own dropout stream (LoRA's init above is every rank's, from the seed)
             torch.manual_seed(cfg.seed + 7919 * self.rank)
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model, stage)
+            enable_gradient_checkpointing(self.model, self.stage)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
         self.params = list(self.named_trainable.values())
         self.optimizer = torch.optim.AdamW(
@@ -374,7 +372,9 @@ class _Trainer:
         self.scheduler = lr_scheduler(self.optimizer, cfg.max_steps, trainer_warmup_steps(cfg))
         self.sequences = prepare_sequences(examples, cfg.seq_len, self.packing, cfg.seed)
         if not self.sequences:
-            raise StageFailed(stage, "no training example has a target token (empty or all-prompt examples)")
+            raise StageFailed(
+                self.stage, "no training example has a target token (empty or all-prompt examples)"
+            )
         # A fixed dev slice, independent of OOM changes to the micro-batch.
         n_dev = cfg.eval_batches * cfg.micro_batch_size
         self.dev_sequences = prepare_sequences(dev_examples, cfg.seq_len, self.packing, cfg.seed)[:n_dev]
@@ -398,7 +398,7 @@ class _Trainer:
         self.last_checkpoint = name
         if not is_main():
             return
-        d = self.store.checkpoint_workdir(self.stage, self.fp, name)
+        d = self.checkpoints.workdir(name)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in self.named_trainable.items()},
             str(d / "trainable.safetensors"),
@@ -409,11 +409,11 @@ class _Trainer:
         (d / "state.json").write_text(json.dumps(self.state.__dict__))
         if self.metrics_path is not None and self.metrics_path.is_file():
             shutil.copyfile(self.metrics_path, d / "metrics.jsonl")
-        self.store.save_checkpoint(self.stage, self.fp, name, d, keep=self.cfg.keep_checkpoints)
+        self.checkpoints.save(name, d, keep=self.cfg.keep_checkpoints)
         self.last_checkpoint = name
 
     def resume(self) -> None:
-        found = self.store.latest_checkpoint(self.stage, self.fp, prefix=CHECKPOINT_PREFIX)
+        found = self.checkpoints.latest(prefix=CHECKPOINT_PREFIX)
         if found is None:
             # A fresh start: lines of a run that died before its first checkpoint are not ours.
             if self.metrics_path is not None and is_main():
@@ -795,9 +795,7 @@ def train(
     *,
     train_examples: Sequence[TokenExample],
     tcfg: TrainConfig,
-    store: ArtifactStore,
-    stage: str,
-    fp: str,
+    checkpoints: StageCheckpoints,
     tokenizer: Any = None,
     dev_examples: Sequence[TokenExample] = (),
     marker_ids: Sequence[int] = (),
@@ -805,7 +803,7 @@ def train(
     metrics_path: Path | None = None,
 ) -> TrainResult:
     """Train `model` (already on its device) on `train_examples` with the knobs of `tcfg`; resume from
-    and checkpoint to `store` under `<stage>/<fp>/checkpoints/step-NNNNNNNN`.
+    and checkpoint to `checkpoints` (a stage run's: `run.checkpoints`) as `step-NNNNNNNN`.
 
     `marker_ids`: the domain markers' token ids, whose embedding rows train with LoRA.
     `metrics_path`: the JSONL log (a "train" record per step; "eval", "resume" and "oom" events);
@@ -817,17 +815,15 @@ def train(
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0
     if metrics_path is None:
-        metrics_path = store.workdir(stage, fp) / "metrics.jsonl"
+        metrics_path = checkpoints.store.workdir(checkpoints.stage, checkpoints.fingerprint) / "metrics.jsonl"
     trainer = _Trainer(
         model,
         train_examples,
         dev_examples,
         tcfg,
-        store,
-        stage,
-        fp,
+        checkpoints,
         marker_ids,
-        progress or Progress(stage, show_bar=False),
+        progress or Progress(checkpoints.stage, show_bar=False),
         metrics_path,
         int(pad),
     )
