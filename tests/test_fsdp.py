@@ -99,8 +99,12 @@ def test_two_ranks_take_the_one_process_steps(
         for key in ("reward/total/mean", "reward/target/mean", "reward/rouge/mean", "completion_tokens/mean"):
             assert b[key] == a[key], key
         # … and, reduced over the ranks, the same loss, norm and update as on one process.
-        for key in ("pg_loss", "sampled_logprob/mean", "grad_norm", "update_size", "lr"):
+        for key in ("sampled_logprob/mean", "grad_norm", "update_size", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        # The loss is Σ A·log π with group advantages that sum to ~0: it cancels to ~1e-2 out of terms of
+        # ~1, so the ranks' other summation order shows at ~1e-7 absolute (1.1e-5 relative on AMD EPYC,
+        # tiny-llama). A real reduction error (a rank's share lost or counted twice) is ~1e-3 here.
+        assert b["pg_loss"] == pytest.approx(a["pg_loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] > 0
     # Both ranks log the global numbers, and their discriminators (gradients summed) stayed identical.
     assert metrics(two, 0) == metrics(two, 1)
