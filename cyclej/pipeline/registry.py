@@ -67,18 +67,19 @@ _OFF_BY_DEFAULT_RL: dict[str, object] = {
     "discriminator_reward": "real_target",
     "content_floor": 0.0,
     "prompt_mix": "even",
+    "rewards.self_bleu": 0.0,  # a dotted name: a field of a nested section
 }
 
 
 def _rl_slice(c: PipelineConfig) -> dict[str, Any]:
-    rl = _dump(
-        c.rl,
-        exclude={"backend"}
-        | _MEMORY_ONLY
-        | {k for k, off in _OFF_BY_DEFAULT_RL.items() if getattr(c.rl, k) == off},
-    )
-    if c.rl.rewards.self_bleu == 0:  # added after runs existed; off, the stage computes what it did before
-        del rl["rewards"]["self_bleu"]
+    rl = _dump(c.rl, exclude={"backend"} | _MEMORY_ONLY)
+    for dotted, off in _OFF_BY_DEFAULT_RL.items():
+        *parents, key = dotted.split(".")
+        section = rl
+        for name in parents:
+            section = section[name]
+        if section[key] == off:
+            del section[key]
     return {**rl, **_RL_CHECKPOINTING_AS_FINGERPRINTED}
 
 
