@@ -469,8 +469,18 @@ def test_rl_stage_writes_cycle_j_logs_and_samples(uninterrupted: tuple[PipelineC
     assert {s["direction"] for s in samples} == {"a->b", "b->a"}
     assert {"source", "translation", "back_translation", "reward/bleu", "reward/total"} <= set(samples[0])
 
+    # Where each step's time went: every phase timed, none longer than the step they are parts of.
+    phases = ("sample", "back_translation", "rewards", "gradients", "optimizer", "push_weights")
+    phases += ("discriminator",)
+    for r in (json.loads(line) for line in (art / "metrics.jsonl").read_text(encoding="utf-8").splitlines()):
+        assert all(r[f"seconds/{p}"] > 0 for p in phases), r
+        rollout = r["seconds/sample"] + r["seconds/back_translation"]
+        assert rollout == pytest.approx(r["seconds/rollout"], abs=0.05)
+        assert sum(r[f"seconds/{p}"] for p in phases) <= r["seconds/step"]
+
     metrics = json.loads((art / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["steps"] == 4
+    assert set(phases) | {"rollout"} <= {k.removeprefix("seconds_per_step_") for k in metrics}
     totals = [r["reward/total/mean"] for r in rows]
     assert metrics["reward_total_first"] == pytest.approx(sum(totals[:2]) / 2)  # halves of a short run
     assert metrics["reward_total_last"] == pytest.approx(sum(totals[2:]) / 2)

@@ -290,6 +290,7 @@ class RLTrainer:
         self.marker_ids = dict(marker_ids)
         self.sources = {d: list(sources[d]) for d in ("a", "b")}
         self.reward_fn = reward_fn
+        self.phase_seconds: dict[str, float] = {}  # this step's seconds per phase, logged as seconds/<phase>
         self.weights = dict(weights)
         self.discriminator = discriminator
         self.reference = reference
@@ -452,7 +453,9 @@ class RLTrainer:
             seed=(cfg.seed * 1_000_003 + step) * 1009,
             stop_ids=line_end,
         )
+        t0 = time.perf_counter()
         groups = self._generate(prompts, settings)
+        self.phase_seconds["sample"] = time.perf_counter() - t0
         ro = Rollouts(group_size=G)
         for (d, text), prompt, completions in zip(picked, prompts, groups, strict=True):
             for c in completions:
@@ -472,7 +475,9 @@ class RLTrainer:
             greedy = SamplingSettings(
                 max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1, stop_ids=line_end
             )
+            t0 = time.perf_counter()
             back = self._generate(back_prompts, greedy)
+            self.phase_seconds["back_translation"] = time.perf_counter() - t0
             ro.back_translations = [
                 cast(str, self.tokenizer.decode(b[0], skip_special_tokens=True)).strip() for b in back
             ]
@@ -618,14 +623,18 @@ class RLTrainer:
         t0 = time.perf_counter()
         ro = self.rollout(step)
         t_rollout = time.perf_counter() - t0
+        t0 = time.perf_counter()
         parts = self.reward_fn(ro)
+        self.phase_seconds["rewards"] = time.perf_counter() - t0
         if self.cfg.reward_combination == "product":
             total = R.combine_product(parts, self.weights, content_floor=self.cfg.content_floor)
         else:
             total = R.combine(parts, self.weights)
         advantages = group_advantages(total, ro.group_size, self.cfg.advantage)
         self.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         loss_terms = self.accumulate_gradients(ro, advantages, step)
+        self.phase_seconds["gradients"] = time.perf_counter() - t0
         return ro, parts, total, loss_terms, t_rollout
 
     def _sharded_rollout_and_gradients(
@@ -640,6 +649,7 @@ class RLTrainer:
         mine = self._my_groups(n_groups)
         local = _select_groups(ro, mine)
         failure, local_parts = None, None
+        t_rewards = time.perf_counter()
         try:
             local_parts = self.reward_fn(local)
         except Exception as exc:
@@ -648,6 +658,7 @@ class RLTrainer:
                 raise
         shares = gather_objects((failure, mine, local_parts))
         self._agree(failure, [f for f, _, _ in shares])
+        self.phase_seconds["rewards"] = time.perf_counter() - t_rewards
         # Every rank's rewards back in the step's row order: group g is row block g of the whole step.
         G = ro.group_size
         parts: dict[str, list[float]] = {}
@@ -664,7 +675,9 @@ class RLTrainer:
         rows = torch.tensor([g * G + j for g in mine for j in range(G)], dtype=torch.long)
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = sum(len(c) for c in ro.completion_ids)  # the whole step's: every rank knows it
+        t0 = time.perf_counter()
         loss_terms = self.accumulate_gradients(local, advantages[rows], step, n_tokens)
+        self.phase_seconds["gradients"] = time.perf_counter() - t0
         return ro, parts, total, loss_terms, t_rollout
 
     def _optimizer_step(self) -> None:
@@ -689,16 +702,19 @@ class RLTrainer:
         runs the step again from its pre-step state (same samples; an update cut short by the OOM finishes
         the tensors it had not reached, none is updated twice)."""
         step = self.step_done + 1
-        t0 = time.perf_counter()
+        t_step = time.perf_counter()
+        self.phase_seconds = {}
         rng_before = rng_state()
         while True:
             failure = None
             try:
                 ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
                 # On DTensor gradients (N ranks) the norm is the whole model's: the same clip on every rank.
+                t_update = time.perf_counter()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
                 self._optimizer_step()
+                self.phase_seconds["optimizer"] = time.perf_counter() - t_update
                 break
             except Exception as exc:
                 failure = oom_message(exc)
@@ -710,8 +726,12 @@ class RLTrainer:
 
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         self._push_weights(step)
+        self.phase_seconds["push_weights"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         disc_metrics = self.discriminator.update(ro.translations) if self.discriminator is not None else {}
+        self.phase_seconds["discriminator"] = time.perf_counter() - t0
         self.step_done = step
 
         metrics: dict[str, Any] = {
@@ -730,7 +750,11 @@ class RLTrainer:
             **self._style_share(ro),
             **disc_metrics,
             "seconds/rollout": t_rollout,
-            "seconds/step": time.perf_counter() - t0,
+            # Where the step's time went (the last attempt's, after an OOM retry): sample, back_translation
+            # (inside the rollout), rewards, gradients (forward + backward), optimizer, push_weights,
+            # discriminator. What they leave of seconds/step is bookkeeping (logs, samples).
+            **{f"seconds/{phase}": s for phase, s in self.phase_seconds.items()},
+            "seconds/step": time.perf_counter() - t_step,
         }
         self.metrics_log.append(metrics)
         if step % self.cfg.sample_every_steps == 0 or step == self.cfg.steps:

@@ -269,7 +269,7 @@ def _push_weights(trainer: RLTrainer) -> None:
 
 def summarize_run(rows: list[dict[str, Any]], window: int = 10) -> dict[str, Any]:
     """Rewards of the first and last `window` steps (means; at most half the run each, so they do not
-    overlap), steps run and mean seconds per step."""
+    overlap), steps run, and mean seconds per step and per phase of a step."""
     if not rows:
         return {"steps": 0}
     window = max(1, min(window, len(rows) // 2))
@@ -280,4 +280,9 @@ def summarize_run(rows: list[dict[str, Any]], window: int = 10) -> dict[str, Any
         out[f"reward_{name}_first"] = sum(r[key] for r in first) / len(first)
         out[f"reward_{name}_last"] = sum(r[key] for r in last) / len(last)
     out["seconds_per_step"] = sum(r["seconds/step"] for r in rows) / len(rows)
+    # The step's phases (sample, back_translation, rewards, gradients, ...), mean seconds over the steps
+    # that logged them (a run resumed from an older checkpoint may lack them on its first steps).
+    for key in sorted({k for r in rows for k in r if k.startswith("seconds/")} - {"seconds/step"}):
+        timed = [r[key] for r in rows if key in r]
+        out[f"seconds_per_step_{key.split('/', 1)[1]}"] = sum(timed) / len(timed)
     return out
