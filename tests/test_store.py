@@ -373,3 +373,29 @@ def test_uploaded_checkpoints_leave_no_local_copy(store: ArtifactStore, tmp_path
         assert (
             sorted(p.name for p in (Path(store.root) / "rl" / "fp9" / "checkpoints").iterdir()) == names[-1:]
         )
+
+
+def test_a_store_moved_behind_a_symlink_mid_run_still_saves_in_place(tmp_path: Path) -> None:
+    """A user moves a filling store to a bigger disk and leaves a symlink at the old path while the run
+    goes on: the next checkpoint and commit resolve through the link. Comparing a resolved work folder
+    with the unresolved destination took them for two places and copied each file onto itself
+    (SameFileError, the run failed)."""
+    store = ArtifactStore(str(tmp_path / "store"), cache_dir=tmp_path / "cache")
+    first = store.checkpoint_workdir("paraphrase", "fp", "shard-00000")
+    (first / "shard.jsonl").write_text("one\n", encoding="utf-8")
+    store.save_checkpoint("paraphrase", "fp", "shard-00000", first)
+
+    (tmp_path / "bigger-disk").mkdir()
+    shutil.move(tmp_path / "store", tmp_path / "bigger-disk" / "store")
+    (tmp_path / "store").symlink_to(tmp_path / "bigger-disk" / "store")
+
+    second = store.checkpoint_workdir("paraphrase", "fp", "shard-00001")
+    (second / "shard.jsonl").write_text("two\n", encoding="utf-8")
+    store.save_checkpoint("paraphrase", "fp", "shard-00001", second)
+    assert store.list_checkpoints("paraphrase", "fp") == ["shard-00000", "shard-00001"]
+    assert (store.load_checkpoint("paraphrase", "fp", "shard-00001") / "shard.jsonl").read_text() == "two\n"
+
+    out = tmp_path / "store" / "paraphrase" / "fp"
+    (out / "pairs.jsonl").write_text("pairs\n", encoding="utf-8")
+    ref = store.commit("paraphrase", "fp", out)
+    assert (store.fetch(ref) / "pairs.jsonl").read_text(encoding="utf-8") == "pairs\n"

@@ -247,7 +247,7 @@ class ArtifactStore:
         self._ensure_checked()
         files = _scan(Path(local_dir), exclude_top=(CHECKPOINTS,))
         dest = self._path(stage, fp)
-        if not self.is_local or Path(local_dir).resolve() != Path(dest):
+        if not (self.is_local and _same_dir(local_dir, dest)):
             for rel in files:
                 self._put(Path(local_dir) / rel, f"{dest}/{rel}")
         manifest = {
@@ -465,7 +465,7 @@ class ArtifactStore:
         self._ensure_checked()
         dest = self._path(stage, fp, CHECKPOINTS, name)
         files = _scan(Path(local_dir))
-        if not (self.is_local and Path(local_dir).resolve() == Path(dest)):
+        if not (self.is_local and _same_dir(local_dir, dest)):
             for rel in files:
                 self._put(Path(local_dir) / rel, f"{dest}/{rel}")
         raw = json.dumps(
@@ -635,6 +635,13 @@ def _dead_local(lease: dict[str, Any]) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    """Whether two local paths name one folder: both resolved, so a store root reached through a symlink
+    (or one turned into a symlink while a run was writing: the store moved to another disk) is still
+    seen as in place, and a file is never copied onto itself."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _copy_into_place(local: Path, remote: Path) -> None:
