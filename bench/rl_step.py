@@ -67,13 +67,25 @@ def rl_config(args: argparse.Namespace, steps: int) -> RLConfig:
     )
 
 
-def seconds_per_step(trainer: RLTrainer, steps: int) -> list[float]:
-    """Wall seconds of each step but the first (warm-up: allocator, first-call overheads)."""
+# The compared steps' seconds per phase (seconds/<phase> of the metrics), timed steps only.
+PHASES: dict[str, list[float]] = {}
+
+
+def seconds_per_step(
+    trainer: RLTrainer, steps: int, phases: dict[str, list[float]] | None = None
+) -> list[float]:
+    """Wall seconds of each step but the first (warm-up: allocator, first-call overheads); with `phases`,
+    each timed step's seconds per phase are appended there."""
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         t0 = time.perf_counter()
-        trainer.step()
+        metrics = trainer.step()
         times.append(time.perf_counter() - t0)
+        if phases is None or i == 0:
+            continue
+        for key, value in metrics.items():
+            if key.startswith("seconds/") and key not in ("seconds/step", "seconds/rollout"):
+                phases.setdefault(key.removeprefix("seconds/"), []).append(value)
     return times[1:]
 
 
@@ -95,7 +107,7 @@ def time_ours(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[f
         {"rouge": 1.0, "bleu": 1.0},
         back_translate=False,
     )
-    return seconds_per_step(trainer, cfg.steps)
+    return seconds_per_step(trainer, cfg.steps, PHASES)
 
 
 def time_ours_full(args: argparse.Namespace, sources: dict[str, list[str]]) -> list[float]:
@@ -223,7 +235,12 @@ def main() -> None:
     print(f"TRL GRPOTrainer  : {statistics.median(trl):8.2f} s/step (median)  {[round(t, 2) for t in trl]}")
     print(
         f"ratio TRL / cyclej = {statistics.median(trl) / statistics.median(ours):.2f}  "
-        "(> 1: cyclej is faster)"
+        f"(> 1: cyclej is faster; it takes {statistics.median(ours) / statistics.median(trl):.2f} of "
+        "TRL's time)"
+    )
+    print(
+        "cyclej step by phase (median s): "
+        + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in PHASES.items())
     )
     if args.full:
         full = time_ours_full(args, sources)
