@@ -212,3 +212,22 @@ def test_validate_refuses_corpora_too_small_for_one_context_row(tmp_path: Path) 
     assert _check_inputs(cfg, until="data").startswith("negative 240 lines")
     with pytest.raises(BadInput, match="fewer tokens than one row of context.seq_len=256"):
         _check_inputs(cfg, until="context")
+
+
+def test_the_shakespeare_results_config_is_the_demo_preset_with_only_the_data_changed() -> None:
+    """docs/results/shakespeare.yaml: the page's run. Its domains are the shipped sample (found from any
+    clone through `pkg:`), its dev files line-aligned pairs for reference BLEU; every stage that does not
+    read the corpora is the demo preset's, so the merge, RL and eval fingerprints differ from the demo's
+    only through the data."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "docs" / "results" / "shakespeare.yaml")
+    demo = load_config(preset="demo")
+    assert cfg.eval.references and not demo.eval.references
+    assert cfg.eval.model_copy(update={"references": False}) == demo.eval
+    for section in ("models", "data", "context", "paraphrase", "para_train", "domain_train", "merge", "rl"):
+        assert getattr(cfg, section) == getattr(demo, section), section
+    sides = []
+    for dom in (cfg.domain_a, cfg.domain_b):
+        assert Path(dom.train[0]).is_file() and "cyclej/samples/shakespeare/" in dom.train[0]
+        sides.append(Path(dom.dev[0]).read_text(encoding="utf-8").splitlines())
+    assert len(sides[0]) == len(sides[1]) == 300 and all(x and y for x, y in zip(*sides, strict=True))
