@@ -174,3 +174,67 @@ def test_vllm_engine_args_carry_max_model_len_and_dtype(tmp_path: Path) -> None:
     if not torch.cuda.is_available():  # unchunked prefill: one step's budget holds the longest sequence
         assert args["max_num_batched_tokens"] >= 200
         assert vllm_engine_args(str(tmp_path / "m"))["max_model_len"] == 256  # None: the model's own
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gptj], ids=["llama", "gptj"])
+def test_greedy_decoding_loop_matches_transformers_generate(build, tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+    """The backend's own loop (prefill once per distinct prompt, stopped rows leave the batch) gives what
+    `model.generate` gives, with n copies per prompt and a stop token that ends some rows early."""
+    from transformers import GenerationConfig
+
+    model = build()
+    first = TransformersBackend(model, tokenizer).generate(prompts[:6], SamplingSettings(max_new_tokens=10))
+    stop = first[0][0][2]  # ends row 0 early; other rows run on, or stop elsewhere
+    settings = SamplingSettings(max_new_tokens=10, n=2, stop_ids=frozenset({stop}))
+    ours = TransformersBackend(model, tokenizer, batch_size=12).generate(prompts[:6], settings)
+
+    stops = sorted({tokenizer.eos_token_id, stop})
+    gen = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=stops, pad_token_id=0)
+    for p, completions in zip(prompts[:6], ours, strict=True):
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.tensor([p]), generation_config=gen)[0, len(p) :].tolist()
+        assert completions == [strip_completion(ref, set(stops), None)] * 2
+    assert ours[0][0] == first[0][0][: first[0][0].index(stop)] and len(ours[0][0]) < 10
+    assert len({tuple(c[0]) for c in ours}) > 3
+
+
+def test_top_p_and_temperature_are_transformers_warpers(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from cyclej.generation.backends import sample_next_tokens
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_p in ((0.7, 0.9), (1.3, 0.5), (1.0, 0.05)):
+        settings = SamplingSettings(max_new_tokens=1, temperature=temperature, top_p=top_p)
+        ref = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        allowed = ref > float("-inf")
+        for seed in range(20):
+            torch.manual_seed(seed)
+            picked = sample_next_tokens(logits, settings)
+            assert bool(allowed.gather(1, picked.unsqueeze(1)).all()), (temperature, top_p, seed)
+        # The draw itself: the same seed, the same probabilities, the same tokens as HF's multinomial.
+        torch.manual_seed(1)
+        want = torch.multinomial(ref.softmax(dim=-1), num_samples=1).squeeze(1)
+        torch.manual_seed(1)
+        assert torch.equal(sample_next_tokens(logits, settings), want)
+    # top_p so small that only the most likely token is left: sampling is argmax.
+    tiny_p = SamplingSettings(max_new_tokens=1, temperature=1.0, top_p=1e-6)
+    assert torch.equal(sample_next_tokens(logits, tiny_p), logits.argmax(dim=-1))
+
+
+def test_each_distinct_prompt_is_prefilled_once_and_stopped_rows_leave_the_batch(tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_llama()
+    first = TransformersBackend(model, tokenizer).generate(prompts[:2], SamplingSettings(max_new_tokens=8))
+    stop = first[0][0][1]  # prompt 0's rows stop after one token
+    batch_rows: list[int] = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _o: batch_rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        TransformersBackend(model, tokenizer, batch_size=8).generate(
+            prompts[:2], SamplingSettings(max_new_tokens=8, n=4, stop_ids=frozenset({stop}))
+        )
+    finally:
+        hook.remove()
+    assert batch_rows[0] == 2  # the prefill: two distinct prompts, not 8 rows
+    assert batch_rows[1] == 8 and batch_rows[2] < 8  # prompt 0's four rows stopped after their first token

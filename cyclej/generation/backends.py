@@ -27,12 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cyclej")
 
 
-class _Generates(Protocol):
-    """A causal LM's `generate` (GenerationMixin's; PreTrainedModel itself does not declare it)."""
-
-    def generate(self, **kwargs: Any) -> torch.Tensor: ...
-
-
 @dataclass(frozen=True)
 class SamplingSettings:
     """What to ask for: temperature 0 is greedy decoding; n completions per prompt."""
@@ -182,43 +176,88 @@ class TransformersBackend:
     def _generate_batch(
         self, prompts: list[list[int]], settings: SamplingSettings
     ) -> list[tuple[list[int], bool]]:
-        """(completion, ended on a stop token) per prompt."""
-        from transformers import GenerationConfig
+        """(completion, ended on a stop token) per prompt: a plain decoding loop over the model's KV cache.
 
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
+        Written out rather than `model.generate` for two savings that matter to RL's n rollouts a prompt:
+        each distinct prompt is prefilled once and its cache copied to its rows (`generate` prefills all
+        n copies), and a row that stopped leaves the batch (`generate` keeps computing it as padding until
+        the longest row ends). Sampling is HF's: temperature, then top-p (the smallest set of tokens whose
+        probability reaches top_p, at least one), then a multinomial draw from the seeded global RNG;
+        temperature 0 is argmax. No top-k, no repetition penalty, as in vLLM with these settings."""
+        from transformers import DynamicCache
+
+        device = self.device
+        stops = sorted(self.stop_ids | settings.stop_ids)
+        distinct: dict[tuple[int, ...], int] = {}
+        row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        unique = list(distinct)
+        width = max(len(p) for p in unique)
+        input_ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for row, p in enumerate(unique):
             input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[row, width - len(p) :] = 1
         # Left padding: each prompt's first real token is position 0, whatever its padding.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # A fresh config: the model's own generation_config may carry sampling defaults (top_k=50, …)
-        # that would make "temperature 0" or "top_p 1" mean something else here than in vLLM.
-        gen_cfg = GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=not settings.greedy,
-            num_beams=1,
-            eos_token_id=sorted(self.stop_ids | settings.stop_ids) or None,
-            pad_token_id=self.pad_id,
-            # top_k=0: no top-k cut, as in vLLM (transformers would default to 50).
-            **(
-                {}
-                if settings.greedy
-                else {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-            ),
-        )
-        device = self.device
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        completions: list[list[int]] = [[] for _ in prompts]
+        stopped = [False] * len(prompts)
         with torch.no_grad():
-            out = cast(_Generates, self.model).generate(
+            out = self.model(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 position_ids=position_ids.to(device),
-                generation_config=gen_cfg,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-        new_tokens = out[:, width:].tolist()
-        stops = self.stop_ids | settings.stop_ids
-        return [(strip_completion(t, stops, self.pad_id), any(x in stops for x in t)) for t in new_tokens]
+            # Each prompt's cache and last logits copied to its rows (row r continues prompt row_prompt[r]).
+            expand = torch.tensor(row_prompt, dtype=torch.long, device=device)
+            cache.batch_select_indices(expand)
+            logits = out.logits[:, -1, :].float().index_select(0, expand)
+            mask = attention_mask.to(device).index_select(0, expand)
+            alive = list(range(len(prompts)))  # batch row i is prompt alive[i]
+            stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+            for step in range(settings.max_new_tokens):
+                tokens = sample_next_tokens(logits, settings)
+                ended = torch.isin(tokens, stop_ids) if stops else torch.zeros_like(tokens, dtype=torch.bool)
+                for row, token, end in zip(alive, tokens.tolist(), ended.tolist(), strict=True):
+                    if end:
+                        stopped[row] = True
+                    else:
+                        completions[row].append(int(token))
+                if step == settings.max_new_tokens - 1 or bool(ended.all()):
+                    break
+                if bool(ended.any()):  # finished rows leave the batch and its cache
+                    keep = (~ended).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    tokens, mask = tokens.index_select(0, keep), mask.index_select(0, keep)
+                    alive = [alive[i] for i in keep.tolist()]
+                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+                out = self.model(
+                    input_ids=tokens.unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=(mask.sum(dim=1, keepdim=True) - 1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1, :].float()
+        return [(c, s) for c, s in zip(completions, stopped, strict=True)]
+
+
+def sample_next_tokens(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """One token per row of `logits` [B, V]: argmax at temperature 0; else HF's temperature and top-p
+    warpers (TopPLogitsWarper: drop the low tail whose probability is at most 1 − top_p, keep at least one
+    token) and a draw from the global RNG."""
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits / settings.temperature
+    if settings.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        tail = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - settings.top_p
+        tail[:, -1] = False
+        scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
 
 
 # vLLM's KV cache on a CPU: 1 GiB holds ~23k tokens of SmolLM2-135M (30 layers × 3 KV heads × 64 × fp32 × 2),
