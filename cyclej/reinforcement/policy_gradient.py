@@ -453,9 +453,8 @@ class RLTrainer:
             seed=(cfg.seed * 1_000_003 + step) * 1009,
             stop_ids=line_end,
         )
-        t0 = time.perf_counter()
-        groups = self._generate(prompts, settings)
-        self.phase_seconds["sample"] = time.perf_counter() - t0
+        with self._timed("sample"):
+            groups = self._generate(prompts, settings)
         ro = Rollouts(group_size=G)
         for (d, text), prompt, completions in zip(picked, prompts, groups, strict=True):
             for c in completions:
@@ -475,15 +474,23 @@ class RLTrainer:
             greedy = SamplingSettings(
                 max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1, stop_ids=line_end
             )
-            t0 = time.perf_counter()
-            back = self._generate(back_prompts, greedy)
-            self.phase_seconds["back_translation"] = time.perf_counter() - t0
+            with self._timed("back_translation"):
+                back = self._generate(back_prompts, greedy)
             ro.back_translations = [
                 cast(str, self.tokenizer.decode(b[0], skip_special_tokens=True)).strip() for b in back
             ]
         else:
             ro.back_translations = [""] * len(ro)
         return ro
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Time the block as this step's `phase` (logged as seconds/<phase>)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = time.perf_counter() - start
 
     def _strip_eos(self, completion: list[int]) -> list[int]:
         return completion[:-1] if completion and completion[-1] == self.eos else completion
@@ -623,18 +630,16 @@ class RLTrainer:
         t0 = time.perf_counter()
         ro = self.rollout(step)
         t_rollout = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        parts = self.reward_fn(ro)
-        self.phase_seconds["rewards"] = time.perf_counter() - t0
+        with self._timed("rewards"):
+            parts = self.reward_fn(ro)
         if self.cfg.reward_combination == "product":
             total = R.combine_product(parts, self.weights, content_floor=self.cfg.content_floor)
         else:
             total = R.combine(parts, self.weights)
         advantages = group_advantages(total, ro.group_size, self.cfg.advantage)
         self.optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss_terms = self.accumulate_gradients(ro, advantages, step)
-        self.phase_seconds["gradients"] = time.perf_counter() - t0
+        with self._timed("gradients"):
+            loss_terms = self.accumulate_gradients(ro, advantages, step)
         return ro, parts, total, loss_terms, t_rollout
 
     def _sharded_rollout_and_gradients(
@@ -675,9 +680,8 @@ class RLTrainer:
         rows = torch.tensor([g * G + j for g in mine for j in range(G)], dtype=torch.long)
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = sum(len(c) for c in ro.completion_ids)  # the whole step's: every rank knows it
-        t0 = time.perf_counter()
-        loss_terms = self.accumulate_gradients(local, advantages[rows], step, n_tokens)
-        self.phase_seconds["gradients"] = time.perf_counter() - t0
+        with self._timed("gradients"):
+            loss_terms = self.accumulate_gradients(local, advantages[rows], step, n_tokens)
         return ro, parts, total, loss_terms, t_rollout
 
     def _optimizer_step(self) -> None:
@@ -709,12 +713,13 @@ class RLTrainer:
             failure = None
             try:
                 ro, parts, total, loss_terms, t_rollout = self._rollout_and_gradients(step)
-                # On DTensor gradients (N ranks) the norm is the whole model's: the same clip on every rank.
-                t_update = time.perf_counter()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
-                lr = self.scheduler.get_last_lr()[0]
-                self._optimizer_step()
-                self.phase_seconds["optimizer"] = time.perf_counter() - t_update
+                with self._timed("optimizer"):
+                    # On DTensor gradients (N ranks) the norm is the whole model's: one clip on every rank.
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self.policy.parameters(), self.cfg.max_grad_norm
+                    )
+                    lr = self.scheduler.get_last_lr()[0]
+                    self._optimizer_step()
                 break
             except Exception as exc:
                 failure = oom_message(exc)
@@ -726,12 +731,12 @@ class RLTrainer:
 
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        self._push_weights(step)
-        self.phase_seconds["push_weights"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        disc_metrics = self.discriminator.update(ro.translations) if self.discriminator is not None else {}
-        self.phase_seconds["discriminator"] = time.perf_counter() - t0
+        with self._timed("push_weights"):
+            self._push_weights(step)
+        with self._timed("discriminator"):
+            disc_metrics = (
+                self.discriminator.update(ro.translations) if self.discriminator is not None else {}
+            )
         self.step_done = step
 
         metrics: dict[str, Any] = {
