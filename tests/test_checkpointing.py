@@ -123,6 +123,9 @@ def rl_step(
         backend=backend,
         back_translate=False,
     )
+    assert trainer.share_prompts is not checkpointing  # each prompt once needs the KV cache
+    # Both runs on the padded rows, so that the comparison is of the recompute alone.
+    trainer.share_prompts = False
     grads: dict[str, torch.Tensor] = {}
     for name, p in policy.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: grads.__setitem__(name, p.grad.clone()))

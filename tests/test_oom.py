@@ -186,8 +186,10 @@ def test_rl_at_one_group_per_micro_batch_splits_the_group_with_the_same_gradient
     # Summed in float32 per chunk, of terms that cancel (advantages sum to 0 in a group): ~1e-7 apart.
     assert metrics["pg_loss"] == pytest.approx(plain_metrics["pg_loss"], abs=1e-6)
     assert split_grads.keys() == plain_grads.keys() and plain_grads
+    # Float32 sum order only: each chunk runs its prompt once and sums its rows' gradients through it, so
+    # the split sums in another order (measured: 7e-7 of the norm at worst; a wrong gradient is off by ~1).
     for name, g in plain_grads.items():
-        torch.testing.assert_close(split_grads[name], g, rtol=1e-5, atol=1e-7)  # float32 sum order
+        assert float((split_grads[name] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-9, name
 
 
 def test_rl_fails_with_one_line_only_at_one_row(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,7 @@ from cyclej.reinforcement.policy_gradient import (
     completion_logits,
     group_advantages,
     policy_gradient_loss,
+    shared_prompt_completion_logits,
     token_logprobs,
 )
 from cyclej.runtime.progress import Progress
@@ -37,6 +38,7 @@ from cyclej.runtime.store import ArtifactRef, ArtifactStore
 from cyclej.stages.rl import run_rl
 from cyclej.training.optim import fp32_with_masters
 from cyclej.training.schedule import lr_factor, rng_state, set_rng_state
+from tests.helpers.tiny_models import tiny_gptj, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -84,6 +86,42 @@ def test_completion_logits_match_an_unpadded_forward() -> None:
         alone = policy(input_ids=torch.tensor([[9, 3, 4, 10]])).logits  # row 1 without padding
     expected = torch.log_softmax(alone[0, :-1], -1).gather(-1, torch.tensor([[3], [4], [10]])).squeeze(-1)
     assert torch.allclose(logprobs[1], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gptj], ids=["llama", "gptj"])
+def test_each_prompt_run_once_gives_the_padded_batchs_loss_and_gradient(build) -> None:  # type: ignore[no-untyped-def]
+    """Two groups of three rollouts (prompts of different lengths, completions of 1-4 tokens): the
+    gradient pass that runs each distinct prompt once gives the padded batch's log-probs and gradient,
+    and runs the model on 2 prompt rows, not 6."""
+    model = build()
+    prompts = [[5, 6, 7, 8]] * 3 + [[9, 11]] * 3
+    completions = [[1, 2], [3, 4, 10, 12], [13], [3, 4, 5], [14, 15], [16]]
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.7, -1.0])
+    n_tokens = sum(len(c) for c in completions)
+
+    def loss_and_grads(shared: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if shared:
+            logits, targets, comp = shared_prompt_completion_logits(model, prompts, completions, pad_id=0)
+        else:
+            input_ids, attn, pos, comp = build_batch(prompts, completions, pad_id=0)
+            logits = completion_logits(model, input_ids, attn, pos, comp.shape[1])
+            targets = input_ids[:, -comp.shape[1] :]
+        logprobs = token_logprobs(logits, targets)
+        loss, _ = policy_gradient_loss(logprobs, comp, advantages, n_tokens)
+        loss.backward()
+        return (logprobs * comp).detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    padded_lp, padded_grads = loss_and_grads(shared=False)
+    batch_sizes: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: batch_sizes.append(o.shape[0]))
+    shared_lp, shared_grads = loss_and_grads(shared=True)
+    hook.remove()
+    assert batch_sizes == [2, 6]  # the prompts once each, then the completions on their copied cache
+    assert torch.allclose(shared_lp, padded_lp, atol=1e-5)
+    assert len(shared_grads) == len(padded_grads) > 0
+    for a, b in zip(shared_grads, padded_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_loss_is_advantage_weighted_logprob_of_completion_tokens_only() -> None:

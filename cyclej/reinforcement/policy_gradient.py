@@ -21,8 +21,10 @@ One step (`RLTrainer.step`):
    PPO ratio is 1 and its clipped objective reduces to exactly this gradient. The batch is processed
    in micro-batches of rows (whole groups, or parts of one after an OOM: the advantages are the whole
    groups') with gradient accumulation; the normalizer is the whole step's token count, so the
-   gradient does not depend on the micro-batch size. With `rl.gradient_checkpointing` the layers
-   recompute their activations in the backward pass, dropout still off (`RLTrainer._checkpointing`).
+   gradient does not depend on the micro-batch size. Each distinct prompt of a micro-batch runs through
+   the model once and its KV cache is copied to its rollouts (`shared_prompt_completion_logits`). With
+   `rl.gradient_checkpointing` the layers recompute their activations in the backward pass, dropout
+   still off (`RLTrainer._checkpointing`), on padded `prompt | completion` rows (HF drops the cache there).
 7. Clip the gradient norm to `rl.max_grad_norm`, AdamW step, warm-up + cosine LR.
 8. Update the discriminator on real text of both domains vs the replay buffer of generated text.
 
@@ -224,6 +226,72 @@ def completion_logits(
     return logits[:, -(completion_width + 1) : -1]
 
 
+def shared_prompt_completion_logits(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [B, C, V], targets [B, C], completion_mask [B, C]) as `build_batch` + `completion_logits`
+    give them, but with each distinct prompt run through the model once.
+
+    An RL step's rows come in groups of n rollouts of one prompt, and the padded batch runs every prompt
+    n times; a prompt's activations do not depend on its completion (causal attention), so computing them
+    once is the same forward. Pass 1 runs the distinct prompts (left-padded to width P) into a KV cache
+    and keeps the logits of their last column (they predict each completion's first token); the cache
+    rows are then copied to the rows that continue them (an indexing op, so the gradient of every row
+    flows back into its prompt's one forward); pass 2 runs completion tokens 0..C−2 on that cache, at
+    positions that continue each prompt. The model needs a KV cache in this mode (not HF's gradient
+    checkpointing, which turns it off)."""
+    from transformers import DynamicCache
+
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    unique = list(distinct)
+    P = max(len(p) for p in unique)
+    C = max(1, max(len(c) for c in completions))
+    prompt_ids = torch.full((len(unique), P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(unique), P), dtype=torch.long)
+    for row, p in enumerate(unique):
+        prompt_ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[row, P - len(p) :] = 1
+    targets = torch.full((len(completions), C), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(completions), C), dtype=torch.long)
+    for row, c in enumerate(completions):
+        targets[row, : len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[row, : len(c)] = 1
+    expand = torch.tensor(row_prompt, dtype=torch.long)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    out = model(
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = out.logits[:, -1:].index_select(0, expand.to(device))  # [B, 1, V]
+    if C == 1:
+        return first, targets.to(device), completion_mask.to(device)
+    cache.batch_select_indices(expand.to(device))
+    mask = torch.cat([prompt_mask.index_select(0, expand), completion_mask[:, :-1]], dim=1)
+    lengths = prompt_mask.sum(-1).index_select(0, expand)  # the first completion token's position
+    positions = lengths[:, None] + torch.arange(C - 1)[None, :]
+    rest = model(
+        input_ids=targets[:, :-1].to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
+    return torch.cat([first, rest], dim=1), targets.to(device), completion_mask.to(device)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets[b, t]) under logits[b, t] (already aligned: [B, C, V] and [B, C]), in fp32."""
     logits = logits.float()
@@ -306,6 +374,10 @@ class RLTrainer:
         # an OOM down to one row (advantages are computed on whole groups before the backward, and the loss
         # is normalized by the whole step's tokens, so any split of the rows gives the same gradient).
         self.micro_rows = cfg.rollout_micro_batch * cfg.rollouts
+        # The gradient pass runs each prompt of a group once, not once per rollout (about half the tokens
+        # of an RL step are prompts), where the forward can keep a KV cache: not under HF's gradient
+        # checkpointing, which turns the cache off.
+        self.share_prompts = not cfg.gradient_checkpointing
         # Dropout off: the log-probs we train must be those of the policy that sampled.
         self.policy.eval()
         # On N ranks (a process group is up): the policy is sharded with FSDP2 (cyclej.reinforcement.fsdp),
@@ -586,22 +658,32 @@ class RLTrainer:
             totals = dict(zip(keys, summed.tolist(), strict=True))
         return totals
 
+    def _completion_logits(
+        self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, targets, completion mask) of these rows: each distinct prompt run once
+        (`shared_prompt_completion_logits`) where the model keeps a KV cache in the gradient pass, the
+        padded `prompt | completion` rows otherwise (HF's gradient checkpointing turns the cache off)."""
+        if self.share_prompts:
+            return shared_prompt_completion_logits(model, prompts, completions, self.pad_id)
+        input_ids, attn, pos, comp = (
+            t.to(self.device) for t in build_batch(prompts, completions, self.pad_id)
+        )
+        width = comp.shape[1]
+        logits = completion_logits(model, input_ids, attn, pos, width)
+        return logits, input_ids[:, -width:], comp
+
     def _chunk_loss(
         self, ro: Rollouts, advantages: torch.Tensor, sl: slice, step: int, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
         """The forward of rows `sl` and their share of the step's loss:
         (loss, log-probs, completion mask, terms)."""
-        batch = [
-            t.to(self.device) for t in build_batch(ro.prompt_ids[sl], ro.completion_ids[sl], self.pad_id)
-        ]
-        input_ids, attn, pos, comp = batch
-        width = comp.shape[1]
-        targets = input_ids[:, -width:]
+        prompts, completions = ro.prompt_ids[sl], ro.completion_ids[sl]
         with (
             self._checkpointing(),
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16),
         ):
-            logits = completion_logits(self.policy, input_ids, attn, pos, width)
+            logits, targets, comp = self._completion_logits(self.policy, prompts, completions)
         logprobs = token_logprobs(logits, targets)
         del logits
         if sl.start == 0:
@@ -613,7 +695,7 @@ class RLTrainer:
                 torch.no_grad(),
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16),
             ):
-                ref_logits = completion_logits(self.reference, input_ids, attn, pos, width)
+                ref_logits, _, _ = self._completion_logits(self.reference, prompts, completions)
                 ref_logprobs = token_logprobs(ref_logits, targets)
         loss, stats = policy_gradient_loss(
             logprobs, comp, advantages[sl].to(self.device), n_tokens, ref_logprobs, self.cfg.kl_coef
