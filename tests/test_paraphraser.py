@@ -20,6 +20,7 @@ from cyclej.generation.paraphraser import (
     build_messages,
     check_rejection_rate,
     clean_output,
+    is_commentary,
     is_copy,
     is_refusal,
     is_runaway,
@@ -133,6 +134,10 @@ def test_no_chat_template_gets_a_plain_prompt(tokenizer) -> None:  # type: ignor
         ('The original text is: "The soup was cold."', "The soup was cold."),
         ("The paraphrased sentence reads: The soup was cold.", "The soup was cold."),
         ("Here is a paraphrase:", ""),
+        ("I'll rephrase it to: The soup was cold.", "The soup was cold."),
+        ("i 'll rephrase it to : the soup was cold .", "the soup was cold ."),
+        ("Let me reword that: The soup was cold.", "The soup was cold."),
+        ("I would say the soup was cold: nobody cared.", "I would say the soup was cold: nobody cared."),
     ],
 )
 def test_clean_output(raw: str, clean: str) -> None:
@@ -156,6 +161,10 @@ SOURCE = "The waiter ignored us for twenty minutes and the pasta arrived cold."
         ("I'm sorry, but I cannot help with rewriting this review.", "refusal"),
         ("As an AI language model, I don't have opinions about restaurants.", "refusal"),
         ("I cannot paraphrase this text.", "refusal"),
+        ("This sentence uses a more formal tone to describe the slow service.", "commentary"),
+        ("In this context, the waiter ignoring us means the service was poor.", "commentary"),
+        ("A paraphrase: for twenty minutes no server came, and the pasta was cold.", "commentary"),
+        ("Note: the original text complains about a slow waiter and cold pasta.", "commentary"),
         (SOURCE, "copy"),
         ("the waiter ignored us for twenty minutes, and the pasta arrived COLD!", "copy"),
         ("The waiter ignored us for twenty minutes and the pasta arrived cold .", "copy"),
@@ -180,6 +189,10 @@ def test_filters_are_plain_functions() -> None:
     # A review that apologizes itself is no refusal when the paraphrase keeps the apology.
     assert not is_refusal("I'm sorry to say the food was bad.", "I'm sorry, but the meal was poor.")
     assert is_refusal("The food was bad.", "I'm sorry, but I can't do that.")
+    # Commentary only when the source does not match the pattern itself.
+    assert is_commentary("The food was bad.", "The sentence expresses disappointment with the food.")
+    assert not is_commentary("They rewrite the menu daily.", "The menu gets rewritten every day.")
+    assert not is_commentary("The food was bad.", "The meal was poor.")
     assert is_runaway("abcd", "a", 0.3, 3.0) and is_runaway("abcd", "a" * 13, 0.3, 3.0)
     assert not is_runaway("abcd", "abcdef", 0.3, 3.0)
 
@@ -358,7 +371,7 @@ def test_artifact_holds_pairs_stats_and_samples(tmp_path: Path, paraphraser_dir:
     assert stats["texts"] == 8 and stats["candidates"] == 16
     assert stats["kept"] == len(pairs) == stats["pairs"] == sum(stats["pairs_per_domain"].values())
     assert stats["kept"] + stats["rejected"] == 8
-    assert set(stats["rejection_reasons"]) == {"empty", "refusal", "copy", "runaway", "drift"}
+    assert set(stats["rejection_reasons"]) == {"empty", "refusal", "commentary", "copy", "runaway", "drift"}
     assert stats["generated_tokens"] > 0 and stats["tokens_per_second"] > 0
     assert samples == [p for p in pairs if p in samples] and 0 < len(samples) <= 20
     assert out.metrics["pairs"] == len(pairs)

@@ -6,8 +6,10 @@ tokenizer without a chat template (base or tiny models) gets a plain completion 
 
 Every candidate is cleaned (preambles, quotes and labels stripped, first paragraph kept), then judged by
 plain filters in a fixed order; the first that fails is its rejection reason:
-  empty · refusal · copy (normalized equality or self-BLEU above a threshold) · runaway (length ratio
-  outside bounds) · drift (embedding similarity below a threshold; only with an embedder).
+  empty · refusal · commentary (the output talks about the text instead of rewriting it: "This sentence
+  uses …", "In this context, …", a word such as "paraphrase" the source does not have) · copy (normalized
+  equality or self-BLEU above a threshold) · runaway (length ratio outside bounds) · drift (embedding
+  similarity below a threshold; only with an embedder).
 Of the surviving candidates of one text the best is kept: highest similarity, else lowest self-BLEU.
 """
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
     from cyclej.config import ParaphraseConfig
 
-REASONS: tuple[str, ...] = ("empty", "refusal", "copy", "runaway", "drift")
+REASONS: tuple[str, ...] = ("empty", "refusal", "commentary", "copy", "runaway", "drift")
 _SYSTEM_PROBE = "cyclej-system-role-probe"
 
 # ---- prompts --------------------------------------------------------------------------------------
@@ -91,6 +93,13 @@ class PromptBuilder:
 _OPENERS = re.compile(r"^(?:sure|certainly|of course|okay|ok|absolutely)\b[!,.]*\s*", re.IGNORECASE)
 # "Here is a paraphrase of the text:", "Here's the rewritten version:" (a short lead-in ending in ':').
 _HERE_IS = re.compile(r"^here(?:'s|’s| is| are)\b[^:\n]{0,80}:\s*", re.IGNORECASE)
+# "I'll rephrase it to:", "I would rewrite it as:", "Let me paraphrase that:" (SmolLM2's habit; in
+# the corpus's own tokenization "i 'll rephrase it to :"). A lead-in, not a sentence: it ends in ':'.
+_I_WILL = re.compile(
+    r"^(?:i\s*(?:'|’)\s*ll|i\s+(?:will|would|can|could)|let\s+me|we\s+(?:can|could))\s+"
+    r"(?:re(?:phrase|word|write)|paraphrase)\b(?:\s+[^\s:]+){0,5}\s*:\s*",
+    re.IGNORECASE,
+)
 # Labels: "Paraphrase:", "Paraphrased text:", "Rewritten version:", "Output:", "**Paraphrase:**",
 # "The original text is:" (small models quote the source; stripped, it is then caught as a copy).
 _LABEL = re.compile(
@@ -116,6 +125,7 @@ def clean_output(raw: str) -> str:
         before = text
         text = _OPENERS.sub("", text, count=1).strip()
         text = _HERE_IS.sub("", text, count=1).strip()
+        text = _I_WILL.sub("", text, count=1).strip()
         text = _LABEL.sub("", text, count=1).strip()
         if text == before:
             break
@@ -169,6 +179,30 @@ def is_refusal(source: str, candidate: str) -> bool:
     return any(p.search(candidate) and not p.search(source) for p in _REFUSALS)
 
 
+# Commentary: the model describes or explains the text. Measured on the yelp preset's paraphrases
+# (SmolLM2-135M, 930 kept pairs): 97 were of this kind ("This sentence uses a more formal tone …",
+# "In this context, 'great' means …"), and para_train learned to write them as translations.
+_COMMENTARY = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"^(?:this|the|that|your|my)\s+(?:original\s+|given\s+|new\s+)?(?:sentence|text|phrase|"
+        r"paraphrase|statement|review|passage|rewrite|version|wording)\s+(?:is|uses|has|was|means|"
+        r"conveys|expresses|suggests|implies|describes|shows|maintains|keeps|captures|reads|sounds|"
+        r"could|can|would|emphasi[sz]es|highlights)\b",
+        r"^in\s+(?:this|the|that)\s+(?:context|sentence|text|case|paraphrase|version|review)\b",
+        r"^(?:note|explanation|translation|meaning)\s*:",
+        r"\b(?:paraphras\w*|rephras\w*|reword\w*|rewrit\w*)\b",
+        r"\b(?:the|this)\s+(?:original\s+)?(?:sentence|text)\b",
+    )
+]
+
+
+def is_commentary(source: str, candidate: str) -> bool:
+    """A commentary pattern in the output that the source does not match itself (a review may say
+    'the text on the menu …')."""
+    return any(p.search(candidate) and not p.search(source) for p in _COMMENTARY)
+
+
 def is_copy(source: str, candidate: str, max_copy_bleu: float) -> bool:
     return normalize(source) == normalize(candidate) or self_bleu(source, candidate) > max_copy_bleu
 
@@ -187,6 +221,8 @@ def cheap_rejection(source: str, candidate: str, cfg: ParaphraseConfig) -> str |
         return "empty"
     if is_refusal(source, candidate):
         return "refusal"
+    if is_commentary(source, candidate):
+        return "commentary"
     if is_copy(source, candidate, cfg.max_copy_bleu):
         return "copy"
     if is_runaway(source, candidate, cfg.min_length_ratio, cfg.max_length_ratio):
