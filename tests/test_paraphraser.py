@@ -165,6 +165,7 @@ SOURCE = "The waiter ignored us for twenty minutes and the pasta arrived cold."
         ("In this context, the waiter ignoring us means the service was poor.", "commentary"),
         ("A paraphrase: for twenty minutes no server came, and the pasta was cold.", "commentary"),
         ("Note: the original text complains about a slow waiter and cold pasta.", "commentary"),
+        ("'Twenty minutes' is a colloquial expression often used to describe a long wait.", "commentary"),
         (SOURCE, "copy"),
         ("the waiter ignored us for twenty minutes, and the pasta arrived COLD!", "copy"),
         ("The waiter ignored us for twenty minutes and the pasta arrived cold .", "copy"),

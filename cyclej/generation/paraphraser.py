@@ -179,7 +179,7 @@ def is_refusal(source: str, candidate: str) -> bool:
     return any(p.search(candidate) and not p.search(source) for p in _REFUSALS)
 
 
-# Commentary: the model describes or explains the text. Measured on the yelp preset's paraphrases
+# Commentary: the model describes or explains the text. Counted by hand in the yelp preset's paraphrases
 # (SmolLM2-135M, 930 kept pairs): 97 were of this kind ("This sentence uses a more formal tone …",
 # "In this context, 'great' means …"), and para_train learned to write them as translations.
 _COMMENTARY = [
@@ -193,6 +193,11 @@ _COMMENTARY = [
         r"^(?:note|explanation|translation|meaning)\s*:",
         r"\b(?:paraphras\w*|rephras\w*|reword\w*|rewrit\w*)\b",
         r"\b(?:the|this)\s+(?:original\s+)?(?:sentence|text)\b",
+        # Shakespeare: "… is a colloquial expression that is often used to describe …", "'Pompey'
+        # represents …" (an explanation of a word, not a rewrite).
+        r"\b(?:colloquial|idiomatic|figurative|informal|formal|common)\s+(?:expression|phrase|idiom|term)\b",
+        r"\b(?:is|are)\s+(?:often\s+|commonly\s+)?used\s+to\s+(?:describe|express|convey|refer)\b",
+        r"\b(?:represents|symboli[sz]es|refers\s+to)\b",
     )
 ]
 

@@ -132,7 +132,7 @@ SPECS: dict[str, StageSpec] = {
         ),
         StageSpec(
             "paraphrase",
-            1,
+            2,  # 2: the commentary filter
             ("data",),
             lambda c: {
                 "paraphraser": c.models.paraphraser,
