@@ -138,6 +138,11 @@ def test_no_chat_template_gets_a_plain_prompt(tokenizer) -> None:  # type: ignor
         ("i 'll rephrase it to : the soup was cold .", "the soup was cold ."),
         ("Let me reword that: The soup was cold.", "The soup was cold."),
         ("I would say the soup was cold: nobody cared.", "I would say the soup was cold: nobody cared."),
+        ("The text could be rephrased to: The soup was cold!", "The soup was cold!"),
+        ("The original text does not convey it. The revised text would be: Cold soup.", "Cold soup."),
+        ('"The soup was cold." This rephrasing keeps the tone.', "The soup was cold."),
+        ("'It's cold,' she said of the soup.", "'It's cold,' she said of the soup."),
+        ("Text: The soup was cold.", "The soup was cold."),
     ],
 )
 def test_clean_output(raw: str, clean: str) -> None:
@@ -163,7 +168,7 @@ SOURCE = "The waiter ignored us for twenty minutes and the pasta arrived cold."
         ("I cannot paraphrase this text.", "refusal"),
         ("This sentence uses a more formal tone to describe the slow service.", "commentary"),
         ("In this context, the waiter ignoring us means the service was poor.", "commentary"),
-        ("A paraphrase: for twenty minutes no server came, and the pasta was cold.", "commentary"),
+        ("For twenty minutes no server came; this paraphrase keeps the cold pasta.", "commentary"),
         ("Note: the original text complains about a slow waiter and cold pasta.", "commentary"),
         ("'Twenty minutes' is a colloquial expression often used to describe a long wait.", "commentary"),
         (SOURCE, "copy"),

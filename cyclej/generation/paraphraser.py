@@ -103,9 +103,17 @@ _I_WILL = re.compile(
 # Labels: "Paraphrase:", "Paraphrased text:", "Rewritten version:", "Output:", "**Paraphrase:**",
 # "The original text is:" (small models quote the source; stripped, it is then caught as a copy).
 _LABEL = re.compile(
-    r"^\**\s*(?:the\s+)?(?:paraphrase[sd]?|rewrite|output|answer|result|"
+    r"^\**\s*(?:the\s+)?(?:paraphrase[sd]?|rewrite|output|answer|result|text|"
     r"(?:paraphrased|rewritten|original|new)(?:\s+(?:text|version|sentence|review))?"
     r"(?:\s+(?:is|reads|would be))?)\s*\**\s*:\s*\**\s*",
+    re.IGNORECASE,
+)
+# The rewrite inside a comment: "The text could be rephrased to: It looked so disgusting!", "The original
+# text does not convey …; the revised text would be: I'm aware mistakes are made." A lead of at most 120
+# characters ending in a rewrite verb (+ to/as) and ':' is dropped; what follows is judged as usual.
+_INNER_LEAD = re.compile(
+    r"^[^:\n]{0,120}?\b(?:re(?:phras|word|writ)\w*|paraphras\w*|revised\s+(?:text|version))\b"
+    r"(?:\s+(?:it|that|this|the\s+text))?(?:\s+(?:to|as|would\s+be|is))?\s*:\s*",
     re.IGNORECASE,
 )
 _QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "„": "“", "`": "`"}
@@ -118,9 +126,24 @@ def strip_quotes(text: str) -> str:
     return text
 
 
+def leading_quote(text: str) -> str:
+    """A quoted sentence that opens the text and is followed by more ('"The soup was cold." This
+    paraphrase keeps …' → 'The soup was cold.'); the text itself otherwise."""
+    if len(text) < 2 or text[0] not in _QUOTES:
+        return text
+    end = text.find(_QUOTES[text[0]], 1)
+    quoted = text[1:end].strip() if end > 1 else ""
+    # A whole sentence in quotes ('"Cold." This …'), not a quoted term that the sentence goes on about
+    # ("'Twenty minutes' is a colloquial expression …") nor an apostrophe ('It's …).
+    if not quoted or quoted[-1] not in ".!?":
+        return text
+    return quoted
+
+
 def clean_output(raw: str) -> str:
-    """The paraphrase proper: lead-ins and labels stripped, the first paragraph, quotes removed, one line."""
-    text = raw.strip()
+    """The paraphrase proper: lead-ins and labels stripped, the first paragraph, a leading quote kept,
+    quotes removed, one line."""
+    text = _INNER_LEAD.sub("", raw.strip(), count=1).strip()
     for _ in range(3):  # "Sure! Here is a paraphrase: Paraphrase: …" peels in a few rounds
         before = text
         text = _OPENERS.sub("", text, count=1).strip()
@@ -131,7 +154,7 @@ def clean_output(raw: str) -> str:
             break
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     text = paragraphs[0] if paragraphs else ""
-    text = strip_quotes(" ".join(text.split()))
+    text = strip_quotes(leading_quote(" ".join(text.split())))
     return text
 
 
