@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cyclej.config import RLConfig, load_config
+from cyclej.config import PipelineConfig, RLConfig, load_config
 from cyclej.errors import BadInput
 from cyclej.generation.backends import (
     VLLM_BREAK_EVEN_TOKENS,
@@ -281,6 +281,25 @@ def test_auto_chooses_vllm_only_when_it_can_serve_and_the_job_repays_the_start(
     # An explicit choice is kept.
     assert choose_backend("transformers", str(model_dir), 10**9) == "transformers"
     assert choose_backend("vllm", str(model_dir), 1) == "vllm"
+
+
+def test_rl_auto_samples_with_transformers_on_a_cpu(model_dir: Path) -> None:
+    """On a CPU the engine would reload the whole policy every step (7.3 s of a 17 s demo step): `auto`
+    is transformers there although the token rule alone would pick vLLM; explicit kinds are kept."""
+    from cyclej.stages.rl import rl_backend_kind
+
+    cfg = load_config(preset="tiny")
+    big = cfg.rl.model_copy(update={"steps": 10**6, "backend": "auto"})
+    tokens = 2 * big.steps * big.prompts_per_step * big.rollouts * big.max_new_tokens
+    assert choose_backend("auto", str(model_dir), tokens) == "vllm"  # what the token rule says
+
+    def with_rl(rl: RLConfig) -> PipelineConfig:
+        return cfg.model_copy(update={"rl": rl})
+
+    expected = "vllm" if torch.cuda.is_available() else "transformers"
+    assert rl_backend_kind(with_rl(big), model_dir) == expected
+    for kind in ("vllm", "transformers"):
+        assert rl_backend_kind(with_rl(big.model_copy(update={"backend": kind})), model_dir) == kind
 
 
 def test_vllm_that_does_not_import_names_the_fix(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
