@@ -202,9 +202,10 @@ def is_refusal(source: str, candidate: str) -> bool:
     return any(p.search(candidate) and not p.search(source) for p in _REFUSALS)
 
 
-# Commentary: the model describes or explains the text. Counted by hand in the yelp preset's paraphrases
-# (SmolLM2-135M, 930 kept pairs): 97 were of this kind ("This sentence uses a more formal tone …",
-# "In this context, 'great' means …"), and para_train learned to write them as translations.
+# Commentary: the model describes or explains the text ("The original text conveys that …", "In this
+# context, 'sloppy' is a more precise …"); kept as pairs, para_train learns to write them as translations
+# (the yelp preset's 2A leaked "i 'll rephrase it to :"). SmolLM2-135M on the demo's 128 candidates:
+# 43 on Yelp and 42 on Shakespeare are rejected as commentary, every one of them commentary by reading.
 _COMMENTARY = [
     re.compile(p, re.IGNORECASE)
     for p in (
