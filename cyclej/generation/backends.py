@@ -97,6 +97,24 @@ def newline_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return _NEWLINE_IDS[key]
 
 
+def distinct_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Each distinct prompt once, left-padded: (row → its distinct prompt's index, input_ids [U, P],
+    attention_mask [U, P]). RL's rows are n rollouts of one prompt; the decoding loop and the gradient
+    pass run each prompt once and copy its KV cache to its rows."""
+    distinct: dict[tuple[int, ...], int] = {}
+    row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    unique = list(distinct)
+    width = max(len(p) for p in unique)
+    input_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(unique), width), dtype=torch.long)
+    for row, p in enumerate(unique):
+        input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[row, width - len(p) :] = 1
+    return row_prompt, input_ids, attention_mask
+
+
 class TransformersBackend:
     """Batched `generate` on an in-memory causal LM (left padding, length-sorted batches).
 
@@ -188,15 +206,7 @@ class TransformersBackend:
 
         device = self.device
         stops = sorted(self.stop_ids | settings.stop_ids)
-        distinct: dict[tuple[int, ...], int] = {}
-        row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-        unique = list(distinct)
-        width = max(len(p) for p in unique)
-        input_ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(unique), width), dtype=torch.long)
-        for row, p in enumerate(unique):
-            input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention_mask[row, width - len(p) :] = 1
+        row_prompt, input_ids, attention_mask = distinct_prompts(prompts, self.pad_id)
         # Left padding: each prompt's first real token is position 0, whatever its padding.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=getattr(self.model, "config", None))

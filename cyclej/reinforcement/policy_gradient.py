@@ -68,6 +68,7 @@ from cyclej.generation.backends import (
     GenerationBackend,
     SamplingSettings,
     TransformersBackend,
+    distinct_prompts,
     newline_token_ids,
 )
 from cyclej.reinforcement import rewards as R
@@ -250,16 +251,8 @@ def shared_prompt_completion_logits(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    distinct: dict[tuple[int, ...], int] = {}
-    row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    unique = list(distinct)
-    P = max(len(p) for p in unique)
+    row_prompt, prompt_ids, prompt_mask = distinct_prompts(prompts, pad_id)
     C = max(1, max(len(c) for c in completions))
-    prompt_ids = torch.full((len(unique), P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(unique), P), dtype=torch.long)
-    for row, p in enumerate(unique):
-        prompt_ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[row, P - len(p) :] = 1
     targets = torch.full((len(completions), C), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(completions), C), dtype=torch.long)
     for row, c in enumerate(completions):
