@@ -183,6 +183,29 @@ class TemplatePairsConfig(StrictModel):
     retrieve_top: int = Field(default=20, gt=0, description="nearest other-domain lines searched for markers")
 
 
+class BackTranslationConfig(StrictModel):
+    """Iterative back-translation in para_train (the pre-training of DualRL and of unsupervised MT): once
+    the first `max_steps` are done, the adapter translates train lines of each domain; the translations the
+    style judge puts in the other domain and whose embedding stays close to their line become pairs
+    ``{Dtgt} translation {Dsrc}`` → the real line, and training goes on for `steps` more steps on them
+    beside the first phase's examples."""
+
+    lines_per_domain: int = Field(default=500, gt=0, description="train lines of each domain translated")
+    steps: int = Field(default=60, gt=0, description="training steps after the translation")
+    min_similarity: float = Field(
+        default=0.6, ge=-1, le=1, description="embedding similarity (models.embedder) of a kept translation"
+    )
+    reverse_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of phase 2's examples that are reverse pairs; the rest is a seeded sample of "
+        "phase 1's (so the few hundred pairs are not lost among thousands of paraphrases)",
+    )
+    max_new_tokens: int = Field(default=48, gt=0)
+    batch_size: int = Field(default=32, gt=0, description="lines a generate call")
+
+
 class ParaTrainConfig(TrainConfig):
     seq_len: int = Field(default=1024, gt=0)
     match_source_surface: bool = Field(
@@ -199,6 +222,11 @@ class ParaTrainConfig(TrainConfig):
         description="across: {Dsrc} text {Dtgt} → paraphrase (the card); same: {Dsrc} text {Dsrc} → "
         "paraphrase, so the paraphrases teach rewording without teaching that the target marker keeps "
         "the style",
+    )
+    back_translation: BackTranslationConfig | None = Field(
+        default=None,
+        description="null: one training phase (the card); else translate train lines with the trained "
+        "adapter, keep the flips that stay on topic and train on the reverse pairs (real text as target)",
     )
 
 

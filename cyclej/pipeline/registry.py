@@ -86,6 +86,17 @@ def _rl_slice(c: PipelineConfig) -> dict[str, Any]:
 # Options that change memory (and speed), never what a stage computes: left out of every fingerprint.
 _MEMORY_ONLY = {"gradient_checkpointing"}
 
+
+def _para_train_slice(c: PipelineConfig) -> dict[str, Any]:
+    """para_train's config; `back_translation` (added after runs existed) only when on, with the embedder
+    that filters its pairs, so the runs without it keep their fingerprints."""
+    out: dict[str, Any] = {"para_train": _dump(c.para_train, exclude=_MEMORY_ONLY | {"back_translation"})}
+    if c.para_train.back_translation is not None:
+        out["para_train"]["back_translation"] = _dump(c.para_train.back_translation)
+        out["embedder"] = c.models.embedder
+    return out
+
+
 # How often RL checkpoints and how many it keeps change nothing it computes (a resume is bit-identical).
 # They were in the RL slice when runs existed, all presets at these defaults: the slice records these
 # values whatever is set, so those fingerprints stay and a new interval re-runs nothing.
@@ -147,7 +158,7 @@ SPECS: dict[str, StageSpec] = {
             "para_train",
             1,
             ("context", "paraphrase", "data"),
-            lambda c: {"para_train": _dump(c.para_train, exclude=_MEMORY_ONLY)},
+            _para_train_slice,
             "cyclej.stages.para_train:run_para_train",
         ),
         StageSpec(

@@ -457,10 +457,10 @@ class ArtifactStore:
     ) -> None:
         """Commit `local_dir` as checkpoint `name` (names sort by age: 'step-00000012', 'shard-00003').
 
-        With `keep`, older checkpoints beyond the newest `keep` are deleted after this one commits (on a
-        local root: their directories). On a remote root, `local_dir`, when it is this checkpoint's
-        `checkpoint_workdir`, is deleted once uploaded: the pod's disk holds one checkpoint in flight,
-        not every checkpoint of the run.
+        With `keep`, older checkpoints of its series (the name without its trailing digits) beyond the
+        newest `keep` are deleted after this one commits (on a local root: their directories). On a
+        remote root, `local_dir`, when it is this checkpoint's `checkpoint_workdir`, is deleted once
+        uploaded: the pod's disk holds one checkpoint in flight, not every checkpoint of the run.
         """
         self._ensure_checked()
         dest = self._path(stage, fp, CHECKPOINTS, name)
@@ -478,7 +478,11 @@ class ArtifactStore:
         ):
             self.drop_local_checkpoint(stage, fp, name)
         if keep is not None:
-            for old in self.list_checkpoints(stage, fp)[:-keep]:
+            # Within this name's series only ('step-…', 'bt-step-…'): a stage with two series (para_train's
+            # back-translation phase) must not lose one to the other's keep.
+            series = checkpoint_series(name)
+            mine = [n for n in self.list_checkpoints(stage, fp) if checkpoint_series(n) == series]
+            for old in mine[:-keep]:
                 self.delete_checkpoint(stage, fp, old)
 
     def _checkpoint_work(self, stage: str, fp: str, name: str) -> Path:
@@ -664,6 +668,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _safe(root: str) -> str:
     return root.strip("/").replace("/", "__").replace(":", "_")
+
+
+def checkpoint_series(name: str) -> str:
+    """'step-00000012' → 'step-', 'bt-step-00000040' → 'bt-step-': the checkpoints `keep` counts together."""
+    return name.rstrip("0123456789")
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ configs of the whole pipeline or fingerprints.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from cyclej.config import TrainConfig
 from cyclej.errors import BadInput
@@ -22,7 +22,7 @@ from cyclej.runtime.jsonl import read_jsonl
 from cyclej.runtime.store import ArtifactRef
 from cyclej.training.diagnostics import TRAINING_PLOT, write_training_plot
 from cyclej.training.precision import weights_dtype
-from cyclej.training.trainer import ADAPTER_BASE, TokenExample, train
+from cyclej.training.trainer import ADAPTER_BASE, TokenExample, TrainResult, train
 
 
 def interleave(*lists: Sequence[Any]) -> list[Any]:
@@ -70,12 +70,26 @@ def train_and_commit_adapter(
     dev_examples: Sequence[TokenExample],
     extra: dict[str, Any],
 ) -> ArtifactRef | None:
-    """The rest of both LoRA stages: train (resuming from the stage's checkpoints), write `adapter/`,
-    `marker_rows.safetensors`, `base.json` (which `context` artifact it applies to, so `cyclej translate`
-    can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then drop the checkpoints
-    (the committed artifact supersedes them). None on ranks 1…N-1 of a stage on N GPUs."""
-    work = run.workdir
-    result = train(
+    """The rest of both LoRA stages: train (resuming from the stage's checkpoints), then `commit_adapter`.
+    None on ranks 1…N-1 of a stage on N GPUs."""
+    result = train_adapter(run, base, train_examples, dev_examples)
+    return commit_adapter(run, result, extra)
+
+
+def train_adapter(
+    run: StageRun,
+    base: LoraModel,
+    train_examples: Sequence[TokenExample],
+    dev_examples: Sequence[TokenExample],
+    *,
+    metrics_name: str = "metrics.jsonl",
+    checkpoint_prefix: str = "",
+    initial_trainable: Mapping[str, Tensor] | None = None,
+) -> TrainResult:
+    """cyclej.training.trainer.train with the stage's checkpoints, progress and markers; its log is
+    `metrics_name` in the work dir. A second phase (para_train's back-translation) passes its own log,
+    checkpoint prefix and the first phase's tensors."""
+    return train(
         base.model,
         train_examples=train_examples,
         dev_examples=dev_examples,
@@ -84,8 +98,23 @@ def train_and_commit_adapter(
         tokenizer=base.tokenizer,
         marker_ids=[base.marker_a, base.marker_b],
         progress=run.progress,
-        metrics_path=work / "metrics.jsonl",
+        metrics_path=run.workdir / metrics_name,
+        checkpoint_prefix=checkpoint_prefix,
+        initial_trainable=initial_trainable,
     )
+
+
+def commit_adapter(
+    run: StageRun,
+    result: TrainResult,
+    extra: dict[str, Any],
+    plot_records: list[dict[str, Any]] | None = None,
+) -> ArtifactRef | None:
+    """Write `adapter/`, `marker_rows.safetensors`, `base.json` (which `context` artifact it applies to, so
+    `cyclej translate` can load it) and `metrics.json` (with `extra`) into the work dir, commit it, then
+    drop the checkpoints (the committed artifact supersedes them). The training plot shows
+    `plot_records` (default: the work dir's `metrics.jsonl`). None on ranks 1…N-1."""
+    work = run.workdir
     if not run.is_main:  # on N GPUs, ranks 1…N-1 are done: rank 0 writes and commits the adapter
         return None
     result.save_adapter(work)
@@ -94,7 +123,9 @@ def train_and_commit_adapter(
     (work / ADAPTER_BASE).write_text(json.dumps(adapter_base, indent=1) + "\n", encoding="utf-8")
     metrics = {**result.metrics, **extra}
     write_training_plot(
-        read_jsonl(work / "metrics.jsonl"), work / TRAINING_PLOT, f"{run.name}: loss and update size"
+        plot_records if plot_records is not None else read_jsonl(work / "metrics.jsonl"),
+        work / TRAINING_PLOT,
+        f"{run.name}: loss and update size",
     )
     summary = {
         k: metrics[k]

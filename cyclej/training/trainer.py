@@ -41,7 +41,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -205,6 +205,16 @@ class TrainResult:
         if self.marker_rows is not None:
             save_marker_rows(self.marker_rows, out_dir / MARKER_ROWS_FILE)
 
+    def unwrapped_model(self) -> nn.Module:
+        """The frozen base without the LoRA layers and the marker-row hooks (its weights as before
+        training): what a later phase of the same stage trains again, from `trainable_state`. Replaces
+        `model`; copy `trainable_state` first, its tensors are the removed layers'."""
+        if self.marker_rows is not None:
+            self.marker_rows.remove_hooks()
+        if hasattr(self.model, "peft_config"):
+            self.model = cast("PeftModel", self.model).unload()
+        return self.model
+
     def merged_model(self) -> PreTrainedModel:
         """A plain transformers model: LoRA merged into the weights, marker rows written into the
         embedding matrices. The result of this call replaces `model` (peft wrapper removed).
@@ -223,6 +233,17 @@ class TrainResult:
         for p in model.parameters():
             p.requires_grad_(False)
         return cast("PreTrainedModel", model)
+
+
+def _copy_trainable(named: Mapping[str, Tensor], saved: Mapping[str, Tensor]) -> None:
+    """Saved trainable tensors into the live ones, by name; a name missing on either side is an error (a
+    checkpoint of another LoRA config)."""
+    if set(named) != set(saved):
+        missing, extra = sorted(set(named) - set(saved)), sorted(set(saved) - set(named))
+        raise ValueError(f"trainable tensors do not match: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, param in named.items():
+            param.copy_(saved[key])
 
 
 # ---- the data order --------------------------------------------------------------------
@@ -348,8 +369,14 @@ class _Trainer:
         progress: Progress,
         metrics_path: Path | None,
         pad_token_id: int,
+        checkpoint_prefix: str = "",
+        initial_trainable: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.cfg, self.checkpoints, self.stage = cfg, checkpoints, checkpoints.stage
+        self.checkpoint_prefix = checkpoint_prefix
+        # CYCLEJ_FAULT's point: the stage, or `para_train-bt` for a phase named by its checkpoint prefix.
+        phase = checkpoint_prefix.rstrip("-")
+        self.fault_point = f"{self.stage}-{phase}" if phase else self.stage
         self.progress, self.metrics_path, self.pad_token_id = progress, metrics_path, pad_token_id
         self.device = next(model.parameters()).device
         # Asked of the plain model (a real forward check), before peft wraps it.
@@ -365,6 +392,8 @@ class _Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, self.stage)
         self.named_trainable = _trainable_parameters(self.model, self.marker_rows)
+        if initial_trainable is not None:  # a later phase goes on from an earlier one's tensors
+            _copy_trainable(self.named_trainable, initial_trainable)
         self.params = list(self.named_trainable.values())
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
@@ -391,7 +420,7 @@ class _Trainer:
 
     # ---- checkpoints ----
     def save_checkpoint(self) -> None:
-        name = checkpoint_name(self.state.step)
+        name = self.checkpoint_prefix + checkpoint_name(self.state.step)
         # Every rank's RNG (its dropout stream) so that a resume on N ranks goes on as if never stopped;
         # one rank alone keeps the single-process format.
         rng = rng_state() if self.world == 1 else {"ranks": gather_objects(rng_state())}
@@ -413,17 +442,14 @@ class _Trainer:
         self.last_checkpoint = name
 
     def resume(self) -> None:
-        found = self.checkpoints.latest(prefix=CHECKPOINT_PREFIX)
+        found = self.checkpoints.latest(prefix=self.checkpoint_prefix + CHECKPOINT_PREFIX)
         if found is None:
             # A fresh start: lines of a run that died before its first checkpoint are not ours.
             if self.metrics_path is not None and is_main():
                 self.metrics_path.unlink(missing_ok=True)
             return
         name, d = found
-        saved = load_file(str(d / "trainable.safetensors"))
-        with torch.no_grad():
-            for key, param in self.named_trainable.items():
-                param.copy_(saved[key])
+        _copy_trainable(self.named_trainable, load_file(str(d / "trainable.safetensors")))
         self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(d / "scheduler.pt"))
         set_rng_state(self._own_rng(torch.load(d / "rng.pt"), name))
@@ -518,7 +544,7 @@ class _Trainer:
         if self.world > 1:
             return self._train_step_of_rank(batch_seqs, step_no, targets)
         loss_total, tokens = self._accumulate(batch_seqs, targets)
-        maybe_fault(self.stage, step_no)
+        maybe_fault(self.fault_point, step_no)
         return self._update(loss_total, tokens, targets)
 
     def _accumulate(self, rows: Sequence[Any], targets: int) -> tuple[float, int]:
@@ -540,7 +566,7 @@ class _Trainer:
         loss_total, tokens, failure = 0.0, 0, None
         try:
             loss_total, tokens = self._accumulate(batch_seqs[self.rank :: self.world], targets)
-            maybe_fault(self.stage, step_no)
+            maybe_fault(self.fault_point, step_no)
         except Exception as exc:
             failure = oom_message(exc)
             if failure is None:
@@ -647,7 +673,8 @@ class _Trainer:
             self._log({"event": "eval", "step": 0, "dev_loss": self.state.dev_loss_before})
         self.model.train()
         clock = CheckpointClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes)
-        with self.progress.bar("train", total=cfg.max_steps, initial=self.state.step) as bar:
+        label = f"train ({self.checkpoint_prefix.rstrip('-')})" if self.checkpoint_prefix else "train"
+        with self.progress.bar(label, total=cfg.max_steps, initial=self.state.step) as bar:
             while self.state.step < cfg.max_steps:
                 step_no = self.state.step + 1
                 batch_seqs = [
@@ -801,6 +828,8 @@ def train(
     marker_ids: Sequence[int] = (),
     progress: Progress | None = None,
     metrics_path: Path | None = None,
+    checkpoint_prefix: str = "",
+    initial_trainable: Mapping[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` (already on its device) on `train_examples` with the knobs of `tcfg`; resume from
     and checkpoint to `checkpoints` (a stage run's: `run.checkpoints`) as `step-NNNNNNNN`.
@@ -808,6 +837,9 @@ def train(
     `marker_ids`: the domain markers' token ids, whose embedding rows train with LoRA.
     `metrics_path`: the JSONL log (a "train" record per step; "eval", "resume" and "oom" events);
     default `metrics.jsonl` in the stage's work directory, so it is committed with the artifact.
+    `checkpoint_prefix`, `initial_trainable`: a second training phase of one stage (para_train's
+    back-translation) names its checkpoints `<prefix>step-…`, so it neither resumes from nor replaces the
+    first phase's, and starts from the first phase's trainable tensors (`TrainResult.trainable_state`).
     Returns the trained model (peft-wrapped with LoRA: use `result.merged_model()` for a plain one or
     `result.save_adapter(dir)`), the final trainable tensors and summary metrics.
     """
@@ -826,5 +858,7 @@ def train(
         progress or Progress(checkpoints.stage, show_bar=False),
         metrics_path,
         int(pad),
+        checkpoint_prefix,
+        initial_trainable,
     )
     return trainer.run()
