@@ -212,3 +212,12 @@ def test_cli_plan_shows_ram_vcpu_disk_and_checkpoint_columns() -> None:
     jv = {p.stage: p for p in plan(load_config(preset="gptj"))}["rl"].job_variables()
     assert (ram, vcpu, disk) == (jv["min_memory_in_gb"], jv["min_vcpu_count"], jv["container_disk_gb"])
     assert "    RAM GiB:" in result.output and "    disk GiB:" in result.output
+
+
+def test_back_translation_sizes_its_second_checkpoint_series_and_the_embedder() -> None:
+    off = {p.stage: p for p in plan(load_config(preset="gptj"))}["para_train"]
+    cfg = load_config(preset="gptj", overrides=["para_train.back_translation.steps=100"])
+    on = {p.stage: p for p in plan(cfg)}["para_train"]
+    assert on.disk["checkpoints (back-translation phase)"] == off.disk["checkpoints"] > 0
+    assert on.disk_bytes > off.disk_bytes and on.host_bytes > off.host_bytes
+    assert "hub: " + cfg.models.embedder in on.disk

@@ -717,6 +717,12 @@ def _pod_training(p: StagePlan, cfg: PipelineConfig, stage: str, tcfg: TrainConf
         tcfg.max_steps,
         tcfg.keep_checkpoints,
     )
+    bt = getattr(tcfg, "back_translation", None)
+    if bt is not None:  # para_train's second phase keeps its own series of checkpoints beside the first's
+        p.disk["checkpoints (back-translation phase)"] = p.disk["checkpoints"]  # same size, same keep
+        emb = model_shape(cfg.models.embedder)  # it filters the rewrites
+        p.disk["hub: " + cfg.models.embedder] = emb.params * stored_bytes(cfg.models.embedder)
+        p.host["embedder"] = emb.params * 8.0
     _finish_pod(p, GPU_VCPUS, world)
 
 
